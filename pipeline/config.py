@@ -1,0 +1,172 @@
+"""All pipeline configuration in one place.
+
+Defaults are the seed notebook's values; the `smoke` profile shrinks the expensive parts
+(epochs, image counts) so tests and `make demo` finish in minutes on 2 cores. A YAML file
+can override any field: top-level keys are the section names below.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+# The seven FER-2013 classes, in label order. Spanish names are the seed notebook's.
+CLASS_NAMES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+CLASS_NAMES_ES: tuple[str, ...] = (
+    "Enfado", "Asco", "Miedo", "Felicidad", "Tristeza", "Sorpresa", "Neutral")
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SIZE = 48
+NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+
+# FER-2013's Usage values and the split each maps to.
+USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "validation", "PrivateTest": "test"}
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+# Feature names of the raw tf.Examples written by ExampleGen (the artifact contract).
+FEATURE_LABEL = "emotion"          # int64, 0..6
+FEATURE_PIXELS = "pixels"          # bytes, 2304 raw uint8 values, row-major 48x48
+FEATURE_USAGE = "usage"            # bytes, the CSV's Usage value ("" when the CSV has none)
+FEATURE_ROW = "row_number"         # int64, 1-based line number in the CSV (header is line 1)
+FEATURE_SOURCE_ROW = "source_row"  # int64, row_number of the original an example derives from
+FEATURE_AUGMENTATION = "augmentation"  # bytes, "original" or the augmentation applied
+# Feature names of the transformed examples written by Transform.
+FEATURE_IMAGE = "image"            # float32, 2304 normalized values
+
+
+@dataclass
+class IngestConfig:
+    split_mode: str = "usage"          # "usage" (FER-2013's column) or "random" (stratified)
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 42                     # the notebook's random_state
+    max_rejected_fraction: float = 0.01
+    remove_cross_split_duplicates: bool = True  # drop from validation/test, keep in train
+    num_shards: int = 0                # 0: let the runner choose
+
+
+@dataclass
+class ValidationConfig:
+    schema_path: str = "schemas/fer2013/schema.pbtxt"
+    allow_anomalies: bool = False
+    # L-infinity distance between splits' label distributions above which we call it drift.
+    label_linf_threshold: float = 0.05
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    target_per_class: int = 0          # 0: top every class up to the largest class
+    max_rotation_degrees: float = 15.0
+    max_shift_pixels: int = 3
+    horizontal_flip: bool = True
+    seed: int = 42
+
+
+@dataclass
+class TransformConfig:
+    normalization: str = "zscore"      # full-pass mean/std over all training pixels
+
+
+@dataclass
+class ModelConfig:
+    batch_size: int
+    epochs: int
+    learning_rate: float
+    early_stopping_patience: int = 0   # 0: no early stopping
+    max_train_examples: int = 0        # 0: all (smoke profile caps it)
+
+
+@dataclass
+class TrainConfig:
+    cnn: ModelConfig = field(default_factory=lambda: ModelConfig(
+        batch_size=70, epochs=115, learning_rate=2e-4, early_stopping_patience=40))
+    vgg16: ModelConfig = field(default_factory=lambda: ModelConfig(
+        batch_size=65, epochs=25, learning_rate=5e-4))
+    vgg_weights: str = "none"          # "none" (random init), "imagenet" (downloads), or a .h5 path
+    mixed_precision: bool = False
+    xla: bool = False
+    shuffle_buffer: int = 20000
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    min_accuracy: dict[str, float] = field(default_factory=lambda: {"cnn": 0.5, "vgg16": 0.3})
+    min_class_recall: Optional[float] = None
+    max_regression: float = 0.01       # allowed accuracy drop vs the version now in serving
+    tie_tolerance: float = 0.05        # |conf_a - conf_b| <= this with disagreement: human review
+
+
+@dataclass
+class PushConfig:
+    serving_root: str = ""             # "": <output>/serving_models
+    keep_versions: int = 3
+
+
+@dataclass
+class PipelineConfig:
+    profile: str = "default"
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _smoke_overrides() -> dict[str, Any]:
+    """Small enough for tests and `make demo` on 2 CPU cores."""
+    return {
+        "train": {
+            "cnn": {"epochs": 4, "batch_size": 64, "learning_rate": 1e-3,
+                    "early_stopping_patience": 3, "max_train_examples": 4000},
+            "vgg16": {"epochs": 1, "batch_size": 64, "max_train_examples": 600},
+            "shuffle_buffer": 4000,
+        },
+        "evaluation": {"min_accuracy": {"cnn": 0.3, "vgg16": 0.0}},
+    }
+
+
+PROFILES = {"default": dict, "smoke": _smoke_overrides}
+
+
+def _merge(obj: Any, overrides: dict[str, Any]) -> Any:
+    """Returns a copy of dataclass `obj` with nested `overrides` applied; unknown keys fail."""
+    changes = {}
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"unknown config key {key!r} in {type(obj).__name__}; "
+                             f"known: {sorted(known)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = _merge(current, value)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            changes[key] = tuple(value)
+        else:
+            changes[key] = value
+    return dataclasses.replace(obj, **changes)
+
+
+def load_config(path: Optional[str] = None, profile: str = "default",
+                overrides: Optional[dict[str, Any]] = None) -> PipelineConfig:
+    """Defaults, then the profile, then the YAML/JSON file at `path`, then `overrides`."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
+    config = _merge(PipelineConfig(profile=profile), PROFILES[profile]())
+    if path:
+        text = Path(path).read_text()
+        if path.endswith((".yaml", ".yml")):
+            import yaml  # PyYAML ships with apache-beam
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        config = _merge(config, data)
+    if overrides:
+        config = _merge(config, overrides)
+    return config

@@ -1,0 +1,20 @@
+"""Shared fixtures. Component tests add their own fixtures in their own files."""
+from __future__ import annotations
+
+import os
+
+# Keep TF quiet and deterministic-ish in tests; 2 cores on CI.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def small_csv(tmp_path_factory) -> str:
+    """A 1,200-row synthetic FER-2013 CSV shared by tests that only need valid data."""
+    from components.synthetic import generate_csv
+
+    path = tmp_path_factory.mktemp("data") / "fer_small.csv"
+    generate_csv(str(path), rows=1200, seed=7)
+    return str(path)
