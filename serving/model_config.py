@@ -1,0 +1,163 @@
+"""Reads and writes `models.config`, TF Serving's text-format `ModelServerConfig`.
+
+The pusher writes this file next to the versioned model directories; the real
+`tensorflow_model_server` (via Docker) and our embedded server (`serving/server.py`) both
+read it. Keeping one reader/writer here means both sides agree on the format.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+VERSION_POLICIES = ("latest", "specific", "all")
+
+# Where the serving root is mounted inside the TF Serving container, and the ports it uses.
+CONTAINER_MODELS_DIR = "/models"
+GRPC_PORT = 8500
+REST_PORT = 8501
+
+
+@dataclass
+class ModelSpec:
+    """One model entry of models.config.
+
+    version_policy: "latest" (serve the `num_latest` highest versions), "specific" (serve
+    exactly `versions`) or "all". labels maps a label such as "stable" to a version number.
+    """
+    name: str
+    base_path: str
+    version_policy: str = "latest"
+    num_latest: int = 1
+    versions: list[int] = field(default_factory=list)
+    labels: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.version_policy not in VERSION_POLICIES:
+            raise ValueError(f"model {self.name!r}: unknown version_policy "
+                             f"{self.version_policy!r}; choose from {VERSION_POLICIES}")
+        if self.version_policy == "latest" and self.num_latest < 1:
+            raise ValueError(f"model {self.name!r}: num_latest must be >= 1")
+        if self.version_policy == "specific" and not self.versions:
+            raise ValueError(f"model {self.name!r}: version_policy 'specific' needs versions")
+
+
+def _to_proto(specs: Iterable[ModelSpec]) -> model_server_config_pb2.ModelServerConfig:
+    config = model_server_config_pb2.ModelServerConfig()
+    for spec in specs:
+        entry = config.model_config_list.config.add()
+        entry.name = spec.name
+        entry.base_path = spec.base_path
+        entry.model_platform = "tensorflow"
+        policy = entry.model_version_policy
+        if spec.version_policy == "latest":
+            policy.latest.num_versions = spec.num_latest
+        elif spec.version_policy == "specific":
+            policy.specific.versions.extend(int(v) for v in spec.versions)
+        else:
+            policy.all.SetInParent()  # an empty message still has to be marked present
+        for label, version in sorted(spec.labels.items()):
+            entry.version_labels[label] = int(version)
+    return config
+
+
+def _from_proto(config: model_server_config_pb2.ModelServerConfig) -> list[ModelSpec]:
+    specs = []
+    for entry in config.model_config_list.config:
+        policy = entry.model_version_policy
+        kind = policy.WhichOneof("policy_choice")
+        # TF Serving's default when no policy is given is "latest 1".
+        spec = ModelSpec(
+            name=entry.name,
+            base_path=entry.base_path,
+            version_policy=kind or "latest",
+            num_latest=(policy.latest.num_versions or 1) if kind == "latest" else 1,
+            versions=list(policy.specific.versions) if kind == "specific" else [],
+            labels={k: int(v) for k, v in entry.version_labels.items()},
+        )
+        specs.append(spec)
+    return specs
+
+
+def write_model_server_config(path: str, specs: Iterable[ModelSpec]) -> str:
+    """Writes `specs` to `path` atomically (temp file + rename) and returns the path.
+
+    Atomic because a polling server may read the file at any moment; it must see either
+    the old or the new config, never half of one.
+    """
+    text = text_format.MessageToString(_to_proto(specs))
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".models.config.", dir=str(target.parent))
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return str(target)
+
+
+def read_model_server_config(path: str) -> list[ModelSpec]:
+    """Parses a text-format ModelServerConfig; raises ValueError with the file name if bad."""
+    text = Path(path).read_text()
+    config = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as error:
+        raise ValueError(f"{path}: not a text-format ModelServerConfig: {error}") from error
+    return _from_proto(config)
+
+
+def container_config(specs: Iterable[ModelSpec], serving_root: str) -> list[ModelSpec]:
+    """The same specs with base paths under `serving_root` rewritten to /models/...
+
+    The config the pusher writes holds host paths; inside the container the serving root is
+    mounted at /models, so the container needs its own copy with rewritten paths.
+    """
+    root = os.path.abspath(serving_root)
+    rewritten = []
+    for spec in specs:
+        base = os.path.abspath(spec.base_path)
+        if base == root or base.startswith(root + os.sep):
+            base = CONTAINER_MODELS_DIR + base[len(root):].replace(os.sep, "/")
+        rewritten.append(ModelSpec(spec.name, base, spec.version_policy, spec.num_latest,
+                                   list(spec.versions), dict(spec.labels)))
+    return rewritten
+
+
+def docker_command(config_path: str, serving_root: str, poll_seconds: int = 1) -> str:
+    """The command line that serves `serving_root` with the real TF Serving.
+
+    Uses the `tensorflow_model_server` binary when it is on PATH, else the official Docker
+    image with the serving root mounted at /models. For Docker, `config_path` must lie inside
+    `serving_root` and its base paths must be container paths (see `container_config`).
+    """
+    poll = f"--model_config_file_poll_wait_seconds={poll_seconds}"
+    binary = shutil.which("tensorflow_model_server")
+    if binary:
+        return shlex.join([binary, f"--port={GRPC_PORT}", f"--rest_api_port={REST_PORT}",
+                           f"--model_config_file={os.path.abspath(config_path)}", poll,
+                           "--file_system_poll_wait_seconds=1"])
+    root = os.path.abspath(serving_root)
+    relative = os.path.relpath(os.path.abspath(config_path), root)
+    if relative.startswith(".."):
+        raise ValueError(f"{config_path} is not inside the serving root {serving_root}; "
+                         "the container only sees the mounted directory")
+    return shlex.join([
+        "docker", "run", "--rm", "-p", f"{GRPC_PORT}:{GRPC_PORT}", "-p", f"{REST_PORT}:{REST_PORT}",
+        "-v", f"{root}:{CONTAINER_MODELS_DIR}", "tensorflow/serving",
+        f"--model_config_file={CONTAINER_MODELS_DIR}/{relative}", poll,
+        "--file_system_poll_wait_seconds=1",
+    ])
