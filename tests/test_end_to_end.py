@@ -1,0 +1,144 @@
+"""The whole pipeline on a small synthetic CSV with bad rows and a cross-split duplicate.
+
+One module-scoped run (CSV -> examples -> statistics -> anomalies -> augmented -> transform
+-> two trained models -> evaluation -> push) that the tests below inspect, then a re-run
+that must skip every step.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from components.synthetic import generate_csv
+from pipeline.config import load_config
+from pipeline.runner import STEP_NAMES, RunContext, run_pipeline
+
+ROWS = 2400
+# (description, raw line) for rows ExampleGen must quarantine, with the reason it gives.
+BAD_ROWS = [
+    ("label out of range", '9,"{}",Training'),
+    ("wrong pixel count", '3,"1 2 3",Training'),
+    ("pixel out of range", '3,"{}",PublicTest'),
+    ("non-integer pixel", '2,"{}",Training'),
+    ("missing field", '4'),
+]
+E2E_OVERRIDES = {
+    "train": {"cnn": {"epochs": 3, "max_train_examples": 2400},
+              "vgg16": {"epochs": 1, "max_train_examples": 256}},
+}
+
+
+def _bad_pixels(kind: str) -> str:
+    values = ["128"] * 2304
+    if kind == "pixel out of range":
+        values[100] = "256"
+    if kind == "non-integer pixel":
+        values[5] = "1.5"
+    return " ".join(values)
+
+
+def _write_dirty_csv(clean_path: str, dirty_path: str) -> dict:
+    """Appends bad rows and copies one training image into PrivateTest (a leak to catch)."""
+    with open(clean_path, newline="") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    train_row = next(r for r in body if r[2] == "Training")
+    leaked = [train_row[0], train_row[1], "PrivateTest"]
+    lines = [",".join(header)] + [f'{r[0]},"{r[1]}",{r[2]}' for r in body]
+    lines.append(f'{leaked[0]},"{leaked[1]}",{leaked[2]}')
+    leaked_line = len(lines)  # 1-based line number of the leaked copy
+    bad_lines = {}
+    for kind, template in BAD_ROWS:
+        lines.append(template.format(_bad_pixels(kind)) if "{}" in template else template)
+        bad_lines[len(lines)] = kind
+    Path(dirty_path).write_text("\r\n".join(lines) + "\r\n")
+    return {"rows": len(lines) - 1, "bad_lines": bad_lines, "leaked_line": leaked_line}
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    clean = str(work / "clean.csv")
+    generate_csv(clean, rows=ROWS, seed=11)
+    data = str(work / "fer_dirty.csv")
+    facts = _write_dirty_csv(clean, data)
+    config = load_config(profile="smoke", overrides=E2E_OVERRIDES)
+    ctx = RunContext(data_path=data, run_root=str(work / "run"), config=config)
+    outcomes = run_pipeline(ctx)
+    return {"ctx": ctx, "outcomes": outcomes, "work": work, **facts}
+
+
+def _manifest(run_root: str, step_dir: str) -> dict:
+    return json.loads(Path(run_root, step_dir, "manifest.json").read_text())
+
+
+def test_every_step_ran_and_wrote_a_manifest(pipeline_run):
+    assert [o.step for o in pipeline_run["outcomes"]] == list(STEP_NAMES)
+    for outcome in pipeline_run["outcomes"]:
+        manifest = json.loads(Path(outcome.step_dir, "manifest.json").read_text())
+        assert manifest["inputs"] and manifest["duration_s"] >= 0
+        assert all(v["fingerprint"].startswith("sha256:") for v in manifest["inputs"].values())
+
+
+def test_no_row_is_lost_and_bad_rows_are_quarantined_with_line_numbers(pipeline_run):
+    run_root = pipeline_run["ctx"].run_root
+    result = _manifest(run_root, "examples")["result"]
+    written = sum(result["rows_written"].values())
+    assert result["rows_read"] == pipeline_run["rows"]
+    assert result["rows_read"] == written + result["rows_rejected"]
+    with open(Path(run_root, "examples", "rejected", "rejected_rows.csv"), newline="") as f:
+        rejected = {int(r["line_number"]): r["reason"] for r in csv.DictReader(f)}
+    for line in pipeline_run["bad_lines"]:
+        assert line in rejected, f"bad line {line} was not quarantined"
+    assert pipeline_run["leaked_line"] in rejected  # the cross-split duplicate
+    assert "duplicate" in rejected[pipeline_run["leaked_line"]]
+
+
+def test_reports_a_person_can_open(pipeline_run):
+    run_root = Path(pipeline_run["ctx"].run_root)
+    assert "emotion" in (run_root / "statistics" / "statistics.html").read_text()
+    assert (run_root / "anomalies" / "report.txt").exists()
+    report = (run_root / "evaluation" / "report.html").read_text()
+    assert "data:image/png;base64," in report and "Felicidad" in report
+
+
+def test_training_split_is_balanced_and_test_split_untouched(pipeline_run):
+    run_root = pipeline_run["ctx"].run_root
+    augment = _manifest(run_root, "augmented")["result"]
+    after = augment["counts_after"]
+    assert len(set(after.values())) == 1, after  # every class topped up to the largest
+    transform = _manifest(run_root, "transform")["result"]
+    examples = _manifest(run_root, "examples")["result"]
+    assert transform["counts"]["test"] == examples["rows_written"]["test"]
+
+
+def test_models_are_trained_evaluated_and_only_blessed_ones_pushed(pipeline_run):
+    ctx = pipeline_run["ctx"]
+    blessings = json.loads(Path(ctx.run_root, "evaluation", "blessings.json").read_text())
+    evaluation = json.loads(Path(ctx.run_root, "evaluation", "evaluation.json").read_text())
+    assert set(blessings) == {"cnn", "vgg16"}
+    # The smoke CNN must learn the synthetic faces well above chance (1/7).
+    cnn_accuracy = evaluation["models"]["cnn"]["accuracy"]
+    assert cnn_accuracy > 0.4, cnn_accuracy
+    for name, blessing in blessings.items():
+        assert blessing["reasons"], name
+        versions = sorted(p.name for p in Path(ctx.serving_root, name).glob("[0-9]*")) \
+            if Path(ctx.serving_root, name).exists() else []
+        assert (versions == ["1"]) == blessing["blessed"], (name, versions, blessing)
+        if blessing["blessed"]:
+            assert Path(ctx.serving_root, name, "1", "saved_model.pb").exists()
+    assert Path(ctx.serving_root, "models.config").exists()
+
+
+def test_rerun_with_unchanged_inputs_skips_every_step(pipeline_run):
+    outcomes = run_pipeline(pipeline_run["ctx"])
+    assert all(o.skipped for o in outcomes), [(o.step, o.skipped) for o in outcomes]
+    # Nothing new was pushed by the skipped re-run.
+    serving_root = pipeline_run["ctx"].serving_root
+    for name in ("cnn", "vgg16"):
+        if Path(serving_root, name).exists():
+            assert len(list(Path(serving_root, name).glob("[0-9]*"))) <= 1
