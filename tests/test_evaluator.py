@@ -1,0 +1,260 @@
+"""Evaluator tests on tiny but real SavedModels whose accuracy we set by construction.
+
+The data: each test image "shows" a class d in its first 7 pixels (pixel d is 255, the
+other six are 0; the rest is noise). For the first 80 % of images d is the true label, for
+the rest d = label + 1. A model with `shift` s predicts (d + s) mod 7, so shift 0 is right
+exactly on the first 80 % and shift 6 (i.e. -1) exactly on the other 20 %.
+
+`make_model_dir` and `write_test_split` are reused by tests/test_pusher.py.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import (CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES, NUM_PIXELS, EvalConfig)
+
+GOOD_FRACTION = 0.8
+
+
+# ----------------------------------------------------------------------------- fixtures' tools
+
+def _example(label: int, pixels: np.ndarray, row: int):
+    import tensorflow as tf
+
+    def int64(v):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+
+    def raw(v):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "emotion": int64(label), "pixels": raw(pixels.astype(np.uint8).tobytes()),
+        "usage": raw(b"PrivateTest"), "row_number": int64(row), "source_row": int64(row),
+        "augmentation": raw(b"original")}))
+
+
+def make_split_arrays(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [n], pixels [n, 2304] uint8) following the module docstring's recipe."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, NUM_CLASSES, size=n)
+    shown = labels.copy()
+    cut = int(round(n * GOOD_FRACTION))
+    shown[cut:] = (labels[cut:] + 1) % NUM_CLASSES
+    pixels = rng.integers(0, 256, size=(n, NUM_PIXELS))
+    pixels[:, :NUM_CLASSES] = 0
+    pixels[np.arange(n), shown] = 255
+    return labels, pixels.astype(np.uint8)
+
+
+def write_test_split(examples_dir: Path, n: int = 300, seed: int = 0,
+                     shards: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Writes examples_dir/test/examples-*.tfrecord (and a decoy train split)."""
+    import tensorflow as tf
+
+    labels, pixels = make_split_arrays(n, seed)
+    for split, (lab, pix) in {"test": (labels, pixels),
+                              # Wrong on purpose: an evaluator that read it would score 0.
+                              "train": ((labels[:50] + 3) % NUM_CLASSES, pixels[:50])}.items():
+        folder = examples_dir / split
+        folder.mkdir(parents=True, exist_ok=True)
+        count = shards if split == "test" else 1
+        for shard in range(count):
+            name = folder / f"examples-{shard:05d}-of-{count:05d}.tfrecord"
+            with tf.io.TFRecordWriter(str(name)) as writer:
+                for i in range(shard, len(lab), count):
+                    writer.write(_example(int(lab[i]), pix[i], i + 2).SerializeToString())
+    # Shards interleave rows; the evaluator reads shard by shard, so report that order.
+    order = np.concatenate([np.arange(s, n, shards) for s in range(shards)])
+    return labels[order], pixels[order]
+
+
+class _TinyModel:
+    """Builds a tf.Module computing softmax(scale * onehot((shown + shift) % 7)) from pixels."""
+
+    @staticmethod
+    def build(shift: int, scale: float):
+        import tensorflow as tf
+
+        weights = np.zeros((NUM_PIXELS, NUM_CLASSES), dtype=np.float32)
+        for k in range(NUM_CLASSES):
+            weights[k, (k + shift) % NUM_CLASSES] = scale
+        names = tf.constant(list(CLASS_NAMES))
+
+        class Tiny(tf.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = tf.Variable(weights)
+
+            def _predict(self, pixels):
+                x = tf.reshape(tf.cast(pixels, tf.float32), [-1, NUM_PIXELS]) / 255.0
+                probs = tf.nn.softmax(tf.matmul(x, self.w))
+                class_id = tf.argmax(probs, axis=1)
+                return {"probabilities": probs, "class_id": class_id,
+                        "class_name": tf.gather(names, class_id)}
+
+            @tf.function(input_signature=[tf.TensorSpec(None, tf.int32, name="pixels")])
+            def serve_int32(self, pixels):
+                return self._predict(pixels)
+
+            @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name="pixels")])
+            def serve_uint8(self, pixels):
+                return self._predict(pixels)
+
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+            def serve_examples(self, examples):
+                parsed = tf.io.parse_example(
+                    examples, {"pixels": tf.io.FixedLenFeature([], tf.string)})
+                return self._predict(tf.io.decode_raw(parsed["pixels"], tf.uint8))
+
+        return Tiny()
+
+
+def expected_probabilities(pixels: np.ndarray, shift: int, scale: float) -> np.ndarray:
+    """The tiny model's output computed with numpy only (independent of TF)."""
+    shown = pixels[:, :NUM_CLASSES].argmax(axis=1)
+    logits = np.zeros((len(pixels), NUM_CLASSES))
+    logits[np.arange(len(pixels)), (shown + shift) % NUM_CLASSES] = scale
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def make_model_dir(root: Path, name: str, shift: int = 0, scale: float = 3.0,
+                   history: bool = True) -> str:
+    """models/<name>/ with serving_model/ (real SavedModel), history.json, training_info.json."""
+    import tensorflow as tf
+
+    model_dir = root / name
+    model = _TinyModel.build(shift, scale)
+    tf.saved_model.save(model, str(model_dir / "serving_model"), signatures={
+        "serving_default": model.serve_int32, "serving_uint8": model.serve_uint8,
+        "serving_examples": model.serve_examples})
+    if history:
+        (model_dir / "history.json").write_text(json.dumps({
+            "loss": [1.9, 1.5, 1.2], "accuracy": [0.2, 0.4, 0.6],
+            "val_loss": [1.95, 1.6, 1.4], "val_accuracy": [0.2, 0.35, 0.5], "best_epoch": 3}))
+    (model_dir / "training_info.json").write_text(json.dumps({
+        "model": name, "vgg_weights": "none", "config": {}, "counts": {"train": 10}}))
+    return str(model_dir)
+
+
+# ----------------------------------------------------------------------------- tests
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    labels, pixels = write_test_split(root / "examples", n=280)
+    models = root / "models"
+    dirs = {"good": make_model_dir(models, "good", shift=0, scale=3.0),
+            "bad": make_model_dir(models, "bad", shift=6, scale=2.0, history=False)}
+    return root, labels, pixels, dirs
+
+
+def run(setup, serving_root, config, name="evaluation", model_names=("good", "bad")):
+    from components.evaluator import run_evaluator
+
+    root, _, _, dirs = setup
+    return run_evaluator(str(root / "examples"), {n: dirs[n] for n in model_names},
+                         str(serving_root), str(root / name), config)
+
+
+def test_metrics_match_an_independent_numpy_computation(setup, tmp_path):
+    from serving.ensemble import combine_batch
+
+    root, labels, pixels, _ = setup
+    config = EvalConfig(min_accuracy={"good": 0.7, "bad": 0.7}, tie_tolerance=0.05)
+    result = run(setup, tmp_path / "serving", config)
+    evaluation = json.loads(Path(result.evaluation_path).read_text())
+    good = evaluation["models"]["good"]
+
+    probs = expected_probabilities(pixels, shift=0, scale=3.0)
+    predicted = probs.argmax(axis=1)
+    assert result.test_examples == len(labels) == 280           # the decoy train split unread
+    assert good["accuracy"] == pytest.approx(GOOD_FRACTION)     # by construction
+    assert evaluation["models"]["bad"]["accuracy"] == pytest.approx(1 - GOOD_FRACTION)
+    loss = -np.mean(np.log(probs[np.arange(len(labels)), labels]))
+    assert good["loss"] == pytest.approx(loss, rel=1e-5)
+    for k in range(NUM_CLASSES):
+        tp = np.sum((predicted == k) & (labels == k))
+        precision = tp / np.sum(predicted == k)
+        recall = tp / np.sum(labels == k)
+        row = good["per_class"][k]
+        assert (row["class_name"], row["class_name_es"]) == (CLASS_NAMES[k], CLASS_NAMES_ES[k])
+        assert row["support"] == np.sum(labels == k)
+        assert row["precision"] == pytest.approx(precision)
+        assert row["recall"] == pytest.approx(recall)
+        assert row["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+        for j in range(NUM_CLASSES):
+            assert good["confusion_matrix"][k][j] == np.sum((labels == k) & (predicted == j))
+
+    # Ensemble: good (conf e^3/(e^3+6) = 0.77) beats bad (e^2/(e^2+6) = 0.55) by more than
+    # the tolerance whenever they disagree (always: shifts differ), so it equals "good".
+    ids, _, review = combine_batch({"good": probs,
+                                    "bad": expected_probabilities(pixels, 6, 2.0)}, 0.05)
+    assert not review.any()
+    assert evaluation["ensemble"]["accuracy"] == pytest.approx(np.mean(ids == labels))
+    assert evaluation["ensemble"]["human_review_rate"] == 0.0
+    assert evaluation["data"]["class_distribution"] == {
+        CLASS_NAMES[k]: int(np.sum(labels == k)) for k in range(NUM_CLASSES)}
+    assert good["vgg_weights"] == "none"
+
+
+def test_gates_and_reasons(setup, tmp_path):
+    config = EvalConfig(min_accuracy={"good": 0.7, "bad": 0.3}, min_class_recall=None)
+    result = run(setup, tmp_path / "serving", config)
+    blessings = json.loads(Path(result.blessings_path).read_text())
+    assert blessings["good"]["blessed"] is True
+    assert "accuracy 0.800 >= 0.700" in blessings["good"]["reasons"]
+    assert blessings["bad"]["blessed"] is False
+    assert "accuracy 0.200 < 0.300" in blessings["bad"]["reasons"]
+    assert result.blessed == {"good": True, "bad": False}
+
+    # A per-class recall floor above what "good" reaches on some class blocks it too.
+    strict = EvalConfig(min_accuracy={"good": 0.7}, min_class_recall=0.95)
+    result = run(setup, tmp_path / "serving", strict, name="strict", model_names=("good",))
+    reasons = json.loads(Path(result.blessings_path).read_text())["good"]["reasons"]
+    assert result.blessed == {"good": False}
+    assert any(re.match(r"recall of \w+ \(\w+\) 0\.\d{3} < 0\.950", r) for r in reasons)
+
+    # A model with no configured threshold is never blessed silently.
+    result = run(setup, tmp_path / "serving", EvalConfig(min_accuracy={}), name="ungated",
+                 model_names=("good",))
+    assert result.blessed == {"good": False}
+
+
+def test_regression_against_the_served_version_blocks(setup, tmp_path):
+    import shutil
+
+    root, _, _, dirs = setup
+    serving = tmp_path / "serving"
+    # The "good" model (accuracy 0.8) is in serving as version 4; a worse candidate is not.
+    shutil.copytree(Path(dirs["good"]) / "serving_model", serving / "bad" / "4")
+    (serving / "bad" / "not-a-version").mkdir()      # ignored, as TF Serving ignores it
+    config = EvalConfig(min_accuracy={"bad": 0.1}, max_regression=0.01)
+    result = run(setup, serving, config, name="regress", model_names=("bad",))
+    evaluation = json.loads(Path(result.evaluation_path).read_text())
+    assert evaluation["models"]["bad"]["served"]["version"] == 4
+    assert evaluation["models"]["bad"]["served"]["accuracy"] == pytest.approx(GOOD_FRACTION)
+    reasons = json.loads(Path(result.blessings_path).read_text())["bad"]["reasons"]
+    assert result.blessed == {"bad": False}
+    assert "accuracy 0.200 >= 0.100" in reasons       # the absolute threshold alone passes
+    assert any(r.startswith("accuracy 0.200 < 0.790 (served version 4") for r in reasons)
+
+
+def test_report_is_self_contained_with_images_and_both_languages(setup, tmp_path):
+    config = EvalConfig(min_accuracy={"good": 0.7, "bad": 0.3})
+    result = run(setup, tmp_path / "serving", config, name="report")
+    page = Path(result.report_path).read_text()
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    # distribution + 2 confusion + 1 history (bad has none) + ensemble confusion
+    assert len(images) == 5
+    import base64
+    assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
+    for k in range(NUM_CLASSES):
+        assert CLASS_NAMES[k] in page and CLASS_NAMES_ES[k] in page
+    assert "NOT BLESSED" in page and "accuracy 0.200 &lt; 0.300" in page
+    assert "vgg_weights" in page and "http" not in page.replace("http-equiv", "")
