@@ -1,0 +1,130 @@
+"""The seed notebook's two classifiers, as backend-agnostic Keras 3 models.
+
+Both take the Transform step's `image` feature (2304 normalized floats) and return the
+probabilities of the 7 FER-2013 classes. Only Keras layers are used (no tf ops), so the
+same code runs under KERAS_BACKEND=tensorflow here and KERAS_BACKEND=jax on the GPU machine.
+
+Shapes of the CNN with the notebook's default 'valid' padding (3x3 conv, then 2x2 pool):
+48 -> 46 -> 23 -> 21 -> 10 -> 8 -> 4 -> 2 -> 1, so the fourth pool still has a 1x1x512 map
+and 'same' padding is not needed; we keep 'valid' to match the notebook's parameter count.
+VGG16's five pools take 48x48 down to 1x1x512 as well.
+
+Under a mixed-precision global policy the hidden layers compute in float16/bfloat16; the
+final softmax is pinned to float32 so probabilities (and the loss) stay numerically sound.
+"""
+from __future__ import annotations
+
+import os
+
+import keras
+from keras import layers
+
+from pipeline.config import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, ModelConfig, TrainConfig
+
+MODEL_NAMES: tuple[str, ...] = ("cnn", "vgg16")
+VGG_WEIGHTS_NONE = "none"
+VGG_WEIGHTS_IMAGENET = "imagenet"
+
+# The notebook's CNN: one 3x3 conv + 2x2 max-pool per block, widening 64 -> 512.
+CNN_CONV_FILTERS: tuple[int, ...] = (64, 128, 256, 512)
+CNN_DENSE_UNITS: tuple[int, ...] = (256, 128)
+CNN_DROPOUT = 0.5
+VGG_DENSE_UNITS: tuple[int, ...] = (4096, 4096)
+
+
+def build_cnn(config: ModelConfig, jit_compile: bool | str = "auto") -> keras.Model:
+    """Input 2304 floats -> 4 x (Conv2D 3x3 relu, MaxPool 2x2) -> 256 -> 128 -> 7 softmax."""
+    inputs = keras.Input(shape=(NUM_PIXELS,), name="image")
+    x = layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="to_grid")(inputs)
+    for i, filters in enumerate(CNN_CONV_FILTERS, start=1):
+        x = layers.Conv2D(filters, (3, 3), activation="relu", name=f"conv{i}")(x)
+        x = layers.MaxPooling2D((2, 2), name=f"pool{i}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    for i, units in enumerate(CNN_DENSE_UNITS, start=1):
+        x = layers.Dense(units, activation="relu", name=f"dense{i}")(x)
+        x = layers.Dropout(CNN_DROPOUT, name=f"dropout{i}")(x)
+    outputs = _classifier_head(x)
+    model = keras.Model(inputs, outputs, name="cnn")
+    _compile(model, config, jit_compile)
+    return model
+
+
+def build_vgg16(config: ModelConfig, weights: str = VGG_WEIGHTS_NONE,
+                jit_compile: bool | str = "auto") -> keras.Model:
+    """Grey 48x48 -> 1x1 conv to 3 channels -> frozen VGG16 base -> 4096 -> 4096 -> 7.
+
+    `weights`: "none" (random init, the offline default), "imagenet" (Keras downloads the
+    file; only when the user asked for it), or the path of a local .h5 / .weights.h5 file
+    holding weights of VGG16(include_top=False), e.g. a pre-downloaded ImageNet file.
+    """
+    inputs = keras.Input(shape=(NUM_PIXELS,), name="image")
+    x = layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="to_grid")(inputs)
+    # A learned 1x1 conv maps grey to the 3 channels VGG16 expects (the notebook's choice).
+    x = layers.Conv2D(3, (1, 1), name="grey_to_rgb")(x)
+    base = build_vgg16_base(weights)
+    # Frozen, as in the notebook: only the 1x1 conv and the dense head learn.
+    base.trainable = False
+    x = base(x, training=False)
+    x = layers.Flatten(name="flatten")(x)
+    for i, units in enumerate(VGG_DENSE_UNITS, start=1):
+        x = layers.Dense(units, activation="relu", name=f"dense{i}")(x)
+    outputs = _classifier_head(x)
+    model = keras.Model(inputs, outputs, name="vgg16")
+    _compile(model, config, jit_compile)
+    return model
+
+
+def build_vgg16_base(weights: str = VGG_WEIGHTS_NONE) -> keras.Model:
+    """keras.applications.VGG16 without its top, at 48x48x3, with `weights` as above."""
+    shape = (IMAGE_SIZE, IMAGE_SIZE, 3)
+    if weights == VGG_WEIGHTS_IMAGENET:
+        return keras.applications.VGG16(include_top=False, weights="imagenet",
+                                         input_shape=shape)
+    base = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
+    if weights in (VGG_WEIGHTS_NONE, "", None):
+        return base
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"vgg_weights={weights!r} is neither 'none', 'imagenet' nor an existing file")
+    if not weights.endswith(".h5"):
+        raise ValueError(f"vgg_weights file must be .h5 or .weights.h5, got {weights!r}")
+    base.load_weights(weights)
+    return base
+
+
+def build_model(name: str, train_config: TrainConfig, jit_compile: bool | str = "auto"
+                ) -> keras.Model:
+    """Builds and compiles "cnn" or "vgg16" with its section of `train_config`.
+
+    `jit_compile` goes to `model.compile` ("auto": Keras decides, i.e. XLA on accelerators);
+    the trainer passes `train_config.xla`.
+    """
+    if name == "cnn":
+        return build_cnn(train_config.cnn, jit_compile)
+    if name == "vgg16":
+        return build_vgg16(train_config.vgg16, train_config.vgg_weights, jit_compile)
+    raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
+
+
+def model_config(name: str, train_config: TrainConfig) -> ModelConfig:
+    """The ModelConfig section that belongs to model `name`."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
+    return getattr(train_config, name)
+
+
+def _classifier_head(x):
+    # float32 even under a mixed policy: softmax and cross-entropy in half precision lose
+    # small probabilities, and serving promises float32 probabilities.
+    return layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32",
+                        name="probabilities")(x)
+
+
+def _compile(model: keras.Model, config: ModelConfig, jit_compile: bool | str = "auto"
+             ) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
