@@ -1,0 +1,173 @@
+"""TF Serving's gRPC API (port 8500) over our ModelManager.
+
+Implements tensorflow.serving.PredictionService (Predict, Classify, GetModelMetadata) and
+tensorflow.serving.ModelService (GetModelStatus) with the stubs from tensorflow-serving-api,
+so TF Serving's own clients work unchanged. Client mistakes become gRPC status codes with a
+message (NOT_FOUND, INVALID_ARGUMENT); the server keeps serving.
+"""
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Optional
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
+                                     get_model_status_pb2, model_service_pb2_grpc,
+                                     predict_pb2, prediction_service_pb2_grpc)
+
+from pipeline.config import CLASS_NAMES
+from serving.model_manager import (DEFAULT_SIGNATURE, STATE_CODES, LoadedVersion, Predictor,
+                                   ServingError)
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_SIGNATURE = "serving_examples"  # the TFX convention for tf.Example input
+
+
+def _abort(context: grpc.ServicerContext, error: ServingError):
+    context.abort(getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL), error.message)
+
+
+def _requested(model_spec) -> tuple[str, Optional[int], Optional[str]]:
+    version = model_spec.version.value if model_spec.HasField("version") else None
+    return model_spec.name, version, (model_spec.version_label or None)
+
+
+def _fill_spec(response_spec, model: LoadedVersion, signature_name: str) -> None:
+    response_spec.name = model.name
+    response_spec.version.value = model.version
+    response_spec.signature_name = signature_name
+
+
+def _guarded(method):
+    """Turns ServingErrors (and stray exceptions) into gRPC status codes."""
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except ServingError as error:
+            _abort(context, error)
+        except Exception as error:  # never leak a traceback to the client; log it here
+            log.exception("gRPC %s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    @_guarded
+    def Predict(self, request, context):
+        name, version, label = _requested(request.model_spec)
+        inputs = {}
+        for key, proto in request.inputs.items():
+            try:
+                inputs[key] = tf.make_ndarray(proto)
+            except Exception as error:
+                raise ServingError("INVALID_ARGUMENT",
+                                   f"input {key!r} is not a valid TensorProto: {error}")
+        signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
+        model, outputs = self.predictor.predict(name, inputs, version, label, signature,
+                                                list(request.output_filter))
+        response = predict_pb2.PredictResponse()
+        _fill_spec(response.model_spec, model, signature)
+        for key, value in outputs.items():
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return response
+
+    @_guarded
+    def Classify(self, request, context):
+        """Runs a tf.Example signature and reports each example's seven class scores."""
+        name, version, label = _requested(request.model_spec)
+        examples = _serialized_examples(request.input)
+        signature = request.model_spec.signature_name or EXAMPLES_SIGNATURE
+        model = self.predictor.manager.resolve(name, version, label)
+        specs = model.input_specs(signature)
+        if len(specs) != 1 or next(iter(specs.values())).dtype != tf.string:
+            raise ServingError("INVALID_ARGUMENT", f"signature {signature!r} does not take "
+                                                   "serialized tf.Examples; use "
+                                                   f"{EXAMPLES_SIGNATURE!r}")
+        input_name = next(iter(specs))
+        model, outputs = self.predictor.predict(
+            name, {input_name: np.array(examples, dtype=object)}, model.version, None,
+            signature)
+        response = classification_pb2.ClassificationResponse()
+        _fill_spec(response.model_spec, model, signature)
+        for row in outputs["probabilities"]:
+            classifications = response.result.classifications.add()
+            for class_name, score in zip(CLASS_NAMES, row):
+                classifications.classes.add(label=class_name, score=float(score))
+        return response
+
+    @_guarded
+    def GetModelMetadata(self, request, context):
+        if list(request.metadata_field) != ["signature_def"]:
+            raise ServingError("INVALID_ARGUMENT", "metadata_field must be ['signature_def'], "
+                                                   f"got {list(request.metadata_field)}")
+        name, version, label = _requested(request.model_spec)
+        model = self.predictor.manager.resolve(name, version, label)
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, definition in model.signature_defs.items():
+            signature_map.signature_def[key].CopyFrom(definition)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        _fill_spec(response.model_spec, model, "")
+        response.metadata["signature_def"].Pack(signature_map)
+        return response
+
+
+def _serialized_examples(model_input) -> list[bytes]:
+    kind = model_input.WhichOneof("kind")
+    if kind == "example_list":
+        examples = model_input.example_list.examples
+    elif kind == "example_list_with_context":
+        # Merging the context into each example is what TF Serving does.
+        context = model_input.example_list_with_context.context
+        examples = []
+        for example in model_input.example_list_with_context.examples:
+            merged = type(example)()
+            merged.CopyFrom(context)
+            merged.MergeFrom(example)
+            examples.append(merged)
+    else:
+        raise ServingError("INVALID_ARGUMENT", "Classify input has no examples")
+    if not examples:
+        raise ServingError("INVALID_ARGUMENT", "Classify input has no examples")
+    return [example.SerializeToString() for example in examples]
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, predictor: Predictor) -> None:
+        self.manager = predictor.manager
+
+    @_guarded
+    def GetModelStatus(self, request, context):
+        name, version, label = _requested(request.model_spec)
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for status in self.manager.status(name, version, label):
+            entry = response.model_version_status.add()
+            entry.version = status.version
+            entry.state = STATE_CODES[status.state]
+            if status.error_code != "OK":
+                entry.status.error_code = 2  # tensorflow.error.UNKNOWN
+                entry.status.error_message = status.error_message
+        return response
+
+
+def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_bytes: int,
+                      workers: int = 16) -> tuple[grpc.Server, int]:
+    """A started-later grpc.Server with both services; returns it and the bound port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        options=[("grpc.max_receive_message_length", max_request_bytes),
+                 ("grpc.max_send_message_length", max_request_bytes)])
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionService(predictor), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(predictor), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {host}:{port}")
+    return server, bound

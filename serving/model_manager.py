@@ -1,0 +1,363 @@
+"""Loads the models listed in models.config and keeps them in step with the disk.
+
+Like TF Serving's file-system source: every poll interval it re-reads models.config, lists
+each model's base path, and works out which integer versions the version policy wants.
+New versions are loaded *before* old ones are unloaded, and the served set is swapped in
+one assignment, so requests never see a model with no version (zero failed requests while
+a new version rolls out). A request that already holds the old version finishes on it.
+
+Errors that clients can cause are `ServingError`s carrying a code that REST and gRPC both
+map to their own status (NOT_FOUND -> 404 / grpc NOT_FOUND, and so on).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+from serving.model_config import ModelSpec, read_model_server_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGNATURE = "serving_default"
+
+# ModelVersionStatus.State values from tensorflow_serving/apis/get_model_status.proto.
+STATE_CODES = {"UNKNOWN": 0, "START": 10, "LOADING": 20, "AVAILABLE": 30,
+               "UNLOADING": 40, "END": 50}
+
+
+class ServingError(Exception):
+    """A request the server cannot satisfy. code: NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE,
+    RESOURCE_EXHAUSTED, INTERNAL (the names grpc.StatusCode uses)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class VersionStatus:
+    version: int
+    state: str                      # a key of STATE_CODES
+    error_code: str = "OK"
+    error_message: str = ""
+
+
+@dataclass
+class LoadedVersion:
+    """One version in memory: the loaded object, its concrete signatures and their protos."""
+    name: str
+    version: int
+    path: str
+    module: Any
+    signatures: Mapping[str, Any]
+    signature_defs: Mapping[str, Any]   # name -> tensorflow.SignatureDef proto
+
+    def input_specs(self, signature_name: str) -> dict[str, tf.TensorSpec]:
+        return dict(self.signature(signature_name).structured_input_signature[1])
+
+    def signature(self, signature_name: str):
+        name = signature_name or DEFAULT_SIGNATURE
+        if name not in self.signatures:
+            raise ServingError("INVALID_ARGUMENT",
+                               f"Serving signature name: \"{name}\" not found in signature def "
+                               f"of model {self.name} version {self.version}; available: "
+                               f"{sorted(self.signatures)}")
+        return self.signatures[name]
+
+    def check_inputs(self, signature_name: str,
+                     inputs: Mapping[str, np.ndarray]) -> dict[str, tf.Tensor]:
+        """Input names, dtypes and shapes against the signature; returns them as tensors."""
+        specs = self.input_specs(signature_name)
+        tensors = {key: _to_tensor(key, value, specs) for key, value in inputs.items()}
+        missing = sorted(set(specs) - set(tensors))
+        if missing:
+            raise ServingError("INVALID_ARGUMENT",
+                               f"missing input(s) {missing}; signature "
+                               f"{signature_name or DEFAULT_SIGNATURE} expects {sorted(specs)}")
+        return tensors
+
+    def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Calls one signature on numpy inputs; checks names, dtypes and shapes first."""
+        function = self.signature(signature_name)
+        tensors = self.check_inputs(signature_name, inputs)
+        try:
+            outputs = function(**tensors)
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
+            raise ServingError("INVALID_ARGUMENT", _first_line(str(error))) from error
+        return {key: value.numpy() for key, value in outputs.items()}
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "invalid argument"
+
+
+def _to_tensor(key: str, value: np.ndarray, specs: Mapping[str, tf.TensorSpec]) -> tf.Tensor:
+    if key not in specs:
+        raise ServingError("INVALID_ARGUMENT",
+                           f"unknown input {key!r}; expected {sorted(specs)}")
+    spec = specs[key]
+    array = np.asarray(value)
+    if array.dtype != spec.dtype.as_numpy_dtype and not (
+            spec.dtype == tf.string and array.dtype.kind in "SUO"):
+        raise ServingError("INVALID_ARGUMENT",
+                           f"input {key!r} has dtype {array.dtype}, signature expects "
+                           f"{spec.dtype.name}")
+    if not spec.shape.is_compatible_with(array.shape):
+        raise ServingError("INVALID_ARGUMENT",
+                           f"input {key!r} has shape {list(array.shape)}, signature expects "
+                           f"{spec.shape}")
+    return tf.constant(array, dtype=spec.dtype)
+
+
+def list_versions(base_path: str) -> list[int]:
+    """Integer-named subdirectories of base_path; hidden or non-integer names are ignored
+    (that is where the pusher stages a version before renaming it into place)."""
+    try:
+        names = os.listdir(base_path)
+    except FileNotFoundError:
+        return []
+    versions = []
+    for name in names:
+        if name.isdigit() and os.path.isdir(os.path.join(base_path, name)):
+            versions.append(int(name))
+    return sorted(versions)
+
+
+def wanted_versions(spec: ModelSpec, on_disk: list[int]) -> list[int]:
+    """The versions the version policy selects from what is on disk."""
+    if spec.version_policy == "all":
+        return list(on_disk)
+    if spec.version_policy == "specific":
+        return [v for v in on_disk if v in set(spec.versions)]
+    return sorted(on_disk)[-spec.num_latest:]
+
+
+def load_version(name: str, version: int, path: str) -> LoadedVersion:
+    module = tf.saved_model.load(path)
+    meta = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as handle:
+        meta.ParseFromString(handle.read())
+    defs = {key: value for key, value in meta.meta_graphs[0].signature_def.items()
+            if not key.startswith("__")}  # __saved_model_init_op is not a signature
+    return LoadedVersion(name, version, path, module, dict(module.signatures), defs)
+
+
+@dataclass
+class _ModelState:
+    spec: ModelSpec
+    served: dict[int, LoadedVersion] = field(default_factory=dict)
+    status: dict[int, VersionStatus] = field(default_factory=dict)
+
+
+class ModelManager:
+    """Serves the versions that models.config and the disk say; see the module docstring."""
+
+    def __init__(self, config_path: str, poll_seconds: float = 1.0) -> None:
+        self.config_path = config_path
+        self.poll_seconds = poll_seconds
+        self._models: dict[str, _ModelState] = {}
+        self._lock = threading.Lock()          # guards _models; never held while loading
+        self._sync_lock = threading.Lock()     # one sync at a time
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._config_mtime: Optional[float] = None
+        self._specs: list[ModelSpec] = []
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Loads what is on disk now (so the server is ready when this returns), then polls."""
+        self.sync()
+        self._thread = threading.Thread(target=self._poll_loop, name="model-poll", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.sync()
+            except Exception:  # a bad poll must not kill the poller; the next one retries
+                log.exception("model poll failed")
+
+    # --- syncing with disk -----------------------------------------------------------
+
+    def _read_config(self) -> list[ModelSpec]:
+        """Re-reads models.config when it changed; a broken file keeps the last good one."""
+        try:
+            mtime = os.stat(self.config_path).st_mtime_ns
+            if mtime != self._config_mtime:
+                self._specs = read_model_server_config(self.config_path)
+                self._config_mtime = mtime
+        except (OSError, ValueError) as error:
+            if self._config_mtime is None:
+                raise
+            log.error("keeping the previous model config: %s", error)
+        return self._specs
+
+    def sync(self) -> None:
+        with self._sync_lock:
+            specs = self._read_config()
+            for spec in specs:
+                self._sync_model(spec)
+            self._drop_models_not_in(specs)
+
+    def _sync_model(self, spec: ModelSpec) -> None:
+        with self._lock:
+            state = self._models.setdefault(spec.name, _ModelState(spec))
+            state.spec = spec
+            current = dict(state.served)
+        wanted = wanted_versions(spec, list_versions(spec.base_path))
+        new_served = {v: current[v] for v in wanted if v in current}
+        for version in wanted:
+            if version not in current:
+                loaded = self._load(state, spec, version)
+                if loaded is not None:
+                    new_served[version] = loaded
+        removed = sorted(set(current) - set(new_served))
+        with self._lock:
+            # The swap: one assignment, after every new version is ready.
+            state.served = new_served
+            for version in removed:
+                state.status[version] = VersionStatus(version, "END")
+        for version in removed:
+            log.info("unloaded %s version %d", spec.name, version)
+
+    def _load(self, state: _ModelState, spec: ModelSpec, version: int) -> Optional[LoadedVersion]:
+        previous = state.status.get(version)
+        if previous is not None and previous.error_code != "OK" and previous.state == "END":
+            return None  # failed before; do not retry the same broken directory every second
+        path = os.path.join(spec.base_path, str(version))
+        with self._lock:
+            state.status[version] = VersionStatus(version, "LOADING")
+        try:
+            loaded = load_version(spec.name, version, path)
+        except Exception as error:  # any broken SavedModel: report it, keep serving the rest
+            log.error("failed to load %s version %d from %s: %s", spec.name, version, path, error)
+            with self._lock:
+                state.status[version] = VersionStatus(version, "END", "UNKNOWN",
+                                                      _first_line(str(error)))
+            return None
+        with self._lock:
+            state.status[version] = VersionStatus(version, "AVAILABLE")
+        log.info("loaded %s version %d", spec.name, version)
+        return loaded
+
+    def _drop_models_not_in(self, specs: list[ModelSpec]) -> None:
+        names = {spec.name for spec in specs}
+        with self._lock:
+            for name in list(self._models):
+                if name not in names:
+                    del self._models[name]
+
+    # --- lookups used by request handlers --------------------------------------------
+
+    def model_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+    def _state(self, name: str) -> _ModelState:
+        state = self._models.get(name)
+        if state is None:
+            raise ServingError("NOT_FOUND", f"Servable not found for request: Latest({name}); "
+                                            f"known models: {sorted(self._models)}")
+        return state
+
+    def resolve(self, name: str, version: Optional[int] = None,
+                label: Optional[str] = None) -> LoadedVersion:
+        """The version a request asks for: explicit version, label, or the newest served."""
+        with self._lock:
+            state = self._state(name)
+            if label:
+                if label not in state.spec.labels:
+                    raise ServingError("NOT_FOUND", f"Unrecognized servable version label: "
+                                                    f"{label} for model {name}")
+                version = state.spec.labels[label]
+            if version is None:
+                if not state.served:
+                    raise ServingError("NOT_FOUND", f"Servable not found for request: "
+                                                    f"Latest({name}): no version is loaded")
+                return state.served[max(state.served)]
+            if version not in state.served:
+                raise ServingError("NOT_FOUND", f"Servable not found for request: "
+                                                f"Specific({name}, {version}); served: "
+                                                f"{sorted(state.served)}")
+            return state.served[version]
+
+    def status(self, name: str, version: Optional[int] = None,
+               label: Optional[str] = None) -> list[VersionStatus]:
+        """Like GetModelStatus: every version ever seen, or just the one asked for."""
+        with self._lock:
+            state = self._state(name)
+            if label:
+                if label not in state.spec.labels:
+                    raise ServingError("NOT_FOUND", f"Unrecognized servable version label: "
+                                                    f"{label} for model {name}")
+                version = state.spec.labels[label]
+            if version is None:
+                return [state.status[v] for v in sorted(state.status)]
+            if version not in state.status:
+                raise ServingError("NOT_FOUND", f"Could not find version {version} of "
+                                                f"model {name}")
+            return [state.status[version]]
+
+    def wait_for(self, name: str, version: int, timeout: float = 30.0) -> LoadedVersion:
+        """Blocks until `version` of `name` is served (tests and startup scripts use it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.resolve(name, version)
+            except ServingError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+class Predictor:
+    """What REST and gRPC share: find the version, run the signature (through the batcher
+    when one is given), keep only the outputs asked for."""
+
+    def __init__(self, manager: ModelManager, batcher: Any = None) -> None:
+        self.manager = manager
+        self.batcher = batcher   # serving.batching.Batcher or None
+
+    def predict(self, name: str, inputs: Mapping[str, np.ndarray],
+                version: Optional[int] = None, label: Optional[str] = None,
+                signature_name: str = "",
+                output_filter: Optional[list[str]] = None
+                ) -> tuple[LoadedVersion, dict[str, np.ndarray]]:
+        model = self.manager.resolve(name, version, label)
+        return model, self.run(model, inputs, signature_name, output_filter)
+
+    def run(self, model: LoadedVersion, inputs: Mapping[str, np.ndarray],
+            signature_name: str = "",
+            output_filter: Optional[list[str]] = None) -> dict[str, np.ndarray]:
+        """Runs an already resolved version (it stays usable even if unloaded meanwhile)."""
+        signature = signature_name or DEFAULT_SIGNATURE
+        if not inputs:
+            raise ServingError("INVALID_ARGUMENT", "the request has no inputs")
+        if self.batcher is not None:
+            model.check_inputs(signature, inputs)  # a bad request must not fail a whole batch
+            outputs = self.batcher.run(model, signature, inputs)
+        else:
+            outputs = model.run(signature, inputs)
+        if output_filter:
+            unknown = sorted(set(output_filter) - set(outputs))
+            if unknown:
+                raise ServingError("INVALID_ARGUMENT",
+                                   f"output_filter names unknown output(s) {unknown}; "
+                                   f"outputs are {sorted(outputs)}")
+            outputs = {key: outputs[key] for key in output_filter}
+        return outputs

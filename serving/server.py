@@ -1,0 +1,147 @@
+"""`fer-serve`: serves a pushed serving root over TF Serving's gRPC and REST protocols.
+
+The real tensorflow_model_server cannot be installed here (see DESIGN.md), so this embedded
+server speaks the same protocol over the same models.config: one client works against both.
+With `--use-tfserving` and the binary on PATH it execs the real server instead.
+
+    fer-serve --model-config serving_models/models.config [--port 8500] [--rest-port 8501]
+              [--host 127.0.0.1] [--poll-seconds 1] [--batching] [--max-batch-size 32]
+              [--batch-timeout-ms 2] [--max-request-bytes 16777216] [--use-tfserving]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+from serving.batching import Batcher, BatchingConfig
+from serving.grpc_service import build_grpc_server
+from serving.model_manager import ModelManager, Predictor
+from serving.rest import build_rest_server
+
+log = logging.getLogger("fer-serve")
+
+
+@dataclass
+class ServerConfig:
+    model_config: str
+    host: str = "127.0.0.1"         # loopback unless asked: no auth on these endpoints
+    port: int = 8500                # gRPC; 0 picks a free port
+    rest_port: int = 8501           # REST; 0 picks a free port
+    poll_seconds: float = 1.0
+    batching: bool = False
+    max_batch_size: int = 32
+    batch_timeout_ms: float = 2.0
+    max_request_bytes: int = 16 * 1024 * 1024
+    grpc_workers: int = 32
+
+
+class FerServer:
+    """Model manager + gRPC + REST in one process; `start()` returns once models are loaded."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.manager = ModelManager(config.model_config, config.poll_seconds)
+        batcher = None
+        if config.batching:
+            batcher = Batcher(BatchingConfig(config.max_batch_size,
+                                             config.batch_timeout_ms / 1000.0))
+        self.predictor = Predictor(self.manager, batcher)
+        self.grpc_server = None
+        self.rest_server = None
+        self.grpc_port = 0
+        self.rest_port = 0
+        self._rest_thread: Optional[threading.Thread] = None
+
+    def start(self) -> "FerServer":
+        self.manager.start()
+        self.grpc_server, self.grpc_port = build_grpc_server(
+            self.predictor, self.config.host, self.config.port, self.config.max_request_bytes,
+            self.config.grpc_workers)
+        self.grpc_server.start()
+        self.rest_server = build_rest_server(self.predictor, self.config.host,
+                                             self.config.rest_port,
+                                             self.config.max_request_bytes)
+        self.rest_port = self.rest_server.server_address[1]
+        self._rest_thread = threading.Thread(target=self.rest_server.serve_forever,
+                                             name="rest", daemon=True)
+        self._rest_thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self.rest_server is not None:
+            self.rest_server.shutdown()
+            self.rest_server.server_close()
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace=1).wait()
+        self.manager.stop()
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fer-serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-config", required=True, help="text-format models.config")
+    parser.add_argument("--port", type=int, default=8500, help="gRPC port (0: any free)")
+    parser.add_argument("--rest-port", type=int, default=8501, help="REST port (0: any free)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind; 0.0.0.0 exposes an unauthenticated server")
+    parser.add_argument("--poll-seconds", type=float, default=1.0,
+                        help="how often to re-read models.config and the base paths")
+    parser.add_argument("--batching", action="store_true",
+                        help="batch concurrent requests into one model call")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-timeout-ms", type=float, default=2.0,
+                        help="longest a request waits for others to join its batch")
+    parser.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024)
+    parser.add_argument("--use-tfserving", action="store_true",
+                        help="exec tensorflow_model_server if it is on PATH")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def _exec_tfserving(args: argparse.Namespace) -> None:
+    binary = shutil.which("tensorflow_model_server")
+    if binary is None:
+        log.warning("--use-tfserving: tensorflow_model_server is not on PATH; "
+                    "serving with the embedded server")
+        return
+    command = [binary, f"--port={args.port}", f"--rest_api_port={args.rest_port}",
+               f"--model_config_file={os.path.abspath(args.model_config)}",
+               f"--file_system_poll_wait_seconds={max(1, int(args.poll_seconds))}",
+               f"--enable_batching={'true' if args.batching else 'false'}"]
+    log.info("exec %s", " ".join(command))
+    os.execv(binary, command)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.use_tfserving:
+        _exec_tfserving(args)
+    config = ServerConfig(args.model_config, args.host, args.port, args.rest_port,
+                          args.poll_seconds, args.batching, args.max_batch_size,
+                          args.batch_timeout_ms, args.max_request_bytes)
+    try:
+        server = FerServer(config).start()
+    except (OSError, ValueError) as error:
+        print(f"fer-serve: {error}", file=sys.stderr)
+        return 1
+    print(f"fer-serve: gRPC on {args.host}:{server.grpc_port}, REST on "
+          f"http://{args.host}:{server.rest_port}, models {server.manager.model_names()}",
+          flush=True)
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

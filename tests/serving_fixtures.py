@@ -1,0 +1,94 @@
+"""Small real SavedModels with the exact export signatures of the trainer's models.
+
+The serving tests must not depend on training, so this builds a tf.Module whose three
+signatures (serving_default, serving_uint8, serving_examples) have the contract's names,
+dtypes and shapes: softmax of a fixed linear map of pixels/255. `bias_class` lets each
+version favour a different class, so tests can tell which version answered.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.config import CLASS_NAMES, FEATURE_PIXELS, NUM_CLASSES, NUM_PIXELS
+
+
+class TinyFerModel(tf.Module):
+    def __init__(self, seed: int, bias_class: int) -> None:
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.weights = tf.constant(rng.normal(0, 0.05, (NUM_PIXELS, NUM_CLASSES)), tf.float32)
+        bias = np.zeros(NUM_CLASSES, np.float32)
+        bias[bias_class] = 3.0  # strong enough that this class wins on most inputs
+        self.bias = tf.constant(bias)
+        self.names = tf.constant(list(CLASS_NAMES))
+
+    def _outputs(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        flat = tf.reshape(tf.cast(pixels, tf.float32), [-1, NUM_PIXELS]) / 255.0
+        probabilities = tf.nn.softmax(tf.matmul(flat, self.weights) + self.bias)
+        class_id = tf.argmax(probabilities, axis=1, output_type=tf.int64)
+        return {"probabilities": probabilities, "class_id": class_id,
+                "class_name": tf.gather(self.names, class_id)}
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.int32, name="pixels")])
+    def serve_int32(self, pixels):
+        return self._outputs(pixels)
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name="pixels")])
+    def serve_uint8(self, pixels):
+        return self._outputs(pixels)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve_examples(self, examples):
+        parsed = tf.io.parse_example(
+            examples, {FEATURE_PIXELS: tf.io.FixedLenFeature([], tf.string)})
+        pixels = tf.io.decode_raw(parsed[FEATURE_PIXELS], tf.uint8)
+        return self._outputs(pixels)
+
+
+def save_tiny_model(export_dir: str, seed: int = 0, bias_class: int = 3) -> str:
+    """Writes a SavedModel with the contract's three signatures to `export_dir`."""
+    module = TinyFerModel(seed, bias_class)
+    tf.saved_model.save(module, export_dir, signatures={
+        "serving_default": module.serve_int32.get_concrete_function(),
+        "serving_uint8": module.serve_uint8.get_concrete_function(),
+        "serving_examples": module.serve_examples.get_concrete_function(),
+    })
+    return export_dir
+
+
+def push_version(base_path: str, version: int, template: str) -> str:
+    """Copies a SavedModel to `<base_path>/<version>` the way the pusher does: atomically.
+
+    The copy goes to a hidden sibling first, then one rename makes it visible, so a polling
+    server never sees a half-written version.
+    """
+    os.makedirs(base_path, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{version}.partial.", dir=base_path)
+    shutil.copytree(template, staging, dirs_exist_ok=True)
+    final = os.path.join(base_path, str(version))
+    os.rename(staging, final)
+    return final
+
+
+def example_bytes(image: np.ndarray) -> bytes:
+    """A serialized raw tf.Example holding one 48x48 uint8 image under `pixels`."""
+    feature = tf.train.Feature(bytes_list=tf.train.BytesList(
+        value=[np.asarray(image, np.uint8).tobytes()]))
+    return tf.train.Example(features=tf.train.Features(
+        feature={FEATURE_PIXELS: feature})).SerializeToString()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def random_images(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 48, 48), dtype=np.uint8)
