@@ -166,6 +166,20 @@ def _push_one(name: str, model_dir: str, serving_root: Path, keep: int) -> Model
     return ModelPush(pushed=True, version=version, path=str(target), removed_versions=removed)
 
 
+def _push_if_blessed(name: str, model_dir: str, verdict: Optional[dict], evaluation_dir: str,
+                     root: Path, keep: int) -> ModelPush:
+    if verdict is None:
+        return ModelPush(pushed=False, reasons=[
+            f"no blessing recorded for {name!r} in {evaluation_dir}/blessings.json"])
+    reasons = list(verdict.get("reasons", []))
+    if not verdict.get("blessed", False):
+        log.warning("not pushing %s: %s", name, "; ".join(reasons))
+        return ModelPush(pushed=False, reasons=["not blessed"] + reasons)
+    outcome = _push_one(name, model_dir, root, keep)
+    outcome.reasons = reasons
+    return outcome
+
+
 def write_serving_config(serving_root: str) -> str:
     """Writes serving_root/models.config for every model present there (latest version)."""
     root = os.path.abspath(serving_root)
@@ -191,23 +205,14 @@ def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str, serving_root:
     root.mkdir(parents=True, exist_ok=True)
 
     outcomes: dict[str, ModelPush] = {}
-    for name, model_dir in sorted(model_dirs.items()):
-        verdict = blessings.get(name)
-        if verdict is None:
-            outcomes[name] = ModelPush(pushed=False, reasons=[
-                f"no blessing recorded for {name!r} in {evaluation_dir}/blessings.json"])
-            continue
-        reasons = list(verdict.get("reasons", []))
-        if not verdict.get("blessed", False):
-            log.warning("not pushing %s: %s", name, "; ".join(reasons))
-            outcomes[name] = ModelPush(pushed=False, reasons=["not blessed"] + reasons)
-            continue
-        outcome = _push_one(name, model_dir, root, config.keep_versions)
-        outcome.reasons = reasons
-        outcomes[name] = outcome
-
-    # Rewritten even when nothing was pushed, so the config always matches the directory.
-    config_path = write_serving_config(str(root))
+    try:
+        for name, model_dir in sorted(model_dirs.items()):
+            outcomes[name] = _push_if_blessed(name, model_dir, blessings.get(name),
+                                              evaluation_dir, root, config.keep_versions)
+    finally:
+        # Rewritten even when nothing was pushed or a later model failed, so the config
+        # always lists exactly the models whose versions are in the directory.
+        config_path = write_serving_config(str(root))
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     push_json = str(Path(output_dir) / "push.json")
     result = PushResult(serving_root=str(root), models_config=config_path, models=outcomes,
