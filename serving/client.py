@@ -1,0 +1,359 @@
+"""`fer-client`: asks both served models about faces and combines their answers.
+
+Works against our embedded server and the real TF Serving alike (same protocols).
+
+    fer-client --image photo.jpg [--image other.png ...]    # faces found with OpenCV
+    fer-client --csv fer2013.csv --rows 5                   # FER-2013 rows (pixels column)
+    fer-client --npy faces.npy                              # uint8 [n, 48, 48]
+      [--host 127.0.0.1] [--protocol grpc|rest] [--port N] [--models cnn,vgg16]
+      [--tolerance 0.05] [--timeout 10] [--retries 3] [--table]
+
+Prints JSON (or a table with --table): per face, each model's probabilities and the
+version that answered, and the ensemble decision from serving.ensemble.combine with the
+English and Spanish class names. If the server is down it says so in one line and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import http.client
+import json
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from pipeline.config import CLASS_NAMES, CLASS_NAMES_ES, EvalConfig, IMAGE_SIZE, NUM_PIXELS
+
+DEFAULT_MODELS = ("cnn", "vgg16")
+EXIT_UNAVAILABLE = 2
+EXIT_BAD_INPUT = 3
+EXIT_SERVER_ERROR = 4
+
+
+class ServerUnavailable(Exception):
+    """The server could not be reached even after the retries."""
+
+
+class ServerError(Exception):
+    """The server answered with an error (bad request, unknown model...)."""
+
+
+@dataclass
+class ModelAnswer:
+    model: str
+    version: Optional[int]
+    probabilities: np.ndarray        # float32 [n, 7]
+
+
+@dataclass
+class ClientConfig:
+    host: str = "127.0.0.1"
+    protocol: str = "grpc"           # "grpc" (port 8500) or "rest" (port 8501)
+    grpc_port: int = 8500
+    rest_port: int = 8501
+    timeout: float = 10.0            # seconds per attempt
+    retries: int = 3                 # extra attempts when the server is unreachable
+    backoff_s: float = 0.2           # first wait; doubles each retry
+    models: tuple[str, ...] = DEFAULT_MODELS
+    tolerance: float = EvalConfig().tie_tolerance
+
+
+def with_retries(call: Callable[[], Any], is_unavailable: Callable[[BaseException], bool],
+                 retries: int, backoff_s: float, what: str) -> Any:
+    """Runs `call`, retrying with exponential backoff while the server is unreachable."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as error:
+            if not is_unavailable(error):
+                raise
+            if attempt == retries:
+                raise ServerUnavailable(f"{what} is not reachable after {retries + 1} "
+                                        f"attempt(s): {_short(error)}") from None
+            time.sleep(backoff_s * 2 ** attempt)
+
+
+def _short(error: BaseException) -> str:
+    details = getattr(error, "details", None)
+    text = details() if callable(details) else str(error)
+    return (text or type(error).__name__).splitlines()[0]
+
+
+class FerClient:
+    """Predicts with each served model over gRPC or REST; see the module docstring."""
+
+    def __init__(self, host: str = "127.0.0.1", grpc_port: int = 8500, rest_port: int = 8501,
+                 protocol: str = "grpc", timeout: float = 10.0, retries: int = 3,
+                 backoff_s: float = 0.2) -> None:
+        if protocol not in ("grpc", "rest"):
+            raise ValueError(f"protocol must be 'grpc' or 'rest', got {protocol!r}")
+        self.host, self.protocol = host, protocol
+        self.grpc_port, self.rest_port = grpc_port, rest_port
+        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+        self._stub = None
+
+    @property
+    def address(self) -> str:
+        port = self.grpc_port if self.protocol == "grpc" else self.rest_port
+        return f"{self.protocol} server at {self.host}:{port}"
+
+    def predict(self, model: str, images: np.ndarray) -> ModelAnswer:
+        """Probabilities of `images` (uint8 [n, 48, 48]) from the newest version of `model`."""
+        images = np.asarray(images, dtype=np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+        if self.protocol == "grpc":
+            return with_retries(lambda: self._predict_grpc(model, images), _grpc_unavailable,
+                                self.retries, self.backoff_s, self.address)
+        return with_retries(lambda: self._predict_rest(model, images), _rest_unavailable,
+                            self.retries, self.backoff_s, self.address)
+
+    # --- gRPC: uint8 tensors (2.3 KB per face) on the serving_uint8 signature ----------
+
+    def _grpc_stub(self):
+        if self._stub is None:
+            import grpc
+            from tensorflow_serving.apis import prediction_service_pb2_grpc
+            channel = grpc.insecure_channel(f"{self.host}:{self.grpc_port}")
+            self._stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        return self._stub
+
+    def _predict_grpc(self, model: str, images: np.ndarray) -> ModelAnswer:
+        import grpc
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        request.model_spec.signature_name = "serving_uint8"
+        request.inputs["pixels"].CopyFrom(tf.make_tensor_proto(images))
+        request.output_filter.append("probabilities")
+        try:
+            response = self._grpc_stub().Predict(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            if _grpc_unavailable(error):
+                raise
+            raise ServerError(f"{model}: {error.code().name}: {error.details()}") from None
+        version = response.model_spec.version.value if response.model_spec.HasField(
+            "version") else None
+        return ModelAnswer(model, version, tf.make_ndarray(response.outputs["probabilities"]))
+
+    # --- REST: JSON ints on the serving_default signature -----------------------------
+
+    def _rest_url(self, path: str) -> str:
+        return f"http://{self.host}:{self.rest_port}{path}"
+
+    def _rest_call(self, path: str, body: Optional[dict] = None) -> tuple[dict, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self._rest_url(path), data=data,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read()), response.headers
+        except urllib.error.HTTPError as error:
+            try:
+                message = json.loads(error.read()).get("error", "")
+            except ValueError:
+                message = error.reason
+            raise ServerError(f"HTTP {error.code} on {path}: {message}") from None
+
+    def _predict_rest(self, model: str, images: np.ndarray) -> ModelAnswer:
+        body = {"signature_name": "serving_default", "instances": images.astype(int).tolist()}
+        payload, headers = self._rest_call(f"/v1/models/{model}:predict", body)
+        probabilities = np.array([row["probabilities"] for row in payload["predictions"]],
+                                 dtype=np.float32)
+        version = headers.get("X-Model-Version")
+        if version is None:  # the real TF Serving does not say; ask which version is up
+            version = self.served_version(model)
+        return ModelAnswer(model, int(version) if version is not None else None, probabilities)
+
+    def served_version(self, model: str) -> Optional[int]:
+        """The newest AVAILABLE version according to the REST status endpoint."""
+        payload, _ = self._rest_call(f"/v1/models/{model}")
+        available = [int(s["version"]) for s in payload.get("model_version_status", [])
+                     if s.get("state") == "AVAILABLE"]
+        return max(available) if available else None
+
+
+def _grpc_unavailable(error: BaseException) -> bool:
+    import grpc
+    return isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _rest_unavailable(error: BaseException) -> bool:
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code == 503
+    return isinstance(error, (urllib.error.URLError, ConnectionError, socket.timeout,
+                              http.client.RemoteDisconnected))
+
+
+# --- combining the models ---------------------------------------------------------------
+
+def classify(client: FerClient, images: np.ndarray, models: Sequence[str],
+             tolerance: float) -> list[dict[str, Any]]:
+    """Each model's answer for every image, and the ensemble decision, as JSON-ready dicts."""
+    from serving.ensemble import combine
+    answers = [client.predict(model, images) for model in models]
+    results = []
+    for row in range(len(images)):
+        probabilities = {a.model: a.probabilities[row].tolist() for a in answers}
+        decision = combine(probabilities, tolerance)
+        results.append({
+            "models": {a.model: {"version": a.version,
+                                 "probabilities": dict(zip(CLASS_NAMES, probabilities[a.model])),
+                                 "class_name": CLASS_NAMES[int(np.argmax(a.probabilities[row]))]}
+                       for a in answers},
+            "decision": asdict(decision),
+        })
+    return results
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+@dataclass
+class InputImage:
+    source: str                     # where it came from, for the report
+    pixels: Optional[np.ndarray]    # uint8 [48, 48]; None when no face was found
+    note: str = ""
+
+
+def images_from_csv(path: str, rows: int) -> list[InputImage]:
+    """The first `rows` rows of a FER-2013 CSV (its `pixels` column)."""
+    found = []
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or "pixels" not in reader.fieldnames:
+            raise ValueError(f"{path}: no 'pixels' column (is it a FER-2013 CSV?)")
+        for line_number, record in enumerate(reader, start=2):
+            if len(found) >= rows:
+                break
+            values = np.array(record["pixels"].split(), dtype=np.int64)
+            if values.size != NUM_PIXELS or values.min() < 0 or values.max() > 255:
+                raise ValueError(f"{path}:{line_number}: expected {NUM_PIXELS} values 0-255")
+            found.append(InputImage(f"{path}:{line_number}",
+                                    values.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)))
+    return found
+
+
+def images_from_files(paths: Sequence[str]) -> list[InputImage]:
+    """Every face found in each image file; a file without a face is reported as such."""
+    from serving.faces import faces_in_file
+    found = []
+    for path in paths:
+        faces = faces_in_file(path)
+        if not faces:
+            found.append(InputImage(path, None, "no face found"))
+        for index, face in enumerate(faces):
+            found.append(InputImage(f"{path}#face{index}@{list(face.box)}", face.pixels))
+    return found
+
+
+def images_from_npy(path: str) -> list[InputImage]:
+    array = np.load(path)
+    if array.ndim == 2:
+        array = array[None]
+    if array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) and array.shape[1:] != (NUM_PIXELS,):
+        raise ValueError(f"{path}: expected [n, 48, 48] or [n, 2304], got {list(array.shape)}")
+    array = array.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+    return [InputImage(f"{path}[{i}]", np.clip(a, 0, 255).astype(np.uint8))
+            for i, a in enumerate(array)]
+
+
+# --- output -------------------------------------------------------------------------------
+
+def report(inputs: list[InputImage], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per input, in order; inputs without a face carry only their note."""
+    answers = iter(results)
+    entries = []
+    for item in inputs:
+        entry: dict[str, Any] = {"source": item.source}
+        if item.pixels is None:
+            entry["note"] = item.note
+        else:
+            entry.update(next(answers))
+        entries.append(entry)
+    return entries
+
+
+def format_table(entries: list[dict[str, Any]], models: Sequence[str]) -> str:
+    header = ["source"] + [f"{m} (v)" for m in models] + ["decision", "es", "conf", "review"]
+    lines = [header]
+    for entry in entries:
+        if "decision" not in entry:
+            lines.append([entry["source"]] + ["-"] * len(models) + [entry["note"], "", "", ""])
+            continue
+        cells = [entry["source"]]
+        for model in models:
+            answer = entry["models"][model]
+            cells.append(f"{answer['class_name']} {max(answer['probabilities'].values()):.2f} "
+                         f"(v{answer['version']})")
+        decision = entry["decision"]
+        cells += [decision["class_name"], decision["class_name_es"],
+                  f"{decision['confidence']:.2f}", "yes" if decision["needs_human_review"] else "no"]
+        lines.append(cells)
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in lines)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fer-client", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", action="append", help="image file (PNG, JPEG, ...)")
+    source.add_argument("--csv", help="FER-2013 CSV file")
+    source.add_argument("--npy", help=".npy array of uint8 [n, 48, 48] faces")
+    parser.add_argument("--rows", type=int, default=5, help="CSV rows to send")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--protocol", choices=("grpc", "rest"), default="grpc")
+    parser.add_argument("--port", type=int, help="default 8500 for gRPC, 8501 for REST")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help="comma-separated model names to query and combine")
+    parser.add_argument("--tolerance", type=float, default=EvalConfig().tie_tolerance,
+                        help="confidence gap under which disagreeing models need human review")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per attempt")
+    parser.add_argument("--retries", type=int, default=3)
+    parser.add_argument("--backoff", type=float, default=0.2, help="first retry wait, seconds")
+    parser.add_argument("--table", action="store_true", help="readable table instead of JSON")
+    return parser.parse_args(argv)
+
+
+def _load_inputs(args: argparse.Namespace) -> list[InputImage]:
+    if args.csv:
+        return images_from_csv(args.csv, args.rows)
+    if args.npy:
+        return images_from_npy(args.npy)
+    return images_from_files(args.image)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    models = tuple(m for m in args.models.split(",") if m)
+    try:
+        inputs = _load_inputs(args)
+    except (OSError, ValueError) as error:
+        print(f"fer-client: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    port = args.port
+    client = FerClient(args.host,
+                       grpc_port=port if port and args.protocol == "grpc" else 8500,
+                       rest_port=port if port and args.protocol == "rest" else 8501,
+                       protocol=args.protocol, timeout=args.timeout, retries=args.retries,
+                       backoff_s=args.backoff)
+    faces = [item.pixels for item in inputs if item.pixels is not None]
+    try:
+        results = classify(client, np.stack(faces), models, args.tolerance) if faces else []
+    except ServerUnavailable as error:
+        print(f"fer-client: server unavailable: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except ServerError as error:
+        print(f"fer-client: server error: {error}", file=sys.stderr)
+        return EXIT_SERVER_ERROR
+    entries = report(inputs, results)
+    print(format_table(entries, models) if args.table else json.dumps(entries, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
