@@ -1,0 +1,497 @@
+"""ExampleGen: a FER-2013-format CSV in, split and sharded TFRecords of tf.train.Example out.
+
+The Beam pipeline, top to bottom:
+
+1. read the file sequentially, numbering physical lines (Beam's ReadFromText cannot give
+   line numbers), then Reshuffle so the expensive parsing runs in parallel;
+2. parse every row strictly; a row that fails goes to the rejected rows with its line
+   number, a reason and its raw text, never silently dropped;
+3. assign a split: FER-2013's Usage column, or a stratified random split keyed on a seeded
+   hash of the line number (so the outcome does not depend on runner parallelism);
+4. group identical images (sha1 of the pixels) and, when copies landed in different splits,
+   keep the copy in the earliest split (train, validation, test) and reject the others;
+5. write tf.train.Examples per split, plus small JSON-lines reports that the driver turns
+   into `rejected/rejected_rows.csv`, `duplicates.json` and the result counts.
+
+Every function Beam pickles is module-level here so multi-process runners can import it.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.config import (
+    FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW,
+    FEATURE_USAGE, NUM_CLASSES, NUM_PIXELS, SPLITS, USAGE_TO_SPLIT, IngestConfig)
+
+REJECTED_DIR = "rejected"
+REJECTED_FILE = "rejected_rows.csv"
+DUPLICATES_FILE = "duplicates.json"
+SHARD_PREFIX = "examples"
+SHARD_SUFFIX = ".tfrecord"
+ORIGINAL = "original"
+# Rejections with this prefix are deliberate (leakage control), not bad input, so they do
+# not count against max_rejected_fraction.
+DUPLICATE_REASON_PREFIX = "duplicate_of_"
+
+_REJECTED = "rejected"
+_DUPLICATES = "duplicates"
+_WITHIN_SPLIT = "within_split_duplicates"
+_BEAM_TMP = ".beam_tmp"
+_FAST_PIXELS = re.compile(r"(?:\d{1,3} ){%d}\d{1,3}" % (NUM_PIXELS - 1))
+_SIGNED_INT = re.compile(r"[+-]?\d+")
+
+
+class TooManyRejectedRows(ValueError):
+    """More rows failed to parse than IngestConfig.max_rejected_fraction allows."""
+
+
+@dataclass
+class ExampleGenResult:
+    rows_read: int
+    rows_written: dict[str, int]
+    rows_rejected: int
+    rejected_by_reason: dict[str, int]
+    cross_split_duplicates: int          # distinct images found in more than one split
+    duplicate_rows_removed: int          # rows dropped from later splits because of them
+    within_split_duplicate_rows: int     # extra copies inside one split (kept; reported)
+    split_mode: str
+    num_shards: dict[str, int]
+    output_dir: str
+    split_dirs: dict[str, str] = field(default_factory=dict)
+    rejected_path: str = ""
+    duplicates_path: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class CsvColumns:
+    """Positions of the columns we use, found by header name (Usage may be absent)."""
+    emotion: int
+    pixels: int
+    usage: Optional[int]
+    count: int
+
+
+# ---------------------------------------------------------------------------------------
+# Header and columns (driver side, before the pipeline starts)
+
+def read_header(data_path: str) -> CsvColumns:
+    """Finds the emotion/pixels/Usage columns in the first line (BOM, CRLF, quotes allowed)."""
+    with FileSystems.open(data_path) as f:
+        first = f.readline()
+    text = first.decode("utf-8-sig").rstrip("\r\n")
+    names = [name.strip().lower() for name in next(csv.reader([text]), [])]
+    missing = [c for c in ("emotion", "pixels") if c not in names]
+    if missing:
+        raise ValueError(f"{data_path}: header {text[:200]!r} lacks column(s) {missing}; "
+                         "expected a FER-2013 CSV with emotion,pixels[,Usage]")
+    usage = names.index("usage") if "usage" in names else None
+    return CsvColumns(names.index("emotion"), names.index("pixels"), usage, len(names))
+
+
+# ---------------------------------------------------------------------------------------
+# Reading and parsing (Beam workers)
+
+class ReadNumberedLines(beam.DoFn):
+    """Emits (1-based line number, raw bytes) for every non-blank data line of one file."""
+
+    def process(self, path: str) -> Iterator[tuple[int, bytes]]:
+        with FileSystems.open(path) as f:
+            for number, line in enumerate(f, start=1):
+                if number == 1:
+                    continue  # the header
+                line = line.rstrip(b"\n").rstrip(b"\r")
+                if line.strip():
+                    yield number, line
+
+
+class RowError(ValueError):
+    """A row that cannot become an example; `code` is the reason counted in the result."""
+
+    def __init__(self, code: str, detail: str = ""):
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+
+
+def parse_label(text: str) -> int:
+    text = text.strip()
+    if not text:
+        raise RowError("missing_field", "emotion is empty")
+    if not (text.isascii() and text.isdigit()):
+        raise RowError("label_not_integer", repr(text[:20]))
+    label = int(text)
+    if label >= NUM_CLASSES:
+        raise RowError("label_out_of_range", f"{label} not in 0..{NUM_CLASSES - 1}")
+    return label
+
+
+def parse_pixels(text: str) -> bytes:
+    """2304 integers 0-255 separated by whitespace -> 2304 raw bytes, or RowError."""
+    text = text.strip()
+    if not text:
+        raise RowError("missing_field", "pixels is empty")
+    if _FAST_PIXELS.fullmatch(text):  # the common, well-formed case: one regex, one C parse
+        values = np.fromstring(text, dtype=np.int64, sep=" ")
+    else:
+        values = _parse_pixels_slowly(text)
+    if values.max() > 255:
+        raise RowError("pixel_out_of_range", f"{int(values.max())} > 255")
+    return values.astype(np.uint8).tobytes()
+
+
+def _parse_pixels_slowly(text: str) -> np.ndarray:
+    """Token by token, to name exactly what is wrong with an irregular pixel field."""
+    tokens = text.split()
+    if len(tokens) != NUM_PIXELS:
+        raise RowError("wrong_pixel_count", f"got {len(tokens)}, want {NUM_PIXELS}")
+    for position, token in enumerate(tokens):
+        if not (token.isascii() and _SIGNED_INT.fullmatch(token)):
+            raise RowError("pixel_not_integer", f"pixel {position} is {token[:20]!r}")
+        if not 0 <= int(token) <= 255:
+            raise RowError("pixel_out_of_range", f"pixel {position} is {token}")
+    return np.array([int(t) for t in tokens], dtype=np.int64)
+
+
+def parse_row(raw: bytes, columns: CsvColumns) -> tuple[int, bytes, str]:
+    """(label, 2304 pixel bytes, usage) from one raw CSV line; raises RowError."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RowError("undecodable_bytes", str(e)) from None
+    try:
+        fields = next(csv.reader([text], strict=True))
+    except csv.Error as e:
+        raise RowError("malformed_csv", str(e)) from None
+    if len(fields) != columns.count:
+        raise RowError("wrong_field_count", f"got {len(fields)}, want {columns.count}")
+    label = parse_label(fields[columns.emotion])
+    pixels = parse_pixels(fields[columns.pixels])
+    usage = fields[columns.usage].strip() if columns.usage is not None else ""
+    return label, pixels, usage
+
+
+class ParseRows(beam.DoFn):
+    """Main output: (line, label, pixels, usage). Tagged `rejected`: rejection records."""
+
+    def __init__(self, columns: CsvColumns, split_by_usage: bool):
+        self._columns = columns
+        self._split_by_usage = split_by_usage
+
+    def process(self, element: tuple[int, bytes]) -> Iterator[Any]:
+        line, raw = element
+        try:
+            label, pixels, usage = parse_row(raw, self._columns)
+            if self._split_by_usage and usage not in USAGE_TO_SPLIT:
+                raise RowError("unknown_usage", f"{usage[:30]!r} not in {sorted(USAGE_TO_SPLIT)}")
+        except RowError as e:
+            yield beam.pvalue.TaggedOutput(_REJECTED, rejection(line, str(e), raw))
+            return
+        yield line, label, pixels, usage
+
+
+def rejection(line: int, reason: str, raw: Optional[bytes]) -> dict[str, Any]:
+    # Raw bytes that are not UTF-8 are kept visible as \x.. escapes rather than lost.
+    raw_text = raw.decode("utf-8", errors="backslashreplace") if raw is not None else None
+    return {"line_number": line, "reason": reason, "raw_line": raw_text}
+
+
+# ---------------------------------------------------------------------------------------
+# Splitting
+
+def split_by_usage(record: tuple[int, int, bytes, str]) -> tuple[str, tuple]:
+    return USAGE_TO_SPLIT[record[3]], record
+
+
+def keyed_by_label(record: tuple[int, int, bytes, str], seed: int) -> tuple[int, tuple]:
+    """(label, (seeded hash of the line number, record)): the per-class random order."""
+    order = hashlib.sha256(f"{seed}:{record[0]}".encode()).hexdigest()
+    return record[1], (order, record)
+
+
+def split_boundaries(n: int, fractions: tuple[float, float, float]) -> tuple[int, int]:
+    """Row counts ending train and validation within a class of n rows (rest is test)."""
+    total = sum(fractions)
+    train_end = int(round(n * fractions[0] / total))
+    validation_end = int(round(n * (fractions[0] + fractions[1]) / total))
+    return train_end, validation_end
+
+
+def assign_stratified(element: tuple[int, Iterable[tuple[str, tuple]]],
+                      fractions: tuple[float, float, float]) -> Iterator[tuple[str, tuple]]:
+    _, keyed = element
+    ordered = sorted(keyed, key=lambda item: item[0])
+    train_end, validation_end = split_boundaries(len(ordered), fractions)
+    for rank, (_, record) in enumerate(ordered):
+        split = "train" if rank < train_end else "validation" if rank < validation_end else "test"
+        yield split, record
+
+
+# ---------------------------------------------------------------------------------------
+# Cross-split duplicates
+
+def keyed_by_image(split_record: tuple[str, tuple]) -> tuple[str, tuple[str, tuple]]:
+    return hashlib.sha1(split_record[1][2]).hexdigest(), split_record
+
+
+class ResolveDuplicates(beam.DoFn):
+    """Keeps one split's copies of an image; reports (and by default rejects) the others."""
+
+    def __init__(self, remove_cross_split: bool):
+        self._remove = remove_cross_split
+
+    def process(self, element: tuple[str, Iterable[tuple[str, tuple]]]) -> Iterator[Any]:
+        digest, copies = element
+        copies = sorted(copies, key=lambda c: (SPLITS.index(c[0]), c[1][0]))
+        if len(copies) > 1:
+            # Copies inside one split do not leak; they are counted, not removed.
+            extra_within = len(copies) - len({c[0] for c in copies})
+            if extra_within:
+                yield beam.pvalue.TaggedOutput(_WITHIN_SPLIT, extra_within)
+        keeper_split, keeper = copies[0][0], copies[0][1]
+        if len({split for split, _ in copies}) == 1:
+            yield from copies
+            return
+        removed = []
+        for split, record in copies:
+            if split != keeper_split and self._remove:
+                reason = f"{DUPLICATE_REASON_PREFIX}{keeper_split}_row:{keeper[0]}"
+                yield beam.pvalue.TaggedOutput(_REJECTED, rejection(record[0], reason, None))
+                removed.append(record[0])
+            else:
+                yield split, record
+        yield beam.pvalue.TaggedOutput(_DUPLICATES, {
+            "pixels_sha1": digest,
+            "rows": [{"line_number": r[0], "split": s} for s, r in copies],
+            "kept_in": keeper_split if self._remove else "all",
+            "removed_line_numbers": removed})
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+
+def to_example(split_record: tuple[str, tuple]) -> bytes:
+    """The raw tf.train.Example of docs/architecture.md, serialized."""
+    import tensorflow as tf  # imported in the worker; the driver never needs TF here
+
+    _, (line, label, pixels, usage) = split_record
+    feature = tf.train.Feature
+    return tf.train.Example(features=tf.train.Features(feature={
+        FEATURE_LABEL: feature(int64_list=tf.train.Int64List(value=[label])),
+        FEATURE_PIXELS: feature(bytes_list=tf.train.BytesList(value=[pixels])),
+        FEATURE_USAGE: feature(bytes_list=tf.train.BytesList(value=[usage.encode()])),
+        FEATURE_ROW: feature(int64_list=tf.train.Int64List(value=[line])),
+        FEATURE_SOURCE_ROW: feature(int64_list=tf.train.Int64List(value=[line])),
+        FEATURE_AUGMENTATION: feature(bytes_list=tf.train.BytesList(value=[ORIGINAL.encode()])),
+    })).SerializeToString()
+
+
+def split_index(split_record: tuple[str, tuple], num_partitions: int) -> int:
+    return SPLITS.index(split_record[0])
+
+
+def split_name(split_record: tuple[str, tuple]) -> str:
+    return split_record[0]
+
+
+def count_entry(name: str, count: int) -> str:
+    return json.dumps({"name": name, "count": count})
+
+
+def named_count(pair: tuple[str, int]) -> str:
+    return count_entry(pair[0], pair[1])
+
+
+def build_pipeline(pipeline: beam.Pipeline, data_path: str, output_dir: str,
+                   columns: CsvColumns, split_mode: str, config: IngestConfig) -> None:
+    tmp = os.path.join(output_dir, _BEAM_TMP)
+    lines = (pipeline
+             | "Path" >> beam.Create([data_path])
+             | "ReadLines" >> beam.ParDo(ReadNumberedLines())
+             | "Spread" >> beam.Reshuffle())
+    parsed = lines | "Parse" >> beam.ParDo(
+        ParseRows(columns, split_mode == "usage")).with_outputs(_REJECTED, main="rows")
+
+    if split_mode == "usage":
+        assigned = parsed.rows | "ByUsage" >> beam.Map(split_by_usage)
+    else:
+        assigned = (parsed.rows
+                    | "KeyByLabel" >> beam.Map(keyed_by_label, config.seed)
+                    | "GroupByLabel" >> beam.GroupByKey()
+                    | "Stratify" >> beam.FlatMap(assign_stratified, tuple(config.split_fractions)))
+
+    resolved = (assigned
+                | "KeyByImage" >> beam.Map(keyed_by_image)
+                | "GroupByImage" >> beam.GroupByKey()
+                | "Deduplicate" >> beam.ParDo(ResolveDuplicates(
+                    config.remove_cross_split_duplicates)).with_outputs(
+                        _REJECTED, _DUPLICATES, _WITHIN_SPLIT, main="kept"))
+
+    per_split = resolved.kept | "BySplit" >> beam.Partition(split_index, len(SPLITS))
+    for index, split in enumerate(SPLITS):
+        (per_split[index]
+         | f"Serialize_{split}" >> beam.Map(to_example)
+         | f"Write_{split}" >> beam.io.WriteToTFRecord(
+             os.path.join(output_dir, split, SHARD_PREFIX), file_name_suffix=SHARD_SUFFIX,
+             num_shards=config.num_shards, shard_name_template="-SSSSS-of-NNNNN"))
+
+    rejected = (parsed[_REJECTED], resolved[_REJECTED]) | "AllRejected" >> beam.Flatten()
+    (rejected | "RejectedJson" >> beam.Map(json.dumps)
+     | "WriteRejected" >> beam.io.WriteToText(os.path.join(tmp, "rejected"), ".jsonl"))
+    (resolved[_DUPLICATES] | "DuplicatesJson" >> beam.Map(json.dumps)
+     | "WriteDuplicates" >> beam.io.WriteToText(os.path.join(tmp, "duplicates"), ".jsonl"))
+
+    # Counts are computed independently of each other so read == written + rejected is a
+    # check, not an identity.
+    counts = (
+        lines | "CountRead" >> beam.combiners.Count.Globally()
+        | "ReadEntry" >> beam.Map(_read_entry),
+        resolved.kept | "SplitNames" >> beam.Map(split_name)
+        | "CountPerSplit" >> beam.combiners.Count.PerElement()
+        | "SplitEntries" >> beam.Map(named_count),
+        resolved[_WITHIN_SPLIT] | "SumWithin" >> beam.CombineGlobally(sum)
+        | "WithinEntry" >> beam.Map(_within_entry),
+    ) | "AllCounts" >> beam.Flatten()
+    counts | "WriteCounts" >> beam.io.WriteToText(os.path.join(tmp, "counts"), ".jsonl")
+
+
+def _read_entry(count: int) -> str:
+    return count_entry("rows_read", count)
+
+
+def _within_entry(count: int) -> str:
+    return count_entry(_WITHIN_SPLIT, count)
+
+
+# ---------------------------------------------------------------------------------------
+# Driver: run, then turn the pipeline's JSON-lines reports into the contract's files
+
+def _read_jsonl(pattern: str) -> list[dict[str, Any]]:
+    records = []
+    for path in sorted(glob.glob(pattern)):
+        with open(path) as f:
+            records.extend(json.loads(line) for line in f if line.strip())
+    return records
+
+
+def _fill_raw_lines(data_path: str, rejected: list[dict[str, Any]]) -> None:
+    """Duplicates were rejected after parsing; fetch their raw text with one more pass."""
+    wanted = {r["line_number"]: r for r in rejected if r["raw_line"] is None}
+    if not wanted:
+        return
+    with FileSystems.open(data_path) as f:
+        for number, line in enumerate(f, start=1):
+            if number in wanted:
+                raw = line.rstrip(b"\n").rstrip(b"\r")
+                wanted[number]["raw_line"] = raw.decode("utf-8", errors="backslashreplace")
+
+
+def _write_rejected(path: str, rejected: list[dict[str, Any]]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["line_number", "reason", "raw_line"])
+        for r in rejected:
+            writer.writerow([r["line_number"], r["reason"], r["raw_line"]])
+
+
+def reason_code(reason: str) -> str:
+    """`wrong_pixel_count: got 3, want 2304` -> `wrong_pixel_count`."""
+    return reason.split(":", 1)[0]
+
+
+def _resolve_split_mode(columns: CsvColumns, config: IngestConfig) -> str:
+    if config.split_mode not in ("usage", "random"):
+        raise ValueError(f"IngestConfig.split_mode must be 'usage' or 'random', "
+                         f"not {config.split_mode!r}")
+    return "usage" if config.split_mode == "usage" and columns.usage is not None else "random"
+
+
+def run_example_gen(data_path: str, output_dir: str, config: IngestConfig,
+                    beam_args: list[str]) -> ExampleGenResult:
+    """Parses the CSV at `data_path` into split TFRecords under `output_dir` (see module doc).
+
+    Raises TooManyRejectedRows (after writing the rejected-rows file) when more than
+    config.max_rejected_fraction of the rows could not be parsed.
+    """
+    started = time.time()
+    columns = read_header(data_path)
+    split_mode = _resolve_split_mode(columns, config)
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = os.path.join(output_dir, _BEAM_TMP)
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split in SPLITS:
+        os.makedirs(os.path.join(output_dir, split), exist_ok=True)
+
+    with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
+        build_pipeline(pipeline, data_path, output_dir, columns, split_mode, config)
+
+    counts = {c["name"]: c["count"] for c in _read_jsonl(os.path.join(tmp, "counts*"))}
+    rejected = sorted(_read_jsonl(os.path.join(tmp, "rejected*")), key=lambda r: r["line_number"])
+    duplicates = sorted(_read_jsonl(os.path.join(tmp, "duplicates*")),
+                        key=lambda d: d["rows"][0]["line_number"])
+    shutil.rmtree(tmp)
+    _fill_raw_lines(data_path, rejected)
+
+    rejected_path = os.path.join(output_dir, REJECTED_DIR, REJECTED_FILE)
+    _write_rejected(rejected_path, rejected)
+    duplicates_path = os.path.join(output_dir, DUPLICATES_FILE)
+    removed = sum(len(d["removed_line_numbers"]) for d in duplicates)
+    with open(duplicates_path, "w") as f:
+        json.dump({"cross_split_duplicate_images": len(duplicates), "rows_removed": removed,
+                   "policy": ("keep the copy in the earliest split (train, validation, test), "
+                              "reject the others") if config.remove_cross_split_duplicates
+                   else "report only", "duplicates": duplicates}, f, indent=2)
+
+    by_reason: dict[str, int] = {}
+    for r in rejected:
+        code = reason_code(r["reason"])
+        by_reason[code] = by_reason.get(code, 0) + 1
+    result = ExampleGenResult(
+        rows_read=counts.get("rows_read", 0),
+        rows_written={split: counts.get(split, 0) for split in SPLITS},
+        rows_rejected=len(rejected),
+        rejected_by_reason=dict(sorted(by_reason.items())),
+        cross_split_duplicates=len(duplicates),
+        duplicate_rows_removed=removed,
+        within_split_duplicate_rows=counts.get(_WITHIN_SPLIT, 0),
+        split_mode=split_mode,
+        num_shards={split: len(shard_paths(output_dir, split)) for split in SPLITS},
+        output_dir=output_dir,
+        split_dirs={split: os.path.join(output_dir, split) for split in SPLITS},
+        rejected_path=rejected_path,
+        duplicates_path=duplicates_path,
+        seconds=round(time.time() - started, 3))
+    _check_rejected_fraction(result, config.max_rejected_fraction)
+    return result
+
+
+def shard_paths(examples_dir: str, split: str) -> list[str]:
+    """The TFRecord shards of one split, sorted."""
+    return sorted(glob.glob(os.path.join(examples_dir, split, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}")))
+
+
+def _check_rejected_fraction(result: ExampleGenResult, limit: float) -> None:
+    bad = sum(n for code, n in result.rejected_by_reason.items()
+              if not code.startswith(DUPLICATE_REASON_PREFIX))
+    if result.rows_read == 0:
+        raise TooManyRejectedRows(f"no data rows in the input; see {result.output_dir}")
+    if bad / result.rows_read > limit:
+        raise TooManyRejectedRows(
+            f"{bad} of {result.rows_read} rows ({bad / result.rows_read:.2%}) could not be "
+            f"parsed, more than max_rejected_fraction={limit:.2%}; by reason: "
+            f"{result.rejected_by_reason}; rows and reasons in {result.rejected_path}")
