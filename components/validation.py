@@ -83,7 +83,8 @@ def run_validation(statistics_dir: str, schema_path: str, output_dir: str,
             drift[split] = measure_label_drift(split, split_stats, previous, anomalies,
                                                config.label_linf_threshold)
 
-    anomalies = {split: describe_anomalies(a) for split, a in anomalies_protos.items()}
+    anomalies = {split: describe_anomalies(a, stats[split])
+                 for split, a in anomalies_protos.items()}
     num_examples = {split: int(s.datasets[0].num_examples) for split, s in stats.items()}
     problems = any(anomalies.values()) or any(d.drifted for d in drift.values())
     blocking = problems and not config.allow_anomalies
@@ -92,8 +93,11 @@ def run_validation(statistics_dir: str, schema_path: str, output_dir: str,
     write_json_atomic(drift_path, drift_record(stats, drift, config.label_linf_threshold))
     summary = summarize(anomalies, drift, problems, blocking)
     report_path = os.path.join(output_dir, REPORT_FILE)
+    observed = {split: {feature: observed_summary(stats[split], feature)
+                        for feature in a.anomaly_info}
+                for split, a in anomalies_protos.items()}
     Path(report_path).write_text(render_report(
-        schema_path, config, num_examples, anomalies_protos, drift, summary))
+        schema_path, config, num_examples, anomalies_protos, drift, summary, observed))
     log.info("data validation: %s", summary)
     return ValidationResult(
         splits=list(stats), num_examples=num_examples, anomalies=anomalies, drift=drift,
@@ -180,10 +184,41 @@ def _tfdv_linf(anomalies: anomalies_pb2.Anomalies) -> Optional[float]:
     return None
 
 
-def describe_anomalies(anomalies: anomalies_pb2.Anomalies) -> dict[str, str]:
-    """feature -> TFDV's description (long form; the short one is in the report)."""
-    return {feature: info.description or info.short_description
-            for feature, info in sorted(anomalies.anomaly_info.items())}
+def describe_anomalies(anomalies: anomalies_pb2.Anomalies,
+                       stats: statistics_pb2.DatasetFeatureStatisticsList) -> dict[str, str]:
+    """feature -> TFDV's description plus what the statistics observed.
+
+    TFDV says "Some examples have fewer values than expected" but not how many they had;
+    the observed counts and range make the anomaly actionable without opening the stats.
+    """
+    described = {}
+    for feature, info in sorted(anomalies.anomaly_info.items()):
+        observed = observed_summary(stats, feature)
+        described[feature] = (info.description or info.short_description) + (
+            f" (observed: {observed})" if observed else "")
+    return described
+
+
+def observed_summary(stats: statistics_pb2.DatasetFeatureStatisticsList,
+                     feature_name: str) -> str:
+    """e.g. "values per example 2000..2304; range 0..255; missing in 0 of 70 examples"."""
+    dataset = stats.datasets[0]
+    for feature in dataset.features:
+        if ".".join(feature.path.step) != feature_name and feature.name != feature_name:
+            continue
+        which = feature.WhichOneof("stats")
+        if which is None:
+            return ""
+        common = getattr(feature, which).common_stats
+        parts = [f"values per example {common.min_num_values}..{common.max_num_values}"]
+        if which == "num_stats":
+            parts.append(f"range {feature.num_stats.min:g}..{feature.num_stats.max:g}")
+        elif which == "string_stats":
+            top = [b.label for b in feature.string_stats.rank_histogram.buckets[:10]]
+            parts.append(f"values {', '.join(map(repr, top))}")
+        parts.append(f"missing in {common.num_missing} of {dataset.num_examples} examples")
+        return "; ".join(parts)
+    return f"absent from all {dataset.num_examples} examples"
 
 
 def drift_record(stats: dict[str, statistics_pb2.DatasetFeatureStatisticsList],
@@ -228,7 +263,9 @@ def summarize(anomalies: dict[str, dict[str, str]], drift: dict[str, DriftResult
 
 def render_report(schema_path: str, config: ValidationConfig, num_examples: dict[str, int],
                   anomalies: dict[str, anomalies_pb2.Anomalies],
-                  drift: dict[str, DriftResult], summary: str) -> str:
+                  drift: dict[str, DriftResult], summary: str,
+                  observed: dict[str, dict[str, str]]) -> str:
+    """`observed`: split -> feature -> observed_summary, for the anomalous features."""
     lines = ["FER-2013 data validation report", "",
              f"schema: {schema_path}",
              f"label drift threshold (L-infinity vs {BASELINE_SPLIT}): "
@@ -236,20 +273,24 @@ def render_report(schema_path: str, config: ValidationConfig, num_examples: dict
              f"allow_anomalies: {config.allow_anomalies}",
              f"result: {summary}", ""]
     for split, split_anomalies in anomalies.items():
-        lines += _split_section(split, num_examples[split], split_anomalies)
+        lines += _split_section(split, num_examples[split], split_anomalies,
+                                observed[split])
     lines += _drift_section(drift, config.label_linf_threshold)
     return "\n".join(lines) + "\n"
 
 
-def _split_section(split: str, count: int, anomalies: anomalies_pb2.Anomalies) -> list[str]:
+def _split_section(split: str, count: int, anomalies: anomalies_pb2.Anomalies,
+                   observed: dict[str, str]) -> list[str]:
     infos = sorted(anomalies.anomaly_info.items())
     if not infos:
         return [f"[{split}] {count} examples: no anomalies", ""]
     lines = [f"[{split}] {count} examples: {len(infos)} feature(s) with anomalies"]
     for feature, info in infos:
-        lines.append(f"  - {feature}: {info.short_description}")
-        for reason in info.reason:
-            lines.append(f"      {reason.short_description}: {reason.description}")
+        reasons = info.reason or [info]
+        for reason in reasons:
+            lines.append(f"  - {feature}: {reason.short_description}: {reason.description}")
+        if observed.get(feature):
+            lines.append(f"      observed: {observed[feature]}")
     return lines + [""]
 
 
