@@ -1,0 +1,210 @@
+"""ExampleGen: strict parsing with quarantine, splits, cross-split duplicates, runner parity."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from components.example_gen import (
+    TooManyRejectedRows, run_example_gen, shard_paths, split_boundaries)
+from components.synthetic import draw_faces, encode_pixel_strings, generate_csv
+from pipeline.config import (
+    FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW,
+    FEATURE_USAGE, NUM_PIXELS, SPLITS, IngestConfig)
+
+# Bad rows, each with the reason code the rejected file must give it.
+BAD_ROWS: list[tuple[bytes, str]] = [
+    (b"3,PIXELS_SHORT,Training", "wrong_pixel_count"),
+    (b"3,PIXELS_LETTER,Training", "pixel_not_integer"),
+    (b"3,PIXELS_256,Training", "pixel_out_of_range"),
+    (b"3,PIXELS_NEGATIVE,Training", "pixel_out_of_range"),
+    (b"7,PIXELS_OK,Training", "label_out_of_range"),
+    (b"x,PIXELS_OK,Training", "label_not_integer"),
+    (b"2.0,PIXELS_OK,Training", "label_not_integer"),
+    (b",PIXELS_OK,Training", "missing_field"),
+    (b"3,PIXELS_OK", "wrong_field_count"),
+    (b"\xff\xfe\x00garbage\x9c,,", "undecodable_bytes"),
+    (b"3,PIXELS_OK,Holdout", "unknown_usage"),
+]
+
+
+def pixel_text(values) -> str:
+    return " ".join(str(v) for v in values)
+
+
+def substitute(row: bytes, ok_pixels: str) -> bytes:
+    base = ok_pixels.split(" ")
+    variants = {
+        b"PIXELS_SHORT": " ".join(base[:-1]),
+        b"PIXELS_LETTER": " ".join(base[:10] + ["12a"] + base[11:]),
+        b"PIXELS_256": " ".join(base[:5] + ["256"] + base[6:]),
+        b"PIXELS_NEGATIVE": " ".join(base[:5] + ["-1"] + base[6:]),
+        b"PIXELS_OK": ok_pixels,
+    }
+    for marker, text in variants.items():
+        row = row.replace(marker, text.encode())
+    return row
+
+
+@pytest.fixture(scope="module")
+def messy_csv(tmp_path_factory):
+    """BOM + CRLF + quoted fields, 40 good rows, every kind of bad row, one leaked image."""
+    rng = np.random.default_rng(1)
+    labels = np.arange(40) % 7
+    images = draw_faces(labels, rng)
+    pixels = [p.decode() for p in encode_pixel_strings(images)]
+    usages = ["Training"] * 30 + ["PublicTest"] * 5 + ["PrivateTest"] * 5
+    lines = [b'"emotion","pixels","Usage"']
+    good = {}
+    for i in range(40):
+        quoted = f'"{pixels[i]}"' if i % 2 else pixels[i]
+        lines.append(f"{labels[i]},{quoted},{usages[i]}".encode())
+        good[len(lines)] = (int(labels[i]), images[i].tobytes(), usages[i])
+    bad = {}
+    for raw, reason in BAD_ROWS:
+        lines.append(substitute(raw, pixels[0]))
+        bad[len(lines)] = reason
+    # The image of line 2 (Training) reappears in the private test set: a leak.
+    lines.append(f"{labels[0]},{pixels[0]},PrivateTest".encode())
+    leaked_line = len(lines)
+    path = tmp_path_factory.mktemp("messy") / "messy.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
+    return {"path": str(path), "good": good, "bad": bad, "leaked_line": leaked_line,
+            "raw_lines": {n + 1: line for n, line in enumerate(lines)}}
+
+
+@pytest.fixture(scope="module")
+def messy_run(messy_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("messy_out") / "examples"
+    config = IngestConfig(max_rejected_fraction=1.0)
+    return run_example_gen(messy_csv["path"], str(out), config, []), str(out)
+
+
+def read_examples(examples_dir: str, split: str) -> list[dict]:
+    rows = []
+    for path in shard_paths(examples_dir, split):
+        for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            f = tf.train.Example.FromString(record).features.feature
+            rows.append({
+                "label": f[FEATURE_LABEL].int64_list.value[0],
+                "pixels": f[FEATURE_PIXELS].bytes_list.value[0],
+                "usage": f[FEATURE_USAGE].bytes_list.value[0].decode(),
+                "row": f[FEATURE_ROW].int64_list.value[0],
+                "source_row": f[FEATURE_SOURCE_ROW].int64_list.value[0],
+                "augmentation": f[FEATURE_AUGMENTATION].bytes_list.value[0].decode()})
+    return sorted(rows, key=lambda r: r["row"])
+
+
+def read_rejected(path: str) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_bad_row_is_quarantined_with_line_and_reason(messy_csv, messy_run):
+    result, _ = messy_run
+    rejected = read_rejected(result.rejected_path)
+    parse_failures = {int(r["line_number"]): r["reason"].split(":")[0] for r in rejected
+                      if not r["reason"].startswith("duplicate_of_")}
+    assert parse_failures == messy_csv["bad"]
+    for r in rejected:  # raw text kept (non-UTF-8 bytes as \x escapes)
+        raw = messy_csv["raw_lines"][int(r["line_number"])]
+        assert r["raw_line"] == raw.decode("utf-8", errors="backslashreplace")
+    expected = Counter(messy_csv["bad"].values())
+    expected["duplicate_of_train_row"] = 1
+    assert result.rejected_by_reason == dict(expected)
+
+
+def test_rows_read_equals_written_plus_rejected(messy_csv, messy_run):
+    result, _ = messy_run
+    assert result.rows_read == 40 + len(BAD_ROWS) + 1
+    assert result.rows_read == sum(result.rows_written.values()) + result.rows_rejected
+    assert result.rows_written == {"train": 30, "validation": 5, "test": 5}
+
+
+def test_bom_crlf_and_quoted_rows_become_exact_examples(messy_csv, messy_run):
+    result, out = messy_run
+    usage_split = {"Training": "train", "PublicTest": "validation", "PrivateTest": "test"}
+    seen = {}
+    for split in SPLITS:
+        for ex in read_examples(out, split):
+            assert usage_split[ex["usage"]] == split
+            assert ex["source_row"] == ex["row"] and ex["augmentation"] == "original"
+            assert len(ex["pixels"]) == NUM_PIXELS
+            seen[ex["row"]] = (ex["label"], ex["pixels"], ex["usage"])
+    assert seen == messy_csv["good"]
+    assert result.split_mode == "usage"
+    assert all(n >= 1 for n in result.num_shards.values())
+
+
+def test_duplicate_image_across_splits_is_removed_from_test_and_reported(messy_csv, messy_run):
+    result, out = messy_run
+    leaked = messy_csv["leaked_line"]
+    assert leaked not in {ex["row"] for ex in read_examples(out, "test")}
+    assert 2 in {ex["row"] for ex in read_examples(out, "train")}
+    rejected = {int(r["line_number"]): r["reason"] for r in read_rejected(result.rejected_path)}
+    assert rejected[leaked] == "duplicate_of_train_row:2"
+    report = json.loads(open(result.duplicates_path).read())
+    assert result.cross_split_duplicates == report["cross_split_duplicate_images"] == 1
+    (entry,) = report["duplicates"]
+    assert entry["removed_line_numbers"] == [leaked]
+    assert {(r["line_number"], r["split"]) for r in entry["rows"]} == {(2, "train"), (leaked, "test")}
+    assert entry["pixels_sha1"] == hashlib.sha1(messy_csv["good"][2][1]).hexdigest()
+
+
+def test_too_many_rejected_rows_raises_after_writing_the_rejected_file(messy_csv, tmp_path):
+    out = tmp_path / "examples"
+    with pytest.raises(TooManyRejectedRows) as error:
+        run_example_gen(messy_csv["path"], str(out), IngestConfig(max_rejected_fraction=0.01), [])
+    rejected_path = out / "rejected" / "rejected_rows.csv"
+    assert str(rejected_path) in str(error.value)
+    assert f"{len(BAD_ROWS)} of {40 + len(BAD_ROWS) + 1} rows" in str(error.value)
+    assert len(read_rejected(str(rejected_path))) == len(BAD_ROWS) + 1
+
+
+@pytest.fixture(scope="module")
+def no_usage_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("random") / "no_usage.csv"
+    generate_csv(str(path), rows=400, seed=5, include_usage=False)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def random_run(no_usage_csv, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("random_out") / "examples")
+    return run_example_gen(no_usage_csv, out, IngestConfig(num_shards=2), []), out
+
+
+def test_random_split_is_stratified_and_follows_the_seeded_rule(no_usage_csv, random_run):
+    result, out = random_run
+    assert result.split_mode == "random" and result.rows_rejected == 0
+    with open(no_usage_csv) as f:
+        labels = {n: int(line.split(",")[0]) for n, line in enumerate(f, start=1) if n > 1}
+    class_sizes = Counter(labels.values())
+    config = IngestConfig()
+    by_split = {split: read_examples(out, split) for split in SPLITS}
+    for label, size in class_sizes.items():
+        train_end, validation_end = split_boundaries(size, config.split_fractions)
+        counts = {s: sum(ex["label"] == label for ex in by_split[s]) for s in SPLITS}
+        assert counts == {"train": train_end, "validation": validation_end - train_end,
+                          "test": size - validation_end}
+        # Rank inside the class by sha256("<seed>:<line>") decides the split.
+        rows = sorted((n for n, l in labels.items() if l == label),
+                      key=lambda n: hashlib.sha256(f"{config.seed}:{n}".encode()).hexdigest())
+        assert {ex["row"] for ex in by_split["train"] if ex["label"] == label} == set(rows[:train_end])
+    assert result.num_shards == {s: 2 for s in SPLITS}
+    assert all(ex["usage"] == "" for s in SPLITS for ex in by_split[s])
+
+
+def test_multi_process_runner_writes_the_same_examples(no_usage_csv, random_run, tmp_path):
+    _, in_process_out = random_run
+    out = str(tmp_path / "examples")
+    result = run_example_gen(no_usage_csv, out, IngestConfig(num_shards=2), [
+        "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    assert result.rows_read == 400
+    for split in SPLITS:
+        assert read_examples(out, split) == read_examples(in_process_out, split)
