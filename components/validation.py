@@ -214,7 +214,8 @@ def observed_summary(stats: statistics_pb2.DatasetFeatureStatisticsList,
         if which == "num_stats":
             parts.append(f"range {feature.num_stats.min:g}..{feature.num_stats.max:g}")
         elif which == "string_stats":
-            top = [b.label for b in feature.string_stats.rank_histogram.buckets[:10]]
+            top = sorted((b.label for b in feature.string_stats.rank_histogram.buckets),
+                         key=_label_order)[:20]
             parts.append(f"values {', '.join(map(repr, top))}")
         parts.append(f"missing in {common.num_missing} of {dataset.num_examples} examples")
         return "; ".join(parts)

@@ -43,14 +43,16 @@ def make_example(label: int, pixels: bytes, usage: bytes, row: int,
 
 def write_split(examples_dir: str, split: str, labels: Sequence[int], seed: int = 0,
                 pixel_counts: Optional[dict[int, int]] = None,
-                drop: Sequence[str] = ()) -> None:
+                drop: Sequence[str] = (), usage: Optional[bytes] = None) -> None:
     """Writes `len(labels)` examples of random faces into examples_dir/split, 2 shards.
 
-    `pixel_counts` maps an example index to a wrong pixel count for that example. The
+    `pixel_counts` maps an example index to a wrong pixel count for that example; `usage`
+    defaults to the split's FER-2013 Usage value. The
     first image is all 0 and the second all 255, so the pixel range is exactly 0..255.
     """
     rng = np.random.default_rng(seed)
     pixel_counts = pixel_counts or {}
+    usage = USAGE_OF.get(split, b"") if usage is None else usage
     os.makedirs(os.path.join(examples_dir, split), exist_ok=True)
     shards = [tf.io.TFRecordWriter(os.path.join(examples_dir, split,
                                                 f"examples-{i:05d}-of-00002.tfrecord"))
@@ -60,8 +62,7 @@ def write_split(examples_dir: str, split: str, labels: Sequence[int], seed: int 
         if i < 2:
             image[:] = 0 if i == 0 else 255
         row = 2 + i
-        shards[i % 2].write(make_example(int(label), image.tobytes(), USAGE_OF.get(split, b""),
-                                         row, drop))
+        shards[i % 2].write(make_example(int(label), image.tobytes(), usage, row, drop))
     for shard in shards:
         shard.close()
 

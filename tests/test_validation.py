@@ -31,10 +31,11 @@ def statistics_for(root, name: str, **splits) -> str:
 
 @pytest.fixture(scope="module")
 def clean_stats(tmp_path_factory) -> str:
+    """test has usage "" as when the CSV has no Usage column (random split mode)."""
     return statistics_for(tmp_path_factory.mktemp("v"), "clean",
                           train={"labels": balanced_labels(140), "seed": 1},
                           validation={"labels": balanced_labels(70), "seed": 2},
-                          test={"labels": balanced_labels(70), "seed": 3})
+                          test={"labels": balanced_labels(70), "seed": 3, "usage": b""})
 
 
 @pytest.fixture(scope="module")
