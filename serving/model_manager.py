@@ -91,9 +91,19 @@ class LoadedVersion:
         tensors = self.check_inputs(signature_name, inputs)
         try:
             outputs = function(**tensors)
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
+        except tf.errors.InvalidArgumentError as error:
+            raise ServingError("INVALID_ARGUMENT", _graph_error(error.message)) from error
+        except (ValueError, TypeError) as error:
             raise ServingError("INVALID_ARGUMENT", _first_line(str(error))) from error
         return {key: value.numpy() for key, value in outputs.items()}
+
+
+def _graph_error(message: str) -> str:
+    """The sentence that explains a graph error, without TF's preamble and node trailer."""
+    skip = ("Graph execution error", "Detected at node", "<stack traces", "File ")
+    lines = [line.strip() for line in message.splitlines()]
+    useful = [line for line in lines if line and not line.startswith(skip + ("[[",))]
+    return useful[-1] if useful else _first_line(message)
 
 
 def _first_line(text: str) -> str:

@@ -238,7 +238,8 @@ class RestHandler(BaseHTTPRequestHandler):
         name, version, label = match.group("model"), self._version(match), match.group("label")
         if match.group("metadata"):
             model = manager.resolve(name, version, label)
-            signatures = {key: json_format.MessageToDict(value, preserving_proto_field_name=True)
+            signatures = {key: json_format.MessageToDict(
+                value, preserving_proto_field_name=True)
                           for key, value in model.signature_defs.items()}
             self._send(200, {"model_spec": {"name": name, "signature_name": "",
                                             "version": str(model.version)},
@@ -260,7 +261,7 @@ class RestHandler(BaseHTTPRequestHandler):
             self._error(400, "bad Content-Length header")
             return
         if length > self.server.max_request_bytes:
-            # Not reading the body: close the connection so leftovers are not parsed.
+            self._discard_body(length)
             self.close_connection = True
             self._error(413, f"request of {length} bytes exceeds the limit of "
                              f"{self.server.max_request_bytes} bytes")
@@ -277,6 +278,16 @@ class RestHandler(BaseHTTPRequestHandler):
             self._error(400, f"unsupported verb :{verb}; this server implements :predict")
             return
         self._handle(lambda: self._predict(match, body))
+
+    def _discard_body(self, length: int) -> None:
+        """Reads (and drops) a too-large body, up to a bound, so the client that is still
+        sending it sees our 413 instead of a broken pipe; beyond the bound we just close."""
+        remaining = min(length, 2 * self.server.max_request_bytes)
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 16))
+            if not chunk:
+                break
+            remaining -= len(chunk)
 
     def _predict(self, match: re.Match, raw: bytes) -> None:
         try:

@@ -1,0 +1,404 @@
+"""The embedded server against real SavedModels, over real gRPC and HTTP on 127.0.0.1."""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
+                                     get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc)
+
+from pipeline.config import CLASS_NAMES
+from serving.model_config import ModelSpec, write_model_server_config
+from serving.model_manager import ModelManager
+from serving.server import FerServer, ServerConfig
+from tests.serving_fixtures import (example_bytes, free_port, push_version, random_images,
+                                    save_tiny_model)
+
+MAX_REQUEST_BYTES = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    """Two different tiny models: version A favours 'happy', version B favours 'sad'."""
+    root = tmp_path_factory.mktemp("templates")
+    return {"a": save_tiny_model(str(root / "a"), seed=0, bias_class=3),
+            "b": save_tiny_model(str(root / "b"), seed=1, bias_class=4)}
+
+
+@pytest.fixture(scope="module")
+def serving_root(tmp_path_factory, templates):
+    root = tmp_path_factory.mktemp("serving_models")
+    push_version(str(root / "cnn"), 1, templates["a"])
+    push_version(str(root / "cnn"), 2, templates["b"])
+    config = write_model_server_config(str(root / "models.config"), [
+        ModelSpec("cnn", str(root / "cnn"), "all", labels={"stable": 1, "canary": 2})])
+    return config
+
+
+def _start(config: str, **overrides) -> FerServer:
+    return FerServer(ServerConfig(config, port=0, rest_port=0,
+                                  max_request_bytes=MAX_REQUEST_BYTES, **overrides)).start()
+
+
+@pytest.fixture(scope="module")
+def server(serving_root):
+    running = _start(serving_root)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    channel.close()
+
+
+def rest(server, method: str, path: str, body=None, raw: bytes | None = None,
+         headers: dict | None = None) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=10)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    connection.request(method, path, body=data, headers=headers or {})
+    response = connection.getresponse()
+    payload = json.loads(response.read() or b"{}")
+    connection.close()
+    return response.status, payload
+
+
+def grpc_predict(stub, images, model="cnn", signature="serving_uint8", version=None,
+                 label="", dtype=np.uint8, output_filter=()):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    if label:
+        request.model_spec.version_label = label
+    request.inputs["pixels"].CopyFrom(tf.make_tensor_proto(np.asarray(images, dtype)))
+    request.output_filter.extend(output_filter)
+    response = stub.Predict(request, timeout=10)
+    return response, {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+
+
+def in_process(template: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    model = tf.saved_model.load(template)
+    outputs = model.signatures["serving_default"](pixels=tf.constant(images, tf.int32))
+    return {key: value.numpy() for key, value in outputs.items()}
+
+
+# --- agreement -------------------------------------------------------------------------
+
+def test_rest_and_grpc_agree_with_the_saved_model(server, stub, templates):
+    images = random_images(5, seed=1)
+    expected = in_process(templates["b"], images)
+
+    response, by_grpc = grpc_predict(stub, images)
+    assert response.model_spec.version.value == 2  # newest version by default
+    status, rows = rest(server, "POST", "/v1/models/cnn:predict",
+                        {"instances": images.astype(int).tolist()})
+    assert status == 200
+    status, columns = rest(server, "POST", "/v1/models/cnn:predict",
+                           {"signature_name": "serving_default",
+                            "inputs": {"pixels": images.reshape(5, -1).astype(int).tolist()}})
+    assert status == 200
+
+    np.testing.assert_allclose(by_grpc["probabilities"], expected["probabilities"], atol=1e-6)
+    np.testing.assert_allclose([r["probabilities"] for r in rows["predictions"]],
+                               expected["probabilities"], atol=1e-6)
+    np.testing.assert_allclose(columns["outputs"]["probabilities"], expected["probabilities"],
+                               atol=1e-6)
+    names = [n.decode() for n in expected["class_name"]]
+    assert [n.decode() for n in by_grpc["class_name"]] == names
+    assert [r["class_name"] for r in rows["predictions"]] == names
+    assert columns["outputs"]["class_id"] == expected["class_id"].tolist()
+
+
+def test_examples_signature_over_rest_b64_and_grpc_classify(server, stub, templates):
+    images = random_images(3, seed=2)
+    expected = in_process(templates["b"], images)
+    examples = [example_bytes(image) for image in images]
+
+    status, payload = rest(server, "POST", "/v1/models/cnn:predict", {
+        "signature_name": "serving_examples",
+        "instances": [{"b64": base64.b64encode(e).decode()} for e in examples]})
+    assert status == 200, payload
+    np.testing.assert_allclose([r["probabilities"] for r in payload["predictions"]],
+                               expected["probabilities"], atol=1e-6)
+
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name = "cnn"
+    for serialized in examples:
+        request.input.example_list.examples.add().ParseFromString(serialized)
+    result = stub.Classify(request, timeout=10).result
+    for row, classification in enumerate(result.classifications):
+        assert [c.label for c in classification.classes] == list(CLASS_NAMES)
+        np.testing.assert_allclose([c.score for c in classification.classes],
+                                   expected["probabilities"][row], atol=1e-6)
+
+
+def test_output_filter_and_version_label(server, stub, templates):
+    images = random_images(2, seed=3)
+    response, outputs = grpc_predict(stub, images, label="stable", output_filter=["class_id"])
+    assert list(outputs) == ["class_id"]
+    assert response.model_spec.version.value == 1
+    assert outputs["class_id"].tolist() == in_process(templates["a"], images)["class_id"].tolist()
+    status, payload = rest(server, "POST", "/v1/models/cnn/labels/canary:predict",
+                           {"instances": images.astype(int).tolist()})
+    assert status == 200
+    assert [r["class_id"] for r in payload["predictions"]] == \
+        in_process(templates["b"], images)["class_id"].tolist()
+
+
+def test_status_and_metadata(server, stub):
+    status, payload = rest(server, "GET", "/v1/models/cnn")
+    assert status == 200
+    assert [(s["version"], s["state"]) for s in payload["model_version_status"]] == \
+        [("1", "AVAILABLE"), ("2", "AVAILABLE")]
+    status, payload = rest(server, "GET", "/v1/models/cnn/labels/stable")
+    assert [s["version"] for s in payload["model_version_status"]] == ["1"]
+    status, payload = rest(server, "GET", "/v1/models/cnn/versions/2/metadata")
+    assert status == 200 and payload["model_spec"]["version"] == "2"
+    signatures = payload["metadata"]["signature_def"]["signature_def"]
+    assert set(signatures) == {"serving_default", "serving_uint8", "serving_examples"}
+    assert signatures["serving_default"]["inputs"]["pixels"]["dtype"] == "DT_INT32"
+
+    request = get_model_metadata_pb2.GetModelMetadataRequest()
+    request.model_spec.name = "cnn"
+    request.metadata_field.append("signature_def")
+    response = stub.GetModelMetadata(request, timeout=10)
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    assert response.metadata["signature_def"].Unpack(signature_map)
+    outputs = signature_map.signature_def["serving_uint8"].outputs
+    assert set(outputs) == {"probabilities", "class_id", "class_name"}
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    status_request = get_model_status_pb2.GetModelStatusRequest()
+    status_request.model_spec.name = "cnn"
+    answer = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(status_request)
+    assert [(s.version, s.state) for s in answer.model_version_status] == [(1, 30), (2, 30)]
+    channel.close()
+
+
+# --- bad requests ----------------------------------------------------------------------
+
+GOOD = {"instances": [[[0] * 48] * 48]}
+
+BAD_REST = [
+    ("POST", "/v1/models/nope:predict", GOOD, 404, "nope"),
+    ("POST", "/v1/models/cnn/versions/9:predict", GOOD, 404, "9"),
+    ("POST", "/v1/models/cnn/labels/gold:predict", GOOD, 404, "gold"),
+    ("GET", "/v2/whatever", None, 404, "Malformed"),
+    ("POST", "/v1/models/cnn:predict", b"{not json", 400, "malformed JSON"),
+    ("POST", "/v1/models/cnn:predict", {"instances": [[1, 2], [3]]}, 400, "ragged"),
+    ("POST", "/v1/models/cnn:predict", {"instances": [[1.5] * 2304]}, 400, "non-integer"),
+    ("POST", "/v1/models/cnn:predict", {"instances": [["a"] * 2304]}, 400, "numbers"),
+    ("POST", "/v1/models/cnn:predict", {"instances": [[0] * 100]}, 400, "reshape"),
+    ("POST", "/v1/models/cnn:predict", {"signature_name": "serving_uint8",
+                                        "instances": [[300] * 2304]}, 400, "out of range"),
+    ("POST", "/v1/models/cnn:predict", {"signature_name": "nope", **GOOD}, 400, "nope"),
+    ("POST", "/v1/models/cnn:predict", {"inputs": {"image": [[0] * 2304]}}, 400, "image"),
+    ("POST", "/v1/models/cnn:predict", {"foo": 1}, 400, "instances"),
+    ("POST", "/v1/models/cnn:predict", {"instances": []}, 400, "non-empty"),
+    ("POST", "/v1/models/cnn:predict", [1, 2], 400, "JSON object"),
+    ("POST", "/v1/models/cnn:regress", GOOD, 400, "regress"),
+    ("GET", "/v1/models/cnn:predict", None, 405, "POST"),
+    ("POST", "/v1/models/cnn/metadata", GOOD, 405, "GET"),
+    ("PUT", "/v1/models/cnn", GOOD, 405, "not allowed"),
+]
+
+
+@pytest.mark.parametrize("method,path,body,code,fragment", BAD_REST,
+                         ids=[f"{c}-{p}-{i}" for i, (_, p, _, c, _) in enumerate(BAD_REST)])
+def test_bad_rest_requests_get_their_status(server, method, path, body, code, fragment):
+    raw = body if isinstance(body, bytes) else None
+    status, payload = rest(server, method, path, body=None if raw else body, raw=raw)
+    assert status == code, payload
+    assert fragment in payload["error"]
+    assert rest(server, "POST", "/v1/models/cnn:predict", GOOD)[0] == 200  # still serving
+
+
+def test_oversized_rest_request_is_413(server):
+    raw = b" " * (MAX_REQUEST_BYTES + 1)
+    status, payload = rest(server, "POST", "/v1/models/cnn:predict", raw=raw)
+    assert status == 413 and "exceeds" in payload["error"]
+    assert rest(server, "POST", "/v1/models/cnn:predict", GOOD)[0] == 200
+
+
+@pytest.mark.parametrize("kwargs,code,fragment", [
+    ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "nope"),
+    ({"version": 9}, grpc.StatusCode.NOT_FOUND, "9"),
+    ({"label": "gold"}, grpc.StatusCode.NOT_FOUND, "gold"),
+    ({"signature": "nope"}, grpc.StatusCode.INVALID_ARGUMENT, "nope"),
+    ({"dtype": np.float32}, grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+    ({"images": np.zeros((2, 47, 47))}, grpc.StatusCode.INVALID_ARGUMENT, "reshape"),
+    ({"output_filter": ["logits"]}, grpc.StatusCode.INVALID_ARGUMENT, "logits"),
+    ({"images": np.zeros((300, 48, 48))}, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+])
+def test_bad_grpc_requests_get_their_code(stub, kwargs, code, fragment):
+    images = kwargs.pop("images", np.zeros((2, 48, 48)))
+    if "dtype" not in kwargs and images.shape[0] == 300:
+        kwargs["dtype"] = np.int32  # 300 x 2304 x 4 bytes is over the 1 MiB limit
+    with pytest.raises(grpc.RpcError) as raised:
+        grpc_predict(stub, images, **kwargs)
+    assert raised.value.code() == code
+    assert fragment in raised.value.details()
+    assert grpc_predict(stub, np.zeros((1, 48, 48)))[0].model_spec.version.value == 2
+
+
+def test_missing_input_is_invalid_argument(stub):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "cnn"
+    request.inputs["image"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 2304), np.int32)))
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Predict(request, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image" in raised.value.details()
+
+
+# --- version policy, labels, hidden directories ------------------------------------------
+
+def test_version_policies_and_directory_rules(tmp_path, templates):
+    base = tmp_path / "cnn"
+    for version in (1, 2, 3):
+        push_version(str(base), version, templates["a"])
+    shutil.copytree(templates["a"], base / ".4.partial")   # hidden: still being pushed
+    shutil.copytree(templates["a"], base / "latest")       # not an integer
+    (base / "5").mkdir()                                   # broken: no saved_model.pb
+    config = str(tmp_path / "models.config")
+
+    def served(spec: ModelSpec) -> list[int]:
+        write_model_server_config(config, [spec])
+        manager = ModelManager(config)
+        manager.sync()
+        return [s.version for s in manager.status("cnn") if s.state == "AVAILABLE"]
+
+    assert served(ModelSpec("cnn", str(base), "latest", num_latest=2)) == [3]  # 5 is broken
+    assert served(ModelSpec("cnn", str(base), "specific", versions=[1, 3])) == [1, 3]
+    assert served(ModelSpec("cnn", str(base), "all")) == [1, 2, 3]
+
+    manager = ModelManager(config)
+    manager.sync()
+    broken = manager.status("cnn", version=5)[0]
+    assert broken.state == "END" and broken.error_message
+    shutil.rmtree(base / "2")
+    manager.sync()
+    assert manager.status("cnn", version=2)[0].state == "END"
+    assert manager.resolve("cnn").version == 3
+
+
+# --- hot swap under load -----------------------------------------------------------------
+
+CLIENTS, REQUESTS_PER_CLIENT, LOAD_DEADLINE_S = 16, 500, 60
+
+
+def _serve_in_subprocess(config: str, log, *extra: str):
+    """fer-serve as its own process, so server and clients use both cores; its stderr
+    (TF's chatter) goes to the file `log`."""
+    grpc_port, rest_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--model-config", config,
+         "--port", str(grpc_port), "--rest-port", str(rest_port), "--poll-seconds", "0.2",
+         "--log-level", "WARNING", *extra],
+        stdout=subprocess.PIPE, stderr=log, text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    line = process.stdout.readline()  # printed once the models are loaded and ports bound
+    if "gRPC on" not in line:
+        process.kill()
+        log.seek(0)
+        raise AssertionError(f"fer-serve did not start: {line}\n{log.read()[-3000:]}")
+    return process, grpc_port, rest_port
+
+
+def test_new_version_under_load_loses_no_request(tmp_path, templates):
+    base = tmp_path / "cnn"
+    push_version(str(base), 1, templates["a"])
+    config = write_model_server_config(str(tmp_path / "models.config"),
+                                       [ModelSpec("cnn", str(base))])
+    log = open(tmp_path / "server.log", "w+")
+    process, grpc_port, _ = _serve_in_subprocess(config, log)
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    images = random_images(1, seed=4)
+    versions_seen: list[list[int]] = [[] for _ in range(CLIENTS)]
+    failures: list[str] = []
+    deadline = time.monotonic() + LOAD_DEADLINE_S
+
+    def client(index: int) -> None:
+        for _ in range(REQUESTS_PER_CLIENT):
+            if time.monotonic() > deadline:
+                failures.append("deadline")
+                return
+            try:
+                response, _ = grpc_predict(stub, images, output_filter=["class_id"])
+                versions_seen[index].append(response.model_spec.version.value)
+            except grpc.RpcError as error:
+                failures.append(f"{error.code()}: {error.details()}")
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        for thread in threads:
+            thread.start()
+        while sum(map(len, versions_seen)) < CLIENTS * REQUESTS_PER_CLIENT // 4:
+            time.sleep(0.01)
+        push_version(str(base), 2, templates["b"])  # policy latest 1: 2 replaces 1
+        for thread in threads:
+            thread.join()
+    finally:
+        channel.close()
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+    assert failures == []
+    assert sum(map(len, versions_seen)) == CLIENTS * REQUESTS_PER_CLIENT
+    assert all(seen[0] == 1 for seen in versions_seen if seen)
+    assert {seen[-1] for seen in versions_seen} == {2}
+    # Once a client saw version 2 it never went back to 1.
+    assert all(seen == sorted(seen) for seen in versions_seen)
+
+
+# --- batching ----------------------------------------------------------------------------
+
+def test_batching_gives_identical_results(serving_root, templates):
+    batching = _start(serving_root, batching=True, max_batch_size=8, batch_timeout_ms=20)
+    try:
+        images = random_images(32, seed=5)
+        expected = in_process(templates["b"], images)
+        results: dict[int, dict] = {}
+        channel = grpc.insecure_channel(f"127.0.0.1:{batching.grpc_port}")
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+        def one(index: int) -> None:
+            results[index] = grpc_predict(stub, images[index:index + 1])[1]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(images))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        channel.close()
+        got = np.concatenate([results[i]["probabilities"] for i in range(len(images))])
+        np.testing.assert_allclose(got, expected["probabilities"], atol=1e-6)
+        assert [int(results[i]["class_id"][0]) for i in range(len(images))] == \
+            expected["class_id"].tolist()
+        # A bad request inside a batching server fails alone and the server keeps going.
+        status, _ = rest(batching, "POST", "/v1/models/cnn:predict", {"instances": [[0] * 7]})
+        assert status == 400
+        status, payload = rest(batching, "POST", "/v1/models/cnn:predict",
+                               {"instances": images[:2].astype(int).tolist()})
+        assert status == 200
+        np.testing.assert_allclose([r["probabilities"] for r in payload["predictions"]],
+                                   expected["probabilities"][:2], atol=1e-6)
+    finally:
+        batching.stop()
