@@ -52,8 +52,9 @@ _REJECTED = "rejected"
 _DUPLICATES = "duplicates"
 _WITHIN_SPLIT = "within_split_duplicates"
 _BEAM_TMP = ".beam_tmp"
-_FAST_PIXELS = re.compile(r"(?:\d{1,3} ){%d}\d{1,3}" % (NUM_PIXELS - 1))
-_SIGNED_INT = re.compile(r"[+-]?\d+")
+# re.ASCII: without it \d also matches non-ASCII digits, which numpy would not parse.
+_FAST_PIXELS = re.compile(r"(?:\d{1,3} ){%d}\d{1,3}" % (NUM_PIXELS - 1), re.ASCII)
+_SIGNED_INT = re.compile(r"[+-]?\d+", re.ASCII)
 
 
 class TooManyRejectedRows(ValueError):
@@ -132,10 +133,10 @@ def parse_label(text: str) -> int:
     text = text.strip()
     if not text:
         raise RowError("missing_field", "emotion is empty")
-    if not (text.isascii() and text.isdigit()):
+    if not _SIGNED_INT.fullmatch(text):
         raise RowError("label_not_integer", repr(text[:20]))
     label = int(text)
-    if label >= NUM_CLASSES:
+    if not 0 <= label < NUM_CLASSES:
         raise RowError("label_out_of_range", f"{label} not in 0..{NUM_CLASSES - 1}")
     return label
 
@@ -160,7 +161,7 @@ def _parse_pixels_slowly(text: str) -> np.ndarray:
     if len(tokens) != NUM_PIXELS:
         raise RowError("wrong_pixel_count", f"got {len(tokens)}, want {NUM_PIXELS}")
     for position, token in enumerate(tokens):
-        if not (token.isascii() and _SIGNED_INT.fullmatch(token)):
+        if not _SIGNED_INT.fullmatch(token):
             raise RowError("pixel_not_integer", f"pixel {position} is {token[:20]!r}")
         if not 0 <= int(token) <= 255:
             raise RowError("pixel_out_of_range", f"pixel {position} is {token}")

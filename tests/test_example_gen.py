@@ -24,6 +24,7 @@ BAD_ROWS: list[tuple[bytes, str]] = [
     (b"3,PIXELS_256,Training", "pixel_out_of_range"),
     (b"3,PIXELS_NEGATIVE,Training", "pixel_out_of_range"),
     (b"7,PIXELS_OK,Training", "label_out_of_range"),
+    (b"-1,PIXELS_OK,Training", "label_out_of_range"),
     (b"x,PIXELS_OK,Training", "label_not_integer"),
     (b"2.0,PIXELS_OK,Training", "label_not_integer"),
     (b",PIXELS_OK,Training", "missing_field"),
