@@ -1,0 +1,118 @@
+"""Export: one SavedModel = the Transform graph + a trained Keras 3 model, for TF Serving.
+
+The TFT layer is a tf_keras object and cannot live inside a Keras 3 functional model, so
+both go into a plain `tf.Module` whose `tf.function` signatures take raw pixels, run the
+transform graph (the same normalization the training data had) and then the Keras model.
+`tf.saved_model.save` copies the transform graph's assets into the export, so the served
+model does not need the transform directory any more.
+
+Signatures (docs/architecture.md, "Export signature"):
+  serving_default   pixels int32  [batch, 48, 48] or [batch, 2304]
+  serving_uint8     pixels uint8  (same shapes; 4x smaller gRPC payloads)
+  serving_examples  examples string [batch] of serialized raw tf.Examples (`pixels` only)
+each returning probabilities float32 [batch, 7], class_id int64 [batch] and
+class_name string [batch].
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from pipeline.config import CLASS_NAMES, FEATURE_IMAGE, FEATURE_PIXELS, NUM_PIXELS
+
+SIGNATURE_DEFAULT = "serving_default"
+SIGNATURE_UINT8 = "serving_uint8"
+SIGNATURE_EXAMPLES = "serving_examples"
+INPUT_EXAMPLES = "examples"
+OUTPUT_PROBABILITIES = "probabilities"
+OUTPUT_CLASS_ID = "class_id"
+OUTPUT_CLASS_NAME = "class_name"
+PIXEL_MAX = 255
+RAW_PIXELS_SPEC = tf.io.FixedLenFeature([], tf.string)
+
+
+class ServingModule(tf.Module):
+    """Raw pixels -> transform graph -> Keras 3 model -> probabilities and class."""
+
+    def __init__(self, keras_model: keras.Model, transform_graph_dir: str):
+        super().__init__(name="fer_serving")
+        self.keras_model = keras_model
+        # Keras 3 variables wrap tf.Variables; list the underlying ones explicitly so the
+        # SavedModel tracks every weight whatever Keras' own tracking does.
+        self.model_variables = [_tf_variable(v) for v in keras_model.variables]
+        tft_output = tft.TFTransformOutput(transform_graph_dir)
+        self.tft_layer = tft_output.transform_features_layer()
+        # Only `pixels` is parsed: serving requests carry no label.
+        self._pixels_spec = _raw_pixels_spec(tft_output)
+        self.class_names = tf.constant(list(CLASS_NAMES))
+        # Byte i -> the 1-byte string chr(i): turns integer pixels into the raw bytes
+        # feature the transform graph was built on, without leaving the graph.
+        self._byte_strings = tf.constant([bytes([i]) for i in range(PIXEL_MAX + 1)])
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.int32, name=FEATURE_PIXELS)])
+    def serve_int32(self, pixels):
+        checks = [
+            tf.debugging.assert_greater_equal(pixels, 0, message="pixels must be >= 0"),
+            tf.debugging.assert_less_equal(pixels, PIXEL_MAX,
+                                           message=f"pixels must be <= {PIXEL_MAX}"),
+        ]
+        with tf.control_dependencies(checks):
+            return self._predict_pixels(tf.cast(pixels, tf.uint8))
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name=FEATURE_PIXELS)])
+    def serve_uint8(self, pixels):
+        return self._predict_pixels(pixels)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_EXAMPLES)])
+    def serve_examples(self, examples):
+        features = tf.io.parse_example(examples, {FEATURE_PIXELS: self._pixels_spec})
+        return self._predict_raw(features[FEATURE_PIXELS])
+
+    def _predict_pixels(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        # [b, 48, 48] and [b, 2304] both become [b, 2304] bytes rows; anything else whose
+        # size is not a multiple of 2304 fails here with a clear message.
+        tf.debugging.assert_equal(tf.size(pixels) % NUM_PIXELS, 0,
+                                  message=f"pixels must hold a multiple of {NUM_PIXELS} values")
+        rows = tf.reshape(pixels, [-1, NUM_PIXELS])
+        raw = tf.strings.reduce_join(tf.gather(self._byte_strings, tf.cast(rows, tf.int32)),
+                                     axis=-1)
+        return self._predict_raw(raw)
+
+    def _predict_raw(self, raw_pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        raw_pixels = tf.reshape(raw_pixels, [-1] + list(self._pixels_spec.shape))
+        image = self.tft_layer({FEATURE_PIXELS: raw_pixels})[FEATURE_IMAGE]
+        probabilities = tf.cast(self.keras_model(image, training=False), tf.float32)
+        class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+        return {
+            OUTPUT_PROBABILITIES: probabilities,
+            OUTPUT_CLASS_ID: class_id,
+            OUTPUT_CLASS_NAME: tf.gather(self.class_names, class_id),
+        }
+
+
+def export_serving_model(keras_model: keras.Model, transform_graph_dir: str,
+                         export_dir: str) -> None:
+    """Writes the SavedModel with the three serving signatures to `export_dir`."""
+    module = ServingModule(keras_model, transform_graph_dir)
+    signatures = {
+        SIGNATURE_DEFAULT: module.serve_int32.get_concrete_function(),
+        SIGNATURE_UINT8: module.serve_uint8.get_concrete_function(),
+        SIGNATURE_EXAMPLES: module.serve_examples.get_concrete_function(),
+    }
+    tf.saved_model.save(module, export_dir, signatures=signatures)
+
+
+def _raw_pixels_spec(tft_output: tft.TFTransformOutput) -> tf.io.FixedLenFeature:
+    # WriteTransformFn stores the raw schema only when the pipeline wrote raw metadata;
+    # otherwise fall back to the artifact contract: one bytes value of 2304 raw pixels.
+    try:
+        return tft_output.raw_feature_spec()[FEATURE_PIXELS]
+    except (OSError, KeyError):
+        return RAW_PIXELS_SPEC
+
+
+def _tf_variable(variable) -> tf.Variable:
+    # keras.Variable (TF backend) keeps its tf.Variable in `.value`.
+    value = getattr(variable, "value", variable)
+    return value if isinstance(value, tf.Variable) else variable

@@ -1,0 +1,381 @@
+"""Trainer: fits the CNN or the VGG16 model on the Transform step's output and exports it.
+
+Input pipeline (tf.data, no Python generator): the transformed TFRecords are read with a
+deterministic parallel interleave, parsed in vectorized batches, cached in memory after
+the first epoch, shuffled per example with a seeded buffer, re-batched and prefetched.
+Only the train and validation splits are read; the test split is left to the evaluator.
+
+Distribution needs no code change: TF_CONFIG set -> MultiWorkerMirroredStrategy, more than
+one GPU -> MirroredStrategy, otherwise the default strategy (CPU or the single GPU).
+`batch_size` in the config is the global batch, split across replicas.
+
+Preemption: BackupAndRestore checkpoints every epoch under <output_dir>/checkpoints and a
+re-run with the same output directory resumes after the last finished epoch (the
+pipeline's run_step keeps a training step's partial directory for that). The history and
+early-stopping state are checkpointed alongside, so a resumed run reports every epoch and
+still restores the best weights seen before the interruption.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from components.export import export_serving_model
+from components.models import MODEL_NAMES, build_model, model_config
+from pipeline.artifacts import to_jsonable, write_json_atomic
+from pipeline.config import FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+TRANSFORM_GRAPH_DIR = "transform_graph"
+TRANSFORMED_DIR = "transformed"
+EXAMPLES_PATTERN = "examples-*.tfrecord"
+SERVING_MODEL_DIR = "serving_model"
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"
+WORKERS_DIR = "workers"
+HISTORY_FILE = "history.json"
+TRAINING_INFO_FILE = "training_info.json"
+CSV_LOG_FILE = "training_log.csv"
+# Written into checkpoints/ after every epoch, next to BackupAndRestore's files.
+EPOCH_LOG_FILE = "epochs.json"
+BEST_WEIGHTS_FILE = "best.weights.h5"
+MONITOR = "val_accuracy"
+# Fault injection for the resume test: exit abruptly right after this epoch's checkpoint.
+CRASH_ENV = "FER_TRAINER_CRASH_AFTER_EPOCH"
+CRASH_EXIT_CODE = 3
+
+# Records are parsed this many at a time (one vectorized parse_example per batch).
+PARSE_BATCH = 1024
+TRANSFORMED_FEATURE_SPEC = {
+    FEATURE_IMAGE: tf.io.FixedLenFeature([NUM_PIXELS], tf.float32),
+    FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+@dataclass
+class TrainerResult:
+    model_name: str
+    serving_model_dir: str
+    history_path: str
+    training_info_path: str
+    epochs_run: int
+    best_epoch: int
+    best_val_accuracy: float
+    images_per_s: float
+    train_examples: int
+    validation_examples: int
+    strategy: str
+    num_replicas: int
+    resumed_at_epoch: Optional[int] = None
+    vgg_weights: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_trainer(model_name: str, transform_dir: str, output_dir: str,
+                config: TrainConfig) -> TrainerResult:
+    """Trains `model_name` ("cnn" or "vgg16") and exports it to output_dir/serving_model."""
+    if model_name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {model_name!r}; choose from {MODEL_NAMES}")
+    # MultiWorkerMirroredStrategy must exist before any other TF op runs in the process.
+    strategy = select_strategy()
+    section = model_config(model_name, config)
+    work_dir = _worker_dir(output_dir)
+    os.makedirs(work_dir, exist_ok=True)
+
+    train_pattern = _split_pattern(transform_dir, "train")
+    val_pattern = _split_pattern(transform_dir, "validation")
+    train_count = count_records(train_pattern)
+    if section.max_train_examples:
+        train_count = min(train_count, section.max_train_examples)
+    val_count = count_records(val_pattern)
+
+    train_ds = make_dataset(train_pattern, section.batch_size, training=True,
+                            seed=config.seed, shuffle_buffer=config.shuffle_buffer,
+                            max_examples=section.max_train_examples,
+                            drop_remainder=strategy.num_replicas_in_sync > 1)
+    val_ds = make_dataset(val_pattern, section.batch_size, training=False, seed=config.seed)
+    if _is_multi_worker():
+        train_ds, val_ds = (_shard_by_data(ds) for ds in (train_ds, val_ds))
+
+    policy = _precision_policy(config.mixed_precision)
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(config.seed)
+        with strategy.scope():
+            model = build_model(model_name, config, jit_compile=config.xla)
+        recorder = EpochRecorder(os.path.join(work_dir, CHECKPOINTS_DIR), train_count)
+        callbacks = _callbacks(work_dir, section.early_stopping_patience, recorder)
+        model.fit(train_ds, validation_data=val_ds, epochs=section.epochs,
+                  callbacks=callbacks, verbose=2)
+        export_serving_model(model, os.path.join(transform_dir, TRANSFORM_GRAPH_DIR),
+                             os.path.join(work_dir, SERVING_MODEL_DIR))
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    history = recorder.summary()
+    history["stopped_early"] = len(recorder.records) < section.epochs
+    history_path = os.path.join(work_dir, HISTORY_FILE)
+    write_json_atomic(history_path, history)
+    vgg_weights = config.vgg_weights if model_name == "vgg16" else None
+    info = {
+        "model_name": model_name,
+        "vgg_weights": vgg_weights,
+        "config": dataclasses.asdict(config),
+        "model_config": dataclasses.asdict(section),
+        "strategy": type(strategy).__name__,
+        "num_replicas": strategy.num_replicas_in_sync,
+        "task": _task(),
+        "train_examples": train_count,
+        "validation_examples": val_count,
+        "precision_policy": policy,
+        "jit_compile": config.xla,
+        "keras_backend": keras.backend.backend(),
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                     "python": sys.version.split()[0]},
+        "transform_dir": transform_dir,
+    }
+    info_path = os.path.join(work_dir, TRAINING_INFO_FILE)
+    write_json_atomic(info_path, info)
+    return TrainerResult(
+        model_name=model_name,
+        serving_model_dir=os.path.join(work_dir, SERVING_MODEL_DIR),
+        history_path=history_path, training_info_path=info_path,
+        epochs_run=history["epochs_run"], best_epoch=history["best_epoch"],
+        best_val_accuracy=history["best_val_accuracy"], images_per_s=history["images_per_s"],
+        train_examples=train_count, validation_examples=val_count,
+        strategy=info["strategy"], num_replicas=info["num_replicas"],
+        resumed_at_epoch=history["resumed_at_epoch"], vgg_weights=vgg_weights)
+
+
+# ---------------------------------------------------------------------------- input
+
+def make_dataset(file_pattern: str, batch_size: int, *, training: bool, seed: int,
+                 shuffle_buffer: int = 0, max_examples: int = 0,
+                 drop_remainder: bool = False) -> tf.data.Dataset:
+    """(image float32 [b, 2304], label int64 [b]) batches straight from TFRecords."""
+    files = tf.data.Dataset.list_files(file_pattern, shuffle=False)  # sorted: reproducible
+    ds = files.interleave(tf.data.TFRecordDataset, cycle_length=tf.data.AUTOTUNE,
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if max_examples:
+        # A fixed random subset (same every epoch): files may be ordered by class or by
+        # augmentation, so the first N records would not be representative.
+        ds = ds.shuffle(max(shuffle_buffer, 1), seed=seed, reshuffle_each_iteration=False)
+        ds = ds.take(max_examples)
+    ds = ds.batch(PARSE_BATCH).map(_parse_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                                   deterministic=True)
+    # Parsed float tensors are cached, so only the first epoch reads and parses files.
+    ds = ds.cache().unbatch()
+    if training and shuffle_buffer:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def _parse_batch(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    features = tf.io.parse_example(serialized, TRANSFORMED_FEATURE_SPEC)
+    return features[FEATURE_IMAGE], features[FEATURE_LABEL]
+
+
+def _shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
+    # A split may be a single file, so shard by element, not by file, across workers.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return ds.with_options(options)
+
+
+def count_records(file_pattern: str) -> int:
+    files = sorted(tf.io.gfile.glob(file_pattern))
+    if not files:
+        raise FileNotFoundError(f"no transformed examples match {file_pattern}")
+    return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
+
+
+def _split_pattern(transform_dir: str, split: str) -> str:
+    return os.path.join(transform_dir, TRANSFORMED_DIR, split, EXAMPLES_PATTERN)
+
+
+# ---------------------------------------------------------------------- distribution
+
+def select_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirrored under TF_CONFIG, Mirrored on >1 GPU, else the default."""
+    if _is_multi_worker():
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _tf_config() -> dict[str, Any]:
+    return json.loads(os.environ.get("TF_CONFIG") or "{}")
+
+
+def _is_multi_worker() -> bool:
+    cluster = _tf_config().get("cluster", {})
+    return sum(len(tasks) for tasks in cluster.values()) > 1
+
+
+def _task() -> Optional[dict[str, Any]]:
+    return _tf_config().get("task") if _is_multi_worker() else None
+
+
+def _worker_dir(output_dir: str) -> str:
+    """The chief writes to output_dir; other workers to output_dir/workers/<type>-<index>.
+
+    Every worker must checkpoint and save (the collectives need all of them), but on a
+    shared filesystem they must not overwrite the chief's files.
+    """
+    task = _task()
+    if not task:
+        return output_dir
+    cluster = _tf_config()["cluster"]
+    task_type, index = task["type"], int(task["index"])
+    is_chief = task_type == "chief" or (task_type == "worker" and index == 0
+                                        and "chief" not in cluster)
+    return output_dir if is_chief else os.path.join(output_dir, WORKERS_DIR,
+                                                    f"{task_type}-{index}")
+
+
+def _precision_policy(mixed_precision: bool) -> str:
+    if not mixed_precision:
+        return "float32"
+    # float16 needs loss scaling but is what GPU tensor cores do fastest; CPUs have bf16.
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+
+
+# ------------------------------------------------------------------------- callbacks
+
+def _callbacks(work_dir: str, patience: int, recorder: "EpochRecorder"
+               ) -> list[keras.callbacks.Callback]:
+    checkpoints = os.path.join(work_dir, CHECKPOINTS_DIR)
+    # Order matters: the backup is written first, then the records that describe it, so a
+    # kill in between loses at most the description of an epoch that will be re-run.
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.BackupAndRestore(checkpoints),
+        recorder,
+        keras.callbacks.CSVLogger(os.path.join(work_dir, CSV_LOG_FILE), append=True),
+        keras.callbacks.TensorBoard(os.path.join(work_dir, LOGS_DIR)),
+    ]
+    if patience > 0:
+        callbacks.append(ResumableEarlyStopping(
+            recorder, os.path.join(checkpoints, BEST_WEIGHTS_FILE), patience=patience))
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    if crash_after > 0:
+        callbacks.append(CrashAfterEpoch(crash_after))
+    return callbacks
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """Per-epoch metrics and training throughput, persisted so they survive a resume."""
+
+    def __init__(self, checkpoint_dir: str, train_examples: int):
+        super().__init__()
+        self.path = os.path.join(checkpoint_dir, EPOCH_LOG_FILE)
+        self.train_examples = train_examples
+        self.records: list[dict[str, Any]] = []
+        if os.path.exists(self.path):
+            self.records = json.loads(open(self.path).read())
+        self.resumed_at_epoch: Optional[int] = None
+        self._first_epoch_seen = False
+        self._epoch_start = self._train_end = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._first_epoch_seen:
+            self._first_epoch_seen = True
+            # Keep only epochs whose weights the restored checkpoint already contains.
+            self.records = [r for r in self.records if r["epoch"] <= epoch]
+            self.resumed_at_epoch = epoch + 1 if epoch > 0 else None
+        self._epoch_start = time.perf_counter()
+        self._train_end = 0.0
+
+    def on_test_begin(self, logs=None):
+        # Validation runs inside the epoch; the throughput counts training steps only.
+        if not self._train_end:
+            self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        train_seconds = (self._train_end or now) - self._epoch_start
+        record = {"epoch": epoch + 1, "seconds": round(now - self._epoch_start, 3),
+                  "train_seconds": round(train_seconds, 3),
+                  "images_per_s": round(self.train_examples / max(train_seconds, 1e-9), 1)}
+        record.update({k: float(v) for k, v in (logs or {}).items()})
+        self.records.append(record)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        write_json_atomic(self.path, self.records)
+
+    def summary(self) -> dict[str, Any]:
+        records = self.records
+        best = max(records, key=lambda r: r.get(MONITOR, float("-inf"))) if records else {}
+        # The first epoch of a process also traces the model and fills the data cache.
+        steady = [r["images_per_s"] for r in records[1:]] or [r["images_per_s"]
+                                                               for r in records]
+        return {
+            "epochs": records,
+            "epochs_run": len(records),
+            "best_epoch": int(best.get("epoch", 0)),
+            "best_val_accuracy": float(best.get(MONITOR, float("nan"))),
+            "images_per_s": float(statistics.median(steady)) if steady else 0.0,
+            "resumed_at_epoch": self.resumed_at_epoch,
+            "monitor": MONITOR,
+        }
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping on val_accuracy whose best weights and patience survive a resume."""
+
+    def __init__(self, recorder: EpochRecorder, best_weights_path: str, patience: int):
+        super().__init__(monitor=MONITOR, mode="max", patience=patience,
+                         restore_best_weights=True, verbose=1)
+        self.recorder = recorder
+        self.best_weights_path = best_weights_path
+        self._restored = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._restored:
+            return
+        self._restored = True
+        previous = [r for r in self.recorder.records if MONITOR in r]
+        if epoch == 0 or not previous or not os.path.exists(self.best_weights_path):
+            return
+        best = max(previous, key=lambda r: r[MONITOR])
+        self.best = best[MONITOR]
+        self.best_epoch = best["epoch"] - 1
+        self.wait = previous[-1]["epoch"] - best["epoch"]
+        current = self.model.get_weights()
+        self.model.load_weights(self.best_weights_path)
+        self.best_weights = self.model.get_weights()
+        self.model.set_weights(current)
+        log.info("resumed early stopping: best %s %.4f at epoch %d, waited %d",
+                 MONITOR, self.best, best["epoch"], self.wait)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.best_epoch == epoch:  # this epoch is the new best: keep it on disk too
+            self.model.save_weights(self.best_weights_path, overwrite=True)
+
+
+class CrashAfterEpoch(keras.callbacks.Callback):
+    """Test hook: exits the process right after epoch `epoch` (1-based) was checkpointed."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(CRASH_EXIT_CODE)
