@@ -184,6 +184,9 @@ class RestServer(ThreadingHTTPServer):
 class RestHandler(BaseHTTPRequestHandler):
     server: RestServer
     protocol_version = "HTTP/1.1"   # keep-alive: clients reuse one connection
+    # Headers and body go out in two writes; with Nagle on, the second waits for the
+    # client's delayed ACK and every keep-alive request costs ~40 ms.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib's signature
         log.debug("%s " + format, self.address_string(), *args)
