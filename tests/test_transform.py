@@ -152,8 +152,9 @@ def test_multi_processing_runner_gives_same_outputs(raw, zscore):
     multi = _run(raw, "multi", "zscore",
                  ["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
     assert multi.counts == zscore.counts
-    assert (multi.offset, multi.scale) == pytest.approx((zscore.offset, zscore.scale))
+    # Workers sum float32 partial statistics in another order: equal up to rounding.
+    assert (multi.offset, multi.scale) == pytest.approx((zscore.offset, zscore.scale), rel=1e-5)
     for split in ("train", "test"):
         mine, _ = read_transformed(multi.transformed_dirs[split])
         reference, _ = read_transformed(zscore.transformed_dirs[split])
-        np.testing.assert_allclose(lexsorted(mine), lexsorted(reference), atol=1e-6)
+        np.testing.assert_allclose(lexsorted(mine), lexsorted(reference), atol=1e-5)
