@@ -49,12 +49,13 @@ def _batch_rows(inputs: Mapping[str, np.ndarray]) -> Optional[int]:
 
 class _Queue:
     def __init__(self, model: LoadedVersion, signature: str, config: BatchingConfig,
-                 on_idle) -> None:
+                 on_idle, on_batch) -> None:
         self.model = model
         self.signature = signature
         self.config = config
         self.items: "queue.Queue[_Pending]" = queue.Queue()
         self._on_idle = on_idle
+        self._on_batch = on_batch
         self.thread = threading.Thread(target=self._work, daemon=True, name="batcher")
         self.thread.start()
 
@@ -86,6 +87,7 @@ class _Queue:
             self._run(batch)
 
     def _run(self, batch: list[_Pending]) -> None:
+        self._on_batch()
         try:
             if len(batch) == 1:
                 joined = batch[0].inputs
@@ -112,6 +114,9 @@ class Batcher:
         self.config = config
         self._queues: dict[tuple, _Queue] = {}
         self._lock = threading.Lock()
+        # Counters for tests and logs: requests that went through a queue, model calls made.
+        self.requests_queued = 0
+        self.batches_run = 0
 
     def run(self, model: LoadedVersion, signature: str,
             inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -125,15 +130,21 @@ class Batcher:
         with self._lock:
             work_queue = self._queues.get(key)
             if work_queue is None or work_queue.model is not model:
-                work_queue = _Queue(model, signature, self.config, self._idle_callback(key))
+                work_queue = _Queue(model, signature, self.config, self._idle_callback(key),
+                                    self._count_batch)
                 self._queues[key] = work_queue
             work_queue.items.put(pending)
+            self.requests_queued += 1
         pending.done.wait()
         if pending.error is not None:
             if isinstance(pending.error, ServingError):
                 raise ServingError(pending.error.code, pending.error.message)
             raise pending.error
         return pending.outputs
+
+    def _count_batch(self) -> None:
+        with self._lock:
+            self.batches_run += 1
 
     def _idle_callback(self, key: tuple):
         def on_idle(work_queue: _Queue) -> bool:

@@ -392,6 +392,9 @@ def test_batching_gives_identical_results(serving_root, templates):
         np.testing.assert_allclose(got, expected["probabilities"], atol=1e-6)
         assert [int(results[i]["class_id"][0]) for i in range(len(images))] == \
             expected["class_id"].tolist()
+        # The 32 concurrent requests really were merged (max 8 rows per model call).
+        batcher = batching.predictor.batcher
+        assert batcher.requests_queued == 32 and 4 <= batcher.batches_run < 32
         # A bad request inside a batching server fails alone and the server keeps going.
         status, _ = rest(batching, "POST", "/v1/models/cnn:predict", {"instances": [[0] * 7]})
         assert status == 400
