@@ -715,14 +715,31 @@ def main(argv=None) -> int:
                 for b in sweep_batches[m]:
                     if b > len(data["train"][1]):
                         continue
-                    r = measure_custom(backend, m, b, prec, dev, args)
+                    try:
+                        r = measure_custom(backend, m, b, prec, dev, args)
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of memory at one size
+                        if args.smoke:
+                            raise
+                        print(f"[sweep] {m} b{b} {prec} FAILED: {exc}", flush=True)
+                        report.setdefault("errors", []).append(
+                            {"model": m, "batch_size": b, "precision": prec,
+                             "error": f"{type(exc).__name__}: {exc}"})
+                        set_precision("fp32")
+                        continue
                     report["throughput"].append(r)
                     print(f"[sweep] {m} b{b} {prec}: {r['images_per_s']:,.0f} images/s "
                           f"(first call {r['first_call_s']} s)", flush=True)
                     save()
             if args.compare_fit:
                 b = getattr(NOTEBOOK, m).batch_size if not args.smoke else sweep_batches[m][0]
-                r = measure_fit(backend, m, b, "fp32", dev, args)
+                try:
+                    r = measure_fit(backend, m, b, "fp32", dev, args)
+                except Exception as exc:  # noqa: BLE001 - keep the sweep's other rows
+                    if args.smoke:
+                        raise
+                    r = {"framework": f"keras-{backend}", "loop": "fit", "model": m,
+                         "batch_size": b, "precision": "fp32", "images_per_s": 0.0,
+                         "error": f"{type(exc).__name__}: {exc}"}
                 report["throughput"].append(r)
                 print(f"[fit] {m} b{b} fp32: {r['images_per_s']:,.0f} images/s", flush=True)
                 save()
