@@ -101,11 +101,14 @@ def run_trainer(model_name: str, transform_dir: str, output_dir: str,
         train_count = min(train_count, section.max_train_examples)
     val_count = count_records(val_pattern)
 
+    # Replicas must all step together: drop a ragged last batch when there are several.
+    drop_remainder = strategy.num_replicas_in_sync > 1
     train_ds = make_dataset(train_pattern, section.batch_size, training=True,
                             seed=config.seed, shuffle_buffer=config.shuffle_buffer,
                             max_examples=section.max_train_examples,
-                            drop_remainder=strategy.num_replicas_in_sync > 1)
-    val_ds = make_dataset(val_pattern, section.batch_size, training=False, seed=config.seed)
+                            drop_remainder=drop_remainder, num_examples=train_count)
+    val_ds = make_dataset(val_pattern, section.batch_size, training=False, seed=config.seed,
+                          num_examples=val_count)
     if _is_multi_worker():
         train_ds, val_ds = (_shard_by_data(ds) for ds in (train_ds, val_ds))
 
@@ -164,8 +167,12 @@ def run_trainer(model_name: str, transform_dir: str, output_dir: str,
 
 def make_dataset(file_pattern: str, batch_size: int, *, training: bool, seed: int,
                  shuffle_buffer: int = 0, max_examples: int = 0,
-                 drop_remainder: bool = False) -> tf.data.Dataset:
-    """(image float32 [b, 2304], label int64 [b]) batches straight from TFRecords."""
+                 drop_remainder: bool = False, num_examples: int = 0) -> tf.data.Dataset:
+    """(image float32 [b, 2304], label int64 [b]) batches straight from TFRecords.
+
+    `num_examples` (after the `max_examples` cap), when known, is declared as the
+    dataset's cardinality so Keras knows the steps per epoch from the first epoch on.
+    """
     files = tf.data.Dataset.list_files(file_pattern, shuffle=False)  # sorted: reproducible
     ds = files.interleave(tf.data.TFRecordDataset, cycle_length=tf.data.AUTOTUNE,
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -180,7 +187,12 @@ def make_dataset(file_pattern: str, batch_size: int, *, training: bool, seed: in
     ds = ds.cache().unbatch()
     if training and shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if num_examples:
+        batches = (num_examples // batch_size if drop_remainder
+                   else -(-num_examples // batch_size))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def _parse_batch(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
