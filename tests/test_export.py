@@ -1,0 +1,147 @@
+"""The exported SavedModel serves exactly what the in-memory transform + Keras model compute."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from components.export import export_serving_model
+from components.models import build_cnn
+from components.synthetic import draw_faces
+from components.transform import run_transform
+from pipeline.config import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
+                             IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, ModelConfig,
+                             TransformConfig)
+
+TOLERANCE = 1e-5
+
+
+def write_raw_examples(examples_dir: str, counts: dict[str, int], seed: int) -> None:
+    """Raw tf.Examples (pixels bytes + emotion) of synthetic faces, balanced classes."""
+    rng = np.random.default_rng(seed)
+    for split, count in counts.items():
+        labels = rng.permutation(np.arange(count) % NUM_CLASSES)
+        faces = draw_faces(labels, rng)
+        split_dir = os.path.join(examples_dir, split)
+        os.makedirs(split_dir, exist_ok=True)
+        path = os.path.join(split_dir, "examples-00000-of-00001.tfrecord")
+        with tf.io.TFRecordWriter(path) as writer:
+            for face, label in zip(faces, labels):
+                writer.write(raw_example(face, int(label)))
+
+
+def raw_example(face: np.ndarray, label: int | None = None) -> bytes:
+    feature = {FEATURE_PIXELS: tf.train.Feature(
+        bytes_list=tf.train.BytesList(value=[np.asarray(face, np.uint8).tobytes()]))}
+    if label is not None:
+        feature[FEATURE_LABEL] = tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def make_transform_dir(root: str, counts: dict[str, int], seed: int = 0) -> str:
+    """A real Transform step output (transform_graph + transformed splits) under root."""
+    examples = os.path.join(root, "examples")
+    write_raw_examples(examples, counts, seed)
+    output = os.path.join(root, "transform")
+    run_transform(examples, examples, output, TransformConfig(), beam_args=[])
+    return output
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(export dir, in-memory model, copy of the transform graph for reference)."""
+    root = tmp_path_factory.mktemp("export")
+    transform_dir = make_transform_dir(str(root), {"train": 140, "validation": 14,
+                                                   "test": 14})
+    graph_dir = os.path.join(transform_dir, "transform_graph")
+    reference_graph = str(root / "reference_graph")
+    shutil.copytree(graph_dir, reference_graph)
+
+    keras.utils.set_random_seed(3)
+    model = build_cnn(ModelConfig(batch_size=8, epochs=1, learning_rate=1e-3))
+    # Random weights give near-uniform outputs; a few steps make the comparison sharper.
+    rng = np.random.default_rng(0)
+    model.fit(rng.normal(size=(32, NUM_PIXELS)), rng.integers(0, NUM_CLASSES, 32),
+              epochs=2, verbose=0)
+    export_dir = str(root / "serving_model")
+    export_serving_model(model, graph_dir, export_dir)
+    # The export must not need the transform directory any more.
+    shutil.rmtree(transform_dir)
+    return export_dir, model, reference_graph
+
+
+def _faces(n: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    faces = draw_faces(np.arange(n) % NUM_CLASSES, rng)
+    faces[0] = 0     # extremes of the pixel range
+    faces[1] = 255
+    return faces
+
+
+def _expected(model: keras.Model, graph_dir: str, faces: np.ndarray) -> np.ndarray:
+    raw = tf.constant([face.tobytes() for face in faces])
+    image = tft.TFTransformOutput(graph_dir).transform_raw_features(
+        {FEATURE_PIXELS: raw})[FEATURE_IMAGE]
+    return model.predict(image.numpy(), verbose=0)
+
+
+def _check(outputs: dict, expected: np.ndarray) -> None:
+    probs = outputs["probabilities"].numpy()
+    assert outputs["probabilities"].dtype == tf.float32
+    assert probs.shape == expected.shape == (len(expected), NUM_CLASSES)
+    np.testing.assert_allclose(probs, expected, atol=TOLERANCE, rtol=0)
+    class_id = outputs["class_id"].numpy()
+    assert outputs["class_id"].dtype == tf.int64
+    np.testing.assert_array_equal(class_id, expected.argmax(axis=1))
+    assert [name.decode() for name in outputs["class_name"].numpy()] == [
+        CLASS_NAMES[i] for i in class_id]
+
+
+def test_signatures_declare_the_contract(exported):
+    loaded = tf.saved_model.load(exported[0])
+    assert set(loaded.signatures) == {"serving_default", "serving_uint8", "serving_examples"}
+    for name, dtype in (("serving_default", tf.int32), ("serving_uint8", tf.uint8)):
+        spec = loaded.signatures[name].structured_input_signature[1]["pixels"]
+        assert spec.dtype == dtype and spec.shape.rank is None
+    spec = loaded.signatures["serving_examples"].structured_input_signature[1]["examples"]
+    assert spec.dtype == tf.string and spec.shape.as_list() == [None]
+    outputs = loaded.signatures["serving_default"].structured_outputs
+    assert outputs["probabilities"].shape.as_list() == [None, NUM_CLASSES]
+    assert outputs["class_id"].dtype == tf.int64
+    assert outputs["class_name"].dtype == tf.string
+
+
+@pytest.mark.parametrize("signature,dtype", [("serving_default", tf.int32),
+                                             ("serving_uint8", tf.uint8)])
+@pytest.mark.parametrize("shape", ["grid", "flat"])
+def test_pixel_signatures_match_the_in_memory_model(exported, signature, dtype, shape):
+    export_dir, model, graph_dir = exported
+    faces = _faces()
+    expected = _expected(model, graph_dir, faces)
+    pixels = faces if shape == "grid" else faces.reshape(len(faces), NUM_PIXELS)
+    assert pixels.shape[1:] == ((IMAGE_SIZE, IMAGE_SIZE) if shape == "grid" else (NUM_PIXELS,))
+    serve = tf.saved_model.load(export_dir).signatures[signature]
+    _check(serve(pixels=tf.constant(pixels, dtype)), expected)
+
+
+def test_examples_signature_matches_the_in_memory_model(exported):
+    export_dir, model, graph_dir = exported
+    faces = _faces()
+    expected = _expected(model, graph_dir, faces)
+    # Requests carry no label (and may carry other raw features): only pixels is read.
+    examples = [raw_example(face) for face in faces[:3]] + [
+        raw_example(face, label=1) for face in faces[3:]]
+    serve = tf.saved_model.load(export_dir).signatures["serving_examples"]
+    _check(serve(examples=tf.constant(examples)), expected)
+
+
+def test_out_of_range_int32_pixels_are_rejected(exported):
+    serve = tf.saved_model.load(exported[0]).signatures["serving_default"]
+    pixels = np.full((1, NUM_PIXELS), 256, np.int32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="pixels must be"):
+        serve(pixels=tf.constant(pixels))
