@@ -119,6 +119,8 @@ def run_trainer(model_name: str, transform_dir: str, output_dir: str,
         keras.utils.set_random_seed(config.seed)
         with strategy.scope():
             model = build_model(model_name, config, jit_compile=config.xla)
+        if _is_multi_worker():
+            _work_around_keras_multi_worker_build(model, strategy)
         recorder = EpochRecorder(os.path.join(work_dir, CHECKPOINTS_DIR), train_count)
         callbacks = _callbacks(work_dir, section.early_stopping_patience, recorder)
         model.fit(train_ds, validation_data=val_ds, epochs=section.epochs,
@@ -228,6 +230,55 @@ def select_strategy() -> tf.distribute.Strategy:
     if len(tf.config.list_physical_devices("GPU")) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def _work_around_keras_multi_worker_build(model: keras.Model,
+                                          strategy: tf.distribute.Strategy) -> None:
+    """Lets Keras 3 fit() start under MultiWorkerMirroredStrategy.
+
+    Keras 3 (keras-team/keras#20585, open as of 3.15) builds the model symbolically from
+    the first batch by `strategy.reduce("MEAN", (x, y, sample_weight))`, which
+    MultiWorkerMirroredStrategy cannot do on a tuple. The build only needs the batch's
+    shapes and dtypes, so this instance-level override builds from one replica's share.
+    """
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = next(it)
+                break
+        data_batch = tf.nest.map_structure(
+            lambda v: (strategy.experimental_local_results(v)[0]
+                       if isinstance(v, tf.distribute.DistributedValues) else v),
+            data_batch)
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    model._maybe_symbolic_build = maybe_symbolic_build
+    _patch_keras_multi_worker_reduce()
+
+
+def _patch_keras_multi_worker_reduce() -> None:
+    """Second half of the keras#20585 workaround, for this (multi-worker) process only.
+
+    Keras averages each step's logs across workers with `strategy.reduce(..., axis=0)`,
+    which fails on the scalar loss and metrics. Averaging them over all replicas
+    (axis=None) is what was meant, and gives every worker the same logs, so callbacks
+    such as EarlyStopping take the same decision everywhere.
+    """
+    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+
+    original = getattr(keras_tf_trainer.reduce_per_replica, "__wrapped__",
+                       keras_tf_trainer.reduce_per_replica)
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not isinstance(
+                strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return original(values, strategy, reduction)
+        return tf.nest.map_structure(
+            lambda v: strategy.reduce("MEAN", v, axis=None), values)
+
+    reduce_per_replica.__wrapped__ = original
+    keras_tf_trainer.reduce_per_replica = reduce_per_replica
 
 
 def _tf_config() -> dict[str, Any]:
