@@ -1,0 +1,169 @@
+"""Trainer: learns from real Transform output, resumes after a kill, trains multi-worker."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from components.trainer import (CHECKPOINTS_DIR, CRASH_ENV, CRASH_EXIT_CODE, HISTORY_FILE,
+                                 SERVING_MODEL_DIR, TRAINING_INFO_FILE, WORKERS_DIR,
+                                 make_dataset, run_trainer)
+from pipeline.config import NUM_CLASSES, NUM_PIXELS, ModelConfig, TrainConfig
+from tests.test_export import make_transform_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CHANCE = 1.0 / NUM_CLASSES
+# Small enough for 2 CPU cores: a few epochs of 1,500 faces for learning; 96 for plumbing.
+LEARN_CONFIG = TrainConfig(
+    cnn=ModelConfig(batch_size=32, epochs=8, learning_rate=5e-4, early_stopping_patience=3),
+    shuffle_buffer=2000, seed=1)
+TINY_OVERRIDES = {"cnn": {"batch_size": 32, "epochs": 3, "learning_rate": 1e-3,
+                          "early_stopping_patience": 0, "max_train_examples": 96},
+                  "shuffle_buffer": 500, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def transform_dir(tmp_path_factory) -> str:
+    """Real Transform output of synthetic faces; the test split is removed after."""
+    root = tmp_path_factory.mktemp("trainer")
+    output = make_transform_dir(str(root), {"train": 1500, "validation": 300, "test": 21},
+                                seed=2)
+    # The trainer must never read the test split: with it gone, reading it would fail.
+    shutil.rmtree(os.path.join(output, "transformed", "test"))
+    return output
+
+
+def _run_in_subprocess(transform_dir: str, output_dir: str, env: dict[str, str]
+                       ) -> subprocess.Popen:
+    code = (
+        "import json, sys\n"
+        "from components.trainer import run_trainer\n"
+        "from pipeline.config import load_config\n"
+        "args = json.loads(sys.argv[1])\n"
+        "config = load_config(overrides={'train': args['train']}).train\n"
+        "run_trainer('cnn', args['transform_dir'], args['output_dir'], config)\n")
+    args = json.dumps({"transform_dir": transform_dir, "output_dir": output_dir,
+                       "train": TINY_OVERRIDES})
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
+                "PYTHONPATH": str(REPO), **env}
+    return subprocess.Popen([sys.executable, "-c", code, args], cwd=REPO, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen, timeout: int = 300) -> tuple[int, str]:
+    out, _ = process.communicate(timeout=timeout)
+    return process.returncode, out
+
+
+def test_dataset_is_batched_parsed_and_capped(transform_dir):
+    pattern = os.path.join(transform_dir, "transformed", "train", "examples-*.tfrecord")
+    ds = make_dataset(pattern, 64, training=True, seed=3, shuffle_buffer=500,
+                      max_examples=200, num_examples=200)
+    assert int(ds.cardinality()) == 4
+    epochs = [[(x.numpy(), y.numpy()) for x, y in ds] for _ in range(2)]
+    images, labels = (np.concatenate([b[i] for b in epochs[0]]) for i in (0, 1))
+    assert images.shape == (200, NUM_PIXELS) and images.dtype == np.float32
+    assert labels.dtype == np.int64 and set(labels) <= set(range(NUM_CLASSES))
+    # Normalized with the training statistics: about zero mean, unit variance.
+    assert abs(images.mean()) < 0.2 and 0.7 < images.std() < 1.3
+    # The same capped subset every epoch, in a new order.
+    second = np.concatenate([b[1] for b in epochs[1]])
+    assert sorted(second.tolist()) == sorted(labels.tolist())
+    assert not np.array_equal(second, labels)
+
+
+def test_cnn_learns_well_above_chance_and_exports(transform_dir, tmp_path):
+    output = str(tmp_path / "cnn")
+    result = run_trainer("cnn", transform_dir, output, LEARN_CONFIG)
+
+    history = json.loads(Path(output, HISTORY_FILE).read_text())
+    assert history["epochs_run"] == result.epochs_run == len(history["epochs"]) >= 4
+    for record in history["epochs"]:
+        assert {"loss", "accuracy", "val_loss", "val_accuracy", "images_per_s"} <= set(record)
+    best = max(r["val_accuracy"] for r in history["epochs"])
+    assert history["best_val_accuracy"] == pytest.approx(best)
+    assert best > 2.5 * CHANCE, history["epochs"]
+    assert result.images_per_s > 0 and history["resumed_at_epoch"] is None
+
+    info = json.loads(Path(output, TRAINING_INFO_FILE).read_text())
+    assert info["model_name"] == "cnn" and info["vgg_weights"] is None
+    assert (info["train_examples"], info["validation_examples"]) == (1500, 300)
+    assert info["num_replicas"] == 1 and info["config"]["cnn"]["epochs"] == 8
+    assert Path(output, "training_log.csv").exists()
+    assert list(Path(output, "logs").rglob("events.out.tfevents.*"))
+    # A finished run leaves no checkpoint to resume from.
+    assert not Path(output, CHECKPOINTS_DIR).exists()
+
+    # The exported model, restored to the best epoch, scores that epoch's accuracy.
+    serve = tf.saved_model.load(os.path.join(output, SERVING_MODEL_DIR)).signatures[
+        "serving_examples"]
+    raw = tf.data.TFRecordDataset(tf.io.gfile.glob(os.path.join(
+        os.path.dirname(transform_dir), "examples", "validation", "*.tfrecord")))
+    serialized = np.array(list(raw.as_numpy_iterator()))
+    labels = tf.io.parse_example(serialized, {"emotion": tf.io.FixedLenFeature([], tf.int64)})
+    predicted = serve(examples=tf.constant(serialized))["class_id"].numpy()
+    accuracy = float(np.mean(predicted == labels["emotion"].numpy()))
+    assert accuracy == pytest.approx(best, abs=1e-6)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(transform_dir, tmp_path):
+    output = str(tmp_path / "resumable")
+    code, log = _finish(_run_in_subprocess(transform_dir, output, {CRASH_ENV: "1"}))
+    assert code == CRASH_EXIT_CODE, log
+    checkpoints = Path(output, CHECKPOINTS_DIR)
+    assert (checkpoints / "training_metadata.json").exists(), log
+    assert json.loads((checkpoints / "training_metadata.json").read_text())["epoch"] == 1
+    assert not Path(output, SERVING_MODEL_DIR).exists()
+
+    code, log = _finish(_run_in_subprocess(transform_dir, output, {}))
+    assert code == 0, log
+    assert "Epoch 1/3" not in log and "Epoch 2/3" in log
+    history = json.loads(Path(output, HISTORY_FILE).read_text())
+    assert history["resumed_at_epoch"] == 2
+    assert [r["epoch"] for r in history["epochs"]] == [1, 2, 3]
+    assert tf.saved_model.load(os.path.join(output, SERVING_MODEL_DIR)) is not None
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_multi_worker_training_keeps_workers_in_sync(transform_dir, tmp_path):
+    output = str(tmp_path / "multi")
+    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        processes.append(_run_in_subprocess(transform_dir, output,
+                                            {"TF_CONFIG": json.dumps(tf_config)}))
+    results = [_finish(p) for p in processes]
+    for code, log in results:
+        assert code == 0, log
+
+    # The chief writes the step's outputs; the other worker keeps its own copy apart.
+    dirs = [Path(output), Path(output, WORKERS_DIR, "worker-1")]
+    infos = [json.loads((d / TRAINING_INFO_FILE).read_text()) for d in dirs]
+    assert [i["strategy"] for i in infos] == ["CollectiveAllReduceStrategy"] * 2
+    assert [i["num_replicas"] for i in infos] == [2, 2]
+    histories = [json.loads((d / HISTORY_FILE).read_text())["epochs"] for d in dirs]
+    assert len(histories[0]) == 3
+    assert [r["loss"] for r in histories[0]] == [r["loss"] for r in histories[1]]
+
+    weights = [tf.saved_model.load(str(d / SERVING_MODEL_DIR)).model_variables for d in dirs]
+    assert len(weights[0]) == len(weights[1]) > 0
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
