@@ -107,9 +107,10 @@ def test_cnn_learns_well_above_chance_and_exports(transform_dir, tmp_path):
         "serving_examples"]
     raw = tf.data.TFRecordDataset(tf.io.gfile.glob(os.path.join(
         os.path.dirname(transform_dir), "examples", "validation", "*.tfrecord")))
-    serialized = np.array(list(raw.as_numpy_iterator()))
+    # A list, not a numpy 'S' array: numpy would strip the records' trailing zero bytes.
+    serialized = tf.constant(list(raw.as_numpy_iterator()))
     labels = tf.io.parse_example(serialized, {"emotion": tf.io.FixedLenFeature([], tf.int64)})
-    predicted = serve(examples=tf.constant(serialized))["class_id"].numpy()
+    predicted = serve(examples=serialized)["class_id"].numpy()
     accuracy = float(np.mean(predicted == labels["emotion"].numpy()))
     assert accuracy == pytest.approx(best, abs=1e-6)
 
