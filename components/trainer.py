@@ -132,6 +132,9 @@ def run_trainer(model_name: str, transform_dir: str, output_dir: str,
 
     history = recorder.summary()
     history["stopped_early"] = len(recorder.records) < section.epochs
+    # Early stopping restores the best epoch's weights; without it the last epoch is saved.
+    history["exported_epoch"] = (history["best_epoch"] if section.early_stopping_patience > 0
+                                 else history["epochs_run"])
     history_path = os.path.join(work_dir, HISTORY_FILE)
     write_json_atomic(history_path, history)
     vgg_weights = config.vgg_weights if model_name == "vgg16" else None

@@ -1,6 +1,7 @@
 """Trainer: learns from real Transform output, resumes after a kill, trains multi-worker."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,6 +18,7 @@ import tensorflow as tf
 from components.trainer import (CHECKPOINTS_DIR, CRASH_ENV, CRASH_EXIT_CODE, HISTORY_FILE,
                                  SERVING_MODEL_DIR, TRAINING_INFO_FILE, WORKERS_DIR,
                                  make_dataset, run_trainer)
+from components.models import build_vgg16_base
 from pipeline.config import NUM_CLASSES, NUM_PIXELS, ModelConfig, TrainConfig
 from tests.test_export import make_transform_dir
 
@@ -113,6 +116,29 @@ def test_cnn_learns_well_above_chance_and_exports(transform_dir, tmp_path):
     predicted = serve(examples=serialized)["class_id"].numpy()
     accuracy = float(np.mean(predicted == labels["emotion"].numpy()))
     assert accuracy == pytest.approx(best, abs=1e-6)
+
+
+def test_vgg16_from_a_local_weights_file_with_mixed_precision_and_xla(transform_dir,
+                                                                      tmp_path):
+    weights = str(tmp_path / "vgg16_notop.weights.h5")
+    build_vgg16_base("none").save_weights(weights)
+    config = dataclasses.replace(
+        TrainConfig(), vgg_weights=weights, mixed_precision=True, xla=True,
+        shuffle_buffer=200,
+        vgg16=ModelConfig(batch_size=32, epochs=1, learning_rate=5e-4, max_train_examples=64))
+    output = str(tmp_path / "vgg16")
+    result = run_trainer("vgg16", transform_dir, output, config)
+
+    info = json.loads(Path(output, TRAINING_INFO_FILE).read_text())
+    assert info["vgg_weights"] == result.vgg_weights == weights
+    assert info["precision_policy"] == "mixed_bfloat16" and info["jit_compile"] is True
+    assert info["train_examples"] == 64
+    # The process-wide policy is put back; serving still returns float32 probabilities.
+    assert keras.mixed_precision.global_policy().name == "float32"
+    serve = tf.saved_model.load(result.serving_model_dir).signatures["serving_uint8"]
+    out = serve(pixels=tf.zeros([2, 48, 48], tf.uint8))
+    assert out["probabilities"].dtype == tf.float32
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-3)
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(transform_dir, tmp_path):
