@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components.trainer import (CHECKPOINTS_DIR, CRASH_ENV, CRASH_EXIT_CODE, HISTORY_FILE,
-                                 SERVING_MODEL_DIR, TRAINING_INFO_FILE, WORKERS_DIR,
-                                 make_dataset, run_trainer)
 from components.models import build_vgg16_base
+from components.trainer import (BEST_WEIGHTS_FILE, CHECKPOINTS_DIR, CRASH_ENV,
+                                 CRASH_EXIT_CODE, HISTORY_FILE, SERVING_MODEL_DIR,
+                                 TRAINING_INFO_FILE, WORKERS_DIR, make_dataset, run_trainer)
 from pipeline.config import NUM_CLASSES, NUM_PIXELS, ModelConfig, TrainConfig
 from tests.test_export import make_transform_dir
 
@@ -29,7 +29,7 @@ LEARN_CONFIG = TrainConfig(
     cnn=ModelConfig(batch_size=32, epochs=8, learning_rate=5e-4, early_stopping_patience=3),
     shuffle_buffer=2000, seed=1)
 TINY_OVERRIDES = {"cnn": {"batch_size": 32, "epochs": 3, "learning_rate": 1e-3,
-                          "early_stopping_patience": 0, "max_train_examples": 96},
+                          "early_stopping_patience": 5, "max_train_examples": 96},
                   "shuffle_buffer": 500, "seed": 5}
 
 
@@ -106,6 +106,11 @@ def test_cnn_learns_well_above_chance_and_exports(transform_dir, tmp_path):
     assert not Path(output, CHECKPOINTS_DIR).exists()
 
     # The exported model, restored to the best epoch, scores that epoch's accuracy.
+    assert _served_validation_accuracy(transform_dir, output) == pytest.approx(best, abs=1e-6)
+
+
+def _served_validation_accuracy(transform_dir: str, output: str) -> float:
+    """Accuracy of output/serving_model on the raw validation examples."""
     serve = tf.saved_model.load(os.path.join(output, SERVING_MODEL_DIR)).signatures[
         "serving_examples"]
     raw = tf.data.TFRecordDataset(tf.io.gfile.glob(os.path.join(
@@ -114,8 +119,7 @@ def test_cnn_learns_well_above_chance_and_exports(transform_dir, tmp_path):
     serialized = tf.constant(list(raw.as_numpy_iterator()))
     labels = tf.io.parse_example(serialized, {"emotion": tf.io.FixedLenFeature([], tf.int64)})
     predicted = serve(examples=serialized)["class_id"].numpy()
-    accuracy = float(np.mean(predicted == labels["emotion"].numpy()))
-    assert accuracy == pytest.approx(best, abs=1e-6)
+    return float(np.mean(predicted == labels["emotion"].numpy()))
 
 
 def test_vgg16_from_a_local_weights_file_with_mixed_precision_and_xla(transform_dir,
@@ -148,6 +152,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(transform_dir, tmp_path):
     checkpoints = Path(output, CHECKPOINTS_DIR)
     assert (checkpoints / "training_metadata.json").exists(), log
     assert json.loads((checkpoints / "training_metadata.json").read_text())["epoch"] == 1
+    # Early stopping's best weights are checkpointed too, so the resumed run can still
+    # export epoch 1 if it stays the best.
+    assert (checkpoints / BEST_WEIGHTS_FILE).exists()
     assert not Path(output, SERVING_MODEL_DIR).exists()
 
     code, log = _finish(_run_in_subprocess(transform_dir, output, {}))
@@ -156,7 +163,10 @@ def test_killed_run_resumes_from_its_last_checkpoint(transform_dir, tmp_path):
     history = json.loads(Path(output, HISTORY_FILE).read_text())
     assert history["resumed_at_epoch"] == 2
     assert [r["epoch"] for r in history["epochs"]] == [1, 2, 3]
-    assert tf.saved_model.load(os.path.join(output, SERVING_MODEL_DIR)) is not None
+    best = max(history["epochs"], key=lambda r: r["val_accuracy"])
+    assert history["best_epoch"] == history["exported_epoch"] == best["epoch"]
+    assert _served_validation_accuracy(transform_dir, output) == pytest.approx(
+        best["val_accuracy"], abs=1e-6)
 
 
 def _free_ports(count: int) -> list[int]:
