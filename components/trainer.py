@@ -124,7 +124,7 @@ def run_trainer(model_name: str, transform_dir: str, output_dir: str,
         recorder = EpochRecorder(os.path.join(work_dir, CHECKPOINTS_DIR), train_count)
         callbacks = _callbacks(work_dir, section.early_stopping_patience, recorder)
         model.fit(train_ds, validation_data=val_ds, epochs=section.epochs,
-                  callbacks=callbacks, verbose=2)
+                  callbacks=callbacks, verbose=2, shuffle=False)  # tf.data shuffles
         export_serving_model(model, os.path.join(transform_dir, TRANSFORM_GRAPH_DIR),
                              os.path.join(work_dir, SERVING_MODEL_DIR))
     finally:
