@@ -14,6 +14,7 @@ final softmax is pinned to float32 so probabilities (and the loss) stay numerica
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import keras
@@ -50,20 +51,25 @@ def build_cnn(config: ModelConfig, jit_compile: bool | str = "auto") -> keras.Mo
 
 
 def build_vgg16(config: ModelConfig, weights: str = VGG_WEIGHTS_NONE,
-                jit_compile: bool | str = "auto") -> keras.Model:
-    """Grey 48x48 -> 1x1 conv to 3 channels -> frozen VGG16 base -> 4096 -> 4096 -> 7.
+                jit_compile: bool | str = "auto", train_base: str = "auto") -> keras.Model:
+    """Grey 48x48 -> 1x1 conv to 3 channels -> VGG16 base -> 4096 -> 4096 -> 7.
 
     `weights`: "none" (random init, the offline default), "imagenet" (Keras downloads the
     file; only when the user asked for it), or the path of a local .h5 / .weights.h5 file
     holding weights of VGG16(include_top=False), e.g. a pre-downloaded ImageNet file.
+    `train_base`: "false" freezes the base (the notebook's transfer learning), "true"
+    trains it, "auto" freezes it only when pretrained weights were loaded. A frozen random
+    base is a fixed random projection: measured on synthetic faces, the head then stays at
+    chance accuracy, so without pretrained weights the whole network has to learn.
     """
     inputs = keras.Input(shape=(NUM_PIXELS,), name="image")
     x = layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="to_grid")(inputs)
     # A learned 1x1 conv maps grey to the 3 channels VGG16 expects (the notebook's choice).
     x = layers.Conv2D(3, (1, 1), name="grey_to_rgb")(x)
     base = build_vgg16_base(weights)
-    # Frozen, as in the notebook: only the 1x1 conv and the dense head learn.
-    base.trainable = False
+    base.trainable = vgg16_base_is_trainable(weights, train_base)
+    if base.trainable and _is_random_init(weights) and config.scratch_learning_rate:
+        config = dataclasses.replace(config, learning_rate=config.scratch_learning_rate)
     x = base(x, training=False)
     x = layers.Flatten(name="flatten")(x)
     for i, units in enumerate(VGG_DENSE_UNITS, start=1):
@@ -74,6 +80,18 @@ def build_vgg16(config: ModelConfig, weights: str = VGG_WEIGHTS_NONE,
     return model
 
 
+def vgg16_base_is_trainable(weights: str, train_base: str = "auto") -> bool:
+    if train_base not in ("auto", "true", "false"):
+        raise ValueError(f"vgg_train_base must be auto, true or false, got {train_base!r}")
+    if train_base == "auto":
+        return _is_random_init(weights)
+    return train_base == "true"
+
+
+def _is_random_init(weights: str) -> bool:
+    return weights in (VGG_WEIGHTS_NONE, "", None)
+
+
 def build_vgg16_base(weights: str = VGG_WEIGHTS_NONE) -> keras.Model:
     """keras.applications.VGG16 without its top, at 48x48x3, with `weights` as above."""
     shape = (IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -81,7 +99,8 @@ def build_vgg16_base(weights: str = VGG_WEIGHTS_NONE) -> keras.Model:
         return keras.applications.VGG16(include_top=False, weights="imagenet",
                                          input_shape=shape)
     base = keras.applications.VGG16(include_top=False, weights=None, input_shape=shape)
-    if weights in (VGG_WEIGHTS_NONE, "", None):
+    if _is_random_init(weights):
+        _he_initialize(base)
         return base
     if not os.path.isfile(weights):
         raise FileNotFoundError(
@@ -90,6 +109,20 @@ def build_vgg16_base(weights: str = VGG_WEIGHTS_NONE) -> keras.Model:
         raise ValueError(f"vgg_weights file must be .h5 or .weights.h5, got {weights!r}")
     base.load_weights(weights)
     return base
+
+
+def _he_initialize(base: keras.Model) -> None:
+    """Re-draws the conv kernels with He init.
+
+    Keras' VGG16 uses Glorot init, which halves the signal's variance at every ReLU; after
+    13 conv layers almost nothing reaches the head, so a from-scratch VGG16 cannot start
+    learning. He init keeps the variance, as for any deep ReLU net trained from scratch.
+    Unseeded, so keras.utils.set_random_seed governs it like every other initializer.
+    """
+    initializer = keras.initializers.HeNormal()
+    for layer in base.layers:
+        if isinstance(layer, layers.Conv2D):
+            layer.kernel.assign(initializer(layer.kernel.shape))
 
 
 def build_model(name: str, train_config: TrainConfig, jit_compile: bool | str = "auto"
@@ -102,7 +135,8 @@ def build_model(name: str, train_config: TrainConfig, jit_compile: bool | str = 
     if name == "cnn":
         return build_cnn(train_config.cnn, jit_compile)
     if name == "vgg16":
-        return build_vgg16(train_config.vgg16, train_config.vgg_weights, jit_compile)
+        return build_vgg16(train_config.vgg16, train_config.vgg_weights, jit_compile,
+                           train_config.vgg_train_base)
     raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
 
 

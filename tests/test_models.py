@@ -1,7 +1,9 @@
 """The two classifiers match the seed notebook's architectures and load local weights."""
 from __future__ import annotations
 
+import dataclasses
 import keras
+
 import numpy as np
 import pytest
 
@@ -58,7 +60,7 @@ def test_cnn_matches_the_notebook():
 
 
 def test_vgg16_matches_the_notebook_and_freezes_its_base():
-    model = build_vgg16(CONFIG, weights="none")
+    model = build_vgg16(CONFIG, weights="none", train_base="false")
     assert [type(layer).__name__ for layer in model.layers[1:]] == [
         "Reshape", "Conv2D", "Functional", "Flatten", "Dense", "Dense", "Dense"]
     base = model.layers[3]
@@ -92,6 +94,37 @@ def test_vgg16_loads_a_local_weights_file(tmp_path):
     keras.utils.set_random_seed(456)
     unloaded = build_vgg16(CONFIG, weights="none").get_layer("vgg16").get_weights()
     assert not np.array_equal(unloaded[0], expected[0])
+
+
+def test_vgg16_base_is_frozen_only_when_pretrained_weights_are_loaded(tmp_path):
+    path = str(tmp_path / "vgg16_notop.weights.h5")
+    build_vgg16_base("none").save_weights(path)
+    assert not build_vgg16(CONFIG, weights=path).get_layer("vgg16").trainable
+    from_scratch = build_vgg16(CONFIG, weights="none")
+    assert from_scratch.get_layer("vgg16").trainable
+    assert from_scratch.count_params() == sum(
+        int(np.prod(w.shape)) for w in from_scratch.trainable_weights)
+    assert build_vgg16(CONFIG, weights="none", train_base="true").get_layer("vgg16").trainable
+    scratch = dataclasses.replace(CONFIG, scratch_learning_rate=1e-5)
+    assert float(build_vgg16(scratch, weights="none").optimizer.learning_rate) == \
+        pytest.approx(1e-5)
+    assert float(build_vgg16(scratch, weights=path).optimizer.learning_rate) == \
+        pytest.approx(CONFIG.learning_rate)
+    with pytest.raises(ValueError, match="vgg_train_base"):
+        build_vgg16(CONFIG, weights="none", train_base="maybe")
+
+
+def test_random_vgg16_base_uses_he_init_so_the_signal_survives_13_relu_layers():
+    keras.utils.set_random_seed(0)
+    base = build_vgg16_base("none")
+    images = np.random.default_rng(0).normal(size=(8, 48, 48, 3)).astype("float32")
+    features = np.asarray(base.predict(images, verbose=0))
+    # With Keras' default Glorot init the features are ~1e-3 of the input's scale and the
+    # head cannot learn (measured); He init keeps them within an order of magnitude.
+    assert features.std() > 0.1, features.std()
+    conv = base.get_layer("block3_conv1")
+    fan_in = int(np.prod(conv.kernel.shape[:-1]))
+    assert np.asarray(conv.kernel).std() == pytest.approx(np.sqrt(2 / fan_in), rel=0.1)
 
 
 def test_vgg16_rejects_a_missing_weights_file(tmp_path):
