@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-import keras
 
+import keras
 import numpy as np
 import pytest
 
