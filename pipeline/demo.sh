@@ -32,7 +32,7 @@ $BIN/fer-serve --model-config "$CONFIG" --port "$GRPC_PORT" --rest-port "$REST_P
 SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
 
-echo "== client: ensemble decisions for 5 test faces"
-$BIN/fer-client --port "$GRPC_PORT" --csv "$DATA" --rows 5 --table
+echo "== client: ensemble decisions for 8 held-out (PrivateTest) faces"
+$BIN/fer-client --port "$GRPC_PORT" --csv "$DATA" --usage PrivateTest --rows 8 --table
 echo "== done. Reports: $RUN_DIR/statistics/statistics.html, $RUN_DIR/evaluation/report.html"
 echo "   Real TF Serving over the same directory: see README (Serving)."

@@ -218,10 +218,12 @@ class InputImage:
     source: str                     # where it came from, for the report
     pixels: Optional[np.ndarray]    # uint8 [48, 48]; None when no face was found
     note: str = ""
+    true_label: Optional[int] = None  # the CSV's emotion, when the input has one
 
 
-def images_from_csv(path: str, rows: int) -> list[InputImage]:
-    """The first `rows` rows of a FER-2013 CSV (its `pixels` column)."""
+def images_from_csv(path: str, rows: int, usage: Optional[str] = None) -> list[InputImage]:
+    """The first `rows` rows of a FER-2013 CSV (its `pixels` column), optionally only those
+    whose Usage is `usage` (e.g. PrivateTest, the held-out test split)."""
     found = []
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
@@ -230,11 +232,15 @@ def images_from_csv(path: str, rows: int) -> list[InputImage]:
         for line_number, record in enumerate(reader, start=2):
             if len(found) >= rows:
                 break
+            if usage and record.get("Usage") != usage:
+                continue
             values = np.array(record["pixels"].split(), dtype=np.int64)
             if values.size != NUM_PIXELS or values.min() < 0 or values.max() > 255:
                 raise ValueError(f"{path}:{line_number}: expected {NUM_PIXELS} values 0-255")
+            label = record.get("emotion", "")
             found.append(InputImage(f"{path}:{line_number}",
-                                    values.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)))
+                                    values.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE),
+                                    true_label=int(label) if label.isdigit() else None))
     return found
 
 
@@ -270,6 +276,8 @@ def report(inputs: list[InputImage], results: list[dict[str, Any]]) -> list[dict
     entries = []
     for item in inputs:
         entry: dict[str, Any] = {"source": item.source}
+        if item.true_label is not None:
+            entry["true_class"] = CLASS_NAMES[item.true_label]
         if item.pixels is None:
             entry["note"] = item.note
         else:
@@ -279,13 +287,16 @@ def report(inputs: list[InputImage], results: list[dict[str, Any]]) -> list[dict
 
 
 def format_table(entries: list[dict[str, Any]], models: Sequence[str]) -> str:
-    header = ["source"] + [f"{m} (v)" for m in models] + ["decision", "es", "conf", "review"]
+    header = (["source", "truth"] + [f"{m} (v)" for m in models]
+              + ["decision", "es", "conf", "review"])
     lines = [header]
     for entry in entries:
+        truth = entry.get("true_class", "")
         if "decision" not in entry:
-            lines.append([entry["source"]] + ["-"] * len(models) + [entry["note"], "", "", ""])
+            lines.append([entry["source"], truth] + ["-"] * len(models)
+                         + [entry["note"], "", "", ""])
             continue
-        cells = [entry["source"]]
+        cells = [entry["source"], truth]
         for model in models:
             answer = entry["models"][model]
             cells.append(f"{answer['class_name']} {max(answer['probabilities'].values()):.2f} "
@@ -305,6 +316,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     source.add_argument("--csv", help="FER-2013 CSV file")
     source.add_argument("--npy", help=".npy array of uint8 [n, 48, 48] faces")
     parser.add_argument("--rows", type=int, default=5, help="CSV rows to send")
+    parser.add_argument("--usage", help="only CSV rows with this Usage, e.g. PrivateTest")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--protocol", choices=("grpc", "rest"), default="grpc")
     parser.add_argument("--port", type=int, help="default 8500 for gRPC, 8501 for REST")
@@ -321,7 +333,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def _load_inputs(args: argparse.Namespace) -> list[InputImage]:
     if args.csv:
-        return images_from_csv(args.csv, args.rows)
+        return images_from_csv(args.csv, args.rows, args.usage)
     if args.npy:
         return images_from_npy(args.npy)
     return images_from_files(args.image)

@@ -151,3 +151,19 @@ def test_unknown_model_is_a_clear_server_error(server, capsys):
         _client(server, "grpc").predict("resnet", images)
     with pytest.raises(fer_client.ServerError, match="HTTP 404"):
         _client(server, "rest").predict("resnet", images)
+
+
+def test_csv_rows_can_be_limited_to_one_usage_and_carry_their_true_label(tmp_path):
+    images = random_images(4, seed=3)
+    lines = ["emotion,pixels,Usage"] + [
+        f"{label},{' '.join(map(str, image.ravel()))},{usage}"
+        for label, image, usage in zip([3, 4, 5, 6], images,
+                                       ["Training", "PrivateTest", "Training", "PrivateTest"])]
+    path = tmp_path / "rows.csv"
+    path.write_text("\n".join(lines) + "\n")
+    picked = fer_client.images_from_csv(str(path), rows=5, usage="PrivateTest")
+    assert [item.source.rsplit(":", 1)[1] for item in picked] == ["3", "5"]
+    assert [item.true_label for item in picked] == [4, 6]
+    np.testing.assert_array_equal(picked[0].pixels, images[1])
+    entries = fer_client.report(picked[:1], [{"decision": {}}])
+    assert entries[0]["true_class"] == "sad"
