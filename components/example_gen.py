@@ -2,8 +2,10 @@
 
 The Beam pipeline, top to bottom:
 
-1. read the file sequentially, numbering physical lines (Beam's ReadFromText cannot give
-   line numbers), then Reshuffle so the expensive parsing runs in parallel;
+1. read numbered physical lines (Beam's ReadFromText cannot give line numbers): the driver
+   scans the file once for newlines and cuts it into chunks of a few MiB, each starting at a
+   line boundary with its first line number known; the chunks are Reshuffled and every
+   worker streams only its own chunks, so no process holds the raw file in memory;
 2. parse every row strictly; a row that fails goes to the rejected rows with its line
    number, a reason and its raw text, never silently dropped;
 3. assign a split: FER-2013's Usage column, or a stratified random split keyed on a seeded
@@ -25,12 +27,14 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -52,6 +56,13 @@ _REJECTED = "rejected"
 _DUPLICATES = "duplicates"
 _WITHIN_SPLIT = "within_split_duplicates"
 _BEAM_TMP = ".beam_tmp"
+# Bytes of CSV per read chunk (~500 FER-2013 rows): small enough that a 300 MB file spreads
+# over ~70 chunks for parallel workers, large enough that per-chunk overhead (an element, a
+# file open and seek) is negligible. Workers stream a chunk line by line, so this does not
+# bound their memory; it only sets the granularity of the work.
+READ_CHUNK_BYTES = 4 << 20
+# How much the driver's newline scan reads at a time; bounds its memory, not the chunk size.
+_SCAN_BLOCK_BYTES = 1 << 20
 # re.ASCII: without it \d also matches non-ASCII digits, which numpy would not parse.
 _FAST_PIXELS = re.compile(r"(?:\d{1,3} ){%d}\d{1,3}" % (NUM_PIXELS - 1), re.ASCII)
 _SIGNED_INT = re.compile(r"[+-]?\d+", re.ASCII)
@@ -108,17 +119,59 @@ def read_header(data_path: str) -> CsvColumns:
 # ---------------------------------------------------------------------------------------
 # Reading and parsing (Beam workers)
 
-class ReadNumberedLines(beam.DoFn):
-    """Emits (1-based line number, raw bytes) for every non-blank data line of one file."""
+def plan_chunks(data_path: str, chunk_bytes: int = READ_CHUNK_BYTES) -> list[tuple[int, int, int]]:
+    """Cuts the data lines (after the header) into (byte offset, byte length, first line number).
 
-    def process(self, path: str) -> Iterator[tuple[int, bytes]]:
-        with FileSystems.open(path) as f:
-            for number, line in enumerate(f, start=1):
-                if number == 1:
-                    continue  # the header
+    One sequential pass in large blocks that only counts b"\n", far cheaper than parsing.
+    Every chunk starts right after a newline, so its first line number is 1 + the newlines
+    before it: exactly the numbering of enumerate(file, start=1), blank lines included. The
+    BOM is inside the header line, which no chunk covers.
+    """
+    if CompressionTypes.detect_compression_type(data_path) != CompressionTypes.UNCOMPRESSED:
+        # Seeking in a compressed stream decompresses from the start again: one chunk.
+        chunk_bytes = sys.maxsize
+    chunks = []
+    with FileSystems.open(data_path) as f:
+        offset = len(f.readline())  # the header
+        line = 2
+        start, start_line = offset, line
+        while True:
+            block = f.read(min(chunk_bytes, _SCAN_BLOCK_BYTES))
+            if not block:
+                break
+            if not block.endswith(b"\n"):
+                block += f.readline()  # finish the line, so blocks end at line boundaries
+            offset += len(block)
+            line += block.count(b"\n")
+            if offset - start >= chunk_bytes:
+                chunks.append((start, offset - start, start_line))
+                start, start_line = offset, line
+    if offset > start:  # the rest, possibly ending in a line without a newline
+        chunks.append((start, offset - start, start_line))
+    return chunks
+
+
+class ReadChunkLines(beam.DoFn):
+    """Emits (1-based line number, raw bytes) for every non-blank line of one chunk."""
+
+    def __init__(self, data_path: str):
+        self._path = data_path
+
+    def process(self, chunk: tuple[int, int, int]) -> Iterator[tuple[int, bytes]]:
+        offset, remaining, number = chunk
+        with FileSystems.open(self._path) as f:
+            f.seek(offset)
+            while remaining > 0:
+                line = f.readline()
+                remaining -= len(line)
+                if not line or remaining < 0:
+                    # The chunk no longer ends at a line boundary: line numbers would be wrong.
+                    raise RuntimeError(f"{self._path} changed while it was being read "
+                                       f"(chunk at byte {offset}); rerun the step")
                 line = line.rstrip(b"\n").rstrip(b"\r")
                 if line.strip():
                     yield number, line
+                number += 1
 
 
 class RowError(ValueError):
@@ -317,13 +370,16 @@ def named_count(pair: tuple[str, int]) -> str:
     return count_entry(pair[0], pair[1])
 
 
-def build_pipeline(pipeline: beam.Pipeline, data_path: str, output_dir: str,
-                   columns: CsvColumns, split_mode: str, config: IngestConfig) -> None:
+def build_pipeline(pipeline: beam.Pipeline, data_path: str, chunks: list[tuple[int, int, int]],
+                   output_dir: str, columns: CsvColumns, split_mode: str,
+                   config: IngestConfig) -> None:
     tmp = os.path.join(output_dir, _BEAM_TMP)
+    # Only the small chunk descriptors are shuffled; reading fuses with parsing, so raw lines
+    # are never materialized as one collection.
     lines = (pipeline
-             | "Path" >> beam.Create([data_path])
-             | "ReadLines" >> beam.ParDo(ReadNumberedLines())
-             | "Spread" >> beam.Reshuffle())
+             | "Chunks" >> beam.Create(chunks)
+             | "Spread" >> beam.Reshuffle()
+             | "ReadLines" >> beam.ParDo(ReadChunkLines(data_path)))
     parsed = lines | "Parse" >> beam.ParDo(
         ParseRows(columns, split_mode == "usage")).with_outputs(_REJECTED, main="rows")
 
@@ -438,8 +494,9 @@ def run_example_gen(data_path: str, output_dir: str, config: IngestConfig,
     for split in SPLITS:
         os.makedirs(os.path.join(output_dir, split), exist_ok=True)
 
+    chunks = plan_chunks(data_path, READ_CHUNK_BYTES)
     with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
-        build_pipeline(pipeline, data_path, output_dir, columns, split_mode, config)
+        build_pipeline(pipeline, data_path, chunks, output_dir, columns, split_mode, config)
 
     counts = {c["name"]: c["count"] for c in _read_jsonl(os.path.join(tmp, "counts*"))}
     rejected = sorted(_read_jsonl(os.path.join(tmp, "rejected*")), key=lambda r: r["line_number"])

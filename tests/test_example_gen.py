@@ -1,8 +1,11 @@
-"""ExampleGen: strict parsing with quarantine, splits, cross-split duplicates, runner parity."""
+"""ExampleGen: chunked reading, strict parsing with quarantine, splits, cross-split duplicates,
+runner parity."""
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
+import io
 import json
 from collections import Counter
 
@@ -10,8 +13,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from components import example_gen
 from components.example_gen import (
-    TooManyRejectedRows, run_example_gen, shard_paths, split_boundaries)
+    ReadChunkLines, TooManyRejectedRows, plan_chunks, run_example_gen, shard_paths,
+    split_boundaries)
 from components.synthetic import draw_faces, encode_pixel_strings, generate_csv
 from pipeline.config import (
     FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW,
@@ -201,11 +206,102 @@ def test_random_split_is_stratified_and_follows_the_seeded_rule(no_usage_csv, ra
     assert all(ex["usage"] == "" for s in SPLITS for ex in by_split[s])
 
 
-def test_multi_process_runner_writes_the_same_examples(no_usage_csv, random_run, tmp_path):
-    _, in_process_out = random_run
+def test_multi_process_runner_writes_the_same_examples(no_usage_csv, random_run, tmp_path,
+                                                       monkeypatch):
+    _, in_process_out = random_run  # read as one chunk
+    # ~30 chunks of ~12 rows, read by two worker processes.
+    monkeypatch.setattr(example_gen, "READ_CHUNK_BYTES", 100_000)
+    assert len(plan_chunks(no_usage_csv, 100_000)) > 20
     out = str(tmp_path / "examples")
     result = run_example_gen(no_usage_csv, out, IngestConfig(num_shards=2), [
         "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
     assert result.rows_read == 400
     for split in SPLITS:
         assert read_examples(out, split) == read_examples(in_process_out, split)
+
+
+# ---------------------------------------------------------------------------------------
+# Chunked reading: any chunking must number and return lines exactly as one sequential pass
+
+
+def sequential_lines(data: bytes) -> list[tuple[int, bytes]]:
+    """The reference: the pre-chunking reader (enumerate the file, skip header and blanks)."""
+    out = []
+    for number, line in enumerate(io.BytesIO(data), start=1):  # splits on b"\n" only
+        line = line.rstrip(b"\n").rstrip(b"\r")
+        if number > 1 and line.strip():
+            out.append((number, line))
+    return out
+
+
+def chunked_lines(path: str, chunk_bytes: int) -> list[tuple[int, bytes]]:
+    chunks = plan_chunks(path, chunk_bytes)
+    ends = [offset + length for offset, length, _ in chunks]
+    assert [offset for offset, _, _ in chunks[1:]] == ends[:-1]  # contiguous, no overlap
+    return lines_of_chunks(path, chunks)
+
+
+def lines_of_chunks(path: str, chunks) -> list[tuple[int, bytes]]:
+    reader = ReadChunkLines(path)
+    return [pair for chunk in chunks for pair in reader.process(chunk)]
+
+
+EDGE_FILES = {
+    # Blank and whitespace-only lines, a quoted newline (two physical lines), a lone \r.
+    "bom_crlf_blank_lines_no_final_newline": (b'\xef\xbb\xbf"emotion","pixels"\r\n1,"2 3"\r\n'
+                                              b'\r\n   \r\n4,5 6\r\n\n\n7,"8\n9"\r\n1,\r2\r\n3,4'),
+    "final_newline": b"emotion,pixels\n1,2\n3,4\n",
+    "header_only": b"emotion,pixels\n",
+    "header_only_no_newline": b"emotion,pixels",
+    "blank_lines_only": b"emotion,pixels\n\n\n\r\n",
+    "long_lines": b"emotion,pixels\n" + b"\n".join(b"%d,%s" % (i % 7, b"1 " * (300 + i))
+                                                    for i in range(60)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_FILES))
+@pytest.mark.parametrize("chunk_bytes", [1, 5, 64, 1000, 10**9])
+def test_chunks_number_lines_exactly_like_one_sequential_pass(tmp_path, name, chunk_bytes):
+    path = tmp_path / "data.csv"
+    path.write_bytes(EDGE_FILES[name])
+    assert chunked_lines(str(path), chunk_bytes) == sequential_lines(EDGE_FILES[name])
+
+
+def test_compressed_input_is_one_chunk_read_as_a_stream(tmp_path):
+    data = EDGE_FILES["long_lines"]
+    path = tmp_path / "data.csv.gz"
+    path.write_bytes(gzip.compress(data))
+    assert len(plan_chunks(str(path), 64)) == 1
+    assert chunked_lines(str(path), 64) == sequential_lines(data)
+
+
+def test_reading_a_file_that_changed_after_planning_fails_loudly(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_bytes(b"emotion,pixels\n1,2\n3,4\n")
+    chunks = plan_chunks(str(path), 1)
+    path.write_bytes(b"emotion,pixels\n1,22\n3,4\n")
+    with pytest.raises(RuntimeError, match="changed while it was being read"):
+        lines_of_chunks(str(path), chunks)
+
+
+def test_one_chunk_per_line_gives_the_same_outputs(messy_csv, messy_run, tmp_path, monkeypatch):
+    """Every line its own chunk (BOM, CRLF, quoted, bad rows, the leak): identical outputs."""
+    result, out = messy_run
+    monkeypatch.setattr(example_gen, "READ_CHUNK_BYTES", 1)
+    tiny_out = str(tmp_path / "examples")
+    tiny = run_example_gen(messy_csv["path"], tiny_out,
+                           IngestConfig(max_rejected_fraction=1.0), [])
+    assert len(plan_chunks(messy_csv["path"], 1)) == len(messy_csv["raw_lines"]) - 1
+    for field_name in ("rows_read", "rows_written", "rows_rejected", "rejected_by_reason",
+                       "cross_split_duplicates", "duplicate_rows_removed",
+                       "within_split_duplicate_rows", "split_mode"):
+        assert getattr(tiny, field_name) == getattr(result, field_name), field_name
+    for name in ("rejected/rejected_rows.csv", "duplicates.json"):
+        assert open(f"{tiny_out}/{name}", "rb").read() == open(f"{out}/{name}", "rb").read()
+    for split in SPLITS:
+        assert serialized_examples(tiny_out, split) == serialized_examples(out, split)
+
+
+def serialized_examples(examples_dir: str, split: str) -> list[bytes]:
+    return sorted(record for path in shard_paths(examples_dir, split)
+                  for record in tf.data.TFRecordDataset(path).as_numpy_iterator())
