@@ -290,11 +290,7 @@ class ModelManager:
         """The version a request asks for: explicit version, label, or the newest served."""
         with self._lock:
             state = self._state(name)
-            if label:
-                if label not in state.spec.labels:
-                    raise ServingError("NOT_FOUND", f"Unrecognized servable version label: "
-                                                    f"{label} for model {name}")
-                version = state.spec.labels[label]
+            version = _version_for_label(state, name, version, label)
             if version is None:
                 if not state.served:
                     raise ServingError("NOT_FOUND", f"Servable not found for request: "
@@ -311,11 +307,7 @@ class ModelManager:
         """Like GetModelStatus: every version ever seen, or just the one asked for."""
         with self._lock:
             state = self._state(name)
-            if label:
-                if label not in state.spec.labels:
-                    raise ServingError("NOT_FOUND", f"Unrecognized servable version label: "
-                                                    f"{label} for model {name}")
-                version = state.spec.labels[label]
+            version = _version_for_label(state, name, version, label)
             if version is None:
                 return [state.status[v] for v in sorted(state.status)]
             if version not in state.status:
@@ -371,3 +363,14 @@ class Predictor:
                                    f"outputs are {sorted(outputs)}")
             outputs = {key: outputs[key] for key in output_filter}
         return outputs
+
+
+def _version_for_label(state: "_ModelState", name: str, version: Optional[int],
+                       label: Optional[str]) -> Optional[int]:
+    """The version a label stands for (models.config version_labels), else `version`."""
+    if not label:
+        return version
+    if label not in state.spec.labels:
+        raise ServingError("NOT_FOUND", f"Unrecognized servable version label: "
+                                        f"{label} for model {name}")
+    return state.spec.labels[label]
