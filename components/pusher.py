@@ -23,11 +23,15 @@ from typing import Mapping, Optional
 
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import PushConfig
-from serving.model_config import ModelSpec, write_model_server_config
+from serving.model_config import (ModelSpec, container_config, docker_command,
+                                  write_model_server_config)
 
 log = logging.getLogger(__name__)
 
 MODELS_CONFIG = "models.config"
+# The same config with container paths (/models/...), for the official TF Serving image
+# with the serving root mounted at /models.
+DOCKER_MODELS_CONFIG = "models.docker.config"
 SERVING_MODEL = "serving_model"        # the trainer's SavedModel directory inside a model dir
 TEMP_PREFIX = ".tmp-"                  # in-flight copies
 DELETE_PREFIX = ".deleting-"           # old versions being removed
@@ -48,6 +52,8 @@ class PushResult:
     models_config: str
     models: dict[str, ModelPush]
     push_json: str
+    docker_models_config: str = ""
+    tfserving_command: str = ""         # serves serving_root with the real TF Serving
 
 
 # ----------------------------------------------------------------------------- layout helpers
@@ -181,11 +187,14 @@ def _push_if_blessed(name: str, model_dir: str, verdict: Optional[dict], evaluat
 
 
 def write_serving_config(serving_root: str) -> str:
-    """Writes serving_root/models.config for every model present there (latest version)."""
+    """Writes serving_root/models.config for every model present there (latest version),
+    and its container-path twin models.docker.config; returns the models.config path."""
     root = os.path.abspath(serving_root)
     specs = [ModelSpec(name=name, base_path=os.path.join(root, name),
                        version_policy="latest", num_latest=1)
              for name in _served_model_names(root)]
+    write_model_server_config(os.path.join(root, DOCKER_MODELS_CONFIG),
+                              container_config(specs, root))
     return write_model_server_config(os.path.join(root, MODELS_CONFIG), specs)
 
 
@@ -215,7 +224,11 @@ def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str, serving_root:
         config_path = write_serving_config(str(root))
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     push_json = str(Path(output_dir) / "push.json")
+    docker_config = str(root / DOCKER_MODELS_CONFIG)
+    # A local tensorflow_model_server reads host paths; the Docker image, container paths.
+    serve_config = config_path if shutil.which("tensorflow_model_server") else docker_config
     result = PushResult(serving_root=str(root), models_config=config_path, models=outcomes,
-                        push_json=push_json)
+                        push_json=push_json, docker_models_config=docker_config,
+                        tfserving_command=docker_command(serve_config, str(root)))
     write_json_atomic(push_json, result)
     return result

@@ -80,6 +80,11 @@ def test_blessed_model_gets_increasing_versions_and_old_ones_are_pruned(saved_mo
     assert [(s.name, s.base_path, s.version_policy, s.num_latest) for s in specs] == [
         ("cnn", str((serving / "cnn").resolve()), "latest", 1)]
     assert os.path.isabs(specs[0].base_path)
+    # The twin for the TF Serving Docker image, which sees the serving root at /models.
+    docker_specs = read_model_server_config(third.docker_models_config)
+    assert [(s.name, s.base_path) for s in docker_specs] == [("cnn", "/models/cnn")]
+    assert "--model_config_file=/models/models.docker.config" in third.tfserving_command
+    assert f"{serving.resolve()}:/models" in third.tfserving_command
     record = json.loads((tmp_path / "push3" / "push.json").read_text())
     assert record["models"]["cnn"]["version"] == 3
     assert record["models_config"] == third.models_config
