@@ -1,0 +1,52 @@
+"""benchmarks/serving.py --quick on a tiny real serving root: its structure runs end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from serving.model_config import ModelSpec, write_model_server_config
+from tests.serving_fixtures import push_version, save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_serving_benchmark_quick(tmp_path):
+    template = save_tiny_model(str(tmp_path / "template"))
+    root = tmp_path / "serving_models"
+    push_version(str(root / "cnn"), 3, template)
+    write_model_server_config(str(root / "models.config"),
+                              [ModelSpec("cnn", str(root / "cnn"))])
+    out = tmp_path / "serving.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "serving.py"), "--quick",
+         "--serving-root", str(root), "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["quick"] is True
+    assert report["machine"]["nproc"] >= 1
+    assert [(m["name"], m["version"]) for m in report["models"]] == [("cnn", 3)]
+
+    floor = report["in_process"]["cnn"]
+    assert 0 < floor["latency"]["p50_ms"] <= floor["latency"]["p99_ms"]
+    batch = report["settings"]["max_batch_size"]
+    for key in ("throughput_batch1", f"throughput_batch{batch}"):
+        assert floor[key]["images_per_s"] > 0
+
+    assert [s["config"] for s in report["servers"]][0] == "no batching"
+    assert any("--batching" in s["flags"] for s in report["servers"])
+    for server in report["servers"]:
+        measured = server["models"]["cnn"]
+        assert measured["agrees_with_in_process"] == {"grpc": True, "rest": True}
+        for protocol in ("grpc", "rest"):
+            assert 0 < measured[protocol]["p50_ms"] <= measured[protocol]["p99_ms"]
+            throughput = measured[protocol]["throughput"]
+            assert throughput["images_per_s"] > 0 and throughput["errors"] == 0
+            assert throughput["server_cores"] > 0
+    assert {t["model"] for t in report["targets"]} == {"cnn"}
+    assert "| cnn (v3) | gRPC | no batching |" in report["markdown"]
+    assert "images/s" in proc.stdout
