@@ -1,8 +1,11 @@
 """Server-side batching: concurrent small requests share one model call.
 
 One queue per (model version, signature, input dtypes and per-row shapes): only requests
-whose rows can be concatenated share a queue. A worker thread takes the first waiting
-request, then keeps taking more until it has `max_batch_size` rows or `batch_timeout_s`
+whose rows can be concatenated share a queue. Each queue has `num_batch_threads` workers
+(TF Serving's option of the same name), so one batch can be collected while another runs:
+with a single worker, a batch's compute and the next batch's wait never overlap, and on the
+CNN that capped the server at 44 % of the in-process throughput. A worker takes the first
+waiting request, then keeps taking more until it has `max_batch_size` rows or `batch_timeout_s`
 has passed since the first one, concatenates the inputs along axis 0, runs the signature
 once and hands each request back its own slice of every output. A request that alone has
 more rows than max_batch_size runs by itself (TF Serving would split it; we don't need to).
@@ -12,6 +15,7 @@ threads (or the model objects they reference) alive.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -28,6 +32,7 @@ class BatchingConfig:
     max_batch_size: int = 32
     batch_timeout_s: float = 0.002
     idle_exit_s: float = 5.0
+    num_batch_threads: int = max(2, os.cpu_count() or 1)
 
 
 @dataclass
@@ -56,8 +61,10 @@ class _Queue:
         self.items: "queue.Queue[_Pending]" = queue.Queue()
         self._on_idle = on_idle
         self._on_batch = on_batch
-        self.thread = threading.Thread(target=self._work, daemon=True, name="batcher")
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._work, daemon=True, name=f"batcher-{i}")
+                        for i in range(max(1, config.num_batch_threads))]
+        for thread in self.threads:
+            thread.start()
 
     def _collect(self) -> Optional[list[_Pending]]:
         try:

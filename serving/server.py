@@ -38,6 +38,7 @@ class ServerConfig:
     batching: bool = False
     max_batch_size: int = 32
     batch_timeout_ms: float = 2.0
+    num_batch_threads: int = BatchingConfig.num_batch_threads
     max_request_bytes: int = 16 * 1024 * 1024
     grpc_workers: int = 32
 
@@ -50,8 +51,10 @@ class FerServer:
         self.manager = ModelManager(config.model_config, config.poll_seconds)
         batcher = None
         if config.batching:
-            batcher = Batcher(BatchingConfig(config.max_batch_size,
-                                             config.batch_timeout_ms / 1000.0))
+            batcher = Batcher(BatchingConfig(
+                max_batch_size=config.max_batch_size,
+                batch_timeout_s=config.batch_timeout_ms / 1000.0,
+                num_batch_threads=config.num_batch_threads))
         self.predictor = Predictor(self.manager, batcher)
         self.grpc_server = None
         self.rest_server = None
@@ -97,6 +100,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-timeout-ms", type=float, default=2.0,
                         help="longest a request waits for others to join its batch")
+    parser.add_argument("--num-batch-threads", type=int,
+                        default=BatchingConfig.num_batch_threads,
+                        help="batches run at once per model (TF Serving's num_batch_threads)")
     parser.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024)
     parser.add_argument("--use-tfserving", action="store_true",
                         help="exec tensorflow_model_server if it is on PATH")
@@ -124,9 +130,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.use_tfserving:
         _exec_tfserving(args)
-    config = ServerConfig(args.model_config, args.host, args.port, args.rest_port,
-                          args.poll_seconds, args.batching, args.max_batch_size,
-                          args.batch_timeout_ms, args.max_request_bytes)
+    config = ServerConfig(
+        model_config=args.model_config, host=args.host, port=args.port,
+        rest_port=args.rest_port, poll_seconds=args.poll_seconds, batching=args.batching,
+        max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
+        num_batch_threads=args.num_batch_threads, max_request_bytes=args.max_request_bytes)
     try:
         server = FerServer(config).start()
     except (OSError, ValueError) as error:

@@ -405,3 +405,41 @@ def test_batching_gives_identical_results(serving_root, templates):
                                    expected["probabilities"][:2], atol=1e-6)
     finally:
         batching.stop()
+
+
+def test_batcher_runs_batches_on_several_threads_at_once():
+    """With num_batch_threads=2 a batch is collected while another one runs."""
+    from serving.batching import Batcher, BatchingConfig
+
+    class SlowModel:  # stands in for a loaded version: only .run is used by the batcher
+        def __init__(self):
+            self.lock, self.running, self.most_at_once, self.rows_seen = \
+                threading.Lock(), 0, 0, []
+
+        def run(self, signature, inputs):
+            with self.lock:
+                self.running += 1
+                self.most_at_once = max(self.most_at_once, self.running)
+                self.rows_seen.append(len(inputs["x"]))
+            time.sleep(0.05)
+            with self.lock:
+                self.running -= 1
+            return {"y": inputs["x"] * 2}
+
+    for threads, expected_overlap in ((1, 1), (2, 2)):
+        model = SlowModel()
+        batcher = Batcher(BatchingConfig(max_batch_size=4, batch_timeout_s=0.001,
+                                         num_batch_threads=threads))
+        results = {}
+
+        def call(i):
+            results[i] = batcher.run(model, "sig", {"x": np.array([[i]])})["y"]
+
+        callers = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+        assert {i: int(r[0][0]) for i, r in results.items()} == {i: 2 * i for i in range(16)}
+        assert model.most_at_once == expected_overlap
+        assert sum(model.rows_seen) == 16 and max(model.rows_seen) <= 4
