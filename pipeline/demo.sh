@@ -33,6 +33,7 @@ SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
 
 echo "== client: ensemble decisions for 8 held-out (PrivateTest) faces"
-$BIN/fer-client --port "$GRPC_PORT" --csv "$DATA" --usage PrivateTest --rows 8 --table
+# Retries with backoff cover the seconds the server needs to load both models.
+$BIN/fer-client --port "$GRPC_PORT" --csv "$DATA" --usage PrivateTest --rows 8 --table --retries 8
 echo "== done. Reports: $RUN_DIR/statistics/statistics.html, $RUN_DIR/evaluation/report.html"
 echo "   Real TF Serving over the same directory: see README (Serving)."

@@ -2,11 +2,11 @@
 
 The real tensorflow_model_server cannot be installed here (see DESIGN.md), so this embedded
 server speaks the same protocol over the same models.config: one client works against both.
-With `--use-tfserving` and the binary on PATH it execs the real server instead.
+When the binary is on PATH (or with --server tfserving) it execs the real server instead.
 
     fer-serve --model-config serving_models/models.config [--port 8500] [--rest-port 8501]
               [--host 127.0.0.1] [--poll-seconds 1] [--batching] [--max-batch-size 32]
-              [--batch-timeout-ms 2] [--max-request-bytes 16777216] [--use-tfserving]
+              [--batch-timeout-ms 2] [--max-request-bytes 16777216] [--server auto|embedded|tfserving]
 """
 from __future__ import annotations
 
@@ -104,17 +104,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         default=BatchingConfig.num_batch_threads,
                         help="batches run at once per model (TF Serving's num_batch_threads)")
     parser.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024)
-    parser.add_argument("--use-tfserving", action="store_true",
-                        help="exec tensorflow_model_server if it is on PATH")
+    parser.add_argument("--server", choices=("auto", "embedded", "tfserving"), default="auto",
+                        help="auto: the real tensorflow_model_server when it is on PATH, "
+                        "else the embedded server")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
 
 def _exec_tfserving(args: argparse.Namespace) -> None:
+    """Replaces this process with the real TF Serving over the same config and ports."""
     binary = shutil.which("tensorflow_model_server")
     if binary is None:
-        log.warning("--use-tfserving: tensorflow_model_server is not on PATH; "
-                    "serving with the embedded server")
+        if args.server == "tfserving":
+            raise SystemExit("fer-serve: --server tfserving, but tensorflow_model_server "
+                             "is not on PATH")
         return
     command = [binary, f"--port={args.port}", f"--rest_api_port={args.rest_port}",
                f"--model_config_file={os.path.abspath(args.model_config)}",
@@ -128,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.use_tfserving:
+    if args.server != "embedded":
         _exec_tfserving(args)
     config = ServerConfig(
         model_config=args.model_config, host=args.host, port=args.port,

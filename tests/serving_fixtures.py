@@ -7,10 +7,15 @@ version favour a different class, so tests can tell which version answered.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 
 import numpy as np
 import tensorflow as tf
@@ -92,3 +97,36 @@ def free_port() -> int:
 
 def random_images(count: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, 48, 48), dtype=np.uint8)
+
+
+def start_server_process(config_path: str, grpc_port: int, rest_port: int, models: list[str],
+                         *extra_args: str, timeout_s: float = 120.0) -> subprocess.Popen:
+    """Runs `fer-serve` in a subprocess and returns once every model answers over REST.
+
+    Readiness is asked over the protocol rather than read from our own log line, so the
+    same helper works when `fer-serve` execs the real tensorflow_model_server.
+    """
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "fer-serve"), "--model-config",
+         config_path, "--port", str(grpc_port), "--rest-port", str(rest_port), *extra_args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout_s
+    pending = list(models)
+    while pending and time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"fer-serve exited with {server.returncode}: "
+                                 f"{server.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{rest_port}/v1/models/{pending[0]}", timeout=2) as reply:
+                states = [s["state"] for s in json.load(reply)["model_version_status"]]
+            if "AVAILABLE" in states:
+                pending.pop(0)
+                continue
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    if pending:
+        server.kill()
+        raise AssertionError(f"fer-serve did not serve {pending} within {timeout_s:.0f} s")
+    return server

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 from components.synthetic import generate_csv
 from pipeline.config import CLASS_NAMES, CLASS_NAMES_ES, load_config
 from pipeline.runner import STEP_NAMES, RunContext, run_pipeline
-from tests.serving_fixtures import free_port
+from tests.serving_fixtures import free_port, start_server_process
 
 BIN = os.path.dirname(sys.executable)
 
@@ -148,21 +147,6 @@ def test_rerun_with_unchanged_inputs_skips_every_step(pipeline_run):
             assert len(list(Path(serving_root, name).glob("[0-9]*"))) <= 1
 
 
-def _start_server(config_path: str, grpc_port: int, rest_port: int):
-    server = subprocess.Popen(
-        [os.path.join(BIN, "fer-serve"), "--model-config", config_path,
-         "--port", str(grpc_port), "--rest-port", str(rest_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    for line in server.stdout:  # the server prints one line once every model is loaded
-        if line.startswith("fer-serve: gRPC on"):
-            return server
-        if time.time() > deadline:
-            break
-    server.kill()
-    raise AssertionError(f"fer-serve did not start (exit code {server.poll()})")
-
-
 def _client(*args: str) -> list:
     out = subprocess.run([os.path.join(BIN, "fer-client"), *args], capture_output=True,
                          text=True, timeout=120)
@@ -177,8 +161,8 @@ def test_pushed_models_answer_through_the_serving_protocol(pipeline_run):
     served = [name for name, b in blessings.items() if b["blessed"]]
     assert served, "nothing was blessed, so nothing can be served"
     grpc_port, rest_port = free_port(), free_port()
-    server = _start_server(os.path.join(ctx.serving_root, "models.config"), grpc_port,
-                           rest_port)
+    server = start_server_process(os.path.join(ctx.serving_root, "models.config"),
+                                  grpc_port, rest_port, served)
     try:
         common = ["--csv", pipeline_run["data"], "--rows", "4", "--models", ",".join(served)]
         over_grpc = _client("--port", str(grpc_port), *common)
