@@ -21,6 +21,9 @@ from pipeline.config import PipelineConfig
 log = logging.getLogger(__name__)
 
 MODEL_NAMES: tuple[str, ...] = ("cnn", "vgg16")
+# Relative paths in the config (the checked-in schema) are looked up here when they do not
+# exist relative to the working directory, so the CLI works from any directory.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -41,7 +44,10 @@ class RunContext:
 
     @property
     def schema_path(self) -> str:
-        return self.config.validation.schema_path
+        path = self.config.validation.schema_path
+        if not os.path.isabs(path) and not os.path.exists(path):
+            return str(PROJECT_ROOT / path)
+        return path
 
 
 class PipelineError(RuntimeError):

@@ -1,6 +1,7 @@
 """Configuration: seed defaults, profiles, file overrides, and typos caught."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,12 @@ def test_every_cli_command_has_help():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "ingest" in out and "push" in out
+
+
+def test_checked_in_schema_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    from pipeline.runner import RunContext
+
+    monkeypatch.chdir(tmp_path)
+    ctx = RunContext(data_path=None, run_root=str(tmp_path / "run"), config=load_config())
+    assert os.path.isfile(ctx.schema_path)
+    assert ctx.schema_path.endswith("schemas/fer2013/schema.pbtxt")
