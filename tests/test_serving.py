@@ -247,6 +247,7 @@ def test_oversized_rest_request_is_413(server):
     ({"images": np.zeros((300, 48, 48))}, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
 ])
 def test_bad_grpc_requests_get_their_code(stub, kwargs, code, fragment):
+    kwargs = dict(kwargs)  # the parametrize dict is shared: a re-run must see it unchanged
     images = kwargs.pop("images", np.zeros((2, 48, 48)))
     if "dtype" not in kwargs and images.shape[0] == 300:
         kwargs["dtype"] = np.int32  # 300 x 2304 x 4 bytes is over the 1 MiB limit
