@@ -24,13 +24,12 @@ from pipeline.config import CLASS_NAMES, FEATURE_PIXELS, NUM_CLASSES, NUM_PIXELS
 
 
 class TinyFerModel(tf.Module):
-    def __init__(self, seed: int, bias_class: int) -> None:
+    """softmax(pixels/255 @ weights + bias) behind the export contract's three signatures."""
+
+    def __init__(self, weights: np.ndarray, bias: np.ndarray) -> None:
         super().__init__()
-        rng = np.random.default_rng(seed)
-        self.weights = tf.constant(rng.normal(0, 0.05, (NUM_PIXELS, NUM_CLASSES)), tf.float32)
-        bias = np.zeros(NUM_CLASSES, np.float32)
-        bias[bias_class] = 3.0  # strong enough that this class wins on most inputs
-        self.bias = tf.constant(bias)
+        self.weights = tf.constant(weights, tf.float32)
+        self.bias = tf.constant(bias, tf.float32)
         self.names = tf.constant(list(CLASS_NAMES))
 
     def _outputs(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -56,15 +55,24 @@ class TinyFerModel(tf.Module):
         return self._outputs(pixels)
 
 
-def save_tiny_model(export_dir: str, seed: int = 0, bias_class: int = 3) -> str:
-    """Writes a SavedModel with the contract's three signatures to `export_dir`."""
-    module = TinyFerModel(seed, bias_class)
+def save_contract_model(export_dir: str, weights: np.ndarray,
+                        bias: np.ndarray | None = None) -> str:
+    """Writes a real SavedModel with the contract's three signatures to `export_dir`."""
+    module = TinyFerModel(weights, np.zeros(NUM_CLASSES) if bias is None else bias)
     tf.saved_model.save(module, export_dir, signatures={
         "serving_default": module.serve_int32.get_concrete_function(),
         "serving_uint8": module.serve_uint8.get_concrete_function(),
         "serving_examples": module.serve_examples.get_concrete_function(),
     })
     return export_dir
+
+
+def save_tiny_model(export_dir: str, seed: int = 0, bias_class: int = 3) -> str:
+    """A small random model that favours `bias_class` on most inputs."""
+    weights = np.random.default_rng(seed).normal(0, 0.05, (NUM_PIXELS, NUM_CLASSES))
+    bias = np.zeros(NUM_CLASSES)
+    bias[bias_class] = 3.0  # strong enough that this class wins on most inputs
+    return save_contract_model(export_dir, weights, bias)
 
 
 def push_version(base_path: str, version: int, template: str) -> str:

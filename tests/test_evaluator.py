@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import (CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES, NUM_PIXELS, EvalConfig)
+from tests.serving_fixtures import save_contract_model
 
 GOOD_FRACTION = 0.8
 
@@ -73,45 +74,12 @@ def write_test_split(examples_dir: Path, n: int = 300, seed: int = 0,
     return labels[order], pixels[order]
 
 
-class _TinyModel:
-    """Builds a tf.Module computing softmax(scale * onehot((shown + shift) % 7)) from pixels."""
-
-    @staticmethod
-    def build(shift: int, scale: float):
-        import tensorflow as tf
-
-        weights = np.zeros((NUM_PIXELS, NUM_CLASSES), dtype=np.float32)
-        for k in range(NUM_CLASSES):
-            weights[k, (k + shift) % NUM_CLASSES] = scale
-        names = tf.constant(list(CLASS_NAMES))
-
-        class Tiny(tf.Module):
-            def __init__(self):
-                super().__init__()
-                self.w = tf.Variable(weights)
-
-            def _predict(self, pixels):
-                x = tf.reshape(tf.cast(pixels, tf.float32), [-1, NUM_PIXELS]) / 255.0
-                probs = tf.nn.softmax(tf.matmul(x, self.w))
-                class_id = tf.argmax(probs, axis=1)
-                return {"probabilities": probs, "class_id": class_id,
-                        "class_name": tf.gather(names, class_id)}
-
-            @tf.function(input_signature=[tf.TensorSpec(None, tf.int32, name="pixels")])
-            def serve_int32(self, pixels):
-                return self._predict(pixels)
-
-            @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name="pixels")])
-            def serve_uint8(self, pixels):
-                return self._predict(pixels)
-
-            @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
-            def serve_examples(self, examples):
-                parsed = tf.io.parse_example(
-                    examples, {"pixels": tf.io.FixedLenFeature([], tf.string)})
-                return self._predict(tf.io.decode_raw(parsed["pixels"], tf.uint8))
-
-        return Tiny()
+def tiny_weights(shift: int, scale: float) -> np.ndarray:
+    """Weights making the model compute softmax(scale * onehot((shown + shift) % 7))."""
+    weights = np.zeros((NUM_PIXELS, NUM_CLASSES), dtype=np.float32)
+    for k in range(NUM_CLASSES):
+        weights[k, (k + shift) % NUM_CLASSES] = scale
+    return weights
 
 
 def expected_probabilities(pixels: np.ndarray, shift: int, scale: float) -> np.ndarray:
@@ -126,13 +94,8 @@ def expected_probabilities(pixels: np.ndarray, shift: int, scale: float) -> np.n
 def make_model_dir(root: Path, name: str, shift: int = 0, scale: float = 3.0,
                    history: bool = True) -> str:
     """models/<name>/ with serving_model/ (real SavedModel), history.json, training_info.json."""
-    import tensorflow as tf
-
     model_dir = root / name
-    model = _TinyModel.build(shift, scale)
-    tf.saved_model.save(model, str(model_dir / "serving_model"), signatures={
-        "serving_default": model.serve_int32, "serving_uint8": model.serve_uint8,
-        "serving_examples": model.serve_examples})
+    save_contract_model(str(model_dir / "serving_model"), tiny_weights(shift, scale))
     if history:
         (model_dir / "history.json").write_text(json.dumps({
             "loss": [1.9, 1.5, 1.2], "accuracy": [0.2, 0.4, 0.6],
