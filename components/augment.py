@@ -38,9 +38,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.config import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
                              FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, IMAGE_SIZE,
-                             NUM_CLASSES, AugmentConfig)
+                             EXAMPLES_PATTERN, NUM_CLASSES, SHARD_PREFIX, SHARD_SUFFIX,
+                             AugmentConfig)
 
-EXAMPLES_PATTERN = "examples-*.tfrecord"
 ORIGINAL = b"original"
 SUMMARY_DIR = ".summary"  # per-class counts written by the pipeline, read back, removed
 
@@ -132,8 +132,8 @@ def run_augment(examples_dir: str, output_dir: str, config: AugmentConfig,
             outputs.append(copies)
         _ = (outputs
              | "Merge" >> beam.Flatten()
-             | "Write" >> beam.io.WriteToTFRecord(os.path.join(train_dir, "examples"),
-                                                  file_name_suffix=".tfrecord"))
+             | "Write" >> beam.io.WriteToTFRecord(os.path.join(train_dir, SHARD_PREFIX),
+                                                  file_name_suffix=SHARD_SUFFIX))
 
     return _result(config, _read_summary(summary_dir), train_dir)
 

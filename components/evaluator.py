@@ -28,7 +28,8 @@ import numpy as np
 
 from components.pusher import SERVING_MODEL, latest_served_version
 from pipeline.artifacts import to_jsonable, write_json_atomic
-from pipeline.config import CLASS_NAMES, CLASS_NAMES_ES, FEATURE_LABEL, NUM_CLASSES, EvalConfig
+from pipeline.config import (CLASS_NAMES, CLASS_NAMES_ES, EXAMPLES_PATTERN, FEATURE_LABEL,
+                             NUM_CLASSES, EvalConfig)
 from serving.ensemble import combine_batch
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class EvalResult:
 # ----------------------------------------------------------------------------- data
 
 def _test_files(examples_dir: str) -> list[str]:
-    files = sorted(str(p) for p in (Path(examples_dir) / "test").glob("*.tfrecord*"))
+    files = sorted(str(p) for p in (Path(examples_dir) / "test").glob(EXAMPLES_PATTERN))
     if not files:
         raise FileNotFoundError(f"no test TFRecords under {examples_dir}/test")
     return files

@@ -40,13 +40,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.config import (
     FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW,
-    FEATURE_USAGE, NUM_CLASSES, NUM_PIXELS, SPLITS, USAGE_TO_SPLIT, IngestConfig)
+    FEATURE_USAGE, EXAMPLES_PATTERN, NUM_CLASSES, NUM_PIXELS, SHARD_PREFIX, SHARD_SUFFIX, SPLITS,
+    USAGE_TO_SPLIT, IngestConfig)
 
 REJECTED_DIR = "rejected"
 REJECTED_FILE = "rejected_rows.csv"
 DUPLICATES_FILE = "duplicates.json"
-SHARD_PREFIX = "examples"
-SHARD_SUFFIX = ".tfrecord"
 ORIGINAL = "original"
 # Rejections with this prefix are deliberate (leakage control), not bad input, so they do
 # not count against max_rejected_fraction.
@@ -540,7 +539,7 @@ def run_example_gen(data_path: str, output_dir: str, config: IngestConfig,
 
 def shard_paths(examples_dir: str, split: str) -> list[str]:
     """The TFRecord shards of one split, sorted."""
-    return sorted(glob.glob(os.path.join(examples_dir, split, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}")))
+    return sorted(glob.glob(os.path.join(examples_dir, split, EXAMPLES_PATTERN)))
 
 
 def _check_rejected_fraction(result: ExampleGenResult, limit: float) -> None:

@@ -41,13 +41,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 from tfx_bsl.coders import example_coder
 
-from pipeline.config import FEATURE_LABEL, FEATURE_PIXELS, NUM_CLASSES, SPLITS
+from pipeline.config import (EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS, NUM_CLASSES,
+                             SPLITS)
 
 log = logging.getLogger(__name__)
 
 STATS_FILE = "stats.tfrecord"
 HTML_FILE = "statistics.html"
-EXAMPLES_GLOB = "examples-*.tfrecord"
 # TFDV's statistics generators vectorize over Arrow record batches; ~1,000 examples of
 # 2,304 int64 pixels is ~18 MB per batch, big enough to amortize per-batch overhead.
 MIN_BATCH_SIZE = 64
@@ -70,7 +70,7 @@ def run_statistics(examples_dir: str, output_dir: str, beam_args: list[str]) -> 
     splits = present_splits(examples_dir)
     if not splits:
         raise FileNotFoundError(
-            f"no split with {EXAMPLES_GLOB} files under {examples_dir}; expected "
+            f"no split with {EXAMPLES_PATTERN} files under {examples_dir}; expected "
             f"subdirectories among {list(SPLITS)}")
     stats_paths = {split: os.path.join(output_dir, split, STATS_FILE) for split in splits}
     for path in stats_paths.values():
@@ -79,7 +79,7 @@ def run_statistics(examples_dir: str, output_dir: str, beam_args: list[str]) -> 
     options = _stats_options()
     with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
         for split in splits:
-            pattern = os.path.join(examples_dir, split, EXAMPLES_GLOB)
+            pattern = os.path.join(examples_dir, split, EXAMPLES_PATTERN)
             _ = (pipeline
                  | f"Read[{split}]" >> beam.io.ReadFromTFRecord(pattern)
                  | f"Batch[{split}]" >> beam.BatchElements(
@@ -108,7 +108,7 @@ def present_splits(examples_dir: str) -> list[str]:
     """Known splits first, in pipeline order, then any other split directory, sorted."""
     root = Path(examples_dir)
     found = {p.name for p in root.iterdir()
-             if p.is_dir() and any(p.glob(EXAMPLES_GLOB))} if root.is_dir() else set()
+             if p.is_dir() and any(p.glob(EXAMPLES_PATTERN))} if root.is_dir() else set()
     return [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
 
 

@@ -34,13 +34,11 @@ import tensorflow as tf
 from components.export import export_serving_model
 from components.models import MODEL_NAMES, build_model, model_config
 from pipeline.artifacts import to_jsonable, write_json_atomic
-from pipeline.config import FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS, TrainConfig
+from pipeline.config import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS,
+                             TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR, TrainConfig)
 
 log = logging.getLogger(__name__)
 
-TRANSFORM_GRAPH_DIR = "transform_graph"
-TRANSFORMED_DIR = "transformed"
-EXAMPLES_PATTERN = "examples-*.tfrecord"
 SERVING_MODEL_DIR = "serving_model"
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"

@@ -28,12 +28,10 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.coders.example_coder import RecordBatchToExamples
 from tfx_bsl.public import tfxio
 
-from pipeline.config import (FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS, NUM_PIXELS,
-                             SPLITS, TransformConfig)
+from pipeline.config import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
+                             NUM_PIXELS, SHARD_PREFIX, SHARD_SUFFIX, SPLITS,
+                             TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR, TransformConfig)
 
-TRANSFORM_GRAPH_DIR = "transform_graph"
-TRANSFORMED_DIR = "transformed"
-EXAMPLES_PATTERN = "examples-*.tfrecord"
 NORMALIZATIONS = ("zscore", "minmax", "scale255")
 
 # Transform reads only the two raw features that matter; the others (usage, row_number,
@@ -153,7 +151,7 @@ class _WriteTransformed(beam.PTransform):
         return (record_batches
                 | "Encode" >> beam.FlatMap(_encode_record_batch)
                 | "Write" >> beam.io.WriteToTFRecord(
-                    os.path.join(self._directory, "examples"), file_name_suffix=".tfrecord"))
+                    os.path.join(self._directory, SHARD_PREFIX), file_name_suffix=SHARD_SUFFIX))
 
 
 def _encode_record_batch(batch_and_passthrough) -> list[bytes]:

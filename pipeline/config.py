@@ -31,6 +31,13 @@ FEATURE_USAGE = "usage"            # bytes, the CSV's Usage value ("" when the C
 FEATURE_ROW = "row_number"         # int64, 1-based line number in the CSV (header is line 1)
 FEATURE_SOURCE_ROW = "source_row"  # int64, row_number of the original an example derives from
 FEATURE_AUGMENTATION = "augmentation"  # bytes, "original" or the augmentation applied
+# Every step writes its TFRecords as <split dir>/examples-SSSSS-of-NNNNN.tfrecord.
+SHARD_PREFIX = "examples"
+SHARD_SUFFIX = ".tfrecord"
+EXAMPLES_PATTERN = f"{SHARD_PREFIX}-*{SHARD_SUFFIX}"
+# Inside the Transform step's directory: the TFT output and the transformed splits.
+TRANSFORM_GRAPH_DIR = "transform_graph"
+TRANSFORMED_DIR = "transformed"
 # Feature names of the transformed examples written by Transform.
 FEATURE_IMAGE = "image"            # float32, 2304 normalized values
 
