@@ -141,13 +141,19 @@ def step_train(ctx: RunContext, model_name: str) -> StepOutcome:
         ctx.force, resumable=True)
 
 
+def _trained_models(ctx: RunContext) -> tuple[dict[str, str], dict[str, str]]:
+    """Each model's step directory, and its exported SavedModel as a fingerprinted input."""
+    model_dirs = {m: _require(ctx.dir(f"models/{m}"), f"train --model {m}") for m in ctx.models}
+    inputs = {f"model_{m}": os.path.join(d, "serving_model") for m, d in model_dirs.items()}
+    return model_dirs, inputs
+
+
 def step_evaluate(ctx: RunContext) -> StepOutcome:
     from components.evaluator import run_evaluator
 
     examples = _require(ctx.dir("examples"), "ingest")
-    model_dirs = {m: _require(ctx.dir(f"models/{m}"), f"train --model {m}") for m in ctx.models}
-    inputs = {"test": os.path.join(examples, "test"),
-              **{f"model_{m}": os.path.join(d, "serving_model") for m, d in model_dirs.items()}}
+    model_dirs, model_inputs = _trained_models(ctx)
+    inputs = {"test": os.path.join(examples, "test"), **model_inputs}
     return run_step(
         "evaluate", ctx.dir("evaluation"), inputs, ctx.config.evaluation,
         lambda out: run_evaluator(examples, model_dirs, ctx.serving_root, out,
@@ -158,9 +164,8 @@ def step_push(ctx: RunContext) -> StepOutcome:
     from components.pusher import run_pusher
 
     evaluation = _require(ctx.dir("evaluation"), "evaluate")
-    model_dirs = {m: _require(ctx.dir(f"models/{m}"), f"train --model {m}") for m in ctx.models}
-    inputs = {"evaluation": evaluation,
-              **{f"model_{m}": os.path.join(d, "serving_model") for m, d in model_dirs.items()}}
+    model_dirs, model_inputs = _trained_models(ctx)
+    inputs = {"evaluation": evaluation, **model_inputs}
     params = {"push": ctx.config.push, "serving_root": ctx.serving_root}
     return run_step(
         "push", ctx.dir("push"), inputs, params,
