@@ -74,6 +74,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "batch it is compared with")
     parser.add_argument("--batch-timeout-ms", default="2",
                         help="comma-separated: one batching server per value")
+    parser.add_argument("--server-flags", default="",
+                        help="extra fer-serve flags for the batching servers, space-separated")
     parser.add_argument("--latency-calls", type=int, default=300, help="calls per window")
     parser.add_argument("--latency-windows", type=int, default=5)
     parser.add_argument("--latency-window-s", type=float, default=4.0,
@@ -264,7 +266,7 @@ class ServerProcess:
             [sys.executable, "-m", "serving.server"]
         self.command = command + ["--model-config", config, "--host", HOST, "--port", "0",
                                   "--rest-port", "0", "--poll-seconds", "30",
-                                  "--log-level", "WARNING", *extra]
+                                  "--log-level", "INFO", *extra]
         self.log = open(log_path, "w+")
         started = time.perf_counter()
         self.process = subprocess.Popen(self.command, cwd=REPO, stdout=subprocess.PIPE,
@@ -496,7 +498,7 @@ def server_configs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     for timeout in args.batch_timeouts:
         configs.append((f"batching B={args.max_batch_size}, {timeout:g} ms",
                         ["--batching", "--max-batch-size", str(args.max_batch_size),
-                         "--batch-timeout-ms", f"{timeout:g}"]))
+                         "--batch-timeout-ms", f"{timeout:g}", *args.server_flags.split()]))
     return configs
 
 

@@ -1,22 +1,29 @@
 """Server-side batching: concurrent small requests share one model call.
 
 One queue per (model version, signature, input dtypes and per-row shapes): only requests
-whose rows can be concatenated share a queue. Each queue has `num_batch_threads` workers
-(TF Serving's option of the same name), so one batch can be collected while another runs:
-with a single worker, a batch's compute and the next batch's wait never overlap, and on the
-CNN that capped the server at 44 % of the in-process throughput. A worker takes the first
-waiting request, then keeps taking more until it has `max_batch_size` rows or `batch_timeout_s`
-has passed since the first one, concatenates the inputs along axis 0, runs the signature
-once and hands each request back its own slice of every output. A request that alone has
-more rows than max_batch_size runs by itself (TF Serving would split it; we don't need to).
+whose rows can be concatenated share a queue. Like TF Serving's batch scheduler, each queue
+has one collector and `num_batch_threads` executors:
 
-Workers exit after `idle_exit_s` without work, so versions that were unloaded do not keep
-threads (or the model objects they reference) alive.
+* the collector forms a batch from the waiting requests, in arrival order. The batch closes
+  when it holds `max_batch_size` rows, or when `batch_timeout_s` has passed since its first
+  request arrived - but only once an executor is free to run it. While every executor is
+  busy, the open batch keeps taking requests: it could not run any sooner, so waiting costs
+  no latency and buys a fuller batch. There is one collector, not one per executor: when
+  each executor collected its own batch, idle executors split the waiting requests between
+  them, and under 16 concurrent clients batches averaged ~5 rows of 16 (docs/benchmarks.md).
+* an executor concatenates the batch's inputs along axis 0, runs the signature once and
+  hands each request back its own slice of every output. Several executors let one batch's
+  compute overlap the next one's transport.
+
+A request that alone has `max_batch_size` rows or more runs by itself (TF Serving would
+split it; we don't need to). The collector and executors exit after `idle_exit_s` without
+work, so versions that were unloaded do not keep threads (or the model objects they
+reference) alive.
 """
 from __future__ import annotations
 
+import collections
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,9 +46,22 @@ class BatchingConfig:
 class _Pending:
     inputs: Mapping[str, np.ndarray]
     rows: int
+    arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     outputs: Optional[dict[str, np.ndarray]] = None
     error: Optional[BaseException] = None
+
+
+@dataclass
+class BatchingStats:
+    """What the batcher did so far: requests queued, model calls made, rows in them."""
+    requests: int = 0
+    batches: int = 0
+    rows: int = 0
+
+    @property
+    def mean_batch_rows(self) -> float:
+        return self.rows / self.batches if self.batches else 0.0
 
 
 def _batch_rows(inputs: Mapping[str, np.ndarray]) -> Optional[int]:
@@ -53,48 +73,108 @@ def _batch_rows(inputs: Mapping[str, np.ndarray]) -> Optional[int]:
 
 
 class _Queue:
+    """The requests of one batching key, their collector thread and executor threads."""
+
     def __init__(self, model: LoadedVersion, signature: str, config: BatchingConfig,
                  on_idle, on_batch) -> None:
         self.model = model
         self.signature = signature
         self.config = config
-        self.items: "queue.Queue[_Pending]" = queue.Queue()
         self._on_idle = on_idle
         self._on_batch = on_batch
-        self.threads = [threading.Thread(target=self._work, daemon=True, name=f"batcher-{i}")
-                        for i in range(max(1, config.num_batch_threads))]
+        self._changed = threading.Condition()
+        self._waiting: collections.deque[_Pending] = collections.deque()
+        self._waiting_rows = 0
+        self._free_executors = max(1, config.num_batch_threads)
+        self._ready: collections.deque[Optional[list[_Pending]]] = collections.deque()
+        self._ready_changed = threading.Condition()
+        self._closed = False
+        self.threads = [threading.Thread(target=self._collect_batches, daemon=True,
+                                         name="batch-collector")]
+        self.threads += [threading.Thread(target=self._execute_batches, daemon=True,
+                                          name=f"batch-executor-{i}")
+                         for i in range(self._free_executors)]
         for thread in self.threads:
             thread.start()
 
-    def _collect(self) -> Optional[list[_Pending]]:
-        try:
-            first = self.items.get(timeout=self.config.idle_exit_s)
-        except queue.Empty:
-            return None
-        batch, rows = [first], first.rows
-        deadline = time.monotonic() + self.config.batch_timeout_s
-        while rows < self.config.max_batch_size:
-            remaining = deadline - time.monotonic()
-            try:
-                item = self.items.get(timeout=remaining) if remaining > 0 else \
-                    self.items.get_nowait()
-            except queue.Empty:
-                break
-            batch.append(item)
-            rows += item.rows
-        return batch
+    def put(self, item: _Pending) -> None:
+        with self._changed:
+            if self._closed:  # the batcher's lock orders put() and close_if_idle()
+                raise RuntimeError("request routed to a closed batching queue")
+            self._waiting.append(item)
+            self._waiting_rows += item.rows
+            # Wake the collector only when that changes what it does: a first request
+            # starts a batch's clock, a full batch may go at once. Waking it for every
+            # request cost a context switch each (measured: ~1/3 of the per-request CPU).
+            if len(self._waiting) == 1 or self._waiting_rows >= self.config.max_batch_size:
+                self._changed.notify()
 
-    def _work(self) -> None:
+    def close_if_idle(self) -> bool:
+        with self._changed:
+            if self._waiting:
+                return False
+            self._closed = True
+            return True
+
+    # --- collector -----------------------------------------------------------------------
+
+    def _collect_batches(self) -> None:
         while True:
-            batch = self._collect()
+            batch = self._next_batch()
             if batch is None:
-                if self._on_idle(self):
-                    return
+                if self._on_idle(self):  # closes this queue unless a request just came
+                    break
                 continue
-            self._run(batch)
+            with self._ready_changed:
+                self._ready.append(batch)
+                self._ready_changed.notify()
+        with self._ready_changed:  # one stop marker per executor
+            self._ready.extend([None] * len(self.threads[1:]))
+            self._ready_changed.notify_all()
+
+    def _next_batch(self) -> Optional[list[_Pending]]:
+        """Blocks until a batch may run (see the module docstring); None when idle too long."""
+        limit, timeout = self.config.max_batch_size, self.config.batch_timeout_s
+        with self._changed:
+            while not self._waiting:
+                if not self._changed.wait(self.config.idle_exit_s) and not self._waiting:
+                    return None
+            batch, rows = [], 0
+            deadline = self._waiting[0].arrived + timeout
+            while True:
+                while self._waiting and rows + self._waiting[0].rows <= limit:
+                    item = self._waiting.popleft()
+                    self._waiting_rows -= item.rows
+                    batch.append(item)
+                    rows += item.rows
+                full = rows >= limit or bool(self._waiting)  # the next one does not fit
+                now = time.monotonic()
+                if self._free_executors and (full or now >= deadline):
+                    self._free_executors -= 1
+                    return batch
+                # Wake on a new request or a freed executor; else at the deadline.
+                self._changed.wait(deadline - now if self._free_executors and not full
+                                   else None)
+
+    # --- executors -----------------------------------------------------------------------
+
+    def _execute_batches(self) -> None:
+        while True:
+            with self._ready_changed:
+                while not self._ready:
+                    self._ready_changed.wait()
+                batch = self._ready.popleft()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            finally:
+                with self._changed:
+                    self._free_executors += 1
+                    self._changed.notify()
 
     def _run(self, batch: list[_Pending]) -> None:
-        self._on_batch()
+        self._on_batch(sum(item.rows for item in batch))
         try:
             if len(batch) == 1:
                 joined = batch[0].inputs
@@ -121,9 +201,16 @@ class Batcher:
         self.config = config
         self._queues: dict[tuple, _Queue] = {}
         self._lock = threading.Lock()
-        # Counters for tests and logs: requests that went through a queue, model calls made.
-        self.requests_queued = 0
-        self.batches_run = 0
+        self.stats = BatchingStats()
+
+    # Kept for callers that only want the counts.
+    @property
+    def requests_queued(self) -> int:
+        return self.stats.requests
+
+    @property
+    def batches_run(self) -> int:
+        return self.stats.batches
 
     def run(self, model: LoadedVersion, signature: str,
             inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -140,8 +227,8 @@ class Batcher:
                 work_queue = _Queue(model, signature, self.config, self._idle_callback(key),
                                     self._count_batch)
                 self._queues[key] = work_queue
-            work_queue.items.put(pending)
-            self.requests_queued += 1
+            work_queue.put(pending)
+            self.stats.requests += 1
         pending.done.wait()
         if pending.error is not None:
             if isinstance(pending.error, ServingError):
@@ -149,15 +236,16 @@ class Batcher:
             raise pending.error
         return pending.outputs
 
-    def _count_batch(self) -> None:
+    def _count_batch(self, rows: int) -> None:
         with self._lock:
-            self.batches_run += 1
+            self.stats.batches += 1
+            self.stats.rows += rows
 
     def _idle_callback(self, key: tuple):
         def on_idle(work_queue: _Queue) -> bool:
             # Under the lock so a request cannot be queued between the check and removal.
             with self._lock:
-                if not work_queue.items.empty():
+                if not work_queue.close_if_idle():
                     return False
                 if self._queues.get(key) is work_queue:
                     del self._queues[key]

@@ -74,21 +74,23 @@ class LoadedVersion:
         return self.signatures[name]
 
     def check_inputs(self, signature_name: str,
-                     inputs: Mapping[str, np.ndarray]) -> dict[str, tf.Tensor]:
-        """Input names, dtypes and shapes against the signature; returns them as tensors."""
+                     inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Input names, dtypes and shapes against the signature; returns them as arrays."""
         specs = self.input_specs(signature_name)
-        tensors = {key: _to_tensor(key, value, specs) for key, value in inputs.items()}
-        missing = sorted(set(specs) - set(tensors))
+        arrays = {key: _checked_array(key, value, specs) for key, value in inputs.items()}
+        missing = sorted(set(specs) - set(arrays))
         if missing:
             raise ServingError("INVALID_ARGUMENT",
                                f"missing input(s) {missing}; signature "
                                f"{signature_name or DEFAULT_SIGNATURE} expects {sorted(specs)}")
-        return tensors
+        return arrays
 
     def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Calls one signature on numpy inputs; checks names, dtypes and shapes first."""
         function = self.signature(signature_name)
-        tensors = self.check_inputs(signature_name, inputs)
+        specs = self.input_specs(signature_name)
+        tensors = {key: tf.constant(array, dtype=specs[key].dtype)
+                   for key, array in self.check_inputs(signature_name, inputs).items()}
         try:
             outputs = function(**tensors)
         except tf.errors.InvalidArgumentError as error:
@@ -110,7 +112,8 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else "invalid argument"
 
 
-def _to_tensor(key: str, value: np.ndarray, specs: Mapping[str, tf.TensorSpec]) -> tf.Tensor:
+def _checked_array(key: str, value: np.ndarray,
+                   specs: Mapping[str, tf.TensorSpec]) -> np.ndarray:
     if key not in specs:
         raise ServingError("INVALID_ARGUMENT",
                            f"unknown input {key!r}; expected {sorted(specs)}")
@@ -125,7 +128,7 @@ def _to_tensor(key: str, value: np.ndarray, specs: Mapping[str, tf.TensorSpec]) 
         raise ServingError("INVALID_ARGUMENT",
                            f"input {key!r} has shape {list(array.shape)}, signature expects "
                            f"{spec.shape}")
-    return tf.constant(array, dtype=spec.dtype)
+    return array
 
 
 def list_versions(base_path: str) -> list[int]:

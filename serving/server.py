@@ -41,6 +41,10 @@ class ServerConfig:
     num_batch_threads: int = BatchingConfig.num_batch_threads
     max_request_bytes: int = 16 * 1024 * 1024
     grpc_workers: int = 32
+    # TF Serving's --tensorflow_{intra,inter}_op_parallelism; 0 leaves TF's default (one
+    # thread per core for each). Only takes effect before this process first runs TF.
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
 
 
 class FerServer:
@@ -48,6 +52,7 @@ class FerServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        _set_tf_threads(config.intra_op_threads, config.inter_op_threads)
         self.manager = ModelManager(config.model_config, config.poll_seconds)
         batcher = None
         if config.batching:
@@ -78,12 +83,32 @@ class FerServer:
         return self
 
     def stop(self) -> None:
+        batcher = self.predictor.batcher
+        if batcher is not None:
+            log.info("batching: %d requests in %d model calls, %.1f rows per call on average",
+                     batcher.stats.requests, batcher.stats.batches,
+                     batcher.stats.mean_batch_rows)
         if self.rest_server is not None:
             self.rest_server.shutdown()
             self.rest_server.server_close()
         if self.grpc_server is not None:
             self.grpc_server.stop(grace=1).wait()
         self.manager.stop()
+
+
+def _set_tf_threads(intra_op: int, inter_op: int) -> None:
+    import tensorflow as tf
+    try:
+        if intra_op:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        if inter_op:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError:  # TF already ran in this process (tests start several servers)
+        if (intra_op and intra_op != tf.config.threading.get_intra_op_parallelism_threads()
+                or inter_op and
+                inter_op != tf.config.threading.get_inter_op_parallelism_threads()):
+            log.warning("TF thread pools already exist in this process; "
+                        "intra/inter-op thread settings ignored")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -103,6 +128,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--num-batch-threads", type=int,
                         default=BatchingConfig.num_batch_threads,
                         help="batches run at once per model (TF Serving's num_batch_threads)")
+    parser.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0,
+                        help="threads one TF op may use (0: TF's default, one per core)")
+    parser.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0,
+                        help="TF ops run at once (0: TF's default, one per core)")
     parser.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024)
     parser.add_argument("--server", choices=("auto", "embedded", "tfserving"), default="auto",
                         help="auto: the real tensorflow_model_server when it is on PATH, "
@@ -122,7 +151,9 @@ def _exec_tfserving(args: argparse.Namespace) -> None:
     command = [binary, f"--port={args.port}", f"--rest_api_port={args.rest_port}",
                f"--model_config_file={os.path.abspath(args.model_config)}",
                f"--file_system_poll_wait_seconds={max(1, int(args.poll_seconds))}",
-               f"--enable_batching={'true' if args.batching else 'false'}"]
+               f"--enable_batching={'true' if args.batching else 'false'}",
+               f"--tensorflow_intra_op_parallelism={args.tensorflow_intra_op_parallelism}",
+               f"--tensorflow_inter_op_parallelism={args.tensorflow_inter_op_parallelism}"]
     log.info("exec %s", " ".join(command))
     os.execv(binary, command)
 
@@ -137,7 +168,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         model_config=args.model_config, host=args.host, port=args.port,
         rest_port=args.rest_port, poll_seconds=args.poll_seconds, batching=args.batching,
         max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
-        num_batch_threads=args.num_batch_threads, max_request_bytes=args.max_request_bytes)
+        num_batch_threads=args.num_batch_threads, max_request_bytes=args.max_request_bytes,
+        intra_op_threads=args.tensorflow_intra_op_parallelism,
+        inter_op_threads=args.tensorflow_inter_op_parallelism)
     try:
         server = FerServer(config).start()
     except (OSError, ValueError) as error:

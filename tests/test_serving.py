@@ -408,6 +408,39 @@ def test_batching_gives_identical_results(serving_root, templates):
         batching.stop()
 
 
+def test_batcher_fills_one_batch_at_a_time():
+    """Free executors do not split the waiting requests between them: one collector forms
+    a batch until it is full (or timed out), so 8 requests arriving within the timeout make
+    one full model call even with 4 executors idle."""
+    from serving.batching import Batcher, BatchingConfig
+
+    calls = []
+
+    class RecordingModel:
+        def run(self, signature, inputs):
+            calls.append(len(inputs["x"]))
+            return {"y": inputs["x"] + 1}
+
+    batcher = Batcher(BatchingConfig(max_batch_size=8, batch_timeout_s=5.0,
+                                     num_batch_threads=4))
+    model, results = RecordingModel(), {}
+
+    def call(i):
+        time.sleep(0.005 * i)  # staggered arrivals, all well within the timeout
+        results[i] = int(batcher.run(model, "sig", {"x": np.array([[i]])})["y"][0][0])
+
+    started = time.monotonic()
+    callers = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert results == {i: i + 1 for i in range(8)}
+    assert calls == [8]
+    assert time.monotonic() - started < 4.0  # a full batch does not wait for the timeout
+    assert (batcher.stats.requests, batcher.stats.batches, batcher.stats.rows) == (8, 1, 8)
+
+
 def test_batcher_runs_batches_on_several_threads_at_once():
     """With num_batch_threads=2 a batch is collected while another one runs."""
     from serving.batching import Batcher, BatchingConfig
