@@ -201,7 +201,8 @@ class Batcher:
         self.config = config
         self._queues: dict[tuple, _Queue] = {}
         self._lock = threading.Lock()
-        self.stats = BatchingStats()
+        self.stats = BatchingStats()                      # all models
+        self.model_stats: dict[str, BatchingStats] = {}   # per model name
 
     # Kept for callers that only want the counts.
     @property
@@ -225,10 +226,11 @@ class Batcher:
             work_queue = self._queues.get(key)
             if work_queue is None or work_queue.model is not model:
                 work_queue = _Queue(model, signature, self.config, self._idle_callback(key),
-                                    self._count_batch)
+                                    self._batch_counter(model.name))
                 self._queues[key] = work_queue
             work_queue.put(pending)
             self.stats.requests += 1
+            self.model_stats.setdefault(model.name, BatchingStats()).requests += 1
         pending.done.wait()
         if pending.error is not None:
             if isinstance(pending.error, ServingError):
@@ -236,10 +238,19 @@ class Batcher:
             raise pending.error
         return pending.outputs
 
-    def _count_batch(self, rows: int) -> None:
+    def _batch_counter(self, model_name: str):
+        def count_batch(rows: int) -> None:
+            with self._lock:
+                for stats in (self.stats, self.model_stats[model_name]):
+                    stats.batches += 1
+                    stats.rows += rows
+        return count_batch
+
+    def snapshot(self) -> dict[str, BatchingStats]:
+        """A consistent copy of the per-model counters."""
         with self._lock:
-            self.stats.batches += 1
-            self.stats.rows += rows
+            return {name: BatchingStats(s.requests, s.batches, s.rows)
+                    for name, s in self.model_stats.items()}
 
     def _idle_callback(self, key: tuple):
         def on_idle(work_queue: _Queue) -> bool:

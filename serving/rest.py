@@ -6,6 +6,9 @@
          {"signature_name"?, "instances": [...]}  -> {"predictions": [...]}   (row format)
          {"signature_name"?, "inputs": ...}       -> {"outputs": ...}         (columnar)
 
+    GET  /monitoring/prometheus/metrics   -> server-side batching counters per model
+         (TF Serving's metrics path; the metric names are this server's own)
+
 Binary (string) values travel as {"b64": "..."}. JSON numbers are cast to the signature's
 dtype (an int32 input rejects 1.5; a uint8 input rejects 300). Errors are {"error": "..."}
 with 400 / 404 / 405 / 413; one bad request never stops the server.
@@ -167,6 +170,28 @@ def format_predictions(outputs: dict[str, np.ndarray], row_format: bool) -> dict
     return {"predictions": [{key: columns[key][i] for key in columns} for i in range(rows)]}
 
 
+# --- metrics -------------------------------------------------------------------------
+
+METRICS_PATH = "/monitoring/prometheus/metrics"
+_METRICS = (("requests", "Requests queued for server-side batching."),
+            ("batches", "Model calls made by server-side batching."),
+            ("rows", "Rows (examples) in those model calls; rows / batches = mean batch."))
+
+
+def prometheus_metrics(predictor: Predictor) -> str:
+    """Batching counters per model in Prometheus' text format (empty without batching)."""
+    batcher = predictor.batcher
+    per_model = batcher.snapshot() if batcher is not None else {}
+    lines = ["# TYPE fer_serve_batching_enabled gauge",
+             f"fer_serve_batching_enabled {int(batcher is not None)}"]
+    for field, help_text in _METRICS:
+        metric = f"fer_serve_batching_{field}_total"
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
+        lines += [f'{metric}{{model_name="{name}"}} {getattr(stats, field)}'
+                  for name, stats in sorted(per_model.items())]
+    return "\n".join(lines) + "\n"
+
+
 # --- the HTTP server ------------------------------------------------------------------
 
 class RestServer(ThreadingHTTPServer):
@@ -201,6 +226,14 @@ class RestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _send_text(self, status: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def _error(self, status: int, message: str) -> None:
         self._send(status, {"error": message})
 
@@ -228,6 +261,9 @@ class RestHandler(BaseHTTPRequestHandler):
             self._error(500, f"{type(error).__name__}: {error}")
 
     def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] == METRICS_PATH:
+            self._send_text(200, prometheus_metrics(self.server.predictor))
+            return
         match = self._route()
         if match is None:
             return

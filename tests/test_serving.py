@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -173,6 +174,10 @@ def test_status_and_metadata(server, stub):
     signatures = payload["metadata"]["signature_def"]["signature_def"]
     assert set(signatures) == {"serving_default", "serving_uint8", "serving_examples"}
     assert signatures["serving_default"]["inputs"]["pixels"]["dtype"] == "DT_INT32"
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.rest_port}"
+                                "/monitoring/prometheus/metrics") as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        assert "fer_serve_batching_enabled 0" in response.read().decode()
 
     request = get_model_metadata_pb2.GetModelMetadataRequest()
     request.model_spec.name = "cnn"
@@ -396,6 +401,14 @@ def test_batching_gives_identical_results(serving_root, templates):
         # The 32 concurrent requests really were merged (max 8 rows per model call).
         batcher = batching.predictor.batcher
         assert batcher.requests_queued == 32 and 4 <= batcher.batches_run < 32
+        # The same counters, as Prometheus text on TF Serving's metrics path.
+        metrics = urllib.request.urlopen(
+            f"http://127.0.0.1:{batching.rest_port}/monitoring/prometheus/metrics").read().decode()
+        assert "fer_serve_batching_enabled 1" in metrics
+        assert 'fer_serve_batching_requests_total{model_name="cnn"} 32' in metrics
+        assert f'fer_serve_batching_batches_total{{model_name="cnn"}} {batcher.batches_run}' \
+            in metrics
+        assert 'fer_serve_batching_rows_total{model_name="cnn"} 32' in metrics
         # A bad request inside a batching server fails alone and the server keeps going.
         status, _ = rest(batching, "POST", "/v1/models/cnn:predict", {"instances": [[0] * 7]})
         assert status == 400
@@ -417,6 +430,8 @@ def test_batcher_fills_one_batch_at_a_time():
     calls = []
 
     class RecordingModel:
+        name = "recording"
+
         def run(self, signature, inputs):
             calls.append(len(inputs["x"]))
             return {"y": inputs["x"] + 1}
@@ -439,13 +454,16 @@ def test_batcher_fills_one_batch_at_a_time():
     assert calls == [8]
     assert time.monotonic() - started < 4.0  # a full batch does not wait for the timeout
     assert (batcher.stats.requests, batcher.stats.batches, batcher.stats.rows) == (8, 1, 8)
+    assert batcher.snapshot()["recording"].mean_batch_rows == 8.0
 
 
 def test_batcher_runs_batches_on_several_threads_at_once():
     """With num_batch_threads=2 a batch is collected while another one runs."""
     from serving.batching import Batcher, BatchingConfig
 
-    class SlowModel:  # stands in for a loaded version: only .run is used by the batcher
+    class SlowModel:  # stands in for a loaded version: the batcher uses .name and .run
+        name = "slow"
+
         def __init__(self):
             self.lock, self.running, self.most_at_once, self.rows_seen = \
                 threading.Lock(), 0, 0, []
