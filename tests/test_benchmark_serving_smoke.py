@@ -47,6 +47,13 @@ def test_serving_benchmark_quick(tmp_path):
             throughput = measured[protocol]["throughput"]
             assert throughput["images_per_s"] > 0 and throughput["errors"] == 0
             assert throughput["server_cores"] > 0
+        if "--batching" in server["flags"]:  # read from the server's metrics endpoint
+            assert 1 <= measured["grpc"]["throughput"]["mean_batch_rows"] <= batch
+    echo = report["transport"]["cnn"]
+    assert echo["images_per_s"] > 0 and echo["errors"] == 0
+    assert echo["server_cpu_ms_per_image"] > 0 and echo["client_cpu_ms_per_image"] > 0
     assert {t["model"] for t in report["targets"]} == {"cnn"}
+    ceiling = [t["transport_ceiling"] for t in report["targets"] if "transport_ceiling" in t]
+    assert len(ceiling) == 1 and ceiling[0]["images_per_s"] > 0
     assert "| cnn (v3) | gRPC | no batching |" in report["markdown"]
     assert "images/s" in proc.stdout
