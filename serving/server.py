@@ -6,7 +6,9 @@ When the binary is on PATH (or with --server tfserving) it execs the real server
 
     fer-serve --model-config serving_models/models.config [--port 8500] [--rest-port 8501]
               [--host 127.0.0.1] [--poll-seconds 1] [--batching] [--max-batch-size 32]
-              [--batch-timeout-ms 2] [--max-request-bytes 16777216] [--server auto|embedded|tfserving]
+              [--batch-timeout-ms 2] [--num-batch-threads N] [--max-request-bytes 16777216]
+              [--tensorflow-intra-op-parallelism 0] [--tensorflow-inter-op-parallelism 0]
+              [--server auto|embedded|tfserving]
 """
 from __future__ import annotations
 

@@ -495,3 +495,22 @@ def test_batcher_runs_batches_on_several_threads_at_once():
         assert {i: int(r[0][0]) for i, r in results.items()} == {i: 2 * i for i in range(16)}
         assert model.most_at_once == expected_overlap
         assert sum(model.rows_seen) == 16 and max(model.rows_seen) <= 4
+
+
+def test_tf_thread_pool_flags_reach_tensorflow():
+    """--tensorflow-{intra,inter}-op-parallelism set TF's pools (in a fresh process: they
+    can only be set before TF first runs)."""
+    code = ("from serving.server import parse_args, _set_tf_threads\n"
+            "args = parse_args(['--model-config', 'unused', '--tensorflow-intra-op-parallelism',"
+            " '1', '--tensorflow-inter-op-parallelism', '3'])\n"
+            "_set_tf_threads(args.tensorflow_intra_op_parallelism,"
+            " args.tensorflow_inter_op_parallelism)\n"
+            "import tensorflow as tf\n"
+            "tf.constant(1) + 1\n"
+            "print(tf.config.threading.get_intra_op_parallelism_threads(),"
+            " tf.config.threading.get_inter_op_parallelism_threads())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["1", "3"]
