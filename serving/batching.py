@@ -16,7 +16,12 @@ has one collector and `num_batch_threads` executors:
   compute overlap the next one's transport.
 
 A request that alone has `max_batch_size` rows or more runs by itself (TF Serving would
-split it; we don't need to). The collector and executors exit after `idle_exit_s` without
+split it; we don't need to). When, besides the batch being formed, `max_enqueued_batches`
+full batches' worth of rows already wait, a request is refused at once with UNAVAILABLE
+(REST 503), as TF Serving does, rather than queued without bound; clients retry with backoff.
+
+The settings can come from a TF Serving batching parameters file (`--batching-parameters-file`,
+text format of TF Serving's BatchingParameters), so one file configures both servers. The collector and executors exit after `idle_exit_s` without
 work, so versions that were unloaded do not keep threads (or the model objects they
 reference) alive.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,6 +46,49 @@ class BatchingConfig:
     batch_timeout_s: float = 0.002
     idle_exit_s: float = 5.0
     num_batch_threads: int = max(2, os.cpu_count() or 1)
+    max_enqueued_batches: int = 10   # TF Serving's default
+
+
+# BatchingParameters fields this server understands, each an Int64Value: {"value": N}.
+_PARAMETER_FIELDS = ("max_batch_size", "batch_timeout_micros", "num_batch_threads",
+                     "max_enqueued_batches")
+
+
+def format_batching_parameters(config: BatchingConfig) -> str:
+    """`config` as a TF Serving batching parameters file (--batching_parameters_file)."""
+    values = {"max_batch_size": config.max_batch_size,
+              "batch_timeout_micros": round(config.batch_timeout_s * 1e6),
+              "num_batch_threads": config.num_batch_threads,
+              "max_enqueued_batches": config.max_enqueued_batches}
+    return "".join(f"{name} {{ value: {values[name]} }}\n" for name in _PARAMETER_FIELDS)
+
+
+def read_batching_parameters(path: str) -> BatchingConfig:
+    """A TF Serving batching parameters file; fields it leaves out keep our defaults.
+    Fields the embedded server cannot honour (allowed_batch_sizes, ...) are an error, not
+    silently ignored."""
+    with open(path) as handle:
+        text = re.sub(r"#[^\n]*", "", handle.read())
+    found = dict(re.findall(r"\b(\w+)\s*:?\s*\{\s*value\s*:\s*(\d+)\s*\}", text))
+    leftover = re.sub(r"\b\w+\s*:?\s*\{\s*value\s*:\s*\d+\s*\}", "", text).strip()
+    unknown = sorted(set(found) - set(_PARAMETER_FIELDS))
+    if leftover or unknown:
+        what = f"field(s) {unknown}" if unknown else f"text {leftover[:60]!r}"
+        raise ValueError(f"{path}: {what} not supported; the embedded server reads "
+                         f"{', '.join(_PARAMETER_FIELDS)} as '<name> {{ value: N }}'")
+    config = BatchingConfig()
+    if "max_batch_size" in found:
+        config.max_batch_size = int(found["max_batch_size"])
+    if "batch_timeout_micros" in found:
+        config.batch_timeout_s = int(found["batch_timeout_micros"]) / 1e6
+    if "num_batch_threads" in found:
+        config.num_batch_threads = int(found["num_batch_threads"])
+    if "max_enqueued_batches" in found:
+        config.max_enqueued_batches = int(found["max_enqueued_batches"])
+    if min(config.max_batch_size, config.num_batch_threads, config.max_enqueued_batches) < 1:
+        raise ValueError(f"{path}: max_batch_size, num_batch_threads and "
+                         "max_enqueued_batches must be at least 1")
+    return config
 
 
 @dataclass
@@ -54,10 +103,12 @@ class _Pending:
 
 @dataclass
 class BatchingStats:
-    """What the batcher did so far: requests queued, model calls made, rows in them."""
+    """What the batcher did so far: requests queued, model calls made, rows in them, and
+    requests refused because the queue was full."""
     requests: int = 0
     batches: int = 0
     rows: int = 0
+    refused: int = 0
 
     @property
     def mean_batch_rows(self) -> float:
@@ -101,6 +152,10 @@ class _Queue:
         with self._changed:
             if self._closed:  # the batcher's lock orders put() and close_if_idle()
                 raise RuntimeError("request routed to a closed batching queue")
+            limit = self.config.max_enqueued_batches * self.config.max_batch_size
+            if self._waiting_rows + item.rows > limit:
+                raise ServingError("UNAVAILABLE", "The batch scheduling queue to which this "
+                                                  "task was submitted is full")
             self._waiting.append(item)
             self._waiting_rows += item.rows
             # Wake the collector only when that can change what it does: a first request
@@ -227,9 +282,15 @@ class Batcher:
                 work_queue = _Queue(model, signature, self.config, self._idle_callback(key),
                                     self._batch_counter(model.name))
                 self._queues[key] = work_queue
-            work_queue.put(pending)
+            stats = self.model_stats.setdefault(model.name, BatchingStats())
+            try:
+                work_queue.put(pending)
+            except ServingError:
+                self.stats.refused += 1
+                stats.refused += 1
+                raise
             self.stats.requests += 1
-            self.model_stats.setdefault(model.name, BatchingStats()).requests += 1
+            stats.requests += 1
         pending.done.wait()
         if pending.error is not None:
             if isinstance(pending.error, ServingError):
@@ -248,7 +309,7 @@ class Batcher:
     def snapshot(self) -> dict[str, BatchingStats]:
         """A consistent copy of the per-model counters."""
         with self._lock:
-            return {name: BatchingStats(s.requests, s.batches, s.rows)
+            return {name: BatchingStats(s.requests, s.batches, s.rows, s.refused)
                     for name, s in self.model_stats.items()}
 
     def _idle_callback(self, key: tuple):

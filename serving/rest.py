@@ -175,7 +175,8 @@ def format_predictions(outputs: dict[str, np.ndarray], row_format: bool) -> dict
 METRICS_PATH = "/monitoring/prometheus/metrics"
 _METRICS = (("requests", "Requests queued for server-side batching."),
             ("batches", "Model calls made by server-side batching."),
-            ("rows", "Rows (examples) in those model calls; rows / batches = mean batch."))
+            ("rows", "Rows (examples) in those model calls; rows / batches = mean batch."),
+            ("refused", "Requests refused with UNAVAILABLE because the batch queue was full."))
 
 
 def prometheus_metrics(predictor: Predictor) -> str:

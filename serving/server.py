@@ -6,7 +6,8 @@ When the binary is on PATH (or with --server tfserving) it execs the real server
 
     fer-serve --model-config serving_models/models.config [--port 8500] [--rest-port 8501]
               [--host 127.0.0.1] [--poll-seconds 1] [--batching] [--max-batch-size 32]
-              [--batch-timeout-ms 2] [--num-batch-threads N] [--max-request-bytes 16777216]
+              [--batch-timeout-ms 2] [--num-batch-threads N] [--max-enqueued-batches 10]
+              [--batching-parameters-file batching.pbtxt] [--max-request-bytes 16777216]
               [--tensorflow-intra-op-parallelism 0] [--tensorflow-inter-op-parallelism 0]
               [--server auto|embedded|tfserving]
 """
@@ -18,11 +19,13 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Optional
 
-from serving.batching import Batcher, BatchingConfig
+from serving.batching import (Batcher, BatchingConfig, format_batching_parameters,
+                              read_batching_parameters)
 from serving.grpc_service import build_grpc_server
 from serving.model_manager import ModelManager, Predictor
 from serving.rest import build_rest_server
@@ -41,6 +44,7 @@ class ServerConfig:
     max_batch_size: int = 32
     batch_timeout_ms: float = 2.0
     num_batch_threads: int = BatchingConfig.num_batch_threads
+    max_enqueued_batches: int = BatchingConfig.max_enqueued_batches
     max_request_bytes: int = 16 * 1024 * 1024
     grpc_workers: int = 32
     # TF Serving's --tensorflow_{intra,inter}_op_parallelism; 0 leaves TF's default (one
@@ -61,7 +65,8 @@ class FerServer:
             batcher = Batcher(BatchingConfig(
                 max_batch_size=config.max_batch_size,
                 batch_timeout_s=config.batch_timeout_ms / 1000.0,
-                num_batch_threads=config.num_batch_threads))
+                num_batch_threads=config.num_batch_threads,
+                max_enqueued_batches=config.max_enqueued_batches))
         self.predictor = Predictor(self.manager, batcher)
         self.grpc_server = None
         self.rest_server = None
@@ -124,12 +129,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="how often to re-read models.config and the base paths")
     parser.add_argument("--batching", action="store_true",
                         help="batch concurrent requests into one model call")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-timeout-ms", type=float, default=2.0,
-                        help="longest a request waits for others to join its batch")
+    defaults = BatchingConfig()
+    # Batching settings default to None so that mixing them with a parameters file is caught.
+    parser.add_argument("--max-batch-size", type=int,
+                        help=f"rows per model call (default {defaults.max_batch_size})")
+    parser.add_argument("--batch-timeout-ms", type=float,
+                        help="longest a request waits for others to join its batch "
+                             f"(default {defaults.batch_timeout_s * 1000:g})")
     parser.add_argument("--num-batch-threads", type=int,
-                        default=BatchingConfig.num_batch_threads,
-                        help="batches run at once per model (TF Serving's num_batch_threads)")
+                        help="batches run at once per model (TF Serving's num_batch_threads; "
+                             f"default {defaults.num_batch_threads})")
+    parser.add_argument("--max-enqueued-batches", type=int,
+                        help="full batches' worth of rows that may wait before requests get "
+                             f"UNAVAILABLE (default {defaults.max_enqueued_batches})")
+    parser.add_argument("--batching-parameters-file",
+                        help="TF Serving's batching parameters file (text BatchingParameters) "
+                             "instead of the four flags above; implies --batching")
     parser.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0,
                         help="threads one TF op may use (0: TF's default, one per core)")
     parser.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0,
@@ -139,7 +154,59 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="auto: the real tensorflow_model_server when it is on PATH, "
                         "else the embedded server")
     parser.add_argument("--log-level", default="INFO")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.batching_config = _batching_config(args)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    args.batching = args.batching or bool(args.batching_parameters_file)
+    return args
+
+
+_BATCHING_FLAGS = {"max_batch_size": "--max-batch-size", "batch_timeout_ms": "--batch-timeout-ms",
+                   "num_batch_threads": "--num-batch-threads",
+                   "max_enqueued_batches": "--max-enqueued-batches"}
+
+
+def _batching_config(args: argparse.Namespace) -> BatchingConfig:
+    """The batching settings from the parameters file, or from the flags over the defaults."""
+    given = [flag for name, flag in _BATCHING_FLAGS.items() if getattr(args, name) is not None]
+    if args.batching_parameters_file:
+        if given:
+            raise ValueError(f"{', '.join(given)} and --batching-parameters-file: give the "
+                             "batching settings one way, not both")
+        return read_batching_parameters(args.batching_parameters_file)
+    config = BatchingConfig()
+    if args.max_batch_size is not None:
+        config.max_batch_size = args.max_batch_size
+    if args.batch_timeout_ms is not None:
+        config.batch_timeout_s = args.batch_timeout_ms / 1000.0
+    if args.num_batch_threads is not None:
+        config.num_batch_threads = args.num_batch_threads
+    if args.max_enqueued_batches is not None:
+        config.max_enqueued_batches = args.max_enqueued_batches
+    return config
+
+
+def tfserving_command(binary: str, args: argparse.Namespace) -> list[str]:
+    """The real TF Serving's command line for the same config, ports and settings. With
+    batching, the batching settings travel in a parameters file (written from the flags
+    when none was given), so both servers batch alike."""
+    command = [binary, f"--port={args.port}", f"--rest_api_port={args.rest_port}",
+               f"--model_config_file={os.path.abspath(args.model_config)}",
+               f"--file_system_poll_wait_seconds={max(1, int(args.poll_seconds))}",
+               f"--enable_batching={'true' if args.batching else 'false'}",
+               f"--tensorflow_intra_op_parallelism={args.tensorflow_intra_op_parallelism}",
+               f"--tensorflow_inter_op_parallelism={args.tensorflow_inter_op_parallelism}"]
+    if args.batching:
+        path = args.batching_parameters_file
+        if not path:
+            # Outlives this process on purpose: the exec'd server reads it after we are gone.
+            handle, path = tempfile.mkstemp(prefix="fer-serve-batching-", suffix=".pbtxt")
+            with os.fdopen(handle, "w") as out:
+                out.write(format_batching_parameters(args.batching_config))
+        command.append(f"--batching_parameters_file={os.path.abspath(path)}")
+    return command
 
 
 def _exec_tfserving(args: argparse.Namespace) -> None:
@@ -150,12 +217,7 @@ def _exec_tfserving(args: argparse.Namespace) -> None:
             raise SystemExit("fer-serve: --server tfserving, but tensorflow_model_server "
                              "is not on PATH")
         return
-    command = [binary, f"--port={args.port}", f"--rest_api_port={args.rest_port}",
-               f"--model_config_file={os.path.abspath(args.model_config)}",
-               f"--file_system_poll_wait_seconds={max(1, int(args.poll_seconds))}",
-               f"--enable_batching={'true' if args.batching else 'false'}",
-               f"--tensorflow_intra_op_parallelism={args.tensorflow_intra_op_parallelism}",
-               f"--tensorflow_inter_op_parallelism={args.tensorflow_inter_op_parallelism}"]
+    command = tfserving_command(binary, args)
     log.info("exec %s", " ".join(command))
     os.execv(binary, command)
 
@@ -169,8 +231,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = ServerConfig(
         model_config=args.model_config, host=args.host, port=args.port,
         rest_port=args.rest_port, poll_seconds=args.poll_seconds, batching=args.batching,
-        max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
-        num_batch_threads=args.num_batch_threads, max_request_bytes=args.max_request_bytes,
+        max_batch_size=args.batching_config.max_batch_size,
+        batch_timeout_ms=args.batching_config.batch_timeout_s * 1000.0,
+        num_batch_threads=args.batching_config.num_batch_threads,
+        max_enqueued_batches=args.batching_config.max_enqueued_batches,
+        max_request_bytes=args.max_request_bytes,
         intra_op_threads=args.tensorflow_intra_op_parallelism,
         inter_op_threads=args.tensorflow_inter_op_parallelism)
     try:

@@ -514,3 +514,80 @@ def test_tf_thread_pool_flags_reach_tensorflow():
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-2:] == ["1", "3"]
+
+
+def test_full_batch_queue_refuses_with_unavailable_and_recovers():
+    """Past max_enqueued_batches full batches of waiting rows, requests are refused at once
+    (UNAVAILABLE, REST 503) instead of queueing without bound; the rest are answered."""
+    from serving.batching import Batcher, BatchingConfig
+    from serving.model_manager import ServingError
+
+    class SlowModel:
+        name = "slow"
+
+        def run(self, signature, inputs):
+            time.sleep(0.2)
+            return {"y": inputs["x"] * 2}
+
+    batcher = Batcher(BatchingConfig(max_batch_size=2, batch_timeout_s=0.001,
+                                     num_batch_threads=1, max_enqueued_batches=1))
+    model, answers, refusals = SlowModel(), {}, []
+
+    def call(i):
+        try:
+            answers[i] = int(batcher.run(model, "sig", {"x": np.array([[i]])})["y"][0][0])
+        except ServingError as error:
+            refusals.append((error.code, error.message))
+
+    callers = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+    for caller in callers:
+        caller.start()
+        time.sleep(0.005)  # the first batch is running before most of the others arrive
+    for caller in callers:
+        caller.join()
+    assert refusals and len(refusals) + len(answers) == 12
+    assert {code for code, _ in refusals} == {"UNAVAILABLE"}
+    assert "queue" in refusals[0][1]
+    assert answers == {i: 2 * i for i in answers}
+    assert batcher.stats.refused == len(refusals) == batcher.snapshot()["slow"].refused
+    assert batcher.run(model, "sig", {"x": np.array([[21]])})["y"][0][0] == 42
+
+
+def test_batching_parameters_file_configures_both_servers(tmp_path):
+    from serving.batching import (BatchingConfig, format_batching_parameters,
+                                  read_batching_parameters)
+    from serving.server import parse_args, tfserving_command
+
+    wanted = BatchingConfig(max_batch_size=16, batch_timeout_s=0.005, num_batch_threads=3,
+                            max_enqueued_batches=7)
+    path = tmp_path / "batching.pbtxt"
+    path.write_text("# TF Serving BatchingParameters\n" + format_batching_parameters(wanted))
+    assert read_batching_parameters(str(path)) == wanted
+
+    args = parse_args(["--model-config", "models.config",
+                       "--batching-parameters-file", str(path)])
+    assert args.batching and args.batching_config == wanted  # the file implies batching
+    command = tfserving_command("tensorflow_model_server", args)
+    assert "--enable_batching=true" in command
+    assert f"--batching_parameters_file={path}" in command
+
+    # Flags instead of a file: the real server gets a file written from them.
+    args = parse_args(["--model-config", "models.config", "--batching",
+                       "--max-batch-size", "8", "--batch-timeout-ms", "3"])
+    written = [c for c in tfserving_command("tensorflow_model_server", args)
+               if c.startswith("--batching_parameters_file=")][0].split("=", 1)[1]
+    try:
+        got = read_batching_parameters(written)
+    finally:
+        os.remove(written)
+    assert (got.max_batch_size, got.batch_timeout_s) == (8, 0.003)
+    assert got == args.batching_config
+
+    # What the embedded server cannot honour is an error, and so is giving settings twice.
+    unsupported = tmp_path / "unsupported.pbtxt"
+    unsupported.write_text("max_batch_size { value: 8 }\nallowed_batch_sizes: 4\n")
+    with pytest.raises(ValueError, match="not supported"):
+        read_batching_parameters(str(unsupported))
+    with pytest.raises(SystemExit):
+        parse_args(["--model-config", "m", "--batching-parameters-file", str(path),
+                    "--max-batch-size", "4"])
