@@ -1,7 +1,7 @@
 """TF Serving's gRPC API (port 8500) over our ModelManager.
 
 Implements tensorflow.serving.PredictionService (Predict, Classify, GetModelMetadata) and
-tensorflow.serving.ModelService (GetModelStatus) with the stubs from tensorflow-serving-api,
+tensorflow.serving.ModelService (GetModelStatus, HandleReloadConfigRequest) with the stubs from tensorflow-serving-api,
 so TF Serving's own clients work unchanged. Client mistakes become gRPC status codes with a
 message (NOT_FOUND, INVALID_ARGUMENT); the server keeps serving.
 """
@@ -15,10 +15,12 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
-                                     get_model_status_pb2, model_service_pb2_grpc,
-                                     predict_pb2, prediction_service_pb2_grpc)
+                                     get_model_status_pb2, model_management_pb2,
+                                     model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc)
 
 from pipeline.config import CLASS_NAMES
+from serving.model_config import specs_from_proto
 from serving.model_manager import (DEFAULT_SIGNATURE, STATE_CODES, LoadedVersion, Predictor,
                                    ServingError)
 
@@ -156,6 +158,23 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
                 entry.status.error_message = status.error_message
         return response
 
+    @_guarded
+    def HandleReloadConfigRequest(self, request, context):
+        """Serves the given ModelServerConfig (TF Serving's runtime reconfiguration); returns
+        once the new versions are loaded. Not written back to models.config."""
+        try:
+            specs = specs_from_proto(request.config)
+        except ValueError as error:
+            raise ServingError("INVALID_ARGUMENT", f"bad model server config: {error}")
+        errors = self.manager.reload_config(specs)
+        if errors:
+            raise ServingError("UNKNOWN", "config applied, but loading failed: "
+                                          + "; ".join(errors))
+        log.info("config reloaded over gRPC: %s", [spec.name for spec in specs])
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.error_code = 0  # tensorflow.error.OK
+        return response
+
 
 def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_bytes: int,
                       workers: int = 16) -> tuple[grpc.Server, int]:
@@ -171,3 +190,4 @@ def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_by
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")
     return server, bound
+

@@ -86,6 +86,21 @@ def _from_proto(config: model_server_config_pb2.ModelServerConfig) -> list[Model
     return specs
 
 
+def specs_from_proto(config: model_server_config_pb2.ModelServerConfig) -> list[ModelSpec]:
+    """The models of a ModelServerConfig message (HandleReloadConfigRequest's payload);
+    ValueError for what this server cannot serve."""
+    if config.WhichOneof("config") != "model_config_list":
+        raise ValueError("only a model_config_list is supported (custom_model_config is not)")
+    specs = _from_proto(config)
+    names = [spec.name for spec in specs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"model name(s) {duplicates} appear more than once")
+    if any(not spec.name or not spec.base_path for spec in specs):
+        raise ValueError("every model needs a name and a base_path")
+    return specs
+
+
 def write_model_server_config(path: str, specs: Iterable[ModelSpec]) -> str:
     """Writes `specs` to `path` atomically (temp file + rename) and returns the path.
 

@@ -227,6 +227,25 @@ class ModelManager:
                 self._sync_model(spec)
             self._drop_models_not_in(specs)
 
+    def reload_config(self, specs: list[ModelSpec]) -> list[str]:
+        """ModelService.HandleReloadConfigRequest: serve `specs` now, as if models.config
+        said so (models left out are unloaded). The file wins again once it changes on
+        disk. Returns the load errors of the versions the new config wants."""
+        with self._sync_lock:
+            self._specs = list(specs)
+            for spec in specs:
+                self._sync_model(spec)
+            self._drop_models_not_in(specs)
+        errors = []
+        for spec in specs:
+            wanted = set(wanted_versions(spec, list_versions(spec.base_path)))
+            with self._lock:  # .get: a poll may have dropped it if the file changed since
+                state = self._models.get(spec.name)
+                statuses = [s for v, s in state.status.items() if v in wanted] if state else []
+            errors += [f"{spec.name} version {status.version}: {status.error_message}"
+                       for status in statuses if status.error_code != "OK"]
+        return errors
+
     def _sync_model(self, spec: ModelSpec) -> None:
         with self._lock:
             state = self._models.setdefault(spec.name, _ModelState(spec))

@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
-                                     get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
+                                     get_model_status_pb2, model_management_pb2,
+                                     model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
 from pipeline.config import CLASS_NAMES
-from serving.model_config import ModelSpec, write_model_server_config
+from serving.model_config import (ModelSpec, read_model_server_config,
+                                  write_model_server_config)
 from serving.model_manager import ModelManager
 from serving.server import FerServer, ServerConfig
 from tests.serving_fixtures import (example_bytes, free_port, push_version, random_images,
@@ -591,3 +593,72 @@ def test_batching_parameters_file_configures_both_servers(tmp_path):
     with pytest.raises(SystemExit):
         parse_args(["--model-config", "m", "--batching-parameters-file", str(path),
                     "--max-batch-size", "4"])
+
+
+def test_reload_config_request_changes_what_is_served(tmp_path, serving_root):
+    """ModelService.HandleReloadConfigRequest: the new config is served when the call
+    returns (models left out unloaded), a bad config is refused without harm, and the
+    models.config file wins again once it changes."""
+    base = read_model_server_config(serving_root)[0].base_path
+    config = write_model_server_config(str(tmp_path / "models.config"),
+                                       [ModelSpec("cnn", base, "all")])
+    running = _start(config, poll_seconds=0.2)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}")
+    models = model_service_pb2_grpc.ModelServiceStub(channel)
+    predictions = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+    def available(name):
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = name
+        try:
+            answer = models.GetModelStatus(request, timeout=10)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            return None
+        return sorted(s.version for s in answer.model_version_status
+                      if s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+
+    try:
+        assert available("cnn") == [1, 2]
+        request = model_management_pb2.ReloadConfigRequest()
+        cnn = request.config.model_config_list.config.add(name="cnn", base_path=base)
+        cnn.model_version_policy.specific.versions.append(1)
+        request.config.model_config_list.config.add(name="cnn_latest", base_path=base)
+        response = models.HandleReloadConfigRequest(request, timeout=60)
+        assert response.status.error_code == 0
+        assert available("cnn") == [1] and available("cnn_latest") == [2]
+        response, _ = grpc_predict(predictions, random_images(1), model="cnn_latest")
+        assert response.model_spec.version.value == 2
+
+        duplicate = model_management_pb2.ReloadConfigRequest()
+        duplicate.config.model_config_list.config.add(name="x", base_path=base)
+        duplicate.config.model_config_list.config.add(name="x", base_path=base)
+        custom = model_management_pb2.ReloadConfigRequest()
+        custom.config.custom_model_config.type_url = "type.googleapis.com/some.Config"
+        for bad, fragment in ((duplicate, "more than once"), (custom, "custom_model_config")):
+            with pytest.raises(grpc.RpcError) as refused:
+                models.HandleReloadConfigRequest(bad, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert fragment in refused.value.details()
+        assert available("cnn") == [1] and available("cnn_latest") == [2]
+
+        broken = tmp_path / "broken"
+        (broken / "1").mkdir(parents=True)
+        (broken / "1" / "saved_model.pb").write_bytes(b"not a SavedModel")
+        request.config.model_config_list.config.add(name="broken", base_path=str(broken))
+        with pytest.raises(grpc.RpcError) as failed:
+            models.HandleReloadConfigRequest(request, timeout=60)
+        assert failed.value.code() == grpc.StatusCode.UNKNOWN
+        assert "broken version 1" in failed.value.details()
+        assert available("cnn_latest") == [2] and available("broken") == []
+
+        time.sleep(0.05)  # a new mtime: the file is read again and wins
+        write_model_server_config(config, [ModelSpec("cnn", base, "all")])
+        deadline = time.monotonic() + 20
+        while available("cnn_latest") is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert available("cnn_latest") is None and available("broken") is None
+        assert available("cnn") == [1, 2]
+    finally:
+        channel.close()
+        running.stop()
