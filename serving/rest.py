@@ -180,7 +180,7 @@ _METRICS = (("requests", "Requests queued for server-side batching."),
 
 
 def prometheus_metrics(predictor: Predictor) -> str:
-    """Batching counters per model in Prometheus' text format (empty without batching)."""
+    """Batching counters per model in Prometheus' text format (no samples without batching)."""
     batcher = predictor.batcher
     per_model = batcher.snapshot() if batcher is not None else {}
     lines = ["# TYPE fer_serve_batching_enabled gauge",
