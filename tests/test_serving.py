@@ -329,13 +329,18 @@ def _serve_in_subprocess(config: str, log, *extra: str):
     return process, grpc_port, rest_port
 
 
-def test_new_version_under_load_loses_no_request(tmp_path, templates):
+@pytest.mark.parametrize("server_flags", [
+    [], ["--batching", "--max-batch-size", "16", "--batch-timeout-ms", "2"]],
+    ids=["unbatched", "batching"])
+def test_new_version_under_load_loses_no_request(tmp_path, templates, server_flags):
+    """With batching too: the new version gets its own batch queue while the old one
+    drains, so no request is lost or answered by a half-swapped model."""
     base = tmp_path / "cnn"
     push_version(str(base), 1, templates["a"])
     config = write_model_server_config(str(tmp_path / "models.config"),
                                        [ModelSpec("cnn", str(base))])
     log = open(tmp_path / "server.log", "w+")
-    process, grpc_port, _ = _serve_in_subprocess(config, log)
+    process, grpc_port, _ = _serve_in_subprocess(config, log, *server_flags)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     images = random_images(1, seed=4)
