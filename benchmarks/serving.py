@@ -237,9 +237,10 @@ def in_process(model: dict[str, Any], args: argparse.Namespace) -> tuple[dict, d
                 thread.start()
             for thread in threads:
                 thread.join()
-            # Every call started in the window is counted and the time runs until the last
-            # one ends: a batch-16 VGG16 call takes seconds under 16 threads, and dropping
-            # the calls still running at the window's end undercounted the floor by ~1/3.
+            # Every call started in the window is counted and the time (and CPU) run until
+            # the last one ends: a batch-16 VGG16 call takes seconds under 16 threads, and
+            # dropping the calls still running at the window's end while keeping their CPU
+            # overstated the CPU per image by half.
             cpu, elapsed = _cpu_seconds_self() - cpu0, time.time() - start
             images_done = sum(counts) * len(images)
             windows.append({"requests": sum(counts), "elapsed_s": elapsed,
