@@ -20,14 +20,17 @@ split it; we don't need to). When, besides the batch being formed, `max_enqueued
 full batches' worth of rows already wait, a request is refused at once with UNAVAILABLE
 (REST 503), as TF Serving does, rather than queued without bound; clients retry with backoff.
 
-The settings can come from a TF Serving batching parameters file (`--batching-parameters-file`,
-text format of TF Serving's BatchingParameters), so one file configures both servers. The collector and executors exit after `idle_exit_s` without
-work, so versions that were unloaded do not keep threads (or the model objects they
-reference) alive.
+The collector and executors exit after `idle_exit_s` without work, so versions that were
+unloaded do not keep threads (or the model objects they reference) alive.
+
+The settings can come from a TF Serving batching parameters file (`fer-serve
+--batching-parameters-file`, the text format of TF Serving's BatchingParameters), so one
+file configures both servers.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import re
 import threading
@@ -76,15 +79,10 @@ def read_batching_parameters(path: str) -> BatchingConfig:
         what = f"field(s) {unknown}" if unknown else f"text {leftover[:60]!r}"
         raise ValueError(f"{path}: {what} not supported; the embedded server reads "
                          f"{', '.join(_PARAMETER_FIELDS)} as '<name> {{ value: N }}'")
-    config = BatchingConfig()
-    if "max_batch_size" in found:
-        config.max_batch_size = int(found["max_batch_size"])
-    if "batch_timeout_micros" in found:
-        config.batch_timeout_s = int(found["batch_timeout_micros"]) / 1e6
-    if "num_batch_threads" in found:
-        config.num_batch_threads = int(found["num_batch_threads"])
-    if "max_enqueued_batches" in found:
-        config.max_enqueued_batches = int(found["max_enqueued_batches"])
+    values = {name: int(value) for name, value in found.items()}
+    if "batch_timeout_micros" in values:
+        values["batch_timeout_s"] = values.pop("batch_timeout_micros") / 1e6
+    config = dataclasses.replace(BatchingConfig(), **values)
     if min(config.max_batch_size, config.num_batch_threads, config.max_enqueued_batches) < 1:
         raise ValueError(f"{path}: max_batch_size, num_batch_threads and "
                          "max_enqueued_batches must be at least 1")
@@ -255,17 +253,7 @@ class Batcher:
         self.config = config
         self._queues: dict[tuple, _Queue] = {}
         self._lock = threading.Lock()
-        self.stats = BatchingStats()                      # all models
-        self.model_stats: dict[str, BatchingStats] = {}   # per model name
-
-    # Kept for callers that only want the counts.
-    @property
-    def requests_queued(self) -> int:
-        return self.stats.requests
-
-    @property
-    def batches_run(self) -> int:
-        return self.stats.batches
+        self._model_stats: dict[str, BatchingStats] = {}   # per model name
 
     def run(self, model: LoadedVersion, signature: str,
             inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -282,14 +270,12 @@ class Batcher:
                 work_queue = _Queue(model, signature, self.config, self._idle_callback(key),
                                     self._batch_counter(model.name))
                 self._queues[key] = work_queue
-            stats = self.model_stats.setdefault(model.name, BatchingStats())
+            stats = self._model_stats.setdefault(model.name, BatchingStats())
             try:
                 work_queue.put(pending)
             except ServingError:
-                self.stats.refused += 1
                 stats.refused += 1
                 raise
-            self.stats.requests += 1
             stats.requests += 1
         pending.done.wait()
         if pending.error is not None:
@@ -301,16 +287,22 @@ class Batcher:
     def _batch_counter(self, model_name: str):
         def count_batch(rows: int) -> None:
             with self._lock:
-                for stats in (self.stats, self.model_stats[model_name]):
-                    stats.batches += 1
-                    stats.rows += rows
+                stats = self._model_stats[model_name]
+                stats.batches += 1
+                stats.rows += rows
         return count_batch
 
     def snapshot(self) -> dict[str, BatchingStats]:
         """A consistent copy of the per-model counters."""
         with self._lock:
-            return {name: BatchingStats(s.requests, s.batches, s.rows, s.refused)
-                    for name, s in self.model_stats.items()}
+            return {name: dataclasses.replace(stats)
+                    for name, stats in self._model_stats.items()}
+
+    @property
+    def stats(self) -> BatchingStats:
+        """The counters summed over all models."""
+        per_model = [dataclasses.astuple(stats) for stats in self.snapshot().values()]
+        return BatchingStats(*map(sum, zip(*per_model)))
 
     def _idle_callback(self, key: tuple):
         def on_idle(work_queue: _Queue) -> bool:

@@ -1,8 +1,8 @@
 """TF Serving's gRPC API (port 8500) over our ModelManager.
 
 Implements tensorflow.serving.PredictionService (Predict, Classify, GetModelMetadata) and
-tensorflow.serving.ModelService (GetModelStatus, HandleReloadConfigRequest) with the stubs from tensorflow-serving-api,
-so TF Serving's own clients work unchanged. Client mistakes become gRPC status codes with a
+tensorflow.serving.ModelService (GetModelStatus, HandleReloadConfigRequest) with the stubs
+from tensorflow-serving-api, so TF Serving's own clients work unchanged. Client mistakes become gRPC status codes with a
 message (NOT_FOUND, INVALID_ARGUMENT); the server keeps serving.
 """
 from __future__ import annotations
@@ -190,4 +190,3 @@ def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_by
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")
     return server, bound
-

@@ -222,10 +222,7 @@ class ModelManager:
 
     def sync(self) -> None:
         with self._sync_lock:
-            specs = self._read_config()
-            for spec in specs:
-                self._sync_model(spec)
-            self._drop_models_not_in(specs)
+            self._serve(self._read_config())
 
     def reload_config(self, specs: list[ModelSpec]) -> list[str]:
         """ModelService.HandleReloadConfigRequest: serve `specs` now, as if models.config
@@ -233,20 +230,22 @@ class ModelManager:
         disk. Returns the load errors of the versions the new config wants."""
         with self._sync_lock:
             self._specs = list(specs)
-            for spec in specs:
-                self._sync_model(spec)
-            self._drop_models_not_in(specs)
+            return self._serve(specs)
+
+    def _serve(self, specs: list[ModelSpec]) -> list[str]:
+        """Loads and unloads to match `specs`; the load errors of the versions they want."""
         errors = []
         for spec in specs:
-            wanted = set(wanted_versions(spec, list_versions(spec.base_path)))
-            with self._lock:  # .get: a poll may have dropped it if the file changed since
-                state = self._models.get(spec.name)
-                statuses = [s for v, s in state.status.items() if v in wanted] if state else []
+            wanted = self._sync_model(spec)
+            with self._lock:
+                statuses = [self._models[spec.name].status.get(v) for v in wanted]
             errors += [f"{spec.name} version {status.version}: {status.error_message}"
-                       for status in statuses if status.error_code != "OK"]
+                       for status in statuses if status and status.error_code != "OK"]
+        self._drop_models_not_in(specs)
         return errors
 
-    def _sync_model(self, spec: ModelSpec) -> None:
+    def _sync_model(self, spec: ModelSpec) -> list[int]:
+        """Serves the versions `spec` wants of those on disk; returns those versions."""
         with self._lock:
             state = self._models.setdefault(spec.name, _ModelState(spec))
             state.spec = spec
@@ -266,6 +265,7 @@ class ModelManager:
                 state.status[version] = VersionStatus(version, "END")
         for version in removed:
             log.info("unloaded %s version %d", spec.name, version)
+        return wanted
 
     def _load(self, state: _ModelState, spec: ModelSpec, version: int) -> Optional[LoadedVersion]:
         previous = state.status.get(version)
@@ -373,8 +373,8 @@ class Predictor:
         if not inputs:
             raise ServingError("INVALID_ARGUMENT", "the request has no inputs")
         if self.batcher is not None:
-            model.check_inputs(signature, inputs)  # a bad request must not fail a whole batch
-            outputs = self.batcher.run(model, signature, inputs)
+            # Checked here, alone: a bad request must not fail the whole batch it would join.
+            outputs = self.batcher.run(model, signature, model.check_inputs(signature, inputs))
         else:
             outputs = model.run(signature, inputs)
         if output_filter:

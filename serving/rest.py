@@ -218,19 +218,17 @@ class RestHandler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
     def _send(self, status: int, payload: dict, headers: Optional[dict] = None) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self._send_body(status, json.dumps(payload).encode(), "application/json", headers)
 
     def _send_text(self, status: int, text: str) -> None:
-        body = text.encode()
+        self._send_body(status, text.encode(), "text/plain; version=0.0.4")
+
+    def _send_body(self, status: int, body: bytes, content_type: str,
+                   headers: Optional[dict] = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Type", content_type)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -21,7 +21,7 @@ import signal
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from serving.batching import (Batcher, BatchingConfig, format_batching_parameters,
@@ -41,10 +41,7 @@ class ServerConfig:
     rest_port: int = 8501           # REST; 0 picks a free port
     poll_seconds: float = 1.0
     batching: bool = False
-    max_batch_size: int = 32
-    batch_timeout_ms: float = 2.0
-    num_batch_threads: int = BatchingConfig.num_batch_threads
-    max_enqueued_batches: int = BatchingConfig.max_enqueued_batches
+    batching_config: BatchingConfig = field(default_factory=BatchingConfig)
     max_request_bytes: int = 16 * 1024 * 1024
     grpc_workers: int = 32
     # TF Serving's --tensorflow_{intra,inter}_op_parallelism; 0 leaves TF's default (one
@@ -62,11 +59,7 @@ class FerServer:
         self.manager = ModelManager(config.model_config, config.poll_seconds)
         batcher = None
         if config.batching:
-            batcher = Batcher(BatchingConfig(
-                max_batch_size=config.max_batch_size,
-                batch_timeout_s=config.batch_timeout_ms / 1000.0,
-                num_batch_threads=config.num_batch_threads,
-                max_enqueued_batches=config.max_enqueued_batches))
+            batcher = Batcher(config.batching_config)
         self.predictor = Predictor(self.manager, batcher)
         self.grpc_server = None
         self.rest_server = None
@@ -90,11 +83,10 @@ class FerServer:
         return self
 
     def stop(self) -> None:
-        batcher = self.predictor.batcher
-        if batcher is not None:
+        if self.predictor.batcher is not None:
+            stats = self.predictor.batcher.stats
             log.info("batching: %d requests in %d model calls, %.1f rows per call on average",
-                     batcher.stats.requests, batcher.stats.batches,
-                     batcher.stats.mean_batch_rows)
+                     stats.requests, stats.batches, stats.mean_batch_rows)
         if self.rest_server is not None:
             self.rest_server.shutdown()
             self.rest_server.server_close()
@@ -163,29 +155,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-_BATCHING_FLAGS = {"max_batch_size": "--max-batch-size", "batch_timeout_ms": "--batch-timeout-ms",
-                   "num_batch_threads": "--num-batch-threads",
-                   "max_enqueued_batches": "--max-enqueued-batches"}
-
-
 def _batching_config(args: argparse.Namespace) -> BatchingConfig:
     """The batching settings from the parameters file, or from the flags over the defaults."""
-    given = [flag for name, flag in _BATCHING_FLAGS.items() if getattr(args, name) is not None]
+    timeout = args.batch_timeout_ms
+    flags = {"--max-batch-size": ("max_batch_size", args.max_batch_size),
+             "--batch-timeout-ms": ("batch_timeout_s", None if timeout is None else timeout / 1e3),
+             "--num-batch-threads": ("num_batch_threads", args.num_batch_threads),
+             "--max-enqueued-batches": ("max_enqueued_batches", args.max_enqueued_batches)}
+    given = {flag: pair for flag, pair in flags.items() if pair[1] is not None}
     if args.batching_parameters_file:
         if given:
             raise ValueError(f"{', '.join(given)} and --batching-parameters-file: give the "
                              "batching settings one way, not both")
         return read_batching_parameters(args.batching_parameters_file)
-    config = BatchingConfig()
-    if args.max_batch_size is not None:
-        config.max_batch_size = args.max_batch_size
-    if args.batch_timeout_ms is not None:
-        config.batch_timeout_s = args.batch_timeout_ms / 1000.0
-    if args.num_batch_threads is not None:
-        config.num_batch_threads = args.num_batch_threads
-    if args.max_enqueued_batches is not None:
-        config.max_enqueued_batches = args.max_enqueued_batches
-    return config
+    return replace(BatchingConfig(), **dict(given.values()))
 
 
 def tfserving_command(binary: str, args: argparse.Namespace) -> list[str]:
@@ -231,11 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = ServerConfig(
         model_config=args.model_config, host=args.host, port=args.port,
         rest_port=args.rest_port, poll_seconds=args.poll_seconds, batching=args.batching,
-        max_batch_size=args.batching_config.max_batch_size,
-        batch_timeout_ms=args.batching_config.batch_timeout_s * 1000.0,
-        num_batch_threads=args.batching_config.num_batch_threads,
-        max_enqueued_batches=args.batching_config.max_enqueued_batches,
-        max_request_bytes=args.max_request_bytes,
+        batching_config=args.batching_config, max_request_bytes=args.max_request_bytes,
         intra_op_threads=args.tensorflow_intra_op_parallelism,
         inter_op_threads=args.tensorflow_inter_op_parallelism)
     try:

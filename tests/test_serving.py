@@ -25,6 +25,7 @@ from pipeline.config import CLASS_NAMES
 from serving.model_config import (ModelSpec, read_model_server_config,
                                   write_model_server_config)
 from serving.model_manager import ModelManager
+from serving.batching import Batcher, BatchingConfig
 from serving.server import FerServer, ServerConfig
 from tests.serving_fixtures import (example_bytes, free_port, push_version, random_images,
                                     save_tiny_model)
@@ -384,7 +385,8 @@ def test_new_version_under_load_loses_no_request(tmp_path, templates, server_fla
 # --- batching ----------------------------------------------------------------------------
 
 def test_batching_gives_identical_results(serving_root, templates):
-    batching = _start(serving_root, batching=True, max_batch_size=8, batch_timeout_ms=20)
+    batching = _start(serving_root, batching=True,
+                      batching_config=BatchingConfig(max_batch_size=8, batch_timeout_s=0.02))
     try:
         images = random_images(32, seed=5)
         expected = in_process(templates["b"], images)
@@ -407,13 +409,13 @@ def test_batching_gives_identical_results(serving_root, templates):
             expected["class_id"].tolist()
         # The 32 concurrent requests really were merged (max 8 rows per model call).
         batcher = batching.predictor.batcher
-        assert batcher.requests_queued == 32 and 4 <= batcher.batches_run < 32
+        assert batcher.stats.requests == 32 and 4 <= batcher.stats.batches < 32
         # The same counters, as Prometheus text on TF Serving's metrics path.
         metrics = urllib.request.urlopen(
             f"http://127.0.0.1:{batching.rest_port}/monitoring/prometheus/metrics").read().decode()
         assert "fer_serve_batching_enabled 1" in metrics
         assert 'fer_serve_batching_requests_total{model_name="cnn"} 32' in metrics
-        assert f'fer_serve_batching_batches_total{{model_name="cnn"}} {batcher.batches_run}' \
+        assert f'fer_serve_batching_batches_total{{model_name="cnn"}} {batcher.stats.batches}' \
             in metrics
         assert 'fer_serve_batching_rows_total{model_name="cnn"} 32' in metrics
         # A bad request inside a batching server fails alone and the server keeps going.
@@ -432,7 +434,6 @@ def test_batcher_fills_one_batch_at_a_time():
     """Free executors do not split the waiting requests between them: one collector forms
     a batch until it is full (or timed out), so 8 requests arriving within the timeout make
     one full model call even with 4 executors idle."""
-    from serving.batching import Batcher, BatchingConfig
 
     calls = []
 
@@ -466,7 +467,6 @@ def test_batcher_fills_one_batch_at_a_time():
 
 def test_batcher_runs_batches_on_several_threads_at_once():
     """With num_batch_threads=2 a batch is collected while another one runs."""
-    from serving.batching import Batcher, BatchingConfig
 
     class SlowModel:  # stands in for a loaded version: the batcher uses .name and .run
         name = "slow"
@@ -526,7 +526,6 @@ def test_tf_thread_pool_flags_reach_tensorflow():
 def test_full_batch_queue_refuses_with_unavailable_and_recovers():
     """Past max_enqueued_batches full batches of waiting rows, requests are refused at once
     (UNAVAILABLE, REST 503) instead of queueing without bound; the rest are answered."""
-    from serving.batching import Batcher, BatchingConfig
     from serving.model_manager import ServingError
 
     class SlowModel:
@@ -561,8 +560,7 @@ def test_full_batch_queue_refuses_with_unavailable_and_recovers():
 
 
 def test_batching_parameters_file_configures_both_servers(tmp_path):
-    from serving.batching import (BatchingConfig, format_batching_parameters,
-                                  read_batching_parameters)
+    from serving.batching import format_batching_parameters, read_batching_parameters
     from serving.server import parse_args, tfserving_command
 
     wanted = BatchingConfig(max_batch_size=16, batch_timeout_s=0.005, num_batch_threads=3,
