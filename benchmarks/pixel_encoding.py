@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from components.synthetic import draw_faces
-from pipeline.config import FEATURE_PIXELS, IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS
+from pipeline.contract import FEATURE_PIXELS, IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS
 
 BATCH = 256
 REPEATS = 3

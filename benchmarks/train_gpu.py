@@ -55,7 +55,7 @@ Every command starts with the same prefix PRE:
     PRE python3 benchmarks/train_gpu.py --phases schedule_best --cnn-batch 1024 \
       --vgg-batch 512 --precision bf16 --out $OUT/best.json 2>&1 | tee $OUT/best.log
 3. full schedules at the notebook batch sizes (70 / 65, notebook learning rates). At the
-   DESIGN.md rates CNN 115 epochs at b70 is ~7 min, too long next to VGG in one call: run
+   rates measured earlier (docs/benchmarks.md), CNN 115 epochs at b70 is ~7 min, too long next to VGG in one call: run
    CNN and VGG as separate calls, or shorten with --epochs-fraction 0.25:
     PRE python3 benchmarks/train_gpu.py --phases schedule_notebook --models cnn \
       --precision bf16 --out $OUT/nb_cnn.json 2>&1 | tee $OUT/nb_cnn.log
@@ -63,7 +63,7 @@ Every command starts with the same prefix PRE:
       --precision bf16 --out $OUT/nb_vgg.json 2>&1 | tee $OUT/nb_vgg.log
 Data generation takes ~1 min on 16 cores; it is cached in /tmp/fer_gpu_data_<sizes>.npz, so a
 call on a still-warm machine reuses it (a fresh machine regenerates; same seed, same data).
-Commit the JSON files under benchmarks/results/ and update DESIGN.md's GPU table.
+Commit the JSON files under benchmarks/results/ and update the GPU table in docs/benchmarks.md.
 
 Smoke (CPU, any backend, no torch needed; what tests/test_train_gpu_smoke.py runs):
     KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/train_gpu.py --smoke --out /tmp/s.json
@@ -87,8 +87,8 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from components.synthetic import FER_CLASS_COUNTS, allocate, draw_faces  # noqa: E402
-from pipeline.config import (CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS,  # noqa: E402
-                             ModelConfig, TrainConfig)
+from pipeline.config import ModelConfig, TrainConfig  # noqa: E402
+from pipeline.contract import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS  # noqa: E402
 
 NOTEBOOK = TrainConfig()  # the notebook's batch sizes, epochs and learning rates
 MODEL_NAMES = ("cnn", "vgg16")

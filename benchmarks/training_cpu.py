@@ -88,7 +88,7 @@ def _import_tf(cores: int | None):
 
 
 def _train_pattern(transform_dir: str, split: str = "train") -> str:
-    from pipeline.config import EXAMPLES_PATTERN, TRANSFORMED_DIR
+    from pipeline.contract import EXAMPLES_PATTERN, TRANSFORMED_DIR
     return os.path.join(transform_dir, TRANSFORMED_DIR, split, EXAMPLES_PATTERN)
 
 

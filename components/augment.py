@@ -2,7 +2,7 @@
 
 The seed notebook balanced FER-2013 by rotating images (disgust, 547 images, was copied
 ~33 times). We keep that idea but do it only on the training split (copies of one face on
-both sides of a split inflate test accuracy; see DESIGN.md) and vary the copies more:
+both sides of a split inflate test accuracy; see docs/architecture.md) and vary the copies more:
 a horizontal flip, a small rotation and a small shift, combined.
 
 One Beam pipeline over examples/train:
@@ -36,10 +36,10 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.config import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
-                             FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, IMAGE_SIZE,
-                             EXAMPLES_PATTERN, NUM_CLASSES, SHARD_PREFIX, SHARD_SUFFIX,
-                             AugmentConfig)
+from pipeline.config import AugmentConfig
+from pipeline.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
+    FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, IMAGE_SIZE, EXAMPLES_PATTERN, NUM_CLASSES,
+    SHARD_PREFIX, SHARD_SUFFIX)
 
 ORIGINAL = b"original"
 SUMMARY_DIR = ".summary"  # per-class counts written by the pipeline, read back, removed

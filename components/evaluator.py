@@ -26,10 +26,12 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from components.pusher import SERVING_MODEL, latest_served_version
+from components.pusher import latest_served_version
 from pipeline.artifacts import to_jsonable, write_json_atomic
-from pipeline.config import (CLASS_NAMES, CLASS_NAMES_ES, EXAMPLES_PATTERN, FEATURE_LABEL,
-                             NUM_CLASSES, EvalConfig)
+from pipeline.config import EvalConfig
+from pipeline.contract import (BLESSINGS_FILE, CLASS_NAMES, CLASS_NAMES_ES, EVALUATION_FILE,
+    EXAMPLES_PATTERN, FEATURE_LABEL, HISTORY_FILE, REPORT_HTML, TRAINING_INFO_FILE,
+    NUM_CLASSES)
 from serving.ensemble import combine_batch
 
 log = logging.getLogger(__name__)
@@ -200,12 +202,12 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
 
 
 def _model_metadata(model_dir: str) -> dict[str, Any]:
-    info = _read_json(Path(model_dir) / "training_info.json")
+    info = _read_json(Path(model_dir) / TRAINING_INFO_FILE)
     return {
         "model_dir": model_dir,
         "vgg_weights": (info or {}).get("vgg_weights"),
         "training_info": info,
-        "history": _read_json(Path(model_dir) / "history.json"),
+        "history": _read_json(Path(model_dir) / HISTORY_FILE),
     }
 
 
@@ -223,7 +225,7 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
     probs_by_model: dict[str, np.ndarray] = {}
     blessings: dict[str, dict[str, Any]] = {}
     for name, model_dir in model_dirs.items():
-        probs = predict_probabilities(str(Path(model_dir) / SERVING_MODEL), serialized)
+        probs = predict_probabilities(str(Path(model_dir) / SERVING_MODEL_DIR), serialized)
         probs_by_model[name] = probs
         metrics = classification_metrics(labels, probs)
         served = _evaluate_served(serving_root, name, serialized, labels)
@@ -247,13 +249,13 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
     }
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "evaluation.json", evaluation)
-    write_json_atomic(out / "blessings.json", blessings)
-    (out / "report.html").write_text(render_report(to_jsonable(evaluation)))
+    write_json_atomic(out / EVALUATION_FILE, evaluation)
+    write_json_atomic(out / BLESSINGS_FILE, blessings)
+    (out / REPORT_HTML).write_text(render_report(to_jsonable(evaluation)))
     return EvalResult(
-        evaluation_path=str(out / "evaluation.json"),
-        blessings_path=str(out / "blessings.json"),
-        report_path=str(out / "report.html"),
+        evaluation_path=str(out / EVALUATION_FILE),
+        blessings_path=str(out / BLESSINGS_FILE),
+        report_path=str(out / REPORT_HTML),
         test_examples=int(len(labels)),
         accuracy={name: m["accuracy"] for name, m in models.items()},
         blessed={name: b["blessed"] for name, b in blessings.items()},

@@ -38,14 +38,12 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.config import (
-    FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW,
-    FEATURE_USAGE, EXAMPLES_PATTERN, NUM_CLASSES, NUM_PIXELS, SHARD_PREFIX, SHARD_SUFFIX, SPLITS,
-    USAGE_TO_SPLIT, IngestConfig)
+from pipeline.config import IngestConfig
+from pipeline.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
+    FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, EXAMPLES_PATTERN, NUM_CLASSES, NUM_PIXELS,
+    SHARD_PREFIX, SHARD_SUFFIX, SPLITS, USAGE_TO_SPLIT, REJECTED_DIR, REJECTED_FILE,
+    DUPLICATES_FILE)
 
-REJECTED_DIR = "rejected"
-REJECTED_FILE = "rejected_rows.csv"
-DUPLICATES_FILE = "duplicates.json"
 ORIGINAL = "original"
 # Rejections with this prefix are deliberate (leakage control), not bad input, so they do
 # not count against max_rejected_fraction.

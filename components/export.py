@@ -19,15 +19,10 @@ import keras
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from pipeline.config import CLASS_NAMES, FEATURE_IMAGE, FEATURE_PIXELS, NUM_PIXELS
+from pipeline.contract import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_PIXELS, NUM_PIXELS,
+    SIGNATURE_DEFAULT, SIGNATURE_UINT8, SIGNATURE_EXAMPLES, INPUT_EXAMPLES,
+    OUTPUT_PROBABILITIES, OUTPUT_CLASS_ID, OUTPUT_CLASS_NAME)
 
-SIGNATURE_DEFAULT = "serving_default"
-SIGNATURE_UINT8 = "serving_uint8"
-SIGNATURE_EXAMPLES = "serving_examples"
-INPUT_EXAMPLES = "examples"
-OUTPUT_PROBABILITIES = "probabilities"
-OUTPUT_CLASS_ID = "class_id"
-OUTPUT_CLASS_NAME = "class_name"
 PIXEL_MAX = 255
 RAW_PIXELS_SPEC = tf.io.FixedLenFeature([], tf.string)
 

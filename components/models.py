@@ -20,7 +20,8 @@ import os
 import keras
 from keras import layers
 
-from pipeline.config import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, ModelConfig, TrainConfig
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.contract import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS
 
 MODEL_NAMES: tuple[str, ...] = ("cnn", "vgg16")
 VGG_WEIGHTS_NONE = "none"

@@ -23,16 +23,13 @@ from typing import Mapping, Optional
 
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import PushConfig
+from pipeline.contract import (MODELS_CONFIG, DOCKER_MODELS_CONFIG, SERVING_MODEL_DIR,
+    BLESSINGS_FILE, PUSH_FILE)
 from serving.model_config import (ModelSpec, container_config, docker_command,
                                   write_model_server_config)
 
 log = logging.getLogger(__name__)
 
-MODELS_CONFIG = "models.config"
-# The same config with container paths (/models/...), for the official TF Serving image
-# with the serving root mounted at /models.
-DOCKER_MODELS_CONFIG = "models.docker.config"
-SERVING_MODEL = "serving_model"        # the trainer's SavedModel directory inside a model dir
 TEMP_PREFIX = ".tmp-"                  # in-flight copies
 DELETE_PREFIX = ".deleting-"           # old versions being removed
 
@@ -150,14 +147,14 @@ def _prune_versions(model_root: Path, keep: int) -> list[int]:
 # ----------------------------------------------------------------------------- entry point
 
 def _read_blessings(evaluation_dir: str) -> dict[str, dict]:
-    path = Path(evaluation_dir) / "blessings.json"
+    path = Path(evaluation_dir) / BLESSINGS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the evaluator before the pusher")
     return json.loads(path.read_text())
 
 
 def _push_one(name: str, model_dir: str, serving_root: Path, keep: int) -> ModelPush:
-    source = Path(model_dir) / SERVING_MODEL
+    source = Path(model_dir) / SERVING_MODEL_DIR
     if not (source / "saved_model.pb").exists():
         raise FileNotFoundError(f"model {name!r}: no SavedModel at {source}")
     model_root = serving_root / name
@@ -223,7 +220,7 @@ def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str, serving_root:
         # always lists exactly the models whose versions are in the directory.
         config_path = write_serving_config(str(root))
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    push_json = str(Path(output_dir) / "push.json")
+    push_json = str(Path(output_dir) / PUSH_FILE)
     docker_config = str(root / DOCKER_MODELS_CONFIG)
     # A local tensorflow_model_server reads host paths; the Docker image, container paths.
     serve_config = config_path if shutil.which("tensorflow_model_server") else docker_config

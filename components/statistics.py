@@ -41,13 +41,11 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 from tfx_bsl.coders import example_coder
 
-from pipeline.config import (EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS, NUM_CLASSES,
-                             SPLITS)
+from pipeline.contract import (EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS, NUM_CLASSES,
+    SPLITS, STATISTICS_FILE, STATISTICS_HTML)
 
 log = logging.getLogger(__name__)
 
-STATS_FILE = "stats.tfrecord"
-HTML_FILE = "statistics.html"
 # TFDV's statistics generators vectorize over Arrow record batches; ~1,000 examples of
 # 2,304 int64 pixels is ~18 MB per batch, big enough to amortize per-batch overhead.
 MIN_BATCH_SIZE = 64
@@ -72,7 +70,7 @@ def run_statistics(examples_dir: str, output_dir: str, beam_args: list[str]) -> 
         raise FileNotFoundError(
             f"no split with {EXAMPLES_PATTERN} files under {examples_dir}; expected "
             f"subdirectories among {list(SPLITS)}")
-    stats_paths = {split: os.path.join(output_dir, split, STATS_FILE) for split in splits}
+    stats_paths = {split: os.path.join(output_dir, split, STATISTICS_FILE) for split in splits}
     for path in stats_paths.values():
         os.makedirs(os.path.dirname(path), exist_ok=True)
 
@@ -90,7 +88,7 @@ def run_statistics(examples_dir: str, output_dir: str, beam_args: list[str]) -> 
 
     _remove_empty_beam_temp_dirs(output_dir)
     stats = {split: _load_named(stats_paths[split], split) for split in splits}
-    html_path = os.path.join(output_dir, HTML_FILE)
+    html_path = os.path.join(output_dir, STATISTICS_HTML)
     Path(html_path).write_text(statistics_page(stats))
     log.info("statistics for %s in %.1f s", ", ".join(splits), time.time() - started)
     return StatisticsResult(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, USAGE_TO_SPLIT
+from pipeline.contract import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, USAGE_TO_SPLIT
 
 # FER-2013's real counts; generated files keep these proportions at any size.
 FER_CLASS_COUNTS: dict[str, int] = {

@@ -34,17 +34,14 @@ import tensorflow as tf
 from components.export import export_serving_model
 from components.models import MODEL_NAMES, build_model, model_config
 from pipeline.artifacts import to_jsonable, write_json_atomic
-from pipeline.config import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS,
-                             TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR, TrainConfig)
+from pipeline.config import TrainConfig
+from pipeline.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS,
+    TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR, SERVING_MODEL_DIR, CHECKPOINTS_DIR, LOGS_DIR,
+    HISTORY_FILE, TRAINING_INFO_FILE)
 
 log = logging.getLogger(__name__)
 
-SERVING_MODEL_DIR = "serving_model"
-CHECKPOINTS_DIR = "checkpoints"
-LOGS_DIR = "logs"
 WORKERS_DIR = "workers"
-HISTORY_FILE = "history.json"
-TRAINING_INFO_FILE = "training_info.json"
 CSV_LOG_FILE = "training_log.csv"
 # Written into checkpoints/ after every epoch, next to BackupAndRestore's files.
 EPOCH_LOG_FILE = "epochs.json"

@@ -28,9 +28,9 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.coders.example_coder import RecordBatchToExamples
 from tfx_bsl.public import tfxio
 
-from pipeline.config import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
-                             NUM_PIXELS, SHARD_PREFIX, SHARD_SUFFIX, SPLITS,
-                             TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR, TransformConfig)
+from pipeline.config import TransformConfig
+from pipeline.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
+    NUM_PIXELS, SHARD_PREFIX, SHARD_SUFFIX, SPLITS, TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
 
 NORMALIZATIONS = ("zscore", "minmax", "scale255")
 

@@ -22,13 +22,12 @@ import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2, statistics_pb2
 
 from pipeline.artifacts import write_json_atomic
-from pipeline.config import CLASS_NAMES, FEATURE_LABEL, SPLITS, ValidationConfig
+from pipeline.config import ValidationConfig
+from pipeline.contract import (CLASS_NAMES, FEATURE_LABEL, SPLITS, STATISTICS_FILE, DRIFT_FILE,
+    VALIDATION_REPORT)
 
 log = logging.getLogger(__name__)
 
-STATS_FILE = "stats.tfrecord"      # as written by components/statistics.py
-DRIFT_FILE = "drift.json"
-REPORT_FILE = "report.txt"
 BASELINE_SPLIT = "train"           # drift is measured against the training split
 OVERRIDE_FLAG = "--allow-anomalies"
 
@@ -92,7 +91,7 @@ def run_validation(statistics_dir: str, schema_path: str, output_dir: str,
     drift_path = os.path.join(output_dir, DRIFT_FILE)
     write_json_atomic(drift_path, drift_record(stats, drift, config.label_linf_threshold))
     summary = summarize(anomalies, drift, problems, blocking)
-    report_path = os.path.join(output_dir, REPORT_FILE)
+    report_path = os.path.join(output_dir, VALIDATION_REPORT)
     observed = {split: {feature: observed_summary(stats[split], feature)
                         for feature in a.anomaly_info}
                 for split, a in anomalies_protos.items()}
@@ -131,11 +130,11 @@ def load_split_statistics(
         statistics_dir: str) -> dict[str, statistics_pb2.DatasetFeatureStatisticsList]:
     """Known splits first, in pipeline order, then any other split directory."""
     root = Path(statistics_dir)
-    found = {p.parent.name for p in root.glob(f"*/{STATS_FILE}")}
+    found = {p.parent.name for p in root.glob(f"*/{STATISTICS_FILE}")}
     if not found:
-        raise FileNotFoundError(f"no <split>/{STATS_FILE} under {statistics_dir}")
+        raise FileNotFoundError(f"no <split>/{STATISTICS_FILE} under {statistics_dir}")
     ordered = [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
-    return {split: tfdv.load_statistics(str(root / split / STATS_FILE)) for split in ordered}
+    return {split: tfdv.load_statistics(str(root / split / STATISTICS_FILE)) for split in ordered}
 
 
 def label_distribution(

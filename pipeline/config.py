@@ -12,36 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-# The seven FER-2013 classes, in label order. Spanish names are the seed notebook's.
-CLASS_NAMES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-CLASS_NAMES_ES: tuple[str, ...] = (
-    "Enfado", "Asco", "Miedo", "Felicidad", "Tristeza", "Sorpresa", "Neutral")
-NUM_CLASSES = len(CLASS_NAMES)
-IMAGE_SIZE = 48
-NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
-
-# FER-2013's Usage values and the split each maps to.
-USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "validation", "PrivateTest": "test"}
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
-
-# Feature names of the raw tf.Examples written by ExampleGen (the artifact contract).
-FEATURE_LABEL = "emotion"          # int64, 0..6
-FEATURE_PIXELS = "pixels"          # bytes, 2304 raw uint8 values, row-major 48x48
-FEATURE_USAGE = "usage"            # bytes, the CSV's Usage value ("" when the CSV has none)
-FEATURE_ROW = "row_number"         # int64, 1-based line number in the CSV (header is line 1)
-FEATURE_SOURCE_ROW = "source_row"  # int64, row_number of the original an example derives from
-FEATURE_AUGMENTATION = "augmentation"  # bytes, "original" or the augmentation applied
-# Every step writes its TFRecords as <split dir>/examples-SSSSS-of-NNNNN.tfrecord.
-SHARD_PREFIX = "examples"
-SHARD_SUFFIX = ".tfrecord"
-EXAMPLES_PATTERN = f"{SHARD_PREFIX}-*{SHARD_SUFFIX}"
-# Inside the Transform step's directory: the TFT output and the transformed splits.
-TRANSFORM_GRAPH_DIR = "transform_graph"
-TRANSFORMED_DIR = "transformed"
-# Feature names of the transformed examples written by Transform.
-FEATURE_IMAGE = "image"            # float32, 2304 normalized values
-
-
 @dataclass
 class IngestConfig:
     split_mode: str = "usage"          # "usage" (FER-2013's column) or "random" (stratified)

@@ -28,7 +28,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from pipeline.config import CLASS_NAMES, CLASS_NAMES_ES, EvalConfig, IMAGE_SIZE, NUM_PIXELS
+from pipeline.config import EvalConfig
+from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, IMAGE_SIZE, NUM_PIXELS
 
 DEFAULT_MODELS = ("cnn", "vgg16")
 EXIT_UNAVAILABLE = 2

@@ -1,6 +1,6 @@
 """`fer-serve`: serves a pushed serving root over TF Serving's gRPC and REST protocols.
 
-The real tensorflow_model_server cannot be installed here (see DESIGN.md), so this embedded
+The real tensorflow_model_server has no pip or Debian package (see docs/serving.md), so this embedded
 server speaks the same protocol over the same models.config: one client works against both.
 When the binary is on PATH (or with --server tfserving) it execs the real server instead.
 

@@ -20,7 +20,7 @@ import urllib.request
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import CLASS_NAMES, FEATURE_PIXELS, NUM_CLASSES, NUM_PIXELS
+from pipeline.contract import CLASS_NAMES, FEATURE_PIXELS, NUM_CLASSES, NUM_PIXELS
 
 
 class TinyFerModel(tf.Module):

@@ -10,9 +10,9 @@ import tensorflow as tf
 
 from components import augment
 from components.augment import AugmentParams
-from pipeline.config import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
-                             FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE,
-                             NUM_PIXELS, AugmentConfig)
+from pipeline.config import AugmentConfig
+from pipeline.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
+    FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, NUM_PIXELS)
 
 # Originals per class; neutral (6) has none, to check that it is reported, not a crash.
 CLASS_COUNTS = (9, 2, 4, 6, 3, 5, 0)

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.config import CLASS_NAMES, CLASS_NAMES_ES
+from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES
 from serving import client as fer_client
 from serving.client import FerClient, ServerUnavailable, classify
 from serving.faces import faces_in_file, find_faces

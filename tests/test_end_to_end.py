@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from components.synthetic import generate_csv
-from pipeline.config import CLASS_NAMES, CLASS_NAMES_ES, load_config
+from pipeline.config import load_config
+from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES
 from pipeline.runner import STEP_NAMES, RunContext, run_pipeline
 from tests.serving_fixtures import free_port, start_server_process
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.config import CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES
+from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES
 from serving.ensemble import combine, combine_batch
 
 

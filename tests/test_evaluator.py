@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import (CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES, NUM_PIXELS, EvalConfig)
+from pipeline.config import EvalConfig
+from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES, NUM_PIXELS
 from tests.serving_fixtures import save_contract_model
 
 GOOD_FRACTION = 0.8

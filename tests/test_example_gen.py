@@ -18,9 +18,9 @@ from components.example_gen import (
     ReadChunkLines, TooManyRejectedRows, plan_chunks, run_example_gen, shard_paths,
     split_boundaries)
 from components.synthetic import draw_faces, encode_pixel_strings, generate_csv
-from pipeline.config import (
-    FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW,
-    FEATURE_USAGE, NUM_PIXELS, SPLITS, IngestConfig)
+from pipeline.config import IngestConfig
+from pipeline.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
+    FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, NUM_PIXELS, SPLITS)
 
 # Bad rows, each with the reason code the rejected file must give it.
 BAD_ROWS: list[tuple[bytes, str]] = [

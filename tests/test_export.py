@@ -14,9 +14,9 @@ from components.export import export_serving_model
 from components.models import build_cnn
 from components.synthetic import draw_faces
 from components.transform import run_transform
-from pipeline.config import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
-                             IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, ModelConfig,
-                             TransformConfig)
+from pipeline.config import ModelConfig, TransformConfig
+from pipeline.contract import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
+    IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS)
 
 TOLERANCE = 1e-5
 

@@ -21,7 +21,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from pipeline.config import CLASS_NAMES
+from pipeline.contract import CLASS_NAMES
 from serving.model_config import (ModelSpec, read_model_server_config,
                                   write_model_server_config)
 from serving.model_manager import ModelManager

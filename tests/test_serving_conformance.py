@@ -2,7 +2,7 @@
 
 The same checks run against the embedded `fer-serve` and, when `tensorflow_model_server`
 is on PATH, against the real TF Serving over the same serving root (skipped otherwise: it
-cannot be installed on this machine, see DESIGN.md). What is checked is what TF Serving's
+has no pip or Debian package, see docs/serving.md). What is checked is what TF Serving's
 api_rest.md and apis/*.proto promise, so a client that passes here works against both.
 """
 from __future__ import annotations

@@ -13,10 +13,10 @@ import tensorflow as tf
 import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
-from components.statistics import (HTML_FILE, STATS_FILE, pixels_as_int_lists,
+from components.statistics import (STATISTICS_HTML, STATISTICS_FILE, pixels_as_int_lists,
                                    present_splits, run_statistics)
-from pipeline.config import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
-                             FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, NUM_PIXELS)
+from pipeline.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
+    FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, NUM_PIXELS)
 
 ALL_FEATURES = (FEATURE_LABEL, FEATURE_PIXELS, FEATURE_USAGE, FEATURE_ROW, FEATURE_SOURCE_ROW,
                 FEATURE_AUGMENTATION)
@@ -93,12 +93,12 @@ def test_one_statistics_file_per_split_with_example_counts(clean_run):
     assert result.splits == ["train", "validation", "test"]
     assert result.num_examples == {"train": 140, "validation": 70, "test": 70}
     for split in result.splits:
-        path = os.path.join(out, split, STATS_FILE)
+        path = os.path.join(out, split, STATISTICS_FILE)
         assert result.stats_paths[split] == path
         assert tfdv.load_statistics(path).datasets[0].num_examples == result.num_examples[split]
     # Beam's empty temp directories are cleaned up; only the statistics remain.
-    assert sorted(os.listdir(out)) == sorted([HTML_FILE, "train", "validation", "test"])
-    assert os.listdir(os.path.join(out, "train")) == [STATS_FILE]
+    assert sorted(os.listdir(out)) == sorted([STATISTICS_HTML, "train", "validation", "test"])
+    assert os.listdir(os.path.join(out, "train")) == [STATISTICS_FILE]
 
 
 def test_pixels_are_counted_and_ranged_as_integers(clean_run):
@@ -126,8 +126,8 @@ def test_other_features_are_kept(clean_run):
 
 def test_html_page_shows_every_split_and_feature(clean_run):
     result, out = clean_run
-    page = open(os.path.join(out, HTML_FILE)).read()
-    assert result.html_path == os.path.join(out, HTML_FILE)
+    page = open(os.path.join(out, STATISTICS_HTML)).read()
+    assert result.html_path == os.path.join(out, STATISTICS_HTML)
     for name in ALL_FEATURES + ("train: 140 examples", "validation: 70", "test: 70"):
         assert name in page
     # The Facets view embeds all three splits, not only the two TFDV's helper compares.

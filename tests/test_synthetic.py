@@ -8,7 +8,7 @@ import pytest
 
 from components.synthetic import (
     FER_CLASS_COUNTS, FER_USAGE_COUNTS, allocate, draw_faces, generate_csv)
-from pipeline.config import CLASS_NAMES, IMAGE_SIZE, NUM_PIXELS
+from pipeline.contract import CLASS_NAMES, IMAGE_SIZE, NUM_PIXELS
 
 
 @pytest.fixture(scope="module")

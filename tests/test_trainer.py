@@ -19,7 +19,8 @@ from components.models import build_vgg16_base
 from components.trainer import (BEST_WEIGHTS_FILE, CHECKPOINTS_DIR, CRASH_ENV,
                                  CRASH_EXIT_CODE, HISTORY_FILE, SERVING_MODEL_DIR,
                                  TRAINING_INFO_FILE, WORKERS_DIR, make_dataset, run_trainer)
-from pipeline.config import NUM_CLASSES, NUM_PIXELS, ModelConfig, TrainConfig
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.contract import NUM_CLASSES, NUM_PIXELS
 from tests.test_export import make_transform_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 
 from components import transform
-from pipeline.config import (FEATURE_AUGMENTATION, FEATURE_IMAGE, FEATURE_LABEL,
-                             FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE,
-                             NUM_PIXELS, TransformConfig)
+from pipeline.config import TransformConfig
+from pipeline.contract import (FEATURE_AUGMENTATION, FEATURE_IMAGE, FEATURE_LABEL,
+    FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, NUM_PIXELS)
 
 TRANSFORMED_SPEC = {
     FEATURE_IMAGE: tf.io.FixedLenFeature([NUM_PIXELS], tf.float32),

@@ -9,10 +9,10 @@ import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import schema_pb2
 
 from components.statistics import run_statistics
-from components.validation import (DRIFT_FILE, REPORT_FILE, DataValidationError,
+from components.validation import (DRIFT_FILE, VALIDATION_REPORT, DataValidationError,
                                    raise_if_blocking, run_validation)
-from pipeline.config import (FEATURE_LABEL, FEATURE_PIXELS, FEATURE_USAGE, NUM_PIXELS,
-                             ValidationConfig)
+from pipeline.config import ValidationConfig
+from pipeline.contract import FEATURE_LABEL, FEATURE_PIXELS, FEATURE_USAGE, NUM_PIXELS
 from tests.test_statistics import balanced_labels, write_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +80,7 @@ def test_clean_data_passes(clean_stats, tmp_path):
     assert result.drift["test"].tfdv_linf == 0.0
     for split in ("train", "validation", "test"):
         assert os.path.exists(tmp_path / f"{split}.anomalies.pbtxt")
-    report = (tmp_path / REPORT_FILE).read_text()
+    report = (tmp_path / VALIDATION_REPORT).read_text()
     assert "[validation] 70 examples: no anomalies" in report
     raise_if_blocking(result)  # does not raise
 
@@ -93,7 +93,7 @@ def test_broken_data_is_reported_and_blocks(broken_stats, tmp_path):
     assert "9" in result.anomalies["validation"][FEATURE_LABEL]
     assert "values per example 2000..2304" in result.anomalies["validation"][FEATURE_PIXELS]
     assert FEATURE_USAGE in result.anomalies["test"]
-    report = (tmp_path / REPORT_FILE).read_text()
+    report = (tmp_path / VALIDATION_REPORT).read_text()
     for text in ("- emotion: Out-of-range values: Unexpectedly large value: 9.",
                  "- pixels: Missing values", "values per example 2000..2304",
                  "- usage: Column dropped", "BLOCKING"):
@@ -111,7 +111,7 @@ def test_allow_anomalies_reports_without_blocking(broken_stats, tmp_path):
     result = run_validation(broken_stats, SCHEMA, str(tmp_path), config)
     assert not result.blocking
     assert set(result.anomalies["validation"]) == {FEATURE_LABEL, FEATURE_PIXELS}
-    assert "allowed by --allow-anomalies" in (tmp_path / REPORT_FILE).read_text()
+    assert "allowed by --allow-anomalies" in (tmp_path / VALIDATION_REPORT).read_text()
     raise_if_blocking(result)
 
 
@@ -126,7 +126,7 @@ def test_label_skew_is_drift_with_its_distance(skewed_stats, tmp_path):
     assert drift["comparisons"]["validation"]["drifted"] is True
     assert drift["distributions"]["validation"]["3 happy"] == pytest.approx(happy_share)
     assert result.blocking
-    assert "DRIFT" in (tmp_path / REPORT_FILE).read_text()
+    assert "DRIFT" in (tmp_path / VALIDATION_REPORT).read_text()
 
 
 def test_drift_threshold_comes_from_the_config(skewed_stats, tmp_path):

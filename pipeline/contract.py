@@ -1,0 +1,75 @@
+"""The artifact contract: every name two steps (or a step and the server) must agree on.
+
+Class names, feature keys, signature names, step output names and the files inside them.
+`components/` and `serving/` import these from here; this module imports nothing of the
+orchestrator (no runner, no config loading), so the server and the client can use it on
+their own.
+"""
+from __future__ import annotations
+
+# The seven FER-2013 classes, in label order. Spanish names are the seed notebook's.
+CLASS_NAMES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+CLASS_NAMES_ES: tuple[str, ...] = (
+    "Enfado", "Asco", "Miedo", "Felicidad", "Tristeza", "Sorpresa", "Neutral")
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SIZE = 48
+NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+
+# FER-2013's Usage values and the split each maps to.
+USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "validation", "PrivateTest": "test"}
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+# Feature names of the raw tf.Examples written by ExampleGen.
+FEATURE_LABEL = "emotion"          # int64, 0..6
+FEATURE_PIXELS = "pixels"          # bytes, 2304 raw uint8 values, row-major 48x48
+FEATURE_USAGE = "usage"            # bytes, the CSV's Usage value ("" when the CSV has none)
+FEATURE_ROW = "row_number"         # int64, 1-based line number in the CSV (header is line 1)
+FEATURE_SOURCE_ROW = "source_row"  # int64, row_number of the original an example derives from
+FEATURE_AUGMENTATION = "augmentation"  # bytes, "original" or the augmentation applied
+# Feature names of the transformed examples written by Transform.
+FEATURE_IMAGE = "image"            # float32, 2304 normalized values
+
+# Every step writes its TFRecords as <split dir>/examples-SSSSS-of-NNNNN.tfrecord.
+SHARD_PREFIX = "examples"
+SHARD_SUFFIX = ".tfrecord"
+EXAMPLES_PATTERN = f"{SHARD_PREFIX}-*{SHARD_SUFFIX}"
+
+# Files every committed step output holds.
+MANIFEST_FILE = "manifest.json"
+
+# ExampleGen's output.
+REJECTED_DIR = "rejected"
+REJECTED_FILE = "rejected_rows.csv"
+DUPLICATES_FILE = "duplicates.json"
+# Statistics and validation outputs.
+STATISTICS_FILE = "stats.tfrecord"
+STATISTICS_HTML = "statistics.html"
+DRIFT_FILE = "drift.json"
+VALIDATION_REPORT = "report.txt"
+# Inside the Transform step's output: the TFT output and the transformed splits.
+TRANSFORM_GRAPH_DIR = "transform_graph"
+TRANSFORMED_DIR = "transformed"
+# Inside a trained model's output.
+SERVING_MODEL_DIR = "serving_model"
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"
+HISTORY_FILE = "history.json"
+TRAINING_INFO_FILE = "training_info.json"
+# Evaluation and push outputs.
+EVALUATION_FILE = "evaluation.json"
+BLESSINGS_FILE = "blessings.json"
+REPORT_HTML = "report.html"
+PUSH_FILE = "push.json"
+# The serving root, as TF Serving reads it.
+MODELS_CONFIG = "models.config"
+DOCKER_MODELS_CONFIG = "models.docker.config"
+
+# SavedModel signatures and tensor names (what the server and the client speak).
+SIGNATURE_DEFAULT = "serving_default"
+SIGNATURE_UINT8 = "serving_uint8"
+SIGNATURE_EXAMPLES = "serving_examples"
+INPUT_PIXELS = FEATURE_PIXELS
+INPUT_EXAMPLES = "examples"
+OUTPUT_PROBABILITIES = "probabilities"
+OUTPUT_CLASS_ID = "class_id"
+OUTPUT_CLASS_NAME = "class_name"
