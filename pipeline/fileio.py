@@ -29,7 +29,8 @@ def _gfile():
     return tf.io.gfile
 
 
-def _register(path: str) -> None:
+def register_filesystem(path: str) -> None:
+    """Makes TensorFlow able to open `path` (registers s3:// from tensorflow-io once)."""
     if str(path).startswith("s3://"):
         import tensorflow_io  # noqa: F401  (registers the s3:// filesystem with TensorFlow)
 
@@ -47,34 +48,34 @@ def absolute(path: str) -> str:
 
 
 def exists(path: str) -> bool:
-    _register(path)
+    register_filesystem(path)
     return _gfile().exists(str(path))
 
 
 def isdir(path: str) -> bool:
-    _register(path)
+    register_filesystem(path)
     return _gfile().isdir(str(path))
 
 
 def makedirs(path: str) -> None:
-    _register(path)
+    register_filesystem(path)
     _gfile().makedirs(str(path))
 
 
 def listdir(path: str) -> list[str]:
     """Entry names (no trailing '/'), sorted."""
-    _register(path)
+    register_filesystem(path)
     return sorted(name.rstrip("/") for name in _gfile().listdir(str(path)))
 
 
 def glob(pattern: str) -> list[str]:
-    _register(pattern)
+    register_filesystem(pattern)
     return sorted(_gfile().glob(str(pattern)))
 
 
 def walk_files(root: str) -> Iterator[tuple[str, str]]:
     """(relative path with '/', full path) of every file under `root`, sorted."""
-    _register(root)
+    register_filesystem(root)
     gfile = _gfile()
     found = []
     for directory, _, files in gfile.walk(str(root)):
@@ -86,7 +87,7 @@ def walk_files(root: str) -> Iterator[tuple[str, str]]:
 
 
 def open_file(path: str, mode: str = "r"):
-    _register(path)
+    register_filesystem(path)
     return _gfile().GFile(str(path), mode)
 
 
@@ -123,20 +124,20 @@ def write_json(path: str, data: Any) -> None:
 
 
 def remove(path: str) -> None:
-    _register(path)
+    register_filesystem(path)
     if _gfile().exists(str(path)):
         _gfile().remove(str(path))
 
 
 def rmtree(path: str) -> None:
-    _register(path)
+    register_filesystem(path)
     if _gfile().exists(str(path)):
         _gfile().rmtree(str(path))
 
 
 def copy_file(source: str, target: str) -> None:
-    _register(source)
-    _register(target)
+    register_filesystem(source)
+    register_filesystem(target)
     if not is_uri(target):
         os.makedirs(os.path.dirname(str(target)) or ".", exist_ok=True)
     _gfile().copy(str(source), str(target), overwrite=True)
