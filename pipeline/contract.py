@@ -68,8 +68,13 @@ DOCKER_MODELS_CONFIG = "models.docker.config"
 SIGNATURE_DEFAULT = "serving_default"
 SIGNATURE_UINT8 = "serving_uint8"
 SIGNATURE_EXAMPLES = "serving_examples"
+SIGNATURE_EXPLAIN = "explain"      # uint8 pixels -> the outputs below + OUTPUT_SALIENCY
 INPUT_PIXELS = FEATURE_PIXELS
 INPUT_EXAMPLES = "examples"
 OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_CLASS_ID = "class_id"
 OUTPUT_CLASS_NAME = "class_name"
+OUTPUT_SALIENCY = "saliency"       # float32 [batch, 7, 48, 48], each map scaled to [0, 1]
+
+# The human review queue (serving/review_queue.py): one SQLite file in a queue directory.
+REVIEW_QUEUE_FILE = "review_queue.sqlite3"
