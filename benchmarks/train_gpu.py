@@ -71,6 +71,7 @@ Smoke (CPU, any backend, no torch needed; what tests/test_train_gpu_smoke.py run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -190,8 +191,8 @@ def set_precision(precision: str) -> None:
 def build(name: str, batch: int, lr: float, jit: bool):
     from components.models import build_model
     cfg = NOTEBOOK
-    section = ModelConfig(batch_size=batch, epochs=getattr(cfg, name).epochs, learning_rate=lr)
-    tc = TrainConfig(**{**{f: getattr(cfg, f) for f in ("vgg_weights", "seed")}, name: section})
+    section = dataclasses.replace(cfg.models[name], batch_size=batch, learning_rate=lr)
+    tc = dataclasses.replace(cfg, models={name: section})
     return build_model(name, tc, jit_compile=jit)
 
 
@@ -412,7 +413,7 @@ def make_runner(backend, model, dev, batch, args):
 
 
 def scaled_lr(name: str, batch: int, rule: str) -> float:
-    nb = getattr(NOTEBOOK, name)
+    nb = NOTEBOOK.models[name]
     if rule == "linear":
         return nb.learning_rate * batch / nb.batch_size
     if rule == "sqrt":
@@ -665,7 +666,7 @@ def main(argv=None) -> int:
     extra = [int(b) for b in args.batch_sizes.split(",") if b]
     # --smoke: only the tiny batch size (the notebook's 70/65 exceed the smoke training set)
     sweep_batches = {m: sorted(set(extra) if args.smoke
-                               else {getattr(NOTEBOOK, m).batch_size, *extra}) for m in models}
+                               else {NOTEBOOK.models[m].batch_size, *extra}) for m in models}
     report = {"command": [sys.executable, *sys.argv], "argv": sys.argv[1:],
               "smoke": args.smoke, "data": data_info, "throughput": [], "torch": [],
               "schedules": [], "input": {}}
@@ -731,7 +732,7 @@ def main(argv=None) -> int:
                           f"(first call {r['first_call_s']} s)", flush=True)
                     save()
             if args.compare_fit:
-                b = getattr(NOTEBOOK, m).batch_size if not args.smoke else sweep_batches[m][0]
+                b = NOTEBOOK.models[m].batch_size if not args.smoke else sweep_batches[m][0]
                 try:
                     r = measure_fit(backend, m, b, "fp32", dev, args)
                 except Exception as exc:  # noqa: BLE001 - keep the sweep's other rows
@@ -745,7 +746,7 @@ def main(argv=None) -> int:
                 save()
 
     def epochs_for(m):
-        return max(1, round(getattr(NOTEBOOK, m).epochs * args.epochs_fraction))
+        return max(1, round(NOTEBOOK.models[m].epochs * args.epochs_fraction))
 
     def best_batch(m):
         explicit = args.cnn_batch if m == "cnn" else args.vgg_batch
@@ -754,7 +755,7 @@ def main(argv=None) -> int:
         rows = [r for r in report["throughput"] if r["model"] == m and r["loop"] == "custom"
                 and r["precision"] == args.precision]
         return max(rows, key=lambda r: r["images_per_s"])["batch_size"] if rows \
-            else getattr(NOTEBOOK, m).batch_size
+            else NOTEBOOK.models[m].batch_size
 
     for phase in ("schedule_best", "schedule_notebook"):
         if phase not in phases:
@@ -764,8 +765,8 @@ def main(argv=None) -> int:
                 b = best_batch(m)
                 lr = scaled_lr(m, b, args.lr_scaling)
             else:
-                b = getattr(NOTEBOOK, m).batch_size
-                lr = getattr(NOTEBOOK, m).learning_rate
+                b = NOTEBOOK.models[m].batch_size
+                lr = NOTEBOOK.models[m].learning_rate
             b = min(b, len(data["train"][1]))
             s = run_schedule(backend, m, b, lr, epochs_for(m), args.precision, dev, args, phase)
             report["schedules"].append(s)

@@ -172,12 +172,13 @@ def train_worker(args) -> dict:
     for name, variant in MODELS:
         config = base_config
         if variant:
-            config = dataclasses.replace(
-                config, vgg_train_base="false" if variant == "frozen" else "true")
+            section = dataclasses.replace(
+                model_config(name, config), train_base="false" if variant == "frozen" else "true")
+            config = dataclasses.replace(config, models={**config.models, name: section})
         if plan["train_batch"]:
             section = dataclasses.replace(model_config(name, config),
                                           batch_size=plan["train_batch"])
-            config = dataclasses.replace(config, **{name: section})
+            config = dataclasses.replace(config, models={**config.models, name: section})
         batch_size = model_config(name, config).batch_size
         steps = plan["train"][name]
         keras.utils.set_random_seed(config.seed)
@@ -205,8 +206,8 @@ def train_worker(args) -> dict:
         rows.append({
             "model": name,
             "variant": variant or "",
-            "vgg16_base_trainable": (vgg16_base_is_trainable(config.vgg_weights,
-                                                             config.vgg_train_base)
+            "vgg16_base_trainable": (vgg16_base_is_trainable(model_config(name, config).weights,
+                                                             model_config(name, config).train_base)
                                      if name == "vgg16" else None),
             "batch_size": batch_size,
             "learning_rate_config": model_config(name, config).learning_rate,
@@ -384,7 +385,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from pipeline.config import TrainConfig
     notebook = TrainConfig()
-    batch_sizes = [notebook.cnn.batch_size, notebook.vgg16.batch_size]
+    batch_sizes = [notebook.models[m].batch_size for m in ("cnn", "vgg16")]
     if args.quick:
         batch_sizes = batch_sizes[:1]
 

@@ -15,15 +15,16 @@ final softmax is pinned to float32 so probabilities (and the loss) stay numerica
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
+from typing import Optional
 
 import keras
 from keras import layers
 
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import MODEL_NAMES, ModelConfig, TrainConfig, registered_model
 from pipeline.contract import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS
 
-MODEL_NAMES: tuple[str, ...] = ("cnn", "vgg16")
 VGG_WEIGHTS_NONE = "none"
 VGG_WEIGHTS_IMAGENET = "imagenet"
 
@@ -51,18 +52,21 @@ def build_cnn(config: ModelConfig, jit_compile: bool | str = "auto") -> keras.Mo
     return model
 
 
-def build_vgg16(config: ModelConfig, weights: str = VGG_WEIGHTS_NONE,
-                jit_compile: bool | str = "auto", train_base: str = "auto") -> keras.Model:
+def build_vgg16(config: ModelConfig, weights: Optional[str] = None,
+                jit_compile: bool | str = "auto", train_base: Optional[str] = None
+                ) -> keras.Model:
     """Grey 48x48 -> 1x1 conv to 3 channels -> VGG16 base -> 4096 -> 4096 -> 7.
 
-    `weights`: "none" (random init, the offline default), "imagenet" (Keras downloads the
+    `weights` (default: config.weights): "none" (random init, the offline default), "imagenet" (Keras downloads the
     file; only when the user asked for it), or the path of a local .h5 / .weights.h5 file
     holding weights of VGG16(include_top=False), e.g. a pre-downloaded ImageNet file.
-    `train_base`: "false" freezes the base (the notebook's transfer learning), "true"
+    `train_base` (default: config.train_base): "false" freezes the base (the notebook's transfer learning), "true"
     trains it, "auto" freezes it only when pretrained weights were loaded. A frozen random
     base is a fixed random projection: measured on synthetic faces, the head then stays at
     chance accuracy, so without pretrained weights the whole network has to learn.
     """
+    weights = (config.weights or VGG_WEIGHTS_NONE) if weights is None else weights
+    train_base = config.train_base if train_base is None else train_base
     inputs = keras.Input(shape=(NUM_PIXELS,), name="image")
     x = layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="to_grid")(inputs)
     # A learned 1x1 conv maps grey to the 3 channels VGG16 expects (the notebook's choice).
@@ -83,7 +87,7 @@ def build_vgg16(config: ModelConfig, weights: str = VGG_WEIGHTS_NONE,
 
 def vgg16_base_is_trainable(weights: str, train_base: str = "auto") -> bool:
     if train_base not in ("auto", "true", "false"):
-        raise ValueError(f"vgg_train_base must be auto, true or false, got {train_base!r}")
+        raise ValueError(f"train.models.vgg16.train_base must be auto, true or false, got {train_base!r}")
     if train_base == "auto":
         return _is_random_init(weights)
     return train_base == "true"
@@ -105,9 +109,10 @@ def build_vgg16_base(weights: str = VGG_WEIGHTS_NONE) -> keras.Model:
         return base
     if not os.path.isfile(weights):
         raise FileNotFoundError(
-            f"vgg_weights={weights!r} is neither 'none', 'imagenet' nor an existing file")
+            f"train.models.vgg16.weights={weights!r} is neither 'none', 'imagenet' nor an "
+            f"existing file")
     if not weights.endswith(".h5"):
-        raise ValueError(f"vgg_weights file must be .h5 or .weights.h5, got {weights!r}")
+        raise ValueError(f"train.models.vgg16.weights file must be .h5 or .weights.h5, got {weights!r}")
     base.load_weights(weights)
     return base
 
@@ -128,24 +133,23 @@ def _he_initialize(base: keras.Model) -> None:
 
 def build_model(name: str, train_config: TrainConfig, jit_compile: bool | str = "auto"
                 ) -> keras.Model:
-    """Builds and compiles "cnn" or "vgg16" with its section of `train_config`.
+    """Builds and compiles registered model `name` with its section of `train_config`.
 
+    The builder comes from the model registry (pipeline/config.py, MODEL_REGISTRY).
     `jit_compile` goes to `model.compile` ("auto": Keras decides, i.e. XLA on accelerators);
     the trainer passes `train_config.xla`.
     """
-    if name == "cnn":
-        return build_cnn(train_config.cnn, jit_compile)
-    if name == "vgg16":
-        return build_vgg16(train_config.vgg16, train_config.vgg_weights, jit_compile,
-                           train_config.vgg_train_base)
-    raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
+    module_name, function_name = registered_model(name).builder.split(":")
+    builder = getattr(importlib.import_module(module_name), function_name)
+    return builder(model_config(name, train_config), jit_compile=jit_compile)
 
 
 def model_config(name: str, train_config: TrainConfig) -> ModelConfig:
     """The ModelConfig section that belongs to model `name`."""
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
-    return getattr(train_config, name)
+    registered_model(name)
+    if name not in train_config.models:
+        raise ValueError(f"model {name!r} has no section in train.models")
+    return train_config.models[name]
 
 
 def _classifier_head(x):

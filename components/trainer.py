@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from components.export import export_serving_model
-from components.models import MODEL_NAMES, build_model, model_config
+from components.models import build_model, model_config
 from pipeline.artifacts import to_jsonable, write_json_atomic
 from pipeline.config import TrainConfig
 from pipeline.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS,
@@ -80,9 +80,7 @@ class TrainerResult:
 
 def run_trainer(model_name: str, transform_dir: str, output_dir: str,
                 config: TrainConfig) -> TrainerResult:
-    """Trains `model_name` ("cnn" or "vgg16") and exports it to output_dir/serving_model."""
-    if model_name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {model_name!r}; choose from {MODEL_NAMES}")
+    """Trains registered model `model_name` (e.g. "cnn") and exports it to output_dir/serving_model."""
     # MultiWorkerMirroredStrategy must exist before any other TF op runs in the process.
     strategy = select_strategy()
     section = model_config(model_name, config)
@@ -132,7 +130,7 @@ def run_trainer(model_name: str, transform_dir: str, output_dir: str,
                                  else history["epochs_run"])
     history_path = os.path.join(work_dir, HISTORY_FILE)
     write_json_atomic(history_path, history)
-    vgg_weights = config.vgg_weights if model_name == "vgg16" else None
+    vgg_weights = section.weights or None  # transfer models only
     info = {
         "model_name": model_name,
         "vgg_weights": vgg_weights,

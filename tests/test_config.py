@@ -13,29 +13,32 @@ from pipeline.config import load_config
 
 def test_defaults_are_the_notebooks():
     config = load_config()
-    assert (config.train.cnn.batch_size, config.train.cnn.epochs) == (70, 115)
-    assert config.train.cnn.learning_rate == 2e-4
-    assert config.train.cnn.early_stopping_patience == 40
-    assert (config.train.vgg16.batch_size, config.train.vgg16.epochs) == (65, 25)
-    assert config.train.vgg16.learning_rate == 5e-4
-    assert config.ingest.seed == 42 and config.train.vgg_weights == "none"
+    assert (config.train.models["cnn"].batch_size, config.train.models["cnn"].epochs) == (70, 115)
+    assert config.train.models["cnn"].learning_rate == 2e-4
+    assert config.train.models["cnn"].early_stopping_patience == 40
+    assert (config.train.models["vgg16"].batch_size, config.train.models["vgg16"].epochs) == (65, 25)
+    assert config.train.models["vgg16"].learning_rate == 5e-4
+    assert config.ingest.seed == 42 and config.train.models["vgg16"].weights == "none"
 
 
 def test_smoke_profile_and_yaml_override(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  cnn:\n    epochs: 2\ningest:\n  split_mode: random\n"
+    path.write_text("train:\n  models:\n    cnn:\n      epochs: 2\ningest:\n  split_mode: random\n"
                     "  split_fractions: [0.7, 0.2, 0.1]\n")
     config = load_config(str(path), profile="smoke")
-    assert config.train.cnn.epochs == 2
-    assert config.train.cnn.max_train_examples > 0  # from the smoke profile
+    assert config.train.models["cnn"].epochs == 2
+    assert config.train.models["cnn"].max_train_examples > 0  # from the smoke profile
     assert config.ingest.split_fractions == (0.7, 0.2, 0.1)
-    assert config.train.vgg16.learning_rate == 5e-4  # untouched defaults survive
+    assert config.train.models["vgg16"].learning_rate == 5e-4  # untouched defaults survive
 
 
 def test_unknown_keys_and_profiles_are_errors(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text('{"train": {"cnn": {"epocs": 3}}}')
+    path.write_text('{"train": {"models": {"cnn": {"epocs": 3}}}}')
     with pytest.raises(ValueError, match="epocs"):
+        load_config(str(path))
+    path.write_text('{"train": {"models": {"resnet": {"epochs": 3}}}}')
+    with pytest.raises(ValueError, match="resnet"):
         load_config(str(path))
     with pytest.raises(ValueError, match="profile"):
         load_config(profile="fast")

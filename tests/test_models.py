@@ -111,7 +111,7 @@ def test_vgg16_base_is_frozen_only_when_pretrained_weights_are_loaded(tmp_path):
         pytest.approx(1e-5)
     assert float(build_vgg16(scratch, weights=path).optimizer.learning_rate) == \
         pytest.approx(CONFIG.learning_rate)
-    with pytest.raises(ValueError, match="vgg_train_base"):
+    with pytest.raises(ValueError, match="train_base"):
         build_vgg16(CONFIG, weights="none", train_base="maybe")
 
 
@@ -129,12 +129,12 @@ def test_random_vgg16_base_uses_he_init_so_the_signal_survives_13_relu_layers():
 
 
 def test_vgg16_rejects_a_missing_weights_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="vgg_weights"):
+    with pytest.raises(FileNotFoundError, match="vgg16.weights"):
         build_vgg16(CONFIG, weights=str(tmp_path / "absent.h5"))
 
 
 def test_build_model_dispatches_on_name_with_each_models_section():
-    config = TrainConfig(cnn=ModelConfig(batch_size=8, epochs=1, learning_rate=1e-3))
+    config = TrainConfig(models={"cnn": ModelConfig(batch_size=8, epochs=1, learning_rate=1e-3)})
     cnn = build_model("cnn", config)
     assert cnn.name == "cnn" and cnn.count_params() == CNN_PARAMS
     assert float(cnn.optimizer.learning_rate) == pytest.approx(1e-3)

@@ -27,10 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 CHANCE = 1.0 / NUM_CLASSES
 # Small enough for 2 CPU cores: a few epochs of 1,500 faces for learning; 96 for plumbing.
 LEARN_CONFIG = TrainConfig(
-    cnn=ModelConfig(batch_size=32, epochs=8, learning_rate=5e-4, early_stopping_patience=3),
+    models={"cnn": ModelConfig(batch_size=32, epochs=8, learning_rate=5e-4,
+                               early_stopping_patience=3)},
     shuffle_buffer=2000, seed=1)
-TINY_OVERRIDES = {"cnn": {"batch_size": 32, "epochs": 3, "learning_rate": 1e-3,
-                          "early_stopping_patience": 5, "max_train_examples": 96},
+TINY_OVERRIDES = {"models": {"cnn": {"batch_size": 32, "epochs": 3, "learning_rate": 1e-3,
+                                     "early_stopping_patience": 5, "max_train_examples": 96}},
                   "shuffle_buffer": 500, "seed": 5}
 
 
@@ -128,9 +129,9 @@ def test_vgg16_from_a_local_weights_file_with_mixed_precision_and_xla(transform_
     weights = str(tmp_path / "vgg16_notop.weights.h5")
     build_vgg16_base("none").save_weights(weights)
     config = dataclasses.replace(
-        TrainConfig(), vgg_weights=weights, mixed_precision=True, xla=True,
-        shuffle_buffer=200,
-        vgg16=ModelConfig(batch_size=32, epochs=1, learning_rate=5e-4, max_train_examples=64))
+        TrainConfig(), mixed_precision=True, xla=True, shuffle_buffer=200,
+        models={"vgg16": ModelConfig(batch_size=32, epochs=1, learning_rate=5e-4,
+                                     max_train_examples=64, weights=weights)})
     output = str(tmp_path / "vgg16")
     result = run_trainer("vgg16", transform_dir, output, config)
 
