@@ -29,7 +29,9 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from pipeline.config import EvalConfig
-from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, IMAGE_SIZE, NUM_PIXELS
+from pipeline.contract import (CLASS_NAMES, CLASS_NAMES_ES, IMAGE_SIZE, INPUT_PIXELS,
+                               NUM_PIXELS, OUTPUT_PROBABILITIES, OUTPUT_SALIENCY,
+                               SIGNATURE_EXPLAIN)
 
 DEFAULT_MODELS = ("cnn", "vgg16")
 EXIT_UNAVAILABLE = 2
@@ -50,6 +52,15 @@ class ModelAnswer:
     model: str
     version: Optional[int]
     probabilities: np.ndarray        # float32 [n, 7]
+
+
+@dataclass
+class Explanation:
+    """A model's answer with why: its `explain` signature (components/export.py)."""
+    model: str
+    version: Optional[int]
+    probabilities: np.ndarray        # float32 [n, 7]
+    saliency: np.ndarray             # float32 [n, 7, 48, 48], each map scaled to [0, 1]
 
 
 @dataclass
@@ -177,6 +188,50 @@ class FerClient:
         available = [int(s["version"]) for s in payload.get("model_version_status", [])
                      if s.get("state") == "AVAILABLE"]
         return max(available) if available else None
+
+    # --- explanations: the explain signature, over either protocol ---------------------
+
+    def explain(self, model: str, images: np.ndarray) -> Explanation:
+        """Probabilities and per-class saliency maps of `images` (uint8 [n, 48, 48])."""
+        images = np.asarray(images, dtype=np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+        if self.protocol == "grpc":
+            return with_retries(lambda: self._explain_grpc(model, images), _grpc_unavailable,
+                                self.retries, self.backoff_s, self.address)
+        return with_retries(lambda: self._explain_rest(model, images), _rest_unavailable,
+                            self.retries, self.backoff_s, self.address)
+
+    def _explain_grpc(self, model: str, images: np.ndarray) -> Explanation:
+        import grpc
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        request.model_spec.signature_name = SIGNATURE_EXPLAIN
+        request.inputs[INPUT_PIXELS].CopyFrom(tf.make_tensor_proto(images))
+        request.output_filter.extend([OUTPUT_PROBABILITIES, OUTPUT_SALIENCY])
+        try:
+            response = self._grpc_stub().Predict(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            if _grpc_unavailable(error):
+                raise
+            raise ServerError(f"{model}: {error.code().name}: {error.details()}") from None
+        version = response.model_spec.version.value if response.model_spec.HasField(
+            "version") else None
+        return Explanation(model, version,
+                           tf.make_ndarray(response.outputs[OUTPUT_PROBABILITIES]),
+                           tf.make_ndarray(response.outputs[OUTPUT_SALIENCY]))
+
+    def _explain_rest(self, model: str, images: np.ndarray) -> Explanation:
+        body = {"signature_name": SIGNATURE_EXPLAIN, "instances": images.astype(int).tolist()}
+        payload, headers = self._rest_call(f"/v1/models/{model}:predict", body)
+        rows = payload["predictions"]
+        version = headers.get("X-Model-Version")
+        if version is None:
+            version = self.served_version(model)
+        return Explanation(
+            model, int(version) if version is not None else None,
+            np.array([row[OUTPUT_PROBABILITIES] for row in rows], dtype=np.float32),
+            np.array([row[OUTPUT_SALIENCY] for row in rows], dtype=np.float32))
 
 
 def _grpc_unavailable(error: BaseException) -> bool:

@@ -104,8 +104,10 @@ def _check(outputs: dict, expected: np.ndarray) -> None:
 
 def test_signatures_declare_the_contract(exported):
     loaded = tf.saved_model.load(exported[0])
-    assert set(loaded.signatures) == {"serving_default", "serving_uint8", "serving_examples"}
-    for name, dtype in (("serving_default", tf.int32), ("serving_uint8", tf.uint8)):
+    assert set(loaded.signatures) == {"serving_default", "serving_uint8", "serving_examples",
+                                      "explain"}
+    for name, dtype in (("serving_default", tf.int32), ("serving_uint8", tf.uint8),
+                        ("explain", tf.uint8)):
         spec = loaded.signatures[name].structured_input_signature[1]["pixels"]
         assert spec.dtype == dtype and spec.shape.rank is None
     spec = loaded.signatures["serving_examples"].structured_input_signature[1]["examples"]
@@ -114,6 +116,9 @@ def test_signatures_declare_the_contract(exported):
     assert outputs["probabilities"].shape.as_list() == [None, NUM_CLASSES]
     assert outputs["class_id"].dtype == tf.int64
     assert outputs["class_name"].dtype == tf.string
+    explain = loaded.signatures["explain"].structured_outputs
+    assert set(explain) == {"probabilities", "class_id", "class_name", "saliency"}
+    assert explain["saliency"].shape.as_list() == [None, NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE]
 
 
 @pytest.mark.parametrize("signature,dtype", [("serving_default", tf.int32),
@@ -145,3 +150,91 @@ def test_out_of_range_int32_pixels_are_rejected(exported):
     pixels = np.full((1, NUM_PIXELS), 256, np.int32)
     with pytest.raises(tf.errors.InvalidArgumentError, match="pixels must be"):
         serve(pixels=tf.constant(pixels))
+
+
+# --- the explain signature --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def explained(exported):
+    """(faces, outputs of the explain signature on them)."""
+    faces = _faces(4)[2:]            # two drawn faces (the first two are all-black/white)
+    serve = tf.saved_model.load(exported[0]).signatures["explain"]
+    return faces, serve(pixels=tf.constant(faces, tf.uint8))
+
+
+def test_explain_returns_the_same_answers_as_serving(exported, explained):
+    export_dir, model, graph_dir = exported
+    faces, outputs = explained
+    _check({k: v for k, v in outputs.items() if k != "saliency"},
+           _expected(model, graph_dir, faces))
+
+
+def test_saliency_maps_have_one_normalized_map_per_class(explained):
+    faces, outputs = explained
+    saliency = outputs["saliency"].numpy()
+    assert outputs["saliency"].dtype == tf.float32
+    assert saliency.shape == (len(faces), NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE)
+    assert np.all(np.isfinite(saliency)) and saliency.min() >= 0.0 and saliency.max() <= 1.0
+    peaks = saliency.max(axis=(2, 3))
+    # Each map is scaled by its own maximum: it peaks at exactly 1, or is all zeros when
+    # nothing in the face pushed the model towards that class.
+    assert np.all(np.isclose(peaks, 1.0) | (peaks == 0.0))
+    assert np.isclose(peaks, 1.0).sum() >= len(faces) * (NUM_CLASSES - 1)
+    for per_face in saliency:
+        for a in range(NUM_CLASSES):
+            for b in range(a + 1, NUM_CLASSES):
+                assert np.abs(per_face[a] - per_face[b]).mean() > 1e-3, (a, b)
+    # A map highlights part of the face, not all of it.
+    assert 0.0 < saliency.mean() < 0.5
+
+
+def test_saliency_follows_the_integrated_gradients_definition(exported, explained):
+    """Recomputes the predicted class's map in eager mode from the in-memory model."""
+    export_dir, model, graph_dir = exported
+    faces, outputs = explained
+    transform = tft.TFTransformOutput(graph_dir)
+
+    def normalized(images: np.ndarray) -> tf.Tensor:
+        raw = tf.constant([image.tobytes() for image in images])
+        return tf.cast(transform.transform_raw_features(
+            {FEATURE_PIXELS: raw})[FEATURE_IMAGE], tf.float32)
+
+    image = normalized(faces[:1])[0]
+    black = normalized(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.uint8))[0]
+    steps = 16
+    alphas = (np.arange(steps, dtype=np.float32) + 0.5) / steps
+    path = tf.constant(black[None] + alphas[:, None] * (image - black)[None])
+    top = int(outputs["class_id"].numpy()[0])
+    with tf.GradientTape() as tape:
+        tape.watch(path)
+        probability = model(path, training=False)[:, top]
+    gradient = tape.gradient(probability, path).numpy().mean(axis=0)
+    attribution = np.maximum((image - black).numpy() * gradient, 0)
+    expected = (attribution / attribution.max()).reshape(IMAGE_SIZE, IMAGE_SIZE)
+    np.testing.assert_allclose(outputs["saliency"].numpy()[0, top], expected, atol=1e-4)
+
+
+def test_fer_serve_serves_explanations_over_grpc_and_rest(exported, tmp_path):
+    from serving.client import FerClient
+    from serving.model_config import ModelSpec, write_model_server_config
+    from serving.server import FerServer, ServerConfig
+    from tests.serving_fixtures import push_version
+
+    push_version(str(tmp_path / "cnn"), 4, exported[0])
+    config = write_model_server_config(str(tmp_path / "models.config"),
+                                       [ModelSpec("cnn", str(tmp_path / "cnn"))])
+    server = FerServer(ServerConfig(config, port=0, rest_port=0)).start()
+    try:
+        faces = _faces(3)
+        direct = tf.saved_model.load(exported[0]).signatures["explain"](
+            pixels=tf.constant(faces, tf.uint8))
+        for protocol in ("grpc", "rest"):
+            client = FerClient(grpc_port=server.grpc_port, rest_port=server.rest_port,
+                               protocol=protocol, retries=0)
+            answer = client.explain("cnn", faces)
+            assert answer.version == 4
+            np.testing.assert_allclose(answer.probabilities, direct["probabilities"].numpy(),
+                                       atol=TOLERANCE)
+            np.testing.assert_allclose(answer.saliency, direct["saliency"].numpy(), atol=1e-5)
+    finally:
+        server.stop()
