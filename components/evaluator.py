@@ -7,40 +7,46 @@ with the product's decision rule (`serving.ensemble.combine_batch`) and the vers
 serving on the same data, then applies the gates from `EvalConfig`:
 
 - accuracy >= min_accuracy[name]           (a model with no threshold is never blessed)
+- accuracy >= majority-class baseline + baseline_margin (always: a model that answers the
+  test split's most frequent class for every face scores the baseline, so a threshold
+  below it would bless a constant answer)
 - every class's recall >= min_class_recall (when set)
 - accuracy >= served accuracy - max_regression (when a version is in serving)
 
 Outputs (under `output_dir`): evaluation.json (all numbers), blessings.json
-({name: {"blessed", "reasons"}}), report.html (self-contained, images inline).
+({name: {"blessed", "reasons", "summary"}}; `summary` is one line for a person) and
+report.html (rendered by components/report.py; this module never imports matplotlib, so the
+gate runs without it). All I/O goes through pipeline.fileio, so the run root may be s3://.
 """
 from __future__ import annotations
 
-import base64
-import html
-import io
-import json
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from components.pusher import latest_served_version
-from pipeline.artifacts import to_jsonable, write_json_atomic
+from pipeline import fileio
+from pipeline.artifacts import to_jsonable
 from pipeline.config import EvalConfig
 from pipeline.contract import (BLESSINGS_FILE, CLASS_NAMES, CLASS_NAMES_ES, EVALUATION_FILE,
-    EXAMPLES_PATTERN, FEATURE_LABEL, HISTORY_FILE, REPORT_HTML, TRAINING_INFO_FILE,
-    NUM_CLASSES)
+    EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, HISTORY_FILE, IMAGE_SIZE,
+    NUM_CLASSES, OUTPUT_PROBABILITIES, REPORT_HTML, SERVING_MODEL_DIR, SIGNATURE_EXAMPLES,
+    TRAINING_INFO_FILE, INPUT_EXAMPLES)
 from serving.ensemble import combine_batch
 
 log = logging.getLogger(__name__)
 
-SIGNATURE = "serving_examples"
+TEST_SPLIT = "test"
 BATCH_SIZE = 256
 # Keras clips probabilities the same way before the log in categorical cross-entropy, so our
 # loss matches the number training reported for a model that outputs an exact 0.
 _LOSS_EPSILON = 1e-7
+# How many faces the report shows: the most confident mistakes per true class and model,
+# and the faces the ensemble sent to human review. Bounded so the page stays small.
+MISTAKES_PER_CLASS = 6
+REVIEW_FACES = 24
 
 
 @dataclass
@@ -52,19 +58,30 @@ class EvalResult:
     accuracy: dict[str, float]
     blessed: dict[str, bool]
     ensemble_accuracy: Optional[float]
+    summaries: Optional[dict[str, str]] = None   # model -> one line: blessed or why not
+
+
+@dataclass
+class TestSplit:
+    """The test split in memory, in file order (every model sees the same examples)."""
+    serialized: list[bytes]
+    labels: np.ndarray       # int64 [n]
+    rows: np.ndarray         # int64 [n], the CSV line numbers
+    pixels: np.ndarray       # uint8 [n, 48, 48]
+    files: list[str]
 
 
 # ----------------------------------------------------------------------------- data
 
 def _test_files(examples_dir: str) -> list[str]:
-    files = sorted(str(p) for p in (Path(examples_dir) / "test").glob(EXAMPLES_PATTERN))
+    files = fileio.glob(fileio.join(examples_dir, TEST_SPLIT, EXAMPLES_PATTERN))
     if not files:
-        raise FileNotFoundError(f"no test TFRecords under {examples_dir}/test")
+        raise FileNotFoundError(f"no test TFRecords under {examples_dir}/{TEST_SPLIT}")
     return files
 
 
-def load_test_split(examples_dir: str) -> tuple[list[bytes], np.ndarray, list[str]]:
-    """All serialized test examples, their labels, and the files read.
+def load_test_split(examples_dir: str) -> TestSplit:
+    """All serialized test examples with their labels, row numbers and pixels.
 
     The test split of FER-2013 is ~3,600 images (~9 MB), so holding it in memory lets every
     model (and the served versions) see exactly the same examples in the same order.
@@ -74,27 +91,36 @@ def load_test_split(examples_dir: str) -> tuple[list[bytes], np.ndarray, list[st
     files = _test_files(examples_dir)
     serialized = [record.numpy() for record in tf.data.TFRecordDataset(files)]
     if not serialized:
-        raise ValueError(f"the test split under {examples_dir}/test is empty")
-    spec = {FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64)}
-    labels = np.concatenate([
-        tf.io.parse_example(serialized[i:i + 4096], spec)[FEATURE_LABEL].numpy()
-        for i in range(0, len(serialized), 4096)])
-    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise ValueError(f"the test split under {examples_dir}/{TEST_SPLIT} is empty")
+    spec = {FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
+            FEATURE_ROW: tf.io.FixedLenFeature([], tf.int64, default_value=0),
+            FEATURE_PIXELS: tf.io.FixedLenFeature([], tf.string)}
+    labels, rows, pixels = [], [], []
+    for start in range(0, len(serialized), 4096):
+        parsed = tf.io.parse_example(serialized[start:start + 4096], spec)
+        labels.append(parsed[FEATURE_LABEL].numpy())
+        rows.append(parsed[FEATURE_ROW].numpy())
+        pixels.append(np.stack([np.frombuffer(raw, np.uint8) for raw in
+                                parsed[FEATURE_PIXELS].numpy()]))
+    label_array = np.concatenate(labels).astype(np.int64)
+    if label_array.min() < 0 or label_array.max() >= NUM_CLASSES:
         raise ValueError(f"test labels outside 0..{NUM_CLASSES - 1} in {examples_dir}/test")
-    return serialized, labels.astype(np.int64), files
+    return TestSplit(serialized, label_array, np.concatenate(rows).astype(np.int64),
+                     np.concatenate(pixels).reshape(-1, IMAGE_SIZE, IMAGE_SIZE), files)
 
 
 def predict_probabilities(saved_model_dir: str, serialized: list[bytes]) -> np.ndarray:
     """Runs a SavedModel's `serving_examples` signature in batches; returns [n, 7] floats."""
     import tensorflow as tf
 
+    fileio.register_filesystem(saved_model_dir)
     loaded = tf.saved_model.load(saved_model_dir)
-    if SIGNATURE not in loaded.signatures:
-        raise ValueError(f"{saved_model_dir} has no {SIGNATURE!r} signature "
+    if SIGNATURE_EXAMPLES not in loaded.signatures:
+        raise ValueError(f"{saved_model_dir} has no {SIGNATURE_EXAMPLES!r} signature "
                          f"(has {sorted(loaded.signatures)})")
-    signature = loaded.signatures[SIGNATURE]
-    batches = [signature(examples=tf.constant(serialized[i:i + BATCH_SIZE]))["probabilities"]
-               .numpy() for i in range(0, len(serialized), BATCH_SIZE)]
+    signature = loaded.signatures[SIGNATURE_EXAMPLES]
+    batches = [signature(**{INPUT_EXAMPLES: tf.constant(serialized[i:i + BATCH_SIZE])})
+               [OUTPUT_PROBABILITIES].numpy() for i in range(0, len(serialized), BATCH_SIZE)]
     probs = np.concatenate(batches).astype(np.float64)
     if probs.shape != (len(serialized), NUM_CLASSES):
         raise ValueError(f"{saved_model_dir}: probabilities have shape {probs.shape}, "
@@ -145,69 +171,163 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, A
     }
 
 
+def majority_baseline(labels: np.ndarray) -> dict[str, Any]:
+    """Accuracy of answering the test split's most frequent class for every face."""
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    majority = int(counts.argmax())
+    return {"class_id": majority, "class_name": CLASS_NAMES[majority],
+            "accuracy": float(counts[majority] / counts.sum())}
+
+
+def _answers(index: int, probs_by_model: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return {name: {"class_id": int(probs[index].argmax()),
+                   "class_name": CLASS_NAMES[int(probs[index].argmax())],
+                   "confidence": float(probs[index].max())}
+            for name, probs in probs_by_model.items()}
+
+
+def confident_mistakes(model: str, split: TestSplit, probs_by_model: Mapping[str, np.ndarray],
+                       per_class: int = MISTAKES_PER_CLASS) -> dict[str, list[dict[str, Any]]]:
+    """For each true class, `model`'s most confident wrong answers, with every model's answer.
+
+    `index` is the example's position in the test split (file order), `row_number` its
+    CSV line.
+    """
+    probs = probs_by_model[model]
+    predicted, confidence = probs.argmax(axis=1), probs.max(axis=1)
+    found: dict[str, list[dict[str, Any]]] = {}
+    for k in range(NUM_CLASSES):
+        wrong = np.flatnonzero((split.labels == k) & (predicted != k))
+        # Stable sort on -confidence: ties keep file order, so the gallery is reproducible.
+        ranked = wrong[np.argsort(-confidence[wrong], kind="stable")][:per_class]
+        found[CLASS_NAMES[k]] = [
+            {"index": int(i), "row_number": int(split.rows[i]), "true_class": CLASS_NAMES[k],
+             "answers": _answers(int(i), probs_by_model)} for i in ranked]
+    return found
+
+
 def ensemble_metrics(labels: np.ndarray, probs_by_model: Mapping[str, np.ndarray],
-                     tolerance: float) -> dict[str, Any]:
-    """The ensemble as the product will run it: accuracy, review rate, accuracy when automatic."""
+                     tolerance: float, rows: Optional[np.ndarray] = None,
+                     review_faces: int = REVIEW_FACES) -> dict[str, Any]:
+    """The ensemble as the product will run it: accuracy, agreement, review rate, accuracy
+    when automatic, and the first `review_faces` faces it sends to a person."""
     class_ids, _, review = combine_batch(probs_by_model, tolerance)
     correct = class_ids == labels
     automatic = ~review
+    votes = np.stack([p.argmax(axis=1) for p in probs_by_model.values()])
+    agree = (votes == votes[0]).all(axis=0)
+    reviewed = np.flatnonzero(review)
     return {
         "models": list(probs_by_model),
         "tie_tolerance": tolerance,
         "accuracy": float(correct.mean()),
+        "agreement_rate": float(agree.mean()),
         "human_review_rate": float(review.mean()),
         "reviewed": int(review.sum()),
         "accuracy_non_reviewed": float(correct[automatic].mean()) if automatic.any() else None,
         "confusion_matrix": confusion_matrix(labels, class_ids).tolist(),
+        "review_examples": [
+            {"index": int(i), "row_number": int(rows[i]) if rows is not None else None,
+             "true_class": CLASS_NAMES[int(labels[i])],
+             "decision": CLASS_NAMES[int(class_ids[i])],
+             "answers": _answers(int(i), probs_by_model)}
+            for i in reviewed[:review_faces]],
     }
 
 
 # ----------------------------------------------------------------------------- gates
 
-def gate(name: str, metrics: Mapping[str, Any], served: Optional[Mapping[str, Any]],
-         config: EvalConfig) -> tuple[bool, list[str]]:
-    """Applies the thresholds; returns (blessed, one human-readable reason per check)."""
-    checks: list[tuple[bool, str]] = []
-    accuracy = metrics["accuracy"]
+@dataclass
+class Check:
+    passed: bool
+    reason: str          # what was compared, for the reasons list
+    failure: str = ""    # the one-line "why held back" when this check fails
+
+
+def _threshold_check(name: str, accuracy: float, config: EvalConfig) -> Check:
     threshold = config.min_accuracy.get(name)
     if threshold is None:
-        checks.append((False, f"no min_accuracy configured for {name!r}; refusing to bless "
-                              "an ungated model"))
-    else:
-        ok = accuracy >= threshold
-        checks.append((ok, f"accuracy {accuracy:.3f} {'>=' if ok else '<'} {threshold:.3f}"))
+        return Check(False, f"no min_accuracy configured for {name!r}; refusing to bless "
+                            "an ungated model",
+                     f"no min_accuracy configured for {name}")
+    ok = accuracy >= threshold
+    return Check(ok, f"accuracy {accuracy:.3f} {'>=' if ok else '<'} {threshold:.3f}",
+                 f"test accuracy {accuracy:.2f} is below its threshold {threshold:.2f}")
 
+
+def _baseline_check(accuracy: float, baseline: Mapping[str, Any], margin: float) -> Check:
+    floor = baseline["accuracy"] + margin
+    ok = accuracy >= floor
+    return Check(ok, f"accuracy {accuracy:.3f} {'>=' if ok else '<'} {floor:.3f} "
+                     f"(majority-class baseline {baseline['accuracy']:.3f}, always "
+                     f"{baseline['class_name']!r}, + baseline_margin {margin:.3f})",
+                 f"test accuracy {accuracy:.2f} does not beat the majority-class baseline "
+                 f"{baseline['accuracy']:.2f} by {margin:.2f}")
+
+
+def _recall_checks(metrics: Mapping[str, Any], floor: float) -> list[Check]:
+    checks = []
+    for row in metrics["per_class"]:
+        ok = row["recall"] >= floor
+        checks.append(Check(ok, f"recall of {row['class_name']} ({row['class_name_es']}) "
+                                f"{row['recall']:.3f} {'>=' if ok else '<'} {floor:.3f}",
+                            f"recall of {row['class_name']} {row['recall']:.2f} is below "
+                            f"{floor:.2f}"))
+    return checks
+
+
+def _regression_check(accuracy: float, served: Optional[Mapping[str, Any]],
+                      max_regression: float) -> Check:
+    if served is None:
+        return Check(True, "no version in serving: regression check not applicable")
+    floor = served["accuracy"] - max_regression
+    ok = accuracy >= floor
+    return Check(ok, f"accuracy {accuracy:.3f} {'>=' if ok else '<'} {floor:.3f} "
+                     f"(served version {served['version']}: {served['accuracy']:.3f} - "
+                     f"max_regression {max_regression:.3f})",
+                 f"test accuracy {accuracy:.2f} regresses from served version "
+                 f"{served['version']} ({served['accuracy']:.2f}) by more than "
+                 f"{max_regression:.2f}")
+
+
+def gate(name: str, metrics: Mapping[str, Any], served: Optional[Mapping[str, Any]],
+         config: EvalConfig, baseline: Optional[Mapping[str, Any]] = None
+         ) -> tuple[bool, list[str], str]:
+    """Applies the thresholds.
+
+    Returns (blessed, one human-readable reason per check, a one-line summary naming the
+    model and, when it is held back, every check it failed).
+    """
+    accuracy = metrics["accuracy"]
+    checks = [_threshold_check(name, accuracy, config)]
+    if baseline is not None:
+        checks.append(_baseline_check(accuracy, baseline, config.baseline_margin))
     if config.min_class_recall is not None:
-        for row in metrics["per_class"]:
-            ok = row["recall"] >= config.min_class_recall
-            checks.append((ok, f"recall of {row['class_name']} ({row['class_name_es']}) "
-                               f"{row['recall']:.3f} {'>=' if ok else '<'} "
-                               f"{config.min_class_recall:.3f}"))
+        checks += _recall_checks(metrics, config.min_class_recall)
+    checks.append(_regression_check(accuracy, served, config.max_regression))
+    blessed = all(c.passed for c in checks)
+    return blessed, [c.reason for c in checks], _summary(name, accuracy, checks, blessed)
 
-    if served is not None:
-        floor = served["accuracy"] - config.max_regression
-        ok = accuracy >= floor
-        checks.append((ok, f"accuracy {accuracy:.3f} {'>=' if ok else '<'} {floor:.3f} "
-                           f"(served version {served['version']}: {served['accuracy']:.3f} - "
-                           f"max_regression {config.max_regression:.3f})"))
-    else:
-        checks.append((True, "no version in serving: regression check not applicable"))
-    return all(ok for ok, _ in checks), [reason for _, reason in checks]
+
+def _summary(name: str, accuracy: float, checks: list[Check], blessed: bool) -> str:
+    if blessed:
+        return f"{name} blessed: test accuracy {accuracy:.2f} passed all {len(checks)} checks"
+    return f"{name} held back: " + "; ".join(c.failure for c in checks if not c.passed)
 
 
 # ----------------------------------------------------------------------------- training info
 
-def _read_json(path: Path) -> Optional[dict[str, Any]]:
-    return json.loads(path.read_text()) if path.exists() else None
+def _read_json_if_present(path: str) -> Optional[dict[str, Any]]:
+    return fileio.read_json(path) if fileio.exists(path) else None
 
 
 def _model_metadata(model_dir: str) -> dict[str, Any]:
-    info = _read_json(Path(model_dir) / TRAINING_INFO_FILE)
+    info = _read_json_if_present(fileio.join(model_dir, TRAINING_INFO_FILE))
     return {
         "model_dir": model_dir,
         "vgg_weights": (info or {}).get("vgg_weights"),
         "training_info": info,
-        "history": _read_json(Path(model_dir) / HISTORY_FILE),
+        "history": _read_json_if_present(fileio.join(model_dir, HISTORY_FILE)),
     }
 
 
@@ -218,49 +338,66 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
     """Evaluates each model in `model_dirs` (name -> trainer output dir) on the test split."""
     if not model_dirs:
         raise ValueError("run_evaluator needs at least one model")
-    serialized, labels, files = load_test_split(examples_dir)
+    split = load_test_split(examples_dir)
+    labels = split.labels
+    baseline = majority_baseline(labels)
     log.info("evaluating %d models on %d test examples", len(model_dirs), len(labels))
 
+    probs_by_model = {name: predict_probabilities(
+        fileio.join(model_dir, SERVING_MODEL_DIR), split.serialized)
+        for name, model_dir in model_dirs.items()}
     models: dict[str, dict[str, Any]] = {}
-    probs_by_model: dict[str, np.ndarray] = {}
     blessings: dict[str, dict[str, Any]] = {}
     for name, model_dir in model_dirs.items():
-        probs = predict_probabilities(str(Path(model_dir) / SERVING_MODEL_DIR), serialized)
-        probs_by_model[name] = probs
-        metrics = classification_metrics(labels, probs)
-        served = _evaluate_served(serving_root, name, serialized, labels)
-        blessed, reasons = gate(name, metrics, served, config)
-        blessings[name] = {"blessed": blessed, "reasons": reasons}
+        metrics = classification_metrics(labels, probs_by_model[name])
+        served = _evaluate_served(serving_root, name, split.serialized, labels)
+        blessed, reasons, summary = gate(name, metrics, served, config, baseline)
+        blessings[name] = {"blessed": blessed, "reasons": reasons, "summary": summary}
         models[name] = {**metrics, **_model_metadata(model_dir), "served": served,
                         "min_accuracy": config.min_accuracy.get(name),
-                        "blessed": blessed, "reasons": reasons}
+                        "blessed": blessed, "reasons": reasons, "summary": summary,
+                        "mistakes": confident_mistakes(name, split, probs_by_model)}
         log.info("%s: accuracy %.4f, blessed=%s (%s)", name, metrics["accuracy"], blessed,
                  "; ".join(reasons))
 
-    ensemble = ensemble_metrics(labels, probs_by_model, config.tie_tolerance)
+    ensemble = ensemble_metrics(labels, probs_by_model, config.tie_tolerance, split.rows)
     evaluation = {
-        "data": {"examples_dir": examples_dir, "split": "test", "files": files,
+        "data": {"examples_dir": examples_dir, "split": TEST_SPLIT, "files": split.files,
                  "test_examples": int(len(labels)),
                  "class_distribution": {CLASS_NAMES[k]: int((labels == k).sum())
-                                        for k in range(NUM_CLASSES)}},
+                                        for k in range(NUM_CLASSES)},
+                 "majority_baseline": baseline},
         "thresholds": asdict(config),
+        "serving_root": serving_root,
         "models": models,
         "ensemble": ensemble,
     }
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / EVALUATION_FILE, evaluation)
-    write_json_atomic(out / BLESSINGS_FILE, blessings)
-    (out / REPORT_HTML).write_text(render_report(to_jsonable(evaluation)))
+    paths = _write_outputs(output_dir, evaluation, blessings, split)
     return EvalResult(
-        evaluation_path=str(out / EVALUATION_FILE),
-        blessings_path=str(out / BLESSINGS_FILE),
-        report_path=str(out / REPORT_HTML),
+        evaluation_path=paths[EVALUATION_FILE],
+        blessings_path=paths[BLESSINGS_FILE],
+        report_path=paths[REPORT_HTML],
         test_examples=int(len(labels)),
         accuracy={name: m["accuracy"] for name, m in models.items()},
         blessed={name: b["blessed"] for name, b in blessings.items()},
         ensemble_accuracy=ensemble["accuracy"],
+        summaries={name: b["summary"] for name, b in blessings.items()},
     )
+
+
+def _write_outputs(output_dir: str, evaluation: dict[str, Any],
+                   blessings: dict[str, dict[str, Any]], split: TestSplit) -> dict[str, str]:
+    # Imported here: rendering needs matplotlib, the gate above does not.
+    from components.report import faces_shown, render_report
+
+    paths = {name: fileio.join(output_dir, name)
+             for name in (EVALUATION_FILE, BLESSINGS_FILE, REPORT_HTML)}
+    fileio.write_json(paths[EVALUATION_FILE], evaluation)
+    fileio.write_json(paths[BLESSINGS_FILE], blessings)
+    evaluation = to_jsonable(evaluation)
+    faces = {i: split.pixels[i] for i in faces_shown(evaluation)}
+    fileio.write_text(paths[REPORT_HTML], render_report(evaluation, faces))
+    return paths
 
 
 def _evaluate_served(serving_root: str, name: str, serialized: list[bytes],
@@ -273,148 +410,3 @@ def _evaluate_served(serving_root: str, name: str, serialized: list[bytes],
     metrics = classification_metrics(labels, predict_probabilities(path, serialized))
     return {"version": version, "path": path, "accuracy": metrics["accuracy"],
             "loss": metrics["loss"]}
-
-
-# ----------------------------------------------------------------------------- report
-
-def _png(figure) -> str:
-    """A matplotlib figure as an inline <img> (base64 PNG), so the page is one file."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(figure)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="chart" src="data:image/png;base64,{data}">'
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # no display on servers and CI
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _bilingual(k: int) -> str:
-    return f"{CLASS_NAMES[k]} / {CLASS_NAMES_ES[k]}"
-
-
-def _confusion_figure(matrix: list[list[int]], title: str) -> str:
-    plt = _pyplot()
-    counts = np.asarray(matrix)
-    figure, axes = plt.subplots(figsize=(6.5, 5.5))
-    image = axes.imshow(counts, cmap="Blues")
-    labels = [_bilingual(k) for k in range(NUM_CLASSES)]
-    axes.set_xticks(range(NUM_CLASSES), labels, rotation=45, ha="right")
-    axes.set_yticks(range(NUM_CLASSES), labels)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(title)
-    threshold = counts.max() / 2 if counts.size else 0
-    for i in range(NUM_CLASSES):
-        for j in range(NUM_CLASSES):
-            axes.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
-                      color="white" if counts[i, j] > threshold else "black")
-    figure.colorbar(image, ax=axes)
-    return _png(figure)
-
-
-def _history_figure(history: Mapping[str, Any], name: str) -> str:
-    plt = _pyplot()
-    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for axes, metric in ((loss_axes, "loss"), (acc_axes, "accuracy")):
-        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
-            values = history.get(key)
-            if values:
-                axes.plot(range(1, len(values) + 1), values, style, label=key)
-        if history.get("best_epoch") is not None:
-            axes.axvline(history["best_epoch"], color="grey", linestyle=":", label="best epoch")
-        axes.set_xlabel("epoch")
-        axes.set_title(f"{name}: {metric}")
-        axes.legend()
-    return _png(figure)
-
-
-def _distribution_figure(distribution: Mapping[str, int]) -> str:
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7, 3))
-    axes.bar([_bilingual(k) for k in range(NUM_CLASSES)],
-             [distribution[CLASS_NAMES[k]] for k in range(NUM_CLASSES)])
-    axes.tick_params(axis="x", rotation=30)
-    axes.set_title("test examples per class")
-    return _png(figure)
-
-
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>"
-                   for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "-" if value is None else str(value)
-
-
-def _model_section(name: str, model: Mapping[str, Any]) -> str:
-    verdict = "BLESSED" if model["blessed"] else "NOT BLESSED"
-    parts = [f"<h2>{html.escape(name)}: {verdict}</h2>",
-             _table(["check"], [[reason] for reason in model["reasons"]]),
-             _table(["model dir", "weights used (vgg_weights)", "test loss", "test accuracy",
-                     "served version", "served accuracy"],
-                    [[model["model_dir"], model["vgg_weights"], model["loss"],
-                      model["accuracy"], (model["served"] or {}).get("version"),
-                      (model["served"] or {}).get("accuracy")]])]
-    rows = [[r["class_name"], r["class_name_es"], r["precision"], r["recall"], r["f1"],
-             r["support"]] for r in model["per_class"]]
-    for avg in ("macro_avg", "weighted_avg"):
-        rows.append([avg.replace("_", " "), "", model[avg]["precision"], model[avg]["recall"],
-                     model[avg]["f1"], sum(r["support"] for r in model["per_class"])])
-    parts.append("<h3>Classification report</h3>")
-    parts.append(_table(["class", "clase", "precision", "recall", "F1", "support"], rows))
-    parts.append(_confusion_figure(model["confusion_matrix"], f"{name}: confusion matrix"))
-    if model.get("history"):
-        parts.append("<h3>Training curves</h3>")
-        parts.append(_history_figure(model["history"], name))
-    else:
-        parts.append("<p>No history.json found: no training curves.</p>")
-    return "\n".join(parts)
-
-
-def render_report(evaluation: Mapping[str, Any]) -> str:
-    """The self-contained HTML report (all images inline as base64 PNGs)."""
-    data, ensemble = evaluation["data"], evaluation["ensemble"]
-    thresholds = evaluation["thresholds"]
-    sections = [
-        "<h1>FER-2013 model evaluation</h1>",
-        "<h2>Data evaluated on</h2>",
-        _table(["examples dir", "split", "examples", "files"],
-               [[data["examples_dir"], data["split"], data["test_examples"],
-                 ", ".join(data["files"])]]),
-        _table(["class", "clase", "examples"],
-               [[CLASS_NAMES[k], CLASS_NAMES_ES[k], data["class_distribution"][CLASS_NAMES[k]]]
-                for k in range(NUM_CLASSES)]),
-        _distribution_figure(data["class_distribution"]),
-        "<h2>Thresholds</h2>",
-        _table(["setting", "value"], [[k, json.dumps(v)] for k, v in thresholds.items()]),
-        "<h2>Verdicts</h2>",
-        _table(["model", "blessed", "accuracy", "reasons"],
-               [[name, m["blessed"], m["accuracy"], "; ".join(m["reasons"])]
-                for name, m in evaluation["models"].items()]),
-    ]
-    sections += [_model_section(name, m) for name, m in evaluation["models"].items()]
-    sections += [
-        "<h2>Ensemble (the rule the product serves)</h2>",
-        _table(["models", "tie tolerance", "accuracy", "human review rate",
-                "accuracy when not reviewed"],
-               [[", ".join(ensemble["models"]), ensemble["tie_tolerance"], ensemble["accuracy"],
-                 ensemble["human_review_rate"], ensemble["accuracy_non_reviewed"]]]),
-        _confusion_figure(ensemble["confusion_matrix"], "ensemble: confusion matrix"),
-    ]
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}"
-             "table{border-collapse:collapse;margin:8px 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}")
-    return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Evaluation</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")

@@ -21,6 +21,14 @@ from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES, NUM_PIXE
 from tests.serving_fixtures import save_contract_model
 
 GOOD_FRACTION = 0.8
+# components/trainer.py's history.json: one record per epoch under "epochs".
+HISTORY = {
+    "epochs": [{"epoch": e + 1, "loss": loss, "accuracy": acc, "val_loss": vloss,
+                "val_accuracy": vacc, "train_seconds": 1.0, "images_per_s": 100.0}
+               for e, (loss, acc, vloss, vacc) in enumerate(
+                   [(1.9, 0.2, 1.95, 0.2), (1.5, 0.4, 1.6, 0.35), (1.2, 0.6, 1.4, 0.5)])],
+    "epochs_run": 3, "best_epoch": 3, "best_val_accuracy": 0.5, "exported_epoch": 3,
+    "images_per_s": 100.0, "resumed_at_epoch": None, "monitor": "val_accuracy"}
 
 
 # ----------------------------------------------------------------------------- fixtures' tools
@@ -98,9 +106,7 @@ def make_model_dir(root: Path, name: str, shift: int = 0, scale: float = 3.0,
     model_dir = root / name
     save_contract_model(str(model_dir / "serving_model"), tiny_weights(shift, scale))
     if history:
-        (model_dir / "history.json").write_text(json.dumps({
-            "loss": [1.9, 1.5, 1.2], "accuracy": [0.2, 0.4, 0.6],
-            "val_loss": [1.95, 1.6, 1.4], "val_accuracy": [0.2, 0.35, 0.5], "best_epoch": 3}))
+        (model_dir / "history.json").write_text(json.dumps(HISTORY))
     (model_dir / "training_info.json").write_text(json.dumps({
         "model": name, "vgg_weights": "none", "config": {}, "counts": {"train": 10}}))
     return str(model_dir)
@@ -209,16 +215,100 @@ def test_regression_against_the_served_version_blocks(setup, tmp_path):
     assert any(r.startswith("accuracy 0.200 < 0.790 (served version 4") for r in reasons)
 
 
+def _constant_model_dir(root: Path, name: str, class_id: int) -> str:
+    """A model that answers `class_id` for every face (zero weights, one-hot bias)."""
+    bias = np.zeros(NUM_CLASSES, dtype=np.float32)
+    bias[class_id] = 4.0
+    model_dir = root / name
+    save_contract_model(str(model_dir / "serving_model"),
+                        np.zeros((NUM_PIXELS, NUM_CLASSES), np.float32), bias)
+    return str(model_dir)
+
+
+def test_a_model_that_gives_one_answer_is_held_back_by_the_majority_baseline(setup, tmp_path):
+    from components.evaluator import run_evaluator
+
+    root, labels, _, dirs = setup
+    majority = int(np.bincount(labels, minlength=NUM_CLASSES).argmax())
+    baseline = np.mean(labels == majority)
+    constant = _constant_model_dir(tmp_path / "models", "constant", majority)
+    # min_accuracy 0.0 is what the smoke profile used to set for VGG16: it passes that check.
+    config = EvalConfig(min_accuracy={"good": 0.7, "constant": 0.0}, baseline_margin=0.05)
+    result = run_evaluator(str(root / "examples"), {"good": dirs["good"], "constant": constant},
+                           str(tmp_path / "serving"), str(tmp_path / "evaluation"), config)
+    blessings = json.loads(Path(result.blessings_path).read_text())
+    evaluation = json.loads(Path(result.evaluation_path).read_text())
+    assert result.blessed == {"good": True, "constant": False}
+    assert evaluation["data"]["majority_baseline"] == {
+        "class_id": majority, "class_name": CLASS_NAMES[majority],
+        "accuracy": pytest.approx(baseline)}
+    assert evaluation["models"]["constant"]["accuracy"] == pytest.approx(baseline)
+    assert "accuracy 0.000" not in " ".join(blessings["constant"]["reasons"])
+    assert blessings["constant"]["summary"] == (
+        f"constant held back: test accuracy {baseline:.2f} does not beat the majority-class "
+        f"baseline {baseline:.2f} by 0.05")
+    assert blessings["good"]["summary"] == (
+        "good blessed: test accuracy 0.80 passed all 3 checks")
+    assert result.summaries == {n: b["summary"] for n, b in blessings.items()}
+    # The ensemble's agreement rate: constant and good agree where good answers `majority`.
+    good_says = expected_probabilities(_pixels_in_file_order(root), 0, 3.0).argmax(axis=1)
+    assert evaluation["ensemble"]["agreement_rate"] == pytest.approx(np.mean(good_says == majority))
+
+    # A margin of 0 with a threshold at the baseline passes a model exactly at the baseline.
+    lenient = EvalConfig(min_accuracy={"constant": 0.0}, baseline_margin=0.0)
+    result = run_evaluator(str(root / "examples"), {"constant": constant},
+                           str(tmp_path / "serving"), str(tmp_path / "lenient"), lenient)
+    assert result.blessed == {"constant": True}
+
+
+def _pixels_in_file_order(root: Path) -> np.ndarray:
+    from components.evaluator import load_test_split
+
+    return load_test_split(str(root / "examples")).pixels.reshape(-1, NUM_PIXELS)
+
+
+def test_mistakes_are_the_most_confident_wrong_answers_per_class(setup, tmp_path):
+    config = EvalConfig(min_accuracy={"good": 0.7, "bad": 0.3})
+    result = run(setup, tmp_path / "serving", config, name="mistakes")
+    evaluation = json.loads(Path(result.evaluation_path).read_text())
+    root, labels, pixels, _ = setup
+    probs = expected_probabilities(pixels, shift=6, scale=2.0)
+    for k, class_name in enumerate(CLASS_NAMES):
+        shown = evaluation["models"]["bad"]["mistakes"][class_name]
+        wrong = np.flatnonzero((labels == k) & (probs.argmax(axis=1) != k))
+        assert len(shown) == min(6, len(wrong))
+        for item in shown:
+            assert labels[item["index"]] == k and item["true_class"] == class_name
+            assert item["answers"]["bad"]["class_id"] != k
+            assert set(item["answers"]) == {"good", "bad"}
+        confidences = [item["answers"]["bad"]["confidence"] for item in shown]
+        assert confidences == sorted(confidences, reverse=True)
+
+
 def test_report_is_self_contained_with_images_and_both_languages(setup, tmp_path):
+    import base64
+
     config = EvalConfig(min_accuracy={"good": 0.7, "bad": 0.3})
     result = run(setup, tmp_path / "serving", config, name="report")
     page = Path(result.report_path).read_text()
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    # distribution + 2 confusion + 1 history (bad has none) + ensemble confusion
-    assert len(images) == 5
-    import base64
     assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
+    charts = dict(re.findall(
+        r'<script type="application/json" data-chart-data="([\w-]+)">(.*?)</script>', page))
+    # distribution; per model history (bad has none), per-class, confusion; ensemble confusion
+    assert sorted(charts) == sorted(["test-distribution", "history-good", "per-class-good",
+                                     "confusion-good", "per-class-bad", "confusion-bad",
+                                     "confusion-ensemble"])
+    history = json.loads(charts["history-good"])
+    assert history["epoch"] == [1, 2, 3]
+    assert history["val_loss"] == [r["val_loss"] for r in HISTORY["epochs"]]
+    assert history["accuracy"] == [r["accuracy"] for r in HISTORY["epochs"]]
+    assert "No per-epoch records in history.json" in page        # for "bad"
     for k in range(NUM_CLASSES):
         assert CLASS_NAMES[k] in page and CLASS_NAMES_ES[k] in page
-    assert "NOT BLESSED" in page and "accuracy 0.200 &lt; 0.300" in page
-    assert "vgg_weights" in page and "http" not in page.replace("http-equiv", "")
+    assert "HELD BACK" in page and "bad held back: test accuracy 0.20 is below its " \
+        "threshold 0.30" in page
+    assert "initial weights" in page
+    # Nothing is fetched: every src/href is an inline data: URI (the browser test checks
+    # the requests themselves).
+    assert all(url.startswith("data:") for url in re.findall(r'(?:src|href)="([^"]*)"', page))
