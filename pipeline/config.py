@@ -132,6 +132,10 @@ class EvalConfig:
     # its most frequent class) plus this margin, in every profile: a min_accuracy below the
     # baseline would otherwise bless a model that gives one answer to every face.
     baseline_margin: float = 0.05
+    # Every model must also reach the test split's majority-class baseline (always answering
+    # its most frequent class) plus this margin, in every profile: a min_accuracy below the
+    # baseline would otherwise bless a model that gives one answer to every face.
+    baseline_margin: float = 0.05
 
 
 @dataclass
