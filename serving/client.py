@@ -7,10 +7,13 @@ Works against our embedded server and the real TF Serving alike (same protocols)
     fer-client --npy faces.npy                              # uint8 [n, 48, 48]
       [--host 127.0.0.1] [--protocol grpc|rest] [--port N] [--models cnn,vgg16]
       [--tolerance 0.05] [--timeout 10] [--retries 3] [--table]
+      [--review-queue DIR] [--explain DIR]
 
 Prints JSON (or a table with --table): per face, each model's probabilities and the
 version that answered, and the ensemble decision from serving.ensemble.combine with the
 English and Spanish class names. If the server is down it says so in one line and exits 2.
+With --review-queue the faces that need a person are queued for `fer-review` (with each
+model's saliency); --explain writes each model's saliency overlay per face as PNGs.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ import argparse
 import csv
 import http.client
 import json
+import os
 import socket
+import sqlite3
 import sys
 import time
 import urllib.error
@@ -34,6 +39,8 @@ from pipeline.contract import (CLASS_NAMES, CLASS_NAMES_ES, IMAGE_SIZE, INPUT_PI
                                SIGNATURE_EXPLAIN)
 
 DEFAULT_MODELS = ("cnn", "vgg16")
+# Where flagged faces are queued when --review-queue is not given (unset: nowhere).
+REVIEW_QUEUE_ENV = "FER_REVIEW_QUEUE"
 EXIT_UNAVAILABLE = 2
 EXIT_BAD_INPUT = 3
 EXIT_SERVER_ERROR = 4
@@ -384,6 +391,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--retries", type=int, default=3)
     parser.add_argument("--backoff", type=float, default=0.2, help="first retry wait, seconds")
     parser.add_argument("--table", action="store_true", help="readable table instead of JSON")
+    parser.add_argument("--review-queue", metavar="DIR",
+                        default=os.environ.get(REVIEW_QUEUE_ENV) or None,
+                        help="record the faces that need human review in the review queue "
+                             f"in DIR (default: ${REVIEW_QUEUE_ENV}; see fer-review)")
+    parser.add_argument("--explain", metavar="DIR",
+                        help="write each model's saliency overlay per face as PNGs into DIR")
     return parser.parse_args(argv)
 
 
@@ -420,7 +433,48 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_SERVER_ERROR
     entries = report(inputs, results)
     print(format_table(entries, models) if args.table else json.dumps(entries, indent=2))
+    try:
+        _explain_and_queue(args, client, inputs, results, models)
+    except ServerUnavailable as error:
+        print(f"fer-client: server unavailable: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (OSError, sqlite3.Error) as error:
+        print(f"fer-client: cannot write {args.explain or args.review_queue}: {error}",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
+
+
+def _explain_and_queue(args: argparse.Namespace, client: FerClient, inputs: list[InputImage],
+                       results: list[dict[str, Any]], models: Sequence[str]) -> None:
+    """--explain: overlay PNGs for every face; --review-queue: queue the flagged faces.
+    Both report on stderr, so stdout stays the JSON or table above."""
+    faced = [(index, item) for index, item in enumerate(inputs) if item.pixels is not None]
+    if args.explain:
+        from serving.review_intake import explain_face
+        from serving.saliency import write_overlays
+        notes: list[str] = []
+        written = []
+        for index, item in faced:
+            explained = explain_face(client, models, item.pixels, notes)
+            written += write_overlays(args.explain, index, item.pixels, {
+                model: (e.probabilities[0], e.saliency[0])
+                for model, e in explained.items() if e is not None})
+        for note in notes:
+            print(f"fer-client: {note}", file=sys.stderr)
+        print(f"fer-client: {len(written)} saliency overlay(s) written to {args.explain}",
+              file=sys.stderr)
+    if args.review_queue:
+        from serving.review_intake import queue_flagged
+        from serving.review_queue import ReviewQueue
+        with ReviewQueue(args.review_queue) as queue:
+            summary = queue_flagged(client, queue, [item.pixels for _, item in faced],
+                                    [item.source for _, item in faced], results, models)
+        for note in summary.notes:
+            print(f"fer-client: {note}", file=sys.stderr)
+        print(f"fer-client: {summary.flagged} face(s) need human review: {summary.queued} "
+              f"queued in {args.review_queue}, {summary.already_queued} already there",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
