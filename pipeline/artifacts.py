@@ -1,47 +1,63 @@
-"""The artifact contract between steps: one directory per step, each with a manifest.json.
+"""How a step's output is written, committed and found, on a local disk or an object store.
 
-A step's manifest records what it read (with content fingerprints), its parameters, its
-counts, its outputs and how long it took. `run_step` skips a step whose manifest shows the
-same input fingerprints and parameters, and otherwise builds the step in a hidden sibling
-directory that is renamed into place only when the step succeeded, so a crashed step never
-leaves a directory that looks finished.
+A step's outputs live under `<run_root>/<step directory>/<execution id>/`. The step writes
+there (a fresh prefix nobody reads yet: the staging area), then writes `manifest.json`
+inside it, and finally commits by writing one small record, `<step directory>/COMMIT.json`,
+naming that execution directory and the fingerprint of each output. Readers trust only
+what a commit record names: a step that crashes leaves an execution directory that no
+record names, and the previous committed output stays what everyone reads. Nothing is
+renamed, so this works where directories do not exist (gs://, s3://): the record is one
+object, and an object becomes visible only once its upload is complete.
+
+Fingerprints are sha256 over relative paths and bytes, so a step downstream can tell
+whether its inputs changed without trusting timestamps.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import logging
 import os
-import shutil
-import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
-MANIFEST = "manifest.json"
-log = logging.getLogger(__name__)
+from pipeline import fileio
+from pipeline.contract import MANIFEST_FILE
+
+COMMIT_FILE = "COMMIT.json"
+# Execution directories are named EXECUTION_PREFIX + a prefix of the step's cache key.
+EXECUTION_PREFIX = "x-"
+# Kept for readers of older code: the manifest's name inside an execution directory.
+MANIFEST = MANIFEST_FILE
 
 
 def fingerprint(path: str | os.PathLike) -> str:
     """sha256 over a file's bytes, or over a directory's relative paths and file bytes.
 
-    A step directory's own manifest is left out (it holds a duration that changes every
-    run), but the manifests of nested inputs are not special.
+    A directory's own top-level manifest is left out (it holds a duration that changes
+    every run); nested files are not special.
     """
-    path = Path(path)
+    path = str(path)
     digest = hashlib.sha256()
-    if path.is_file():
-        files = [(path.name, path)]
-    elif path.is_dir():
-        files = sorted((str(p.relative_to(path)), p) for p in path.rglob("*")
-                       if p.is_file() and p.relative_to(path) != Path(MANIFEST))
-    else:
+    if not fileio.exists(path):
         raise FileNotFoundError(f"cannot fingerprint {path}: no such file or directory")
+    if fileio.isdir(path):
+        files = [(rel, full) for rel, full in fileio.walk_files(path) if rel != MANIFEST_FILE]
+    else:
+        files = [(os.path.basename(path.rstrip("/")), path)]
     for name, file_path in files:
         digest.update(name.encode() + b"\0")
-        with open(file_path, "rb") as f:
+        with fileio.open_file(file_path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def fingerprint_all(paths: list[str]) -> str:
+    """One fingerprint for several inputs (e.g. several CSVs), order-sensitive."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(fingerprint(path).encode() + b"\0")
     return "sha256:" + digest.hexdigest()
 
 
@@ -59,84 +75,86 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def read_manifest(step_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
-    path = Path(step_dir) / MANIFEST
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
-
-
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n")
+    """Writes JSON so a reader never sees half of it.
+
+    Locally: a temp file renamed over the target (a file rename, which every POSIX disk
+    has). On object stores an object appears only once its upload completes, so a plain
+    write has the same effect.
+    """
+    path = str(path)
+    text = json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n"
+    if fileio.is_uri(path):
+        fileio.write_text(path, text)
+        return
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
+    Path(tmp).write_text(text)
     os.replace(tmp, path)
 
 
+def read_manifest(directory: str) -> Optional[dict[str, Any]]:
+    path = fileio.join(directory, MANIFEST_FILE)
+    return fileio.read_json(path) if fileio.exists(path) else None
+
+
 @dataclasses.dataclass
-class StepOutcome:
+class Commit:
+    """What a commit record says: the committed execution and its outputs."""
     step: str
-    step_dir: str
-    skipped: bool
+    execution: str                        # the execution directory's name
+    uri: str                              # the execution directory
+    cache_key: str
+    outputs: dict[str, dict[str, str]]    # output name -> {"uri", "fingerprint"}
     manifest: dict[str, Any]
 
-
-def run_step(step: str, step_dir: str | os.PathLike, inputs: Mapping[str, str],
-             parameters: Any, body: Callable[[str], Any], force: bool = False,
-             resumable: bool = False) -> StepOutcome:
-    """Runs `body(work_dir)` unless `step_dir` already holds a matching finished run.
-
-    `inputs` maps input names to paths (fingerprinted); `parameters` is any JSON-able value
-    or dataclass. `body` writes its outputs under the directory it is given and returns a
-    result record (dataclass or dict) that goes into the manifest. Output paths in the
-    record are written relative to the step directory. A `resumable` step (training) keeps
-    the work directory a killed earlier attempt left behind, so it can pick up its
-    checkpoints; other steps start from an empty one.
-    """
-    step_dir = Path(step_dir)
-    input_prints = {name: {"path": str(p), "fingerprint": fingerprint(p)}
-                    for name, p in sorted(inputs.items())}
-    params = to_jsonable(parameters)
-    previous = read_manifest(step_dir)
-    if (not force and previous is not None and previous.get("inputs") == input_prints
-            and previous.get("parameters") == params):
-        log.info("step %s: inputs and parameters unchanged, skipping (%s)", step, step_dir)
-        return StepOutcome(step, str(step_dir), True, previous)
-
-    work_dir = step_dir.with_name(f".{step_dir.name}.partial")
-    if work_dir.exists() and not (resumable and not force):
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    result = to_jsonable(body(str(work_dir)))
-    result = _relative_paths(result, str(work_dir))
-    manifest = {
-        "step": step,
-        "inputs": input_prints,
-        "parameters": params,
-        "result": result,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "duration_s": round(time.time() - started, 3),
-    }
-    write_json_atomic(work_dir / MANIFEST, manifest)
-    # Swap in the finished directory; the old one is removed only after the new one is ready.
-    old_dir = step_dir.with_name(f".{step_dir.name}.old")
-    if old_dir.exists():
-        shutil.rmtree(old_dir)
-    if step_dir.exists():
-        os.replace(step_dir, old_dir)
-    os.replace(work_dir, step_dir)
-    if old_dir.exists():
-        shutil.rmtree(old_dir)
-    return StepOutcome(step, str(step_dir), False, manifest)
+    def output_uri(self, name: str) -> str:
+        if name not in self.outputs:
+            raise KeyError(f"step {self.step!r} has no output {name!r}; "
+                           f"it has {sorted(self.outputs)}")
+        return self.outputs[name]["uri"]
 
 
-def _relative_paths(value: Any, root: str) -> Any:
-    """Paths inside the temporary work dir are rewritten relative to the step directory."""
+def read_commit(step_root: str) -> Optional[Commit]:
+    """The committed output of the step whose directory is `step_root`, or None."""
+    path = fileio.join(step_root, COMMIT_FILE)
+    if not fileio.exists(path):
+        return None
+    record = fileio.read_json(path)
+    return Commit(**{f.name: record[f.name] for f in dataclasses.fields(Commit)})
+
+
+def execution_dir(step_root: str, execution: str) -> str:
+    return fileio.join(step_root, execution)
+
+
+def commit(step_root: str, record: Commit) -> None:
+    """Publishes `record.uri` as the step's output: the record is written last."""
+    write_json_atomic(fileio.join(step_root, COMMIT_FILE), record)
+
+
+def remove_uncommitted(step_root: str, keep: tuple[str, ...] = ()) -> list[str]:
+    """Deletes execution directories no commit record names (except `keep`)."""
+    if not fileio.isdir(step_root):
+        return []
+    current = read_commit(step_root)
+    keep = set(keep) | ({current.execution} if current else set())
+    removed = []
+    for name in fileio.listdir(step_root):
+        full = fileio.join(step_root, name)
+        if name == COMMIT_FILE or name.startswith(".") or name in keep:
+            continue
+        if name.startswith(EXECUTION_PREFIX):
+            fileio.rmtree(full)
+            removed.append(name)
+    return removed
+
+
+def relative_paths(value: Any, root: str) -> Any:
+    """Paths inside an execution directory are recorded relative to it."""
     if isinstance(value, str) and value.startswith(root):
-        return os.path.relpath(value, root)
+        return value[len(root):].lstrip("/").lstrip(os.sep) or "."
     if isinstance(value, dict):
-        return {k: _relative_paths(v, root) for k, v in value.items()}
+        return {k: relative_paths(v, root) for k, v in value.items()}
     if isinstance(value, list):
-        return [_relative_paths(v, root) for v in value]
+        return [relative_paths(v, root) for v in value]
     return value

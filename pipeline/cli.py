@@ -11,37 +11,53 @@ import logging
 import sys
 from typing import Optional
 
-from pipeline.config import PipelineConfig, load_config
-from pipeline.runner import MODEL_NAMES, STEP_NAMES, PipelineError, RunContext, run_pipeline
+from pipeline.config import MODEL_NAMES, PipelineConfig, load_config
+from pipeline.dag import STEP_NAMES, build_steps
 
-# Step sub-commands: (command, runner step names it runs, help).
-STEP_COMMANDS = [
-    ("ingest", ["ingest"], "CSV -> split, quarantined, de-duplicated TFRecords (examples/)"),
-    ("statistics", ["statistics"], "TFDV statistics per split + statistics.html (statistics/)"),
-    ("validate", ["validate"], "validate statistics against the schema; drift (anomalies/)"),
-    ("augment", ["augment"], "class-balancing augmentation of the training split (augmented/)"),
-    ("transform", ["transform"], "tensorflow-transform normalization (transform/)"),
-    ("train", None, "train one model (--model) or both (models/<name>/)"),
-    ("evaluate", ["evaluate"], "test-split evaluation and the blessing gate (evaluation/)"),
-    ("push", ["push"], "copy blessed models to the serving directory (push/)"),
-]
+TRAIN_COMMAND = "train"
+
+
+def step_commands() -> list[tuple[str, list[str], str]]:
+    """(command, the steps it runs, help) for every step of the declared pipeline.
+
+    Per-model steps share one command (`train --model NAME`).
+    """
+    commands: list[tuple[str, list[str], str]] = []
+    for step in build_steps():
+        if step.model is not None:
+            if not any(name == TRAIN_COMMAND for name, _, _ in commands):
+                commands.append((TRAIN_COMMAND, [], "train one model (--model) or all "
+                                 "(models/<name>/)"))
+            commands[-1][1].append(step.name)
+        else:
+            commands.append((step.name, [step.name],
+                             f"{step.description} ({step.directory}/)"))
+    return commands
+
+
+STEP_COMMANDS = step_commands()
 
 
 def _add_common(parser: argparse.ArgumentParser, needs_data: bool) -> None:
-    parser.add_argument("--output", required=True, help="run root: one directory per step")
+    parser.add_argument("--output", required=True,
+                        help="run root (local directory or gs:// / s3:// URI)")
     if needs_data:
-        parser.add_argument("--data", required=True, help="FER-2013 format CSV")
+        parser.add_argument("--data", required=True, action="append",
+                            help="FER-2013 format CSV; repeat to train on several "
+                                 "(e.g. the original data plus reviewed faces)")
     parser.add_argument("--config", help="YAML or JSON file overriding pipeline/config.py")
     parser.add_argument("--profile", default="default", choices=["default", "smoke"],
                         help="'smoke' shrinks training for tests and demos")
     parser.add_argument("--force", action="store_true",
-                        help="re-run steps even when inputs and parameters are unchanged")
+                        help="re-run steps even when inputs, parameters and code are unchanged")
     parser.add_argument("--allow-anomalies", action="store_true",
                         help="go on when data validation finds anomalies (still reported)")
     parser.add_argument("--vgg-weights",
                         help="'none' (random init, default), 'imagenet' (downloads), or a .h5")
     parser.add_argument("--serving-root", help="where blessed models are pushed "
                         "(default: <output>/serving_models)")
+    parser.add_argument("--metadata-db", help="ML Metadata SQLite file "
+                        "(default: <output>/metadata.sqlite)")
     parser.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -64,36 +80,138 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run, needs_data=True)
     run.add_argument("--steps", help=f"comma-separated subset of {','.join(STEP_NAMES)}")
     run.add_argument("--models", default=",".join(MODEL_NAMES),
-                     help="which models to train/evaluate/push")
+                     help="which registered models to train/evaluate/push")
 
     for name, _, help_text in STEP_COMMANDS:
         step = commands.add_parser(name, help=help_text, description=help_text)
         _add_common(step, needs_data=(name == "ingest"))
-        if name == "train":
+        if name == TRAIN_COMMAND:
             step.add_argument("--model", choices=MODEL_NAMES,
-                              help="train only this model (default: both)")
+                              help="train only this model (default: all)")
         if name in ("evaluate", "push"):
             step.add_argument("--models", default=",".join(MODEL_NAMES))
+
+    lineage = commands.add_parser(
+        "lineage", help="where a served model version came from (ML Metadata)",
+        description="For a pushed model version: the data file and its fingerprint, rejected "
+        "rows, statistics and anomalies verdict, transform, training run, evaluation "
+        "metrics and the blessing that let it through.")
+    lineage.add_argument("--output", required=True, help="run root")
+    lineage.add_argument("--model", choices=MODEL_NAMES, help="default: every model")
+    lineage.add_argument("--version", type=int, help="default: the latest pushed version")
+    lineage.add_argument("--metadata-db", help="ML Metadata SQLite file")
+    lineage.add_argument("--config", help="YAML/JSON config (for a MySQL metadata store)")
+    lineage.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    compile_ = commands.add_parser(
+        "compile", help="write the Kubeflow Pipelines v2 definition",
+        description="Compiles the declared pipeline to KFP v2 YAML; unknown flags are Beam "
+        "options baked into the data steps (e.g. --runner=DataflowRunner ...).")
+    compile_.add_argument("--kfp", required=True, metavar="PIPELINE_YAML")
+    compile_.add_argument("--models", default=",".join(MODEL_NAMES))
+    compile_.add_argument("--image", default="fer-pipeline:latest",
+                          help="container image the components run in (see Dockerfile)")
+
+    dag = commands.add_parser("dag", help="print the declared pipeline",
+                              description="Steps, inputs and outputs; --mermaid for a diagram.")
+    dag.add_argument("--mermaid", action="store_true")
+
+    path = commands.add_parser("path", help="print the committed URI of a step's output",
+                               description="e.g. `fer-pipeline path --output RUN evaluate`")
+    path.add_argument("--output", required=True)
+    path.add_argument("ref", help="STEP or STEP.OUTPUT, e.g. train-cnn.serving_model")
     return parser
 
 
 def _config_from_args(args: argparse.Namespace) -> PipelineConfig:
     overrides: dict = {}
-    if args.allow_anomalies:
+    if getattr(args, "allow_anomalies", False):
         overrides.setdefault("validation", {})["allow_anomalies"] = True
-    if args.vgg_weights:
-        overrides.setdefault("train", {})["vgg_weights"] = args.vgg_weights
-    if args.serving_root:
+    if getattr(args, "vgg_weights", None):
+        overrides.setdefault("train", {})["models"] = {"vgg16": {"weights": args.vgg_weights}}
+    if getattr(args, "serving_root", None):
         overrides.setdefault("push", {})["serving_root"] = args.serving_root
-    return load_config(args.config, profile=args.profile, overrides=overrides)
+    if getattr(args, "metadata_db", None):
+        overrides.setdefault("metadata", {})["sqlite_path"] = args.metadata_db
+    return load_config(getattr(args, "config", None), profile=getattr(args, "profile", "default"),
+                       overrides=overrides)
 
 
 def _steps_for(args: argparse.Namespace) -> Optional[list[str]]:
     if args.command == "run":
         return args.steps.split(",") if args.steps else None
-    if args.command == "train":
+    if args.command == TRAIN_COMMAND:
         return [f"train-{m}" for m in ([args.model] if args.model else MODEL_NAMES)]
     return next(steps for name, steps, _ in STEP_COMMANDS if name == args.command)
+
+
+def _models(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.command == TRAIN_COMMAND and args.model:
+        return (args.model,)
+    return tuple(getattr(args, "models", ",".join(MODEL_NAMES)).split(","))
+
+
+def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from pipeline.runner import RunContext, run_pipeline
+
+    ctx = RunContext(data_paths=getattr(args, "data", None) or [], run_root=args.output,
+                     config=_config_from_args(args), beam_args=beam_args, force=args.force,
+                     models=_models(args))
+    outcomes = run_pipeline(ctx, _steps_for(args))
+    for outcome in outcomes:
+        if outcome.step == "push":
+            for model, push in sorted(outcome.manifest["result"].get("models", {}).items()):
+                print(f"[fer-pipeline] {model}: " + _push_line(push), flush=True)
+    return 0
+
+
+def _push_line(push: dict) -> str:
+    if push.get("pushed"):
+        return f"pushed as version {push['version']}"
+    return "held back: " + "; ".join(push.get("reasons", [])[:3])
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    from pipeline.lineage import format_lineage, model_lineage
+
+    config = _config_from_args(args)
+    found = model_lineage(args.output, config.metadata, args.model, args.version)
+    if args.json:
+        import json
+        print(json.dumps(found, indent=2, sort_keys=True))
+    else:
+        print(format_lineage(found))
+    return 0
+
+
+def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from pipeline.kfp_pipeline import compile_pipeline
+
+    path = compile_pipeline(args.kfp, models=tuple(args.models.split(",")),
+                            beam_args=beam_args, image=args.image)
+    print(f"[fer-pipeline] wrote the Kubeflow pipeline to {path}")
+    return 0
+
+
+def _dag(args: argparse.Namespace) -> int:
+    from pipeline.dag import mermaid
+
+    steps = build_steps()
+    if args.mermaid:
+        print(mermaid(steps), end="")
+        return 0
+    for step in steps:
+        inputs = ", ".join(f"{k}<-{v}" for k, v in step.inputs.items())
+        print(f"{step.name:<12} {step.directory + '/':<14} in: {inputs}")
+        print(f"{'':<12} {'':<14} out: {', '.join(step.outputs)}")
+    return 0
+
+
+def _path(args: argparse.Namespace) -> int:
+    from pipeline.runner import committed_output
+
+    print(committed_output(args.output, args.ref))
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -107,22 +225,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                               include_usage=not args.no_usage)
         print(f"[fer-pipeline] wrote {args.rows} rows to {args.out}: {result}")
         return 0
+    if args.command in ("lineage", "dag", "path") and beam_args:
+        print(f"[fer-pipeline] error: unknown arguments {beam_args}", file=sys.stderr)
+        return 2
+    from pipeline.runner import PipelineError
 
-    models = tuple(getattr(args, "models", ",".join(MODEL_NAMES)).split(","))
-    if args.command == "train" and args.model:
-        models = (args.model,)
-    ctx = RunContext(data_path=getattr(args, "data", None), run_root=args.output,
-                     config=_config_from_args(args), beam_args=beam_args, force=args.force,
-                     models=models)
+    handlers = {"lineage": lambda: _lineage(args), "compile": lambda: _compile(args, beam_args),
+                "dag": lambda: _dag(args), "path": lambda: _path(args)}
     try:
-        run_pipeline(ctx, _steps_for(args))
-    except PipelineError as error:
+        return handlers.get(args.command, lambda: _run(args, beam_args))()
+    except (PipelineError, ValueError, FileNotFoundError) as error:
+        # Bad data (too many rejected rows), bad config, missing inputs: say it, no trace.
         print(f"[fer-pipeline] error: {error}", file=sys.stderr)
         return 2
-    except ValueError as error:  # bad data (e.g. too many rejected rows), bad config
-        print(f"[fer-pipeline] error: {error}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -132,16 +132,31 @@ class EvalConfig:
     # its most frequent class) plus this margin, in every profile: a min_accuracy below the
     # baseline would otherwise bless a model that gives one answer to every face.
     baseline_margin: float = 0.05
-    # Every model must also reach the test split's majority-class baseline (always answering
-    # its most frequent class) plus this margin, in every profile: a min_accuracy below the
-    # baseline would otherwise bless a model that gives one answer to every face.
-    baseline_margin: float = 0.05
 
 
 @dataclass
 class PushConfig:
     serving_root: str = ""             # "": <output>/serving_models
     keep_versions: int = 3
+
+
+@dataclass
+class MetadataConfig:
+    """Where ML Metadata (lineage, and the record the step cache trusts) is kept.
+
+    Default: SQLite at <run_root>/metadata.sqlite for a local run root; for a run root on
+    an object store (SQLite cannot live there) a local file named after the run root
+    under ~/.cache/fer-pipeline/metadata/. Set `mysql_host` to share one store across a
+    cluster; the password is read from the environment variable `mysql_password_env`,
+    never from this file.
+    """
+    sqlite_path: str = ""
+    mysql_host: str = ""
+    mysql_port: int = 3306
+    mysql_database: str = "fer_metadata"
+    mysql_user: str = "root"
+    mysql_password_env: str = "FER_METADATA_MYSQL_PASSWORD"
+    pipeline_name: str = "fer-pipeline"
 
 
 @dataclass
@@ -154,6 +169,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     push: PushConfig = field(default_factory=PushConfig)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,211 +1,273 @@
-"""Runs the pipeline's steps in order over one run root.
+"""Runs the declared pipeline (`pipeline/dag.py`) over one run root, locally.
 
-Each step reads only the directories of earlier steps and writes only its own, so any step
-can also run alone (`fer-pipeline <step> --output RUN_ROOT`), which is what an orchestrator
-such as Airflow or Kubeflow needs. `pipeline.artifacts.run_step` makes every step skip when
-its inputs and parameters are unchanged, and makes a crashed step leave nothing that looks
-finished.
+For each step: resolve its inputs to the URIs their producers committed, compute a cache
+key (input fingerprints, parameters, the step's code), skip the step when ML Metadata has
+a completed execution with that key whose output is still the committed one, otherwise run
+its executor into a fresh execution directory and commit it (`pipeline/artifacts.py`), then
+record the execution and its artifacts in ML Metadata (`pipeline/metadata.py`).
+
+The run root, the data and the serving root may be local paths or object-store URIs.
 """
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Mapping, Optional, Sequence
 
-from pipeline.artifacts import StepOutcome, run_step
-from pipeline.config import PipelineConfig
+from pipeline import fileio
+from pipeline.artifacts import (EXECUTION_PREFIX, Commit, commit, fingerprint,
+                                fingerprint_all, read_commit, relative_paths,
+                                remove_uncommitted, to_jsonable)
+from pipeline.config import MODEL_NAMES, PipelineConfig
+from pipeline.contract import MANIFEST_FILE
+from pipeline.dag import (DATA, PIPELINE_INPUT, SCHEMA, STEP_NAMES, Step, StepEnv,
+                          build_steps, code_fingerprint)
+from pipeline.metadata import ArtifactRecord, MetadataStore
 
 log = logging.getLogger(__name__)
 
-MODEL_NAMES: tuple[str, ...] = ("cnn", "vgg16")
 # Relative paths in the config (the checked-in schema) are looked up here when they do not
 # exist relative to the working directory, so the CLI works from any directory.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class RunContext:
-    data_path: Optional[str]
-    run_root: str
-    config: PipelineConfig
-    beam_args: list[str] = field(default_factory=list)
-    force: bool = False
-    models: tuple[str, ...] = MODEL_NAMES
-
-    def dir(self, step_dir: str) -> str:
-        return os.path.join(self.run_root, step_dir)
-
-    @property
-    def serving_root(self) -> str:
-        return os.path.abspath(self.config.push.serving_root or self.dir("serving_models"))
-
-    @property
-    def schema_path(self) -> str:
-        path = self.config.validation.schema_path
-        if not os.path.isabs(path) and not os.path.exists(path):
-            return str(PROJECT_ROOT / path)
-        return path
+SERVING_MODELS_DIR = "serving_models"
 
 
 class PipelineError(RuntimeError):
     """A step refused to go on (bad data, anomalies); the message says why and what to do."""
 
 
+@dataclass
+class RunContext:
+    data_paths: Sequence[str]
+    run_root: str
+    config: PipelineConfig
+    beam_args: list[str] = field(default_factory=list)
+    force: bool = False
+    models: tuple[str, ...] = MODEL_NAMES
+    run_id: str = ""
+
+    @property
+    def serving_root(self) -> str:
+        return fileio.absolute(self.config.push.serving_root
+                               or fileio.join(self.run_root, SERVING_MODELS_DIR))
+
+    @property
+    def schema_path(self) -> str:
+        path = self.config.validation.schema_path
+        if fileio.is_uri(path) or os.path.isabs(path) or os.path.exists(path):
+            return path
+        return str(PROJECT_ROOT / path)
+
+    def env(self) -> StepEnv:
+        return StepEnv(self.config, list(self.beam_args), self.serving_root)
+
+    def step_root(self, step: Step) -> str:
+        return fileio.join(self.run_root, step.directory)
+
+
+@dataclass
+class StepOutcome:
+    step: str
+    uri: str                      # the committed execution directory
+    skipped: bool
+    manifest: dict[str, Any]
+    commit: Commit
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _resolve_inputs(step: Step, ctx: RunContext, committed: Mapping[str, Commit]
+                    ) -> tuple[dict[str, Any], dict[str, list[ArtifactRecord]]]:
+    """Each input's value (URI, or list of URIs for the data) and its artifact records."""
+    values: dict[str, Any] = {}
+    records: dict[str, list[ArtifactRecord]] = {}
+    for name, ref in step.inputs.items():
+        if ref == DATA:
+            values[name], records[name] = _data_inputs(ctx)
+        elif ref == SCHEMA:
+            values[name] = _require(ctx.schema_path, "the checked-in schema")
+            records[name] = [ArtifactRecord("schema", values[name], fingerprint(values[name]))]
+        else:
+            producer, output = ref.split(".", 1)
+            source = committed.get(producer) or read_commit(
+                fileio.join(ctx.run_root, _step(producer, ctx).directory))
+            if source is None:
+                raise PipelineError(f"step {step.name!r} needs {ref!r}, but `{producer}` has "
+                                    f"no committed output under {ctx.run_root}: run "
+                                    f"`fer-pipeline {_command(producer)}` first "
+                                    f"(or `fer-pipeline run`)")
+            values[name] = source.output_uri(output)
+            records[name] = [ArtifactRecord(output, values[name],
+                                            source.outputs[output]["fingerprint"])]
+    return values, records
+
+
+def _data_inputs(ctx: RunContext) -> tuple[Any, list[ArtifactRecord]]:
+    if not ctx.data_paths:
+        raise PipelineError("ingest needs --data PATH (a FER-2013 format CSV)")
+    paths = [_require(p, "synth") for p in ctx.data_paths]
+    records = [ArtifactRecord("data", fileio.absolute(p), fingerprint(p)) for p in paths]
+    # One CSV keeps the component's simple signature; several go as a list.
+    return (paths[0] if len(paths) == 1 else paths), records
+
+
 def _require(path: str, produced_by: str) -> str:
-    if not os.path.exists(path):
-        raise PipelineError(f"{path} does not exist: run the `{produced_by}` step first "
-                            f"(or `fer-pipeline run`)")
+    if not fileio.exists(path):
+        raise PipelineError(f"{path} does not exist: run `{produced_by}` first")
     return path
 
 
-def step_ingest(ctx: RunContext) -> StepOutcome:
-    from components.example_gen import run_example_gen
-
-    if not ctx.data_path:
-        raise PipelineError("ingest needs --data PATH (a FER-2013 format CSV)")
-    data = _require(ctx.data_path, "synth")
-    return run_step(
-        "ingest", ctx.dir("examples"), {"data": data}, ctx.config.ingest,
-        lambda out: run_example_gen(data, out, ctx.config.ingest, ctx.beam_args), ctx.force)
+def _step(name: str, ctx: RunContext) -> Step:
+    return next(s for s in build_steps(ctx.models) if s.name == name)
 
 
-def step_statistics(ctx: RunContext) -> StepOutcome:
-    from components.statistics import run_statistics
-
-    examples = _require(ctx.dir("examples"), "ingest")
-    return run_step(
-        "statistics", ctx.dir("statistics"), {"examples": examples}, {},
-        lambda out: run_statistics(examples, out, ctx.beam_args), ctx.force)
+def _command(step_name: str) -> str:
+    return "train --model " + step_name.split("-", 1)[1] if step_name.startswith("train-") \
+        else step_name
 
 
-def step_validate(ctx: RunContext) -> StepOutcome:
-    from components.validation import run_validation
-
-    statistics = _require(ctx.dir("statistics"), "statistics")
-    schema = _require(ctx.schema_path, "validate (checked-in schema)")
-    outcome = run_step(
-        "validate", ctx.dir("anomalies"), {"statistics": statistics, "schema": schema},
-        ctx.config.validation,
-        lambda out: run_validation(statistics, schema, out, ctx.config.validation), ctx.force)
-    result = outcome.manifest["result"]
-    # Raised after the step is recorded, so the report sits in anomalies/ for the user.
-    if result.get("blocking"):
-        report = os.path.join(outcome.step_dir, "report.txt")
-        text = Path(report).read_text() if os.path.exists(report) else result.get("summary", "")
-        raise PipelineError(
-            f"data validation found anomalies; the run stops here.\n{text}\n"
-            f"Full report: {report}. If this data is expected, re-run with --allow-anomalies.")
-    return outcome
+def cache_key(step: Step, records: Mapping[str, list[ArtifactRecord]], parameters: Any,
+              code: str) -> str:
+    """Changes when an input's content, a parameter or the step's code changes."""
+    payload = {"step": step.name, "code": code, "parameters": parameters,
+               "inputs": {name: [r.fingerprint for r in rs] for name, rs in records.items()}}
+    text = json.dumps(payload, sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def step_augment(ctx: RunContext) -> StepOutcome:
-    from components.augment import run_augment
+# ----------------------------------------------------------------------------- one step
 
-    examples = _require(ctx.dir("examples"), "ingest")
-    return run_step(
-        "augment", ctx.dir("augmented"), {"train": os.path.join(examples, "train")},
-        ctx.config.augment,
-        lambda out: run_augment(examples, out, ctx.config.augment, ctx.beam_args), ctx.force)
+def execute(step: Step, inputs: Mapping[str, Any], output_uri: str, env: StepEnv
+            ) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+    """Runs the executor into `output_uri`; returns (result, outputs with fingerprints).
 
-
-def step_transform(ctx: RunContext) -> StepOutcome:
-    from components.transform import run_transform
-
-    augmented = _require(ctx.dir("augmented"), "augment")
-    examples = _require(ctx.dir("examples"), "ingest")
-    inputs = {"augmented_train": os.path.join(augmented, "train"),
-              "validation": os.path.join(examples, "validation"),
-              "test": os.path.join(examples, "test"),
-              "preprocessing_code": os.path.join(os.path.dirname(__file__), "..",
-                                                 "components", "transform.py")}
-    return run_step(
-        "transform", ctx.dir("transform"), inputs, ctx.config.transform,
-        lambda out: run_transform(augmented, examples, out, ctx.config.transform,
-                                  ctx.beam_args), ctx.force)
+    Shared by the local runner and the Kubeflow components, so both write the same files.
+    """
+    fileio.makedirs(output_uri)
+    result = relative_paths(to_jsonable(step.executor(inputs, output_uri, env)), output_uri)
+    outputs = {}
+    for name, sub in step.outputs.items():
+        uri = fileio.join(output_uri, sub) if sub else output_uri
+        outputs[name] = {"uri": uri, "fingerprint": fingerprint(uri)}
+    return result, outputs
 
 
-def step_train(ctx: RunContext, model_name: str) -> StepOutcome:
-    from components.trainer import run_trainer
+def run_step(step: Step, ctx: RunContext, store: MetadataStore,
+             committed: Mapping[str, Commit]) -> StepOutcome:
+    env = ctx.env()
+    inputs, input_records = _resolve_inputs(step, ctx, committed)
+    parameters = to_jsonable(step.parameters(ctx.config, env))
+    code = code_fingerprint(step.code)
+    key = cache_key(step, input_records, parameters, code)
+    step_root = ctx.step_root(step)
+    current = read_commit(step_root)
+    if (not ctx.force and current is not None and current.cache_key == key
+            and store.find_completed(step.name, key) is not None):
+        log.info("step %s: inputs, parameters and code unchanged; skipping", step.name)
+        return StepOutcome(step.name, current.uri, True, current.manifest, current)
 
-    transform = _require(ctx.dir("transform"), "transform")
-    model_config = getattr(ctx.config.train, model_name)
-    params = {"model": model_name, "model_config": model_config,
-              **{k: v for k, v in dataclasses.asdict(ctx.config.train).items()
-                 if k not in MODEL_NAMES}}
-    return run_step(
-        f"train-{model_name}", ctx.dir(f"models/{model_name}"), {"transform": transform},
-        params, lambda out: run_trainer(model_name, transform, out, ctx.config.train),
-        ctx.force, resumable=True)
-
-
-def _trained_models(ctx: RunContext) -> tuple[dict[str, str], dict[str, str]]:
-    """Each model's step directory, and its exported SavedModel as a fingerprinted input."""
-    model_dirs = {m: _require(ctx.dir(f"models/{m}"), f"train --model {m}") for m in ctx.models}
-    inputs = {f"model_{m}": os.path.join(d, "serving_model") for m, d in model_dirs.items()}
-    return model_dirs, inputs
-
-
-def step_evaluate(ctx: RunContext) -> StepOutcome:
-    from components.evaluator import run_evaluator
-
-    examples = _require(ctx.dir("examples"), "ingest")
-    model_dirs, model_inputs = _trained_models(ctx)
-    inputs = {"test": os.path.join(examples, "test"), **model_inputs}
-    return run_step(
-        "evaluate", ctx.dir("evaluation"), inputs, ctx.config.evaluation,
-        lambda out: run_evaluator(examples, model_dirs, ctx.serving_root, out,
-                                  ctx.config.evaluation), ctx.force)
-
-
-def step_push(ctx: RunContext) -> StepOutcome:
-    from components.pusher import run_pusher
-
-    evaluation = _require(ctx.dir("evaluation"), "evaluate")
-    model_dirs, model_inputs = _trained_models(ctx)
-    inputs = {"evaluation": evaluation, **model_inputs}
-    params = {"push": ctx.config.push, "serving_root": ctx.serving_root}
-    return run_step(
-        "push", ctx.dir("push"), inputs, params,
-        lambda out: run_pusher(model_dirs, evaluation, ctx.serving_root, out, ctx.config.push),
-        ctx.force)
+    execution = EXECUTION_PREFIX + key[len("sha256:"):][:12]
+    if current is not None and current.execution == execution:
+        # --force over a committed output: never overwrite what readers trust.
+        execution += time.strftime("-%Y%m%dT%H%M%S")
+    output_uri = fileio.join(step_root, execution)
+    if fileio.exists(output_uri) and not (step.resumable and not ctx.force):
+        fileio.rmtree(output_uri)
+    started = time.time()
+    result, outputs = execute(step, inputs, output_uri, env)
+    manifest = {
+        "step": step.name, "execution": execution, "cache_key": key,
+        "inputs": {name: [{"uri": r.uri, "fingerprint": r.fingerprint} for r in rs]
+                   for name, rs in input_records.items()},
+        "parameters": parameters, "code_fingerprint": code, "result": result,
+        "outputs": outputs,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 3),
+    }
+    fileio.write_json(fileio.join(output_uri, MANIFEST_FILE), manifest)
+    record = Commit(step.name, execution, output_uri, key, outputs, manifest)
+    commit(step_root, record)   # written last: from here on readers see the new output
+    _record_metadata(step, store, input_records, record, result)
+    remove_uncommitted(step_root)
+    return StepOutcome(step.name, output_uri, False, manifest, record)
 
 
-def _train_steps() -> list[tuple[str, Callable[[RunContext], StepOutcome]]]:
-    return [(f"train-{m}", lambda ctx, m=m: step_train(ctx, m)) for m in MODEL_NAMES]
+def _record_metadata(step: Step, store: MetadataStore,
+                     input_records: Mapping[str, list[ArtifactRecord]], record: Commit,
+                     result: dict[str, Any]) -> None:
+    outputs = {name: [ArtifactRecord(name, out["uri"], out["fingerprint"])]
+               for name, out in record.outputs.items()}
+    if step.derived is not None:
+        outputs["derived"] = step.derived(record.uri, result)
+    store.record_execution(step.name, dict(input_records), outputs, {
+        "cache_key": record.cache_key,
+        "code_fingerprint": record.manifest["code_fingerprint"],
+        "parameters": record.manifest["parameters"],
+        "result": result,
+        "duration_s": float(record.manifest["duration_s"]),
+        "execution_dir": record.uri,
+    })
 
 
-# The whole pipeline, in order. Names are what `--steps` accepts.
-STEPS: list[tuple[str, Callable[[RunContext], StepOutcome]]] = [
-    ("ingest", step_ingest),
-    ("statistics", step_statistics),
-    ("validate", step_validate),
-    ("augment", step_augment),
-    ("transform", step_transform),
-    *_train_steps(),
-    ("evaluate", step_evaluate),
-    ("push", step_push),
-]
-STEP_NAMES: tuple[str, ...] = tuple(name for name, _ in STEPS)
+def _stop_if_blocking(outcome: StepOutcome) -> None:
+    """A step whose result says `blocking` (validation anomalies) stops the run, after
+    its output is committed so the report is there to read."""
+    result = outcome.manifest.get("result", {})
+    if not isinstance(result, dict) or not result.get("blocking"):
+        return
+    report = result.get("report_path")
+    text = result.get("summary", "")
+    if report:
+        report = fileio.join(outcome.uri, report)
+        if fileio.exists(report):
+            text = fileio.read_text(report)
+    raise PipelineError(
+        f"data validation found anomalies; the run stops here.\n{text}\n"
+        f"Full report: {report}. If this data is expected, re-run with --allow-anomalies.")
 
 
-def run_pipeline(ctx: RunContext, steps: Optional[list[str]] = None) -> list[StepOutcome]:
+# ----------------------------------------------------------------------------- the run
+
+def open_store(ctx: RunContext) -> MetadataStore:
+    return MetadataStore(ctx.config.metadata, ctx.run_root, ctx.run_id)
+
+
+def run_pipeline(ctx: RunContext, steps: Optional[Sequence[str]] = None) -> list[StepOutcome]:
     """Runs `steps` (default: all) in pipeline order and returns what each did."""
-    wanted = set(steps or STEP_NAMES)
+    declared = build_steps(ctx.models)
+    names = [s.name for s in declared]
+    wanted = set(steps or names)
     unknown = wanted - set(STEP_NAMES)
     if unknown:
         raise PipelineError(f"unknown steps {sorted(unknown)}; steps are {list(STEP_NAMES)}")
-    wanted -= {f"train-{m}" for m in MODEL_NAMES if m not in ctx.models}
+    store = open_store(ctx)
+    committed: dict[str, Commit] = {}
     outcomes = []
-    for name, step in STEPS:
-        if name not in wanted:
+    for step in declared:
+        if step.name not in wanted:
             continue
-        outcome = step(ctx)
+        outcome = run_step(step, ctx, store, committed)
+        committed[step.name] = outcome.commit
         verb = "skipped (unchanged)" if outcome.skipped else (
             f"done in {outcome.manifest.get('duration_s', 0):.1f}s")
-        log.info("%-12s %s -> %s", name, verb, outcome.step_dir)
-        print(f"[fer-pipeline] {name:<12} {verb:<22} {outcome.step_dir}", flush=True)
+        print(f"[fer-pipeline] {step.name:<12} {verb:<22} {outcome.uri}", flush=True)
         outcomes.append(outcome)
+        _stop_if_blocking(outcome)
     return outcomes
+
+
+def committed_output(run_root: str, ref: str, models: Sequence[str] = MODEL_NAMES) -> str:
+    """The committed URI of `step.output` (or of a step's whole output) under `run_root`."""
+    producer, _, output = ref.partition(".")
+    step = next((s for s in build_steps(models) if s.name == producer), None)
+    if step is None or producer == PIPELINE_INPUT:
+        raise PipelineError(f"unknown step {producer!r}; steps are {list(STEP_NAMES)}")
+    record = read_commit(fileio.join(run_root, step.directory))
+    if record is None:
+        raise PipelineError(f"`{producer}` has no committed output under {run_root}")
+    return record.uri if not output else record.output_uri(output)

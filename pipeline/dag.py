@@ -1,0 +1,268 @@
+"""The pipeline, declared once.
+
+Every step says what it reads (other steps' outputs, by `step.output` name, or the
+pipeline's own inputs `pipeline.data` / `pipeline.schema`), what it writes, which config
+section it takes, and which code it runs. The local runner (`pipeline/runner.py`), the CLI
+(`fer-pipeline <step>`, `--steps`) and the Kubeflow pipeline (`pipeline/kfp_pipeline.py`)
+are all built from `build_steps()`; nothing else lists the steps.
+
+Executors adapt the declaration to each component's public entry point: they take the
+resolved input URIs, the execution's output directory and the `StepEnv`, and return the
+component's result record. They live here, at module level, so they pickle and import by
+name (Beam workers and KFP components import them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from pipeline.config import MODEL_NAMES, PipelineConfig
+from pipeline import fileio
+from pipeline.contract import BLESSINGS_FILE, SERVING_MODEL_DIR, TRANSFORM_GRAPH_DIR
+from pipeline.metadata import ArtifactRecord
+
+PIPELINE_INPUT = "pipeline"           # producer name of the pipeline's own inputs
+DATA = f"{PIPELINE_INPUT}.data"       # the FER-2013 CSV(s)
+SCHEMA = f"{PIPELINE_INPUT}.schema"   # the checked-in schema
+
+
+@dataclass
+class StepEnv:
+    """What an executor needs besides its inputs: the config, Beam's flags, where to push."""
+    config: PipelineConfig
+    beam_args: list[str] = field(default_factory=list)
+    serving_root: str = ""
+
+
+Executor = Callable[[Mapping[str, Any], str, StepEnv], Any]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str                          # what --steps and `fer-pipeline <command>` use
+    directory: str                     # under the run root, e.g. "examples", "models/cnn"
+    inputs: Mapping[str, str]          # input name -> "step.output" | "pipeline.data|schema"
+    outputs: Mapping[str, str]         # output name -> path inside the execution directory
+    executor: Executor
+    parameters: Callable[[PipelineConfig, StepEnv], Any]  # what the cache key includes
+    code: tuple[str, ...]              # modules whose source goes into the cache key
+    description: str
+    beam: bool = False                 # takes Beam pipeline options (runner flags)
+    resumable: bool = False            # a killed attempt's directory is reused (checkpoints)
+    model: Optional[str] = None        # for per-model steps
+    # Artifacts the step's result describes beyond its outputs (blessings, pushed versions),
+    # recorded in ML Metadata: derived(output_uri, result) -> [ArtifactRecord].
+    derived: Optional[Callable[[str, dict], list[ArtifactRecord]]] = None
+
+    def upstream(self) -> list[str]:
+        return sorted({ref.split(".")[0] for ref in self.inputs.values()} - {PIPELINE_INPUT})
+
+
+# ----------------------------------------------------------------------------- executors
+
+def _ingest(inputs, out, env: StepEnv):
+    from components.example_gen import run_example_gen
+    return run_example_gen(inputs["data"], out, env.config.ingest, env.beam_args)
+
+
+def _augment(inputs, out, env: StepEnv):
+    from components.augment import run_augment
+    return run_augment(inputs["examples"], out, env.config.augment, env.beam_args)
+
+
+def _statistics(inputs, out, env: StepEnv):
+    from components.statistics import run_statistics
+    # The schema and validation settings let the page show the verdict at its top.
+    return run_statistics(inputs["examples"], out, env.beam_args,
+                          augmented_dir=inputs["augmented"], schema_path=inputs["schema"],
+                          validation=env.config.validation)
+
+
+def _validate(inputs, out, env: StepEnv):
+    from components.validation import run_validation
+    return run_validation(inputs["statistics"], inputs["schema"], out, env.config.validation)
+
+
+def _transform(inputs, out, env: StepEnv):
+    from components.transform import run_transform
+    return run_transform(inputs["augmented"], inputs["examples"], out, env.config.transform,
+                         env.beam_args)
+
+
+def _train(model: str, inputs, out, env: StepEnv):
+    from components.trainer import run_trainer
+    return run_trainer(model, inputs["transform"], out, env.config.train)
+
+
+def _model_runs(inputs: Mapping[str, Any]) -> dict[str, str]:
+    return {name[len("model_"):]: uri for name, uri in inputs.items()
+            if name.startswith("model_")}
+
+
+def _evaluate(inputs, out, env: StepEnv):
+    from components.evaluator import run_evaluator
+    return run_evaluator(inputs["examples"], _model_runs(inputs), env.serving_root, out,
+                         env.config.evaluation)
+
+
+def _push(inputs, out, env: StepEnv):
+    from components.pusher import run_pusher
+    return run_pusher(_model_runs(inputs), inputs["evaluation"], env.serving_root, out,
+                      env.config.push)
+
+
+def _blessings(output_uri: str, result: dict) -> list[ArtifactRecord]:
+    """One blessing artifact per model: the gate's verdict and why."""
+    blessings = fileio.read_json(fileio.join(output_uri, BLESSINGS_FILE))
+    return [ArtifactRecord("blessing", f"{fileio.join(output_uri, BLESSINGS_FILE)}#{model}",
+                           properties={"model": model, **verdict})
+            for model, verdict in sorted(blessings.items())]
+
+
+def _pushed_versions(output_uri: str, result: dict) -> list[ArtifactRecord]:
+    """One artifact per model version this push published."""
+    from pipeline.artifacts import fingerprint
+
+    records = []
+    for model, push in sorted(result.get("models", {}).items()):
+        if push.get("pushed"):
+            records.append(ArtifactRecord(
+                "pushed_model", push["path"], fingerprint(push["path"]),
+                {"model": model, "version": push["version"],
+                 "serving_root": result.get("serving_root", "")}))
+    return records
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def _section(name: str) -> Callable[[PipelineConfig, StepEnv], Any]:
+    return lambda config, env: getattr(config, name)
+
+
+def _train_parameters(model: str) -> Callable[[PipelineConfig, StepEnv], Any]:
+    def parameters(config: PipelineConfig, env: StepEnv) -> Any:
+        shared = {f.name: getattr(config.train, f.name)
+                  for f in dataclasses.fields(config.train) if f.name != "models"}
+        return {"model": model, "model_config": config.train.models[model], **shared}
+    return parameters
+
+
+def _push_parameters(config: PipelineConfig, env: StepEnv) -> Any:
+    return {"push": config.push, "serving_root": env.serving_root}
+
+
+def _evaluate_parameters(config: PipelineConfig, env: StepEnv) -> Any:
+    # The serving root matters: the gate compares with the version served there.
+    return {"evaluation": config.evaluation, "serving_root": env.serving_root}
+
+
+# ----------------------------------------------------------------------------- the DAG
+
+def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
+    """The pipeline's steps in a valid execution order, with one train step per model."""
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; registered models: {list(MODEL_NAMES)}")
+    model_inputs = {f"model_{m}": f"train-{m}.model_run" for m in models}
+    steps = [
+        Step("ingest", "examples", {"data": DATA}, {"examples": ""}, _ingest,
+             _section("ingest"), ("components.example_gen",),
+             "CSV -> split, quarantined, de-duplicated TFRecords", beam=True),
+        Step("augment", "augmented", {"examples": "ingest.examples"}, {"augmented": ""},
+             _augment, _section("augment"), ("components.augment",),
+             "class-balancing augmentation of the training split", beam=True),
+        Step("statistics", "statistics",
+             {"examples": "ingest.examples", "augmented": "augment.augmented",
+              "schema": SCHEMA},
+             {"statistics": ""}, _statistics, _section("validation"),
+             ("components.statistics",),
+             "TFDV statistics per split + statistics.html", beam=True),
+        Step("validate", "anomalies", {"statistics": "statistics.statistics", "schema": SCHEMA},
+             {"anomalies": ""}, _validate, _section("validation"), ("components.validation",),
+             "validate statistics against the schema; label drift"),
+        Step("transform", "transform",
+             # anomalies: only validated data is transformed (and KFP orders it so)
+             {"augmented": "augment.augmented", "examples": "ingest.examples",
+              "anomalies": "validate.anomalies"},
+             {"transform": "", "transform_graph": TRANSFORM_GRAPH_DIR}, _transform,
+             _section("transform"), ("components.transform",),
+             "tensorflow-transform normalization", beam=True),
+    ]
+    for model in models:
+        steps.append(Step(
+            f"train-{model}", f"models/{model}", {"transform": "transform.transform"},
+            {"model_run": "", "serving_model": SERVING_MODEL_DIR},
+            functools.partial(_train, model), _train_parameters(model),
+            ("components.trainer", "components.models", "components.export"),
+            f"train the {model} model", resumable=True, model=model))
+    steps += [
+        Step("evaluate", "evaluation", {"examples": "ingest.examples", **model_inputs},
+             {"evaluation": ""}, _evaluate, _evaluate_parameters,
+             ("components.evaluator", "serving.ensemble"),
+             "test-split evaluation and the blessing gate", derived=_blessings),
+        Step("push", "push", {"evaluation": "evaluate.evaluation", **model_inputs},
+             {"push": ""}, _push, _push_parameters, ("components.pusher",),
+             "push blessed models to the serving directory", derived=_pushed_versions),
+    ]
+    _check_order(steps)
+    return steps
+
+
+def _check_order(steps: list[Step]) -> None:
+    """Every input refers to an earlier step's declared output (the list is topological)."""
+    seen: dict[str, Step] = {}
+    for step in steps:
+        for input_name, ref in step.inputs.items():
+            producer, output = ref.split(".", 1)
+            if producer == PIPELINE_INPUT:
+                continue
+            if producer not in seen or output not in seen[producer].outputs:
+                raise ValueError(f"step {step.name!r} input {input_name!r} refers to "
+                                 f"{ref!r}, which no earlier step declares")
+        seen[step.name] = step
+
+
+STEP_NAMES: tuple[str, ...] = tuple(step.name for step in build_steps())
+
+
+def step_by_name(name: str, models: Sequence[str] = MODEL_NAMES) -> Step:
+    for step in build_steps(models):
+        if step.name == name:
+            return step
+    raise ValueError(f"unknown step {name!r}; steps are {list(STEP_NAMES)}")
+
+
+def code_fingerprint(modules: Sequence[str]) -> str:
+    """sha256 over the source of the modules a step runs: editing them re-runs the step."""
+    digest = hashlib.sha256()
+    for module in sorted(modules):
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.origin:
+            raise ValueError(f"cannot find the source of module {module!r}")
+        with open(spec.origin, "rb") as f:
+            digest.update(module.encode() + b"\0" + f.read() + b"\0")
+    return "sha256:" + digest.hexdigest()
+
+
+def mermaid(steps: Sequence[Step]) -> str:
+    """The DAG as a Mermaid flowchart (docs/architecture.md embeds it)."""
+    lines = ["flowchart TD", "    data[(CSV data)]", "    schema[(checked-in schema)]"]
+    for step in steps:
+        outputs = ", ".join(step.outputs)
+        lines.append(f'    {_node(step.name)}["{step.name}<br/><small>{step.directory}/ : '
+                     f'{outputs}</small>"]')
+    for step in steps:
+        for ref in step.inputs.values():
+            producer, output = ref.split(".", 1)
+            source = output if producer == PIPELINE_INPUT else _node(producer)
+            label = "" if producer == PIPELINE_INPUT else f"|{output}|"
+            lines.append(f"    {source} -->{label} {_node(step.name)}")
+    return "\n".join(lines) + "\n"
+
+
+def _node(name: str) -> str:
+    return name.replace("-", "_")

@@ -1,0 +1,230 @@
+"""Lineage in ML Metadata: every step execution, what it read, what it wrote.
+
+Each execution is recorded with its input and output artifacts (URI + content fingerprint),
+its parameters, cache key, code fingerprint, result (counts, metrics) and duration, and is
+attributed to two contexts: the pipeline (all runs) and this run. The step cache asks this
+store whether an execution with the same cache key already completed; `lineage()` walks
+the events backwards from a pushed model version to the CSV it came from.
+
+Type names are ours (`fer.<output name>`, `fer.step.<step>`); there is one artifact type per
+kind of output, so the same query works for any registered model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pipeline import fileio
+from pipeline.config import MetadataConfig
+
+PIPELINE_CONTEXT = "fer.pipeline"
+RUN_CONTEXT = "fer.pipeline_run"
+DERIVED = "derived"    # artifacts a step's result describes (a blessing, a pushed version)
+
+
+@dataclass
+class ArtifactRecord:
+    type_name: str                     # e.g. "model_run", "data", "blessing", "pushed_model"
+    uri: str
+    fingerprint: str = ""
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+def _connection_config(config: MetadataConfig, run_root: str):
+    from ml_metadata.proto import metadata_store_pb2
+
+    connection = metadata_store_pb2.ConnectionConfig()
+    if config.mysql_host:
+        connection.mysql.host = config.mysql_host
+        connection.mysql.port = config.mysql_port
+        connection.mysql.database = config.mysql_database
+        connection.mysql.user = config.mysql_user
+        connection.mysql.password = os.environ.get(config.mysql_password_env, "")
+        return connection, f"mysql://{config.mysql_host}:{config.mysql_port}/" \
+                           f"{config.mysql_database}"
+    path = sqlite_path(config, run_root)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    connection.sqlite.filename_uri = path
+    connection.sqlite.connection_mode = \
+        metadata_store_pb2.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
+    return connection, path
+
+
+def sqlite_path(config: MetadataConfig, run_root: str) -> str:
+    if config.sqlite_path:
+        return os.path.abspath(config.sqlite_path)
+    if not fileio.is_uri(run_root):
+        return os.path.join(os.path.abspath(run_root), "metadata.sqlite")
+    key = hashlib.sha256(run_root.encode()).hexdigest()[:16]
+    return os.path.join(os.path.expanduser("~"), ".cache", "fer-pipeline", "metadata",
+                        f"{key}.sqlite")
+
+
+class MetadataStore:
+    """A thin layer over ml_metadata's MetadataStore in our vocabulary."""
+
+    def __init__(self, config: MetadataConfig, run_root: str, run_id: str = "") -> None:
+        from ml_metadata.metadata_store import metadata_store
+
+        connection, self.location = _connection_config(config, run_root)
+        self._store = metadata_store.MetadataStore(connection)
+        self.pipeline_name = config.pipeline_name
+        self.run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
+        self._types: dict[tuple[str, str], int] = {}
+
+    # ------------------------------------------------------------------ types and contexts
+
+    def _type_id(self, kind: str, name: str) -> int:
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        if (kind, name) not in self._types:
+            proto = {"artifact": pb.ArtifactType, "execution": pb.ExecutionType,
+                     "context": pb.ContextType}[kind](name=name)
+            put = {"artifact": self._store.put_artifact_type,
+                   "execution": self._store.put_execution_type,
+                   "context": self._store.put_context_type}[kind]
+            self._types[(kind, name)] = put(proto)
+        return self._types[(kind, name)]
+
+    def _context(self, type_name: str, name: str):
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        existing = self._store.get_context_by_type_and_name(type_name, name)
+        if existing is not None:
+            return existing
+        context = pb.Context(type_id=self._type_id("context", type_name), name=name)
+        [context.id] = self._store.put_contexts([context])
+        return context
+
+    def contexts(self) -> list:
+        return [self._context(PIPELINE_CONTEXT, self.pipeline_name),
+                self._context(RUN_CONTEXT, f"{self.pipeline_name}/{self.run_id}")]
+
+    # ------------------------------------------------------------------ writing
+
+    def _artifact(self, record: ArtifactRecord):
+        """The existing artifact with this URI, type and fingerprint, or a new one."""
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        type_name = f"fer.{record.type_name}"
+        type_id = self._type_id("artifact", type_name)
+        for artifact in self._store.get_artifacts_by_uri(record.uri):
+            if artifact.type_id == type_id and _get(artifact, "fingerprint") == \
+                    record.fingerprint and _get(artifact, "properties") == \
+                    _json(record.properties):
+                return artifact
+        artifact = pb.Artifact(type_id=type_id, uri=record.uri, state=pb.Artifact.LIVE)
+        _set(artifact, "fingerprint", record.fingerprint)
+        _set(artifact, "properties", _json(record.properties))
+        return artifact
+
+    def record_execution(self, step: str, inputs: dict[str, list[ArtifactRecord]],
+                         outputs: dict[str, list[ArtifactRecord]],
+                         properties: dict[str, Any]) -> int:
+        """One completed execution with its input/output events, in one transaction."""
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        execution = pb.Execution(type_id=self._type_id("execution", f"fer.step.{step}"),
+                                 last_known_state=pb.Execution.COMPLETE)
+        _set(execution, "step", step)
+        for key, value in properties.items():
+            _set(execution, key, value if isinstance(value, (str, int, float))
+                 else _json(value))
+        artifacts_and_events = []
+        for kind, groups in ((pb.Event.INPUT, inputs), (pb.Event.OUTPUT, outputs)):
+            for name, records in sorted(groups.items()):
+                for index, record in enumerate(records):
+                    event = pb.Event(type=kind)
+                    event.path.steps.add().key = name
+                    event.path.steps.add().index = index
+                    artifacts_and_events.append((self._artifact(record), event))
+        execution_id, _, _ = self._store.put_execution(
+            execution, artifacts_and_events, self.contexts(), reuse_context_if_already_exist=True)
+        return execution_id
+
+    # ------------------------------------------------------------------ reading
+
+    def find_completed(self, step: str, cache_key: str) -> Optional[dict[str, Any]]:
+        """The latest completed execution of `step` with this cache key, as a dict."""
+        executions = [e for e in self._store.get_executions_by_type(f"fer.step.{step}")
+                      if _get(e, "cache_key") == cache_key]
+        if not executions:
+            return None
+        return self._describe(max(executions, key=lambda e: e.id))
+
+    def _describe(self, execution) -> dict[str, Any]:
+        events = self._store.get_events_by_execution_ids([execution.id])
+        artifacts = {a.id: a for a in self._store.get_artifacts_by_id(
+            [e.artifact_id for e in events])}
+        types = {t.id: t.name for t in self._store.get_artifact_types()}
+        described: dict[str, Any] = {
+            "id": execution.id, "step": _get(execution, "step"),
+            "properties": {k: _value(v) for k, v in execution.custom_properties.items()},
+            "inputs": {}, "outputs": {}}
+        for event in events:
+            artifact = artifacts[event.artifact_id]
+            side = "inputs" if event.type == event.INPUT else "outputs"
+            described[side].setdefault(event.path.steps[0].key, []).append({
+                "id": artifact.id, "type": types[artifact.type_id][len("fer."):],
+                "uri": artifact.uri, "fingerprint": _get(artifact, "fingerprint"),
+                "properties": json.loads(_get(artifact, "properties") or "{}")})
+        return described
+
+    def producer(self, artifact_id: int) -> Optional[dict[str, Any]]:
+        events = [e for e in self._store.get_events_by_artifact_ids([artifact_id])
+                  if e.type == e.OUTPUT]
+        if not events:
+            return None
+        [execution] = self._store.get_executions_by_id([events[-1].execution_id])
+        return self._describe(execution)
+
+    def pushed_versions(self, model: Optional[str] = None) -> list[dict[str, Any]]:
+        """Every pushed model version recorded, oldest first."""
+        found = []
+        for artifact in self._store.get_artifacts_by_type("fer.pushed_model"):
+            props = json.loads(_get(artifact, "properties") or "{}")
+            if model is None or props.get("model") == model:
+                found.append({"id": artifact.id, "uri": artifact.uri, **props})
+        return sorted(found, key=lambda a: a["id"])
+
+    def run_contexts(self) -> list[str]:
+        return [c.name for c in self._store.get_contexts_by_type(RUN_CONTEXT)]
+
+    def executions_in_run(self, run_name: str) -> list[dict[str, Any]]:
+        context = self._store.get_context_by_type_and_name(RUN_CONTEXT, run_name)
+        if context is None:
+            return []
+        return [self._describe(e) for e in self._store.get_executions_by_context(context.id)]
+
+
+def _json(value: Any) -> str:
+    from pipeline.artifacts import to_jsonable
+
+    return json.dumps(to_jsonable(value), sort_keys=True)
+
+
+def _set(message, key: str, value: Any) -> None:
+    target = message.custom_properties[key]
+    if isinstance(value, bool):
+        target.int_value = int(value)
+    elif isinstance(value, int):
+        target.int_value = value
+    elif isinstance(value, float):
+        target.double_value = value
+    else:
+        target.string_value = str(value)
+
+
+def _value(value) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+def _get(message, key: str) -> Any:
+    if key not in message.custom_properties:
+        return None
+    return _value(message.custom_properties[key])
