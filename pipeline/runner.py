@@ -157,6 +157,24 @@ def execute(step: Step, inputs: Mapping[str, Any], output_uri: str, env: StepEnv
     return result, outputs
 
 
+def write_manifest(step: Step, execution: str, key: str,
+                   input_records: Mapping[str, list[ArtifactRecord]], parameters: Any,
+                   code: str, result: dict[str, Any], outputs: dict[str, dict[str, str]],
+                   started: float, output_uri: str) -> dict[str, Any]:
+    """The human-readable record inside the execution directory (manifest.json)."""
+    manifest = {
+        "step": step.name, "execution": execution, "cache_key": key,
+        "inputs": {name: [{"uri": r.uri, "fingerprint": r.fingerprint} for r in rs]
+                   for name, rs in input_records.items()},
+        "parameters": parameters, "code_fingerprint": code, "result": result,
+        "outputs": outputs,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 3),
+    }
+    fileio.write_json(fileio.join(output_uri, MANIFEST_FILE), manifest)
+    return manifest
+
+
 def run_step(step: Step, ctx: RunContext, store: MetadataStore,
              committed: Mapping[str, Commit]) -> StepOutcome:
     env = ctx.env()
@@ -180,24 +198,16 @@ def run_step(step: Step, ctx: RunContext, store: MetadataStore,
         fileio.rmtree(output_uri)
     started = time.time()
     result, outputs = execute(step, inputs, output_uri, env)
-    manifest = {
-        "step": step.name, "execution": execution, "cache_key": key,
-        "inputs": {name: [{"uri": r.uri, "fingerprint": r.fingerprint} for r in rs]
-                   for name, rs in input_records.items()},
-        "parameters": parameters, "code_fingerprint": code, "result": result,
-        "outputs": outputs,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "duration_s": round(time.time() - started, 3),
-    }
-    fileio.write_json(fileio.join(output_uri, MANIFEST_FILE), manifest)
+    manifest = write_manifest(step, execution, key, input_records, parameters, code, result,
+                              outputs, started, output_uri)
     record = Commit(step.name, execution, output_uri, key, outputs, manifest)
     commit(step_root, record)   # written last: from here on readers see the new output
-    _record_metadata(step, store, input_records, record, result)
+    record_metadata(step, store, input_records, record, result)
     remove_uncommitted(step_root)
     return StepOutcome(step.name, output_uri, False, manifest, record)
 
 
-def _record_metadata(step: Step, store: MetadataStore,
+def record_metadata(step: Step, store: MetadataStore,
                      input_records: Mapping[str, list[ArtifactRecord]], record: Commit,
                      result: dict[str, Any]) -> None:
     outputs = {name: [ArtifactRecord(name, out["uri"], out["fingerprint"])]
@@ -214,7 +224,7 @@ def _record_metadata(step: Step, store: MetadataStore,
     })
 
 
-def _stop_if_blocking(outcome: StepOutcome) -> None:
+def stop_if_blocking(outcome: StepOutcome) -> None:
     """A step whose result says `blocking` (validation anomalies) stops the run, after
     its output is committed so the report is there to read."""
     result = outcome.manifest.get("result", {})
@@ -257,7 +267,7 @@ def run_pipeline(ctx: RunContext, steps: Optional[Sequence[str]] = None) -> list
             f"done in {outcome.manifest.get('duration_s', 0):.1f}s")
         print(f"[fer-pipeline] {step.name:<12} {verb:<22} {outcome.uri}", flush=True)
         outcomes.append(outcome)
-        _stop_if_blocking(outcome)
+        stop_if_blocking(outcome)
     return outcomes
 
 

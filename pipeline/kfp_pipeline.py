@@ -1,0 +1,198 @@
+"""The declared pipeline as a Kubeflow Pipelines v2 definition.
+
+`compile_pipeline()` turns `pipeline/dag.py`'s steps into one lightweight Python component
+each and wires them by artifact: a step's whole-directory output is a KFP artifact, and a
+downstream step receives its URI (gs://, s3:// or, in local mode, a path), so the same
+executors the local runner uses run in the components (`run_component` below).
+
+Pipeline parameters: `data` (JSON list of CSV URIs), `serving_root`, `config_json` (the
+whole PipelineConfig, defaulting to the one compiled in), `beam_args_json` (Beam options for
+the data steps, e.g. `["--runner=DataflowRunner", "--project=P", ...]`) and `metadata_db`
+(an ML Metadata SQLite path shared by the components; empty: KFP's own metadata only).
+
+KFP serializes a lightweight component from its function's source, so the component
+functions are generated from the declaration as source text into a temporary module.
+The components import this package: the image they run in must have it installed
+(`Dockerfile`); `install_kfp_package=False` because that image already has kfp.
+"""
+# No `from __future__ import annotations`: KFP reads the pipeline function's annotations
+# as types, and string annotations would be taken for artifact type names.
+
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from typing import Any, Optional, Sequence
+
+from pipeline.config import MODEL_NAMES, PipelineConfig
+from pipeline.dag import DATA, PIPELINE_INPUT, SCHEMA, Step, build_steps
+
+PIPELINE_NAME = "fer-pipeline"
+
+
+def _function_name(step: Step) -> str:
+    return step.name.replace("-", "_")
+
+
+def _primary_output(step: Step) -> str:
+    """The step's whole-directory output: the one KFP artifact it produces."""
+    return next(name for name, sub in step.outputs.items() if sub == "")
+
+
+def _artifact_inputs(step: Step) -> list[str]:
+    return [name for name, ref in step.inputs.items()
+            if not ref.startswith(PIPELINE_INPUT + ".")]
+
+
+def component_source(step: Step) -> str:
+    """Python source of the lightweight component that runs `step`."""
+    artifact_params = [f"{name}: Input[Artifact]" for name in _artifact_inputs(step)]
+    output = _primary_output(step)
+    params = ", ".join(artifact_params + [
+        "data: str", "serving_root: str", "config_json: str", "beam_args_json: str",
+        "metadata_db: str", "models_json: str", f"{output}: Output[Artifact]"])
+    uris = ", ".join(f"{name!r}: {name}.uri" for name in _artifact_inputs(step))
+    return (
+        f"def {_function_name(step)}({params}):\n"
+        f"    from pipeline.kfp_pipeline import run_component\n"
+        f"    run_component({step.name!r}, {{{uris}}}, {output}.uri, data, serving_root,\n"
+        f"                  config_json, beam_args_json, metadata_db, models_json)\n"
+    )
+
+
+def _components(steps: Sequence[Step], image: str) -> dict[str, Any]:
+    """Imports the generated component functions and wraps them with dsl.component."""
+    from kfp import dsl
+
+    source = "from kfp.dsl import Artifact, Input, Output\n\n\n" + "\n\n".join(
+        component_source(step) for step in steps)
+    directory = tempfile.mkdtemp(prefix="fer_kfp_")
+    path = os.path.join(directory, "fer_kfp_components.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("fer_kfp_components", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # inspect.getsource finds the file through sys.modules
+    spec.loader.exec_module(module)
+    return {step.name: dsl.component(getattr(module, _function_name(step)),
+                                     base_image=image, install_kfp_package=False)
+            for step in steps}
+
+
+def build_pipeline(config: PipelineConfig, models: Sequence[str] = MODEL_NAMES,
+                   beam_args: Sequence[str] = (), image: str = "fer-pipeline:latest"):
+    """A KFP pipeline function built from the declaration."""
+    from kfp import dsl
+
+    from pipeline.artifacts import to_jsonable
+
+    steps = build_steps(models)
+    components = _components(steps, image)
+    default_config = json.dumps(to_jsonable(config))
+    default_beam = json.dumps(list(beam_args))
+    models_json = json.dumps(list(models))
+
+    @dsl.pipeline(name=PIPELINE_NAME,
+                  description="FER-2013 CSV to blessed models in a TF Serving directory")
+    def fer_pipeline(data: str, serving_root: str, config_json: str = default_config,
+                     beam_args_json: str = default_beam, metadata_db: str = ""):
+        tasks: dict[str, Any] = {}
+        for step in steps:
+            kwargs: dict[str, Any] = {}
+            for name in _artifact_inputs(step):
+                producer = step.inputs[name].split(".", 1)[0]
+                kwargs[name] = tasks[producer].outputs[_primary_output(
+                    next(s for s in steps if s.name == producer))]
+            task = components[step.name](
+                data=data, serving_root=serving_root, config_json=config_json,
+                beam_args_json=beam_args_json if step.beam else "[]",
+                metadata_db=metadata_db, models_json=models_json, **kwargs)
+            task.set_display_name(step.name)
+            # Our own cache (ML Metadata, cache keys with code fingerprints) decides; KFP's
+            # cache does not know that editing components/ changes a step.
+            task.set_caching_options(False)
+            tasks[step.name] = task
+
+    return fer_pipeline
+
+
+def compile_pipeline(path: str, config: Optional[PipelineConfig] = None,
+                     models: Sequence[str] = MODEL_NAMES, beam_args: Sequence[str] = (),
+                     image: str = "fer-pipeline:latest") -> str:
+    """Writes the KFP v2 pipeline YAML to `path` and returns it."""
+    from kfp import compiler
+
+    from pipeline.config import load_config
+
+    pipeline_fn = build_pipeline(config or load_config(), models, beam_args, image)
+    compiler.Compiler().compile(pipeline_fn, package_path=path)
+    return path
+
+
+# ----------------------------------------------------------------------------- in the pod
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def run_component(step_name: str, input_uris: dict[str, str], output_uri: str, data: str,
+                  serving_root: str, config_json: str, beam_args_json: str,
+                  metadata_db: str, models_json: str) -> None:
+    """What every generated component runs: one declared step, by name.
+
+    KFP publishes the output artifact only when the component succeeds, so the output is
+    written in place; the manifest and (with `metadata_db`) the ML Metadata record are the
+    same as the local runner's.
+    """
+    import dataclasses
+    import time
+
+    from pipeline import fileio
+    from pipeline.artifacts import Commit, fingerprint, to_jsonable
+    from pipeline.config import load_config
+    from pipeline.dag import StepEnv, code_fingerprint
+    from pipeline.metadata import ArtifactRecord, MetadataStore
+    from pipeline.runner import (RunContext, StepOutcome, cache_key, execute,
+                                 record_metadata, stop_if_blocking, write_manifest)
+
+    models = tuple(json.loads(models_json))
+    step = next(s for s in build_steps(models) if s.name == step_name)
+    config = load_config(overrides=json.loads(config_json))
+    env = StepEnv(config, json.loads(beam_args_json), fileio.absolute(serving_root))
+    inputs: dict[str, Any] = {}
+    records: dict[str, list[ArtifactRecord]] = {}
+    for name, ref in step.inputs.items():
+        if ref == DATA:
+            paths = json.loads(data) if data.strip().startswith("[") else data.split(",")
+            inputs[name] = paths[0] if len(paths) == 1 else paths
+            records[name] = [ArtifactRecord("data", p, fingerprint(p)) for p in paths]
+        elif ref == SCHEMA:
+            inputs[name] = RunContext([], "", config).schema_path
+            records[name] = [ArtifactRecord("schema", inputs[name], fingerprint(inputs[name]))]
+        else:
+            sub = _output_subpath(ref, models)
+            base = _local_path(input_uris[name])
+            inputs[name] = fileio.join(base, sub) if sub else base
+            records[name] = [ArtifactRecord(ref.split(".", 1)[1], inputs[name],
+                                            fingerprint(inputs[name]))]
+    output_uri = _local_path(output_uri)
+    parameters = to_jsonable(step.parameters(config, env))
+    code = code_fingerprint(step.code)
+    key = cache_key(step, records, parameters, code)
+    started = time.time()
+    result, outputs = execute(step, inputs, output_uri, env)
+    manifest = write_manifest(step, "kfp", key, records, parameters, code, result, outputs,
+                              started, output_uri)
+    record = Commit(step.name, "kfp", output_uri, key, outputs, manifest)
+    if metadata_db:
+        store = MetadataStore(dataclasses.replace(config.metadata, sqlite_path=metadata_db),
+                              output_uri, run_id=os.environ.get("KFP_RUN_ID", ""))
+        record_metadata(step, store, records, record, result)
+    stop_if_blocking(StepOutcome(step.name, output_uri, False, manifest, record))
+
+
+def _output_subpath(ref: str, models: Sequence[str]) -> str:
+    producer, output = ref.split(".", 1)
+    step = next(s for s in build_steps(models) if s.name == producer)
+    return step.outputs[output]
