@@ -1,7 +1,7 @@
 """StatisticsGen on small hand-written TFRecords (ExampleGen's output format)."""
 from __future__ import annotations
 
-import base64
+import json
 import os
 import re
 from typing import Optional, Sequence
@@ -15,7 +15,7 @@ from tensorflow_metadata.proto.v0 import statistics_pb2
 
 from components.statistics import (STATISTICS_HTML, STATISTICS_FILE, pixels_as_int_lists,
                                    present_splits, run_statistics)
-from pipeline.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
+from pipeline.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
     FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, NUM_PIXELS)
 
 ALL_FEATURES = (FEATURE_LABEL, FEATURE_PIXELS, FEATURE_USAGE, FEATURE_ROW, FEATURE_SOURCE_ROW,
@@ -76,6 +76,55 @@ def feature_stats(stats: statistics_pb2.DatasetFeatureStatisticsList,
     return tfdv.get_feature_stats(stats.datasets[0], tfdv.FeaturePath([name]))
 
 
+def write_augmented(augmented_dir: str, examples_dir: str, copies_of_class: int,
+                    copies: int) -> list[tuple[int, bytes]]:
+    """augmented/train: the train split's originals plus `copies` horizontally flipped
+    copies of class `copies_of_class` (as components/augment.py tags them). Returns
+    (source_row, copy pixels) per copy."""
+    os.makedirs(os.path.join(augmented_dir, "train"), exist_ok=True)
+    originals = [tf.train.Example.FromString(r.numpy()) for r in tf.data.TFRecordDataset(
+        sorted(tf.io.gfile.glob(os.path.join(examples_dir, "train", "examples-*"))))]
+    made = []
+    path = os.path.join(augmented_dir, "train", "examples-00000-of-00001.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        for example in originals:
+            writer.write(example.SerializeToString())
+        sources = [e for e in originals
+                   if e.features.feature[FEATURE_LABEL].int64_list.value[0] == copies_of_class]
+        for k in range(copies):
+            source = sources[k % len(sources)]
+            row = source.features.feature[FEATURE_ROW].int64_list.value[0]
+            pixels = np.frombuffer(source.features.feature[FEATURE_PIXELS].bytes_list.value[0],
+                                   np.uint8).reshape(48, 48)[:, ::-1].tobytes()
+            copy = tf.train.Example.FromString(make_example(copies_of_class, pixels,
+                                                            b"Training", row))
+            copy.features.feature[FEATURE_AUGMENTATION].bytes_list.value[:] = [
+                f"copy:{k},flip".encode()]
+            writer.write(copy.SerializeToString())
+            made.append((row, pixels))
+    return made
+
+
+def write_ingest_reports(examples_dir: str) -> None:
+    """ExampleGen's rejected rows and duplicates.json: test row 3 repeats train row 2."""
+    os.makedirs(os.path.join(examples_dir, "rejected"), exist_ok=True)
+    with open(os.path.join(examples_dir, "rejected", "rejected_rows.csv"), "w") as f:
+        f.write("line_number,reason,raw_line\n"
+                "400,wrong_pixel_count: got 3 want 2304,\"0,1 2 3,Training\"\n"
+                "401,bad_label: 9,\"9,0 0,Training\"\n"
+                "402,wrong_pixel_count: got 1 want 2304,\"0,7,Training\"\n"
+                "403,duplicate_of_train_row:2,\n")
+    with open(os.path.join(examples_dir, "duplicates.json"), "w") as f:
+        json.dump({"cross_split_duplicate_images": 1, "rows_removed": 1,
+                   "policy": "keep the copy in the earliest split", "duplicates": [
+                       {"pixels_sha1": "x", "rows": [{"line_number": 2, "split": "train"},
+                                                     {"line_number": 403, "split": "test"}],
+                        "kept_in": "train", "removed_line_numbers": [403]}]}, f)
+
+
+AUGMENTED_COPIES = 12
+
+
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("stats")
@@ -83,13 +132,25 @@ def clean_run(tmp_path_factory):
     write_split(examples, "train", balanced_labels(140), seed=1)
     write_split(examples, "validation", balanced_labels(70), seed=2)
     write_split(examples, "test", balanced_labels(70), seed=3)
-    os.makedirs(os.path.join(examples, "rejected"))  # ExampleGen's non-split directory
-    result = run_statistics(examples, str(root / "statistics"), ["--runner=DirectRunner"])
-    return result, str(root / "statistics")
+    write_ingest_reports(examples)  # also ExampleGen's non-split directory, rejected/
+    augmented = str(root / "augmented")
+    copies = write_augmented(augmented, examples, copies_of_class=1, copies=AUGMENTED_COPIES)
+    result = run_statistics(examples, str(root / "statistics"), ["--runner=DirectRunner"],
+                            augmented_dir=augmented, schema_path=SCHEMA)
+    return result, str(root / "statistics"), copies
+
+
+SCHEMA = os.path.join(os.path.dirname(__file__), "..", "schemas", "fer2013", "schema.pbtxt")
+
+
+def page_source(page: str) -> dict:
+    """The numbers the statistics page embeds as its source (html_page.document)."""
+    return json.loads(re.search(r'<script type="application/json" data-source="page">(.*?)'
+                                r"</script>", page, re.S).group(1))
 
 
 def test_one_statistics_file_per_split_with_example_counts(clean_run):
-    result, out = clean_run
+    result, out, _ = clean_run
     assert result.splits == ["train", "validation", "test"]
     assert result.num_examples == {"train": 140, "validation": 70, "test": 70}
     for split in result.splits:
@@ -97,12 +158,13 @@ def test_one_statistics_file_per_split_with_example_counts(clean_run):
         assert result.stats_paths[split] == path
         assert tfdv.load_statistics(path).datasets[0].num_examples == result.num_examples[split]
     # Beam's empty temp directories are cleaned up; only the statistics remain.
-    assert sorted(os.listdir(out)) == sorted([STATISTICS_HTML, "train", "validation", "test"])
+    assert sorted(os.listdir(out)) == sorted([STATISTICS_HTML, "train", "validation", "test",
+                                              "augmented"])
     assert os.listdir(os.path.join(out, "train")) == [STATISTICS_FILE]
 
 
 def test_pixels_are_counted_and_ranged_as_integers(clean_run):
-    result, _ = clean_run
+    result, _, _ = clean_run
     stats = tfdv.load_statistics(result.stats_paths["train"])
     pixels = feature_stats(stats, FEATURE_PIXELS)
     assert pixels.type == statistics_pb2.FeatureNameStatistics.INT
@@ -113,27 +175,100 @@ def test_pixels_are_counted_and_ranged_as_integers(clean_run):
 
 
 def test_label_statistics_are_categorical_counts(clean_run):
-    result, _ = clean_run
+    result, _, _ = clean_run
     stats = tfdv.load_statistics(result.stats_paths["validation"])
     buckets = feature_stats(stats, FEATURE_LABEL).string_stats.rank_histogram.buckets
     assert {b.label: b.sample_count for b in buckets} == {str(k): 10 for k in range(7)}
 
 
 def test_other_features_are_kept(clean_run):
-    result, _ = clean_run
+    result, _, _ = clean_run
     assert sorted(result.features) == sorted(ALL_FEATURES)
 
 
-def test_html_page_shows_every_split_and_feature(clean_run):
-    result, out = clean_run
+def test_page_numbers_come_from_tfdv_statistics(clean_run):
+    result, out, _ = clean_run
     page = open(os.path.join(out, STATISTICS_HTML)).read()
+    source = page_source(page)
     assert result.html_path == os.path.join(out, STATISTICS_HTML)
-    for name in ALL_FEATURES + ("train: 140 examples", "validation: 70", "test: 70"):
-        assert name in page
-    # The Facets view embeds all three splits, not only the two TFDV's helper compares.
-    embedded = re.search(r'proto-input="([A-Za-z0-9+/=]+)"', page).group(1)
-    facets = statistics_pb2.DatasetFeatureStatisticsList.FromString(base64.b64decode(embedded))
-    assert [d.name for d in facets.datasets] == ["train", "validation", "test"]
+    for split in result.splits:
+        stats = tfdv.load_statistics(result.stats_paths[split])
+        data = source["splits"][split]
+        assert data["num_examples"] == stats.datasets[0].num_examples
+        buckets = feature_stats(stats, FEATURE_LABEL).string_stats.rank_histogram.buckets
+        assert data["labels"] == {CLASS_NAMES[int(b.label)]: b.sample_count for b in buckets}
+        pixels = feature_stats(stats, FEATURE_PIXELS).num_stats
+        standard = [h for h in pixels.histograms
+                    if h.type == statistics_pb2.Histogram.STANDARD][0]
+        assert data["pixels"]["histogram"] == [
+            {"low": b.low_value, "high": b.high_value, "count": b.sample_count}
+            for b in standard.buckets]
+        assert sum(b["count"] for b in data["pixels"]["histogram"]) == pytest.approx(
+            stats.datasets[0].num_examples * NUM_PIXELS)
+        assert data["pixels"]["mean"] == pytest.approx(pixels.mean)
+        # Every face was scanned (the split is under the bound): the mean faces' counts
+        # are the label counts.
+        assert data["mean_face_counts"] == data["labels"]
+        assert {f["feature"] for f in data["features"]} == set(ALL_FEATURES)
+    # No Facets, nothing loaded from elsewhere: every src/href is inline.
+    assert "facets" not in page.lower()
+    assert all(u.startswith("data:") for u in re.findall(r'(?:src|href)="([^"]*)"', page))
+
+
+def test_page_has_the_validation_verdict_rejected_rows_and_duplicates(clean_run):
+    result, out, _ = clean_run
+    source = page_source(open(os.path.join(out, STATISTICS_HTML)).read())
+    verdict = source["validation"]
+    assert verdict["checked"] and not verdict["problems"]
+    assert verdict["summary"] == result.validation_summary == "no anomalies, no label drift"
+    assert set(verdict["drift"]) == {"validation", "test"}
+    assert source["rejected"]["total"] == 4
+    assert source["rejected"]["by_reason"] == {"bad_label": 1, "duplicate_of_train_row": 1,
+                                               "wrong_pixel_count": 2}
+    duplicates = source["duplicates"]
+    assert (duplicates["images"], duplicates["rows_removed"]) == (1, 1)
+    assert duplicates["shown"][0]["face"] is True     # train row 2 was found and shown
+
+
+def test_augmented_split_counts_and_pairs(clean_run):
+    from components.validation import load_split_statistics
+
+    result, out, copies = clean_run
+    source = page_source(open(os.path.join(out, STATISTICS_HTML)).read())
+    augmented = source["augmented"]
+    stats = tfdv.load_statistics(result.augmented_stats_path)
+    assert augmented["num_examples"] == stats.datasets[0].num_examples == 140 + AUGMENTED_COPIES
+    assert augmented["labels_before"] == {c: 20 for c in CLASS_NAMES}
+    assert augmented["labels_after"] == {**{c: 20 for c in CLASS_NAMES},
+                                         CLASS_NAMES[1]: 20 + AUGMENTED_COPIES}
+    # The first copies of class 1, each beside the original its source_row names.
+    pairs = augmented["pairs"]
+    assert [p["source_row"] for p in pairs] == [row for row, _ in copies[:len(pairs)]]
+    assert pairs[0]["augmentation"] == "copy:0,flip" and pairs[0]["class_name"] == CLASS_NAMES[1]
+    # The validate step reads <split>/stats.tfrecord only: the augmented split is not a split.
+    assert list(load_split_statistics(out)) == ["train", "validation", "test"]
+
+
+def test_verdict_reports_anomalies_and_drift(tmp_path):
+    from components.statistics import validation_verdict
+    from pipeline.config import ValidationConfig
+
+    examples = str(tmp_path / "examples")
+    write_split(examples, "train", balanced_labels(70), seed=1)
+    write_split(examples, "test", [3] * 40 + balanced_labels(30), seed=2,
+                pixel_counts={5: 100})
+    result = run_statistics(examples, str(tmp_path / "statistics"), [], schema_path=SCHEMA)
+    stats = {s: tfdv.load_statistics(p) for s, p in result.stats_paths.items()}
+    verdict = validation_verdict(stats, SCHEMA, ValidationConfig())
+    assert verdict["problems"] and verdict["blocking"]
+    assert FEATURE_PIXELS in verdict["anomalies"]["test"]
+    assert verdict["drift"]["test"]["drifted"] is True
+    assert result.validation_summary == verdict["summary"]
+    assert verdict["summary"].startswith("BLOCKING: test: anomalies in ")
+    assert "label drift L-inf" in verdict["summary"]
+    missing = validation_verdict(stats, str(tmp_path / "nope.pbtxt"), ValidationConfig())
+    assert missing == {"checked": False, "schema": str(tmp_path / "nope.pbtxt"),
+                       "summary": f"not checked: no schema at {tmp_path / 'nope.pbtxt'}"}
 
 
 def test_pixel_decoding_keeps_wrong_lengths_and_missing_rows():
