@@ -34,6 +34,10 @@ trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
 
 echo "== client: ensemble decisions for 8 held-out (PrivateTest) faces"
 # Retries with backoff cover the seconds the server needs to load both models.
-$BIN/fer-client --port "$GRPC_PORT" --csv "$DATA" --usage PrivateTest --rows 8 --table --retries 8
+$BIN/fer-client --port "$GRPC_PORT" --csv "$DATA" --usage PrivateTest --rows 8 --table --retries 8 \
+  --review-queue "$RUN_DIR/review_queue"
 echo "== done. Reports: $RUN_DIR/statistics/statistics.html, $RUN_DIR/evaluation/report.html"
 echo "   Real TF Serving over the same directory: see README (Serving)."
+echo "== human review: faces the two models could not decide"
+$BIN/fer-review status --queue "$RUN_DIR/review_queue"
+echo "   review them: $BIN/fer-review --queue $RUN_DIR/review_queue   (then open http://127.0.0.1:8502/)"
