@@ -8,9 +8,22 @@ RUN_DIR ?= demo_run
 DEMO_ROWS ?= 6000
 BEAM_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup s3-server demo test bench clean
 
 setup: $(STAMP)
+
+# The S3-compatible server the object-store tests run against (tests/object_store.py).
+# Its own venv: moto needs a pydantic the pipeline's venv cannot have.
+S3_VENV := .venv-s3
+S3_STAMP := $(S3_VENV)/.installed
+S3_SERVER_PIN := moto[server]==5.2.5
+
+s3-server: $(S3_STAMP)
+
+$(S3_STAMP): Makefile
+	test -x $(S3_VENV)/bin/python || $(PYTHON) -m venv $(S3_VENV)
+	$(S3_VENV)/bin/pip install --quiet "$(S3_SERVER_PIN)"
+	touch $(S3_STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +35,7 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	bash pipeline/demo.sh "$(RUN_DIR)" "$(DATA)" "$(DEMO_ROWS)" $(BEAM_ARGS)
 
-test: setup
+test: setup s3-server
 	$(BIN)/python -m pytest -q tests
 
 bench: setup

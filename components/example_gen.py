@@ -20,13 +20,10 @@ Every function Beam pickles is module-level here so multi-process runners can im
 from __future__ import annotations
 
 import csv
-import glob
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +35,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline import fileio
 from pipeline.config import IngestConfig
 from pipeline.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
     FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, EXAMPLES_PATTERN, NUM_CLASSES, NUM_PIXELS,
@@ -370,7 +368,7 @@ def named_count(pair: tuple[str, int]) -> str:
 def build_pipeline(pipeline: beam.Pipeline, data_path: str, chunks: list[tuple[int, int, int]],
                    output_dir: str, columns: CsvColumns, split_mode: str,
                    config: IngestConfig) -> None:
-    tmp = os.path.join(output_dir, _BEAM_TMP)
+    tmp = fileio.join(output_dir, _BEAM_TMP)
     # Only the small chunk descriptors are shuffled; reading fuses with parsing, so raw lines
     # are never materialized as one collection.
     lines = (pipeline
@@ -400,14 +398,14 @@ def build_pipeline(pipeline: beam.Pipeline, data_path: str, chunks: list[tuple[i
         (per_split[index]
          | f"Serialize_{split}" >> beam.Map(to_example)
          | f"Write_{split}" >> beam.io.WriteToTFRecord(
-             os.path.join(output_dir, split, SHARD_PREFIX), file_name_suffix=SHARD_SUFFIX,
+             fileio.join(output_dir, split, SHARD_PREFIX), file_name_suffix=SHARD_SUFFIX,
              num_shards=config.num_shards, shard_name_template="-SSSSS-of-NNNNN"))
 
     rejected = (parsed[_REJECTED], resolved[_REJECTED]) | "AllRejected" >> beam.Flatten()
     (rejected | "RejectedJson" >> beam.Map(json.dumps)
-     | "WriteRejected" >> beam.io.WriteToText(os.path.join(tmp, "rejected"), ".jsonl"))
+     | "WriteRejected" >> beam.io.WriteToText(fileio.join(tmp, "rejected"), ".jsonl"))
     (resolved[_DUPLICATES] | "DuplicatesJson" >> beam.Map(json.dumps)
-     | "WriteDuplicates" >> beam.io.WriteToText(os.path.join(tmp, "duplicates"), ".jsonl"))
+     | "WriteDuplicates" >> beam.io.WriteToText(fileio.join(tmp, "duplicates"), ".jsonl"))
 
     # Counts are computed independently of each other so read == written + rejected is a
     # check, not an identity.
@@ -420,7 +418,7 @@ def build_pipeline(pipeline: beam.Pipeline, data_path: str, chunks: list[tuple[i
         resolved[_WITHIN_SPLIT] | "SumWithin" >> beam.CombineGlobally(sum)
         | "WithinEntry" >> beam.Map(_within_entry),
     ) | "AllCounts" >> beam.Flatten()
-    counts | "WriteCounts" >> beam.io.WriteToText(os.path.join(tmp, "counts"), ".jsonl")
+    counts | "WriteCounts" >> beam.io.WriteToText(fileio.join(tmp, "counts"), ".jsonl")
 
 
 def _read_entry(count: int) -> str:
@@ -436,9 +434,9 @@ def _within_entry(count: int) -> str:
 
 def _read_jsonl(pattern: str) -> list[dict[str, Any]]:
     records = []
-    for path in sorted(glob.glob(pattern)):
-        with open(path) as f:
-            records.extend(json.loads(line) for line in f if line.strip())
+    for path in fileio.glob(pattern):
+        records.extend(json.loads(line) for line in fileio.read_text(path).splitlines()
+                       if line.strip())
     return records
 
 
@@ -455,12 +453,13 @@ def _fill_raw_lines(data_path: str, rejected: list[dict[str, Any]]) -> None:
 
 
 def _write_rejected(path: str, rejected: list[dict[str, Any]]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["line_number", "reason", "raw_line"])
-        for r in rejected:
-            writer.writerow([r["line_number"], r["reason"], r["raw_line"]])
+    # Built in memory (rejections are bounded by max_rejected_fraction), written in one go.
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["line_number", "reason", "raw_line"])
+    for r in rejected:
+        writer.writerow([r["line_number"], r["reason"], r["raw_line"]])
+    fileio.write_text(path, buffer.getvalue())
 
 
 def reason_code(reason: str) -> str:
@@ -483,34 +482,37 @@ def run_example_gen(data_path: str, output_dir: str, config: IngestConfig,
     config.max_rejected_fraction of the rows could not be parsed.
     """
     started = time.time()
+    # The driver reads the CSV with FileSystems.open outside any pipeline: give it Beam's
+    # flags (e.g. --s3_endpoint_url) the way a pipeline would.
+    fileio.configure_beam_filesystems(beam_args)
     columns = read_header(data_path)
     split_mode = _resolve_split_mode(columns, config)
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = os.path.join(output_dir, _BEAM_TMP)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fileio.join(output_dir, _BEAM_TMP)
+    fileio.rmtree(tmp)
     for split in SPLITS:
-        os.makedirs(os.path.join(output_dir, split), exist_ok=True)
+        # An empty split still gets its directory (locally; object stores need none).
+        fileio.makedirs(fileio.join(output_dir, split))
 
     chunks = plan_chunks(data_path, READ_CHUNK_BYTES)
     with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
         build_pipeline(pipeline, data_path, chunks, output_dir, columns, split_mode, config)
 
-    counts = {c["name"]: c["count"] for c in _read_jsonl(os.path.join(tmp, "counts*"))}
-    rejected = sorted(_read_jsonl(os.path.join(tmp, "rejected*")), key=lambda r: r["line_number"])
-    duplicates = sorted(_read_jsonl(os.path.join(tmp, "duplicates*")),
+    counts = {c["name"]: c["count"] for c in _read_jsonl(fileio.join(tmp, "counts*"))}
+    rejected = sorted(_read_jsonl(fileio.join(tmp, "rejected*")), key=lambda r: r["line_number"])
+    duplicates = sorted(_read_jsonl(fileio.join(tmp, "duplicates*")),
                         key=lambda d: d["rows"][0]["line_number"])
-    shutil.rmtree(tmp)
+    fileio.rmtree(tmp)
     _fill_raw_lines(data_path, rejected)
 
-    rejected_path = os.path.join(output_dir, REJECTED_DIR, REJECTED_FILE)
+    rejected_path = fileio.join(output_dir, REJECTED_DIR, REJECTED_FILE)
     _write_rejected(rejected_path, rejected)
-    duplicates_path = os.path.join(output_dir, DUPLICATES_FILE)
+    duplicates_path = fileio.join(output_dir, DUPLICATES_FILE)
     removed = sum(len(d["removed_line_numbers"]) for d in duplicates)
-    with open(duplicates_path, "w") as f:
-        json.dump({"cross_split_duplicate_images": len(duplicates), "rows_removed": removed,
-                   "policy": ("keep the copy in the earliest split (train, validation, test), "
-                              "reject the others") if config.remove_cross_split_duplicates
-                   else "report only", "duplicates": duplicates}, f, indent=2)
+    fileio.write_text(duplicates_path, json.dumps({
+        "cross_split_duplicate_images": len(duplicates), "rows_removed": removed,
+        "policy": ("keep the copy in the earliest split (train, validation, test), "
+                   "reject the others") if config.remove_cross_split_duplicates
+        else "report only", "duplicates": duplicates}, indent=2))
 
     by_reason: dict[str, int] = {}
     for r in rejected:
@@ -527,7 +529,7 @@ def run_example_gen(data_path: str, output_dir: str, config: IngestConfig,
         split_mode=split_mode,
         num_shards={split: len(shard_paths(output_dir, split)) for split in SPLITS},
         output_dir=output_dir,
-        split_dirs={split: os.path.join(output_dir, split) for split in SPLITS},
+        split_dirs={split: fileio.join(output_dir, split) for split in SPLITS},
         rejected_path=rejected_path,
         duplicates_path=duplicates_path,
         seconds=round(time.time() - started, 3))
@@ -537,7 +539,7 @@ def run_example_gen(data_path: str, output_dir: str, config: IngestConfig,
 
 def shard_paths(examples_dir: str, split: str) -> list[str]:
     """The TFRecord shards of one split, sorted."""
-    return sorted(glob.glob(os.path.join(examples_dir, split, EXAMPLES_PATTERN)))
+    return fileio.glob(fileio.join(examples_dir, split, EXAMPLES_PATTERN))
 
 
 def _check_rejected_fraction(result: ExampleGenResult, limit: float) -> None:

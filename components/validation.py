@@ -13,15 +13,13 @@ the report is on disk and in the manifest) and then calls `raise_if_blocking`.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2, statistics_pb2
 
-from pipeline.artifacts import write_json_atomic
+from pipeline import fileio
 from pipeline.config import ValidationConfig
 from pipeline.contract import (CLASS_NAMES, FEATURE_LABEL, SPLITS, STATISTICS_FILE, DRIFT_FILE,
     VALIDATION_REPORT)
@@ -63,7 +61,8 @@ class ValidationResult:
 def run_validation(statistics_dir: str, schema_path: str, output_dir: str,
                    config: ValidationConfig) -> ValidationResult:
     """Validates every split's statistics; see the module docstring for the outputs."""
-    os.makedirs(output_dir, exist_ok=True)
+    fileio.makedirs(output_dir)
+    fileio.register_filesystem(output_dir)  # TFDV writes the anomalies with tf.io.gfile
     schema = load_schema(schema_path, config.label_linf_threshold)
     stats = load_split_statistics(statistics_dir)
     baseline = stats.get(BASELINE_SPLIT)
@@ -76,7 +75,7 @@ def run_validation(statistics_dir: str, schema_path: str, output_dir: str,
         anomalies = tfdv.validate_statistics(split_stats, schema,
                                              previous_statistics=previous)
         anomalies_protos[split] = anomalies
-        anomalies_paths[split] = os.path.join(output_dir, f"{split}.anomalies.pbtxt")
+        anomalies_paths[split] = fileio.join(output_dir, f"{split}.anomalies.pbtxt")
         tfdv.write_anomalies_text(anomalies, anomalies_paths[split])
         if previous is not None:
             drift[split] = measure_label_drift(split, split_stats, previous, anomalies,
@@ -88,14 +87,14 @@ def run_validation(statistics_dir: str, schema_path: str, output_dir: str,
     problems = any(anomalies.values()) or any(d.drifted for d in drift.values())
     blocking = problems and not config.allow_anomalies
 
-    drift_path = os.path.join(output_dir, DRIFT_FILE)
-    write_json_atomic(drift_path, drift_record(stats, drift, config.label_linf_threshold))
+    drift_path = fileio.join(output_dir, DRIFT_FILE)
+    fileio.write_json(drift_path, drift_record(stats, drift, config.label_linf_threshold))
     summary = summarize(anomalies, drift, problems, blocking)
-    report_path = os.path.join(output_dir, VALIDATION_REPORT)
+    report_path = fileio.join(output_dir, VALIDATION_REPORT)
     observed = {split: {feature: observed_summary(stats[split], feature)
                         for feature in a.anomaly_info}
                 for split, a in anomalies_protos.items()}
-    Path(report_path).write_text(render_report(
+    fileio.write_text(report_path, render_report(
         schema_path, config, num_examples, anomalies_protos, drift, summary, observed))
     log.info("data validation: %s", summary)
     return ValidationResult(
@@ -108,7 +107,7 @@ def raise_if_blocking(result: ValidationResult) -> None:
     """Raises DataValidationError quoting the report when the run must stop."""
     if not result.blocking:
         return
-    report = Path(result.report_path).read_text()
+    report = fileio.read_text(result.report_path)
     raise DataValidationError(
         f"data validation failed: {result.summary}\n"
         f"Full report: {result.report_path}\n\n{report}\n"
@@ -120,6 +119,7 @@ def raise_if_blocking(result: ValidationResult) -> None:
 
 def load_schema(schema_path: str, label_linf_threshold: float) -> schema_pb2.Schema:
     """The checked-in schema with the label drift threshold taken from the config."""
+    fileio.register_filesystem(schema_path)
     schema = tfdv.load_schema_text(schema_path)
     label = tfdv.get_feature(schema, FEATURE_LABEL)
     label.drift_comparator.infinity_norm.threshold = label_linf_threshold
@@ -129,12 +129,13 @@ def load_schema(schema_path: str, label_linf_threshold: float) -> schema_pb2.Sch
 def load_split_statistics(
         statistics_dir: str) -> dict[str, statistics_pb2.DatasetFeatureStatisticsList]:
     """Known splits first, in pipeline order, then any other split directory."""
-    root = Path(statistics_dir)
-    found = {p.parent.name for p in root.glob(f"*/{STATISTICS_FILE}")}
+    found = {fileio.basename(fileio.dirname(path))
+             for path in fileio.glob(fileio.join(statistics_dir, "*", STATISTICS_FILE))}
     if not found:
         raise FileNotFoundError(f"no <split>/{STATISTICS_FILE} under {statistics_dir}")
     ordered = [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
-    return {split: tfdv.load_statistics(str(root / split / STATISTICS_FILE)) for split in ordered}
+    return {split: tfdv.load_statistics(fileio.join(statistics_dir, split, STATISTICS_FILE))
+            for split in ordered}
 
 
 def label_distribution(

@@ -12,9 +12,12 @@ TensorFlow's S3 filesystem lives in tensorflow-io; it is registered on first use
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
-from typing import Any, Iterator
+import sys
+import tempfile
+from typing import Any, Iterator, NoReturn
 
 _SCHEMES = ("gs://", "s3://", "hdfs://", "memory://")
 
@@ -29,10 +32,40 @@ def _gfile():
     return tf.io.gfile
 
 
+_native_s3_loaded = False
+
+
 def register_filesystem(path: str) -> None:
     """Makes TensorFlow able to open `path` (registers s3:// from tensorflow-io once)."""
+    global _native_s3_loaded
     if str(path).startswith("s3://"):
         import tensorflow_io  # noqa: F401  (registers the s3:// filesystem with TensorFlow)
+        _native_s3_loaded = True
+
+
+def native_s3_loaded() -> bool:
+    """Whether this process loaded tensorflow-io's S3 filesystem (see `exit_process`)."""
+    return _native_s3_loaded
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exits with `code`, also when tensorflow-io's S3 filesystem was used.
+
+    tensorflow-io 0.37.1 (the release for TF 2.16) aborts in a C++ static destructor of its
+    AWS logger once its S3 filesystem has been used ("pure virtual method called", exit
+    status 134; tensorflow/io#2039, fixed in its sources after that release). A process
+    that used it therefore leaves through os._exit after flushing, skipping those
+    destructors; otherwise this is sys.exit.
+    """
+    if not _native_s3_loaded:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def join(root: str, *parts: str) -> str:
@@ -41,6 +74,16 @@ def join(root: str, *parts: str) -> str:
     if is_uri(root):
         return posixpath.join(root, *parts)
     return os.path.join(root, *parts)
+
+
+def dirname(path: str) -> str:
+    """The parent of `path` ('s3://b/run/x.json' -> 's3://b/run')."""
+    path = str(path).rstrip("/")
+    return posixpath.dirname(path) if is_uri(path) else os.path.dirname(path)
+
+
+def basename(path: str) -> str:
+    return posixpath.basename(str(path).rstrip("/"))
 
 
 def absolute(path: str) -> str:
@@ -101,12 +144,33 @@ def read_text(path: str) -> str:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Writes a whole file. On object stores an object appears only once it is complete."""
-    parent = posixpath.dirname(str(path)) if is_uri(path) else os.path.dirname(str(path))
-    if parent and not is_uri(path):
-        os.makedirs(parent, exist_ok=True)
-    with open_file(path, "wb") as f:
-        f.write(data)
+    """Writes a whole file so that a reader sees the old content or the new, never half.
+
+    On object stores an object appears only once its upload is complete. Locally the bytes
+    go to a hidden temp file in the same directory that is then renamed over the target
+    (a file rename, which every POSIX filesystem does atomically).
+    """
+    path = str(path)
+    if is_uri(path):
+        register_filesystem(path)
+        with _gfile().GFile(path, "wb") as f:
+            f.write(data)
+        return
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                    dir=parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, 0o644)  # mkstemp makes it owner-only; the target is a normal file
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
 
 
 def write_text(path: str, text: str) -> None:
@@ -143,10 +207,30 @@ def copy_file(source: str, target: str) -> None:
     _gfile().copy(str(source), str(target), overwrite=True)
 
 
-def copytree(source: str, target: str) -> list[str]:
-    """Copies every file under `source` to the same relative path under `target`."""
-    copied = []
-    for rel, full in walk_files(source):
+def copytree(source: str, target: str, last: tuple[str, ...] = ()) -> list[str]:
+    """Copies every file under `source` to the same relative path under `target`.
+
+    Works in every direction (local -> URI uploads, URI -> local downloads). Files whose
+    relative path is in `last` are copied after all others, in that order: a reader that
+    trusts such a file (a checkpoint's metadata) then finds what it describes already there.
+    Returns the relative paths copied, in copy order.
+    """
+    files = list(walk_files(source))
+    ordered = ([f for f in files if f[0] not in last]
+               + sorted((f for f in files if f[0] in last), key=lambda f: last.index(f[0])))
+    for rel, full in ordered:
         copy_file(full, join(target, *rel.split("/")))
-        copied.append(rel)
-    return copied
+    return [rel for rel, _ in ordered]
+
+
+def configure_beam_filesystems(beam_args: list[str]) -> None:
+    """Lets `FileSystems.open/match/delete` outside a pipeline see Beam's flags.
+
+    Inside a pipeline Beam hands every filesystem the pipeline's options; a direct call in
+    the driver uses process-wide options, which stay empty until set, so e.g.
+    `--s3_endpoint_url` would be ignored there without this.
+    """
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    FileSystems.set_options(PipelineOptions(list(beam_args)))

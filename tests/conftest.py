@@ -9,6 +9,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import pytest
 
+# The session-scoped S3 server fixture `s3` (tests/object_store.py), for any test module,
+# and the hooks that keep tensorflow-io's S3 teardown crash out of the exit status.
+from tests.object_store import s3, pytest_sessionfinish, pytest_unconfigure  # noqa: F401,E402
+
 
 @pytest.fixture(scope="session")
 def small_csv(tmp_path_factory) -> str:
