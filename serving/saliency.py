@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping, Optional
+from typing import Mapping
 
 import cv2
 import numpy as np
@@ -103,8 +103,3 @@ def top_classes(probabilities: np.ndarray, count: int = 3) -> list[tuple[int, fl
     probs = np.asarray(probabilities, dtype=np.float64).reshape(-1)
     order = np.argsort(-probs, kind="stable")[:count]
     return [(int(i), float(probs[i])) for i in order]
-
-
-def saliency_for(saliency: Optional[np.ndarray], class_id: int) -> Optional[np.ndarray]:
-    """One class's map out of a model's [7, 48, 48] maps (None when there are none)."""
-    return None if saliency is None else np.asarray(saliency)[class_id]
