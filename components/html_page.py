@@ -45,6 +45,8 @@ figure.chart figcaption{font-size:13px;color:#555}
 .face img{image-rendering:pixelated;display:block;border:1px solid #bbb}
 .pair{display:flex;gap:2px;border:1px solid #ddd;padding:3px;border-radius:4px}
 .muted{color:#666;font-size:13px}
+.columns{display:grid;grid-template-columns:repeat(auto-fit,minmax(600px,1fr));gap:0 24px}
+.columns p{margin:10px 0 4px}
 .stat{display:inline-block;margin:4px 16px 4px 0} .stat b{font-size:20px}
 """.replace("FACE_WIDTH", str(IMAGE_SIZE * FACE_SCALE + 2))
 

@@ -237,17 +237,17 @@ def mistakes_gallery(name: str, mistakes: Mapping[str, list[Mapping[str, Any]]],
     for k, class_name in enumerate(CLASS_NAMES):
         items = mistakes.get(class_name, [])
         if not items:
-            parts.append(f"<p><b>{esc(bilingual(k))}</b>: no mistakes.</p>")
+            parts.append(f"<div><p><b>{esc(bilingual(k))}</b>: no mistakes.</p></div>")
             continue
         tiles = "".join(face(faces[item["index"]],
                              [f"row {item['row_number']}", *_answer_lines(item["answers"])],
                              index=item["index"], true_class=class_name)
                         for item in items)
-        parts.append(f"<p><b>truly {esc(bilingual(k))}</b>, {esc(name)} said otherwise "
-                     f"(most confident first):</p>"
+        parts.append(f"<div><p><b>truly {esc(bilingual(k))}</b>, {esc(name)} said "
+                     f"otherwise (most confident first):</p>"
                      f'<div class="gallery" data-gallery="mistakes-{esc(name)}-{class_name}">'
-                     f"{tiles}</div>")
-    return "\n".join(parts)
+                     f"{tiles}</div></div>")
+    return '<div class="columns">' + "\n".join(parts) + "</div>"
 
 
 # ----------------------------------------------------------------------------- ensemble

@@ -54,6 +54,11 @@ class ServerError(Exception):
     """The server answered with an error (bad request, unknown model...)."""
 
 
+class ModelNotServed(ServerError):
+    """The server does not serve this model (gRPC NOT_FOUND, HTTP 404): for example the
+    evaluation gate held it back, so it was never pushed."""
+
+
 @dataclass
 class ModelAnswer:
     model: str
@@ -155,7 +160,8 @@ class FerClient:
         except grpc.RpcError as error:
             if _grpc_unavailable(error):
                 raise
-            raise ServerError(f"{model}: {error.code().name}: {error.details()}") from None
+            kind = ModelNotServed if error.code() == grpc.StatusCode.NOT_FOUND else ServerError
+            raise kind(f"{model}: {error.code().name}: {error.details()}") from None
         version = response.model_spec.version.value if response.model_spec.HasField(
             "version") else None
         return ModelAnswer(model, version, tf.make_ndarray(response.outputs["probabilities"]))
@@ -177,7 +183,8 @@ class FerClient:
                 message = json.loads(error.read()).get("error", "")
             except ValueError:
                 message = error.reason
-            raise ServerError(f"HTTP {error.code} on {path}: {message}") from None
+            kind = ModelNotServed if error.code == 404 else ServerError
+            raise kind(f"HTTP {error.code} on {path}: {message}") from None
 
     def _predict_rest(self, model: str, images: np.ndarray) -> ModelAnswer:
         body = {"signature_name": "serving_default", "instances": images.astype(int).tolist()}
@@ -257,9 +264,22 @@ def _rest_unavailable(error: BaseException) -> bool:
 
 def classify(client: FerClient, images: np.ndarray, models: Sequence[str],
              tolerance: float) -> list[dict[str, Any]]:
-    """Each model's answer for every image, and the ensemble decision, as JSON-ready dicts."""
+    """Each model's answer for every image, and the ensemble decision, as JSON-ready dicts.
+
+    A model the server does not serve is listed under "not_served" (model -> the server's
+    message) and the decision is made with the models that are; ModelNotServed is raised
+    only when none of them is served.
+    """
     from serving.ensemble import combine
-    answers = [client.predict(model, images) for model in models]
+    answers, not_served = [], {}
+    for model in models:
+        try:
+            answers.append(client.predict(model, images))
+        except ModelNotServed as error:
+            not_served[model] = str(error)
+    if not answers:
+        raise ModelNotServed(f"none of {', '.join(models)} is served: "
+                             + "; ".join(not_served.values()))
     results = []
     for row in range(len(images)):
         probabilities = {a.model: a.probabilities[row].tolist() for a in answers}
@@ -270,6 +290,7 @@ def classify(client: FerClient, images: np.ndarray, models: Sequence[str],
                                  "class_name": CLASS_NAMES[int(np.argmax(a.probabilities[row]))]}
                        for a in answers},
             "decision": asdict(decision),
+            "not_served": not_served,
         })
     return results
 
@@ -361,6 +382,9 @@ def format_table(entries: list[dict[str, Any]], models: Sequence[str]) -> str:
             continue
         cells = [entry["source"], truth]
         for model in models:
+            if model not in entry["models"]:
+                cells.append("not served")
+                continue
             answer = entry["models"][model]
             cells.append(f"{answer['class_name']} {max(answer['probabilities'].values()):.2f} "
                          f"(v{answer['version']})")
@@ -433,6 +457,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_SERVER_ERROR
     entries = report(inputs, results)
     print(format_table(entries, models) if args.table else json.dumps(entries, indent=2))
+    not_served = results[0]["not_served"] if results else {}
+    if not_served:
+        print(f"fer-client: not served: {', '.join(not_served)}; decided with "
+              f"{', '.join(m for m in models if m not in not_served)}", file=sys.stderr)
+        models = tuple(m for m in models if m not in not_served)
     try:
         _explain_and_queue(args, client, inputs, results, models)
     except ServerUnavailable as error:

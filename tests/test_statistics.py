@@ -43,12 +43,13 @@ def make_example(label: int, pixels: bytes, usage: bytes, row: int,
 
 def write_split(examples_dir: str, split: str, labels: Sequence[int], seed: int = 0,
                 pixel_counts: Optional[dict[int, int]] = None,
-                drop: Sequence[str] = (), usage: Optional[bytes] = None) -> None:
+                drop: Sequence[str] = (), usage: Optional[bytes] = None,
+                extremes: bool = True) -> None:
     """Writes `len(labels)` examples of random faces into examples_dir/split, 2 shards.
 
     `pixel_counts` maps an example index to a wrong pixel count for that example; `usage`
-    defaults to the split's FER-2013 Usage value. The
-    first image is all 0 and the second all 255, so the pixel range is exactly 0..255.
+    defaults to the split's FER-2013 Usage value. With `extremes` the first image is all 0
+    and the second all 255, so the pixel range is exactly 0..255.
     """
     rng = np.random.default_rng(seed)
     pixel_counts = pixel_counts or {}
@@ -59,7 +60,7 @@ def write_split(examples_dir: str, split: str, labels: Sequence[int], seed: int 
               for i in range(2)]
     for i, label in enumerate(labels):
         image = rng.integers(1, 255, pixel_counts.get(i, NUM_PIXELS), dtype=np.uint8)
-        if i < 2:
+        if extremes and i < 2:
             image[:] = 0 if i == 0 else 255
         row = 2 + i
         shards[i % 2].write(make_example(int(label), image.tobytes(), usage, row, drop))

@@ -1,0 +1,266 @@
+"""The two pages a person opens, rendered in headless Chromium from small real runs.
+
+The statistics page comes from run_statistics over a few hand-written TFRecords (with
+rejected rows, a duplicate and an augmented split); the report from run_evaluator over tiny
+real SavedModels (tests/test_evaluator.py). For each page: nothing is requested off the
+machine, every image decodes and is not blank, every number shown equals the JSON it came
+from, and every chart's embedded points equal that JSON (training curves included), with
+the curves' colours actually present in their image. The tamper tests show the checks
+fail on a changed number and on an empty plot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.config import EvalConfig
+from pipeline.contract import CLASS_NAMES, NUM_CLASSES
+from tests import browser
+from tests import test_evaluator as evaluator_fixtures
+from tests import test_statistics as statistics_fixtures
+
+# matplotlib's first two default colours: the train and validation curves.
+TRAIN_COLOR, VALIDATION_COLOR = (31, 119, 180), (255, 127, 14)
+
+
+@pytest.fixture(autouse=True)
+def _needs_chromium():
+    browser.chromium_or_skip()
+
+
+# ----------------------------------------------------------------------------- runs
+
+@pytest.fixture(scope="module")
+def report_run(tmp_path_factory) -> dict[str, Any]:
+    from components.evaluator import run_evaluator
+
+    root = tmp_path_factory.mktemp("report")
+    evaluator_fixtures.write_test_split(root / "examples", n=210)
+    models = root / "models"
+    dirs = {"good": evaluator_fixtures.make_model_dir(models, "good", shift=0, scale=3.0),
+            "bad": evaluator_fixtures.make_model_dir(models, "bad", shift=6, scale=2.0)}
+    serving = root / "serving"          # "good" is already served as version 1
+    shutil.copytree(Path(dirs["good"]) / "serving_model", serving / "good" / "1")
+    result = run_evaluator(str(root / "examples"), dirs, str(serving), str(root / "evaluation"),
+                           EvalConfig(min_accuracy={"good": 0.7, "bad": 0.1}))
+    return {"html": result.report_path,
+            "evaluation": json.loads(Path(result.evaluation_path).read_text()),
+            "blessings": json.loads(Path(result.blessings_path).read_text()),
+            "histories": {n: json.loads((Path(d) / "history.json").read_text())
+                          for n, d in dirs.items()}}
+
+
+@pytest.fixture(scope="module")
+def statistics_run(tmp_path_factory) -> dict[str, Any]:
+    import tensorflow_data_validation as tfdv
+
+    from components.statistics import run_statistics
+
+    root = tmp_path_factory.mktemp("statistics")
+    examples = str(root / "examples")
+    labels = statistics_fixtures.balanced_labels
+    # No uniform black/white faces here: every face on the page must be a real picture.
+    for split, n, seed in (("train", 70, 1), ("validation", 35, 2), ("test", 35, 3)):
+        statistics_fixtures.write_split(examples, split, labels(n), seed=seed, extremes=False)
+    statistics_fixtures.write_ingest_reports(examples)
+    augmented = str(root / "augmented")
+    statistics_fixtures.write_augmented(augmented, examples, copies_of_class=1, copies=6)
+    result = run_statistics(examples, str(root / "statistics"), [], augmented_dir=augmented,
+                            schema_path=statistics_fixtures.SCHEMA)
+    stats = {split: tfdv.load_statistics(path) for split, path in result.stats_paths.items()}
+    stats["augmented"] = tfdv.load_statistics(result.augmented_stats_path)
+    return {"html": result.html_path, "stats": stats}
+
+
+# ----------------------------------------------------------------------------- checks
+
+def resolve(source: Any, path: str) -> Any:
+    for key in path.split("/"):
+        source = source[int(key)] if isinstance(source, list) else source[key]
+    return source
+
+
+def number_mismatches(numbers: list[dict], source: Any) -> list[str]:
+    """Numbers whose text differs from their source value, formatted as the page does."""
+    wrong = []
+    for shown in numbers:
+        value = resolve(source, shown["path"])
+        if shown["missing"]:
+            expected = "n/a" if value is None else f"a number ({value})"
+            if value is not None:
+                wrong.append(f"{shown['path']}: page says n/a, JSON has {value}")
+            continue
+        scale, digits = float(shown["scale"]), int(shown["digits"])
+        expected = f"{value * scale:.{digits}f}" + (" %" if scale == 100 else "")
+        if shown["text"] != expected:
+            wrong.append(f"{shown['path']}: page says {shown['text']!r}, JSON {expected!r}")
+    return wrong
+
+
+def check_page_basics(opened: browser.OpenedPage, min_images: int) -> list[dict]:
+    """No request off the machine, no console error, every image decoded and not blank."""
+    assert opened.remote_requests() == []
+    assert all(url.startswith(browser.LOCAL_SCHEMES) for url in opened.requests)
+    assert opened.console_errors == []
+    images = browser.image_states(opened.page)
+    assert len(images) >= min_images
+    for image in images:
+        assert image["complete"] and image["width"] > 0 and image["height"] > 0, image["src"][:60]
+        assert not browser.is_blank(browser.decode_data_uri_png(image["src"])), image["chart"]
+    return images
+
+
+def check_screenshot(opened: browser.OpenedPage, path: Path) -> None:
+    opened.page.screenshot(path=str(path), full_page=True)
+    from PIL import Image
+
+    shot = np.asarray(Image.open(path))
+    assert shot.shape[0] > browser.VIEWPORT["height"]      # the whole page, not one screen
+    assert not browser.is_blank(shot)
+
+
+def colour_pixels(pixels: np.ndarray, rgb: tuple[int, int, int], tolerance: int = 40) -> int:
+    distance = np.abs(pixels[..., :3].astype(int) - np.array(rgb)).sum(axis=-1)
+    return int((distance <= tolerance).sum())
+
+
+def expected_curves(history: dict) -> dict[str, list]:
+    """What the curves must plot, straight from history.json's per-epoch records."""
+    records = history["epochs"]
+    return {"epoch": [r["epoch"] for r in records],
+            **{key: [r[key] for r in records]
+               for key in ("loss", "val_loss", "accuracy", "val_accuracy")}}
+
+
+# ----------------------------------------------------------------------------- report
+
+def test_report_in_a_real_browser(report_run, tmp_path):
+    evaluation = report_run["evaluation"]
+    with browser.open_page(report_run["html"]) as opened:
+        page = opened.page
+        images = check_page_basics(opened, min_images=8)
+        check_screenshot(opened, tmp_path / "report.png")
+
+        numbers = browser.shown_numbers(page)
+        assert len(numbers) > 40 and all(n["visible"] for n in numbers)
+        assert number_mismatches(numbers, evaluation) == []
+
+        charts = browser.chart_data(page)
+        for name, model in evaluation["models"].items():
+            assert charts[f"history-{name}"] == expected_curves(report_run["histories"][name])
+            assert charts[f"per-class-{name}"] == {
+                "classes": list(CLASS_NAMES),
+                **{m: [row[m] for row in model["per_class"]]
+                   for m in ("precision", "recall", "f1")}}
+            assert charts[f"confusion-{name}"] == {"matrix": model["confusion_matrix"]}
+            curve = next(i for i in images if i["chart"] == f"history-{name}")
+            pixels = browser.decode_data_uri_png(curve["src"])
+            assert colour_pixels(pixels, TRAIN_COLOR) > 200        # the curves are drawn
+            assert colour_pixels(pixels, VALIDATION_COLOR) > 200
+        assert charts["confusion-ensemble"] == {"matrix": evaluation["ensemble"]["confusion_matrix"]}
+        assert charts["test-distribution"]["counts"] == [
+            evaluation["data"]["class_distribution"][c] for c in CLASS_NAMES]
+
+        verdicts = page.eval_on_selector_all(
+            "#verdict [data-blessed]", "els => els.map(e => [e.dataset.model, e.dataset.blessed])")
+        assert dict(verdicts) == {n: str(b["blessed"]).lower()
+                                  for n, b in report_run["blessings"].items()}
+        banner = page.inner_text("#verdict")
+        for blessing in report_run["blessings"].values():
+            assert blessing["summary"] in banner
+        assert "version 1" in banner                       # what is in serving now
+
+        for name, model in evaluation["models"].items():
+            for class_name, items in model["mistakes"].items():
+                shown = page.eval_on_selector_all(
+                    f'[data-gallery="mistakes-{name}-{class_name}"] .face',
+                    "els => els.map(e => Number(e.dataset.index))")
+                assert shown == [item["index"] for item in items]
+        review = page.eval_on_selector_all('[data-gallery="review"] .face',
+                                           "els => els.map(e => Number(e.dataset.index))")
+        assert review == [item["index"] for item in evaluation["ensemble"]["review_examples"]]
+
+
+def test_report_checks_catch_a_changed_number_and_an_empty_plot(report_run, tmp_path):
+    from components.html_page import pyplot
+    from components.report import history_charts
+
+    evaluation = report_run["evaluation"]
+    accuracy = evaluation["models"]["good"]["accuracy"]
+    html = Path(report_run["html"]).read_text()
+    shown = f'data-path="models/good/accuracy" data-digits="3" data-scale="1">{accuracy:.3f}<'
+    assert shown in html
+    tampered = tmp_path / "tampered.html"
+    tampered.write_text(html.replace(shown, shown.replace(f"{accuracy:.3f}<", "0.999<")))
+    with browser.open_page(tampered) as opened:
+        assert number_mismatches(browser.shown_numbers(opened.page), evaluation) != []
+
+    # A history without epochs plots nothing: no curve chart is emitted at all ...
+    assert "data-chart" not in history_charts("good", {"epochs": []})
+    # ... and axes without lines carry none of the curves' colours.
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(5, 3))
+    axes.set_title("empty")
+    from components.html_page import figure_png
+    empty = browser.decode_data_uri_png(figure_png(figure))
+    assert colour_pixels(empty, TRAIN_COLOR) == 0 and colour_pixels(empty, VALIDATION_COLOR) == 0
+
+
+# ----------------------------------------------------------------------------- statistics page
+
+def tfdv_labels(stats) -> list[int]:
+    from components.statistics import label_counts
+
+    counts = label_counts(stats)
+    return [counts[c] for c in CLASS_NAMES]
+
+
+def test_statistics_page_in_a_real_browser(statistics_run, tmp_path):
+    import tensorflow_data_validation as tfdv
+    from tensorflow_metadata.proto.v0 import statistics_pb2
+
+    stats = statistics_run["stats"]
+    with browser.open_page(statistics_run["html"]) as opened:
+        page = opened.page
+        check_page_basics(opened, min_images=30)
+        check_screenshot(opened, tmp_path / "statistics.png")
+        source = json.loads(page.text_content('script[data-source="page"]'))
+
+        numbers = browser.shown_numbers(page)
+        assert len(numbers) > 30 and all(n["visible"] for n in numbers)
+        assert number_mismatches(numbers, source) == []
+
+        charts = browser.chart_data(page)
+        for split in ("train", "validation", "test"):
+            assert charts[f"labels-{split}"]["counts"] == tfdv_labels(stats[split])
+            pixels = tfdv.get_feature_stats(stats[split].datasets[0],
+                                            tfdv.FeaturePath(["pixels"])).num_stats
+            standard = [h for h in pixels.histograms
+                        if h.type == statistics_pb2.Histogram.STANDARD][0]
+            assert [b["count"] for b in charts[f"pixels-{split}"]["buckets"]] == [
+                b.sample_count for b in standard.buckets]
+            assert len(standard.buckets) > 1
+            means = page.eval_on_selector_all(f'[data-gallery="mean-{split}"] .face',
+                                              "els => els.map(e => e.dataset.className)")
+            assert means == list(CLASS_NAMES)
+            for class_name in CLASS_NAMES:
+                samples = page.eval_on_selector_all(
+                    f'[data-gallery="samples-{split}-{class_name}"] .face',
+                    "els => els.map(e => Number(e.dataset.row))")
+                assert samples == source["splits"][split]["sample_rows"][class_name]
+                assert len(samples) == min(8, source["splits"][split]["labels"][class_name])
+        assert charts["augmented-counts"] == {"before": tfdv_labels(stats["train"]),
+                                              "after": tfdv_labels(stats["augmented"])}
+        assert len(page.query_selector_all('[data-gallery="augmented"] .pair')) == \
+            len(source["augmented"]["pairs"]) > 0
+        assert len(page.query_selector_all('[data-gallery="duplicates"] .face img')) == 1
+        verdict = page.inner_text("#verdict")
+        assert "no anomalies, no label drift" in verdict
+        rejected = page.inner_text("body")
+        assert "wrong_pixel_count" in rejected and "duplicate_of_train_row" in rejected
