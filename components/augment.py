@@ -26,7 +26,6 @@ then the operations in the order applied), enough to reproduce the copy exactly.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -36,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline import fileio
 from pipeline.config import AugmentConfig
 from pipeline.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
     FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, IMAGE_SIZE, EXAMPLES_PATTERN, NUM_CLASSES,
@@ -101,11 +101,11 @@ def augment_image(image: np.ndarray, params: AugmentParams) -> np.ndarray:
 def run_augment(examples_dir: str, output_dir: str, config: AugmentConfig,
                 beam_args: list[str]) -> AugmentResult:
     """Writes output_dir/train/examples-*.tfrecord: the training originals plus copies."""
-    pattern = os.path.join(examples_dir, "train", EXAMPLES_PATTERN)
-    if not tf.io.gfile.glob(pattern):
+    pattern = fileio.join(examples_dir, "train", EXAMPLES_PATTERN)
+    if not fileio.glob(pattern):
         raise FileNotFoundError(f"no training examples match {pattern}")
-    train_dir = os.path.join(output_dir, "train")
-    summary_dir = os.path.join(output_dir, SUMMARY_DIR)
+    train_dir = fileio.join(output_dir, "train")
+    summary_dir = fileio.join(output_dir, SUMMARY_DIR)
 
     with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
         originals = (pipeline
@@ -118,7 +118,7 @@ def run_augment(examples_dir: str, output_dir: str, config: AugmentConfig,
                   | "Target" >> beam.Map(_choose_target, config))
         _ = (counts
              | "Summarize" >> beam.Map(_summary_line, beam.pvalue.AsSingleton(target))
-             | "WriteSummary" >> beam.io.WriteToText(os.path.join(summary_dir, "counts")))
+             | "WriteSummary" >> beam.io.WriteToText(fileio.join(summary_dir, "counts")))
 
         outputs = [originals | "Originals" >> beam.Map(_serialized)]
         if config.enabled:
@@ -132,7 +132,7 @@ def run_augment(examples_dir: str, output_dir: str, config: AugmentConfig,
             outputs.append(copies)
         _ = (outputs
              | "Merge" >> beam.Flatten()
-             | "Write" >> beam.io.WriteToTFRecord(os.path.join(train_dir, SHARD_PREFIX),
+             | "Write" >> beam.io.WriteToTFRecord(fileio.join(train_dir, SHARD_PREFIX),
                                                   file_name_suffix=SHARD_SUFFIX))
 
     return _result(config, _read_summary(summary_dir), train_dir)
@@ -199,10 +199,10 @@ def _make_copy(planned: tuple[bytes, int], config: AugmentConfig) -> bytes:
 
 def _read_summary(summary_dir: str) -> list[dict]:
     lines = []
-    for path in sorted(tf.io.gfile.glob(os.path.join(summary_dir, "counts*"))):
-        with tf.io.gfile.GFile(path) as f:
-            lines.extend(json.loads(line) for line in f if line.strip())
-    tf.io.gfile.rmtree(summary_dir)
+    for path in fileio.glob(fileio.join(summary_dir, "counts*")):
+        lines.extend(json.loads(line) for line in fileio.read_text(path).splitlines()
+                     if line.strip())
+    fileio.rmtree(summary_dir)
     return lines
 
 

@@ -1,37 +1,56 @@
-"""Pusher: publishes blessed models into the directory TF Serving polls.
+"""Pusher: publishes blessed models into the directory TF Serving reads.
 
 Layout (TF Serving's): `<serving_root>/<model>/<integer version>/saved_model.pb + variables/`
-and `<serving_root>/models.config`. TF Serving polls the model directories and loads any new
-integer version it sees, so a version must appear complete or not at all. Every version is
-therefore copied into a hidden sibling (`.tmp-<version>-<random>`; TF Serving ignores names
-that are not integers), flushed to disk, and renamed into place in one `os.rename`. A push
-that crashes leaves only a hidden temp directory, which the next push removes.
+and `<serving_root>/models.config`. The serving root is a local directory or an object-store
+URI (s3://, gs://); the trained models may be either too.
 
-Only models the evaluator blessed (`<evaluation_dir>/blessings.json`) are pushed; refusals
-carry the evaluator's reasons. This module does not import TensorFlow: it moves files.
+Publication: a version must never be visible to TF Serving before it is complete.
+
+- Local serving root: a version is copied into a hidden sibling (`.tmp-<version>-<random>`;
+  TF Serving ignores names that are not integers), fsynced, and renamed into place with one
+  `os.rename`, so an integer directory is always complete. models.config names each model
+  with the `latest` policy (one version); a server polling the directory loads the new
+  version as soon as the rename happens. A crashed push leaves only a hidden temp directory,
+  which the next push removes. models.config is written to a temp file and renamed over.
+- Object-store serving root: there is no rename, and a prefix becomes visible object by
+  object while it uploads. The version is uploaded to its integer prefix completely first;
+  only then is models.config rewritten (last, as one object: an object is visible only once
+  its upload completed) to name it, with the `specific` policy listing exactly the
+  complete versions (the newest `keep_versions`), so TF Serving loads nothing models.config
+  does not name. A crashed upload leaves an integer prefix that models.config does not
+  name: the next push numbers its version above every integer prefix present (never
+  reusing a number something was uploaded to) and deletes the leftover once the new config
+  is written. Pruned versions are dropped from models.config before they are deleted.
+  TF Serving with `specific` loads every named version; requests without a version get
+  the highest.
+
+One push at a time per serving root (the pipeline runs one push step). Only models the
+evaluator blessed (`<evaluation_dir>/blessings.json`) are pushed; refusals carry the
+evaluator's reasons. A blessed candidate byte-identical to the version already served
+(same content fingerprint) is not pushed again.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping, Optional
 
-from pipeline.artifacts import write_json_atomic
+from pipeline import fileio
+from pipeline.artifacts import fingerprint
 from pipeline.config import PushConfig
 from pipeline.contract import (MODELS_CONFIG, DOCKER_MODELS_CONFIG, SERVING_MODEL_DIR,
     BLESSINGS_FILE, PUSH_FILE)
 from serving.model_config import (ModelSpec, container_config, docker_command,
-                                  write_model_server_config)
+                                  read_model_server_config, write_model_server_config)
 
 log = logging.getLogger(__name__)
 
-TEMP_PREFIX = ".tmp-"                  # in-flight copies
-DELETE_PREFIX = ".deleting-"           # old versions being removed
+TEMP_PREFIX = ".tmp-"                  # in-flight copies (local serving roots)
+DELETE_PREFIX = ".deleting-"           # old versions being removed (local serving roots)
+SAVED_MODEL_FILE = "saved_model.pb"
 
 
 @dataclass
@@ -41,6 +60,7 @@ class ModelPush:
     path: Optional[str] = None         # serving_root/<name>/<version>, when pushed
     reasons: list[str] = field(default_factory=list)   # the evaluator's verdict either way
     removed_versions: list[int] = field(default_factory=list)  # pruned by keep_versions
+    removed_leftovers: list[int] = field(default_factory=list)  # crashed uploads deleted
 
 
 @dataclass
@@ -55,17 +75,45 @@ class PushResult:
 
 # ----------------------------------------------------------------------------- layout helpers
 
-def served_versions(serving_root: str, name: str) -> list[int]:
-    """The integer versions of `name` under `serving_root`, ascending ([] when none).
-
-    Hidden temp directories and anything whose name is not a plain integer are ignored,
-    exactly as TF Serving ignores them.
-    """
-    model_root = Path(serving_root) / name
-    if not model_root.is_dir():
+def version_dirs(serving_root: str, name: str) -> list[int]:
+    """Every integer-named directory of `name`, complete or not, ascending."""
+    model_root = fileio.join(serving_root, name)
+    if not fileio.isdir(model_root):
         return []
-    return sorted(int(p.name) for p in model_root.iterdir()
-                  if p.is_dir() and p.name.isdigit())
+    return sorted(int(entry) for entry in fileio.listdir(model_root)
+                  if entry.isdigit() and fileio.isdir(fileio.join(model_root, entry)))
+
+
+def _config_specs(serving_root: str) -> Optional[dict[str, ModelSpec]]:
+    path = fileio.join(serving_root, MODELS_CONFIG)
+    if not fileio.exists(path):
+        return None
+    return {spec.name: spec for spec in read_model_server_config(path)}
+
+
+def _selected(spec: ModelSpec, on_disk: list[int]) -> list[int]:
+    """The versions of `on_disk` that `spec`'s version policy makes TF Serving load."""
+    if spec.version_policy == "specific":
+        return sorted(set(spec.versions) & set(on_disk))
+    if spec.version_policy == "all":
+        return list(on_disk)
+    return on_disk[-spec.num_latest:]
+
+
+def served_versions(serving_root: str, name: str) -> list[int]:
+    """The versions of `name` that TF Serving serves from `serving_root`, ascending.
+
+    What models.config names when it exists. Without one: on a local root every integer
+    directory (a rename published each, so each is complete); on an object store none,
+    since this pusher writes models.config after every upload and an integer prefix no
+    config names may be a crashed upload.
+    """
+    specs = _config_specs(serving_root)
+    if specs is None:
+        return [] if fileio.is_uri(serving_root) else version_dirs(serving_root, name)
+    if name not in specs:
+        return []
+    return _selected(specs[name], version_dirs(serving_root, name))
 
 
 def latest_served_version(serving_root: str, name: str) -> Optional[tuple[int, str]]:
@@ -73,16 +121,17 @@ def latest_served_version(serving_root: str, name: str) -> Optional[tuple[int, s
     versions = served_versions(serving_root, name)
     if not versions:
         return None
-    return versions[-1], str(Path(serving_root) / name / str(versions[-1]))
+    return versions[-1], fileio.join(serving_root, name, str(versions[-1]))
 
 
-def _served_model_names(serving_root: str) -> list[str]:
-    root = Path(serving_root)
-    return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and served_versions(root, p.name))
+def _model_names_on_disk(serving_root: str) -> list[str]:
+    if not fileio.isdir(serving_root):
+        return []
+    return sorted(entry for entry in fileio.listdir(serving_root)
+                  if not entry.startswith(".") and version_dirs(serving_root, entry))
 
 
-# ----------------------------------------------------------------------------- durable copy
+# ----------------------------------------------------------------------------- copying
 
 def _fsync_path(path: str) -> None:
     """Flushes a file's or directory's metadata to disk (a rename is only durable then)."""
@@ -94,11 +143,23 @@ def _fsync_path(path: str) -> None:
 
 
 def _copy_file(src: str, dst: str) -> str:
-    """Copies one file and fsyncs it. Tests replace this to inject a crash mid-copy."""
-    shutil.copy2(src, dst)
-    _fsync_path(dst)
+    """Copies one file (either side local or a URI); a local copy is fsynced.
+
+    Tests replace this to inject a crash mid-copy.
+    """
+    fileio.copy_file(src, dst)
+    if not fileio.is_uri(dst):
+        _fsync_path(dst)
     return dst
 
+
+def _copy_tree(source: str, target: str) -> None:
+    # Looked up at call time, so a test's replacement of _copy_file takes effect.
+    for rel, full in fileio.walk_files(source):
+        _copy_file(full, fileio.join(target, *rel.split("/")))
+
+
+# ----------------------------------------------------------------------------- local root
 
 def _fsync_tree(root: str) -> None:
     # Files were fsynced as they were copied; directory entries need their own fsync.
@@ -106,93 +167,174 @@ def _fsync_tree(root: str) -> None:
         _fsync_path(dirpath)
 
 
-def _remove_stale_temps(model_root: Path) -> list[str]:
+def _remove_stale_temps(model_root: str) -> list[str]:
     """Removes hidden leftovers of a crashed earlier push or prune; returns their names."""
     removed = []
-    for entry in model_root.iterdir():
-        if entry.name.startswith((TEMP_PREFIX, DELETE_PREFIX)):
-            log.warning("removing leftover %s from an interrupted push", entry)
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry.name)
+    for entry in os.listdir(model_root):
+        if entry.startswith((TEMP_PREFIX, DELETE_PREFIX)):
+            log.warning("removing leftover %s from an interrupted push",
+                        os.path.join(model_root, entry))
+            shutil.rmtree(os.path.join(model_root, entry), ignore_errors=True)
+            removed.append(entry)
     return removed
 
 
-def _publish_version(source: Path, model_root: Path, version: int) -> Path:
+def _publish_local(source: str, model_root: str, version: int) -> str:
     """Copies `source` to `model_root/<version>` so that it appears complete or not at all."""
-    target = model_root / str(version)
-    temp = model_root / f"{TEMP_PREFIX}{version}-{secrets.token_hex(4)}"
+    target = os.path.join(model_root, str(version))
+    temp = os.path.join(model_root, f"{TEMP_PREFIX}{version}-{secrets.token_hex(4)}")
     try:
-        shutil.copytree(source, temp, copy_function=_copy_file)
-        _fsync_tree(str(temp))
+        _copy_tree(source, temp)
+        _fsync_tree(temp)
         os.rename(temp, target)   # fails rather than merging if `target` appeared meanwhile
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)  # best effort; the next push cleans up anyway
         raise
-    _fsync_path(str(model_root))
+    _fsync_path(model_root)
     return target
 
 
-def _prune_versions(model_root: Path, keep: int) -> list[int]:
+def _prune_local(model_root: str, keep: int) -> list[int]:
     """Deletes all but the newest `keep` versions; returns the removed version numbers."""
-    versions = served_versions(str(model_root.parent), model_root.name)
+    versions = version_dirs(os.path.dirname(model_root), os.path.basename(model_root))
     doomed = versions[:-keep] if keep < len(versions) else []
     for version in doomed:
         # Rename first so a half-deleted version is never visible under an integer name.
-        hidden = model_root / f"{DELETE_PREFIX}{version}-{secrets.token_hex(4)}"
-        os.rename(model_root / str(version), hidden)
+        hidden = os.path.join(model_root, f"{DELETE_PREFIX}{version}-{secrets.token_hex(4)}")
+        os.rename(os.path.join(model_root, str(version)), hidden)
         shutil.rmtree(hidden)
     return doomed
+
+
+def _push_local(name: str, source: str, root: str, keep: int) -> ModelPush:
+    model_root = os.path.join(root, name)
+    os.makedirs(model_root, exist_ok=True)
+    _remove_stale_temps(model_root)
+    existing = version_dirs(root, name)
+    version = existing[-1] + 1 if existing else 1
+    target = _publish_local(source, model_root, version)
+    removed = _prune_local(model_root, keep)
+    log.info("pushed %s as version %d (%s); removed old versions %s", name, version, target,
+             removed)
+    return ModelPush(pushed=True, version=version, path=target, removed_versions=removed)
+
+
+def write_serving_config(serving_root: str) -> str:
+    """Writes a local serving_root/models.config for every model present there (latest
+    version), and its container-path twin models.docker.config; returns the models.config
+    path."""
+    root = os.path.abspath(serving_root)
+    specs = [ModelSpec(name=name, base_path=os.path.join(root, name),
+                       version_policy="latest", num_latest=1)
+             for name in _model_names_on_disk(root)]
+    write_model_server_config(os.path.join(root, DOCKER_MODELS_CONFIG),
+                              container_config(specs, root))
+    return write_model_server_config(os.path.join(root, MODELS_CONFIG), specs)
+
+
+# ----------------------------------------------------------------------------- object store
+
+@dataclass
+class _StorePlan:
+    """What models.config on an object store will name: complete versions per model."""
+    root: str
+    keep: int
+    complete: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, root: str, keep: int) -> "_StorePlan":
+        specs = _config_specs(root) or {}
+        return cls(root, keep, {name: served_versions(root, name) for name in specs})
+
+    def kept(self, name: str) -> list[int]:
+        return sorted(self.complete.get(name, []))[-self.keep:]
+
+
+def _push_to_store(name: str, source: str, plan: _StorePlan) -> ModelPush:
+    """Uploads `source` as a new version; models.config names it later (see the module doc)."""
+    present = version_dirs(plan.root, name) + plan.complete.get(name, [])
+    version = max(present, default=0) + 1    # above any leftover: numbers are never reused
+    target = fileio.join(plan.root, name, str(version))
+    _copy_tree(source, target)
+    # The SavedModel must be there in full before the config may name it.
+    if not fileio.exists(fileio.join(target, SAVED_MODEL_FILE)):
+        raise OSError(f"upload of {source} to {target} is incomplete")
+    plan.complete.setdefault(name, []).append(version)
+    log.info("uploaded %s version %d (%s)", name, version, target)
+    return ModelPush(pushed=True, version=version, path=target)
+
+
+def write_store_config(plan: _StorePlan) -> str:
+    """Writes models.config naming exactly each model's kept complete versions."""
+    specs = [ModelSpec(name=name, base_path=fileio.join(plan.root, name),
+                       version_policy="specific", versions=plan.kept(name))
+             for name in sorted(plan.complete) if plan.kept(name)]
+    return write_model_server_config(fileio.join(plan.root, MODELS_CONFIG), specs)
+
+
+def _delete_unnamed_versions(plan: _StorePlan, outcomes: dict[str, ModelPush]) -> None:
+    """After models.config is written: deletes pruned versions and crashed uploads."""
+    for name in _model_names_on_disk(plan.root):
+        kept = set(plan.kept(name))
+        complete = set(plan.complete.get(name, []))
+        for version in version_dirs(plan.root, name):
+            if version in kept:
+                continue
+            fileio.rmtree(fileio.join(plan.root, name, str(version)))
+            outcome = outcomes.get(name)
+            if version in complete:
+                log.info("pruned %s version %d", name, version)
+                if outcome is not None:
+                    outcome.removed_versions.append(version)
+            else:
+                log.warning("deleted %s version %d: an upload that never completed", name,
+                            version)
+                if outcome is not None:
+                    outcome.removed_leftovers.append(version)
 
 
 # ----------------------------------------------------------------------------- entry point
 
 def _read_blessings(evaluation_dir: str) -> dict[str, dict]:
-    path = Path(evaluation_dir) / BLESSINGS_FILE
-    if not path.exists():
+    path = fileio.join(evaluation_dir, BLESSINGS_FILE)
+    if not fileio.exists(path):
         raise FileNotFoundError(f"{path} not found: run the evaluator before the pusher")
-    return json.loads(path.read_text())
+    return fileio.read_json(path)
 
 
-def _push_one(name: str, model_dir: str, serving_root: Path, keep: int) -> ModelPush:
-    source = Path(model_dir) / SERVING_MODEL_DIR
-    if not (source / "saved_model.pb").exists():
+def _candidate(name: str, model_dir: str) -> str:
+    source = fileio.join(model_dir, SERVING_MODEL_DIR)
+    if not fileio.exists(fileio.join(source, SAVED_MODEL_FILE)):
         raise FileNotFoundError(f"model {name!r}: no SavedModel at {source}")
-    model_root = serving_root / name
-    model_root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(model_root)
-    existing = served_versions(str(serving_root), name)
-    version = existing[-1] + 1 if existing else 1
-    target = _publish_version(source, model_root, version)
-    removed = _prune_versions(model_root, keep)
-    log.info("pushed %s as version %d (%s); removed old versions %s", name, version, target,
-             removed)
-    return ModelPush(pushed=True, version=version, path=str(target), removed_versions=removed)
+    return source
+
+
+def _identical_served_version(source: str, root: str, name: str) -> Optional[int]:
+    """The served version whose files equal `source`'s byte for byte, if the newest does."""
+    latest = latest_served_version(root, name)
+    if latest is None or fingerprint(latest[1]) != fingerprint(source):
+        return None
+    return latest[0]
 
 
 def _push_if_blessed(name: str, model_dir: str, verdict: Optional[dict], evaluation_dir: str,
-                     root: Path, keep: int) -> ModelPush:
+                     root: str, keep: int, plan: Optional[_StorePlan]) -> ModelPush:
     if verdict is None:
         return ModelPush(pushed=False, reasons=[
-            f"no blessing recorded for {name!r} in {evaluation_dir}/blessings.json"])
+            f"no blessing recorded for {name!r} in {evaluation_dir}/{BLESSINGS_FILE}"])
     reasons = list(verdict.get("reasons", []))
     if not verdict.get("blessed", False):
         log.warning("not pushing %s: %s", name, "; ".join(reasons))
         return ModelPush(pushed=False, reasons=["not blessed"] + reasons)
-    outcome = _push_one(name, model_dir, root, keep)
+    source = _candidate(name, model_dir)
+    same = _identical_served_version(source, root, name)
+    if same is not None:
+        log.info("not pushing %s: identical to served version %d", name, same)
+        return ModelPush(pushed=False, reasons=[f"identical to served version {same}"] + reasons)
+    outcome = (_push_to_store(name, source, plan) if plan is not None
+               else _push_local(name, source, root, keep))
     outcome.reasons = reasons
     return outcome
-
-
-def write_serving_config(serving_root: str) -> str:
-    """Writes serving_root/models.config for every model present there (latest version),
-    and its container-path twin models.docker.config; returns the models.config path."""
-    root = os.path.abspath(serving_root)
-    specs = [ModelSpec(name=name, base_path=os.path.join(root, name),
-                       version_policy="latest", num_latest=1)
-             for name in _served_model_names(root)]
-    write_model_server_config(os.path.join(root, DOCKER_MODELS_CONFIG),
-                              container_config(specs, root))
-    return write_model_server_config(os.path.join(root, MODELS_CONFIG), specs)
 
 
 def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str, serving_root: str,
@@ -207,25 +349,37 @@ def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str, serving_root:
     if not serving_root:
         raise ValueError("run_pusher needs a serving_root")
     blessings = _read_blessings(evaluation_dir)
-    root = Path(serving_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    # realpath: models.config must name the directory TF Serving will actually poll.
+    root = serving_root if fileio.is_uri(serving_root) else os.path.realpath(serving_root)
+    fileio.makedirs(root)
+    plan = _StorePlan.read(root, config.keep_versions) if fileio.is_uri(root) else None
 
     outcomes: dict[str, ModelPush] = {}
     try:
         for name, model_dir in sorted(model_dirs.items()):
             outcomes[name] = _push_if_blessed(name, model_dir, blessings.get(name),
-                                              evaluation_dir, root, config.keep_versions)
+                                              evaluation_dir, root, config.keep_versions, plan)
     finally:
         # Rewritten even when nothing was pushed or a later model failed, so the config
-        # always lists exactly the models whose versions are in the directory.
-        config_path = write_serving_config(str(root))
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    push_json = str(Path(output_dir) / PUSH_FILE)
-    docker_config = str(root / DOCKER_MODELS_CONFIG)
-    # A local tensorflow_model_server reads host paths; the Docker image, container paths.
-    serve_config = config_path if shutil.which("tensorflow_model_server") else docker_config
-    result = PushResult(serving_root=str(root), models_config=config_path, models=outcomes,
+        # always names exactly the complete versions present.
+        config_path = write_serving_config(root) if plan is None else write_store_config(plan)
+    if plan is not None:
+        _delete_unnamed_versions(plan, outcomes)
+    return _record(root, config_path, outcomes, output_dir)
+
+
+def _record(root: str, config_path: str, outcomes: dict[str, ModelPush],
+            output_dir: str) -> PushResult:
+    push_json = fileio.join(output_dir, PUSH_FILE)
+    if fileio.is_uri(root):
+        # TF Serving reads the URIs in models.config itself: no mount, no path rewriting.
+        docker_config = serve_config = config_path
+    else:
+        docker_config = os.path.join(root, DOCKER_MODELS_CONFIG)
+        # A local tensorflow_model_server reads host paths; the Docker image, container paths.
+        serve_config = config_path if shutil.which("tensorflow_model_server") else docker_config
+    result = PushResult(serving_root=root, models_config=config_path, models=outcomes,
                         push_json=push_json, docker_models_config=docker_config,
-                        tfserving_command=docker_command(serve_config, str(root)))
-    write_json_atomic(push_json, result)
+                        tfserving_command=docker_command(serve_config, root))
+    fileio.write_json(push_json, result)
     return result

@@ -15,7 +15,6 @@ graph is what the trainer embeds in the SavedModel, so serving normalizes the sa
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 
 import apache_beam as beam
@@ -28,6 +27,7 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.coders.example_coder import RecordBatchToExamples
 from tfx_bsl.public import tfxio
 
+from pipeline import fileio
 from pipeline.config import TransformConfig
 from pipeline.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
     NUM_PIXELS, SHARD_PREFIX, SHARD_SUFFIX, SPLITS, TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
@@ -95,16 +95,19 @@ def run_transform(augmented_dir: str, examples_dir: str, output_dir: str,
     if config.normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {config.normalization!r}; "
                          f"choose from {NORMALIZATIONS}")
-    inputs = {"train": os.path.join(augmented_dir, "train", EXAMPLES_PATTERN)}
+    inputs = {"train": fileio.join(augmented_dir, "train", EXAMPLES_PATTERN)}
     for split in SPLITS[1:]:
-        inputs[split] = os.path.join(examples_dir, split, EXAMPLES_PATTERN)
+        inputs[split] = fileio.join(examples_dir, split, EXAMPLES_PATTERN)
     for split, pattern in inputs.items():
-        if not tf.io.gfile.glob(pattern):
+        if not fileio.glob(pattern):
             raise FileNotFoundError(f"no {split} examples match {pattern}")
 
-    graph_dir = os.path.join(output_dir, TRANSFORM_GRAPH_DIR)
-    out_dirs = {split: os.path.join(output_dir, TRANSFORMED_DIR, split) for split in inputs}
-    temp_dir = os.path.join(output_dir, ".tft_tmp")
+    # TFT writes the transform graph (a SavedModel) and its temp files with tf.io.gfile
+    # inside the pipeline, so TensorFlow must be able to open an s3:// output first.
+    fileio.register_filesystem(output_dir)
+    graph_dir = fileio.join(output_dir, TRANSFORM_GRAPH_DIR)
+    out_dirs = {split: fileio.join(output_dir, TRANSFORMED_DIR, split) for split in inputs}
+    temp_dir = fileio.join(output_dir, ".tft_tmp")
     schema = schema_utils.schema_from_feature_spec(RAW_FEATURE_SPEC)
     fn = functools.partial(preprocessing_fn, normalization=config.normalization)
 
@@ -131,8 +134,7 @@ def run_transform(augmented_dir: str, examples_dir: str, output_dir: str,
 
             _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(graph_dir)
 
-    if tf.io.gfile.exists(temp_dir):
-        tf.io.gfile.rmtree(temp_dir)
+    fileio.rmtree(temp_dir)
     offset, scale = read_normalization(graph_dir)
     return TransformResult(
         normalization=config.normalization, offset=offset, scale=scale,
@@ -151,7 +153,7 @@ class _WriteTransformed(beam.PTransform):
         return (record_batches
                 | "Encode" >> beam.FlatMap(_encode_record_batch)
                 | "Write" >> beam.io.WriteToTFRecord(
-                    os.path.join(self._directory, SHARD_PREFIX), file_name_suffix=SHARD_SUFFIX))
+                    fileio.join(self._directory, SHARD_PREFIX), file_name_suffix=SHARD_SUFFIX))
 
 
 def _encode_record_batch(batch_and_passthrough) -> list[bytes]:
@@ -179,12 +181,13 @@ def apply_to_pixels(graph_dir: str, pixels: np.ndarray) -> np.ndarray:
     """
     pixels = np.asarray(pixels, np.uint8).reshape(len(pixels), NUM_PIXELS)
     raw = tf.constant([row.tobytes() for row in pixels])
+    fileio.register_filesystem(graph_dir)
     layer = tft.TFTransformOutput(graph_dir).transform_features_layer()
     return layer({FEATURE_PIXELS: raw})[FEATURE_IMAGE].numpy()
 
 
 def count_examples(directory: str) -> int:
-    files = sorted(tf.io.gfile.glob(os.path.join(directory, EXAMPLES_PATTERN)))
+    files = fileio.glob(fileio.join(directory, EXAMPLES_PATTERN))
     if not files:
         return 0
     return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import posixpath
+import shutil
 import sys
 import tempfile
 from typing import Any, Iterator, NoReturn
@@ -200,11 +201,16 @@ def rmtree(path: str) -> None:
 
 
 def copy_file(source: str, target: str) -> None:
+    """Copies one file, overwriting `target`; either side may be local or a URI."""
+    source, target = str(source), str(target)
+    if not is_uri(target):
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        if not is_uri(source):
+            shutil.copyfile(source, target)  # no TensorFlow needed for a local copy
+            return
     register_filesystem(source)
     register_filesystem(target)
-    if not is_uri(target):
-        os.makedirs(os.path.dirname(str(target)) or ".", exist_ok=True)
-    _gfile().copy(str(source), str(target), overwrite=True)
+    _gfile().copy(source, target, overwrite=True)
 
 
 def copytree(source: str, target: str, last: tuple[str, ...] = ()) -> list[str]:

@@ -2,20 +2,22 @@
 
 The pusher writes this file next to the versioned model directories; the real
 `tensorflow_model_server` (via Docker) and our embedded server (`serving/server.py`) both
-read it. Keeping one reader/writer here means both sides agree on the format.
+read it. Keeping one reader/writer here means both sides agree on the format. The file may
+live on a local disk or an object store (s3://, gs://): reads and writes go through
+`pipeline.fileio`.
 """
 from __future__ import annotations
 
 import os
 import shlex
 import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable
 
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
+
+from pipeline import fileio
 
 VERSION_POLICIES = ("latest", "specific", "all")
 
@@ -23,6 +25,10 @@ VERSION_POLICIES = ("latest", "specific", "all")
 CONTAINER_MODELS_DIR = "/models"
 GRPC_PORT = 8500
 REST_PORT = 8501
+# What TF Serving's S3 filesystem reads from its environment; passed through by name (the
+# values stay in the caller's environment, never in a printed command).
+S3_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "S3_ENDPOINT",
+               "S3_USE_HTTPS", "S3_VERIFY_SSL")
 
 
 @dataclass
@@ -102,31 +108,21 @@ def specs_from_proto(config: model_server_config_pb2.ModelServerConfig) -> list[
 
 
 def write_model_server_config(path: str, specs: Iterable[ModelSpec]) -> str:
-    """Writes `specs` to `path` atomically (temp file + rename) and returns the path.
+    """Writes `specs` to `path` whole and returns the path.
 
-    Atomic because a polling server may read the file at any moment; it must see either
-    the old or the new config, never half of one.
+    A polling server may read the file at any moment; it must see either the old or the
+    new config, never half of one. Locally the text goes to a temp file renamed over the
+    target; on an object store the object is replaced in one upload, and an object only
+    becomes visible once its upload completed (pipeline.fileio.write_text does both).
     """
     text = text_format.MessageToString(_to_proto(specs))
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".models.config.", dir=str(target.parent))
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return str(target)
+    fileio.write_text(path, text)
+    return str(path)
 
 
 def read_model_server_config(path: str) -> list[ModelSpec]:
     """Parses a text-format ModelServerConfig; raises ValueError with the file name if bad."""
-    text = Path(path).read_text()
+    text = fileio.read_text(path)
     config = model_server_config_pb2.ModelServerConfig()
     try:
         text_format.Parse(text, config)
@@ -144,8 +140,10 @@ def container_config(specs: Iterable[ModelSpec], serving_root: str) -> list[Mode
     root = os.path.abspath(serving_root)
     rewritten = []
     for spec in specs:
-        base = os.path.abspath(spec.base_path)
-        if base == root or base.startswith(root + os.sep):
+        # A URI is read by TF Serving itself and means the same inside the container.
+        base = spec.base_path if fileio.is_uri(spec.base_path) else os.path.abspath(
+            spec.base_path)
+        if not fileio.is_uri(base) and (base == root or base.startswith(root + os.sep)):
             base = CONTAINER_MODELS_DIR + base[len(root):].replace(os.sep, "/")
         rewritten.append(ModelSpec(spec.name, base, spec.version_policy, spec.num_latest,
                                    list(spec.versions), dict(spec.labels)))
@@ -158,21 +156,31 @@ def docker_command(config_path: str, serving_root: str, poll_seconds: int = 1) -
     Uses the `tensorflow_model_server` binary when it is on PATH, else the official Docker
     image with the serving root mounted at /models. For Docker, `config_path` must lie inside
     `serving_root` and its base paths must be container paths (see `container_config`).
+    A serving root on an object store is read by TF Serving directly: nothing is mounted,
+    and the S3 settings are passed through from the caller's environment.
+
+    `--model_config_file_poll_wait_seconds` makes TF Serving re-read models.config, which
+    is how a push to an object store becomes visible (see components/pusher.py).
     """
     poll = f"--model_config_file_poll_wait_seconds={poll_seconds}"
+    fs_poll = "--file_system_poll_wait_seconds=1"
+    config = config_path if fileio.is_uri(config_path) else os.path.abspath(config_path)
     binary = shutil.which("tensorflow_model_server")
     if binary:
         return shlex.join([binary, f"--port={GRPC_PORT}", f"--rest_api_port={REST_PORT}",
-                           f"--model_config_file={os.path.abspath(config_path)}", poll,
-                           "--file_system_poll_wait_seconds=1"])
+                           f"--model_config_file={config}", poll, fs_poll])
+    ports = ["-p", f"{GRPC_PORT}:{GRPC_PORT}", "-p", f"{REST_PORT}:{REST_PORT}"]
+    if fileio.is_uri(serving_root):
+        env = [arg for name in S3_ENV_VARS for arg in ("-e", name)]
+        return shlex.join(["docker", "run", "--rm", *ports, *env, "tensorflow/serving",
+                           f"--model_config_file={config}", poll, fs_poll])
     root = os.path.abspath(serving_root)
     relative = os.path.relpath(os.path.abspath(config_path), root)
     if relative.startswith(".."):
         raise ValueError(f"{config_path} is not inside the serving root {serving_root}; "
                          "the container only sees the mounted directory")
     return shlex.join([
-        "docker", "run", "--rm", "-p", f"{GRPC_PORT}:{GRPC_PORT}", "-p", f"{REST_PORT}:{REST_PORT}",
-        "-v", f"{root}:{CONTAINER_MODELS_DIR}", "tensorflow/serving",
-        f"--model_config_file={CONTAINER_MODELS_DIR}/{relative}", poll,
-        "--file_system_poll_wait_seconds=1",
+        "docker", "run", "--rm", *ports, "-v", f"{root}:{CONTAINER_MODELS_DIR}",
+        "tensorflow/serving", f"--model_config_file={CONTAINER_MODELS_DIR}/{relative}", poll,
+        fs_poll,
     ])

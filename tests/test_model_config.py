@@ -61,6 +61,8 @@ def test_docker_command_mounts_the_serving_root(tmp_path, monkeypatch):
     assert f"{root}:/models" in command
     assert "--model_config_file=/models/models.config" in command
     assert "-p 8500:8500" in command and "-p 8501:8501" in command
+    # TF Serving re-reads models.config: that is how a new version is published.
+    assert "--model_config_file_poll_wait_seconds=1" in command
     with pytest.raises(ValueError, match="not inside"):
         docker_command(str(tmp_path / "elsewhere.config"), str(root))
 
@@ -70,3 +72,20 @@ def test_container_config_rewrites_host_paths(tmp_path):
     specs = [ModelSpec("cnn", str(root / "cnn")), ModelSpec("ext", "/data/ext")]
     rewritten = container_config(specs, str(root))
     assert [s.base_path for s in rewritten] == ["/models/cnn", "/data/ext"]
+
+
+def test_docker_command_for_an_object_store_root_mounts_nothing(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    command = docker_command("s3://bucket/serving/models.config", "s3://bucket/serving")
+    assert command.startswith("docker run")
+    assert " -v " not in command
+    assert "--model_config_file=s3://bucket/serving/models.config" in command
+    assert "--model_config_file_poll_wait_seconds=1" in command
+    # Credentials are passed through by name, never printed.
+    assert "-e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY" in command
+    assert "-e S3_ENDPOINT" in command
+
+
+def test_container_config_keeps_uris(tmp_path):
+    specs = [ModelSpec("cnn", "s3://bucket/serving/cnn", "specific", versions=[3])]
+    assert container_config(specs, str(tmp_path)) == specs

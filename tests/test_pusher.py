@@ -35,9 +35,16 @@ def saved_models(tmp_path_factory) -> Path:
     return root
 
 
-def model_dir(saved_models: Path, tmp_path: Path, source: str, name: str) -> str:
+def model_dir(saved_models: Path, tmp_path: Path, source: str, name: str,
+              variant: str = "") -> str:
+    """A copy of a built model; a `variant` note makes its files differ from other copies
+    (TF Serving ignores assets.extra/), as a retrained model's would."""
     target = tmp_path / "models" / name
     shutil.copytree(saved_models / source, target)
+    if variant:
+        extra = target / "serving_model" / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        (extra / "variant.txt").write_text(variant)
     return str(target)
 
 
@@ -56,17 +63,18 @@ def visible_entries(model_root: Path) -> list[str]:
 def test_blessed_model_gets_increasing_versions_and_old_ones_are_pruned(saved_models, tmp_path):
     import tensorflow as tf
 
-    dirs = {"cnn": model_dir(saved_models, tmp_path, "good", "cnn")}
+    retrained = [{"cnn": model_dir(saved_models, tmp_path, "good", f"cnn-{i}", f"run {i}")}
+                 for i in range(3)]
     evaluation = bless(tmp_path / "evaluation", {"cnn": True})
     serving = tmp_path / "serving"
     config = PushConfig(keep_versions=2)
 
-    first = run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push1"), config)
+    first = run_pusher(retrained[0], evaluation, str(serving), str(tmp_path / "push1"), config)
     assert first.models["cnn"].pushed and first.models["cnn"].version == 1
     assert first.models["cnn"].reasons == ["accuracy 0.800 >= 0.300"]
-    second = run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push2"), config)
+    second = run_pusher(retrained[1], evaluation, str(serving), str(tmp_path / "push2"), config)
     assert second.models["cnn"].version == 2 and second.models["cnn"].removed_versions == []
-    third = run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push3"), config)
+    third = run_pusher(retrained[2], evaluation, str(serving), str(tmp_path / "push3"), config)
     assert third.models["cnn"].version == 3 and third.models["cnn"].removed_versions == [1]
     assert visible_entries(serving / "cnn") == ["2", "3"]       # no temp dirs left either
 
@@ -84,10 +92,53 @@ def test_blessed_model_gets_increasing_versions_and_old_ones_are_pruned(saved_mo
     docker_specs = read_model_server_config(third.docker_models_config)
     assert [(s.name, s.base_path) for s in docker_specs] == [("cnn", "/models/cnn")]
     assert "--model_config_file=/models/models.docker.config" in third.tfserving_command
+    assert "--model_config_file_poll_wait_seconds=" in third.tfserving_command
     assert f"{serving.resolve()}:/models" in third.tfserving_command
     record = json.loads((tmp_path / "push3" / "push.json").read_text())
     assert record["models"]["cnn"]["version"] == 3
     assert record["models_config"] == third.models_config
+
+
+def test_candidate_identical_to_the_served_version_is_not_pushed_again(saved_models, tmp_path):
+    dirs = {"cnn": model_dir(saved_models, tmp_path, "good", "cnn")}
+    evaluation = bless(tmp_path / "evaluation", {"cnn": True})
+    serving = tmp_path / "serving"
+    assert run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push1"),
+                      PushConfig()).models["cnn"].version == 1
+
+    # The same trained model again (a re-run of the push step): byte for byte what is served.
+    again = run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push2"), PushConfig())
+    outcome = again.models["cnn"]
+    assert not outcome.pushed and outcome.version is None
+    assert outcome.reasons == ["identical to served version 1", "accuracy 0.800 >= 0.300"]
+    assert visible_entries(serving / "cnn") == ["1"]
+    assert served_versions(str(serving), "cnn") == [1]
+    record = json.loads((tmp_path / "push2" / "push.json").read_text())
+    assert record["models"]["cnn"]["pushed"] is False
+
+    # Any change to the files is a new version.
+    changed = {"cnn": model_dir(saved_models, tmp_path, "good", "cnn-2", "retrained")}
+    assert run_pusher(changed, evaluation, str(serving), str(tmp_path / "push3"),
+                      PushConfig()).models["cnn"].version == 2
+
+
+def test_served_versions_follow_models_config(saved_models, tmp_path):
+    from serving.model_config import ModelSpec, write_model_server_config
+
+    serving = tmp_path / "serving"
+    for version in (1, 2, 3):
+        (serving / "cnn" / str(version)).mkdir(parents=True)
+    (serving / "cnn" / ".tmp-4-abcd").mkdir()
+    # No config: every integer directory (each was published by a rename).
+    assert served_versions(str(serving), "cnn") == [1, 2, 3]
+    write_model_server_config(str(serving / "models.config"), [
+        ModelSpec("cnn", str(serving / "cnn"), "specific", versions=[1, 2, 7])])
+    assert served_versions(str(serving), "cnn") == [1, 2]       # 7 is named but absent
+    assert pusher.latest_served_version(str(serving), "cnn") == (2, str(serving / "cnn" / "2"))
+    assert served_versions(str(serving), "vgg16") == []         # not configured: not served
+    write_model_server_config(str(serving / "models.config"), [
+        ModelSpec("cnn", str(serving / "cnn"), "latest", num_latest=2)])
+    assert served_versions(str(serving), "cnn") == [2, 3]
 
 
 def test_unblessed_model_is_not_pushed_and_reasons_are_kept(saved_models, tmp_path):
