@@ -18,10 +18,7 @@ from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, IMAGE_SIZE, NUM_CLASS
 from serving import review_app
 from serving.review_queue import (STATUS_LABELED, STATUS_PENDING, ModelPrediction,
                                   ReviewQueue)
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, chromium_or_skip
 
 
 def blob_maps(seed: int) -> np.ndarray:
@@ -269,8 +266,7 @@ def test_exported_csv_re_ingests_with_zero_rejected_rows(tmp_path):
 
 @pytest.fixture
 def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    chromium_or_skip()
     from playwright.sync_api import sync_playwright
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
