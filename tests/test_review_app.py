@@ -319,8 +319,10 @@ def test_review_page_end_to_end_in_chromium(app, browser, tmp_path):
     assert errors == []
     assert requests and all(url.startswith(app.base + "/") for url in requests), requests
 
+    # Exported by the command a reviewer runs, while the app still has the queue open.
     out = tmp_path / "reviewed.csv"
-    assert app.queue.export_csv(str(out)) == 3
+    queue_dir = os.path.dirname(app.queue.path)
+    assert review_app.main(["export", "--queue", queue_dir, "--out", str(out)]) == 0
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["emotion"]) for r in rows] == [3, 0, 2]
