@@ -25,12 +25,18 @@ $(S3_STAMP): Makefile
 	$(S3_VENV)/bin/pip install --quiet "$(S3_SERVER_PIN)"
 	touch $(S3_STAMP)
 
+# setuptools notes that the editable install prints and nobody can act on: [tool.setuptools]
+# in pyproject.toml is "beta", and editable_wheel's note about same-named folders.
+SETUPTOOLS_NOTES := ignore:Support for `[tool.setuptools]` in `pyproject.toml` is still *beta*:UserWarning:setuptools.config.pyprojecttoml,ignore::UserWarning:setuptools.command.editable_wheel
+PIP_QUIET := --quiet --no-warn-script-location --disable-pip-version-check
+
 $(STAMP): requirements.lock pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.lock
-	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
-	touch $(STAMP)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "== setting up $(VENV) from requirements.lock (about 2 minutes the first time)"
+	@$(BIN)/pip install $(PIP_QUIET) --upgrade pip
+	@$(BIN)/pip install $(PIP_QUIET) -r requirements.lock
+	@PYTHONWARNINGS='$(SETUPTOOLS_NOTES)' $(BIN)/pip install $(PIP_QUIET) --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
 
 demo: setup
 	bash pipeline/demo.sh "$(RUN_DIR)" "$(DATA)" "$(DEMO_ROWS)" $(BEAM_ARGS)

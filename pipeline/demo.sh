@@ -8,7 +8,32 @@
 set -euo pipefail
 RUN_DIR=${1:-demo_run}; DATA=${2:-}; ROWS=${3:-6000}; shift $(( $# < 3 ? $# : 3 ))
 BIN=.venv/bin
-export TF_CPP_MIN_LOG_LEVEL=2
+# Third-party noise (TensorFlow, TFDV, google.api_core, Beam) is silenced inside the CLIs
+# themselves, by pipeline/quiet.py, so every command below prints only its own lines.
+
+# A step's committed output directory: <step>/COMMIT.json names it (pipeline/artifacts.py).
+step_dir() {
+  if [ -f "$RUN_DIR/$1/COMMIT.json" ]; then
+    $BIN/python -c 'import json, sys; print(json.load(open(sys.argv[1]))["uri"])' \
+      "$RUN_DIR/$1/COMMIT.json"
+  else
+    echo "$RUN_DIR/$1"
+  fi
+}
+pages() {
+  echo "== pages to open in a browser (self-contained, offline):"
+  echo "   data:       $(step_dir statistics)/statistics.html"
+  echo "   evaluation: $(step_dir evaluation)/report.html"
+}
+# One line per model the evaluation gate held back, from blessings.json's summaries.
+held_back() {
+  local blessings; blessings="$(step_dir evaluation)/blessings.json"
+  [ -f "$blessings" ] || return 0
+  $BIN/python -c 'import json, sys
+for b in json.load(open(sys.argv[1])).values():
+    if not b["blessed"]:
+        print("== " + b["summary"])' "$blessings"
+}
 
 mkdir -p "$RUN_DIR"
 if [ -z "$DATA" ]; then
@@ -21,7 +46,9 @@ $BIN/fer-pipeline run --data "$DATA" --output "$RUN_DIR" --profile smoke "$@"
 
 CONFIG="$RUN_DIR/serving_models/models.config"
 if [ ! -f "$CONFIG" ]; then
-  echo "== no model was blessed, so nothing is served; see $RUN_DIR/evaluation/report.html"
+  held_back
+  echo "== no model was blessed, so nothing is served"
+  pages
   exit 1
 fi
 
@@ -36,8 +63,9 @@ echo "== client: ensemble decisions for 8 held-out (PrivateTest) faces"
 # Retries with backoff cover the seconds the server needs to load both models.
 $BIN/fer-client --port "$GRPC_PORT" --csv "$DATA" --usage PrivateTest --rows 8 --table --retries 8 \
   --review-queue "$RUN_DIR/review_queue"
-echo "== done. Reports: $RUN_DIR/statistics/statistics.html, $RUN_DIR/evaluation/report.html"
+held_back
 echo "   Real TF Serving over the same directory: see README (Serving)."
 echo "== human review: faces the two models could not decide"
 $BIN/fer-review status --queue "$RUN_DIR/review_queue"
 echo "   review them: $BIN/fer-review --queue $RUN_DIR/review_queue   (then open http://127.0.0.1:8502/)"
+pages

@@ -1,6 +1,5 @@
-import os
+"""Serving: the embedded TF-Serving-protocol server and the ensemble client. Importing it
+silences known third-party noise first (pipeline/quiet.py), before TensorFlow loads."""
+from pipeline import quiet as _quiet
 
-# TensorFlow's C++ INFO/WARNING lines (CUDA probing, oneDNN, tf.data end-of-sequence) drown
-# the CLI's own output; errors still show. Set before any module imports TensorFlow, and
-# only as a default so a user's own TF_CPP_MIN_LOG_LEVEL wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_quiet.install()
