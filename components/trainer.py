@@ -14,6 +14,12 @@ re-run with the same output directory resumes after the last finished epoch (the
 pipeline's run_step keeps a training step's partial directory for that). The history and
 early-stopping state are checkpointed alongside, so a resumed run reports every epoch and
 still restores the best weights seen before the interruption.
+
+Object stores: when `output_dir` is a URI (s3://, gs://) Keras writes into a local scratch
+directory instead, and the trainer uploads: after every epoch the resumable state
+(checkpoints/, training_log.csv, logs/), at the end the SavedModel, history.json and
+training_info.json. A run that finds checkpoints under the URI downloads them first and
+resumes exactly as it would from a local directory.
 """
 from __future__ import annotations
 
@@ -22,10 +28,13 @@ import json
 import logging
 import os
 import statistics
+import contextlib
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import keras
 import numpy as np
@@ -33,7 +42,7 @@ import tensorflow as tf
 
 from components.export import export_serving_model
 from components.models import build_model, model_config
-from pipeline.artifacts import to_jsonable, write_json_atomic
+from pipeline import fileio
 from pipeline.config import TrainConfig
 from pipeline.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS,
     TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR, SERVING_MODEL_DIR, CHECKPOINTS_DIR, LOGS_DIR,
@@ -45,6 +54,7 @@ WORKERS_DIR = "workers"
 CSV_LOG_FILE = "training_log.csv"
 # Written into checkpoints/ after every epoch, next to BackupAndRestore's files.
 EPOCH_LOG_FILE = "epochs.json"
+BACKUP_METADATA_FILE = "training_metadata.json"  # BackupAndRestore's: the backed-up epoch
 BEST_WEIGHTS_FILE = "best.weights.h5"
 MONITOR = "val_accuracy"
 # Fault injection for the resume test: exit abruptly right after this epoch's checkpoint.
@@ -80,12 +90,16 @@ class TrainerResult:
 
 def run_trainer(model_name: str, transform_dir: str, output_dir: str,
                 config: TrainConfig) -> TrainerResult:
-    """Trains registered model `model_name` (e.g. "cnn") and exports it to output_dir/serving_model."""
+    """Trains registered model `model_name` (e.g. "cnn") and exports it to output_dir/serving_model.
+
+    `transform_dir` and `output_dir` may be URIs. Keras writes checkpoints, logs and the
+    SavedModel into a local directory (see `_local_work_dir`); outputs on a URI are uploaded.
+    """
     # MultiWorkerMirroredStrategy must exist before any other TF op runs in the process.
     strategy = select_strategy()
     section = model_config(model_name, config)
-    work_dir = _worker_dir(output_dir)
-    os.makedirs(work_dir, exist_ok=True)
+    fileio.register_filesystem(transform_dir)
+    target_dir = _worker_dir(output_dir)
 
     train_pattern = _split_pattern(transform_dir, "train")
     val_pattern = _split_pattern(transform_dir, "validation")
@@ -105,60 +119,152 @@ def run_trainer(model_name: str, transform_dir: str, output_dir: str,
     if _is_multi_worker():
         train_ds, val_ds = (_shard_by_data(ds) for ds in (train_ds, val_ds))
 
-    policy = _precision_policy(config.mixed_precision)
-    previous_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        keras.utils.set_random_seed(config.seed)
-        with strategy.scope():
-            model = build_model(model_name, config, jit_compile=config.xla)
-        if _is_multi_worker():
-            _work_around_keras_multi_worker_build(model, strategy)
-        recorder = EpochRecorder(os.path.join(work_dir, CHECKPOINTS_DIR), train_count)
-        callbacks = _callbacks(work_dir, section.early_stopping_patience, recorder)
-        model.fit(train_ds, validation_data=val_ds, epochs=section.epochs,
-                  callbacks=callbacks, verbose=2, shuffle=False)  # tf.data shuffles
-        export_serving_model(model, os.path.join(transform_dir, TRANSFORM_GRAPH_DIR),
-                             os.path.join(work_dir, SERVING_MODEL_DIR))
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
+    with _local_work_dir(target_dir) as work_dir:
+        policy = _precision_policy(config.mixed_precision)
+        previous_policy = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            # A model must not depend on what this process trained before (the local runner
+            # trains every model in one process; Kubeflow, one per pod): clear Keras' global
+            # state, whose seed generator unseeded initializers draw from, then seed.
+            keras.backend.clear_session()
+            keras.utils.set_random_seed(config.seed)
+            with strategy.scope():
+                model = build_model(model_name, config, jit_compile=config.xla)
+            if _is_multi_worker():
+                _work_around_keras_multi_worker_build(model, strategy)
+            recorder = EpochRecorder(os.path.join(work_dir, CHECKPOINTS_DIR), train_count)
+            upload = [UploadTrainingState(work_dir, target_dir)] if work_dir != target_dir else []
+            callbacks = _callbacks(work_dir, section.early_stopping_patience, recorder, upload)
+            model.fit(train_ds, validation_data=val_ds, epochs=section.epochs,
+                      callbacks=callbacks, verbose=2, shuffle=False)  # tf.data shuffles
+            export_serving_model(model, fileio.join(transform_dir, TRANSFORM_GRAPH_DIR),
+                                 os.path.join(work_dir, SERVING_MODEL_DIR))
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
 
-    history = recorder.summary()
-    history["stopped_early"] = len(recorder.records) < section.epochs
-    # Early stopping restores the best epoch's weights; without it the last epoch is saved.
-    history["exported_epoch"] = (history["best_epoch"] if section.early_stopping_patience > 0
-                                 else history["epochs_run"])
-    history_path = os.path.join(work_dir, HISTORY_FILE)
-    write_json_atomic(history_path, history)
-    vgg_weights = section.weights or None  # transfer models only
-    info = {
-        "model_name": model_name,
-        "vgg_weights": vgg_weights,
-        "config": dataclasses.asdict(config),
-        "model_config": dataclasses.asdict(section),
-        "strategy": type(strategy).__name__,
-        "num_replicas": strategy.num_replicas_in_sync,
-        "task": _task(),
-        "train_examples": train_count,
-        "validation_examples": val_count,
-        "precision_policy": policy,
-        "jit_compile": config.xla,
-        "keras_backend": keras.backend.backend(),
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
-                     "python": sys.version.split()[0]},
-        "transform_dir": transform_dir,
-    }
-    info_path = os.path.join(work_dir, TRAINING_INFO_FILE)
-    write_json_atomic(info_path, info)
+        history = recorder.summary()
+        history["stopped_early"] = len(recorder.records) < section.epochs
+        # Early stopping restores the best epoch's weights; without it the last epoch is saved.
+        history["exported_epoch"] = (history["best_epoch"] if section.early_stopping_patience > 0
+                                     else history["epochs_run"])
+        fileio.write_json(os.path.join(work_dir, HISTORY_FILE), history)
+        vgg_weights = section.weights or None  # transfer models only
+        info = {
+            "model_name": model_name,
+            "vgg_weights": vgg_weights,
+            "config": dataclasses.asdict(config),
+            "model_config": dataclasses.asdict(section),
+            "strategy": type(strategy).__name__,
+            "num_replicas": strategy.num_replicas_in_sync,
+            "task": _task(),
+            "train_examples": train_count,
+            "validation_examples": val_count,
+            "precision_policy": policy,
+            "jit_compile": config.xla,
+            "keras_backend": keras.backend.backend(),
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                         "python": sys.version.split()[0]},
+            "transform_dir": transform_dir,
+        }
+        fileio.write_json(os.path.join(work_dir, TRAINING_INFO_FILE), info)
+        if work_dir != target_dir:
+            upload_outputs(work_dir, target_dir)
     return TrainerResult(
         model_name=model_name,
-        serving_model_dir=os.path.join(work_dir, SERVING_MODEL_DIR),
-        history_path=history_path, training_info_path=info_path,
+        serving_model_dir=fileio.join(target_dir, SERVING_MODEL_DIR),
+        history_path=fileio.join(target_dir, HISTORY_FILE),
+        training_info_path=fileio.join(target_dir, TRAINING_INFO_FILE),
         epochs_run=history["epochs_run"], best_epoch=history["best_epoch"],
         best_val_accuracy=history["best_val_accuracy"], images_per_s=history["images_per_s"],
         train_examples=train_count, validation_examples=val_count,
         strategy=info["strategy"], num_replicas=info["num_replicas"],
         resumed_at_epoch=history["resumed_at_epoch"], vgg_weights=vgg_weights)
+
+
+# ----------------------------------------------------------------- outputs on a URI
+
+# What a resumed run needs from a killed one: the backups and epoch records, the CSV log
+# (appended to) and the TensorBoard logs (continued).
+RESUMABLE_STATE = (CHECKPOINTS_DIR, CSV_LOG_FILE, LOGS_DIR)
+# Inside checkpoints/: the files that say which epoch the weights belong to go last, so
+# a reader never finds a record of an epoch whose weights are not there yet.
+CHECKPOINT_RECORDS = (BACKUP_METADATA_FILE, EPOCH_LOG_FILE)
+
+
+@contextlib.contextmanager
+def _local_work_dir(target_dir: str) -> Iterator[str]:
+    """The directory Keras writes to: `target_dir` itself when it is local, else a scratch
+    directory seeded with the resumable state a killed run left under the URI.
+
+    Keras' BackupAndRestore, TensorBoard and tf.saved_model.save each write many small
+    files, rewrite some and (checkpoints) read them back; on an object store that is slow
+    and some S3 servers return bad ranged reads of just-written checkpoints, so only
+    finished files are uploaded.
+    """
+    if not fileio.is_uri(target_dir):
+        os.makedirs(target_dir, exist_ok=True)
+        yield target_dir
+        return
+    scratch = tempfile.mkdtemp(prefix="fer-train-")
+    try:
+        download_resumable_state(target_dir, scratch)
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def download_resumable_state(target_dir: str, work_dir: str) -> list[str]:
+    """Copies what a killed run uploaded (checkpoints, logs) into `work_dir`."""
+    found = []
+    for name in RESUMABLE_STATE:
+        source = fileio.join(target_dir, name)
+        if not fileio.exists(source):
+            continue
+        if fileio.isdir(source):
+            fileio.copytree(source, os.path.join(work_dir, name))
+        else:
+            fileio.copy_file(source, os.path.join(work_dir, name))
+        found.append(name)
+    if found:
+        log.info("resuming from the training state under %s: %s", target_dir, found)
+    return found
+
+
+def upload_training_state(work_dir: str, target_dir: str) -> None:
+    """Uploads the resumable state, so a run killed after this can resume from here."""
+    for name in RESUMABLE_STATE:
+        local = os.path.join(work_dir, name)
+        if os.path.isdir(local):
+            last = CHECKPOINT_RECORDS if name == CHECKPOINTS_DIR else ()
+            fileio.copytree(local, fileio.join(target_dir, name), last=last)
+        elif os.path.exists(local):
+            fileio.copy_file(local, fileio.join(target_dir, name))
+
+
+def upload_outputs(work_dir: str, target_dir: str) -> None:
+    """Uploads the finished run; the SavedModel, history and info go up after the rest."""
+    upload_training_state(work_dir, target_dir)
+    if not os.path.exists(os.path.join(work_dir, CHECKPOINTS_DIR)):
+        # BackupAndRestore deletes its backup when training finishes; a finished run
+        # leaves nothing to resume from on the URI either.
+        fileio.rmtree(fileio.join(target_dir, CHECKPOINTS_DIR))
+    fileio.copytree(os.path.join(work_dir, SERVING_MODEL_DIR),
+                    fileio.join(target_dir, SERVING_MODEL_DIR))
+    for name in (HISTORY_FILE, TRAINING_INFO_FILE):
+        fileio.copy_file(os.path.join(work_dir, name), fileio.join(target_dir, name))
+
+
+class UploadTrainingState(keras.callbacks.Callback):
+    """After every epoch's checkpoint: uploads the resumable state to the output URI."""
+
+    def __init__(self, work_dir: str, target_dir: str):
+        super().__init__()
+        self.work_dir = work_dir
+        self.target_dir = target_dir
+
+    def on_epoch_end(self, epoch, logs=None):
+        upload_training_state(self.work_dir, self.target_dir)
 
 
 # ---------------------------------------------------------------------------- input
@@ -207,14 +313,14 @@ def _shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def count_records(file_pattern: str) -> int:
-    files = sorted(tf.io.gfile.glob(file_pattern))
+    files = fileio.glob(file_pattern)
     if not files:
         raise FileNotFoundError(f"no transformed examples match {file_pattern}")
     return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
 
 
 def _split_pattern(transform_dir: str, split: str) -> str:
-    return os.path.join(transform_dir, TRANSFORMED_DIR, split, EXAMPLES_PATTERN)
+    return fileio.join(transform_dir, TRANSFORMED_DIR, split, EXAMPLES_PATTERN)
 
 
 # ---------------------------------------------------------------------- distribution
@@ -303,7 +409,7 @@ def _worker_dir(output_dir: str) -> str:
     task_type, index = task["type"], int(task["index"])
     is_chief = task_type == "chief" or (task_type == "worker" and index == 0
                                         and "chief" not in cluster)
-    return output_dir if is_chief else os.path.join(output_dir, WORKERS_DIR,
+    return output_dir if is_chief else fileio.join(output_dir, WORKERS_DIR,
                                                     f"{task_type}-{index}")
 
 
@@ -316,7 +422,8 @@ def _precision_policy(mixed_precision: bool) -> str:
 
 # ------------------------------------------------------------------------- callbacks
 
-def _callbacks(work_dir: str, patience: int, recorder: "EpochRecorder"
+def _callbacks(work_dir: str, patience: int, recorder: "EpochRecorder",
+               after_checkpoint: list[keras.callbacks.Callback]
                ) -> list[keras.callbacks.Callback]:
     checkpoints = os.path.join(work_dir, CHECKPOINTS_DIR)
     # Order matters: the backup is written first, then the records that describe it, so a
@@ -330,6 +437,8 @@ def _callbacks(work_dir: str, patience: int, recorder: "EpochRecorder"
     if patience > 0:
         callbacks.append(ResumableEarlyStopping(
             recorder, os.path.join(checkpoints, BEST_WEIGHTS_FILE), patience=patience))
+    # Uploads run once every file of the epoch is written (the best weights included).
+    callbacks.extend(after_checkpoint)
     crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
     if crash_after > 0:
         callbacks.append(CrashAfterEpoch(crash_after))
@@ -372,8 +481,7 @@ class EpochRecorder(keras.callbacks.Callback):
                   "images_per_s": round(self.train_examples / max(train_seconds, 1e-9), 1)}
         record.update({k: float(v) for k, v in (logs or {}).items()})
         self.records.append(record)
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        write_json_atomic(self.path, self.records)
+        fileio.write_json(self.path, self.records)
 
     def summary(self) -> dict[str, Any]:
         records = self.records

@@ -59,9 +59,9 @@ class RunContext:
     @property
     def schema_path(self) -> str:
         path = self.config.validation.schema_path
-        if fileio.is_uri(path) or os.path.isabs(path) or os.path.exists(path):
+        if fileio.is_uri(path) or os.path.isabs(path):
             return path
-        return str(PROJECT_ROOT / path)
+        return os.path.abspath(path) if os.path.exists(path) else str(PROJECT_ROOT / path)
 
     def env(self) -> StepEnv:
         return StepEnv(self.config, list(self.beam_args), self.serving_root)
