@@ -1,0 +1,218 @@
+"""The same pipeline locally, as a Kubeflow pipeline, and on an object store.
+
+One local reference run (a 700-row synthetic CSV, one short epoch per model, a gate that
+blesses any model so both reach the serving directory) is compared with:
+- the Kubeflow Pipelines v2 definition compiled from the same declaration and run with
+  kfp.local's SubprocessRunner,
+- the whole pipeline with its run root and serving root on s3:// (a real S3-compatible
+  server on 127.0.0.1, see tests/object_store.py).
+"Equal" means: the same committed ingest/transform outputs (content fingerprints) and
+pushed models that give identical probabilities on the test faces. The gate itself is
+tested in tests/test_evaluator.py; here it only has to let both models through.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from components.synthetic import generate_csv
+from pipeline import fileio
+from pipeline.artifacts import fingerprint, read_commit
+from pipeline.config import MODEL_NAMES, load_config
+from pipeline.contract import EVALUATION_FILE, PUSH_FILE
+from pipeline.dag import STEP_NAMES, build_steps, step_by_name
+from pipeline.runner import RunContext, committed_output, run_pipeline
+
+BIN = os.path.dirname(sys.executable)
+ROWS = 700
+OVERRIDES = {
+    "train": {"models": {"cnn": {"epochs": 1, "max_train_examples": 256},
+                         "vgg16": {"epochs": 1, "max_train_examples": 64}}},
+    "evaluation": {"min_accuracy": {m: 0.0 for m in MODEL_NAMES}, "baseline_margin": -1.0},
+}
+# Outputs that must be byte-identical wherever the pipeline ran (models are compared by
+# their predictions: a SavedModel's graph file carries per-save identifiers).
+DETERMINISTIC_OUTPUTS = ("ingest.examples", "transform.transform")
+
+
+def _config():
+    return load_config(profile="smoke", overrides=OVERRIDES)
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("cluster_data") / "fer.csv")
+    generate_csv(path, rows=ROWS, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_csv, tmp_path_factory) -> str:
+    run_root = str(tmp_path_factory.mktemp("cluster") / "local_run")
+    run_pipeline(RunContext([data_csv], run_root, _config(), run_id="reference"))
+    return run_root
+
+
+def _test_faces(run_root: str) -> np.ndarray:
+    from components.evaluator import load_test_split
+
+    return load_test_split(committed_output(run_root, "ingest.examples")).pixels
+
+
+def _probabilities(model_dir: str, faces: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    fileio.register_filesystem(model_dir)
+    serve = tf.saved_model.load(model_dir).signatures["serving_default"]
+    return serve(pixels=tf.constant(faces.astype("int32")))["probabilities"].numpy()
+
+
+def _pushed(serving_root: str, model: str) -> str:
+    versions = sorted(int(v) for v in fileio.listdir(fileio.join(serving_root, model))
+                      if v.isdigit())
+    return fileio.join(serving_root, model, str(versions[-1]))
+
+
+def _assert_same_models(serving_root: str, reference_root: str, faces: np.ndarray) -> None:
+    for model in MODEL_NAMES:
+        got = _probabilities(_pushed(serving_root, model), faces)
+        want = _probabilities(_pushed(reference_root, model), faces)
+        np.testing.assert_array_equal(got, want, err_msg=f"{model} differs")
+
+
+# ----------------------------------------------------------------------------- local
+
+def test_reference_run_pushes_both_models_and_a_rerun_skips_everything(reference_run,
+                                                                        data_csv, capsys):
+    push = json.loads(Path(committed_output(reference_run, "push"), PUSH_FILE).read_text())
+    assert {m: push["models"][m]["pushed"] for m in MODEL_NAMES} == {m: True for m in MODEL_NAMES}
+    outcomes = run_pipeline(RunContext([data_csv], reference_run, _config(), run_id="again"))
+    assert [o.skipped for o in outcomes] == [True] * len(outcomes)
+
+
+def test_editing_a_models_code_retrains_only_what_depends_on_it(reference_run, data_csv,
+                                                                monkeypatch):
+    import pipeline.runner as runner
+
+    original = runner.code_fingerprint
+
+    def edited(modules):
+        salt = "+edited" if "components.models" in modules else ""
+        return original(modules) + salt
+
+    monkeypatch.setattr(runner, "code_fingerprint", edited)
+    ctx = RunContext([data_csv], reference_run, _config(), models=("cnn",), run_id="edit")
+    outcomes = {o.step: o.skipped for o in run_pipeline(
+        ctx, ["ingest", "augment", "statistics", "validate", "transform", "train-cnn"])}
+    assert outcomes == {"ingest": True, "augment": True, "statistics": True,
+                        "validate": True, "transform": True, "train-cnn": False}
+
+
+def test_lineage_of_a_served_version(reference_run, data_csv):
+    out = subprocess.run([f"{BIN}/fer-pipeline", "lineage", "--output", reference_run,
+                          "--model", "cnn", "--version", "1", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    [found] = json.loads(out)
+    evaluation = json.loads(Path(committed_output(reference_run, "evaluate"),
+                                 EVALUATION_FILE).read_text())
+    ingest = read_commit(os.path.join(reference_run, "examples"))
+    assert found["data"] == [{"uri": os.path.abspath(data_csv),
+                              "fingerprint": fingerprint(data_csv)}]
+    assert found["rows_rejected"] == ingest.manifest["result"]["rows_rejected"] == 0
+    assert found["validation"]["result"]["blocking"] is False
+    assert found["transform"]["execution_dir"] == committed_output(reference_run, "transform")
+    assert found["metrics"]["accuracy"] == pytest.approx(
+        evaluation["models"]["cnn"]["accuracy"])
+    assert found["blessing"]["blessed"] is True
+    assert found["served_path"] == os.path.join(reference_run, "serving_models", "cnn", "1")
+    assert found["fingerprint"] == fingerprint(found["served_path"])
+
+    text = subprocess.run([f"{BIN}/fer-pipeline", "lineage", "--output", reference_run],
+                          capture_output=True, text=True, check=True).stdout
+    assert "cnn version 1" in text and "vgg16 version 1" in text
+    assert fingerprint(data_csv) in text and "blessed" in text
+    missing = subprocess.run([f"{BIN}/fer-pipeline", "lineage", "--output", reference_run,
+                              "--model", "cnn", "--version", "7"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "no pushed version 7" in missing.stderr
+
+
+# ----------------------------------------------------------------------------- Kubeflow
+
+def test_compiled_kfp_pipeline_passes_beam_options_to_the_data_steps_only(tmp_path):
+    path = str(tmp_path / "pipeline.yaml")
+    result = subprocess.run(
+        [f"{BIN}/fer-pipeline", "compile", "--kfp", path, "--runner=DataflowRunner",
+         "--project=p", "--region=r", "--temp_location=gs://b/tmp"],
+        capture_output=True, text=True, check=True)
+    assert path in result.stdout
+    spec = yaml.safe_load(Path(path).read_text())
+    default = spec["root"]["inputDefinitions"]["parameters"]["beam_args_json"]["defaultValue"]
+    assert json.loads(default) == ["--runner=DataflowRunner", "--project=p", "--region=r",
+                                   "--temp_location=gs://b/tmp"]
+    tasks = spec["root"]["dag"]["tasks"]
+    for step in build_steps():
+        task = tasks[step.name]
+        beam = task["inputs"]["parameters"]["beam_args_json"]
+        if step.beam:
+            assert beam == {"componentInputParameter": "beam_args_json"}, step.name
+        else:
+            assert beam == {"runtimeValue": {"constant": "[]"}}, step.name
+        upstream = set(task.get("dependentTasks", []))
+        assert upstream == set(step.upstream()), step.name
+
+
+def test_kfp_local_run_pushes_the_same_models_as_the_local_runner(reference_run, data_csv,
+                                                                   tmp_path):
+    from kfp import local
+    from kfp.components import load_component_from_file
+
+    from pipeline.kfp_pipeline import compile_pipeline
+
+    path = compile_pipeline(str(tmp_path / "pipeline.yaml"), config=_config())
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(tmp_path / "kfp_root"))
+    serving = str(tmp_path / "serving")
+    metadata_db = str(tmp_path / "metadata.sqlite")
+    load_component_from_file(path)(data=json.dumps([data_csv]), serving_root=serving,
+                                   metadata_db=metadata_db)
+    _assert_same_models(serving, os.path.join(reference_run, "serving_models"),
+                        _test_faces(reference_run))
+    # The components recorded their executions: lineage works for the KFP run too.
+    out = subprocess.run([f"{BIN}/fer-pipeline", "lineage", "--output", str(tmp_path),
+                          "--metadata-db", metadata_db, "--model", "vgg16", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    [found] = json.loads(out)
+    assert found["data"][0]["fingerprint"] == fingerprint(data_csv)
+    assert found["served_path"] == os.path.join(serving, "vgg16", "1")
+
+
+# ----------------------------------------------------------------------------- object store
+
+def test_whole_pipeline_on_s3_equals_the_local_run(reference_run, data_csv, s3, tmp_path):
+    run_root, serving_root = s3.uri("run"), s3.uri("serving")
+    config = load_config(profile="smoke", overrides={
+        **OVERRIDES, "push": {"serving_root": serving_root},
+        "metadata": {"sqlite_path": str(tmp_path / "metadata.sqlite")}})
+    outcomes = run_pipeline(RunContext([data_csv], run_root, config, beam_args=s3.beam_args,
+                                       run_id="s3"))
+    assert [o.step for o in outcomes if not o.skipped] == list(STEP_NAMES)
+    for ref in DETERMINISTIC_OUTPUTS:
+        producer, output = ref.split(".")
+        got = read_commit(fileio.join(run_root, _directory(producer)))
+        want = read_commit(os.path.join(reference_run, _directory(producer)))
+        assert got.outputs[output]["fingerprint"] == want.outputs[output]["fingerprint"], ref
+    assert fileio.exists(fileio.join(serving_root, "models.config"))
+    _assert_same_models(serving_root, os.path.join(reference_run, "serving_models"),
+                        _test_faces(reference_run))
+
+
+def _directory(step_name: str) -> str:
+    return step_by_name(step_name).directory
