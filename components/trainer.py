@@ -97,6 +97,11 @@ def run_trainer(model_name: str, transform_dir: str, output_dir: str,
     """
     # MultiWorkerMirroredStrategy must exist before any other TF op runs in the process.
     strategy = select_strategy()
+    # A model must not depend on what this process ran before (the local runner trains
+    # every model in one process; Kubeflow, one per pod). tf.data's shuffles take their
+    # seeds from the global seed as it is when the dataset is built, so seed before that.
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(config.seed)
     section = model_config(model_name, config)
     fileio.register_filesystem(transform_dir)
     target_dir = _worker_dir(output_dir)
@@ -124,10 +129,7 @@ def run_trainer(model_name: str, transform_dir: str, output_dir: str,
         previous_policy = keras.mixed_precision.global_policy()
         keras.mixed_precision.set_global_policy(policy)
         try:
-            # A model must not depend on what this process trained before (the local runner
-            # trains every model in one process; Kubeflow, one per pod): clear Keras' global
-            # state, whose seed generator unseeded initializers draw from, then seed.
-            keras.backend.clear_session()
+            # Re-seeded so initial weights do not depend on what building the datasets drew.
             keras.utils.set_random_seed(config.seed)
             with strategy.scope():
                 model = build_model(model_name, config, jit_compile=config.xla)

@@ -101,7 +101,7 @@ def test_cnn_learns_well_above_chance_and_exports(transform_dir, tmp_path):
     info = json.loads(Path(output, TRAINING_INFO_FILE).read_text())
     assert info["model_name"] == "cnn" and info["vgg_weights"] is None
     assert (info["train_examples"], info["validation_examples"]) == (1500, 300)
-    assert info["num_replicas"] == 1 and info["config"]["cnn"]["epochs"] == 8
+    assert info["num_replicas"] == 1 and info["config"]["models"]["cnn"]["epochs"] == 8
     assert Path(output, "training_log.csv").exists()
     assert list(Path(output, "logs").rglob("events.out.tfevents.*"))
     # A finished run leaves no checkpoint to resume from.
