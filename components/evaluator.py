@@ -45,7 +45,7 @@ BATCH_SIZE = 256
 _LOSS_EPSILON = 1e-7
 # How many faces the report shows: the most confident mistakes per true class and model,
 # and the faces the ensemble sent to human review. Bounded so the page stays small.
-MISTAKES_PER_CLASS = 6
+MISTAKES_PER_CLASS = 5
 REVIEW_FACES = 24
 
 

@@ -40,12 +40,12 @@ th{background:#f2f2f2} td.num{text-align:right;font-variant-numeric:tabular-nums
 .row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
 figure.chart{margin:8px 0} figure.chart img{max-width:100%;height:auto}
 figure.chart figcaption{font-size:13px;color:#555}
-.gallery{display:flex;flex-wrap:wrap;gap:8px;margin:6px 0 12px}
+.gallery{display:flex;flex-wrap:wrap;gap:6px;margin:6px 0 12px}
 .face{width:FACE_WIDTHpx;font-size:11px;text-align:center;color:#333}
 .face img{image-rendering:pixelated;display:block;border:1px solid #bbb}
 .pair{display:flex;gap:2px;border:1px solid #ddd;padding:3px;border-radius:4px}
 .muted{color:#666;font-size:13px}
-.columns{display:grid;grid-template-columns:repeat(auto-fit,minmax(600px,1fr));gap:0 24px}
+.columns{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:0 24px}
 .columns p{margin:10px 0 4px}
 .stat{display:inline-block;margin:4px 16px 4px 0} .stat b{font-size:20px}
 """.replace("FACE_WIDTH", str(IMAGE_SIZE * FACE_SCALE + 2))

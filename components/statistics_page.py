@@ -10,6 +10,7 @@ rows by reason; cross-split duplicates with their faces; the augmented training 
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -88,7 +89,8 @@ def label_overview(splits: Mapping[str, Any]) -> str:
             [0.0] * NUM_CLASSES
         axes.bar(positions + (i - (len(names) - 1) / 2) * width, shares[split], width,
                  label=split, color=SPLIT_COLORS.get(split))
-    axes.set_xticks(positions, [bilingual(k) for k in range(NUM_CLASSES)], fontsize=9)
+    axes.set_xticks(positions, [bilingual(k) for k in range(NUM_CLASSES)], rotation=20,
+                    ha="right", fontsize=9)
     axes.set_ylabel("% of the split")
     axes.set_title("label distribution per split (share of each split's faces)")
     axes.legend()
@@ -237,7 +239,7 @@ def augmented_section(augmented: Optional[Mapping[str, Any]],
         f'<div class="pair" data-pair="{i}">'
         + face(faces[f"augmented/{i}/original"], [f"original row {p['source_row']}",
                                                   p["class_name"]])
-        + face(faces[f"augmented/{i}/copy"], p["augmentation"].split(","))
+        + face(faces[f"augmented/{i}/copy"], augmentation_steps(p["augmentation"]))
         + "</div>" for i, p in enumerate(augmented["pairs"]))
     return ("<h2>Augmented training split</h2>"
             f"<p>{count(augmented['num_examples'], 'augmented/num_examples')} training faces "
@@ -247,6 +249,12 @@ def augmented_section(augmented: Optional[Mapping[str, Any]],
             + table(["class", "before (train)", "after (augmented)"], rows, raw=True)
             + "<h3>Originals beside their augmented copies</h3>"
             + f'<div class="gallery" data-gallery="augmented">{pairs}</div>')
+
+
+def augmentation_steps(tag: str) -> list[str]:
+    """"copy:1,flip,shift:(-3,2)" -> ["copy:1", "flip", "shift:(-3,2)"] (commas inside
+    parentheses belong to the step)."""
+    return re.split(r",(?![^(]*\))", tag)
 
 
 def before_after_chart(before: Optional[Mapping[str, int]], after: Mapping[str, int]) -> str:
@@ -261,8 +269,9 @@ def before_after_chart(before: Optional[Mapping[str, int]], after: Mapping[str, 
         bars = axes.bar(positions + (i - (len(series) - 1) / 2) * width, values, width,
                         label=label, color="#bbb" if label == "before" else "#1e63b5")
         axes.bar_label(bars, fontsize=7)
-    axes.set_xticks(positions, [bilingual(k) for k in range(NUM_CLASSES)], fontsize=8)
+    axes.set_xticks(positions, [bilingual(k) for k in range(NUM_CLASSES)], rotation=20,
+                    ha="right", fontsize=8)
     axes.set_ylabel("training faces")
     axes.set_title("training faces per class, before and after augmentation")
-    axes.legend()
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return chart("augmented-counts", figure, series)

@@ -36,9 +36,33 @@ for b in json.load(open(sys.argv[1])).values():
 }
 
 mkdir -p "$RUN_DIR"
+# What a real export has and the synthetic one lacks: a few broken rows and faces that
+# appear in two splits. Added so the statistics page shows how ingest handles them.
+add_real_world_defects() {
+  $BIN/python - "$1" <<'PY'
+import csv, sys
+path = sys.argv[1]
+with open(path, newline="") as f:
+    training = [r for _, r in zip(range(3), (r for r in csv.DictReader(f)
+                                             if r["Usage"] == "Training"))]
+short = " ".join(training[0]["pixels"].split()[:-1])
+rows = [["9", training[0]["pixels"], "Training"],          # label out of range
+        ["3", short, "Training"],                          # 2303 pixels
+        ["4", training[1]["pixels"].replace(" ", " x", 1), "PublicTest"],  # not a number
+        # The same faces again in the test split: reported and removed from test.
+        *[[r["emotion"], r["pixels"], "PrivateTest"] for r in training[1:3]]]
+with open(path, "a", newline="") as f:
+    csv.writer(f, lineterminator="\n").writerows(rows)
+print(f"== added {len(rows)} defective rows to {path}: 3 unparseable, 2 cross-split duplicates")
+PY
+}
+
 if [ -z "$DATA" ]; then
   DATA="$RUN_DIR/synthetic_fer2013.csv"
-  [ -f "$DATA" ] || $BIN/fer-pipeline synth --rows "$ROWS" --out "$DATA"
+  if [ ! -f "$DATA" ]; then
+    $BIN/fer-pipeline synth --rows "$ROWS" --out "$DATA"
+    add_real_world_defects "$DATA"
+  fi
 fi
 
 echo "== pipeline: $DATA -> $RUN_DIR"

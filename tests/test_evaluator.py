@@ -268,6 +268,8 @@ def _pixels_in_file_order(root: Path) -> np.ndarray:
 
 
 def test_mistakes_are_the_most_confident_wrong_answers_per_class(setup, tmp_path):
+    from components.evaluator import MISTAKES_PER_CLASS
+
     config = EvalConfig(min_accuracy={"good": 0.7, "bad": 0.3})
     result = run(setup, tmp_path / "serving", config, name="mistakes")
     evaluation = json.loads(Path(result.evaluation_path).read_text())
@@ -276,7 +278,7 @@ def test_mistakes_are_the_most_confident_wrong_answers_per_class(setup, tmp_path
     for k, class_name in enumerate(CLASS_NAMES):
         shown = evaluation["models"]["bad"]["mistakes"][class_name]
         wrong = np.flatnonzero((labels == k) & (probs.argmax(axis=1) != k))
-        assert len(shown) == min(6, len(wrong))
+        assert len(shown) == min(MISTAKES_PER_CLASS, len(wrong))
         for item in shown:
             assert labels[item["index"]] == k and item["true_class"] == class_name
             assert item["answers"]["bad"]["class_id"] != k

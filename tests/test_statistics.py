@@ -284,3 +284,11 @@ def test_no_split_is_an_error(tmp_path):
     assert present_splits(str(tmp_path)) == []
     with pytest.raises(FileNotFoundError, match="no split"):
         run_statistics(str(tmp_path), str(tmp_path / "out"), [])
+
+
+def test_augmentation_tags_split_into_steps_for_captions():
+    from components.statistics_page import augmentation_steps
+
+    assert augmentation_steps("copy:12,flip,rotate:+7.3,shift:(1,-2)") == [
+        "copy:12", "flip", "rotate:+7.3", "shift:(1,-2)"]
+    assert augmentation_steps("copy:0") == ["copy:0"]
