@@ -59,6 +59,6 @@ def test_checked_in_schema_is_found_from_any_working_directory(tmp_path, monkeyp
     from pipeline.runner import RunContext
 
     monkeypatch.chdir(tmp_path)
-    ctx = RunContext(data_path=None, run_root=str(tmp_path / "run"), config=load_config())
+    ctx = RunContext(data_paths=[], run_root=str(tmp_path / "run"), config=load_config())
     assert os.path.isfile(ctx.schema_path)
     assert ctx.schema_path.endswith("schemas/fer2013/schema.pbtxt")
