@@ -19,9 +19,11 @@ import numpy as np
 from pipeline.contract import CLASS_NAMES, IMAGE_SIZE
 
 DEFAULT_SCALE = 6                 # 48 px -> 288 px
-# Integrated-gradients maps are speckled pixel by pixel; a 1-pixel Gaussian blur (display
-# only) makes the regions readable without moving them.
+# Integrated-gradients maps are speckled pixel by pixel and a few pixels take the peak; for
+# display only, a 1-pixel Gaussian blur makes regions readable without moving them, and the
+# top DISPLAY_SATURATE_PERCENT of the pixels show at full heat.
 DISPLAY_BLUR_SIGMA = 1.0
+DISPLAY_SATURATE_PERCENT = 2.0
 MAX_ALPHA = 0.65                  # how opaque the hottest point of an overlay is
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -49,7 +51,10 @@ def overlay_image(pixels: np.ndarray, saliency_map: np.ndarray,
     if heat.shape != (IMAGE_SIZE, IMAGE_SIZE):
         raise ValueError(f"a saliency map is {IMAGE_SIZE}x{IMAGE_SIZE}, got {list(heat.shape)}")
     heat = cv2.GaussianBlur(heat, (0, 0), DISPLAY_BLUR_SIGMA)
-    heat = heat / heat.max() if heat.max() > 0 else heat
+    ceiling = float(np.percentile(heat, 100.0 - DISPLAY_SATURATE_PERCENT))
+    if ceiling <= 0:
+        ceiling = float(heat.max())
+    heat = np.clip(heat / ceiling, 0.0, 1.0) if ceiling > 0 else heat
     colours = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
     face = cv2.cvtColor(_face_grid(pixels), cv2.COLOR_GRAY2BGR).astype(np.float32)
     alpha = (MAX_ALPHA * heat)[..., None]

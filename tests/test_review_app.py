@@ -332,3 +332,35 @@ def test_review_page_end_to_end_in_chromium(app, browser, tmp_path):
         np.testing.assert_array_equal(
             np.array(row["pixels"].split(), dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE),
             drawn[index])
+
+
+def screenshot(queue_dir: str, png_path: str) -> None:
+    """The review page on an existing queue, as docs/images/review.png shows it."""
+    from playwright.sync_api import sync_playwright
+
+    running = Running(review_app.open_queue(queue_dir))
+    try:
+        with sync_playwright() as playwright:
+            launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = launched.new_page(viewport={"width": 1280, "height": 800})
+            requests: list[str] = []
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(running.base + "/")
+            page.wait_for_selector("#face[data-item]")
+            page.wait_for_function("Array.from(document.images).every(i => i.complete && "
+                                   "i.naturalWidth > 0)")
+            if not all(url.startswith(running.base + "/") for url in requests):
+                raise RuntimeError(f"the page made requests off the machine: {requests}")
+            page.screenshot(path=png_path)
+            launched.close()
+    finally:
+        running.stop()
+
+
+if __name__ == "__main__":
+    # python -m tests.test_review_app QUEUE_DIR OUT.png
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m tests.test_review_app QUEUE_DIR OUT.png")
+    screenshot(sys.argv[1], sys.argv[2])
