@@ -115,3 +115,260 @@ def test_ingest_on_s3_writes_what_a_local_run_writes(ingested):
     # The Beam temp reports were read back and removed.
     assert sorted(fileio.listdir(remote.output_dir)) == sorted(
         [REJECTED_DIR, DUPLICATES_FILE, *SPLITS])
+
+
+# ------------------------------------------------------------------------- augment
+
+@pytest.fixture(scope="module")
+def augmented(s3, ingested, tmp_path_factory) -> dict:
+    from components.augment import run_augment
+
+    config = AugmentConfig(seed=3)
+    local_dir = str(tmp_path_factory.mktemp("local") / "augmented")
+    return {
+        "local": run_augment(ingested["local"].output_dir, local_dir, config, []),
+        "s3": run_augment(ingested["s3"].output_dir, s3.uri("run", "augmented"), config,
+                          s3.beam_args),
+    }
+
+
+def test_augment_on_s3_writes_what_a_local_run_writes(augmented):
+    local, remote = augmented["local"], augmented["s3"]
+    assert remote.train_dir.startswith("s3://")
+    assert remote.counts_after == local.counts_after
+    assert remote.augmented == local.augmented > 0
+    assert records(remote.train_dir) == records(local.train_dir)
+    # The per-class summary the pipeline wrote was read back and removed.
+    assert fileio.listdir(fileio.dirname(remote.train_dir)) == ["train"]
+
+
+# ------------------------------------------------------------------------- validate
+
+def test_validation_reads_and_writes_s3(s3, ingested, tmp_path):
+    from components.statistics import run_statistics
+    from components.validation import DataValidationError, raise_if_blocking, run_validation
+
+    local_stats = str(tmp_path / "statistics")
+    run_statistics(ingested["local"].output_dir, local_stats, [])
+    remote_stats = s3.uri("run", "statistics")
+    fileio.copytree(local_stats, remote_stats)
+    schema = str(REPO / ValidationConfig.schema_path)
+    config = ValidationConfig()
+
+    local = run_validation(local_stats, schema, str(tmp_path / "anomalies"), config)
+    remote = run_validation(remote_stats, schema, s3.uri("run", "anomalies"), config)
+    assert remote.report_path.startswith("s3://")
+    assert remote.splits == local.splits == list(SPLITS)
+    assert (remote.num_examples, remote.anomalies, remote.blocking, remote.summary) == (
+        local.num_examples, local.anomalies, local.blocking, local.summary)
+    assert fileio.read_json(remote.drift_path) == fileio.read_json(local.drift_path)
+    assert fileio.read_text(remote.report_path) == fileio.read_text(local.report_path)
+    for split in SPLITS:
+        assert (fileio.read_text(remote.anomalies_paths[split])
+                == fileio.read_text(local.anomalies_paths[split]))
+    if remote.blocking:  # the report is read back from s3 into the error
+        with pytest.raises(DataValidationError, match="Full report: s3://"):
+            raise_if_blocking(remote)
+    else:
+        raise_if_blocking(remote)
+
+
+# ------------------------------------------------------------------------- transform
+
+@pytest.fixture(scope="module")
+def transformed(s3, ingested, augmented, tmp_path_factory) -> dict:
+    from components.transform import run_transform
+
+    local_dir = str(tmp_path_factory.mktemp("local") / "transform")
+    return {
+        "local": run_transform(fileio.dirname(augmented["local"].train_dir),
+                               ingested["local"].output_dir, local_dir, TransformConfig(), []),
+        "s3": run_transform(fileio.dirname(augmented["s3"].train_dir),
+                            ingested["s3"].output_dir, s3.uri("run", "transform"),
+                            TransformConfig(), s3.beam_args),
+    }
+
+
+def test_transform_on_s3_matches_a_local_run(transformed):
+    from components.transform import apply_to_pixels
+
+    local, remote = transformed["local"], transformed["s3"]
+    assert remote.transform_graph_dir.startswith("s3://")
+    assert remote.counts == local.counts
+    assert remote.offset == pytest.approx(local.offset, rel=1e-6)
+    assert remote.scale == pytest.approx(local.scale, rel=1e-6)
+    # The transform graph TFT wrote to s3 applies the same normalization when loaded from s3.
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 2304)).astype(np.uint8)
+    np.testing.assert_allclose(apply_to_pixels(remote.transform_graph_dir, pixels),
+                               apply_to_pixels(local.transform_graph_dir, pixels), rtol=1e-5,
+                               atol=1e-5)
+    # TFT's temp directory is gone; only the contract's two directories remain.
+    root = fileio.dirname(remote.transform_graph_dir)
+    assert fileio.listdir(root) == sorted([TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR])
+
+
+# ------------------------------------------------------------------------- train
+
+TRAIN_OVERRIDES = {"models": {"cnn": {"batch_size": 32, "epochs": 2, "learning_rate": 1e-3,
+                                      "early_stopping_patience": 2,
+                                      "max_train_examples": 64}},
+                   "shuffle_buffer": 200, "seed": 5}
+# Run in a child process (the crash hook exits the process); exit_process ends it cleanly
+# after tensorflow-io's S3 filesystem was used.
+_TRAIN = (
+    "import json, sys\n"
+    "from components.trainer import run_trainer\n"
+    "from pipeline import fileio\n"
+    "from pipeline.config import load_config\n"
+    "args = json.loads(sys.argv[1])\n"
+    "config = load_config(overrides={'train': args['train']}).train\n"
+    "run_trainer('cnn', args['transform_dir'], args['output_dir'], config)\n"
+    "fileio.exit_process(0)\n")
+
+
+def _train_in_subprocess(s3, transform_dir: str, output_dir: str,
+                         extra_env: dict[str, str]) -> tuple[int, str]:
+    from components.trainer import CRASH_ENV
+
+    args = json.dumps({"transform_dir": transform_dir, "output_dir": output_dir,
+                       "train": TRAIN_OVERRIDES})
+    env = {key: value for key, value in os.environ.items() if key != CRASH_ENV}
+    env.update(s3.env, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=str(REPO), **extra_env)
+    done = subprocess.run([sys.executable, "-c", _TRAIN, args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300)
+    return done.returncode, done.stdout
+
+
+def test_training_on_s3_uploads_checkpoints_and_resumes_after_a_kill(s3, transformed):
+    from components.trainer import (BACKUP_METADATA_FILE, BEST_WEIGHTS_FILE, CRASH_ENV,
+                                     CRASH_EXIT_CODE, CSV_LOG_FILE)
+
+    transform_dir = fileio.dirname(transformed["s3"].transform_graph_dir)
+    output = s3.unique_uri("models/cnn")
+    code, log = _train_in_subprocess(s3, transform_dir, output, {CRASH_ENV: "1"})
+    assert code == CRASH_EXIT_CODE, log
+    # Epoch 1's checkpoint reached the bucket before the process died.
+    checkpoints = fileio.join(output, CHECKPOINTS_DIR)
+    assert fileio.read_json(fileio.join(checkpoints, BACKUP_METADATA_FILE))["epoch"] == 1
+    assert fileio.exists(fileio.join(checkpoints, BEST_WEIGHTS_FILE))
+    assert not fileio.exists(fileio.join(output, SERVING_MODEL_DIR))
+
+    code, log = _train_in_subprocess(s3, transform_dir, output, {})
+    assert code == 0, log
+    assert "Epoch 1/2" not in log and "Epoch 2/2" in log
+    history = fileio.read_json(fileio.join(output, HISTORY_FILE))
+    assert history["resumed_at_epoch"] == 2
+    assert [r["epoch"] for r in history["epochs"]] == [1, 2]
+    info = fileio.read_json(fileio.join(output, TRAINING_INFO_FILE))
+    assert info["train_examples"] == 64 and info["transform_dir"] == transform_dir
+    assert len(fileio.read_text(fileio.join(output, CSV_LOG_FILE)).splitlines()) == 3
+    assert any("events.out.tfevents" in rel for rel in relative_files(
+        fileio.join(output, LOGS_DIR)))
+    # A finished run leaves no checkpoint to resume from, on s3 as locally.
+    assert not fileio.exists(checkpoints)
+
+    # The SavedModel, written locally and uploaded, loads from s3 and serves.
+    served = tf.saved_model.load(fileio.join(output, SERVING_MODEL_DIR))
+    out = served.signatures["serving_uint8"](pixels=tf.zeros([2, 48, 48], tf.uint8))
+    assert out["probabilities"].shape == (2, 7)
+
+
+# ------------------------------------------------------------------------- push
+
+@pytest.fixture(scope="module")
+def candidates(tmp_path_factory) -> dict[str, str]:
+    """Three "retrained" versions of one small real SavedModel (files differ, model same)."""
+    from tests.test_evaluator import make_model_dir
+    from tests.test_pusher import model_dir
+
+    root = tmp_path_factory.mktemp("candidates")
+    make_model_dir(root / "built", "good")
+    return {f"run{i}": model_dir(root / "built", root, "good", f"run{i}", f"run {i}")
+            for i in range(3)}
+
+
+def _bless(tmp_path: Path) -> str:
+    from tests.test_pusher import bless
+
+    return bless(tmp_path / "evaluation", {"cnn": True})
+
+
+def test_push_to_s3_publishes_through_models_config(s3, candidates, tmp_path):
+    from components.pusher import latest_served_version, run_pusher, served_versions
+    from serving.model_config import read_model_server_config
+
+    evaluation = _bless(tmp_path)
+    remote_root, local_root = s3.unique_uri("serving"), str(tmp_path / "serving")
+    config = PushConfig(keep_versions=2)
+    for i in range(3):
+        remote = run_pusher({"cnn": candidates[f"run{i}"]}, evaluation, remote_root,
+                            s3.uri("push", f"r{i}"), config)
+        local = run_pusher({"cnn": candidates[f"run{i}"]}, evaluation, local_root,
+                           str(tmp_path / f"push{i}"), config)
+        assert remote.models["cnn"].version == local.models["cnn"].version == i + 1
+        assert remote.models["cnn"].removed_versions == local.models["cnn"].removed_versions
+    assert remote.models["cnn"].removed_versions == [1]
+
+    specs = read_model_server_config(fileio.join(remote_root, MODELS_CONFIG))
+    assert [(s.name, s.base_path, s.version_policy, s.versions) for s in specs] == [
+        ("cnn", fileio.join(remote_root, "cnn"), "specific", [2, 3])]
+    assert remote.models_config == fileio.join(remote_root, MODELS_CONFIG)
+    assert served_versions(remote_root, "cnn") == [2, 3]
+    assert latest_served_version(remote_root, "cnn") == (3, fileio.join(remote_root, "cnn", "3"))
+    # The same files in the same layout as the local root; the push record is on s3.
+    assert relative_files(fileio.join(remote_root, "cnn")) == relative_files(
+        fileio.join(local_root, "cnn"))
+    assert fileio.read_json(remote.push_json)["models"]["cnn"]["version"] == 3
+    assert "--model_config_file=" + remote.models_config in remote.tfserving_command
+    assert "--model_config_file_poll_wait_seconds=" in remote.tfserving_command
+    loaded = tf.saved_model.load(fileio.join(remote_root, "cnn", "3"))
+    assert loaded.signatures["serving_default"](
+        pixels=tf.zeros([1, 48, 48], tf.int32))["probabilities"].shape == (1, 7)
+
+    # Pushing the served model again publishes nothing.
+    again = run_pusher({"cnn": candidates["run2"]}, evaluation, remote_root,
+                       s3.uri("push", "again"), config)
+    assert not again.models["cnn"].pushed
+    assert again.models["cnn"].reasons[0] == "identical to served version 3"
+    assert served_versions(remote_root, "cnn") == [2, 3]
+
+
+def test_push_to_s3_crashing_mid_upload_never_names_the_partial_version(
+        s3, candidates, tmp_path, monkeypatch):
+    from components import pusher
+    from components.pusher import run_pusher, served_versions, version_dirs
+    from serving.model_config import read_model_server_config
+
+    evaluation = _bless(tmp_path)
+    root = s3.unique_uri("serving")
+    assert run_pusher({"cnn": candidates["run0"]}, evaluation, root, s3.uri("push", "c0"),
+                      PushConfig()).models["cnn"].version == 1
+
+    real_copy, copied = pusher._copy_file, []
+
+    def copy_then_fail(src, dst):
+        if len(copied) == 2:
+            raise OSError("connection reset (injected)")
+        copied.append(dst)
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(pusher, "_copy_file", copy_then_fail)
+    with pytest.raises(OSError, match="injected"):
+        run_pusher({"cnn": candidates["run1"]}, evaluation, root, s3.uri("push", "c1"),
+                   PushConfig())
+    assert len(copied) == 2 and all("/cnn/2/" in path for path in copied)
+    # Two objects of version 2 are in the bucket, but models.config names version 1 only.
+    assert version_dirs(root, "cnn") == [1, 2]
+    specs = read_model_server_config(fileio.join(root, MODELS_CONFIG))
+    assert [(s.name, s.versions) for s in specs] == [("cnn", [1])]
+    assert served_versions(root, "cnn") == [1]
+
+    monkeypatch.setattr(pusher, "_copy_file", real_copy)
+    result = run_pusher({"cnn": candidates["run1"]}, evaluation, root, s3.uri("push", "c2"),
+                        PushConfig())
+    outcome = result.models["cnn"]
+    assert outcome.version == 3 and outcome.removed_leftovers == [2]   # 2 is never reused
+    assert version_dirs(root, "cnn") == [1, 3]
+    assert served_versions(root, "cnn") == [1, 3]
