@@ -27,7 +27,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -51,6 +51,7 @@ _REJECTED = "rejected"
 _DUPLICATES = "duplicates"
 _WITHIN_SPLIT = "within_split_duplicates"
 _BEAM_TMP = ".beam_tmp"
+_COMBINED_DIR = ".combined_input"   # several CSVs as one, removed when ingest is done
 # Bytes of CSV per read chunk (~500 FER-2013 rows): small enough that a 300 MB file spreads
 # over ~70 chunks for parallel workers, large enough that per-chunk overhead (an element, a
 # file open and seek) is negligible. Workers stream a chunk line by line, so this does not
@@ -82,6 +83,8 @@ class ExampleGenResult:
     split_dirs: dict[str, str] = field(default_factory=dict)
     rejected_path: str = ""
     duplicates_path: str = ""
+    # With several input CSVs: per file, the line range it occupies in the combined input.
+    sources: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -456,9 +459,10 @@ def _write_rejected(path: str, rejected: list[dict[str, Any]]) -> None:
     # Built in memory (rejections are bounded by max_rejected_fraction), written in one go.
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer)
-    writer.writerow(["line_number", "reason", "raw_line"])
+    # `source` (file:line) is filled in when several CSVs were ingested as one.
+    writer.writerow(["line_number", "reason", "raw_line", "source"])
     for r in rejected:
-        writer.writerow([r["line_number"], r["reason"], r["raw_line"]])
+        writer.writerow([r["line_number"], r["reason"], r["raw_line"], r.get("source", "")])
     fileio.write_text(path, buffer.getvalue())
 
 
@@ -474,10 +478,51 @@ def _resolve_split_mode(columns: CsvColumns, config: IngestConfig) -> str:
     return "usage" if config.split_mode == "usage" and columns.usage is not None else "random"
 
 
-def run_example_gen(data_path: str, output_dir: str, config: IngestConfig,
+def combine_csvs(data_paths: Sequence[str], combined_path: str) -> list[dict[str, Any]]:
+    """Writes several CSVs with one header as one file; returns where each file's rows went.
+
+    Used when the pipeline trains on the original data plus e.g. reviewed faces. The files
+    must have the same header (the same columns in the same order), so their lines are
+    copied byte for byte and a rejected row's raw text is exactly what its file holds.
+    Returns, per file, {"path", "first_line", "last_line"}: line numbers in the combined
+    file, which is what `row_number` and the rejected rows refer to.
+    """
+    headers = []
+    for path in data_paths:
+        with FileSystems.open(path) as f:
+            headers.append(f.readline().decode("utf-8-sig").strip().lower())
+    if len(set(headers)) > 1:
+        raise ValueError("the CSVs given with several --data must share one header; got "
+                         + "; ".join(f"{p}: {h[:80]!r}" for p, h in zip(data_paths, headers)))
+    sources, line = [], 2        # line 1 of the combined file is the shared header
+    fileio.makedirs(fileio.dirname(combined_path))
+    with fileio.open_file(combined_path, "wb") as out:
+        out.write(headers[0].encode() + b"\n")
+        for path in data_paths:
+            first = line
+            with FileSystems.open(path) as f:
+                f.readline()
+                for raw in f:
+                    out.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                    line += 1
+            sources.append({"path": path, "first_line": first, "last_line": line - 1})
+    return sources
+
+
+def source_of(line_number: int, sources: list[dict[str, Any]]) -> str:
+    """`path:line` in the original file of a line of the combined file."""
+    for source in sources:
+        if source["first_line"] <= line_number <= source["last_line"]:
+            return f"{source['path']}:{line_number - source['first_line'] + 2}"
+    return ""
+
+
+def run_example_gen(data_path: str | Sequence[str], output_dir: str, config: IngestConfig,
                     beam_args: list[str]) -> ExampleGenResult:
     """Parses the CSV at `data_path` into split TFRecords under `output_dir` (see module doc).
 
+    `data_path` may be a list of CSVs with the same header: they are ingested as one
+    (see `combine_csvs`), and each rejected row names its own file and line.
     Raises TooManyRejectedRows (after writing the rejected-rows file) when more than
     config.max_rejected_fraction of the rows could not be parsed.
     """
@@ -485,6 +530,11 @@ def run_example_gen(data_path: str, output_dir: str, config: IngestConfig,
     # The driver reads the CSV with FileSystems.open outside any pipeline: give it Beam's
     # flags (e.g. --s3_endpoint_url) the way a pipeline would.
     fileio.configure_beam_filesystems(beam_args)
+    sources: list[dict[str, Any]] = []
+    if not isinstance(data_path, str):
+        paths = list(data_path)
+        data_path = fileio.join(output_dir, _COMBINED_DIR, "combined.csv")
+        sources = combine_csvs(paths, data_path)
     columns = read_header(data_path)
     split_mode = _resolve_split_mode(columns, config)
     tmp = fileio.join(output_dir, _BEAM_TMP)
@@ -503,6 +553,10 @@ def run_example_gen(data_path: str, output_dir: str, config: IngestConfig,
                         key=lambda d: d["rows"][0]["line_number"])
     fileio.rmtree(tmp)
     _fill_raw_lines(data_path, rejected)
+    if sources:
+        for r in rejected:
+            r["source"] = source_of(r["line_number"], sources)
+        fileio.rmtree(fileio.join(output_dir, _COMBINED_DIR))
 
     rejected_path = fileio.join(output_dir, REJECTED_DIR, REJECTED_FILE)
     _write_rejected(rejected_path, rejected)
@@ -532,6 +586,7 @@ def run_example_gen(data_path: str, output_dir: str, config: IngestConfig,
         split_dirs={split: fileio.join(output_dir, split) for split in SPLITS},
         rejected_path=rejected_path,
         duplicates_path=duplicates_path,
+        sources=sources,
         seconds=round(time.time() - started, 3))
     _check_rejected_fraction(result, config.max_rejected_fraction)
     return result

@@ -305,3 +305,35 @@ def test_one_chunk_per_line_gives_the_same_outputs(messy_csv, messy_run, tmp_pat
 def serialized_examples(examples_dir: str, split: str) -> list[bytes]:
     return sorted(record for path in shard_paths(examples_dir, split)
                   for record in tf.data.TFRecordDataset(path).as_numpy_iterator())
+
+
+def test_several_csvs_are_ingested_as_one_and_rejects_name_their_file(tmp_path):
+    """The original data plus reviewed faces: a reviewed face already in the test split
+    goes to train and leaves test; a bad row in the second file is quarantined with that
+    file's own line number."""
+    rng = np.random.default_rng(5)
+    labels = np.arange(14) % 7
+    pixels = [p.decode() for p in encode_pixel_strings(draw_faces(labels, rng))]
+    usages = ["Training"] * 8 + ["PublicTest"] * 3 + ["PrivateTest"] * 3
+    original = tmp_path / "fer.csv"
+    original.write_text("emotion,pixels,Usage\n" + "".join(
+        f"{labels[i]},{pixels[i]},{usages[i]}\n" for i in range(14)))
+    reviewed = tmp_path / "reviewed.csv"
+    # Line 2: the face of the original's line 15 (PrivateTest), now labelled by a person.
+    reviewed.write_text(f"emotion,pixels,Usage\n{labels[13]},{pixels[13]},Training\n"
+                        f"3,1 2 3,Training\n")
+    out = tmp_path / "examples"
+    result = run_example_gen([str(original), str(reviewed)], str(out),
+                             IngestConfig(max_rejected_fraction=1.0), [])
+    assert result.rows_read == 16
+    assert result.rows_written == {"train": 9, "validation": 3, "test": 2}
+    assert [s["path"] for s in result.sources] == [str(original), str(reviewed)]
+    rejected = read_rejected(result.rejected_path)
+    by_source = {r["source"]: r["reason"].split(":")[0] for r in rejected}
+    assert by_source == {f"{reviewed}:3": "wrong_pixel_count",
+                         f"{original}:15": "duplicate_of_train_row"}
+    assert not (out / ".combined_input").exists()
+    with pytest.raises(ValueError, match="share one header"):
+        other = tmp_path / "other.csv"
+        other.write_text("pixels,emotion\n")
+        run_example_gen([str(original), str(other)], str(tmp_path / "x"), IngestConfig(), [])
