@@ -50,6 +50,9 @@ FACE_SCALE = 8                      # 48 px -> 384 px
 OVERLAY_SCALE = 5                   # 48 px -> 240 px
 MAX_BODY_BYTES = 4096               # a decision is a few dozen bytes of JSON
 SESSION_COOKIE = "fer_review_session"
+# Every page load without a cookie starts a session; the oldest are forgotten beyond this
+# (their pages then get 403 on the next decision and a reload starts afresh).
+MAX_SESSIONS = 1000
 TOKEN_HEADER = "X-CSRF-Token"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _ERROR_STATUS = {"invalid": 400, "not_found": 404, "conflict": 409}
@@ -142,6 +145,8 @@ class ReviewServer(ThreadingHTTPServer):
         session, token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         with self.sessions_lock:
             self.sessions[session] = token
+            while len(self.sessions) > MAX_SESSIONS:
+                del self.sessions[next(iter(self.sessions))]   # dicts keep insertion order
         return session, token
 
     def token_for(self, session: Optional[str]) -> Optional[str]:

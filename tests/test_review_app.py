@@ -199,6 +199,16 @@ def test_bad_decisions_get_a_4xx_and_change_nothing(app, payload, content_type, 
     assert app.request("GET", "/api/next")[0] == 200
 
 
+def test_sessions_are_bounded_and_the_oldest_is_forgotten(app, monkeypatch):
+    monkeypatch.setattr(review_app, "MAX_SESSIONS", 3)
+    first_cookie, first_token = app.session()
+    for _ in range(3):
+        app.session()
+    assert len(app.server.sessions) == 3
+    assert app.post("/api/items/1/decision", {"action": "skip"}, first_cookie,
+                    first_token)[0] == 403
+
+
 def test_unknown_items_stale_pages_and_foreign_hosts_are_refused(app):
     cookie, token = app.session()
     assert app.post("/api/items/77/decision", {"action": "skip"}, cookie, token)[0] == 404
