@@ -128,7 +128,7 @@ class ReviewServer(ThreadingHTTPServer):
         self.queue = queue
         self.sessions: dict[str, str] = {}           # session id -> CSRF token
         self.sessions_lock = threading.Lock()
-        host, port = self.server_address[:2]
+        port = self.server_address[1]
         # On loopback, only our own names are acceptable Host headers (DNS rebinding);
         # bound elsewhere on purpose, the operator chose who may connect.
         self.allowed_hosts: Optional[set[str]] = None
