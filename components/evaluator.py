@@ -13,6 +13,10 @@ serving on the same data, then applies the gates from `EvalConfig`:
 - every class's recall >= min_class_recall (when set)
 - accuracy >= served accuracy - max_regression (when a version is in serving)
 
+evaluation.json's "ensemble" combines every candidate; "ensemble_blessed" (when some but not
+all are blessed) combines the blessed ones only, as the client will once the held-back ones
+are not served.
+
 Outputs (under `output_dir`): evaluation.json (all numbers), blessings.json
 ({name: {"blessed", "reasons", "summary"}}; `summary` is one line for a person) and
 report.html (rendered by components/report.py; this module never imports matplotlib, so the
@@ -361,6 +365,11 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
                  "; ".join(reasons))
 
     ensemble = ensemble_metrics(labels, probs_by_model, config.tie_tolerance, split.rows)
+    # What the client will combine once held-back models are left out of serving.
+    blessed_names = [name for name in model_dirs if blessings[name]["blessed"]]
+    ensemble_blessed = (ensemble_metrics(
+        labels, {name: probs_by_model[name] for name in blessed_names}, config.tie_tolerance,
+        split.rows, review_faces=0) if 0 < len(blessed_names) < len(model_dirs) else None)
     evaluation = {
         "data": {"examples_dir": examples_dir, "split": TEST_SPLIT, "files": split.files,
                  "test_examples": int(len(labels)),
@@ -371,6 +380,7 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
         "serving_root": serving_root,
         "models": models,
         "ensemble": ensemble,
+        "ensemble_blessed": ensemble_blessed,
     }
     paths = _write_outputs(output_dir, evaluation, blessings, split)
     return EvalResult(

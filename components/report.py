@@ -48,7 +48,7 @@ def render_report(evaluation: Mapping[str, Any], faces: Mapping[int, np.ndarray]
         data_section(evaluation),
         *(model_section(name, model, evaluation, faces)
           for name, model in evaluation["models"].items()),
-        ensemble_section(evaluation["ensemble"], faces),
+        ensemble_section(evaluation["ensemble"], faces, evaluation.get("ensemble_blessed")),
         thresholds_section(evaluation["thresholds"]),
     ]
     return document("FER-2013 model evaluation", sections)
@@ -252,7 +252,19 @@ def mistakes_gallery(name: str, mistakes: Mapping[str, list[Mapping[str, Any]]],
 
 # ----------------------------------------------------------------------------- ensemble
 
-def ensemble_section(ensemble: Mapping[str, Any], faces: Mapping[int, np.ndarray]) -> str:
+def blessed_only(blessed: Optional[Mapping[str, Any]]) -> str:
+    """What the served ensemble will do when held-back models are not served."""
+    if not blessed:
+        return ""
+    return (f'<p class="banner info">Held-back models are not pushed, so the client combines '
+            f"the blessed ones only ({esc(', '.join(blessed['models']))}): accuracy "
+            f"{number(blessed['accuracy'], 'ensemble_blessed/accuracy')}, sent to review "
+            f"{number(blessed['human_review_rate'], 'ensemble_blessed/human_review_rate', 1, True)}"
+            ". The numbers below combine every candidate.</p>")
+
+
+def ensemble_section(ensemble: Mapping[str, Any], faces: Mapping[int, np.ndarray],
+                     blessed: Optional[Mapping[str, Any]] = None) -> str:
     review = ensemble.get("review_examples", [])
     tiles = "".join(face(faces[item["index"]],
                          [f"row {item['row_number']}", f"true: {item['true_class']}",
@@ -263,6 +275,7 @@ def ensemble_section(ensemble: Mapping[str, Any], faces: Mapping[int, np.ndarray
              f" faces sent to review:</p><div class=\"gallery\" data-gallery=\"review\">"
              f"{tiles}</div>") if review else "<p>No face was sent to review.</p>"
     return ("<h2 id=\"ensemble\">Ensemble (the rule the product serves)</h2>"
+            + blessed_only(blessed) +
             f"<p>Models {esc(', '.join(ensemble['models']))}; the most confident answer wins; "
             f"disagreeing answers whose confidences are within "
             f"{number(ensemble['tie_tolerance'], 'ensemble/tie_tolerance', 2)} "

@@ -110,12 +110,16 @@ def chart_data(page) -> dict[str, object]:
 
 
 def screenshot(html_path: str, png_path: str, width: int = 1280) -> None:
-    """A full-page screenshot of `html_path` (the README's pictures)."""
+    """A full-page screenshot of `html_path` (the README's pictures), 256-colour PNG."""
     with open_page(html_path, {"width": width, "height": 900}) as opened:
         remote = opened.remote_requests()
         if remote:
             raise RuntimeError(f"{html_path} made requests off the machine: {remote}")
-        opened.page.screenshot(path=png_path, full_page=True)
+        png = opened.page.screenshot(full_page=True)
+    # 256 colours are plenty for charts and grey faces and keep the README's images small.
+    from PIL import Image
+
+    Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(png_path, optimize=True)
 
 
 if __name__ == "__main__":

@@ -254,6 +254,11 @@ def test_a_model_that_gives_one_answer_is_held_back_by_the_majority_baseline(set
     good_says = expected_probabilities(_pixels_in_file_order(root), 0, 3.0).argmax(axis=1)
     assert evaluation["ensemble"]["agreement_rate"] == pytest.approx(np.mean(good_says == majority))
 
+    # The client will combine the blessed model alone: that ensemble is "good" itself.
+    assert evaluation["ensemble_blessed"]["models"] == ["good"]
+    assert evaluation["ensemble_blessed"]["accuracy"] == pytest.approx(GOOD_FRACTION)
+    assert evaluation["ensemble_blessed"]["human_review_rate"] == 0.0
+
     # A margin of 0 with a threshold at the baseline passes a model exactly at the baseline.
     lenient = EvalConfig(min_accuracy={"constant": 0.0}, baseline_margin=0.0)
     result = run_evaluator(str(root / "examples"), {"constant": constant},

@@ -171,6 +171,8 @@ def test_report_in_a_real_browser(report_run, tmp_path):
             "#verdict [data-blessed]", "els => els.map(e => [e.dataset.model, e.dataset.blessed])")
         assert dict(verdicts) == {n: str(b["blessed"]).lower()
                                   for n, b in report_run["blessings"].items()}
+        assert evaluation["ensemble_blessed"]["models"] == ["good"]   # "bad" is held back
+        assert any(n["path"] == "ensemble_blessed/accuracy" for n in numbers)
         banner = page.inner_text("#verdict")
         for blessing in report_run["blessings"].values():
             assert blessing["summary"] in banner
