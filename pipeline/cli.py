@@ -157,18 +157,23 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
     ctx = RunContext(data_paths=getattr(args, "data", None) or [], run_root=args.output,
                      config=_config_from_args(args), beam_args=beam_args, force=args.force,
                      models=_models(args))
-    outcomes = run_pipeline(ctx, _steps_for(args))
-    for outcome in outcomes:
-        if outcome.step == "push":
-            for model, push in sorted(outcome.manifest["result"].get("models", {}).items()):
-                print(f"[fer-pipeline] {model}: " + _push_line(push), flush=True)
+    outcomes = {o.step: o for o in run_pipeline(ctx, _steps_for(args))}
+    if "push" in outcomes:
+        summaries = (outcomes["evaluate"].manifest["result"].get("summaries") or {}
+                     if "evaluate" in outcomes else {})
+        for model, push in sorted(outcomes["push"].manifest["result"].get("models", {}).items()):
+            print(f"[fer-pipeline] {_push_line(model, push, summaries.get(model))}", flush=True)
     return 0
 
 
-def _push_line(push: dict) -> str:
+def _push_line(model: str, push: dict, summary: Optional[str]) -> str:
+    """One line per model: the version it was pushed as, or why it was held back."""
     if push.get("pushed"):
-        return f"pushed as version {push['version']}"
-    return "held back: " + "; ".join(push.get("reasons", [])[:3])
+        return f"{model}: pushed as version {push['version']}"
+    reasons = [r for r in push.get("reasons", []) if r != "not blessed"]
+    if reasons and reasons[0].startswith("identical to served version"):
+        return f"{model}: not pushed again, {reasons[0]}"
+    return summary or f"{model} held back: " + "; ".join(reasons[:3])
 
 
 def _lineage(args: argparse.Namespace) -> int:
