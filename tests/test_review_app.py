@@ -272,6 +272,39 @@ def test_exported_csv_re_ingests_with_zero_rejected_rows(tmp_path):
     assert result.rows_written == {"train": 8, "validation": 0, "test": 0}
 
 
+def test_reviewed_faces_join_the_original_data_and_leave_its_test_split(tmp_path):
+    """The loop: held-out faces reviewed, exported and ingested with the original CSV train
+    from then on, and the duplicate guard takes them out of the test split."""
+    from components.example_gen import run_example_gen
+    from components.synthetic import generate_csv
+    from pipeline.config import IngestConfig
+    from serving.client import images_from_csv
+
+    original = str(tmp_path / "fer2013.csv")
+    generate_csv(original, rows=200, seed=3)
+    held_out = images_from_csv(original, 3, usage="PrivateTest")
+    with ReviewQueue(str(tmp_path / "queue")) as queue:
+        for item in held_out:
+            recorded = queue.record(item.pixels, item.source, {
+                "cnn": ModelPrediction(1, np.full(NUM_CLASSES, 1 / NUM_CLASSES))}, {})
+            queue.decide(recorded.item_id, "label", item.true_label)
+    reviewed = str(tmp_path / "reviewed.csv")
+    assert review_app.main(["export", "--queue", str(tmp_path / "queue"), "--out",
+                            reviewed]) == 0
+
+    alone = run_example_gen(original, str(tmp_path / "alone"), IngestConfig(), [])
+    both = run_example_gen([original, reviewed], str(tmp_path / "both"), IngestConfig(), [])
+    assert both.rows_read == alone.rows_read + 3
+    assert both.rows_written["train"] == alone.rows_written["train"] + 3
+    assert both.rows_written["test"] == alone.rows_written["test"] - 3
+    assert both.rows_written["validation"] == alone.rows_written["validation"]
+    # Every reviewed row parsed: the only extra rows not written are the 3 test copies.
+    extra = {reason: count - alone.rejected_by_reason.get(reason, 0)
+             for reason, count in both.rejected_by_reason.items()}
+    assert {r: n for r, n in extra.items() if n} == {"duplicate_of_train_row": 3}
+    assert both.duplicate_rows_removed - alone.duplicate_rows_removed == 3
+
+
 # --- the page in a real browser -------------------------------------------------------------
 
 @pytest.fixture
