@@ -117,6 +117,23 @@ def test_ingest_on_s3_writes_what_a_local_run_writes(ingested):
         [REJECTED_DIR, DUPLICATES_FILE, *SPLITS])
 
 
+def test_ingest_on_s3_of_clean_data_writes_empty_reports(s3, tmp_path):
+    """No rejected rows and no duplicates: Beam must not try to write an empty object
+    (S3 refuses a multipart upload without parts)."""
+    from components.example_gen import run_example_gen
+
+    local = tmp_path / "clean.csv"
+    generate_csv(str(local), rows=70, seed=12)
+    remote = s3.uri("data", "clean.csv")
+    fileio.copy_file(str(local), remote)
+    result = run_example_gen(remote, s3.unique_uri("clean/examples"), IngestConfig(),
+                             s3.beam_args)
+    assert (result.rows_read, result.rows_rejected, result.cross_split_duplicates) == (70, 0, 0)
+    rejected = fileio.read_text(result.rejected_path).splitlines()
+    assert len(rejected) == 1 and rejected[0].startswith("line_number,reason,raw_line")
+    assert fileio.read_json(result.duplicates_path)["duplicates"] == []
+
+
 # ------------------------------------------------------------------------- augment
 
 @pytest.fixture(scope="module")
