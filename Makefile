@@ -20,10 +20,12 @@ S3_SERVER_PIN := moto[server]==5.2.5
 
 s3-server: $(S3_STAMP)
 
+# Depends on the Makefile so a changed pin reinstalls (a no-op when it is already there).
 $(S3_STAMP): Makefile
-	test -x $(S3_VENV)/bin/python || $(PYTHON) -m venv $(S3_VENV)
-	$(S3_VENV)/bin/pip install --quiet "$(S3_SERVER_PIN)"
-	touch $(S3_STAMP)
+	@test -x $(S3_VENV)/bin/python || $(PYTHON) -m venv $(S3_VENV)
+	@echo "== setting up $(S3_VENV) ($(S3_SERVER_PIN), the S3 server the object-store tests use)"
+	@$(S3_VENV)/bin/pip install $(PIP_QUIET) "$(S3_SERVER_PIN)"
+	@touch $(S3_STAMP)
 
 # setuptools notes that the editable install prints and nobody can act on: [tool.setuptools]
 # in pyproject.toml is "beta", and editable_wheel's note about same-named folders.
