@@ -319,3 +319,30 @@ def test_report_is_self_contained_with_images_and_both_languages(setup, tmp_path
     # Nothing is fetched: every src/href is an inline data: URI (the browser test checks
     # the requests themselves).
     assert all(url.startswith("data:") for url in re.findall(r'(?:src|href)="([^"]*)"', page))
+
+
+def test_evaluator_on_an_object_store_matches_a_local_run(s3, setup, tmp_path):
+    """Examples, models and outputs on s3:// (moto): the same numbers and blessings."""
+    from components.evaluator import run_evaluator
+    from pipeline import fileio
+
+    root, _, _, dirs = setup
+    config = EvalConfig(min_accuracy={"good": 0.7, "bad": 0.3})
+    local = run(setup, tmp_path / "serving", config, name="local")
+    examples = s3.unique_uri("examples")
+    fileio.copytree(str(root / "examples"), examples)
+    remote_dirs = {}
+    for name, model_dir in dirs.items():
+        remote_dirs[name] = s3.unique_uri(name)
+        fileio.copytree(model_dir, remote_dirs[name])
+    remote = run_evaluator(examples, remote_dirs, s3.unique_uri("serving"),
+                           s3.unique_uri("evaluation"), config)
+    assert remote.report_path.startswith("s3://")
+    assert (remote.accuracy, remote.blessed, remote.summaries) == \
+        (local.accuracy, local.blessed, local.summaries)
+    remote_models = fileio.read_json(remote.evaluation_path)["models"]
+    local_models = json.loads(Path(local.evaluation_path).read_text())["models"]
+    for name in dirs:
+        assert remote_models[name]["mistakes"] == local_models[name]["mistakes"]
+        assert remote_models[name]["history"] == local_models[name]["history"]
+    assert "<!DOCTYPE html>" in fileio.read_text(remote.report_path)

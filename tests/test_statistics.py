@@ -292,3 +292,26 @@ def test_augmentation_tags_split_into_steps_for_captions():
     assert augmentation_steps("copy:12,flip,rotate:+7.3,shift:(1,-2)") == [
         "copy:12", "flip", "rotate:+7.3", "shift:(1,-2)"]
     assert augmentation_steps("copy:0") == ["copy:0"]
+
+
+def test_statistics_on_an_object_store_match_a_local_run(s3, clean_run, tmp_path):
+    """The run root on s3:// (moto): same statistics and the same page numbers."""
+    from pipeline import fileio
+
+    result, out, _ = clean_run
+    local_root = os.path.dirname(out)
+    examples, augmented = s3.unique_uri("examples"), s3.unique_uri("augmented")
+    fileio.copytree(os.path.join(local_root, "examples"), examples)
+    fileio.copytree(os.path.join(local_root, "augmented"), augmented)
+    remote = run_statistics(examples, s3.unique_uri("statistics"), s3.beam_args,
+                            augmented_dir=augmented, schema_path=SCHEMA)
+    assert remote.num_examples == result.num_examples
+    assert remote.html_path.startswith("s3://")
+    local_source = page_source(open(result.html_path).read())
+    remote_source = page_source(fileio.read_text(remote.html_path))
+    for split in result.splits:
+        assert remote_source["splits"][split]["labels"] == local_source["splits"][split]["labels"]
+        assert remote_source["splits"][split]["sample_rows"] == \
+            local_source["splits"][split]["sample_rows"]
+    assert remote_source["augmented"]["pairs"] == local_source["augmented"]["pairs"]
+    assert remote_source["rejected"] == local_source["rejected"]
