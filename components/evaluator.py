@@ -51,6 +51,9 @@ _LOSS_EPSILON = 1e-7
 # and the faces the ensemble sent to human review. Bounded so the page stays small.
 MISTAKES_PER_CLASS = 5
 REVIEW_FACES = 24
+# Disagreements the ensemble decided alone, smallest confidence gap first: what a person
+# looks at to judge tie_tolerance (and all the report can show when nothing went to review).
+CLOSEST_CALLS = 12
 
 
 @dataclass
@@ -210,17 +213,42 @@ def confident_mistakes(model: str, split: TestSplit, probs_by_model: Mapping[str
     return found
 
 
+def confidence_gaps(probs_by_model: Mapping[str, np.ndarray],
+                    class_ids: np.ndarray) -> np.ndarray:
+    """Per face: the ensemble's confidence minus the most confident vote for another class
+    (inf where every model agrees), the gap the review rule compares with tie_tolerance."""
+    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in probs_by_model.values()])
+    votes, confs = stacked.argmax(axis=2), stacked.max(axis=2)
+    chosen = confs.max(axis=0)
+    rival = np.where(votes != class_ids, confs, -np.inf).max(axis=0)
+    return np.where(np.isfinite(rival), chosen - rival, np.inf)
+
+
+def _ensemble_face(i: int, labels: np.ndarray, rows: Optional[np.ndarray],
+                   class_ids: np.ndarray, gaps: np.ndarray,
+                   probs_by_model: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return {"index": int(i), "row_number": int(rows[i]) if rows is not None else None,
+            "true_class": CLASS_NAMES[int(labels[i])],
+            "decision": CLASS_NAMES[int(class_ids[i])],
+            "gap": float(gaps[i]), "answers": _answers(int(i), probs_by_model)}
+
+
 def ensemble_metrics(labels: np.ndarray, probs_by_model: Mapping[str, np.ndarray],
                      tolerance: float, rows: Optional[np.ndarray] = None,
-                     review_faces: int = REVIEW_FACES) -> dict[str, Any]:
+                     review_faces: int = REVIEW_FACES,
+                     closest_calls: int = CLOSEST_CALLS) -> dict[str, Any]:
     """The ensemble as the product will run it: accuracy, agreement, review rate, accuracy
-    when automatic, and the first `review_faces` faces it sends to a person."""
+    when automatic, the first `review_faces` faces it sends to a person and the
+    `closest_calls` disagreements it decided alone with the smallest confidence gaps."""
     class_ids, _, review = combine_batch(probs_by_model, tolerance)
     correct = class_ids == labels
     automatic = ~review
     votes = np.stack([p.argmax(axis=1) for p in probs_by_model.values()])
     agree = (votes == votes[0]).all(axis=0)
     reviewed = np.flatnonzero(review)
+    gaps = confidence_gaps(probs_by_model, class_ids)
+    decided = np.flatnonzero(automatic & np.isfinite(gaps))
+    closest = decided[np.argsort(gaps[decided], kind="stable")][:closest_calls]
     return {
         "models": list(probs_by_model),
         "tie_tolerance": tolerance,
@@ -230,12 +258,10 @@ def ensemble_metrics(labels: np.ndarray, probs_by_model: Mapping[str, np.ndarray
         "reviewed": int(review.sum()),
         "accuracy_non_reviewed": float(correct[automatic].mean()) if automatic.any() else None,
         "confusion_matrix": confusion_matrix(labels, class_ids).tolist(),
-        "review_examples": [
-            {"index": int(i), "row_number": int(rows[i]) if rows is not None else None,
-             "true_class": CLASS_NAMES[int(labels[i])],
-             "decision": CLASS_NAMES[int(class_ids[i])],
-             "answers": _answers(int(i), probs_by_model)}
-            for i in reviewed[:review_faces]],
+        "review_examples": [_ensemble_face(i, labels, rows, class_ids, gaps, probs_by_model)
+                            for i in reviewed[:review_faces]],
+        "closest_calls": [_ensemble_face(i, labels, rows, class_ids, gaps, probs_by_model)
+                          for i in closest],
     }
 
 
@@ -369,7 +395,8 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
     blessed_names = [name for name in model_dirs if blessings[name]["blessed"]]
     ensemble_blessed = (ensemble_metrics(
         labels, {name: probs_by_model[name] for name in blessed_names}, config.tie_tolerance,
-        split.rows, review_faces=0) if 0 < len(blessed_names) < len(model_dirs) else None)
+        split.rows, review_faces=0, closest_calls=0)
+        if 0 < len(blessed_names) < len(model_dirs) else None)
     evaluation = {
         "data": {"examples_dir": examples_dir, "split": TEST_SPLIT, "files": split.files,
                  "test_examples": int(len(labels)),

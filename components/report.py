@@ -33,7 +33,9 @@ HISTORY_METRICS = ("loss", "accuracy")
 
 def faces_shown(evaluation: Mapping[str, Any]) -> set[int]:
     """Test-split indexes of every face the report shows (the evaluator passes their pixels)."""
-    indexes = {item["index"] for item in evaluation["ensemble"].get("review_examples", [])}
+    ensemble = evaluation["ensemble"]
+    indexes = {item["index"] for key in ("review_examples", "closest_calls")
+               for item in ensemble.get(key, [])}
     for model in evaluation["models"].values():
         for items in model.get("mistakes", {}).values():
             indexes.update(item["index"] for item in items)
@@ -266,14 +268,15 @@ def blessed_only(blessed: Optional[Mapping[str, Any]]) -> str:
 def ensemble_section(ensemble: Mapping[str, Any], faces: Mapping[int, np.ndarray],
                      blessed: Optional[Mapping[str, Any]] = None) -> str:
     review = ensemble.get("review_examples", [])
-    tiles = "".join(face(faces[item["index"]],
-                         [f"row {item['row_number']}", f"true: {item['true_class']}",
-                          *_answer_lines(item["answers"])],
-                         index=item["index"], true_class=item["true_class"])
-                    for item in review)
     shown = (f"<p>The first {len(review)} of {count(ensemble['reviewed'], 'ensemble/reviewed')}"
-             f" faces sent to review:</p><div class=\"gallery\" data-gallery=\"review\">"
-             f"{tiles}</div>") if review else "<p>No face was sent to review.</p>"
+             f" faces sent to review:</p>{ensemble_gallery('review', review, faces)}"
+             if review else "<p>No face was sent to review.</p>")
+    closest = ensemble.get("closest_calls", [])
+    if closest:
+        shown += ("<h3>Closest calls decided without a person</h3><p class=\"muted\">The "
+                  "models disagreed and the most confident one won by a gap above the tie "
+                  "tolerance; smallest gaps first.</p>"
+                  + ensemble_gallery("closest", closest, faces))
     return ("<h2 id=\"ensemble\">Ensemble (the rule the product serves)</h2>"
             + blessed_only(blessed) +
             f"<p>Models {esc(', '.join(ensemble['models']))}; the most confident answer wins; "
@@ -293,6 +296,19 @@ def ensemble_section(ensemble: Mapping[str, Any], faces: Mapping[int, np.ndarray
             + confusion_chart("confusion-ensemble", ensemble["confusion_matrix"],
                               "ensemble: confusion matrix")
             + "<h3>Faces sent to human review</h3>" + shown)
+
+
+def ensemble_gallery(name: str, items: list[Mapping[str, Any]],
+                     faces: Mapping[int, np.ndarray]) -> str:
+    tiles = "".join(face(faces[item["index"]],
+                         [f"row {item['row_number']}", f"true: {item['true_class']}",
+                          *_answer_lines(item["answers"]),
+                          f"decision: {item['decision']}" + (
+                              f" (gap {item['gap']:.2f})" if item.get("gap") is not None
+                              else "")],
+                         index=item["index"], true_class=item["true_class"])
+                    for item in items)
+    return f'<div class="gallery" data-gallery="{esc(name)}">{tiles}</div>'
 
 
 def thresholds_section(thresholds: Mapping[str, Any]) -> str:

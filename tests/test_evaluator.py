@@ -167,6 +167,14 @@ def test_metrics_match_an_independent_numpy_computation(setup, tmp_path):
                                     "bad": expected_probabilities(pixels, 6, 2.0)}, 0.05)
     assert not review.any()
     assert evaluation["ensemble"]["accuracy"] == pytest.approx(np.mean(ids == labels))
+    # Every face is a disagreement decided alone with the same gap (up to float32 rounding),
+    # so there are 12 closest calls, smallest gap first, each with that gap.
+    gap = np.exp(3) / (np.exp(3) + 6) - np.exp(2) / (np.exp(2) + 6)
+    closest = evaluation["ensemble"]["closest_calls"]
+    assert len({c["index"] for c in closest}) == 12
+    assert [c["gap"] for c in closest] == sorted(c["gap"] for c in closest)
+    assert all(c["gap"] == pytest.approx(gap, rel=1e-5) for c in closest)
+    assert all(c["decision"] == CLASS_NAMES[ids[c["index"]]] for c in closest)
     assert evaluation["ensemble"]["human_review_rate"] == 0.0
     assert evaluation["data"]["class_distribution"] == {
         CLASS_NAMES[k]: int(np.sum(labels == k)) for k in range(NUM_CLASSES)}
@@ -346,3 +354,27 @@ def test_evaluator_on_an_object_store_matches_a_local_run(s3, setup, tmp_path):
         assert remote_models[name]["mistakes"] == local_models[name]["mistakes"]
         assert remote_models[name]["history"] == local_models[name]["history"]
     assert "<!DOCTYPE html>" in fileio.read_text(remote.report_path)
+
+
+def test_confidence_gaps_and_closest_calls_by_hand():
+    from components.evaluator import confidence_gaps, ensemble_metrics
+
+    def probs(*rows):
+        out = np.full((len(rows), NUM_CLASSES), 0.0)
+        for i, (cls, conf) in enumerate(rows):
+            out[i] = (1 - conf) / (NUM_CLASSES - 1)
+            out[i, cls] = conf
+        return out
+
+    a = probs((0, 0.9), (1, 0.6), (2, 0.5), (3, 0.8))
+    b = probs((0, 0.8), (2, 0.3), (4, 0.48), (5, 0.4))
+    labels = np.array([0, 1, 2, 3])
+    class_ids = np.array([0, 1, 2, 3])
+    gaps = confidence_gaps({"a": a, "b": b}, class_ids)
+    assert gaps[0] == np.inf                                   # both say 0
+    assert gaps[1:] == pytest.approx([0.3, 0.02, 0.4])
+    ensemble = ensemble_metrics(labels, {"a": a, "b": b}, tolerance=0.05,
+                                rows=np.array([10, 11, 12, 13]))
+    assert [r["row_number"] for r in ensemble["review_examples"]] == [12]   # gap 0.02
+    assert [c["row_number"] for c in ensemble["closest_calls"]] == [11, 13]  # by gap
+    assert ensemble["agreement_rate"] == 0.25

@@ -184,9 +184,11 @@ def test_report_in_a_real_browser(report_run, tmp_path):
                     f'[data-gallery="mistakes-{name}-{class_name}"] .face',
                     "els => els.map(e => Number(e.dataset.index))")
                 assert shown == [item["index"] for item in items]
-        review = page.eval_on_selector_all('[data-gallery="review"] .face',
-                                           "els => els.map(e => Number(e.dataset.index))")
-        assert review == [item["index"] for item in evaluation["ensemble"]["review_examples"]]
+        for gallery, key in (("review", "review_examples"), ("closest", "closest_calls")):
+            shown = page.eval_on_selector_all(f'[data-gallery="{gallery}"] .face',
+                                              "els => els.map(e => Number(e.dataset.index))")
+            assert shown == [item["index"] for item in evaluation["ensemble"][key]]
+        assert evaluation["ensemble"]["closest_calls"]
 
 
 def test_report_checks_catch_a_changed_number_and_an_empty_plot(report_run, tmp_path):
