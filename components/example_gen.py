@@ -52,6 +52,9 @@ _DUPLICATES = "duplicates"
 _WITHIN_SPLIT = "within_split_duplicates"
 _BEAM_TMP = ".beam_tmp"
 _COMBINED_DIR = ".combined_input"   # several CSVs as one, removed when ingest is done
+# Every side-output shard starts with this line, so none is empty: Beam's S3 filesystem
+# cannot write an empty object (its multipart upload with no parts is refused).
+_JSONL_HEADER = "# fer-pipeline jsonl"
 # Bytes of CSV per read chunk (~500 FER-2013 rows): small enough that a 300 MB file spreads
 # over ~70 chunks for parallel workers, large enough that per-chunk overhead (an element, a
 # file open and seek) is negligible. Workers stream a chunk line by line, so this does not
@@ -406,9 +409,11 @@ def build_pipeline(pipeline: beam.Pipeline, data_path: str, chunks: list[tuple[i
 
     rejected = (parsed[_REJECTED], resolved[_REJECTED]) | "AllRejected" >> beam.Flatten()
     (rejected | "RejectedJson" >> beam.Map(json.dumps)
-     | "WriteRejected" >> beam.io.WriteToText(fileio.join(tmp, "rejected"), ".jsonl"))
+     | "WriteRejected" >> beam.io.WriteToText(fileio.join(tmp, "rejected"), ".jsonl",
+                                              header=_JSONL_HEADER))
     (resolved[_DUPLICATES] | "DuplicatesJson" >> beam.Map(json.dumps)
-     | "WriteDuplicates" >> beam.io.WriteToText(fileio.join(tmp, "duplicates"), ".jsonl"))
+     | "WriteDuplicates" >> beam.io.WriteToText(fileio.join(tmp, "duplicates"), ".jsonl",
+                                                header=_JSONL_HEADER))
 
     # Counts are computed independently of each other so read == written + rejected is a
     # check, not an identity.
@@ -421,7 +426,8 @@ def build_pipeline(pipeline: beam.Pipeline, data_path: str, chunks: list[tuple[i
         resolved[_WITHIN_SPLIT] | "SumWithin" >> beam.CombineGlobally(sum)
         | "WithinEntry" >> beam.Map(_within_entry),
     ) | "AllCounts" >> beam.Flatten()
-    counts | "WriteCounts" >> beam.io.WriteToText(fileio.join(tmp, "counts"), ".jsonl")
+    counts | "WriteCounts" >> beam.io.WriteToText(fileio.join(tmp, "counts"), ".jsonl",
+                                                  header=_JSONL_HEADER)
 
 
 def _read_entry(count: int) -> str:
@@ -439,7 +445,7 @@ def _read_jsonl(pattern: str) -> list[dict[str, Any]]:
     records = []
     for path in fileio.glob(pattern):
         records.extend(json.loads(line) for line in fileio.read_text(path).splitlines()
-                       if line.strip())
+                       if line.strip() and line != _JSONL_HEADER)
     return records
 
 
