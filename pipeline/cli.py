@@ -245,5 +245,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
 
+def entry_point() -> None:
+    """The `fer-pipeline` console script: main(), then an exit that survives tensorflow-io
+    (see pipeline.fileio.exit_process)."""
+    from pipeline import fileio
+
+    fileio.exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -22,7 +22,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from pipeline.config import MODEL_NAMES, PipelineConfig
 from pipeline import fileio
-from pipeline.contract import BLESSINGS_FILE, SERVING_MODEL_DIR, TRANSFORM_GRAPH_DIR
+from pipeline.contract import (BLESSINGS_FILE, SERVING_MODEL_DIR, TRANSFORM_GRAPH_DIR,
+                               TRANSFORMED_DIR)
 from pipeline.metadata import ArtifactRecord
 
 PIPELINE_INPUT = "pipeline"           # producer name of the pipeline's own inputs
@@ -188,7 +189,8 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
              # anomalies: only validated data is transformed (and KFP orders it so)
              {"augmented": "augment.augmented", "examples": "ingest.examples",
               "anomalies": "validate.anomalies"},
-             {"transform": "", "transform_graph": TRANSFORM_GRAPH_DIR}, _transform,
+             {"transform": "", "transform_graph": TRANSFORM_GRAPH_DIR,
+              "transformed": TRANSFORMED_DIR}, _transform,
              _section("transform"), ("components.transform",),
              "tensorflow-transform normalization", beam=True),
     ]

@@ -18,7 +18,8 @@ import pytest
 from components.synthetic import generate_csv
 from pipeline.config import load_config
 from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES
-from pipeline.runner import STEP_NAMES, RunContext, run_pipeline
+from pipeline.dag import STEP_NAMES
+from pipeline.runner import RunContext, committed_output, run_pipeline
 from tests.serving_fixtures import free_port, start_server_process
 
 BIN = os.path.dirname(sys.executable)
@@ -32,7 +33,7 @@ BAD_ROWS = [
     ("non-integer pixel", '2,"{}",Training'),
     ("missing field", '4'),
 ]
-E2E_OVERRIDES = {"train": {"vgg16": {"epochs": 1, "max_train_examples": 256}}}
+E2E_OVERRIDES = {"train": {"models": {"vgg16": {"epochs": 1, "max_train_examples": 256}}}}
 
 
 def _bad_pixels(kind: str) -> str:
@@ -70,30 +71,36 @@ def pipeline_run(tmp_path_factory):
     data = str(work / "fer_dirty.csv")
     facts = _write_dirty_csv(clean, data)
     config = load_config(profile="smoke", overrides=E2E_OVERRIDES)
-    ctx = RunContext(data_path=data, run_root=str(work / "run"), config=config)
+    ctx = RunContext(data_paths=[data], run_root=str(work / "run"), config=config)
     outcomes = run_pipeline(ctx)
     return {"ctx": ctx, "outcomes": outcomes, "work": work, "data": data, **facts}
 
 
-def _manifest(run_root: str, step_dir: str) -> dict:
-    return json.loads(Path(run_root, step_dir, "manifest.json").read_text())
+def _out(run_root: str, step: str) -> Path:
+    """The committed output directory of `step` (what every reader uses)."""
+    return Path(committed_output(run_root, step))
+
+
+def _manifest(run_root: str, step: str) -> dict:
+    return json.loads((_out(run_root, step) / "manifest.json").read_text())
 
 
 def test_every_step_ran_and_wrote_a_manifest(pipeline_run):
     assert [o.step for o in pipeline_run["outcomes"]] == list(STEP_NAMES)
     for outcome in pipeline_run["outcomes"]:
-        manifest = json.loads(Path(outcome.step_dir, "manifest.json").read_text())
+        manifest = json.loads(Path(outcome.uri, "manifest.json").read_text())
         assert manifest["inputs"] and manifest["duration_s"] >= 0
-        assert all(v["fingerprint"].startswith("sha256:") for v in manifest["inputs"].values())
+        assert all(a["fingerprint"].startswith("sha256:")
+                   for artifacts in manifest["inputs"].values() for a in artifacts)
 
 
 def test_no_row_is_lost_and_bad_rows_are_quarantined_with_line_numbers(pipeline_run):
     run_root = pipeline_run["ctx"].run_root
-    result = _manifest(run_root, "examples")["result"]
+    result = _manifest(run_root, "ingest")["result"]
     written = sum(result["rows_written"].values())
     assert result["rows_read"] == pipeline_run["rows"]
     assert result["rows_read"] == written + result["rows_rejected"]
-    with open(Path(run_root, "examples", "rejected", "rejected_rows.csv"), newline="") as f:
+    with open(_out(run_root, "ingest") / "rejected" / "rejected_rows.csv", newline="") as f:
         rejected = {int(r["line_number"]): r["reason"] for r in csv.DictReader(f)}
     for line in pipeline_run["bad_lines"]:
         assert line in rejected, f"bad line {line} was not quarantined"
@@ -102,27 +109,27 @@ def test_no_row_is_lost_and_bad_rows_are_quarantined_with_line_numbers(pipeline_
 
 
 def test_reports_a_person_can_open(pipeline_run):
-    run_root = Path(pipeline_run["ctx"].run_root)
-    assert "emotion" in (run_root / "statistics" / "statistics.html").read_text()
-    assert (run_root / "anomalies" / "report.txt").exists()
-    report = (run_root / "evaluation" / "report.html").read_text()
+    run_root = pipeline_run["ctx"].run_root
+    assert "emotion" in (_out(run_root, "statistics") / "statistics.html").read_text()
+    assert (_out(run_root, "validate") / "report.txt").exists()
+    report = (_out(run_root, "evaluate") / "report.html").read_text()
     assert "data:image/png;base64," in report and "Felicidad" in report
 
 
 def test_training_split_is_balanced_and_test_split_untouched(pipeline_run):
     run_root = pipeline_run["ctx"].run_root
-    augment = _manifest(run_root, "augmented")["result"]
+    augment = _manifest(run_root, "augment")["result"]
     after = augment["counts_after"]
     assert len(set(after.values())) == 1, after  # every class topped up to the largest
     transform = _manifest(run_root, "transform")["result"]
-    examples = _manifest(run_root, "examples")["result"]
+    examples = _manifest(run_root, "ingest")["result"]
     assert transform["counts"]["test"] == examples["rows_written"]["test"]
 
 
 def test_models_are_trained_evaluated_and_only_blessed_ones_pushed(pipeline_run):
     ctx = pipeline_run["ctx"]
-    blessings = json.loads(Path(ctx.run_root, "evaluation", "blessings.json").read_text())
-    evaluation = json.loads(Path(ctx.run_root, "evaluation", "evaluation.json").read_text())
+    blessings = json.loads((_out(ctx.run_root, "evaluate") / "blessings.json").read_text())
+    evaluation = json.loads((_out(ctx.run_root, "evaluate") / "evaluation.json").read_text())
     assert set(blessings) == {"cnn", "vgg16"}
     # The smoke CNN must learn the synthetic faces well above chance (1/7) and above the
     # majority class (happy, 25 %).
@@ -158,7 +165,7 @@ def _client(*args: str) -> list:
 def test_pushed_models_answer_through_the_serving_protocol(pipeline_run):
     """pipeline -> push -> fer-serve -> fer-client, over gRPC and REST."""
     ctx = pipeline_run["ctx"]
-    blessings = json.loads(Path(ctx.run_root, "evaluation", "blessings.json").read_text())
+    blessings = json.loads((_out(ctx.run_root, "evaluate") / "blessings.json").read_text())
     served = [name for name, b in blessings.items() if b["blessed"]]
     assert served, "nothing was blessed, so nothing can be served"
     grpc_port, rest_port = free_port(), free_port()
