@@ -205,7 +205,7 @@ def test_whole_pipeline_on_s3_equals_the_local_run(reference_run, data_csv, s3, 
     and pushing that through moto's in-memory Python server would take most of the
     suite's time budget without exercising any other code path.
     """
-    run_root, serving_root = s3.uri("run"), s3.uri("serving")
+    run_root, serving_root = s3.unique_uri("pipeline-run"), s3.unique_uri("pipeline-serving")
     config = load_config(profile="smoke", overrides={
         **OVERRIDES, "push": {"serving_root": serving_root},
         "metadata": {"sqlite_path": str(tmp_path / "metadata.sqlite")}})
