@@ -324,7 +324,8 @@ def _push_if_blessed(name: str, model_dir: str, verdict: Optional[dict], evaluat
             f"no blessing recorded for {name!r} in {evaluation_dir}/{BLESSINGS_FILE}"])
     reasons = list(verdict.get("reasons", []))
     if not verdict.get("blessed", False):
-        log.warning("not pushing %s: %s", name, "; ".join(reasons))
+        # The gate's verdict, not a fault: the CLI prints it as one line already.
+        log.info("not pushing %s: %s", name, "; ".join(reasons))
         return ModelPush(pushed=False, reasons=["not blessed"] + reasons)
     source = _candidate(name, model_dir)
     same = _identical_served_version(source, root, name)
