@@ -33,12 +33,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from pipeline.config import EvalConfig
+from pipeline.config import MODEL_NAMES, EvalConfig
 from pipeline.contract import (CLASS_NAMES, CLASS_NAMES_ES, IMAGE_SIZE, INPUT_PIXELS,
                                NUM_PIXELS, OUTPUT_PROBABILITIES, OUTPUT_SALIENCY,
                                SIGNATURE_EXPLAIN)
 
-DEFAULT_MODELS = ("cnn", "vgg16")
+DEFAULT_MODELS = MODEL_NAMES   # every registered model (pipeline/config.py)
 # Where flagged faces are queued when --review-queue is not given (unset: nowhere).
 REVIEW_QUEUE_ENV = "FER_REVIEW_QUEUE"
 EXIT_UNAVAILABLE = 2
