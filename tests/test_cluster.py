@@ -146,6 +146,30 @@ def test_lineage_of_a_served_version(reference_run, data_csv):
     assert missing.returncode == 2 and "no pushed version 7" in missing.stderr
 
 
+def test_the_readme_commands_for_one_step_path_and_dag(reference_run):
+    def cli(*args):
+        return subprocess.run([f"{BIN}/fer-pipeline", *args], capture_output=True, text=True)
+
+    # Committed and unchanged: the one-step command finds it and skips.
+    train = cli("train", "--model", "cnn", "--output", reference_run, "--profile", "smoke",
+                "--config", _config_file(reference_run))
+    assert train.returncode == 0, train.stderr
+    assert "train-cnn    skipped (unchanged)" in train.stdout
+    assert "vgg16" not in train.stdout
+    path = cli("path", "--output", reference_run, "train-cnn.serving_model")
+    assert path.stdout.strip() == committed_output(reference_run, "train-cnn.serving_model")
+    assert cli("path", "--output", reference_run, "nope").returncode == 2
+    from pipeline.dag import mermaid
+
+    assert cli("dag", "--mermaid").stdout == mermaid(build_steps())
+
+
+def _config_file(run_root: str) -> str:
+    path = os.path.join(os.path.dirname(run_root), "overrides.yaml")
+    Path(path).write_text(yaml.safe_dump(OVERRIDES))
+    return path
+
+
 # ----------------------------------------------------------------------------- Kubeflow
 
 def test_compiled_kfp_pipeline_passes_beam_options_to_the_data_steps_only(tmp_path):
