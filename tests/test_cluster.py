@@ -170,6 +170,19 @@ def _config_file(run_root: str) -> str:
     return path
 
 
+def test_several_data_files_through_the_runner(data_csv, tmp_path):
+    """`--data A --data B`: one ingest over both, each file fingerprinted as an input."""
+    second = str(tmp_path / "more.csv")
+    generate_csv(second, rows=70, seed=9)
+    ctx = RunContext([data_csv, second], str(tmp_path / "run"), _config(), run_id="two")
+    [outcome] = run_pipeline(ctx, ["ingest"])
+    result = outcome.manifest["result"]
+    assert result["rows_read"] == ROWS + 70
+    assert [s["path"] for s in result["sources"]] == [data_csv, second]
+    assert [a["fingerprint"] for a in outcome.manifest["inputs"]["data"]] == [
+        fingerprint(data_csv), fingerprint(second)]
+
+
 # ----------------------------------------------------------------------------- Kubeflow
 
 def test_compiled_kfp_pipeline_passes_beam_options_to_the_data_steps_only(tmp_path):
