@@ -88,7 +88,7 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from components.synthetic import FER_CLASS_COUNTS, allocate, draw_faces  # noqa: E402
-from pipeline.config import ModelConfig, TrainConfig  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.contract import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS  # noqa: E402
 
 NOTEBOOK = TrainConfig()  # the notebook's batch sizes, epochs and learning rates

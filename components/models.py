@@ -22,7 +22,7 @@ from typing import Optional
 import keras
 from keras import layers
 
-from pipeline.config import MODEL_NAMES, ModelConfig, TrainConfig, registered_model
+from pipeline.config import ModelConfig, TrainConfig, registered_model
 from pipeline.contract import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS
 
 VGG_WEIGHTS_NONE = "none"

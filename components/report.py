@@ -26,7 +26,7 @@ import numpy as np
 
 from components.html_page import (bilingual, chart, count, document, esc, face, number,
     pyplot, table)
-from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES
+from pipeline.contract import CLASS_NAMES, NUM_CLASSES
 
 HISTORY_METRICS = ("loss", "accuracy")
 

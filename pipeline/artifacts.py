@@ -57,14 +57,6 @@ def fingerprint(path: str | os.PathLike) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def fingerprint_all(paths: list[str]) -> str:
-    """One fingerprint for several inputs (e.g. several CSVs), order-sensitive."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(fingerprint(path).encode() + b"\0")
-    return "sha256:" + digest.hexdigest()
-
-
 def to_jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_jsonable(dataclasses.asdict(value))

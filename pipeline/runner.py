@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from pipeline import fileio
 from pipeline.artifacts import (EXECUTION_PREFIX, Commit, commit, fingerprint,
-                                fingerprint_all, read_commit, relative_paths,
+                                read_commit, relative_paths,
                                 remove_uncommitted, to_jsonable)
 from pipeline.config import MODEL_NAMES, PipelineConfig
 from pipeline.contract import MANIFEST_FILE

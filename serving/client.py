@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from pipeline.config import MODEL_NAMES, EvalConfig
-from pipeline.contract import (CLASS_NAMES, CLASS_NAMES_ES, IMAGE_SIZE, INPUT_PIXELS,
+from pipeline.contract import (CLASS_NAMES, IMAGE_SIZE, INPUT_PIXELS,
                                NUM_PIXELS, OUTPUT_PROBABILITIES, OUTPUT_SALIENCY,
                                SIGNATURE_EXPLAIN)
 

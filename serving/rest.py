@@ -19,7 +19,6 @@ import base64
 import json
 import logging
 import re
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
@@ -27,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format
 
-from serving.model_manager import (DEFAULT_SIGNATURE, STATE_CODES, Predictor, ServingError)
+from serving.model_manager import (DEFAULT_SIGNATURE, Predictor, ServingError)
 
 log = logging.getLogger(__name__)
 

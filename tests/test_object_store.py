@@ -7,7 +7,6 @@ hundred faces) to keep the file fast.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -20,8 +19,8 @@ import tensorflow as tf
 
 from components.synthetic import generate_csv
 from pipeline import fileio
-from pipeline.config import (AugmentConfig, IngestConfig, ModelConfig, PushConfig,
-                             TrainConfig, TransformConfig, ValidationConfig)
+from pipeline.config import (AugmentConfig, IngestConfig, PushConfig,
+                             TransformConfig, ValidationConfig)
 from pipeline.contract import (CHECKPOINTS_DIR, DUPLICATES_FILE, EXAMPLES_PATTERN,
     HISTORY_FILE, LOGS_DIR, MODELS_CONFIG, REJECTED_DIR, REJECTED_FILE, SERVING_MODEL_DIR,
     SPLITS, TRAINING_INFO_FILE, TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)

@@ -11,7 +11,6 @@ fail on a changed number and on an empty plot.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import EvalConfig
-from pipeline.contract import CLASS_NAMES, NUM_CLASSES
+from pipeline.contract import CLASS_NAMES
 from tests import browser
 from tests import test_evaluator as evaluator_fixtures
 from tests import test_statistics as statistics_fixtures
