@@ -27,8 +27,6 @@ from pipeline.contract import MANIFEST_FILE
 COMMIT_FILE = "COMMIT.json"
 # Execution directories are named EXECUTION_PREFIX + a prefix of the step's cache key.
 EXECUTION_PREFIX = "x-"
-# Kept for readers of older code: the manifest's name inside an execution directory.
-MANIFEST = MANIFEST_FILE
 
 
 def fingerprint(path: str | os.PathLike) -> str:
@@ -88,11 +86,6 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(directory: str) -> Optional[dict[str, Any]]:
-    path = fileio.join(directory, MANIFEST_FILE)
-    return fileio.read_json(path) if fileio.exists(path) else None
-
-
 @dataclasses.dataclass
 class Commit:
     """What a commit record says: the committed execution and its outputs."""
@@ -117,10 +110,6 @@ def read_commit(step_root: str) -> Optional[Commit]:
         return None
     record = fileio.read_json(path)
     return Commit(**{f.name: record[f.name] for f in dataclasses.fields(Commit)})
-
-
-def execution_dir(step_root: str, execution: str) -> str:
-    return fileio.join(step_root, execution)
 
 
 def commit(step_root: str, record: Commit) -> None:

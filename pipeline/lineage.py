@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from pipeline.config import MetadataConfig
-from pipeline.metadata import MetadataStore
+from pipeline.metadata import DERIVED, MetadataStore
 
 
 class LineageError(ValueError):
@@ -55,14 +55,14 @@ def version_lineage(store: MetadataStore, pushed: dict[str, Any]) -> dict[str, A
     statistics = _upstream(store, validate, "statistics")
     augment = _upstream(store, transform, "augmented")
     ingest = _upstream(store, transform, "examples")
-    blessing = next((a["properties"] for a in evaluate["outputs"].get("derived", [])
+    blessing = next((a["properties"] for a in evaluate["outputs"].get(DERIVED, [])
                      if a["properties"].get("model") == model), None)
     ingest_facts = _facts(ingest)
     evaluation = _facts(evaluate)
     result = evaluation["result"] or {}
     return {
         "model": model, "version": pushed["version"], "served_path": pushed["uri"],
-        "fingerprint": next((a["fingerprint"] for a in push["outputs"].get("derived", [])
+        "fingerprint": next((a["fingerprint"] for a in push["outputs"].get(DERIVED, [])
                              if a["id"] == pushed["id"]), None),
         "data": [{"uri": a["uri"], "fingerprint": a["fingerprint"]}
                  for a in ingest["inputs"].get("data", [])],

@@ -27,7 +27,7 @@ from pipeline.config import MODEL_NAMES, PipelineConfig
 from pipeline.contract import MANIFEST_FILE
 from pipeline.dag import (DATA, PIPELINE_INPUT, SCHEMA, STEP_NAMES, Step, StepEnv,
                           build_steps, code_fingerprint)
-from pipeline.metadata import ArtifactRecord, MetadataStore
+from pipeline.metadata import DERIVED, ArtifactRecord, MetadataStore
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def record_metadata(step: Step, store: MetadataStore,
     outputs = {name: [ArtifactRecord(name, out["uri"], out["fingerprint"])]
                for name, out in record.outputs.items()}
     if step.derived is not None:
-        outputs["derived"] = step.derived(record.uri, result)
+        outputs[DERIVED] = step.derived(record.uri, result)
     store.record_execution(step.name, dict(input_records), outputs, {
         "cache_key": record.cache_key,
         "code_fingerprint": record.manifest["code_fingerprint"],

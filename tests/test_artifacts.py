@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import (COMMIT_FILE, MANIFEST, fingerprint, read_commit,
+from pipeline.artifacts import (COMMIT_FILE, fingerprint, read_commit,
                                 remove_uncommitted)
 from pipeline.config import load_config
+from pipeline.contract import MANIFEST_FILE
 from pipeline.dag import DATA, Step, StepEnv
 from pipeline.metadata import MetadataStore
 from pipeline.runner import RunContext, run_step
@@ -52,7 +53,7 @@ def test_fingerprint_changes_with_content_and_ignores_own_manifest(tmp_path):
     d.mkdir()
     (d / "a.txt").write_text("one")
     before = fingerprint(str(d))
-    (d / MANIFEST).write_text("{}")
+    (d / MANIFEST_FILE).write_text("{}")
     assert fingerprint(str(d)) == before
     (d / "a.txt").write_text("two")
     assert fingerprint(str(d)) != before
@@ -68,7 +69,7 @@ def test_step_runs_then_skips_then_reruns_on_input_parameter_or_force(tmp_path, 
     assert record.uri == first.uri and Path(first.uri, "data.txt").read_text() == "helloa,b\n"
     assert record.output_uri("file") == os.path.join(first.uri, "data.txt")
     assert record.outputs["toy"]["fingerprint"].startswith("sha256:")
-    manifest = json.loads(Path(first.uri, MANIFEST).read_text())
+    manifest = json.loads(Path(first.uri, MANIFEST_FILE).read_text())
     assert manifest["result"]["outputs"]["data"] == "data.txt"   # relative to its directory
     assert manifest["inputs"]["data"][0]["fingerprint"] == fingerprint(str(source))
 
