@@ -177,6 +177,11 @@ def write_manifest(step: Step, execution: str, key: str,
 
 def run_step(step: Step, ctx: RunContext, store: MetadataStore,
              committed: Mapping[str, Commit]) -> StepOutcome:
+    """Skips `step` when its cache key is committed and recorded; else runs and commits it.
+
+    `committed` holds this run's commits so far (steps not run in this invocation are
+    found through their commit records).
+    """
     env = ctx.env()
     inputs, input_records = _resolve_inputs(step, ctx, committed)
     parameters = to_jsonable(step.parameters(ctx.config, env))
@@ -210,6 +215,7 @@ def run_step(step: Step, ctx: RunContext, store: MetadataStore,
 def record_metadata(step: Step, store: MetadataStore,
                      input_records: Mapping[str, list[ArtifactRecord]], record: Commit,
                      result: dict[str, Any]) -> None:
+    """The execution, its input/output artifacts and derived artifacts in ML Metadata."""
     outputs = {name: [ArtifactRecord(name, out["uri"], out["fingerprint"])]
                for name, out in record.outputs.items()}
     if step.derived is not None:
