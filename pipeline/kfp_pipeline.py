@@ -26,7 +26,7 @@ import tempfile
 from typing import Any, Optional, Sequence
 
 from pipeline.config import MODEL_NAMES, PipelineConfig
-from pipeline.dag import DATA, PIPELINE_INPUT, SCHEMA, Step, build_steps
+from pipeline.dag import PIPELINE_INPUT, Step, build_steps
 
 PIPELINE_NAME = "fer-pipeline"
 
@@ -151,31 +151,27 @@ def run_component(step_name: str, input_uris: dict[str, str], output_uri: str, d
     from pipeline import fileio
     from pipeline.artifacts import Commit, fingerprint, to_jsonable
     from pipeline.config import load_config
-    from pipeline.dag import StepEnv, code_fingerprint
+    from pipeline.dag import StepEnv, code_fingerprint, step_by_name
     from pipeline.metadata import ArtifactRecord, MetadataStore
-    from pipeline.runner import (RunContext, StepOutcome, cache_key, execute,
+    from pipeline.runner import (StepOutcome, cache_key, execute, pipeline_input,
                                  record_metadata, stop_if_blocking, write_manifest)
 
     models = tuple(json.loads(models_json))
-    step = next(s for s in build_steps(models) if s.name == step_name)
+    step = step_by_name(step_name, models)
     config = load_config(overrides=json.loads(config_json))
     env = StepEnv(config, json.loads(beam_args_json), fileio.absolute(serving_root))
     inputs: dict[str, Any] = {}
     records: dict[str, list[ArtifactRecord]] = {}
+    data_paths = json.loads(data) if data.strip().startswith("[") else data.split(",")
     for name, ref in step.inputs.items():
-        if ref == DATA:
-            paths = json.loads(data) if data.strip().startswith("[") else data.split(",")
-            inputs[name] = paths[0] if len(paths) == 1 else paths
-            records[name] = [ArtifactRecord("data", p, fingerprint(p)) for p in paths]
-        elif ref == SCHEMA:
-            inputs[name] = RunContext([], "", config).schema_path
-            records[name] = [ArtifactRecord("schema", inputs[name], fingerprint(inputs[name]))]
-        else:
-            sub = _output_subpath(ref, models)
-            base = _local_path(input_uris[name])
-            inputs[name] = fileio.join(base, sub) if sub else base
-            records[name] = [ArtifactRecord(ref.split(".", 1)[1], inputs[name],
-                                            fingerprint(inputs[name]))]
+        if ref.startswith(PIPELINE_INPUT + "."):
+            inputs[name], records[name] = pipeline_input(ref, data_paths, config)
+            continue
+        producer, output = ref.split(".", 1)
+        sub = step_by_name(producer, models).outputs[output]
+        base = _local_path(input_uris[name])
+        inputs[name] = fileio.join(base, sub) if sub else base
+        records[name] = [ArtifactRecord(output, inputs[name], fingerprint(inputs[name]))]
     output_uri = _local_path(output_uri)
     parameters = to_jsonable(step.parameters(config, env))
     code = code_fingerprint(step.code)
@@ -190,9 +186,3 @@ def run_component(step_name: str, input_uris: dict[str, str], output_uri: str, d
                               output_uri, run_id=os.environ.get("KFP_RUN_ID", ""))
         record_metadata(step, store, records, record, result)
     stop_if_blocking(StepOutcome(step.name, output_uri, False, manifest, record))
-
-
-def _output_subpath(ref: str, models: Sequence[str]) -> str:
-    producer, output = ref.split(".", 1)
-    step = next(s for s in build_steps(models) if s.name == producer)
-    return step.outputs[output]

@@ -26,7 +26,7 @@ from pipeline.artifacts import (EXECUTION_PREFIX, Commit, commit, fingerprint,
 from pipeline.config import MODEL_NAMES, PipelineConfig
 from pipeline.contract import MANIFEST_FILE
 from pipeline.dag import (DATA, PIPELINE_INPUT, SCHEMA, STEP_NAMES, Step, StepEnv,
-                          build_steps, code_fingerprint)
+                          build_steps, code_fingerprint, step_by_name)
 from pipeline.metadata import DERIVED, ArtifactRecord, MetadataStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 # exist relative to the working directory, so the CLI works from any directory.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVING_MODELS_DIR = "serving_models"
+
+
+def schema_path(config: PipelineConfig) -> str:
+    """The checked-in schema; a relative path is found from any working directory."""
+    path = config.validation.schema_path
+    if fileio.is_uri(path) or os.path.isabs(path):
+        return path
+    return os.path.abspath(path) if os.path.exists(path) else str(PROJECT_ROOT / path)
 
 
 class PipelineError(RuntimeError):
@@ -58,10 +66,7 @@ class RunContext:
 
     @property
     def schema_path(self) -> str:
-        path = self.config.validation.schema_path
-        if fileio.is_uri(path) or os.path.isabs(path):
-            return path
-        return os.path.abspath(path) if os.path.exists(path) else str(PROJECT_ROOT / path)
+        return schema_path(self.config)
 
     def env(self) -> StepEnv:
         return StepEnv(self.config, list(self.beam_args), self.serving_root)
@@ -87,43 +92,46 @@ def _resolve_inputs(step: Step, ctx: RunContext, committed: Mapping[str, Commit]
     values: dict[str, Any] = {}
     records: dict[str, list[ArtifactRecord]] = {}
     for name, ref in step.inputs.items():
-        if ref == DATA:
-            values[name], records[name] = _data_inputs(ctx)
-        elif ref == SCHEMA:
-            values[name] = _require(ctx.schema_path, "the checked-in schema")
-            records[name] = [ArtifactRecord("schema", values[name], fingerprint(values[name]))]
-        else:
-            producer, output = ref.split(".", 1)
-            source = committed.get(producer) or read_commit(
-                fileio.join(ctx.run_root, _step(producer, ctx).directory))
-            if source is None:
-                raise PipelineError(f"step {step.name!r} needs {ref!r}, but `{producer}` has "
-                                    f"no committed output under {ctx.run_root}: run "
-                                    f"`fer-pipeline {_command(producer)}` first "
-                                    f"(or `fer-pipeline run`)")
-            values[name] = source.output_uri(output)
-            records[name] = [ArtifactRecord(output, values[name],
-                                            source.outputs[output]["fingerprint"])]
+        if ref.startswith(PIPELINE_INPUT + "."):
+            values[name], records[name] = pipeline_input(ref, ctx.data_paths, ctx.config)
+            continue
+        producer, output = ref.split(".", 1)
+        source = committed.get(producer) or read_commit(
+            fileio.join(ctx.run_root, step_by_name(producer, ctx.models).directory))
+        if source is None:
+            raise PipelineError(f"step {step.name!r} needs {ref!r}, but `{producer}` has "
+                                f"no committed output under {ctx.run_root}: run "
+                                f"`fer-pipeline {_command(producer)}` first "
+                                f"(or `fer-pipeline run`)")
+        values[name] = source.output_uri(output)
+        records[name] = [ArtifactRecord(output, values[name],
+                                        source.outputs[output]["fingerprint"])]
     return values, records
 
 
-def _data_inputs(ctx: RunContext) -> tuple[Any, list[ArtifactRecord]]:
-    if not ctx.data_paths:
+def pipeline_input(ref: str, data_paths: Sequence[str], config: PipelineConfig
+                   ) -> tuple[Any, list[ArtifactRecord]]:
+    """The value and artifact records of `pipeline.data` or `pipeline.schema`.
+
+    Shared by the local runner and the Kubeflow components. One CSV is passed as a path
+    (the component's simple signature); several go as a list.
+    """
+    if ref == SCHEMA:
+        path = _require(schema_path(config), "the checked-in schema")
+        return path, [ArtifactRecord("schema", path, fingerprint(path))]
+    if ref != DATA:
+        raise ValueError(f"unknown pipeline input {ref!r}")
+    if not data_paths:
         raise PipelineError("ingest needs --data PATH (a FER-2013 format CSV)")
-    paths = [_require(p, "synth") for p in ctx.data_paths]
+    paths = [_require(p, "synth") for p in data_paths]
     records = [ArtifactRecord("data", fileio.absolute(p), fingerprint(p)) for p in paths]
-    # One CSV keeps the component's simple signature; several go as a list.
-    return (paths[0] if len(paths) == 1 else paths), records
+    return (paths[0] if len(paths) == 1 else list(paths)), records
 
 
 def _require(path: str, produced_by: str) -> str:
     if not fileio.exists(path):
         raise PipelineError(f"{path} does not exist: run `{produced_by}` first")
     return path
-
-
-def _step(name: str, ctx: RunContext) -> Step:
-    return next(s for s in build_steps(ctx.models) if s.name == name)
 
 
 def _command(step_name: str) -> str:
@@ -280,9 +288,9 @@ def run_pipeline(ctx: RunContext, steps: Optional[Sequence[str]] = None) -> list
 def committed_output(run_root: str, ref: str, models: Sequence[str] = MODEL_NAMES) -> str:
     """The committed URI of `step.output` (or of a step's whole output) under `run_root`."""
     producer, _, output = ref.partition(".")
-    step = next((s for s in build_steps(models) if s.name == producer), None)
-    if step is None or producer == PIPELINE_INPUT:
+    if producer not in STEP_NAMES:
         raise PipelineError(f"unknown step {producer!r}; steps are {list(STEP_NAMES)}")
+    step = step_by_name(producer, models)
     record = read_commit(fileio.join(run_root, step.directory))
     if record is None:
         raise PipelineError(f"`{producer}` has no committed output under {run_root}")

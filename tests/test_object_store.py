@@ -353,8 +353,8 @@ def test_push_to_s3_publishes_through_models_config(s3, candidates, tmp_path):
 
 def test_push_to_s3_crashing_mid_upload_never_names_the_partial_version(
         s3, candidates, tmp_path, monkeypatch):
-    from components import pusher
     from components.pusher import run_pusher, served_versions, version_dirs
+    from tests.test_pusher import fail_copy_after
     from serving.model_config import read_model_server_config
 
     evaluation = _bless(tmp_path)
@@ -362,15 +362,7 @@ def test_push_to_s3_crashing_mid_upload_never_names_the_partial_version(
     assert run_pusher({"cnn": candidates["run0"]}, evaluation, root, s3.uri("push", "c0"),
                       PushConfig()).models["cnn"].version == 1
 
-    real_copy, copied = pusher._copy_file, []
-
-    def copy_then_fail(src, dst):
-        if len(copied) == 2:
-            raise OSError("connection reset (injected)")
-        copied.append(dst)
-        return real_copy(src, dst)
-
-    monkeypatch.setattr(pusher, "_copy_file", copy_then_fail)
+    copied = fail_copy_after(monkeypatch, 2, "connection reset (injected)")
     with pytest.raises(OSError, match="injected"):
         run_pusher({"cnn": candidates["run1"]}, evaluation, root, s3.uri("push", "c1"),
                    PushConfig())
@@ -381,7 +373,7 @@ def test_push_to_s3_crashing_mid_upload_never_names_the_partial_version(
     assert [(s.name, s.versions) for s in specs] == [("cnn", [1])]
     assert served_versions(root, "cnn") == [1]
 
-    monkeypatch.setattr(pusher, "_copy_file", real_copy)
+    monkeypatch.undo()                           # the real copy again
     result = run_pusher({"cnn": candidates["run1"]}, evaluation, root, s3.uri("push", "c2"),
                         PushConfig())
     outcome = result.models["cnn"]

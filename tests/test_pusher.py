@@ -186,27 +186,34 @@ def test_regression_found_by_the_evaluator_keeps_the_served_version(saved_models
     assert served_versions(str(serving), "cnn") == [1]
 
 
-def test_exception_mid_copy_leaves_nothing_visible(saved_models, tmp_path, monkeypatch):
-    dirs = {"cnn": model_dir(saved_models, tmp_path, "good", "cnn")}
-    evaluation = bless(tmp_path / "evaluation", {"cnn": True})
-    serving = tmp_path / "serving"
-    copied = []
+def fail_copy_after(monkeypatch, copies: int, message: str) -> list[str]:
+    """Makes the pusher's per-file copy raise OSError(message) after `copies` files;
+    returns the list of files copied before that (filled as the push runs)."""
+    copied: list[str] = []
     real_copy = pusher._copy_file
 
     def copy_then_fail(src, dst):
-        if len(copied) == 2:
-            raise OSError("disk full (injected)")
+        if len(copied) == copies:
+            raise OSError(message)
         copied.append(dst)
         return real_copy(src, dst)
 
     monkeypatch.setattr(pusher, "_copy_file", copy_then_fail)
+    return copied
+
+
+def test_exception_mid_copy_leaves_nothing_visible(saved_models, tmp_path, monkeypatch):
+    dirs = {"cnn": model_dir(saved_models, tmp_path, "good", "cnn")}
+    evaluation = bless(tmp_path / "evaluation", {"cnn": True})
+    serving = tmp_path / "serving"
+    copied = fail_copy_after(monkeypatch, 2, "disk full (injected)")
     with pytest.raises(OSError, match="injected"):
         run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push"), PushConfig())
     assert len(copied) == 2                      # the crash really happened mid-copy
     assert served_versions(str(serving), "cnn") == []
     assert visible_entries(serving / "cnn") == []
 
-    monkeypatch.setattr(pusher, "_copy_file", real_copy)
+    monkeypatch.undo()                           # the real copy again
     result = run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push"), PushConfig())
     assert result.models["cnn"].version == 1
     assert visible_entries(serving / "cnn") == ["1"]
