@@ -54,7 +54,7 @@ _BEAM_TMP = ".beam_tmp"
 _COMBINED_DIR = ".combined_input"   # several CSVs as one, removed when ingest is done
 # Every side-output shard starts with this line, so none is empty: Beam's S3 filesystem
 # cannot write an empty object (its multipart upload with no parts is refused).
-_JSONL_HEADER = "# fer-pipeline jsonl"
+JSONL_HEADER = "# fer-pipeline jsonl"
 # Bytes of CSV per read chunk (~500 FER-2013 rows): small enough that a 300 MB file spreads
 # over ~70 chunks for parallel workers, large enough that per-chunk overhead (an element, a
 # file open and seek) is negligible. Workers stream a chunk line by line, so this does not
@@ -93,28 +93,35 @@ class ExampleGenResult:
 
 @dataclass(frozen=True)
 class CsvColumns:
-    """Positions of the columns we use, found by header name (Usage may be absent)."""
-    emotion: int
+    """Positions of the columns we use, found by header name (Usage may be absent; so may
+    emotion, for bulk inference, where labels are optional)."""
+    emotion: Optional[int]
     pixels: int
     usage: Optional[int]
     count: int
+    label_required: bool = True        # False: an empty or absent emotion is no label
 
 
 # ---------------------------------------------------------------------------------------
 # Header and columns (driver side, before the pipeline starts)
 
-def read_header(data_path: str) -> CsvColumns:
-    """Finds the emotion/pixels/Usage columns in the first line (BOM, CRLF, quotes allowed)."""
+def read_header(data_path: str, label_required: bool = True) -> CsvColumns:
+    """Finds the emotion/pixels/Usage columns in the first line (BOM, CRLF, quotes allowed).
+
+    With `label_required=False` (bulk inference) only `pixels` must be there."""
     with FileSystems.open(data_path) as f:
         first = f.readline()
     text = first.decode("utf-8-sig").rstrip("\r\n")
     names = [name.strip().lower() for name in next(csv.reader([text]), [])]
-    missing = [c for c in ("emotion", "pixels") if c not in names]
+    required = ("emotion", "pixels") if label_required else ("pixels",)
+    missing = [c for c in required if c not in names]
     if missing:
+        expected = "emotion,pixels[,Usage]" if label_required else "[emotion,]pixels[,Usage]"
         raise ValueError(f"{data_path}: header {text[:200]!r} lacks column(s) {missing}; "
-                         "expected a FER-2013 CSV with emotion,pixels[,Usage]")
+                         f"expected a FER-2013 CSV with {expected}")
+    emotion = names.index("emotion") if "emotion" in names else None
     usage = names.index("usage") if "usage" in names else None
-    return CsvColumns(names.index("emotion"), names.index("pixels"), usage, len(names))
+    return CsvColumns(emotion, names.index("pixels"), usage, len(names), label_required)
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,8 +229,10 @@ def _parse_pixels_slowly(text: str) -> np.ndarray:
     return np.array([int(t) for t in tokens], dtype=np.int64)
 
 
-def parse_row(raw: bytes, columns: CsvColumns) -> tuple[int, bytes, str]:
-    """(label, 2304 pixel bytes, usage) from one raw CSV line; raises RowError."""
+def parse_row(raw: bytes, columns: CsvColumns) -> tuple[Optional[int], bytes, str]:
+    """(label, 2304 pixel bytes, usage) from one raw CSV line; raises RowError.
+
+    The label is None only when `columns.label_required` is False and the row has none."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -234,7 +243,10 @@ def parse_row(raw: bytes, columns: CsvColumns) -> tuple[int, bytes, str]:
         raise RowError("malformed_csv", str(e)) from None
     if len(fields) != columns.count:
         raise RowError("wrong_field_count", f"got {len(fields)}, want {columns.count}")
-    label = parse_label(fields[columns.emotion])
+    label = None
+    if columns.emotion is not None and (columns.label_required
+                                        or fields[columns.emotion].strip()):
+        label = parse_label(fields[columns.emotion])
     pixels = parse_pixels(fields[columns.pixels])
     usage = fields[columns.usage].strip() if columns.usage is not None else ""
     return label, pixels, usage
@@ -410,10 +422,10 @@ def build_pipeline(pipeline: beam.Pipeline, data_path: str, chunks: list[tuple[i
     rejected = (parsed[_REJECTED], resolved[_REJECTED]) | "AllRejected" >> beam.Flatten()
     (rejected | "RejectedJson" >> beam.Map(json.dumps)
      | "WriteRejected" >> beam.io.WriteToText(fileio.join(tmp, "rejected"), ".jsonl",
-                                              header=_JSONL_HEADER))
+                                              header=JSONL_HEADER))
     (resolved[_DUPLICATES] | "DuplicatesJson" >> beam.Map(json.dumps)
      | "WriteDuplicates" >> beam.io.WriteToText(fileio.join(tmp, "duplicates"), ".jsonl",
-                                                header=_JSONL_HEADER))
+                                                header=JSONL_HEADER))
 
     # Counts are computed independently of each other so read == written + rejected is a
     # check, not an identity.
@@ -427,7 +439,7 @@ def build_pipeline(pipeline: beam.Pipeline, data_path: str, chunks: list[tuple[i
         | "WithinEntry" >> beam.Map(_within_entry),
     ) | "AllCounts" >> beam.Flatten()
     counts | "WriteCounts" >> beam.io.WriteToText(fileio.join(tmp, "counts"), ".jsonl",
-                                                  header=_JSONL_HEADER)
+                                                  header=JSONL_HEADER)
 
 
 def _read_entry(count: int) -> str:
@@ -441,11 +453,11 @@ def _within_entry(count: int) -> str:
 # ---------------------------------------------------------------------------------------
 # Driver: run, then turn the pipeline's JSON-lines reports into the contract's files
 
-def _read_jsonl(pattern: str) -> list[dict[str, Any]]:
+def read_jsonl(pattern: str) -> list[dict[str, Any]]:
     records = []
     for path in fileio.glob(pattern):
         records.extend(json.loads(line) for line in fileio.read_text(path).splitlines()
-                       if line.strip() and line != _JSONL_HEADER)
+                       if line.strip() and line != JSONL_HEADER)
     return records
 
 
@@ -461,7 +473,7 @@ def _fill_raw_lines(data_path: str, rejected: list[dict[str, Any]]) -> None:
                 wanted[number]["raw_line"] = raw.decode("utf-8", errors="backslashreplace")
 
 
-def _write_rejected(path: str, rejected: list[dict[str, Any]]) -> None:
+def write_rejected_csv(path: str, rejected: list[dict[str, Any]]) -> None:
     # Built in memory (rejections are bounded by max_rejected_fraction), written in one go.
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer)
@@ -553,9 +565,9 @@ def run_example_gen(data_path: str | Sequence[str], output_dir: str, config: Ing
     with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
         build_pipeline(pipeline, data_path, chunks, output_dir, columns, split_mode, config)
 
-    counts = {c["name"]: c["count"] for c in _read_jsonl(fileio.join(tmp, "counts*"))}
-    rejected = sorted(_read_jsonl(fileio.join(tmp, "rejected*")), key=lambda r: r["line_number"])
-    duplicates = sorted(_read_jsonl(fileio.join(tmp, "duplicates*")),
+    counts = {c["name"]: c["count"] for c in read_jsonl(fileio.join(tmp, "counts*"))}
+    rejected = sorted(read_jsonl(fileio.join(tmp, "rejected*")), key=lambda r: r["line_number"])
+    duplicates = sorted(read_jsonl(fileio.join(tmp, "duplicates*")),
                         key=lambda d: d["rows"][0]["line_number"])
     fileio.rmtree(tmp)
     _fill_raw_lines(data_path, rejected)
@@ -565,7 +577,7 @@ def run_example_gen(data_path: str | Sequence[str], output_dir: str, config: Ing
         fileio.rmtree(fileio.join(output_dir, _COMBINED_DIR))
 
     rejected_path = fileio.join(output_dir, REJECTED_DIR, REJECTED_FILE)
-    _write_rejected(rejected_path, rejected)
+    write_rejected_csv(rejected_path, rejected)
     duplicates_path = fileio.join(output_dir, DUPLICATES_FILE)
     removed = sum(len(d["removed_line_numbers"]) for d in duplicates)
     fileio.write_text(duplicates_path, json.dumps({

@@ -141,6 +141,19 @@ class PushConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """Bulk inference (`fer-pipeline infer`). The ensemble's tolerance is evaluation's
+    `tie_tolerance`, so the rule measured on the test split is the rule applied here."""
+    # RunInference batches faces adaptively between these sizes (Beam's BatchElements).
+    min_batch_size: int = 16
+    max_batch_size: int = 256
+    num_shards: int = 0                # PredictionLog files per model; 0: the runner chooses
+    # Saliency maps for faces sent to review (the models' `explain` signature); each costs
+    # a few model calls, so they are computed only for the faces that are queued.
+    explain_flagged: bool = True
+
+
+@dataclass
 class MetadataConfig:
     """Where ML Metadata (lineage, and the record the step cache trusts) is kept.
 
@@ -169,6 +182,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     push: PushConfig = field(default_factory=PushConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
 
     def to_dict(self) -> dict[str, Any]:

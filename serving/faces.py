@@ -48,6 +48,17 @@ def read_grayscale(path: str) -> np.ndarray:
     return image
 
 
+def decode_grayscale(data: bytes, name: str) -> np.ndarray:
+    """An image file's bytes (read from anywhere, e.g. an object store) as uint8 grayscale;
+    ValueError naming `name` if OpenCV cannot decode them."""
+    image = None
+    if data:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise ValueError(f"{name}: not a readable image file")
+    return image
+
+
 def to_model_input(gray: np.ndarray) -> np.ndarray:
     """Resizes a grayscale crop to 48x48 (INTER_AREA: the right filter for shrinking)."""
     interpolation = cv2.INTER_AREA if min(gray.shape[:2]) >= IMAGE_SIZE else cv2.INTER_LINEAR
@@ -70,7 +81,12 @@ def find_faces(gray: np.ndarray, config: FaceDetectionConfig = FaceDetectionConf
 def faces_in_file(path: str, config: FaceDetectionConfig = FaceDetectionConfig()
                   ) -> list[Face]:
     """Faces in an image file. A file that already is a 48x48 face is used as it is."""
-    gray = read_grayscale(path)
+    return faces_in_image(read_grayscale(path), config)
+
+
+def faces_in_image(gray: np.ndarray, config: FaceDetectionConfig = FaceDetectionConfig()
+                   ) -> list[Face]:
+    """Faces in a grayscale image. An image that already is a 48x48 face is used as it is."""
     if gray.shape == (IMAGE_SIZE, IMAGE_SIZE):
         return [Face((0, 0, IMAGE_SIZE, IMAGE_SIZE), gray)]
     return find_faces(gray, config)
