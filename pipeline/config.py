@@ -154,6 +154,39 @@ class InferenceConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """`fer-pipeline monitor`: what counts as drift of the served traffic.
+
+    Each image feature and each model answer is compared with TFDV's comparators against
+    the training run of the served version: approximate Jensen-Shannon divergence (0: the
+    same histogram, 1: disjoint) for numbers, L-infinity (the largest change of one
+    category's share) for classes and the review flag. A distance above its threshold is
+    an alert. The defaults were chosen by measurement (tests/test_monitor.py, README
+    "Monitoring"): fresh faces drawn like the test split stay below every threshold, and
+    each kind of shift the tests inject crosses the one threshold it should.
+    """
+    # Image features of the served faces against the training split's (skew).
+    brightness_js: float = 0.1         # mean pixel value of a face
+    contrast_js: float = 0.1           # standard deviation of a face's pixels
+    dark_share_js: float = 0.1         # share of near-black pixels (<= dark_level)
+    bright_share_js: float = 0.1       # share of near-white pixels (>= bright_level)
+    sharpness_js: float = 0.1          # variance of the Laplacian: low means blurred
+    pixels_js: float = 0.1             # TFDV's histogram of every pixel value
+    dark_level: int = 16
+    bright_level: int = 239
+    # Model answers against the same models' answers on the test split (evaluation).
+    class_mix_linf: float = 0.1        # predicted-class shares, per model
+    confidence_js: float = 0.1         # the winning class's probability, per model
+    review_rate_linf: float = 0.1      # share of faces the ensemble sends to a person
+    # Fewer faces than this in the window: distances are too noisy to alert on.
+    min_requests: int = 200
+    # --review-queue: the lowest-confidence faces queued besides the ties.
+    review_lowest_confidence: int = 20
+    # The page's per-window table splits the requested range into windows this long.
+    window_minutes: float = 60.0
+
+
+@dataclass
 class MetadataConfig:
     """Where ML Metadata (lineage, and the record the step cache trusts) is kept.
 
@@ -183,6 +216,7 @@ class PipelineConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     push: PushConfig = field(default_factory=PushConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
 
     def to_dict(self) -> dict[str, Any]:
