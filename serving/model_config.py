@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-from dataclasses import dataclass, field
-from typing import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Optional
 
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
@@ -20,6 +20,9 @@ from tensorflow_serving.config import model_server_config_pb2
 from pipeline import fileio
 
 VERSION_POLICIES = ("latest", "specific", "all")
+# logging_config's log_collector_config.type that fer-serve writes (serving/request_log.py):
+# TFRecord files of PredictionLogs under filename_prefix.
+REQUEST_LOG_COLLECTOR = "tfrecord"
 
 # Where the serving root is mounted inside the TF Serving container, and the ports it uses.
 CONTAINER_MODELS_DIR = "/models"
@@ -29,6 +32,25 @@ REST_PORT = 8501
 # values stay in the caller's environment, never in a printed command).
 S3_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "S3_ENDPOINT",
                "S3_USE_HTTPS", "S3_VERIFY_SSL")
+
+
+@dataclass(frozen=True)
+class RequestLogSpec:
+    """A model's logging_config: log a `sampling_rate` share of its requests to TFRecord
+    files named `<filename_prefix>-...` (serving/request_log.py).
+
+    Only fer-serve reads it: the released tensorflow_model_server refuses to start with a
+    logging_config, so the configs written for it leave it out (see components/pusher.py).
+    """
+    filename_prefix: str
+    sampling_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.filename_prefix:
+            raise ValueError("logging_config needs log_collector_config.filename_prefix")
+        if not 0.0 <= self.sampling_rate <= 1.0:
+            raise ValueError(f"logging_config sampling_rate must be within [0, 1], got "
+                             f"{self.sampling_rate}")
 
 
 @dataclass
@@ -44,6 +66,7 @@ class ModelSpec:
     num_latest: int = 1
     versions: list[int] = field(default_factory=list)
     labels: dict[str, int] = field(default_factory=dict)
+    request_log: Optional[RequestLogSpec] = None
 
     def __post_init__(self) -> None:
         if self.version_policy not in VERSION_POLICIES:
@@ -71,7 +94,27 @@ def _to_proto(specs: Iterable[ModelSpec]) -> model_server_config_pb2.ModelServer
             policy.all.SetInParent()  # an empty message still has to be marked present
         for label, version in sorted(spec.labels.items()):
             entry.version_labels[label] = int(version)
+        if spec.request_log is not None:
+            logging_config = entry.logging_config
+            logging_config.log_collector_config.type = REQUEST_LOG_COLLECTOR
+            logging_config.log_collector_config.filename_prefix = spec.request_log.filename_prefix
+            logging_config.sampling_config.sampling_rate = spec.request_log.sampling_rate
     return config
+
+
+def _request_log(entry) -> Optional[RequestLogSpec]:
+    if not entry.HasField("logging_config"):
+        return None
+    collector = entry.logging_config.log_collector_config
+    if collector.type != REQUEST_LOG_COLLECTOR:
+        raise ValueError(f"model {entry.name!r}: logging_config log_collector_config type "
+                         f"{collector.type!r} is not supported; fer-serve writes "
+                         f"{REQUEST_LOG_COLLECTOR!r}")
+    try:
+        return RequestLogSpec(collector.filename_prefix,
+                              entry.logging_config.sampling_config.sampling_rate)
+    except ValueError as error:
+        raise ValueError(f"model {entry.name!r}: {error}") from None
 
 
 def _from_proto(config: model_server_config_pb2.ModelServerConfig) -> list[ModelSpec]:
@@ -87,6 +130,7 @@ def _from_proto(config: model_server_config_pb2.ModelServerConfig) -> list[Model
             num_latest=(policy.latest.num_versions or 1) if kind == "latest" else 1,
             versions=list(policy.specific.versions) if kind == "specific" else [],
             labels={k: int(v) for k, v in entry.version_labels.items()},
+            request_log=_request_log(entry),
         )
         specs.append(spec)
     return specs
@@ -135,7 +179,8 @@ def container_config(specs: Iterable[ModelSpec], serving_root: str) -> list[Mode
     """The same specs with base paths under `serving_root` rewritten to /models/...
 
     The config the pusher writes holds host paths; inside the container the serving root is
-    mounted at /models, so the container needs its own copy with rewritten paths.
+    mounted at /models, so the container needs its own copy with rewritten paths. The copy
+    has no logging_config: the released TF Serving refuses to start with one.
     """
     root = os.path.abspath(serving_root)
     rewritten = []
@@ -145,9 +190,14 @@ def container_config(specs: Iterable[ModelSpec], serving_root: str) -> list[Mode
             spec.base_path)
         if not fileio.is_uri(base) and (base == root or base.startswith(root + os.sep)):
             base = CONTAINER_MODELS_DIR + base[len(root):].replace(os.sep, "/")
-        rewritten.append(ModelSpec(spec.name, base, spec.version_policy, spec.num_latest,
-                                   list(spec.versions), dict(spec.labels)))
+        rewritten.append(replace(without_request_log(spec), base_path=base))
     return rewritten
+
+
+def without_request_log(spec: ModelSpec) -> ModelSpec:
+    """The spec as the released tensorflow_model_server accepts it: no logging_config."""
+    return replace(spec, versions=list(spec.versions), labels=dict(spec.labels),
+                   request_log=None)
 
 
 def docker_command(config_path: str, serving_root: str, poll_seconds: int = 1) -> str:
