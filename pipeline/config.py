@@ -135,6 +135,22 @@ class EvalConfig:
 
 
 @dataclass
+class InfraValidationConfig:
+    """The infra-validate step: each blessed candidate served by a sandboxed model server
+    (components/infra_validator.py) before the pusher may publish it."""
+    mode: str = "load_and_query"       # or "load_only": the version must only become AVAILABLE
+    server: str = "auto"               # fer-serve --server: auto | embedded | tfserving
+    load_timeout_s: float = 180.0      # server start to AVAILABLE (includes the warm-up)
+    request_timeout_s: float = 60.0    # each canary request
+    canary_examples: int = 4           # test-split faces per canary request
+    explain_examples: int = 1          # of which `explain` gets this many (it is costly)
+    latency_requests: int = 10         # serving_uint8 calls whose median is the p50 latency
+    max_difference: float = 1e-5       # served vs in-process SavedModel, per float output
+    probability_sum_tolerance: float = 1e-4
+    warmup: bool = True                # write the canaries as the pushed version's warm-up
+
+
+@dataclass
 class PushConfig:
     serving_root: str = ""             # "": <output>/serving_models
     keep_versions: int = 3
@@ -214,6 +230,7 @@ class PipelineConfig:
     transform: TransformConfig = field(default_factory=TransformConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    infra_validation: InfraValidationConfig = field(default_factory=InfraValidationConfig)
     push: PushConfig = field(default_factory=PushConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
