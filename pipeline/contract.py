@@ -60,6 +60,10 @@ EVALUATION_FILE = "evaluation.json"
 BLESSINGS_FILE = "blessings.json"
 REPORT_HTML = "report.html"
 PUSH_FILE = "push.json"
+# The infra-validate step's output: per-model verdicts, and per model its server's own log
+# and the validated copy of the candidate (with warm-up requests) that push publishes.
+INFRA_BLESSINGS_FILE = "infra_blessings.json"
+SERVER_LOG_FILE = "server.log"
 # The serving root, as TF Serving reads it.
 MODELS_CONFIG = "models.config"
 DOCKER_MODELS_CONFIG = "models.docker.config"
