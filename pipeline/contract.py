@@ -60,6 +60,12 @@ EVALUATION_FILE = "evaluation.json"
 BLESSINGS_FILE = "blessings.json"
 REPORT_HTML = "report.html"
 PUSH_FILE = "push.json"
+# The model's probabilities on the test split (npz, one [n, 7] array per model), what
+# `fer-pipeline monitor` compares the served answers with.
+TEST_PREDICTIONS_FILE = "test_predictions.npz"
+# `fer-pipeline monitor`'s outputs.
+MONITORING_FILE = "monitoring.json"
+MONITORING_HTML = "monitoring.html"
 # The infra-validate step's output: per-model verdicts, and per model its server's own log
 # and the validated copy of the candidate (with warm-up requests) that push publishes.
 INFRA_BLESSINGS_FILE = "infra_blessings.json"
