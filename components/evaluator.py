@@ -20,10 +20,12 @@ are not served.
 Outputs (under `output_dir`): evaluation.json (all numbers), blessings.json
 ({name: {"blessed", "reasons", "summary"}}; `summary` is one line for a person) and
 report.html (rendered by components/report.py; this module never imports matplotlib, so the
-gate runs without it). All I/O goes through pipeline.fileio, so the run root may be s3://.
+gate runs without it), and test_predictions.npz (each model's test-split probabilities, for
+`fer-pipeline monitor`). All I/O goes through pipeline.fileio, so the run root may be s3://.
 """
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
@@ -37,7 +39,7 @@ from pipeline.config import EvalConfig
 from pipeline.contract import (BLESSINGS_FILE, CLASS_NAMES, CLASS_NAMES_ES, EVALUATION_FILE,
     EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, HISTORY_FILE, IMAGE_SIZE,
     NUM_CLASSES, OUTPUT_PROBABILITIES, REPORT_HTML, SERVING_MODEL_DIR, SIGNATURE_EXAMPLES,
-    TRAINING_INFO_FILE, INPUT_EXAMPLES)
+    TEST_PREDICTIONS_FILE, TRAINING_INFO_FILE, INPUT_EXAMPLES)
 from serving.ensemble import combine_batch
 
 log = logging.getLogger(__name__)
@@ -410,6 +412,7 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
         "ensemble_blessed": ensemble_blessed,
     }
     paths = _write_outputs(output_dir, evaluation, blessings, split)
+    write_test_predictions(fileio.join(output_dir, TEST_PREDICTIONS_FILE), probs_by_model)
     return EvalResult(
         evaluation_path=paths[EVALUATION_FILE],
         blessings_path=paths[BLESSINGS_FILE],
@@ -420,6 +423,16 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
         ensemble_accuracy=ensemble["accuracy"],
         summaries={name: b["summary"] for name, b in blessings.items()},
     )
+
+
+def write_test_predictions(path: str, probs_by_model: Mapping[str, np.ndarray]) -> None:
+    """Every model's test-split probabilities, [n, 7] float32 per model in file order:
+    what `fer-pipeline monitor` compares the served answers (class mix, confidence, review
+    rate) with, so it never re-runs a model to know what the evaluation saw."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{name: np.asarray(probs, np.float32)
+                                   for name, probs in probs_by_model.items()})
+    fileio.write_bytes(path, buffer.getvalue())
 
 
 def _write_outputs(output_dir: str, evaluation: dict[str, Any],
