@@ -109,7 +109,25 @@ def read_commit(step_root: str) -> Optional[Commit]:
     if not fileio.exists(path):
         return None
     record = fileio.read_json(path)
-    return Commit(**{f.name: record[f.name] for f in dataclasses.fields(Commit)})
+    found = Commit(**{f.name: record[f.name] for f in dataclasses.fields(Commit)})
+    return _rebased(found, step_root) if _is_relative(found.uri) else found
+
+
+def _is_relative(uri: str) -> bool:
+    return not fileio.is_uri(uri) and not os.path.isabs(uri)
+
+
+def _rebased(record: Commit, step_root: str) -> Commit:
+    """A record written before run roots were made absolute names its outputs relative to
+    the directory the run was started from; the record's own place says where they are."""
+    old_root = record.uri.rstrip("/").rstrip(os.sep)
+    new_root = fileio.join(fileio.absolute(step_root), record.execution)
+
+    def moved(uri: str) -> str:
+        return new_root + uri[len(old_root):] if uri.startswith(old_root) else uri
+
+    outputs = {name: {**out, "uri": moved(out["uri"])} for name, out in record.outputs.items()}
+    return dataclasses.replace(record, uri=new_root, outputs=outputs)
 
 
 def commit(step_root: str, record: Commit) -> None:

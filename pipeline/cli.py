@@ -1,18 +1,23 @@
 """`fer-pipeline`: run the whole pipeline, or one step, from the command line.
 
-Arguments this CLI does not know are Beam pipeline options and go to Beam untouched, e.g.
+Commands that run Beam (`run`, `compile` and the Beam steps: ingest, augment, statistics,
+transform) pass Beam pipeline options through untouched, e.g.
 `--runner=DataflowRunner --project=...` or
-`--direct_running_mode=multi_processing --direct_num_workers=2`.
+`--direct_running_mode=multi_processing --direct_num_workers=2`; a flag that neither this
+CLI nor Beam knows is refused, on every command. Each command's `--help` lists only the
+flags it takes.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional
 
 from pipeline.config import MODEL_NAMES, PipelineConfig, load_config
-from pipeline.dag import STEP_NAMES, build_steps
+from pipeline.dag import DATA, SCHEMA, STEP_NAMES, Step, build_steps
+from pipeline.errors import EXIT_USAGE, UserError, run_cli
 
 TRAIN_COMMAND = "train"
 
@@ -38,10 +43,33 @@ def step_commands() -> list[tuple[str, list[str], str]]:
 STEP_COMMANDS = step_commands()
 
 
-def _add_common(parser: argparse.ArgumentParser, needs_data: bool) -> None:
+BEAM_EPILOG = ("Beam pipeline options go to Beam untouched, e.g. --runner=DataflowRunner "
+               "--project=P, or --direct_running_mode=multi_processing "
+               "--direct_num_workers=2; any other unknown flag is refused.")
+
+
+def _steps_of(command: str) -> list[Step]:
+    steps = build_steps()
+    if command == "run":
+        return steps
+    names = next(names for name, names, _ in STEP_COMMANDS if name == command)
+    return [step for step in steps if step.name in names]
+
+
+def takes_beam_options(command: str) -> bool:
+    """Whether `command` runs Beam, and so passes Beam's pipeline options on."""
+    if command == "compile":
+        return True
+    if command == "run" or any(name == command for name, _, _ in STEP_COMMANDS):
+        return any(step.beam for step in _steps_of(command))
+    return False
+
+
+def _add_step_flags(parser: argparse.ArgumentParser, steps: list[Step]) -> None:
+    """The flags of a command that runs `steps`: each flag only where a step uses it."""
     parser.add_argument("--output", required=True,
                         help="run root (local directory or gs:// / s3:// URI)")
-    if needs_data:
+    if any(DATA in step.inputs.values() for step in steps):
         parser.add_argument("--data", required=True, action="append",
                             help="FER-2013 format CSV; repeat to train on several "
                                  "(e.g. the original data plus reviewed faces)")
@@ -50,12 +78,16 @@ def _add_common(parser: argparse.ArgumentParser, needs_data: bool) -> None:
                         help="'smoke' shrinks training for tests and demos")
     parser.add_argument("--force", action="store_true",
                         help="re-run steps even when inputs, parameters and code are unchanged")
-    parser.add_argument("--allow-anomalies", action="store_true",
-                        help="go on when data validation finds anomalies (still reported)")
-    parser.add_argument("--vgg-weights",
-                        help="'none' (random init, default), 'imagenet' (downloads), or a .h5")
-    parser.add_argument("--serving-root", help="where blessed models are pushed "
-                        "(default: <output>/serving_models)")
+    if any(SCHEMA in step.inputs.values() for step in steps):
+        parser.add_argument("--allow-anomalies", action="store_true",
+                            help="go on when data validation finds anomalies (still reported)")
+    if any(step.model is not None for step in steps):
+        parser.add_argument("--vgg-weights",
+                            help="'none' (random init, default), 'imagenet' (downloads), "
+                                 "or a .h5")
+    if any(name.startswith("model_") for step in steps for name in step.inputs):
+        parser.add_argument("--serving-root", help="where blessed models are pushed "
+                            "(default: <output>/serving_models)")
     parser.add_argument("--metadata-db", help="ML Metadata SQLite file "
                         "(default: <output>/metadata.sqlite)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -76,15 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--no-usage", action="store_true", help="omit the Usage column")
 
     run = commands.add_parser("run", help="run the whole pipeline (or --steps)",
-                              description="CSV to pushed models; unknown flags go to Beam.")
-    _add_common(run, needs_data=True)
+                              description="CSV to pushed models.", epilog=BEAM_EPILOG)
+    _add_step_flags(run, _steps_of("run"))
     run.add_argument("--steps", help=f"comma-separated subset of {','.join(STEP_NAMES)}")
     run.add_argument("--models", default=",".join(MODEL_NAMES),
                      help="which registered models to train/evaluate/push")
 
     for name, _, help_text in STEP_COMMANDS:
-        step = commands.add_parser(name, help=help_text, description=help_text)
-        _add_common(step, needs_data=(name == "ingest"))
+        step = commands.add_parser(name, help=help_text, description=help_text,
+                                   epilog=BEAM_EPILOG if takes_beam_options(name) else None)
+        _add_step_flags(step, _steps_of(name))
         if name == TRAIN_COMMAND:
             step.add_argument("--model", choices=MODEL_NAMES,
                               help="train only this model (default: all)")
@@ -105,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser(
         "compile", help="write the Kubeflow Pipelines v2 definition",
-        description="Compiles the declared pipeline to KFP v2 YAML; unknown flags are Beam "
-        "options baked into the data steps (e.g. --runner=DataflowRunner ...).")
+        description="Compiles the declared pipeline to KFP v2 YAML; Beam options given here "
+        "are baked into the data steps (e.g. --runner=DataflowRunner ...).",
+        epilog=BEAM_EPILOG)
     compile_.add_argument("--kfp", required=True, metavar="PIPELINE_YAML")
     compile_.add_argument("--models", default=",".join(MODEL_NAMES))
     compile_.add_argument("--image", default="fer-pipeline:latest",
@@ -219,30 +253,77 @@ def _path(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args, beam_args = build_parser().parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "synth":
-        from components.synthetic import generate_csv
+def unknown_beam_options(beam_args: list[str]) -> list[str]:
+    """The arguments among `beam_args` that no Beam pipeline option takes.
 
-        result = generate_csv(args.out, rows=args.rows, seed=args.seed,
-                              include_usage=not args.no_usage)
-        print(f"[fer-pipeline] wrote {args.rows} rows to {args.out}: {result}")
-        return 0
-    if args.command in ("lineage", "dag", "path") and beam_args:
-        print(f"[fer-pipeline] error: unknown arguments {beam_args}", file=sys.stderr)
-        return 2
+    Beam itself only logs "Discarding unparseable args" for those and runs on, so a typo
+    would be silently ignored; we parse with Beam's own option classes and refuse them.
+    """
+    from apache_beam.options import pipeline_options as beam_options
+
+    parser = beam_options._BeamArgumentParser()  # Beam's parser (it handles ValueProviders)
+    classes = {str(cls): cls for cls in beam_options.PipelineOptions.__subclasses__()}
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(beam_args)
+    return unknown
+
+
+def _parse(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
+    """Our arguments and the Beam options; a flag nobody takes is a usage error."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if not extra:
+        return args, []
+    if takes_beam_options(args.command):
+        unknown = unknown_beam_options(extra)
+        if unknown:
+            raise UserError(f"{args.command}: unrecognized argument(s) {' '.join(unknown)}: "
+                            f"neither `fer-pipeline {args.command}` nor Beam takes them "
+                            f"(see `fer-pipeline {args.command} --help`)")
+        return args, extra
+    raise UserError(f"{args.command}: unrecognized argument(s) {' '.join(extra)} (see "
+                    f"`fer-pipeline {args.command} --help`; Beam options are taken only by "
+                    f"run, compile and the Beam steps)")
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     from pipeline.runner import PipelineError
 
-    handlers = {"lineage": lambda: _lineage(args), "compile": lambda: _compile(args, beam_args),
-                "dag": lambda: _dag(args), "path": lambda: _path(args)}
     try:
+        args, beam_args = _parse(argv)
+        logging.basicConfig(
+            level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        handlers = {"synth": lambda: _synth(args), "lineage": lambda: _lineage(args),
+                    "compile": lambda: _compile(args, beam_args), "dag": lambda: _dag(args),
+                    "path": lambda: _path(args)}
         return handlers.get(args.command, lambda: _run(args, beam_args))()
-    except (PipelineError, ValueError, FileNotFoundError) as error:
-        # Bad data (too many rejected rows), bad config, missing inputs: say it, no trace.
+    except (UserError, PipelineError, ValueError, FileNotFoundError) as error:
+        # Bad arguments, bad config, bad data (too many rejected rows), missing inputs:
+        # say it in our words, no trace.
         print(f"[fer-pipeline] error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from components.synthetic import generate_csv
+
+    if args.rows < 1:
+        raise UserError(f"synth: --rows must be at least 1, got {args.rows}")
+    directory = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(directory):
+        raise UserError(f"synth: cannot write {args.out}: directory {directory} does not exist")
+    result = generate_csv(args.out, rows=args.rows, seed=args.seed,
+                          include_usage=not args.no_usage)
+    print(f"[fer-pipeline] wrote {args.rows} rows to {args.out}: {result}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """The CLI: a user's mistake ends in one `error:` line, a bug in one line saying where
+    its traceback is (pipeline/errors.py)."""
+    return run_cli("fer-pipeline", _main, argv)
 
 
 def entry_point() -> None:

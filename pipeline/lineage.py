@@ -6,10 +6,12 @@ anomalies <- statistics <- ingest <- the CSV file(s).
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Optional
 
 from pipeline.config import MetadataConfig
-from pipeline.metadata import DERIVED, MetadataStore
+from pipeline.metadata import DERIVED, MetadataStore, sqlite_path
 
 
 class LineageError(ValueError):
@@ -33,8 +35,6 @@ def _upstream(store: MetadataStore, execution: dict[str, Any], name: str) -> dic
 
 def _facts(execution: dict[str, Any]) -> dict[str, Any]:
     props = execution["properties"]
-    import json
-
     return {"execution_id": execution["id"], "step": execution["step"],
             "execution_dir": props.get("execution_dir"),
             "code_fingerprint": props.get("code_fingerprint"),
@@ -86,6 +86,12 @@ def version_lineage(store: MetadataStore, pushed: dict[str, Any]) -> dict[str, A
 def model_lineage(run_root: str, config: MetadataConfig, model: Optional[str] = None,
                   version: Optional[int] = None) -> list[dict[str, Any]]:
     """Lineage of `model` at `version` (default: the latest pushed version of each model)."""
+    if not config.mysql_host:
+        database = sqlite_path(config, run_root)
+        if not os.path.exists(database):   # opening it would create an empty store
+            raise LineageError(f"no ML Metadata store at {database}: is {run_root} the run "
+                               "root of a pipeline run? (check --output, or give the run's "
+                               "--metadata-db)")
     store = MetadataStore(config, run_root)
     pushed = store.pushed_versions(model)
     if not pushed:

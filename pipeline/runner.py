@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from pipeline.config import MODEL_NAMES, PipelineConfig
 from pipeline.contract import MANIFEST_FILE
 from pipeline.dag import (DATA, PIPELINE_INPUT, SCHEMA, STEP_NAMES, Step, StepEnv,
                           build_steps, code_fingerprint, step_by_name)
-from pipeline.metadata import DERIVED, ArtifactRecord, MetadataStore
+from pipeline.metadata import DERIVED, ArtifactRecord, MetadataStore, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,12 @@ class RunContext:
     force: bool = False
     models: tuple[str, ...] = MODEL_NAMES
     run_id: str = ""
+
+    def __post_init__(self) -> None:
+        # Every record (commit records, manifests, ML Metadata) holds absolute URIs, so any
+        # command works from any directory, whichever one the run was started from.
+        self.run_root = fileio.absolute(self.run_root)
+        self.data_paths = [fileio.absolute(path) for path in self.data_paths]
 
     @property
     def serving_root(self) -> str:
@@ -121,16 +128,27 @@ def pipeline_input(ref: str, data_paths: Sequence[str], config: PipelineConfig
         return path, [ArtifactRecord("schema", path, fingerprint(path))]
     if ref != DATA:
         raise ValueError(f"unknown pipeline input {ref!r}")
-    if not data_paths:
-        raise PipelineError("ingest needs --data PATH (a FER-2013 format CSV)")
-    paths = [_require(p, "synth") for p in data_paths]
+    paths = check_data_paths(data_paths)
     records = [ArtifactRecord("data", fileio.absolute(p), fingerprint(p)) for p in paths]
     return (paths[0] if len(paths) == 1 else list(paths)), records
 
 
-def _require(path: str, produced_by: str) -> str:
+def check_data_paths(data_paths: Sequence[str]) -> list[str]:
+    """The --data files, each checked to be an existing file; PipelineError naming it if not."""
+    if not data_paths:
+        raise PipelineError("ingest needs --data PATH (a FER-2013 format CSV)")
+    for path in data_paths:
+        if not fileio.exists(path):
+            raise PipelineError(f"--data {path}: no such file (for a synthetic FER-2013 CSV "
+                                "to try the pipeline with: `fer-pipeline synth --out PATH`)")
+        if fileio.isdir(path):
+            raise PipelineError(f"--data {path} is a directory; give a FER-2013 CSV file")
+    return list(data_paths)
+
+
+def _require(path: str, what: str) -> str:
     if not fileio.exists(path):
-        raise PipelineError(f"{path} does not exist: run `{produced_by}` first")
+        raise PipelineError(f"{what} {path} does not exist")
     return path
 
 
@@ -210,7 +228,16 @@ def run_step(step: Step, ctx: RunContext, store: MetadataStore,
     if fileio.exists(output_uri) and not (step.resumable and not ctx.force):
         fileio.rmtree(output_uri)
     started = time.time()
-    result, outputs = execute(step, inputs, output_uri, env)
+    try:
+        result, outputs = execute(step, inputs, output_uri, env)
+    except BaseException as error:
+        # A failed attempt leaves nothing behind (readers never trusted it anyway), unless
+        # its error points the user at a report it wrote there (ingest's rejected rows);
+        # a resumable step keeps its checkpoints for the next attempt.
+        if (not step.resumable and output_uri not in str(error)
+                and fileio.exists(output_uri)):
+            fileio.rmtree(output_uri)
+        raise
     manifest = write_manifest(step, execution, key, input_records, parameters, code, result,
                               outputs, started, output_uri)
     record = Commit(step.name, execution, output_uri, key, outputs, manifest)
@@ -269,20 +296,68 @@ def run_pipeline(ctx: RunContext, steps: Optional[Sequence[str]] = None) -> list
     unknown = wanted - set(STEP_NAMES)
     if unknown:
         raise PipelineError(f"unknown steps {sorted(unknown)}; steps are {list(STEP_NAMES)}")
+    chosen = [step for step in declared if step.name in wanted]
+    check_inputs_exist(chosen, ctx)   # before anything is created under the run root
+    created = _not_yet_existing(ctx)
     store = open_store(ctx)
     committed: dict[str, Commit] = {}
     outcomes = []
-    for step in declared:
-        if step.name not in wanted:
-            continue
-        outcome = run_step(step, ctx, store, committed)
-        committed[step.name] = outcome.commit
-        verb = "skipped (unchanged)" if outcome.skipped else (
-            f"done in {outcome.manifest.get('duration_s', 0):.1f}s")
-        print(f"[fer-pipeline] {step.name:<12} {verb:<22} {outcome.uri}", flush=True)
-        outcomes.append(outcome)
-        stop_if_blocking(outcome)
+    try:
+        for step in chosen:
+            outcome = run_step(step, ctx, store, committed)
+            committed[step.name] = outcome.commit
+            verb = "skipped (unchanged)" if outcome.skipped else (
+                f"done in {outcome.manifest.get('duration_s', 0):.1f}s")
+            print(f"[fer-pipeline] {step.name:<12} {verb:<22} {outcome.uri}", flush=True)
+            outcomes.append(outcome)
+            stop_if_blocking(outcome)
+    except BaseException as error:
+        if not committed:
+            # What this run created goes, except a report its error points at.
+            _remove_created([path for path in created if path not in str(error)])
+        raise
     return outcomes
+
+
+def check_inputs_exist(steps: Sequence[Step], ctx: RunContext) -> None:
+    """Every input of `steps` exists: the --data files, and a committed output of every
+    producer that is not among `steps` itself. Raises PipelineError saying what to run."""
+    names = {step.name for step in steps}
+    for step in steps:
+        for ref in step.inputs.values():
+            producer = ref.split(".", 1)[0]
+            if ref == DATA:
+                check_data_paths(ctx.data_paths)
+            elif producer != PIPELINE_INPUT and producer not in names:
+                directory = step_by_name(producer, ctx.models).directory
+                if read_commit(fileio.join(ctx.run_root, directory)) is None:
+                    where = ("does not exist" if not fileio.exists(ctx.run_root) else
+                             f"has no committed `{producer}` output")
+                    raise PipelineError(
+                        f"step {step.name!r} needs {ref!r}, but the run root {ctx.run_root} "
+                        f"{where}: run `fer-pipeline {_command(producer)} --output "
+                        f"{ctx.run_root}` first (or `fer-pipeline run`), or check --output")
+
+
+def _not_yet_existing(ctx: RunContext) -> list[str]:
+    """The local run root and SQLite metadata file, if this run is about to create them."""
+    paths = []
+    if not fileio.is_uri(ctx.run_root) and not os.path.exists(ctx.run_root):
+        paths.append(ctx.run_root)
+    if not ctx.config.metadata.mysql_host:
+        database = sqlite_path(ctx.config.metadata, ctx.run_root)
+        if not os.path.exists(database):
+            paths.append(database)
+    return paths
+
+
+def _remove_created(paths: Sequence[str]) -> None:
+    """A run that failed before committing anything leaves no trace of itself."""
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def committed_output(run_root: str, ref: str, models: Sequence[str] = MODEL_NAMES) -> str:
@@ -291,6 +366,12 @@ def committed_output(run_root: str, ref: str, models: Sequence[str] = MODEL_NAME
     if producer not in STEP_NAMES:
         raise PipelineError(f"unknown step {producer!r}; steps are {list(STEP_NAMES)}")
     step = step_by_name(producer, models)
+    if output and output not in step.outputs:
+        raise PipelineError(f"step {producer!r} has no output {output!r}; its outputs are "
+                            f"{', '.join(step.outputs)} (e.g. {producer}.{next(iter(step.outputs))})")
+    run_root = fileio.absolute(run_root)
+    if not fileio.exists(run_root):
+        raise PipelineError(f"no run root at {run_root} (check --output)")
     record = read_commit(fileio.join(run_root, step.directory))
     if record is None:
         raise PipelineError(f"`{producer}` has no committed output under {run_root}")

@@ -1,0 +1,83 @@
+"""How our command-line tools end when something goes wrong.
+
+Two kinds of failure, told apart on purpose:
+
+- A user's mistake (a mistyped path, a bad flag, a config value of the wrong type, a server
+  that is not running): one line, or a short list, saying what is wrong and how to fix it,
+  and a non-zero exit status. Never a Python traceback. These are `UserError`s (or the
+  narrower errors each tool already raises for them).
+- Our own bug (any other exception): one line saying it is a bug in fer-pipeline and where
+  its traceback was written, so the user can report it; `FER_TRACEBACK=1` prints the
+  traceback itself instead.
+
+`run_cli` wraps a tool's main function to do this; every console script of this project
+(`fer-pipeline`, `fer-serve`, `fer-client`, `fer-review`) goes through it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import traceback
+from typing import Callable, Optional
+
+# Set to 1 to print an unexpected error's traceback on stderr instead of to a file.
+TRACEBACK_ENV = "FER_TRACEBACK"
+EXIT_USAGE = 2          # argparse's status for a bad command line; ours for user mistakes
+EXIT_BUG = 70           # EX_SOFTWARE (sysexits.h): an internal error
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message says what is wrong and what to do."""
+
+
+def report_bug(prog: str, error: BaseException) -> int:
+    """Reports an unexpected exception (called from an `except` block) and returns EXIT_BUG."""
+    text = traceback.format_exc()
+    summary = f"{type(error).__name__}: {_first_line(str(error))}".rstrip(": ")
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        sys.stderr.write(text)
+        print(f"{prog}: internal error ({summary}). This is a bug in fer-pipeline; please "
+              "report it with the traceback above.", file=sys.stderr)
+        return EXIT_BUG
+    path = _write_traceback(prog, text)
+    where = f"its traceback is in {path}" if path else "its traceback could not be saved"
+    print(f"{prog}: internal error ({summary}). This is a bug in fer-pipeline, not in how "
+          f"you ran it; {where}: please report it with that file ({TRACEBACK_ENV}=1 prints "
+          "it here instead).", file=sys.stderr)
+    return EXIT_BUG
+
+
+def run_cli(prog: str, main: Callable[[Optional[list[str]]], int],
+            argv: Optional[list[str]] = None) -> int:
+    """Runs a tool's main: user errors become one line, bugs become `report_bug`'s line."""
+    try:
+        return main(argv)
+    except UserError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except Exception as error:  # noqa: BLE001 - this is the one place that catches all
+        return report_bug(prog, error)
+
+
+def _write_traceback(prog: str, text: str) -> Optional[str]:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    try:
+        handle, path = tempfile.mkstemp(prefix=f"{prog}-crash-{stamp}-", suffix=".txt")
+        with os.fdopen(handle, "w") as out:
+            out.write(f"{prog} {' '.join(sys.argv[1:])}\n\n{text}")
+        return path
+    except OSError:
+        return None
+
+
+def _first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
