@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import yaml  # PyYAML ships with apache-beam
 
 @dataclass
 class IngestConfig:
@@ -254,25 +260,161 @@ def _smoke_overrides() -> dict[str, Any]:
 PROFILES = {"default": dict, "smoke": _smoke_overrides}
 
 
-def _merge(obj: Any, overrides: dict[str, Any]) -> Any:
-    """Returns a copy of dataclass `obj` with nested `overrides` applied; unknown keys fail."""
+# ----------------------------------------------------------------------------- validation
+#
+# A config file is checked whole before any step runs: every key must name a field of the
+# dataclasses above (or a registered model), every value must have the field's type, and
+# the values below must lie in their range. All problems are reported at once, each with
+# its dotted key, in one ConfigError naming the file.
+
+class ConfigError(ValueError):
+    """Everything wrong with a configuration, one problem per line."""
+
+
+def _between(low: float, high: float) -> Callable[[Any], Optional[str]]:
+    return lambda v: None if low <= v <= high else f"must be between {low:g} and {high:g}"
+
+
+def _at_least(low: float) -> Callable[[Any], Optional[str]]:
+    return lambda v: None if v >= low else f"must be at least {low:g}"
+
+
+def _positive(v: float) -> Optional[str]:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _one_of(*choices: str) -> Callable[[Any], Optional[str]]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _fractions(v: tuple) -> Optional[str]:
+    if any(f < 0 or f > 1 for f in v) or abs(sum(v) - 1.0) > 1e-6:
+        return "must be three fractions (train, validation, test) that add up to 1"
+    return None
+
+
+def _weights(v: str) -> Optional[str]:
+    if v in ("", "none", "imagenet") or v.endswith(".h5"):
+        return None
+    return "must be 'none', 'imagenet' or the path of a .h5 weights file"
+
+
+def _optional(check: Callable[[Any], Optional[str]]) -> Callable[[Any], Optional[str]]:
+    return lambda v: None if v is None else check(v)
+
+
+# Ranges and choices by dotted key; "*" stands for any registered model name.
+RULES: dict[str, Callable[[Any], Optional[str]]] = {
+    "profile": _one_of("default", "smoke"),
+    "ingest.split_mode": _one_of("usage", "random"),
+    "ingest.split_fractions": _fractions,
+    "ingest.max_rejected_fraction": _between(0, 1),
+    "ingest.num_shards": _at_least(0),
+    "validation.label_linf_threshold": _between(0, 1),
+    "augment.target_per_class": _at_least(0),
+    "augment.max_rotation_degrees": _between(0, 180),
+    "augment.max_shift_pixels": _between(0, 47),
+    "transform.normalization": _one_of("zscore", "minmax", "scale255"),
+    "train.models.*.batch_size": _at_least(1),
+    "train.models.*.epochs": _at_least(1),
+    "train.models.*.learning_rate": _positive,
+    "train.models.*.early_stopping_patience": _at_least(0),
+    "train.models.*.max_train_examples": _at_least(0),
+    "train.models.*.scratch_learning_rate": _optional(_positive),
+    "train.models.*.weights": _weights,
+    "train.models.*.train_base": _one_of("auto", "true", "false"),
+    "train.shuffle_buffer": _at_least(1),
+    "evaluation.min_accuracy.*": _between(0, 1),
+    "evaluation.min_class_recall": _optional(_between(0, 1)),
+    "evaluation.max_regression": _between(0, 1),
+    "evaluation.tie_tolerance": _between(0, 1),
+    "evaluation.baseline_margin": _between(0, 1),
+    "push.keep_versions": _at_least(1),
+    "metadata.mysql_port": _between(1, 65535),
+}
+
+
+def _rule(key: str) -> Optional[Callable[[Any], Optional[str]]]:
+    if key in RULES:
+        return RULES[key]
+    parts = key.split(".")
+    for pattern, rule in RULES.items():
+        wanted = pattern.split(".")
+        if len(wanted) == len(parts) and all(w in ("*", p) for w, p in zip(wanted, parts)):
+            return rule
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in names:
+        return names[hint]
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {len(typing.get_args(hint))} numbers"
+    if typing.get_origin(hint) is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _checked(key: str, value: Any, hint: Any, problems: list[str]) -> Any:
+    """`value` as the type `hint` says (ints are numbers too), or a problem recorded."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _checked(key, value, hint, problems)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            problems.append(f"{key}: expected {_type_name(hint)}, got {value!r}")
+            return value
+        return tuple(_checked(f"{key}[{i}]", v, a, problems) for i, (v, a) in
+                     enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}")
+            return value
+        return {k: _checked(f"{key}.{k}", v, args[1], problems) for k, v in value.items()}
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}.get(hint, True)
+    if not ok:
+        hint_text = ""
+        if hint in (int, float) and isinstance(value, str):
+            hint_text = " (write a number without quotes)"
+        problems.append(f"{key}: expected {_type_name(hint)}, got {value!r}{hint_text}")
+        return value
+    return float(value) if hint is float else value
+
+
+def _merge(obj: Any, overrides: Any, problems: list[str], prefix: str = "") -> Any:
+    """A copy of dataclass `obj` with nested `overrides` applied; what is wrong with them
+    (unknown keys, wrong types, values out of range) goes to `problems`."""
+    section = prefix.rstrip(".") or "the top level"
+    if not isinstance(overrides, dict):
+        problems.append(f"{section}: expected a mapping of "
+                        f"{', '.join(f.name for f in dataclasses.fields(obj))}; "
+                        f"got {overrides!r}")
+        return obj
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in dataclasses.fields(obj)}
     changes = {}
-    known = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in overrides.items():
+        path = f"{prefix}{key}"
         if key not in known:
-            raise ValueError(f"unknown config key {key!r} in {type(obj).__name__}; "
-                             f"known: {sorted(known)}")
+            problems.append(f"{path}: unknown key; {section} has {', '.join(sorted(known))}")
+            continue
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            changes[key] = _merge(current, value)
-        elif _is_dataclass_dict(current) and isinstance(value, dict):
-            changes[key] = _merge_sections(key, current, value)
-        elif isinstance(current, tuple) and isinstance(value, list):
-            changes[key] = tuple(value)
-        elif isinstance(current, dict) and isinstance(value, dict):
-            changes[key] = {**current, **value}
+        if dataclasses.is_dataclass(current):
+            changes[key] = _merge(current, value, problems, f"{path}.")
+        elif _is_dataclass_dict(current):
+            changes[key] = _merge_sections(path, current, value, problems)
         else:
-            changes[key] = value
+            checked = _checked(path, value, hints[key], problems)
+            if isinstance(current, dict) and isinstance(checked, dict):
+                checked = {**current, **checked}
+            changes[key] = checked
     return dataclasses.replace(obj, **changes)
 
 
@@ -281,29 +423,112 @@ def _is_dataclass_dict(value: Any) -> bool:
         dataclasses.is_dataclass(v) for v in value.values())
 
 
-def _merge_sections(key: str, current: dict[str, Any], overrides: dict[str, Any]
-                    ) -> dict[str, Any]:
+def _merge_sections(key: str, current: dict[str, Any], overrides: Any,
+                    problems: list[str]) -> dict[str, Any]:
     """Per-name sections (train.models.<name>): names must exist, fields merge."""
-    unknown = set(overrides) - set(current)
-    if unknown:
-        raise ValueError(f"unknown {key} {sorted(unknown)}; known: {sorted(current)}")
-    return {name: _merge(section, overrides.get(name, {})) for name, section in current.items()}
+    if not isinstance(overrides, dict):
+        problems.append(f"{key}: expected a mapping of {', '.join(current)}; got {overrides!r}")
+        return current
+    for name in sorted(set(overrides) - set(current)):
+        problems.append(f"{key}.{name}: not a registered model; registered: "
+                        f"{', '.join(current)}")
+    return {name: _merge(section, overrides.get(name) or {}, problems, f"{key}.{name}.")
+            for name, section in current.items()}
+
+
+def _check_values(obj: Any, problems: list[str], prefix: str = "") -> None:
+    """Ranges and choices (RULES) over a merged config, and model names against the
+    registry wherever a mapping is keyed by model."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_values(value, problems, f"{key}.")
+        elif _is_dataclass_dict(value):
+            for name, section in value.items():
+                _check_values(section, problems, f"{key}.{name}.")
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if key == "evaluation.min_accuracy" and name not in MODEL_REGISTRY:
+                    problems.append(f"{key}.{name}: not a registered model; registered: "
+                                    f"{', '.join(MODEL_NAMES)}")
+                _apply_rule(f"{key}.{name}", item, problems)
+        else:
+            _apply_rule(key, value, problems)
+
+
+def _apply_rule(key: str, value: Any, problems: list[str]) -> None:
+    rule = _rule(key)
+    if rule is None:
+        return
+    try:
+        problem = rule(value)
+    except TypeError:   # a value of the wrong type, already reported by _checked
+        return
+    if problem:
+        problems.append(f"{key}: {problem}, got {value!r}")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `1e-4` (no dot) is a string; YAML 1.2 and every user
+    read it as a number, so this loader does too."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The mapping in a YAML (.yaml/.yml) or JSON file; ConfigError naming the file and the
+    place for anything that is not one."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory")
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            data = yaml.load(text, Loader=_YamlLoader)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") \
+                from None
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise ConfigError(f"config file {path} is not valid JSON: {error} (YAML files "
+                              "must end in .yaml or .yml)") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections "
+                          f"({', '.join(f.name for f in dataclasses.fields(PipelineConfig))}), "
+                          f"got {type(data).__name__} {data!r:.60}")
+    return data
 
 
 def load_config(path: Optional[str] = None, profile: str = "default",
                 overrides: Optional[dict[str, Any]] = None) -> PipelineConfig:
-    """Defaults, then the profile, then the YAML/JSON file at `path`, then `overrides`."""
+    """Defaults, then the profile, then the YAML/JSON file at `path`, then `overrides`
+    (the command line's flags); ConfigError listing every problem, before anything runs."""
     if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
-    config = _merge(PipelineConfig(profile=profile), PROFILES[profile]())
-    if path:
-        text = Path(path).read_text()
-        if path.endswith((".yaml", ".yml")):
-            import yaml  # PyYAML ships with apache-beam
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        config = _merge(config, data)
-    if overrides:
-        config = _merge(config, overrides)
+        raise ConfigError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
+    problems: list[str] = []
+    config = _merge(PipelineConfig(profile=profile), PROFILES[profile](), problems)
+    if problems:   # our own profile is wrong: a bug, not the user's mistake
+        raise RuntimeError(f"profile {profile!r}: " + "; ".join(problems))
+    for source, data in ((path, read_config_file(path) if path else None),
+                         ("the command line", overrides)):
+        if not data:
+            continue
+        config = _merge(config, data, problems)
+        _check_values(config, problems)
+        if problems:
+            where = f"config file {source}" if source != "the command line" else source
+            count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+            raise ConfigError(f"{where}: {count}:\n" + "\n".join(f"  {p}" for p in problems))
     return config
