@@ -20,6 +20,7 @@ from pipeline.dag import DATA, SCHEMA, STEP_NAMES, Step, build_steps
 from pipeline.errors import EXIT_USAGE, UserError, run_cli
 
 TRAIN_COMMAND = "train"
+INFER_COMMAND = "infer"
 
 
 def step_commands() -> list[tuple[str, list[str], str]]:
@@ -58,7 +59,7 @@ def _steps_of(command: str) -> list[Step]:
 
 def takes_beam_options(command: str) -> bool:
     """Whether `command` runs Beam, and so passes Beam's pipeline options on."""
-    if command == "compile":
+    if command in ("compile", INFER_COMMAND):
         return True
     if command == "run" or any(name == command for name, _, _ in STEP_COMMANDS):
         return any(step.beam for step in _steps_of(command))
@@ -146,6 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--image", default="fer-pipeline:latest",
                           help="container image the components run in (see Dockerfile)")
 
+    infer = commands.add_parser(
+        INFER_COMMAND, help="score a CSV or a directory of photos with the served models "
+        "(Beam)", epilog=BEAM_EPILOG,
+        description="Bulk inference on Beam: every face of a FER-2013 CSV (any Usage, label "
+        "optional) or of the photos in a directory (faces found with OpenCV) is scored by "
+        "each model and combined by the ensemble rule; writes predictions.csv, rejected.csv, "
+        "PredictionLog TFRecords and inference.json into --output.")
+    infer.add_argument("--data", required=True, help="FER-2013 format CSV, or a directory "
+                       "of images (local, gs:// or s3://)")
+    infer.add_argument("--output", required=True, help="directory the predictions go to")
+    infer.add_argument("--serving-root", required=True,
+                       help="the pushed models (e.g. RUN/serving_models): its models.config "
+                            "says which versions are served")
+    infer.add_argument("--models", default=",".join(MODEL_NAMES),
+                       help="comma-separated; NAME runs the served version, NAME:VERSION "
+                            "that version (default: %(default)s)")
+    infer.add_argument("--review-queue", metavar="DIR",
+                       help="queue the faces that need a person for fer-review in DIR")
+    infer.add_argument("--config", help="YAML or JSON file overriding pipeline/config.py "
+                       "(inference batch sizes, evaluation.tie_tolerance)")
+    infer.add_argument("--metadata-db", help="ML Metadata SQLite file "
+                       "(default: <output>/metadata.sqlite)")
+    infer.add_argument("-v", "--verbose", action="store_true")
+
     dag = commands.add_parser("dag", help="print the declared pipeline",
                               description="Steps, inputs and outputs; --mermaid for a diagram.")
     dag.add_argument("--mermaid", action="store_true")
@@ -232,6 +257,32 @@ def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
     return 0
 
 
+def _infer(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from pipeline import fileio
+    from pipeline.inference import run_inference_job
+
+    config = load_config(args.config)
+    result = run_inference_job(
+        fileio.absolute(args.data), fileio.absolute(args.output),
+        fileio.absolute(args.serving_root), [m for m in args.models.split(",") if m],
+        config, beam_args, review_queue=args.review_queue, metadata_db=args.metadata_db)
+    versions = ", ".join(f"{name} v{m['version']}" for name, m in result.models.items())
+    print(f"[fer-pipeline] infer: {result.faces_scored} face(s) scored by {versions} in "
+          f"{result.seconds:.1f}s; {result.needs_review} need human review; "
+          f"{result.rejected} rejected", flush=True)
+    print(f"[fer-pipeline] predictions: {result.predictions_path}")
+    if result.rejected:
+        reasons = ", ".join(f"{code} {n}" for code, n in result.rejected_by_reason.items())
+        print(f"[fer-pipeline] rejected ({reasons}): {result.rejected_path}")
+    if result.review_queue:
+        queue = result.review_queue
+        for note in queue["notes"]:
+            print(f"[fer-pipeline] review queue: {note}")
+        print(f"[fer-pipeline] review queue: {queue['queued']} face(s) queued in "
+              f"{queue['queue']}, {queue['already_queued']} already there")
+    return 0
+
+
 def _dag(args: argparse.Namespace) -> int:
     from pipeline.dag import mermaid
 
@@ -297,6 +348,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         handlers = {"synth": lambda: _synth(args), "lineage": lambda: _lineage(args),
                     "compile": lambda: _compile(args, beam_args), "dag": lambda: _dag(args),
+                    INFER_COMMAND: lambda: _infer(args, beam_args),
                     "path": lambda: _path(args)}
         return handlers.get(args.command, lambda: _run(args, beam_args))()
     except (UserError, PipelineError, ValueError, FileNotFoundError) as error:

@@ -1,0 +1,83 @@
+"""Bulk inference as a job (`fer-pipeline infer`, and its Kubeflow component).
+
+It is not a step of the training DAG: it scores data the pipeline never trained on, with
+whatever versions are in serving now. So it resolves which versions those are (from the
+serving root's models.config, as TF Serving does, or versions named by the caller), runs
+`components/bulk_inferrer.py` into its output directory, and records the execution in ML
+Metadata the way the runner records a step: the data and each pushed model version it
+read (the same `pushed_model` artifacts the push step records, so lineage connects them
+when both use one store), and what it wrote.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from typing import Optional, Sequence
+
+from pipeline import fileio
+from pipeline.artifacts import fingerprint
+from pipeline.config import MODEL_NAMES, PipelineConfig
+from pipeline.contract import PREDICTIONS_FILE
+from pipeline.metadata import ArtifactRecord, MetadataStore
+
+from components.bulk_inferrer import BulkInferenceResult, ModelVersion, run_bulk_inferrer
+from components.pusher import latest_served_version, version_dirs
+
+INFER_STEP = "infer"   # the execution type in ML Metadata: fer.step.infer
+
+
+def resolve_models(serving_root: str, wanted: Sequence[str]) -> list[ModelVersion]:
+    """`cnn` -> the version of cnn in serving now; `cnn:3` -> version 3 of cnn under the
+    serving root. ValueError (one line) for an unknown model or a version that is not there.
+    """
+    resolved = []
+    for item in wanted:
+        name, _, version_text = item.strip().partition(":")
+        if name not in MODEL_NAMES:
+            raise ValueError(f"unknown model {name!r}; registered models: {list(MODEL_NAMES)}")
+        if version_text:
+            if not version_text.isdigit():
+                raise ValueError(f"{item!r}: a version is a number, e.g. {name}:3")
+            version = int(version_text)
+            if version not in version_dirs(serving_root, name):
+                raise ValueError(f"{name} has no version {version} under {serving_root} "
+                                 f"(there: {version_dirs(serving_root, name) or 'none'})")
+            resolved.append(ModelVersion(name, version,
+                                         fileio.join(serving_root, name, str(version))))
+            continue
+        served = latest_served_version(serving_root, name)
+        if served is None:
+            raise ValueError(f"{name} is not served from {serving_root} (the gate may have "
+                             "held it back); leave it out of --models or name a version")
+        resolved.append(ModelVersion(name, served[0], served[1]))
+    if not resolved:
+        raise ValueError("name at least one model (--models)")
+    return resolved
+
+
+def run_inference_job(data_uri: str, output_dir: str, serving_root: str,
+                      models: Sequence[str], config: PipelineConfig, beam_args: list[str],
+                      review_queue: Optional[str] = None,
+                      metadata_db: Optional[str] = None) -> BulkInferenceResult:
+    """Resolves the model versions, scores `data_uri` into `output_dir` and records the
+    execution in ML Metadata (`metadata_db`, default `<output_dir>/metadata.sqlite`)."""
+    started = time.time()
+    versions = resolve_models(serving_root, models)
+    result = run_bulk_inferrer(data_uri, versions, output_dir, config.inference,
+                               config.evaluation.tie_tolerance, beam_args, review_queue)
+    metadata = config.metadata if metadata_db is None else replace(
+        config.metadata, sqlite_path=metadata_db)
+    store = MetadataStore(metadata, output_dir)
+    inputs = {"data": [ArtifactRecord("data", fileio.absolute(data_uri),
+                                      fingerprint(data_uri))]}
+    for version in versions:
+        inputs[f"model_{version.name}"] = [ArtifactRecord(
+            "pushed_model", version.path, fingerprint(version.path),
+            {"model": version.name, "version": version.version,
+             "serving_root": serving_root})]
+    predictions = fileio.join(output_dir, PREDICTIONS_FILE)
+    store.record_execution(INFER_STEP, inputs, {"predictions": [ArtifactRecord(
+        "predictions", predictions, fingerprint(predictions))]}, {
+        "result": asdict(result), "duration_s": round(time.time() - started, 3),
+        "execution_dir": output_dir})
+    return result
