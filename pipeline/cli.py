@@ -218,11 +218,29 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
                      models=_models(args))
     outcomes = {o.step: o for o in run_pipeline(ctx, _steps_for(args))}
     if "push" in outcomes:
-        summaries = (outcomes["evaluate"].manifest["result"].get("summaries") or {}
-                     if "evaluate" in outcomes else {})
+        gate, infra = _summaries(outcomes, "evaluate"), _summaries(outcomes, "infra-validate")
         for model, push in sorted(outcomes["push"].manifest["result"].get("models", {}).items()):
-            print(f"[fer-pipeline] {_push_line(model, push, summaries.get(model))}", flush=True)
+            for line in _closing_lines(model, push, gate.get(model), infra.get(model)):
+                print(f"[fer-pipeline] {line}", flush=True)
     return 0
+
+
+def _summaries(outcomes: dict, step: str) -> dict[str, str]:
+    """A step's one-line verdict per model, when the step was part of this run."""
+    return (outcomes[step].manifest["result"].get("summaries") or {}) if step in outcomes else {}
+
+
+def _closing_lines(model: str, push: dict, gate_summary: Optional[str],
+                   infra_summary: Optional[str]) -> list[str]:
+    """Per model: the infra verdict, then the version it was pushed as; or one line saying
+    which gate held it back and why."""
+    reasons = push.get("reasons", [])
+    if reasons[:1] == ["not infra-blessed"]:
+        return [infra_summary or f"{model} held back by infra validation: "
+                + "; ".join(reasons[1:2])]
+    if reasons[:1] == ["not blessed"]:
+        return [_push_line(model, push, gate_summary)]
+    return ([infra_summary] if infra_summary else []) + [_push_line(model, push, gate_summary)]
 
 
 def _push_line(model: str, push: dict, summary: Optional[str]) -> str:

@@ -1,8 +1,8 @@
 """`fer-pipeline lineage`: which data, code and evaluation produced a served model version.
 
 Everything comes from ML Metadata (`pipeline/metadata.py`), walking events backwards from
-the pushed version: push <- evaluation + training run <- transform <- augmented/examples +
-anomalies <- statistics <- ingest <- the CSV file(s).
+the pushed version: push <- evaluation + infra validation + training run <- transform <-
+augmented/examples + anomalies <- statistics <- ingest <- the CSV file(s).
 """
 from __future__ import annotations
 
@@ -57,6 +57,11 @@ def version_lineage(store: MetadataStore, pushed: dict[str, Any]) -> dict[str, A
     ingest = _upstream(store, transform, "examples")
     blessing = next((a["properties"] for a in evaluate["outputs"].get(DERIVED, [])
                      if a["properties"].get("model") == model), None)
+    # Pushes recorded before the infra-validate step existed have no such input.
+    infra = (_upstream(store, push, "infra_validation")
+             if push["inputs"].get("infra_validation") else None)
+    infra_blessing = next((a["properties"] for a in infra["outputs"].get(DERIVED, [])
+                           if a["properties"].get("model") == model), None) if infra else None
     ingest_facts = _facts(ingest)
     evaluation = _facts(evaluate)
     result = evaluation["result"] or {}
@@ -79,6 +84,8 @@ def version_lineage(store: MetadataStore, pushed: dict[str, Any]) -> dict[str, A
                     "ensemble_accuracy": result.get("ensemble_accuracy"),
                     "test_examples": result.get("test_examples")},
         "blessing": blessing,
+        "infra_validation": _facts(infra) if infra else None,
+        "infra_blessing": infra_blessing,
         "push": _facts(push),
     }
 
@@ -142,10 +149,20 @@ def format_lineage(lineages: list[dict[str, Any]]) -> str:
             f"[execution {item['evaluation']['execution_id']}]",
             f"  blessing            {'blessed' if blessing.get('blessed') else 'NOT blessed'}: "
             f"{'; '.join(blessing.get('reasons', []))}",
+            f"  infra blessing      {_infra_line(item)}",
             f"  push                [execution {item['push']['execution_id']}]",
             "",
         ]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _infra_line(item: dict[str, Any]) -> str:
+    infra = item.get("infra_blessing")
+    if not infra:
+        return "none recorded (pushed before the infra-validate step existed)"
+    return (f"{'blessed' if infra.get('blessed') else 'NOT blessed'} ({infra.get('mode')}, "
+            f"{infra.get('server')}): {infra.get('summary')} "
+            f"[execution {item['infra_validation']['execution_id']}]")
 
 
 def _counts(counts: Any) -> str:
