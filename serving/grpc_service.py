@@ -79,6 +79,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         _fill_spec(response.model_spec, model, signature)
         for key, value in outputs.items():
             response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        if self.predictor.request_log is not None:
+            self.predictor.request_log.log_grpc("predict", request, response)
         return response
 
     @_guarded
@@ -103,6 +105,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             classifications = response.result.classifications.add()
             for class_name, score in zip(CLASS_NAMES, row):
                 classifications.classes.add(label=class_name, score=float(score))
+        if self.predictor.request_log is not None:
+            self.predictor.request_log.log_grpc("classify", request, response)
         return response
 
     @_guarded

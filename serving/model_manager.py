@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from serving.model_config import ModelSpec, read_model_server_config
+from serving.model_config import ModelSpec, RequestLogSpec, read_model_server_config
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,12 @@ class ModelManager:
         with self._lock:
             return sorted(self._models)
 
+    def request_log_spec(self, name: str) -> Optional[RequestLogSpec]:
+        """What models.config's logging_config says for `name` now (None: no logging)."""
+        with self._lock:
+            state = self._models.get(name)
+            return state.spec.request_log if state is not None else None
+
     def _state(self, name: str) -> _ModelState:
         state = self._models.get(name)
         if state is None:
@@ -351,11 +357,14 @@ class ModelManager:
 
 class Predictor:
     """What REST and gRPC share: find the version, run the signature (through the batcher
-    when one is given), keep only the outputs asked for."""
+    when one is given), keep only the outputs asked for. REST and gRPC hand what they
+    answered to `request_log` (serving.request_log.RequestLogger, or None)."""
 
-    def __init__(self, manager: ModelManager, batcher: Any = None) -> None:
+    def __init__(self, manager: ModelManager, batcher: Any = None,
+                 request_log: Any = None) -> None:
         self.manager = manager
         self.batcher = batcher   # serving.batching.Batcher or None
+        self.request_log = request_log
 
     def predict(self, name: str, inputs: Mapping[str, np.ndarray],
                 version: Optional[int] = None, label: Optional[str] = None,

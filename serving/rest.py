@@ -6,8 +6,8 @@
          {"signature_name"?, "instances": [...]}  -> {"predictions": [...]}   (row format)
          {"signature_name"?, "inputs": ...}       -> {"outputs": ...}         (columnar)
 
-    GET  /monitoring/prometheus/metrics   -> server-side batching counters per model
-         (TF Serving's metrics path; the metric names are this server's own)
+    GET  /monitoring/prometheus/metrics   -> server-side batching and request-log counters
+         per model (TF Serving's metrics path; the metric names are this server's own)
 
 Binary (string) values travel as {"b64": "..."}. JSON numbers are cast to the signature's
 dtype (an int32 input rejects 1.5; a uint8 input rejects 300). Errors are {"error": "..."}
@@ -189,6 +189,8 @@ def prometheus_metrics(predictor: Predictor) -> str:
         lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
         lines += [f'{metric}{{model_name="{name}"}} {getattr(stats, field)}'
                   for name, stats in sorted(per_model.items())]
+    if predictor.request_log is not None:
+        lines += predictor.request_log.prometheus_lines()
     return "\n".join(lines) + "\n"
 
 
@@ -341,6 +343,10 @@ class RestHandler(BaseHTTPRequestHandler):
         outputs = predictor.run(model, inputs, signature)
         self._send(200, format_predictions(outputs, row_format),
                    {VERSION_HEADER: str(model.version)})
+        # After the answer went out: logging adds nothing to the client's latency.
+        if predictor.request_log is not None:
+            predictor.request_log.log_arrays(model.name, model.version, signature, inputs,
+                                             outputs)
 
     def do_PUT(self) -> None:
         self._error(405, "method not allowed")

@@ -9,7 +9,11 @@ When the binary is on PATH (or with --server tfserving) it execs the real server
               [--batch-timeout-ms 2] [--num-batch-threads N] [--max-enqueued-batches 10]
               [--batching-parameters-file batching.pbtxt] [--max-request-bytes 16777216]
               [--tensorflow-intra-op-parallelism 0] [--tensorflow-inter-op-parallelism 0]
-              [--server auto|embedded|tfserving]
+              [--request-log-max-file-bytes 67108864] [--request-log-max-file-seconds 600]
+              [--request-log-queue-records 4096] [--server auto|embedded|tfserving]
+
+Request logs (serving/request_log.py) are configured per model by models.config's
+logging_config; the three --request-log flags say how the files are written.
 """
 from __future__ import annotations
 
@@ -27,7 +31,10 @@ from typing import Optional
 from serving.batching import (Batcher, BatchingConfig, format_batching_parameters,
                               read_batching_parameters)
 from serving.grpc_service import build_grpc_server
+from serving.model_config import read_model_server_config, without_request_log, \
+    write_model_server_config
 from serving.model_manager import ModelManager, Predictor
+from serving.request_log import RequestLogConfig, RequestLogger
 from serving.rest import build_rest_server
 
 log = logging.getLogger("fer-serve")
@@ -48,6 +55,9 @@ class ServerConfig:
     # thread per core for each). Only takes effect before this process first runs TF.
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    # How request logs are written; which models log, and how much, is models.config's
+    # logging_config (serving/request_log.py).
+    request_log: RequestLogConfig = field(default_factory=RequestLogConfig)
 
 
 class FerServer:
@@ -60,7 +70,8 @@ class FerServer:
         batcher = None
         if config.batching:
             batcher = Batcher(config.batching_config)
-        self.predictor = Predictor(self.manager, batcher)
+        self.request_log = RequestLogger(self.manager.request_log_spec, config.request_log)
+        self.predictor = Predictor(self.manager, batcher, self.request_log)
         self.grpc_server = None
         self.rest_server = None
         self.grpc_port = 0
@@ -69,6 +80,7 @@ class FerServer:
 
     def start(self) -> "FerServer":
         self.manager.start()
+        self.request_log.start()
         self.grpc_server, self.grpc_port = build_grpc_server(
             self.predictor, self.config.host, self.config.port, self.config.max_request_bytes,
             self.config.grpc_workers)
@@ -92,6 +104,7 @@ class FerServer:
             self.rest_server.server_close()
         if self.grpc_server is not None:
             self.grpc_server.stop(grace=1).wait()
+        self.request_log.stop()   # after the last request: writes what is queued, closes files
         self.manager.stop()
 
 
@@ -142,6 +155,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0,
                         help="TF ops run at once (0: TF's default, one per core)")
     parser.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024)
+    log_defaults = RequestLogConfig()
+    parser.add_argument("--request-log-max-file-bytes", type=int,
+                        default=log_defaults.max_file_bytes,
+                        help="a request log file is closed once it holds this many bytes")
+    parser.add_argument("--request-log-max-file-seconds", type=float,
+                        default=log_defaults.max_file_seconds,
+                        help="... or once it has been open this long")
+    parser.add_argument("--request-log-queue-records", type=int,
+                        default=log_defaults.queue_records,
+                        help="sampled requests that may wait for the log writer; beyond "
+                             "that they are dropped (and counted), never delayed")
     parser.add_argument("--server", choices=("auto", "embedded", "tfserving"), default="auto",
                         help="auto: the real tensorflow_model_server when it is on PATH, "
                         "else the embedded server")
@@ -149,6 +173,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         args.batching_config = _batching_config(args)
+        args.request_log_config = RequestLogConfig(
+            args.request_log_max_file_bytes, args.request_log_max_file_seconds,
+            args.request_log_queue_records)
     except (OSError, ValueError) as error:
         parser.error(str(error))
     args.batching = args.batching or bool(args.batching_parameters_file)
@@ -176,7 +203,7 @@ def tfserving_command(binary: str, args: argparse.Namespace) -> list[str]:
     batching, the batching settings travel in a parameters file (written from the flags
     when none was given), so both servers batch alike."""
     command = [binary, f"--port={args.port}", f"--rest_api_port={args.rest_port}",
-               f"--model_config_file={os.path.abspath(args.model_config)}",
+               f"--model_config_file={_config_without_request_log(args.model_config)}",
                f"--file_system_poll_wait_seconds={max(1, int(args.poll_seconds))}",
                f"--enable_batching={'true' if args.batching else 'false'}",
                f"--tensorflow_intra_op_parallelism={args.tensorflow_intra_op_parallelism}",
@@ -190,6 +217,23 @@ def tfserving_command(binary: str, args: argparse.Namespace) -> list[str]:
                 out.write(format_batching_parameters(args.batching_config))
         command.append(f"--batching_parameters_file={os.path.abspath(path)}")
     return command
+
+
+def _config_without_request_log(path: str) -> str:
+    """`path`, or when it configures request logs a copy without them: the released
+    tensorflow_model_server refuses to start with a logging_config (it has no request
+    logger). The copy outlives this process on purpose, like the batching file."""
+    try:
+        specs = read_model_server_config(path)
+    except (OSError, ValueError):
+        return os.path.abspath(path)   # the real server reports what is wrong with it
+    if not any(spec.request_log for spec in specs):
+        return os.path.abspath(path)
+    log.warning("tensorflow_model_server cannot write request logs; serving %s without "
+                "its logging_config", path)
+    handle, copy = tempfile.mkstemp(prefix="fer-serve-models-", suffix=".config")
+    os.close(handle)
+    return write_model_server_config(copy, [without_request_log(s) for s in specs])
 
 
 def _exec_tfserving(args: argparse.Namespace) -> None:
@@ -216,7 +260,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         rest_port=args.rest_port, poll_seconds=args.poll_seconds, batching=args.batching,
         batching_config=args.batching_config, max_request_bytes=args.max_request_bytes,
         intra_op_threads=args.tensorflow_intra_op_parallelism,
-        inter_op_threads=args.tensorflow_inter_op_parallelism)
+        inter_op_threads=args.tensorflow_inter_op_parallelism,
+        request_log=args.request_log_config)
     try:
         server = FerServer(config).start()
     except (OSError, ValueError) as error:
