@@ -160,6 +160,10 @@ class InfraValidationConfig:
 class PushConfig:
     serving_root: str = ""             # "": <output>/serving_models
     keep_versions: int = 3
+    # Request logs: when set, models.config tells fer-serve to log a sampling_rate share of
+    # each model's requests under <request_log_dir>/<model>/ (serving/request_log.py).
+    request_log_dir: str = ""
+    request_log_sampling_rate: float = 1.0
 
 
 @dataclass
@@ -330,6 +334,7 @@ RULES: dict[str, Callable[[Any], Optional[str]]] = {
     "evaluation.tie_tolerance": _between(0, 1),
     "evaluation.baseline_margin": _between(0, 1),
     "push.keep_versions": _at_least(1),
+    "push.request_log_sampling_rate": _between(0, 1),
     "metadata.mysql_port": _between(1, 65535),
 }
 
