@@ -24,6 +24,13 @@ Publication: a version must never be visible to TF Serving before it is complete
   TF Serving with `specific` loads every named version; requests without a version get
   the highest.
 
+Request logs (`push.request_log_dir`; `fer-pipeline push --request-log-dir DIR
+--request-log-sampling-rate R`): models.config gives every model a `logging_config`, so
+fer-serve logs a sampled PredictionLog per request under `DIR/<model>/`. The released
+tensorflow_model_server refuses to start with a logging_config, so the config written for
+it, models.docker.config, never has one (on an object store, where TF Serving otherwise
+reads models.config itself, that twin is written only when request logs are on).
+
 One push at a time per serving root (the pipeline runs one push step). Only models the
 evaluator blessed (`<evaluation_dir>/blessings.json`) are pushed; refusals carry the
 evaluator's reasons. A blessed candidate byte-identical to the version already served
@@ -34,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -43,14 +51,16 @@ from pipeline.artifacts import fingerprint
 from pipeline.config import PushConfig
 from pipeline.contract import (MODELS_CONFIG, DOCKER_MODELS_CONFIG, SERVING_MODEL_DIR,
     BLESSINGS_FILE, PUSH_FILE)
-from serving.model_config import (ModelSpec, container_config, docker_command,
-                                  read_model_server_config, write_model_server_config)
+from serving.model_config import (ModelSpec, RequestLogSpec, container_config,
+                                  docker_command, read_model_server_config,
+                                  without_request_log, write_model_server_config)
 
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"                  # in-flight copies (local serving roots)
 DELETE_PREFIX = ".deleting-"           # old versions being removed (local serving roots)
 SAVED_MODEL_FILE = "saved_model.pb"
+REQUEST_LOG_FILE_PREFIX = "requests"   # <request_log_dir>/<model>/requests-<start>-...
 
 
 @dataclass
@@ -219,13 +229,29 @@ def _push_local(name: str, source: str, root: str, keep: int) -> ModelPush:
     return ModelPush(pushed=True, version=version, path=target, removed_versions=removed)
 
 
-def write_serving_config(serving_root: str) -> str:
+def request_log_spec(name: str, config: Optional[PushConfig]) -> Optional[RequestLogSpec]:
+    """The logging_config models.config gives `name` (None without push.request_log_dir):
+    fer-serve logs its requests to <request_log_dir>/<name>/requests-*.tfrecord."""
+    if config is None or not config.request_log_dir:
+        return None
+    if fileio.is_uri(config.request_log_dir):
+        raise ValueError(f"push.request_log_dir must be a local directory of the serving "
+                         f"machine (fer-serve writes its request logs there), got "
+                         f"{config.request_log_dir}")
+    prefix = os.path.join(os.path.abspath(config.request_log_dir), name,
+                          REQUEST_LOG_FILE_PREFIX)
+    return RequestLogSpec(prefix, config.request_log_sampling_rate)
+
+
+def write_serving_config(serving_root: str, config: Optional[PushConfig] = None) -> str:
     """Writes a local serving_root/models.config for every model present there (latest
-    version), and its container-path twin models.docker.config; returns the models.config
-    path."""
+    version, and request logs when `config.request_log_dir` is set), and its container-path
+    twin models.docker.config (never with request logs, which the released TF Serving
+    refuses); returns the models.config path."""
     root = os.path.abspath(serving_root)
     specs = [ModelSpec(name=name, base_path=os.path.join(root, name),
-                       version_policy="latest", num_latest=1)
+                       version_policy="latest", num_latest=1,
+                       request_log=request_log_spec(name, config))
              for name in _model_names_on_disk(root)]
     write_model_server_config(os.path.join(root, DOCKER_MODELS_CONFIG),
                               container_config(specs, root))
@@ -264,11 +290,18 @@ def _push_to_store(name: str, source: str, plan: _StorePlan) -> ModelPush:
     return ModelPush(pushed=True, version=version, path=target)
 
 
-def write_store_config(plan: _StorePlan) -> str:
-    """Writes models.config naming exactly each model's kept complete versions."""
+def write_store_config(plan: _StorePlan, config: Optional[PushConfig] = None) -> str:
+    """Writes models.config naming exactly each model's kept complete versions. With
+    request logs, TF Serving gets a twin without them, models.docker.config (same URIs)."""
     specs = [ModelSpec(name=name, base_path=fileio.join(plan.root, name),
-                       version_policy="specific", versions=plan.kept(name))
+                       version_policy="specific", versions=plan.kept(name),
+                       request_log=request_log_spec(name, config))
              for name in sorted(plan.complete) if plan.kept(name)]
+    twin = fileio.join(plan.root, DOCKER_MODELS_CONFIG)
+    if any(spec.request_log for spec in specs):
+        write_model_server_config(twin, [without_request_log(spec) for spec in specs])
+    elif fileio.exists(twin):
+        fileio.remove(twin)   # left from a push with request logs: it would go stale
     return write_model_server_config(fileio.join(plan.root, MODELS_CONFIG), specs)
 
 
@@ -350,6 +383,7 @@ def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str, serving_root:
     if not serving_root:
         raise ValueError("run_pusher needs a serving_root")
     blessings = _read_blessings(evaluation_dir)
+    request_log_spec("", config)   # a bad request_log_dir fails before anything is pushed
     # realpath: models.config must name the directory TF Serving will actually poll.
     root = serving_root if fileio.is_uri(serving_root) else os.path.realpath(serving_root)
     fileio.makedirs(root)
@@ -363,24 +397,34 @@ def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str, serving_root:
     finally:
         # Rewritten even when nothing was pushed or a later model failed, so the config
         # always names exactly the complete versions present.
-        config_path = write_serving_config(root) if plan is None else write_store_config(plan)
+        config_path = (write_serving_config(root, config) if plan is None
+                       else write_store_config(plan, config))
     if plan is not None:
         _delete_unnamed_versions(plan, outcomes)
-    return _record(root, config_path, outcomes, output_dir)
+    return _record(root, config_path, outcomes, output_dir, bool(config.request_log_dir))
 
 
 def _record(root: str, config_path: str, outcomes: dict[str, ModelPush],
-            output_dir: str) -> PushResult:
+            output_dir: str, request_logs: bool = False) -> PushResult:
     push_json = fileio.join(output_dir, PUSH_FILE)
+    local_binary = shutil.which("tensorflow_model_server")
     if fileio.is_uri(root):
-        # TF Serving reads the URIs in models.config itself: no mount, no path rewriting.
-        docker_config = serve_config = config_path
+        # TF Serving reads the URIs in models.config itself: no mount, no path rewriting
+        # (but with request logs, the twin without logging_config).
+        docker_config = serve_config = (fileio.join(root, DOCKER_MODELS_CONFIG)
+                                        if request_logs else config_path)
     else:
         docker_config = os.path.join(root, DOCKER_MODELS_CONFIG)
         # A local tensorflow_model_server reads host paths; the Docker image, container paths.
-        serve_config = config_path if shutil.which("tensorflow_model_server") else docker_config
+        serve_config = config_path if local_binary else docker_config
+    command = docker_command(serve_config, root)
+    if request_logs and local_binary and not fileio.is_uri(root):
+        # The host-path config carries logging_config, which the binary refuses; fer-serve
+        # --server tfserving runs it on a copy without.
+        command = shlex.join(["fer-serve", "--server", "tfserving", "--model-config",
+                              config_path])
     result = PushResult(serving_root=root, models_config=config_path, models=outcomes,
                         push_json=push_json, docker_models_config=docker_config,
-                        tfserving_command=docker_command(serve_config, root))
+                        tfserving_command=command)
     fileio.write_json(push_json, result)
     return result

@@ -89,6 +89,12 @@ def _add_step_flags(parser: argparse.ArgumentParser, steps: list[Step]) -> None:
     if any(name.startswith("model_") for step in steps for name in step.inputs):
         parser.add_argument("--serving-root", help="where blessed models are pushed "
                             "(default: <output>/serving_models)")
+    if any(step.name == "push" for step in steps):
+        parser.add_argument("--request-log-dir", metavar="DIR",
+                            help="fer-serve logs the pushed models' requests under "
+                                 "DIR/<model>/ (models.config's logging_config)")
+        parser.add_argument("--request-log-sampling-rate", type=float, metavar="R",
+                            help="share of requests logged, 0 to 1 (default 1)")
     parser.add_argument("--metadata-db", help="ML Metadata SQLite file "
                         "(default: <output>/metadata.sqlite)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -190,6 +196,11 @@ def _config_from_args(args: argparse.Namespace) -> PipelineConfig:
         overrides.setdefault("train", {})["models"] = {"vgg16": {"weights": args.vgg_weights}}
     if getattr(args, "serving_root", None):
         overrides.setdefault("push", {})["serving_root"] = args.serving_root
+    if getattr(args, "request_log_dir", None):
+        overrides.setdefault("push", {})["request_log_dir"] = args.request_log_dir
+    if getattr(args, "request_log_sampling_rate", None) is not None:
+        overrides.setdefault("push", {})["request_log_sampling_rate"] = \
+            args.request_log_sampling_rate
     if getattr(args, "metadata_db", None):
         overrides.setdefault("metadata", {})["sqlite_path"] = args.metadata_db
     return load_config(getattr(args, "config", None), profile=getattr(args, "profile", "default"),

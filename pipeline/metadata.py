@@ -8,22 +8,35 @@ the events backwards from a pushed model version to the CSV it came from.
 
 Type names are ours (`fer.<output name>`, `fer.step.<step>`); there is one artifact type per
 kind of output, so the same query works for any registered model.
+
+The store is SQLite (one file per run root) or a MySQL-protocol server shared by every run
+(tested against MariaDB 10.11). A store that cannot be opened (server down, login refused)
+is a `MetadataStoreError` with one line saying which and what to check, raised before the
+run touches anything.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from pipeline import fileio
+from pipeline import fileio, quiet
 from pipeline.config import MetadataConfig
 
 PIPELINE_CONTEXT = "fer.pipeline"
 RUN_CONTEXT = "fer.pipeline_run"
 DERIVED = "derived"    # artifacts a step's result describes (a blessing, a pushed version)
+# How long opening a MySQL store may wait for the server: ml-metadata's own connect has no
+# timeout (an unreachable host would hang for the kernel's TCP timeout, minutes).
+MYSQL_CONNECT_TIMEOUT_S = 10.0
+
+
+class MetadataStoreError(ValueError):
+    """The configured ML Metadata store cannot be opened; the message says why."""
 
 
 @dataclass
@@ -44,14 +57,72 @@ def _connection_config(config: MetadataConfig, run_root: str):
         connection.mysql.database = config.mysql_database
         connection.mysql.user = config.mysql_user
         connection.mysql.password = os.environ.get(config.mysql_password_env, "")
-        return connection, f"mysql://{config.mysql_host}:{config.mysql_port}/" \
-                           f"{config.mysql_database}"
+        return connection, mysql_location(config)
     path = sqlite_path(config, run_root)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     connection.sqlite.filename_uri = path
     connection.sqlite.connection_mode = \
         metadata_store_pb2.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
     return connection, path
+
+
+def mysql_location(config: MetadataConfig) -> str:
+    return f"mysql://{config.mysql_user}@{config.mysql_host}:{config.mysql_port}/" \
+           f"{config.mysql_database}"
+
+
+def check_mysql_server(config: MetadataConfig,
+                       timeout_s: float = MYSQL_CONNECT_TIMEOUT_S) -> None:
+    """Raises MetadataStoreError unless a MySQL-protocol server greets us at host:port.
+
+    ml-metadata reports a server that is down and a refused login alike, as
+    "mysql_real_connect failed: errno: , error: " with no reason, and waits without a
+    deadline; so before handing over we connect ourselves, within `timeout_s`, and read
+    the server's first packet (its handshake, or an error packet such as "Host ... is not
+    allowed to connect").
+    """
+    where = f"the MySQL metadata store at {config.mysql_host}:{config.mysql_port}"
+    try:
+        with socket.create_connection((config.mysql_host, config.mysql_port),
+                                      timeout=timeout_s) as conn:
+            greeting = conn.recv(4096)
+    except socket.timeout:
+        raise MetadataStoreError(f"{where} did not answer within {timeout_s:g} s "
+                                 f"(metadata.mysql_host/mysql_port in --config)") from None
+    except OSError as error:
+        raise MetadataStoreError(f"cannot reach {where}: {error.strerror or error} (is the "
+                                 f"server running? metadata.mysql_host/mysql_port in "
+                                 f"--config)") from None
+    # A MySQL packet: 3-byte length, 1-byte sequence number, then the payload, whose first
+    # byte is 10 for a v10 handshake and 0xff for an error (2-byte code, then the message).
+    payload = greeting[4:]
+    if payload[:1] == b"\xff":
+        message = payload[3:].decode("utf-8", "replace")
+        raise MetadataStoreError(f"{where} refused the connection: {message}")
+    if payload[:1] != b"\x0a":
+        raise MetadataStoreError(f"{where} does not speak the MySQL protocol (its first "
+                                 f"bytes: {greeting[:16]!r})")
+
+
+def _open_error(config: MetadataConfig, location: str, error: RuntimeError
+                ) -> MetadataStoreError:
+    """ml-metadata's RuntimeError on connecting, as one line of ours."""
+    text = str(error).strip()
+    if not config.mysql_host:
+        return MetadataStoreError(f"cannot open the ML Metadata store {location}: {text}")
+    if "mysql_real_connect failed" in text:
+        # The server greeted us (check_mysql_server), so it is the login that failed.
+        why = (f"${config.mysql_password_env} is not set (the password is read from it)"
+               if not os.environ.get(config.mysql_password_env) else
+               f"wrong password in ${config.mysql_password_env}, or the user may not "
+               f"connect from this host")
+        return MetadataStoreError(
+            f"the MySQL metadata store at {config.mysql_host}:{config.mysql_port} refused "
+            f"user {config.mysql_user!r}: {why}")
+    # e.g. "Creating database X in ConnectImplmysql_query failed: errno: <reason>, error:
+    # <reason>": the reason is what the server said.
+    reason = text.rsplit("error: ", 1)[-1] or text
+    return MetadataStoreError(f"cannot open {location}: {reason}")
 
 
 def sqlite_path(config: MetadataConfig, run_root: str) -> str:
@@ -71,7 +142,13 @@ class MetadataStore:
         from ml_metadata.metadata_store import metadata_store
 
         connection, self.location = _connection_config(config, run_root)
-        self._store = metadata_store.MetadataStore(connection)
+        if config.mysql_host:
+            check_mysql_server(config)
+        try:
+            with quiet.filtered_stderr(quiet.MLMD_CONNECT_NOISE):
+                self._store = metadata_store.MetadataStore(connection)
+        except RuntimeError as error:
+            raise _open_error(config, self.location, error) from None
         self.pipeline_name = config.pipeline_name
         self.run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}"
         self._types: dict[tuple[str, str], int] = {}

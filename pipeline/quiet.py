@@ -22,6 +22,11 @@ anything not listed (our warnings, real errors, a library's other messages) stil
   on the "tensorflow" logger: a logging filter drops exactly that record.
 - apache_beam.io.tfrecordio's "Couldn't find python-snappy" (a speed hint about CRC
   computation): a logging filter drops exactly that record.
+- ml-metadata's C++ log line when it cannot log in to a MySQL server ("MySQL database was
+  not initialized ... starting from MySQL 8.0, mysql_native_password ... is not
+  supported", plus glog's "Logging before InitGoogleLogging" line before it): it blames an
+  authentication plugin whatever the cause, so pipeline/metadata.py drops exactly these
+  lines (MLMD_CONNECT_NOISE) while it connects and says itself what went wrong.
 """
 from __future__ import annotations
 
@@ -53,6 +58,11 @@ LOG_NOISE: tuple[tuple[str, str], ...] = (
     ("apache_beam.io.tfrecordio",
      "Couldn't find python-snappy so the implementation of _TFRecordUtil._masked_crc32c "
      "is not as fast as it could be."),
+)
+# Written by ml-metadata's C++ code to stderr when a MySQL connection fails (see above).
+MLMD_CONNECT_NOISE: tuple[Pattern[str], ...] = (
+    re.compile(r"^WARNING: Logging before InitGoogleLogging\(\) is written to STDERR$"),
+    re.compile(r"mysql_metadata_source\.cc:\d+\] MySQL database was not initialized"),
 )
 
 _installed = False
