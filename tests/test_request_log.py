@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -412,3 +413,55 @@ def test_server_killed_mid_load_leaves_readable_logs(tmp_path, template):
     (tmp_path / ("cut" + LOG_SUFFIX)).write_bytes(whole[:-10])
     with pytest.raises(ValueError, match="corrupt request log"):
         list(read_logs([str(tmp_path / ("cut" + LOG_SUFFIX))]))
+
+
+# --- the pusher writes the logging_config ------------------------------------------------------
+
+def test_push_with_request_logs_configures_fer_serve_but_not_tf_serving(tmp_path, template):
+    from components.pusher import _StorePlan, run_pusher, write_store_config
+    from pipeline.cli import _config_from_args, build_parser
+    from pipeline.config import PushConfig
+
+    args = build_parser().parse_args(["push", "--output", str(tmp_path / "run"),
+                                      "--request-log-dir", "logs",
+                                      "--request-log-sampling-rate", "0.5"])
+    push = _config_from_args(args).push
+    assert (push.request_log_dir, push.request_log_sampling_rate) == ("logs", 0.5)
+
+    shutil.copytree(template, tmp_path / "models" / "cnn" / "serving_model")
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "blessings.json").write_text(json.dumps(
+        {"cnn": {"blessed": True, "reasons": ["accuracy 0.8 >= 0.3"]}}))
+    logs = tmp_path / "logs"
+    result = run_pusher({"cnn": str(tmp_path / "models" / "cnn")},
+                        str(tmp_path / "evaluation"), str(tmp_path / "serving"),
+                        str(tmp_path / "push"), PushConfig(request_log_dir=str(logs)))
+    [spec] = read_model_server_config(result.models_config)
+    assert spec.request_log == RequestLogSpec(str(logs.resolve() / "cnn" / "requests"), 1.0)
+    [docker_spec] = read_model_server_config(result.docker_models_config)
+    assert docker_spec.request_log is None
+    assert "logging_config" not in open(result.docker_models_config).read()
+
+    # What the pusher wrote, fer-serve follows: a request lands in logs/cnn/.
+    server = FerServer(ServerConfig(result.models_config, port=0, rest_port=0)).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=10)
+        assert rest_predict(connection, tagged_image(3, 4))[0] == 200
+        connection.close()
+    finally:
+        server.stop()
+    assert logged_tags(list(read_logs(str(logs / "cnn")))) == [(3, 4)]
+
+    # On an object store TF Serving reads models.config itself, so with request logs it
+    # gets a twin without them (written, then removed once logs are off again).
+    plan = _StorePlan(str(tmp_path / "store"), 1, {"cnn": [1]})
+    os.makedirs(plan.root)
+    write_store_config(plan, PushConfig(request_log_dir=str(logs)))
+    twin = tmp_path / "store" / "models.docker.config"
+    assert read_model_server_config(str(twin))[0].request_log is None
+    assert read_model_server_config(str(tmp_path / "store" / "models.config"))[0].request_log
+    write_store_config(plan, PushConfig())
+    assert not twin.exists()
+    with pytest.raises(ValueError, match="must be a local directory"):
+        run_pusher({}, str(tmp_path / "evaluation"), str(tmp_path / "serving"),
+                   str(tmp_path / "push"), PushConfig(request_log_dir="s3://bucket/logs"))
