@@ -8,7 +8,7 @@ RUN_DIR ?= demo_run
 DEMO_ROWS ?= 6000
 BEAM_ARGS ?=
 
-.PHONY: setup s3-server demo test bench clean
+.PHONY: setup s3-server demo test bench clean mysql-up mysql-down
 
 setup: $(STAMP)
 
@@ -45,6 +45,18 @@ demo: setup
 
 test: setup s3-server
 	$(BIN)/python -m pytest -q tests
+
+# A MariaDB on 127.0.0.1 for trying a shared ML Metadata store (README, "On a cluster"):
+# data in $(MYSQL_DIR)/data, user `fer` with the password in $$FER_METADATA_MYSQL_PASSWORD.
+# Needs Debian's mariadb-server (apt-get install mariadb-server); tests/mariadb.py does it.
+MYSQL_DIR ?= .mariadb
+MYSQL_PORT ?= 3306
+
+mysql-up: setup
+	@$(BIN)/python -m tests.mariadb up $(MYSQL_DIR) --port $(MYSQL_PORT)
+
+mysql-down:
+	@$(BIN)/python -m tests.mariadb down $(MYSQL_DIR)
 
 bench: setup
 	$(BIN)/python benchmarks/data_half.py
