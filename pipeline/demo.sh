@@ -25,14 +25,20 @@ pages() {
   echo "   data:       $(step_dir statistics)/statistics.html"
   echo "   evaluation: $(step_dir evaluation)/report.html"
 }
-# One line per model the evaluation gate held back, from blessings.json's summaries.
+# One line per model held back, by the evaluation gate (blessings.json) or by infra
+# validation (infra_blessings.json: it loaded or answered wrong in a model server).
 held_back() {
-  local blessings; blessings="$(step_dir evaluation)/blessings.json"
+  local blessings infra
+  blessings="$(step_dir evaluation)/blessings.json"
+  infra="$(step_dir infra_validation)/infra_blessings.json"
   [ -f "$blessings" ] || return 0
-  $BIN/python -c 'import json, sys
-for b in json.load(open(sys.argv[1])).values():
+  $BIN/python -c 'import json, os, sys
+infra = json.load(open(sys.argv[2])) if os.path.exists(sys.argv[2]) else {}
+for name, b in json.load(open(sys.argv[1])).items():
     if not b["blessed"]:
-        print("== " + b["summary"])' "$blessings"
+        print("== " + b["summary"])
+    elif name in infra and not infra[name]["blessed"]:
+        print("== " + infra[name]["summary"])' "$blessings" "$infra"
 }
 
 mkdir -p "$RUN_DIR"
