@@ -21,10 +21,15 @@ S3_SERVER_PIN := moto[server]==5.2.5
 s3-server: $(S3_STAMP)
 
 # Depends on the Makefile so a changed pin reinstalls (a no-op when it is already there).
-$(S3_STAMP): Makefile
+# The pipeline's venv comes first for its uv (see UV_PIN below).
+$(S3_STAMP): Makefile $(STAMP)
 	@test -x $(S3_VENV)/bin/python || $(PYTHON) -m venv $(S3_VENV)
 	@echo "== setting up $(S3_VENV) ($(S3_SERVER_PIN), the S3 server the object-store tests use)"
-	@$(S3_VENV)/bin/pip install $(PIP_QUIET) "$(S3_SERVER_PIN)"
+	@if [ -x $(BIN)/uv ]; then \
+	  $(BIN)/uv pip install --quiet --python $(S3_VENV)/bin/python "$(S3_SERVER_PIN)"; \
+	else \
+	  $(S3_VENV)/bin/pip install $(PIP_QUIET) "$(S3_SERVER_PIN)"; \
+	fi
 	@touch $(S3_STAMP)
 
 # setuptools notes that the editable install prints and nobody can act on: [tool.setuptools]
@@ -32,11 +37,20 @@ $(S3_STAMP): Makefile
 SETUPTOOLS_NOTES := ignore:Support for `[tool.setuptools]` in `pyproject.toml` is still *beta*:UserWarning:setuptools.config.pyprojecttoml,ignore::UserWarning:setuptools.command.editable_wheel
 PIP_QUIET := --quiet --no-warn-script-location --disable-pip-version-check
 
+# uv installs the same exact pins as pip (the same versions, checked) in a fraction of pip's
+# time (docs/benchmarks.md, "Set-up"); pip is the fallback when uv cannot be installed.
+UV_PIN := uv==0.13.9
+
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "== setting up $(VENV) from requirements.lock (about 2 minutes the first time)"
-	@$(BIN)/pip install $(PIP_QUIET) --upgrade pip
-	@$(BIN)/pip install $(PIP_QUIET) -r requirements.lock
+	@if $(BIN)/pip install $(PIP_QUIET) "$(UV_PIN)" >/dev/null 2>&1; then \
+	  $(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock; \
+	else \
+	  echo "== uv unavailable: installing with pip (slower)"; \
+	  $(BIN)/pip install $(PIP_QUIET) --upgrade pip && \
+	  $(BIN)/pip install $(PIP_QUIET) -r requirements.lock; \
+	fi
 	@PYTHONWARNINGS='$(SETUPTOOLS_NOTES)' $(BIN)/pip install $(PIP_QUIET) --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
@@ -44,7 +58,7 @@ demo: setup
 	bash pipeline/demo.sh "$(RUN_DIR)" "$(DATA)" "$(DEMO_ROWS)" $(BEAM_ARGS)
 
 test: setup s3-server
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 # A MariaDB on 127.0.0.1 for trying a shared ML Metadata store (README, "On a cluster"):
 # data in $(MYSQL_DIR)/data, user `fer` with the password in $$FER_METADATA_MYSQL_PASSWORD.
