@@ -33,7 +33,10 @@ reads models.config itself, that twin is written only when request logs are on).
 
 One push at a time per serving root (the pipeline runs one push step). Only models the
 evaluator blessed (`<evaluation_dir>/blessings.json`) are pushed; refusals carry the
-evaluator's reasons. A blessed candidate byte-identical to the version already served
+evaluator's reasons. Given the infra-validate step's output (the pipeline always gives it),
+a model must also be infra-blessed (`infra_blessings.json`), and what is published is the
+copy the sandboxed server loaded (`<infra_validation_dir>/<model>/serving_model/`: the
+candidate plus its warm-up requests). A blessed candidate byte-identical to the version already served
 (same content fingerprint) is not pushed again.
 """
 from __future__ import annotations
@@ -50,7 +53,7 @@ from pipeline import fileio
 from pipeline.artifacts import fingerprint
 from pipeline.config import PushConfig
 from pipeline.contract import (MODELS_CONFIG, DOCKER_MODELS_CONFIG, SERVING_MODEL_DIR,
-    BLESSINGS_FILE, PUSH_FILE)
+    BLESSINGS_FILE, INFRA_BLESSINGS_FILE, PUSH_FILE)
 from serving.model_config import (ModelSpec, RequestLogSpec, container_config,
                                   docker_command, read_model_server_config,
                                   without_request_log, write_model_server_config)
@@ -335,6 +338,13 @@ def _read_blessings(evaluation_dir: str) -> dict[str, dict]:
     return fileio.read_json(path)
 
 
+def _read_infra_blessings(infra_validation_dir: str) -> dict[str, dict]:
+    path = fileio.join(infra_validation_dir, INFRA_BLESSINGS_FILE)
+    if not fileio.exists(path):
+        raise FileNotFoundError(f"{path} not found: run infra-validate before the pusher")
+    return fileio.read_json(path)
+
+
 def _candidate(name: str, model_dir: str) -> str:
     source = fileio.join(model_dir, SERVING_MODEL_DIR)
     if not fileio.exists(fileio.join(source, SAVED_MODEL_FILE)):
@@ -350,8 +360,25 @@ def _identical_served_version(source: str, root: str, name: str) -> Optional[int
     return latest[0]
 
 
+def _infra_refusal(name: str, infra_validation_dir: str,
+                   infra_verdict: Optional[dict]) -> Optional[ModelPush]:
+    """Why a model the evaluator blessed still may not be pushed: no infra blessing."""
+    if infra_verdict is None:
+        return ModelPush(pushed=False, reasons=[
+            f"no infra blessing recorded for {name!r} in "
+            f"{infra_validation_dir}/{INFRA_BLESSINGS_FILE}"])
+    if not infra_verdict.get("blessed", False):
+        # The infra validator logged why; the CLI prints its summary line.
+        log.info("not pushing %s: %s", name, infra_verdict.get("summary", ""))
+        return ModelPush(pushed=False, reasons=["not infra-blessed"]
+                         + list(infra_verdict.get("reasons", [])))
+    return None
+
+
 def _push_if_blessed(name: str, model_dir: str, verdict: Optional[dict], evaluation_dir: str,
-                     root: str, keep: int, plan: Optional[_StorePlan]) -> ModelPush:
+                     root: str, keep: int, plan: Optional[_StorePlan],
+                     infra_validation_dir: Optional[str] = None,
+                     infra_verdict: Optional[dict] = None) -> ModelPush:
     if verdict is None:
         return ModelPush(pushed=False, reasons=[
             f"no blessing recorded for {name!r} in {evaluation_dir}/{BLESSINGS_FILE}"])
@@ -360,6 +387,13 @@ def _push_if_blessed(name: str, model_dir: str, verdict: Optional[dict], evaluat
         # The gate's verdict, not a fault: the CLI prints it as one line already.
         log.info("not pushing %s: %s", name, "; ".join(reasons))
         return ModelPush(pushed=False, reasons=["not blessed"] + reasons)
+    if infra_validation_dir is not None:
+        refusal = _infra_refusal(name, infra_validation_dir, infra_verdict)
+        if refusal is not None:
+            return refusal
+        # Publish what the sandboxed server loaded and answered from, warm-up included.
+        model_dir = fileio.join(infra_validation_dir, name)
+        reasons.append(infra_verdict.get("summary", ""))
     source = _candidate(name, model_dir)
     same = _identical_served_version(source, root, name)
     if same is not None:
@@ -372,10 +406,13 @@ def _push_if_blessed(name: str, model_dir: str, verdict: Optional[dict], evaluat
 
 
 def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str, serving_root: str,
-               output_dir: str, config: PushConfig) -> PushResult:
+               output_dir: str, config: PushConfig,
+               infra_validation_dir: Optional[str] = None) -> PushResult:
     """Pushes each blessed model as a new version and rewrites models.config.
 
     `model_dirs` maps model name to its trainer output directory (holding serving_model/).
+    With `infra_validation_dir` (the infra-validate step's output), a model must be
+    infra-blessed too, and its validated copy is what gets pushed (module docstring).
     Writes `output_dir/push.json` with the returned result.
     """
     if config.keep_versions < 1:
@@ -384,6 +421,8 @@ def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str, serving_root:
         raise ValueError("run_pusher needs a serving_root")
     blessings = _read_blessings(evaluation_dir)
     request_log_spec("", config)   # a bad request_log_dir fails before anything is pushed
+    infra_blessings = (_read_infra_blessings(infra_validation_dir)
+                       if infra_validation_dir is not None else {})
     # realpath: models.config must name the directory TF Serving will actually poll.
     root = serving_root if fileio.is_uri(serving_root) else os.path.realpath(serving_root)
     fileio.makedirs(root)
@@ -393,7 +432,8 @@ def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str, serving_root:
     try:
         for name, model_dir in sorted(model_dirs.items()):
             outcomes[name] = _push_if_blessed(name, model_dir, blessings.get(name),
-                                              evaluation_dir, root, config.keep_versions, plan)
+                                              evaluation_dir, root, config.keep_versions, plan,
+                                              infra_validation_dir, infra_blessings.get(name))
     finally:
         # Rewritten even when nothing was pushed or a later model failed, so the config
         # always names exactly the complete versions present.

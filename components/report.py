@@ -81,6 +81,45 @@ def verdict_banner(evaluation: Mapping[str, Any]) -> str:
             + reasons + "</section>")
 
 
+def infra_section(infra_blessings: Mapping[str, Mapping[str, Any]]) -> str:
+    """The infra-validate step's verdict per model: did the candidate load and answer in a
+    sandboxed model server, and what it measured there. The infra-validate step inserts it
+    after the verdict banner of its copy of this report (`with_infra_section`)."""
+    models = dict(infra_blessings)
+    blessed = [name for name, m in models.items() if m["blessed"]]
+    validated = [name for name, m in models.items() if m.get("server")]
+    held = [name for name in validated if name not in blessed]
+    css = "ok" if validated and not held else ("bad" if not blessed else "warn")
+
+    def measured(m: Mapping[str, Any], key: str, scale: float = 1.0, unit: str = "") -> str:
+        value = (m.get("measurements") or {}).get(key)
+        return "n/a" if value is None else f"{value / scale:.1f}{unit}"
+
+    rows = [[f'<span class="infra-verdict" data-model="{esc(name)}" data-blessed="'
+             f'{str(m["blessed"]).lower()}">'
+             f'{"INFRA-BLESSED" if m["blessed"] else "HELD BACK"}</span>',
+             esc(name), esc(m.get("server") or "not served"), esc(m.get("mode", "")),
+             measured(m, "load_seconds", unit=" s"), measured(m, "first_call_ms", unit=" ms"),
+             measured(m, "p50_ms", unit=" ms"), measured(m, "server_rss_bytes", 2**20, " MiB"),
+             esc(m["summary"])]
+            for name, m in models.items()]
+    return (f'<section class="banner {css}" id="infra-validation"><h2>Infra validation</h2>'
+            f"<p>Infra-blessed: {esc(', '.join(blessed) or 'none')}. Only models blessed by "
+            "both the gate above and this check are pushed.</p>"
+            + table(["verdict", "model", "server", "mode", "load to AVAILABLE", "first call",
+                     "p50 call", "server memory", "why"], rows, raw=True)
+            + "</section>")
+
+
+def with_infra_section(report_html: str, infra_blessings: Mapping[str, Mapping[str, Any]]
+                       ) -> str:
+    """The evaluation report with the infra verdict right after its verdict banner."""
+    banner_start = report_html.index('id="verdict"')
+    banner_end = report_html.index("</section>", banner_start) + len("</section>")
+    return (report_html[:banner_end] + "\n" + infra_section(infra_blessings)
+            + report_html[banner_end:])
+
+
 def _served_cell(name: str, model: Mapping[str, Any]) -> str:
     served = model.get("served")
     if not served:

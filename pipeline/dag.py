@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from pipeline.config import MODEL_NAMES, PipelineConfig
 from pipeline import fileio
-from pipeline.contract import (BLESSINGS_FILE, SERVING_MODEL_DIR, TRANSFORM_GRAPH_DIR,
-                               TRANSFORMED_DIR)
+from pipeline.contract import (BLESSINGS_FILE, INFRA_BLESSINGS_FILE, SERVING_MODEL_DIR,
+                               TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
 from pipeline.metadata import ArtifactRecord
 
 PIPELINE_INPUT = "pipeline"           # producer name of the pipeline's own inputs
@@ -110,10 +110,16 @@ def _evaluate(inputs, out, env: StepEnv):
                          env.config.evaluation)
 
 
+def _infra_validate(inputs, out, env: StepEnv):
+    from components.infra_validator import run_infra_validator
+    return run_infra_validator(inputs["examples"], _model_runs(inputs), inputs["evaluation"],
+                               out, env.config.infra_validation)
+
+
 def _push(inputs, out, env: StepEnv):
     from components.pusher import run_pusher
     return run_pusher(_model_runs(inputs), inputs["evaluation"], env.serving_root, out,
-                      env.config.push)
+                      env.config.push, infra_validation_dir=inputs["infra_validation"])
 
 
 def _blessings(output_uri: str, result: dict) -> list[ArtifactRecord]:
@@ -122,6 +128,18 @@ def _blessings(output_uri: str, result: dict) -> list[ArtifactRecord]:
     return [ArtifactRecord("blessing", f"{fileio.join(output_uri, BLESSINGS_FILE)}#{model}",
                            properties={"model": model, **verdict})
             for model, verdict in sorted(blessings.items())]
+
+
+def _infra_blessings(output_uri: str, result: dict) -> list[ArtifactRecord]:
+    """One infra blessing artifact per model: did it load and answer in a model server."""
+    path = fileio.join(output_uri, INFRA_BLESSINGS_FILE)
+    return [ArtifactRecord("infra_blessing", f"{path}#{model}",
+                           properties={"model": model, "blessed": verdict["blessed"],
+                                       "summary": verdict["summary"],
+                                       "reasons": verdict["reasons"],
+                                       "measurements": verdict["measurements"],
+                                       "server": verdict["server"], "mode": verdict["mode"]})
+            for model, verdict in sorted(fileio.read_json(path).items())]
 
 
 def _pushed_versions(output_uri: str, result: dict) -> list[ArtifactRecord]:
@@ -154,6 +172,13 @@ def _train_parameters(model: str) -> Callable[[PipelineConfig, StepEnv], Any]:
 
 def _push_parameters(config: PipelineConfig, env: StepEnv) -> Any:
     return {"push": config.push, "serving_root": env.serving_root}
+
+
+def _infra_validate_parameters(config: PipelineConfig, env: StepEnv) -> Any:
+    # Which server binary validates matters: installing tensorflow_model_server re-runs it.
+    from serving.server import tfserving_binary
+    return {"infra_validation": config.infra_validation,
+            "tfserving_binary": tfserving_binary(config.infra_validation.server) or ""}
 
 
 def _evaluate_parameters(config: PipelineConfig, env: StepEnv) -> Any:
@@ -206,9 +231,19 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
              {"evaluation": ""}, _evaluate, _evaluate_parameters,
              ("components.evaluator", "serving.ensemble"),
              "test-split evaluation and the blessing gate", derived=_blessings),
-        Step("push", "push", {"evaluation": "evaluate.evaluation", **model_inputs},
+        Step("infra-validate", "infra_validation",
+             {"examples": "ingest.examples", "evaluation": "evaluate.evaluation",
+              **model_inputs},
+             {"infra_validation": ""}, _infra_validate, _infra_validate_parameters,
+             ("components.infra_validator", "serving.warmup", "components.report"),
+             "blessed candidates served by a sandboxed model server and queried",
+             derived=_infra_blessings),
+        Step("push", "push",
+             {"evaluation": "evaluate.evaluation",
+              "infra_validation": "infra-validate.infra_validation", **model_inputs},
              {"push": ""}, _push, _push_parameters, ("components.pusher",),
-             "push blessed models to the serving directory", derived=_pushed_versions),
+             "push models blessed by evaluation and infra validation to the serving "
+             "directory", derived=_pushed_versions),
     ]
     _check_order(steps)
     return steps

@@ -236,9 +236,18 @@ def _config_without_request_log(path: str) -> str:
     return write_model_server_config(copy, [without_request_log(s) for s in specs])
 
 
+def tfserving_binary(choice: str) -> Optional[str]:
+    """The real server `fer-serve --server CHOICE` runs instead of the embedded one: the
+    tensorflow_model_server on PATH for "auto" and "tfserving", None for "embedded" or
+    when there is none (then "tfserving" is refused when fer-serve starts)."""
+    if choice == "embedded":
+        return None
+    return shutil.which("tensorflow_model_server")
+
+
 def _exec_tfserving(args: argparse.Namespace) -> None:
     """Replaces this process with the real TF Serving over the same config and ports."""
-    binary = shutil.which("tensorflow_model_server")
+    binary = tfserving_binary(args.server)
     if binary is None:
         if args.server == "tfserving":
             raise SystemExit("fer-serve: --server tfserving, but tensorflow_model_server "
