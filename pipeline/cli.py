@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--models", default=",".join(MODEL_NAMES))
     compile_.add_argument("--image", default="fer-pipeline:latest",
                           help="container image the components run in (see Dockerfile)")
+    compile_.add_argument("--bulk-inference", action="store_true",
+                          help="write the bulk-inference pipeline (`fer-pipeline infer` as "
+                               "one component) instead of the training pipeline")
 
     infer = commands.add_parser(
         INFER_COMMAND, help="score a CSV or a directory of photos with the served models "
@@ -278,8 +281,12 @@ def _lineage(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipeline.kfp_pipeline import compile_pipeline
+    from pipeline.kfp_pipeline import compile_inference_pipeline, compile_pipeline
 
+    if args.bulk_inference:
+        path = compile_inference_pipeline(args.kfp, beam_args=beam_args, image=args.image)
+        print(f"[fer-pipeline] wrote the Kubeflow bulk-inference pipeline to {path}")
+        return 0
     path = compile_pipeline(args.kfp, models=tuple(args.models.split(",")),
                             beam_args=beam_args, image=args.image)
     print(f"[fer-pipeline] wrote the Kubeflow pipeline to {path}")
@@ -287,6 +294,8 @@ def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 def _infer(args: argparse.Namespace, beam_args: list[str]) -> int:
+    import dataclasses
+
     from pipeline import fileio
     from pipeline.inference import run_inference_job
 
@@ -294,7 +303,9 @@ def _infer(args: argparse.Namespace, beam_args: list[str]) -> int:
     result = run_inference_job(
         fileio.absolute(args.data), fileio.absolute(args.output),
         fileio.absolute(args.serving_root), [m for m in args.models.split(",") if m],
-        config, beam_args, review_queue=args.review_queue, metadata_db=args.metadata_db)
+        config, beam_args, review_queue=args.review_queue,
+        metadata=dataclasses.replace(config.metadata, sqlite_path=args.metadata_db)
+        if args.metadata_db else config.metadata)
     versions = ", ".join(f"{name} v{m['version']}" for name, m in result.models.items())
     print(f"[fer-pipeline] infer: {result.faces_scored} face(s) scored by {versions} in "
           f"{result.seconds:.1f}s; {result.needs_review} need human review; "

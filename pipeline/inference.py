@@ -11,12 +11,12 @@ when both use one store), and what it wrote.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Optional, Sequence
 
 from pipeline import fileio
 from pipeline.artifacts import fingerprint
-from pipeline.config import MODEL_NAMES, PipelineConfig
+from pipeline.config import MODEL_NAMES, MetadataConfig, PipelineConfig
 from pipeline.contract import PREDICTIONS_FILE
 from pipeline.metadata import ArtifactRecord, MetadataStore
 
@@ -58,15 +58,16 @@ def resolve_models(serving_root: str, wanted: Sequence[str]) -> list[ModelVersio
 def run_inference_job(data_uri: str, output_dir: str, serving_root: str,
                       models: Sequence[str], config: PipelineConfig, beam_args: list[str],
                       review_queue: Optional[str] = None,
-                      metadata_db: Optional[str] = None) -> BulkInferenceResult:
-    """Resolves the model versions, scores `data_uri` into `output_dir` and records the
-    execution in ML Metadata (`metadata_db`, default `<output_dir>/metadata.sqlite`)."""
+                      metadata: Optional[MetadataConfig] = None) -> BulkInferenceResult:
+    """Resolves the model versions, scores `data_uri` into `output_dir` and, given a
+    `metadata` store (the default SQLite file is `<output_dir>/metadata.sqlite`), records
+    the execution in ML Metadata."""
     started = time.time()
     versions = resolve_models(serving_root, models)
     result = run_bulk_inferrer(data_uri, versions, output_dir, config.inference,
                                config.evaluation.tie_tolerance, beam_args, review_queue)
-    metadata = config.metadata if metadata_db is None else replace(
-        config.metadata, sqlite_path=metadata_db)
+    if metadata is None:
+        return result
     store = MetadataStore(metadata, output_dir)
     inputs = {"data": [ArtifactRecord("data", fileio.absolute(data_uri),
                                       fingerprint(data_uri))]}

@@ -61,20 +61,26 @@ def component_source(step: Step) -> str:
     )
 
 
+def _import_source(functions: str, module_name: str) -> Any:
+    """Imports component functions given as source text (KFP serializes their source)."""
+    source = "from kfp.dsl import Artifact, Input, Output\n\n\n" + functions
+    directory = tempfile.mkdtemp(prefix="fer_kfp_")
+    path = os.path.join(directory, f"{module_name}.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # inspect.getsource finds the file through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
 def _components(steps: Sequence[Step], image: str) -> dict[str, Any]:
     """Imports the generated component functions and wraps them with dsl.component."""
     from kfp import dsl
 
-    source = "from kfp.dsl import Artifact, Input, Output\n\n\n" + "\n\n".join(
-        component_source(step) for step in steps)
-    directory = tempfile.mkdtemp(prefix="fer_kfp_")
-    path = os.path.join(directory, "fer_kfp_components.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location("fer_kfp_components", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # inspect.getsource finds the file through sys.modules
-    spec.loader.exec_module(module)
+    module = _import_source("\n\n".join(component_source(step) for step in steps),
+                            "fer_kfp_components")
     return {step.name: dsl.component(getattr(module, _function_name(step)),
                                      base_image=image, install_kfp_package=False)
             for step in steps}
@@ -130,7 +136,84 @@ def compile_pipeline(path: str, config: Optional[PipelineConfig] = None,
     return path
 
 
+# ----------------------------------------------------------------------------- bulk inference
+
+INFERENCE_PIPELINE_NAME = "fer-bulk-inference"
+# `fer-pipeline infer` as one component: it is not a step of the training DAG (it scores
+# other data, with whatever is in serving), so it is a pipeline of its own.
+INFERENCE_COMPONENT_SOURCE = (
+    "def bulk_inference(data: str, serving_root: str, models: str, config_json: str,\n"
+    "                   beam_args_json: str, metadata_db: str,\n"
+    "                   predictions: Output[Artifact]):\n"
+    "    from pipeline.kfp_pipeline import run_inference_component\n"
+    "    run_inference_component(data, serving_root, models, config_json, beam_args_json,\n"
+    "                            metadata_db, predictions.uri)\n")
+
+
+def build_inference_pipeline(config: PipelineConfig, beam_args: Sequence[str] = (),
+                             image: str = "fer-pipeline:latest"):
+    """A KFP pipeline function that runs bulk inference (pipeline/inference.py).
+
+    Parameters: `data` (a CSV or a directory of photos), `serving_root`, `models`
+    (`cnn,vgg16`, or `cnn:3` for a version), `config_json`, `beam_args_json`, `metadata_db`.
+    The review queue is a local SQLite file, so it is not offered here: the flagged faces
+    are in the output's predictions.csv (`needs_review`).
+    """
+    from kfp import dsl
+
+    from pipeline.artifacts import to_jsonable
+
+    component = dsl.component(
+        _import_source(INFERENCE_COMPONENT_SOURCE, "fer_kfp_inference").bulk_inference,
+        base_image=image, install_kfp_package=False)
+    default_config = json.dumps(to_jsonable(config))
+    default_beam = json.dumps(list(beam_args))
+
+    @dsl.pipeline(name=INFERENCE_PIPELINE_NAME,
+                  description="Faces in a CSV or photos, scored by the served models on Beam")
+    def fer_bulk_inference(data: str, serving_root: str, models: str = ",".join(MODEL_NAMES),
+                           config_json: str = default_config,
+                           beam_args_json: str = default_beam, metadata_db: str = ""):
+        task = component(data=data, serving_root=serving_root, models=models,
+                         config_json=config_json, beam_args_json=beam_args_json,
+                         metadata_db=metadata_db)
+        task.set_display_name("infer")
+        task.set_caching_options(False)   # the served versions change between runs
+
+    return fer_bulk_inference
+
+
+def compile_inference_pipeline(path: str, config: Optional[PipelineConfig] = None,
+                               beam_args: Sequence[str] = (),
+                               image: str = "fer-pipeline:latest") -> str:
+    """Writes the bulk-inference KFP v2 pipeline YAML to `path` and returns it."""
+    from kfp import compiler
+
+    from pipeline.config import load_config
+
+    compiler.Compiler().compile(build_inference_pipeline(config or load_config(), beam_args,
+                                                         image), package_path=path)
+    return path
+
+
 # ----------------------------------------------------------------------------- in the pod
+
+def run_inference_component(data: str, serving_root: str, models: str, config_json: str,
+                            beam_args_json: str, metadata_db: str, output_uri: str) -> None:
+    """What the bulk-inference component runs: `fer-pipeline infer` into the artifact."""
+    import dataclasses
+
+    from pipeline import fileio
+    from pipeline.config import load_config
+    from pipeline.inference import run_inference_job
+
+    config = load_config(overrides=json.loads(config_json))
+    metadata = (dataclasses.replace(config.metadata, sqlite_path=metadata_db)
+                if metadata_db else None)   # none given: KFP's own metadata only
+    run_inference_job(data, _local_path(output_uri), fileio.absolute(serving_root),
+                      [m for m in models.split(",") if m], config,
+                      json.loads(beam_args_json), metadata=metadata)
+
 
 def _local_path(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri

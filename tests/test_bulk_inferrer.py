@@ -255,3 +255,33 @@ def test_multi_processing_direct_runner_gives_the_same_predictions(serving_root,
     assert "6 face(s) scored by cnn v2" in done.stdout
     check_predictions(str(output), serving_root, [f"{data}:{n}" for n in range(2, 8)],
                       images, tolerance=0.05, models={"cnn": VERSIONS["cnn"]})
+
+
+def test_kubeflow_component_runs_bulk_inference(serving_root, tmp_path):
+    """The bulk-inference pipeline compiles (Beam options baked in) and its component runs
+    with kfp.local's SubprocessRunner, writing the same predictions into its artifact."""
+    import yaml
+    from kfp import local
+    from kfp.components import load_component_from_file
+
+    path = str(tmp_path / "infer.yaml")
+    compiled = subprocess.run(
+        [f"{BIN}/fer-pipeline", "compile", "--kfp", path, "--bulk-inference",
+         "--direct_num_workers=1"], capture_output=True, text=True, timeout=300)
+    assert compiled.returncode == 0, compiled.stderr[-2000:]
+    spec = yaml.safe_load(open(path))
+    assert list(spec["root"]["dag"]["tasks"]) == ["bulk-inference"]
+    assert json.loads(spec["root"]["inputDefinitions"]["parameters"]["beam_args_json"]
+                      ["defaultValue"]) == ["--direct_num_workers=1"]
+
+    images = random_images(3, seed=9)
+    data = tmp_path / "faces.csv"
+    data.write_text("pixels\n" + "\n".join(" ".join(map(str, i.ravel())) for i in images) + "\n")
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(tmp_path / "kfp_root"))
+    load_component_from_file(path)(data=str(data), serving_root=serving_root, models="cnn")
+    [predictions] = [os.path.join(d, PREDICTIONS_FILE)
+                     for d, _, files in os.walk(tmp_path / "kfp_root") if PREDICTIONS_FILE in files]
+    check_predictions(os.path.dirname(predictions), serving_root,
+                      [f"{data}:{n}" for n in range(2, 5)], images, tolerance=0.05,
+                      models={"cnn": VERSIONS["cnn"]})
