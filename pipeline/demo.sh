@@ -23,7 +23,10 @@ step_dir() {
 pages() {
   echo "== pages to open in a browser (self-contained, offline):"
   echo "   data:       $(step_dir statistics)/statistics.html"
-  echo "   evaluation: $(step_dir evaluation)/report.html"
+  # infra-validate's copy of the evaluation report adds its verdict under the gate's.
+  local report; report="$(step_dir infra_validation)/report.html"
+  [ -f "$report" ] || report="$(step_dir evaluation)/report.html"
+  echo "   evaluation: $report"
 }
 # One line per model held back, by the evaluation gate (blessings.json) or by infra
 # validation (infra_blessings.json: it loaded or answered wrong in a model server).
