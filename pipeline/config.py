@@ -194,18 +194,21 @@ class MonitorConfig:
     # Image features of the served faces against the training split's (skew).
     brightness_js: float = 0.1         # mean pixel value of a face
     contrast_js: float = 0.1           # standard deviation of a face's pixels
-    dark_share_js: float = 0.1         # share of near-black pixels (<= dark_level)
-    bright_share_js: float = 0.1       # share of near-white pixels (>= bright_level)
-    sharpness_js: float = 0.1          # variance of the Laplacian: low means blurred
-    pixels_js: float = 0.1             # TFDV's histogram of every pixel value
+    sharpness_js: float = 0.1          # variance of the Laplacian / the face's: low = blurred
+    # Exposure: the share of faces with more than clipped_share of their pixels near black
+    # (<= dark_level) or near white (>= bright_level), compared by L-infinity.
+    dark_share_linf: float = 0.25
+    bright_share_linf: float = 0.25
     dark_level: int = 16
     bright_level: int = 239
+    clipped_share: float = 0.05
+    pixels_js: float = 0.15            # TFDV's histogram of every pixel value (coarse)
     # Model answers against the same models' answers on the test split (evaluation).
-    class_mix_linf: float = 0.1        # predicted-class shares, per model
+    class_mix_linf: float = 0.08       # predicted-class shares, per model
     confidence_js: float = 0.1         # the winning class's probability, per model
     review_rate_linf: float = 0.1      # share of faces the ensemble sends to a person
     # Fewer faces than this in the window: distances are too noisy to alert on.
-    min_requests: int = 200
+    min_requests: int = 500
     # --review-queue: the lowest-confidence faces queued besides the ties.
     review_lowest_confidence: int = 20
     # The page's per-window table splits the requested range into windows this long.
