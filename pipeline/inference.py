@@ -52,6 +52,9 @@ def resolve_models(serving_root: str, wanted: Sequence[str]) -> list[ModelVersio
         resolved.append(ModelVersion(name, served[0], served[1]))
     if not resolved:
         raise ValueError("name at least one model (--models)")
+    names = [version.name for version in resolved]
+    if len(set(names)) != len(names):
+        raise ValueError(f"each model may be named once in --models, got {list(wanted)}")
     return resolved
 
 
