@@ -186,7 +186,10 @@ def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_by
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", max_request_bytes),
-                 ("grpc.max_send_message_length", max_request_bytes)])
+                 ("grpc.max_send_message_length", max_request_bytes),
+                 # gRPC sets SO_REUSEPORT by default: a second server on a busy port would
+                 # bind "successfully" and share it. TF Serving fails there; so do we.
+                 ("grpc.so_reuseport", 0)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(predictor), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(predictor), server)

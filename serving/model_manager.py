@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
+from serving.input_contract import input_problem
 from serving.model_config import ModelSpec, RequestLogSpec, read_model_server_config
 from serving.warmup import replay_warmup
 
@@ -122,17 +123,10 @@ def _checked_array(key: str, value: np.ndarray,
     if key not in specs:
         raise ServingError("INVALID_ARGUMENT",
                            f"unknown input {key!r}; expected {sorted(specs)}")
-    spec = specs[key]
     array = np.asarray(value)
-    if array.dtype != spec.dtype.as_numpy_dtype and not (
-            spec.dtype == tf.string and array.dtype.kind in "SUO"):
-        raise ServingError("INVALID_ARGUMENT",
-                           f"input {key!r} has dtype {array.dtype}, signature expects "
-                           f"{spec.dtype.name}")
-    if not spec.shape.is_compatible_with(array.shape):
-        raise ServingError("INVALID_ARGUMENT",
-                           f"input {key!r} has shape {list(array.shape)}, signature expects "
-                           f"{spec.shape}")
+    problem = input_problem(key, array, specs[key])   # before TensorFlow sees it
+    if problem:
+        raise ServingError("INVALID_ARGUMENT", problem)
     return array
 
 
@@ -148,6 +142,22 @@ def list_versions(base_path: str) -> list[int]:
         if name.isdigit() and os.path.isdir(os.path.join(base_path, name)):
             versions.append(int(name))
     return sorted(versions)
+
+
+def unservable_reason(spec: ModelSpec) -> str:
+    """Why `spec` serves no version, in terms of its base path and version policy."""
+    on_disk = list_versions(spec.base_path)
+    if not os.path.isdir(spec.base_path):
+        return f"its base_path {spec.base_path} does not exist"
+    if not on_disk:
+        return (f"its base_path {spec.base_path} holds no version directory (an integer "
+                f"name such as {os.path.join(spec.base_path, '1')})")
+    wanted = wanted_versions(spec, on_disk)
+    if not wanted:
+        return (f"its version policy 'specific' wants version(s) {sorted(spec.versions)}, "
+                f"but {spec.base_path} holds {on_disk}")
+    return (f"no version under {spec.base_path} could be loaded (versions {wanted}; see "
+            "each version's status)")
 
 
 def wanted_versions(spec: ModelSpec, on_disk: list[int]) -> list[int]:
@@ -331,16 +341,18 @@ class ModelManager:
         with self._lock:
             state = self._state(name)
             version = _version_for_label(state, name, version, label)
-            if version is None:
-                if not state.served:
-                    raise ServingError("NOT_FOUND", f"Servable not found for request: "
-                                                    f"Latest({name}): no version is loaded")
-                return state.served[max(state.served)]
-            if version not in state.served:
+            served, spec = dict(state.served), state.spec
+        if version is None:
+            if not served:  # the reason reads the disk: outside the lock
                 raise ServingError("NOT_FOUND", f"Servable not found for request: "
-                                                f"Specific({name}, {version}); served: "
-                                                f"{sorted(state.served)}")
-            return state.served[version]
+                                                f"Latest({name}): no version is loaded; "
+                                                f"{unservable_reason(spec)}")
+            return served[max(served)]
+        if version not in served:
+            raise ServingError("NOT_FOUND", f"Servable not found for request: "
+                                            f"Specific({name}, {version}); served: "
+                                            f"{sorted(served)}")
+        return served[version]
 
     def status(self, name: str, version: Optional[int] = None,
                label: Optional[str] = None) -> list[VersionStatus]:
@@ -348,12 +360,23 @@ class ModelManager:
         with self._lock:
             state = self._state(name)
             version = _version_for_label(state, name, version, label)
-            if version is None:
-                return [state.status[v] for v in sorted(state.status)]
-            if version not in state.status:
-                raise ServingError("NOT_FOUND", f"Could not find version {version} of "
-                                                f"model {name}")
-            return [state.status[version]]
+            statuses, spec = dict(state.status), state.spec
+        if version is None:
+            if not statuses:
+                # As TF Serving: a model with no version at all is NOT_FOUND, not an empty
+                # status list.
+                raise ServingError("NOT_FOUND", f"Could not find any versions of model "
+                                                f"{name}: {unservable_reason(spec)}")
+            return [statuses[v] for v in sorted(statuses)]
+        if version not in statuses:
+            raise ServingError("NOT_FOUND", f"Could not find version {version} of model {name}")
+        return [statuses[version]]
+
+    def unservable(self) -> dict[str, str]:
+        """Each configured model that serves no version now, with the reason."""
+        with self._lock:
+            specs = [state.spec for state in self._models.values() if not state.served]
+        return {spec.name: unservable_reason(spec) for spec in specs}
 
     def wait_for(self, name: str, version: int, timeout: float = 30.0) -> LoadedVersion:
         """Blocks until `version` of `name` is served (tests and startup scripts use it)."""

@@ -18,16 +18,20 @@ logging_config; the three --request-log flags say how the files are written.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+from pipeline import fileio
+from pipeline.errors import run_cli
 from serving.batching import (Batcher, BatchingConfig, format_batching_parameters,
                               read_batching_parameters)
 from serving.grpc_service import build_grpc_server
@@ -79,15 +83,32 @@ class FerServer:
         self._rest_thread: Optional[threading.Thread] = None
 
     def start(self) -> "FerServer":
+        host = self.config.host
+        # Busy ports are found before minutes of model loading, not after.
+        for what, port, flag in (("gRPC", self.config.port, "--port"),
+                                 ("REST", self.config.rest_port, "--rest-port")):
+            try:
+                check_port_free(host, port)
+            except OSError as error:
+                raise OSError(bind_failure(what, host, port, flag, error)) from None
         self.manager.start()
         self.request_log.start()
-        self.grpc_server, self.grpc_port = build_grpc_server(
-            self.predictor, self.config.host, self.config.port, self.config.max_request_bytes,
-            self.config.grpc_workers)
+        try:
+            self.grpc_server, self.grpc_port = build_grpc_server(
+                self.predictor, host, self.config.port, self.config.max_request_bytes,
+                self.config.grpc_workers)
+        except (OSError, RuntimeError) as error:
+            self.stop()
+            raise OSError(bind_failure("gRPC", host, self.config.port, "--port", error)) \
+                from None
         self.grpc_server.start()
-        self.rest_server = build_rest_server(self.predictor, self.config.host,
-                                             self.config.rest_port,
-                                             self.config.max_request_bytes)
+        try:
+            self.rest_server = build_rest_server(self.predictor, host, self.config.rest_port,
+                                                 self.config.max_request_bytes)
+        except OSError as error:
+            self.stop()
+            raise OSError(bind_failure("REST", host, self.config.rest_port, "--rest-port",
+                                       error)) from None
         self.rest_port = self.rest_server.server_address[1]
         self._rest_thread = threading.Thread(target=self.rest_server.serve_forever,
                                              name="rest", daemon=True)
@@ -106,6 +127,32 @@ class FerServer:
             self.grpc_server.stop(grace=1).wait()
         self.request_log.stop()   # after the last request: writes what is queued, closes files
         self.manager.stop()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Binds `host:port` for a moment; OSError when it cannot be bound (checked before gRPC
+    tries, which would log its own C++ error line first)."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as both servers do
+        probe.bind((host, port))
+
+
+def bind_failure(what: str, host: str, port: int, flag: str, error: BaseException) -> str:
+    """One line naming the address that could not be bound, why, and what to do."""
+    reasons = {errno.EADDRINUSE: "the port is already in use (another fer-serve or TF "
+                                 f"Serving?); stop it or choose another {flag} (0: any "
+                                 "free port)",
+               errno.EACCES: f"permission denied (ports below 1024 need root); choose "
+                             f"another {flag}",
+               errno.EADDRNOTAVAIL: "this machine has no such address; check --host"}
+    reason = reasons.get(getattr(error, "errno", None))
+    if reason is None:
+        text = str(error).lower()
+        reason = (reasons[errno.EADDRINUSE] if "in use" in text or "bind" in text
+                  else str(error))
+    return f"cannot listen for {what} on {host}:{port}: {reason}"
 
 
 def _set_tf_threads(intra_op: int, inter_op: int) -> None:
@@ -219,6 +266,15 @@ def tfserving_command(binary: str, args: argparse.Namespace) -> list[str]:
     return command
 
 
+def tfserving_binary(choice: str) -> Optional[str]:
+    """The real server `fer-serve --server CHOICE` runs instead of the embedded one: the
+    tensorflow_model_server on PATH for "auto" and "tfserving", None for "embedded" or
+    when there is none (then "tfserving" is refused when fer-serve starts)."""
+    if choice == "embedded":
+        return None
+    return shutil.which("tensorflow_model_server")
+
+
 def _config_without_request_log(path: str) -> str:
     """`path`, or when it configures request logs a copy without them: the released
     tensorflow_model_server refuses to start with a logging_config (it has no request
@@ -236,15 +292,6 @@ def _config_without_request_log(path: str) -> str:
     return write_model_server_config(copy, [without_request_log(s) for s in specs])
 
 
-def tfserving_binary(choice: str) -> Optional[str]:
-    """The real server `fer-serve --server CHOICE` runs instead of the embedded one: the
-    tensorflow_model_server on PATH for "auto" and "tfserving", None for "embedded" or
-    when there is none (then "tfserving" is refused when fer-serve starts)."""
-    if choice == "embedded":
-        return None
-    return shutil.which("tensorflow_model_server")
-
-
 def _exec_tfserving(args: argparse.Namespace) -> None:
     """Replaces this process with the real TF Serving over the same config and ports."""
     binary = tfserving_binary(args.server)
@@ -259,7 +306,16 @@ def _exec_tfserving(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """`fer-serve`: a mistake in one line, a bug in one line with where its traceback is."""
+    return run_cli("fer-serve", _main, argv)
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if not fileio.is_uri(args.model_config) and not os.path.isfile(args.model_config):
+        print(f"fer-serve: --model-config {args.model_config}: no such file (the push step "
+              "writes <serving root>/models.config)", file=sys.stderr)
+        return 1
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.server != "embedded":
@@ -279,6 +335,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"fer-serve: gRPC on {args.host}:{server.grpc_port}, REST on "
           f"http://{args.host}:{server.rest_port}, models {server.manager.model_names()}",
           flush=True)
+    for name, reason in sorted(server.manager.unservable().items()):
+        print(f"fer-serve: warning: model {name} has no version to serve: {reason}; it "
+              "answers NOT_FOUND until one appears", file=sys.stderr, flush=True)
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopped.set())

@@ -212,7 +212,7 @@ BAD_REST = [
     ("POST", "/v1/models/cnn:predict", {"instances": [[1, 2], [3]]}, 400, "ragged"),
     ("POST", "/v1/models/cnn:predict", {"instances": [[1.5] * 2304]}, 400, "non-integer"),
     ("POST", "/v1/models/cnn:predict", {"instances": [["a"] * 2304]}, 400, "numbers"),
-    ("POST", "/v1/models/cnn:predict", {"instances": [[0] * 100]}, 400, "reshape"),
+    ("POST", "/v1/models/cnn:predict", {"instances": [[0] * 100]}, 400, "one 48x48 face"),
     ("POST", "/v1/models/cnn:predict", {"signature_name": "serving_uint8",
                                         "instances": [[300] * 2304]}, 400, "out of range"),
     ("POST", "/v1/models/cnn:predict", {"signature_name": "nope", **GOOD}, 400, "nope"),
@@ -250,7 +250,7 @@ def test_oversized_rest_request_is_413(server):
     ({"label": "gold"}, grpc.StatusCode.NOT_FOUND, "gold"),
     ({"signature": "nope"}, grpc.StatusCode.INVALID_ARGUMENT, "nope"),
     ({"dtype": np.float32}, grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
-    ({"images": np.zeros((2, 47, 47))}, grpc.StatusCode.INVALID_ARGUMENT, "reshape"),
+    ({"images": np.zeros((2, 47, 47))}, grpc.StatusCode.INVALID_ARGUMENT, "one 48x48 face"),
     ({"output_filter": ["logits"]}, grpc.StatusCode.INVALID_ARGUMENT, "logits"),
     ({"images": np.zeros((300, 48, 48))}, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
 ])
