@@ -28,12 +28,20 @@ so one can see who used the machine's cores. All requests use serving_default wi
 pixels, like the floor, and return all three outputs. Latencies and rates are medians over
 repeated windows.
 
+With --request-log-rates (e.g. 1.0,0.1), unbatched servers whose models.config logs
+every model's requests at each sampling rate (serving/request_log.py) run beside the
+unbatched server without logs, --rounds times in rotating order, so the cost of request
+logs is read from one run: medians over rounds of batch-1 p50 and 16-client throughput,
+against the goal of p50 within +0.2 ms and throughput within 5 % of logging off. Pass
+--batch-timeout-ms "" to run those servers alone.
+
 B defaults to 16, the number of clients: with every client waiting, one batch can hold all
 of them. --batch-timeout-ms takes a list, one batching server per value, so the latency
 cost of waiting longer for fuller batches is shown beside what it buys.
 
     .venv/bin/python benchmarks/serving.py [--serving-root demo_run/serving_models]
-        [--batch-timeout-ms 2,5,10] [--out bench_runs/serving/serving.json] [--quick]
+        [--batch-timeout-ms 2,5,10] [--request-log-rates 1.0,0.1 --rounds 3]
+        [--out bench_runs/serving/serving.json] [--quick]
 """
 from __future__ import annotations
 
@@ -63,6 +71,9 @@ PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
 SIGNATURE = "serving_default"
 GRPC_P50_TARGET_MS = 2.0          # gRPC p50 at most this much above the in-process p50
 BATCHING_THROUGHPUT_TARGET = 0.70  # batching server >= 70 % of in-process at batch B
+REQUEST_LOG_P50_TARGET_MS = 0.2    # request logs add at most this to the batch-1 p50
+REQUEST_LOG_THROUGHPUT_TARGET = 0.95  # ... and keep this share of the 16-client throughput
+NO_LOGS = "no batching"
 
 
 # --- settings ----------------------------------------------------------------------------
@@ -83,6 +94,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="comma-separated: one batching server per value")
     parser.add_argument("--server-flags", default="",
                         help="extra fer-serve flags for the batching servers, space-separated")
+    parser.add_argument("--request-log-rates", default="",
+                        help="comma-separated sampling rates: one unbatched server logging "
+                             "requests at each, beside the one without logs")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --request-log-rates: how often the unbatched servers "
+                             "(with and without logs) run, in rotating order")
     parser.add_argument("--latency-calls", type=int, default=300, help="calls per window")
     parser.add_argument("--latency-windows", type=int, default=5)
     parser.add_argument("--latency-window-s", type=float, default=4.0,
@@ -101,6 +118,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.warmup_s = 0.2
         args.max_requests_per_client = 200
     args.batch_timeouts = [float(v) for v in str(args.batch_timeout_ms).split(",") if v]
+    try:
+        args.log_rates = [float(v) for v in str(args.request_log_rates).split(",") if v]
+    except ValueError:
+        parser.error(f"--request-log-rates: not numbers: {args.request_log_rates}")
+    if any(not 0 < rate <= 1 for rate in args.log_rates) or args.rounds < 1:
+        parser.error("--request-log-rates must lie in (0, 1] and --rounds be at least 1")
     if args.clients % args.client_procs:
         parser.error("--clients must be a multiple of --client-procs")
     return args
@@ -597,17 +620,58 @@ def transport_ceiling(report: dict[str, Any], name: str, batch_key: str) -> dict
 
 # --- the run -----------------------------------------------------------------------------
 
-def server_configs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
-    configs = [("no batching", [])]
+def log_label(rate: Optional[float]) -> str:
+    return NO_LOGS if rate is None else f"{NO_LOGS}, request log {rate:g}"
+
+
+def server_configs(args: argparse.Namespace
+                   ) -> list[tuple[str, list[str], Optional[float], int]]:
+    """(label, flags, request-log sampling rate or None, round) per server, in run order:
+    the unbatched servers (rotated each round so drift does not favour one), then the
+    batching ones."""
+    rates: list[Optional[float]] = [None, *args.log_rates]
+    rounds = args.rounds if args.log_rates else 1
+    configs = []
+    for round_ in range(rounds):
+        shift = round_ % len(rates)
+        for rate in rates[shift:] + rates[:shift]:
+            configs.append((log_label(rate), [], rate, round_))
     for timeout in args.batch_timeouts:
         configs.append((f"batching B={args.max_batch_size}, {timeout:g} ms",
                         ["--batching", "--max-batch-size", str(args.max_batch_size),
-                         "--batch-timeout-ms", f"{timeout:g}", *args.server_flags.split()]))
+                         "--batch-timeout-ms", f"{timeout:g}", *args.server_flags.split()],
+                        None, 0))
     return configs
 
 
+def request_log_counters(server: ServerProcess, model: str) -> dict[str, int]:
+    """fer-serve's request-log counters for one model (its metrics endpoint)."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://{HOST}:{server.rest_port}"
+                                "/monitoring/prometheus/metrics", timeout=10) as response:
+        text = response.read().decode()
+    counters = {}
+    for field in ("written", "dropped", "failed"):
+        match = re.search(rf'^fer_serve_request_log_{field}_total'
+                          rf'{{model_name="{re.escape(model)}"}} (\d+)$', text, re.MULTILINE)
+        counters[field] = int(match.group(1)) if match else 0
+    return counters
+
+
+def logged_config(models: list[dict[str, Any]], directory: str,
+                  rate: Optional[float]) -> str:
+    """models.config serving the measured versions, pinned; with request logs under
+    `directory` at `rate` when a rate is given."""
+    from serving.model_config import ModelSpec, RequestLogSpec, write_model_server_config
+    return write_model_server_config(os.path.join(directory, "models.config"), [
+        ModelSpec(m["name"], m["base_path"], "specific", versions=[m["version"]],
+                  request_log=None if rate is None else RequestLogSpec(
+                      os.path.join(directory, "logs", m["name"], "requests"), rate))
+        for m in models])
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from serving.model_config import ModelSpec, write_model_server_config
+    from serving.request_log import read_logs
 
     wanted = [m for m in args.models.split(",") if m]
     models = resolve_models(args.serving_root, wanted)
@@ -617,6 +681,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "quick": args.quick, "machine": machine_facts(),
         "settings": {key: getattr(args, key) for key in (
             "serving_root", "clients", "client_procs", "max_batch_size", "batch_timeouts",
+            "log_rates", "rounds",
             "latency_calls", "latency_windows", "throughput_windows", "throughput_window_s",
             "max_requests_per_client", "warmup_s")},
         "models": models, "in_process": {}, "transport": {}, "servers": []}
@@ -636,34 +701,117 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             echo.stop()
 
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
-        # The versions measured in-process, pinned, whatever else appears meanwhile.
-        config = write_model_server_config(os.path.join(tmp, "models.config"), [
-            ModelSpec(m["name"], m["base_path"], "specific", versions=[m["version"]])
-            for m in models])
-        for label, extra in server_configs(args):
-            print(f"fer-serve ({label})", flush=True)
+        for index, (label, extra, rate, round_) in enumerate(server_configs(args)):
+            print(f"fer-serve ({label}{f', round {round_ + 1}' if round_ or rate else ''})",
+                  flush=True)
+            # The versions measured in-process, pinned, whatever else appears meanwhile.
+            directory = os.path.join(tmp, f"server-{index}")
+            os.makedirs(directory)
+            config = logged_config(models, directory, rate)
             server = ServerProcess(config, os.path.join(tmp, "server.log"), extra)
             entry = {"config": label, "flags": extra, "start_s": server.start_s,
-                     "models": {}}
+                     "request_log_rate": rate, "round": round_, "models": {}}
             try:
                 for model in models:
                     measured = server_latency(server, model, references[model["name"]], args)
                     for protocol in ("grpc", "rest"):
                         measured[protocol]["throughput"] = concurrent_throughput(
                             server, model, protocol, args)
+                    if rate is not None:
+                        measured["request_log"] = request_log_counters(server, model["name"])
                     entry["models"][model["name"]] = measured
             finally:
                 server.stop()
+            if rate is not None:  # stopped: every file is closed; what they hold, read back
+                for model in models:
+                    logs = os.path.join(directory, "logs", model["name"])
+                    counted = entry["models"][model["name"]]["request_log"]
+                    counted["records_read"] = sum(1 for _ in read_logs(logs)) \
+                        if os.path.isdir(logs) else 0
+                    counted["bytes"] = sum(f.stat().st_size for f in Path(logs).rglob("*")
+                                           if f.is_file())
             report["servers"].append(entry)
     report["targets"] = check_targets(report, args)
+    report["request_logs"] = request_log_summary(report, args)
     report["markdown"] = markdown(report, args)
     return report
+
+
+def request_log_summary(report: dict[str, Any], args: argparse.Namespace
+                        ) -> list[dict[str, Any]]:
+    """Per model and sampling rate: medians over rounds of batch-1 p50 and 16-client
+    throughput beside the same medians without logs, and whether the goals are met."""
+    if not args.log_rates:
+        return []
+
+    def medians(label: str, name: str) -> dict[str, float]:
+        runs = [s["models"][name] for s in report["servers"] if s["config"] == label]
+        return {f"{protocol}_{key}": statistics.median(
+                    r[protocol]["p50_ms"] if key == "p50_ms" else r[protocol]["throughput"][key]
+                    for r in runs)
+                for protocol in ("grpc", "rest")
+                for key in ("p50_ms", "images_per_s", "server_cpu_ms_per_image")}
+
+    rows = []
+    for model in report["models"]:
+        name = model["name"]
+        off = medians(NO_LOGS, name)
+        rows.append({"model": name, "rate": None, **off})
+        for rate in args.log_rates:
+            on = medians(log_label(rate), name)
+            logged = [s["models"][name]["request_log"] for s in report["servers"]
+                      if s["request_log_rate"] == rate]
+            row = {"model": name, "rate": rate, **on,
+                   "records": sum(c["records_read"] for c in logged),
+                   "written": sum(c["written"] for c in logged),
+                   "dropped": sum(c["dropped"] for c in logged),
+                   "bytes_per_record": sum(c["bytes"] for c in logged)
+                   / max(1, sum(c["records_read"] for c in logged))}
+            for protocol in ("grpc", "rest"):
+                row[f"{protocol}_p50_delta_ms"] = on[f"{protocol}_p50_ms"] - \
+                    off[f"{protocol}_p50_ms"]
+                row[f"{protocol}_throughput_ratio"] = on[f"{protocol}_images_per_s"] / \
+                    off[f"{protocol}_images_per_s"]
+            row["met"] = all(row[f"{p}_p50_delta_ms"] <= REQUEST_LOG_P50_TARGET_MS and
+                             row[f"{p}_throughput_ratio"] >= REQUEST_LOG_THROUGHPUT_TARGET
+                             for p in ("grpc", "rest"))
+            rows.append(row)
+    return rows
+
+
+def request_log_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    lines = ["", f"Request logs: medians over {args.rounds} round(s) of the unbatched "
+             f"servers (goal: p50 within +{REQUEST_LOG_P50_TARGET_MS} ms and throughput "
+             f"within {1 - REQUEST_LOG_THROUGHPUT_TARGET:.0%} of logging off)", "",
+             f"| model | request log | gRPC p50 ms | REST p50 ms | gRPC {args.clients} "
+             f"clients images/s | REST {args.clients} clients images/s | server CPU ms/image "
+             "gRPC, REST | records written (dropped) | bytes/record | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["rate"] is None:
+            lines.append(f"| {row['model']} | off | {row['grpc_p50_ms']:.2f} | "
+                         f"{row['rest_p50_ms']:.2f} | {row['grpc_images_per_s']:,.0f} | "
+                         f"{row['rest_images_per_s']:,.0f} | "
+                         f"{row['grpc_server_cpu_ms_per_image']:.2f}, "
+                         f"{row['rest_server_cpu_ms_per_image']:.2f} | - | - | - |")
+            continue
+        lines.append(
+            f"| {row['model']} | sampling {row['rate']:g} | {row['grpc_p50_ms']:.2f} "
+            f"({row['grpc_p50_delta_ms']:+.2f}) | {row['rest_p50_ms']:.2f} "
+            f"({row['rest_p50_delta_ms']:+.2f}) | {row['grpc_images_per_s']:,.0f} "
+            f"({row['grpc_throughput_ratio'] - 1:+.1%}) | {row['rest_images_per_s']:,.0f} "
+            f"({row['rest_throughput_ratio'] - 1:+.1%}) | "
+            f"{row['grpc_server_cpu_ms_per_image']:.2f}, "
+            f"{row['rest_server_cpu_ms_per_image']:.2f} | {row['records']:,} "
+            f"({row['dropped']}) | {row['bytes_per_record']:,.0f} | "
+            f"{'met' if row['met'] else 'MISSED'} |")
+    return lines
 
 
 def check_targets(report: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     targets = []
     plain = report["servers"][0]
-    batching = report["servers"][1:]
+    batching = [server for server in report["servers"] if "--batching" in server["flags"]]
     batch_key = f"throughput_batch{args.max_batch_size}"
     for model in report["models"]:
         name = model["name"]
@@ -728,9 +876,12 @@ def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
                 throughput = measured["throughput"]
                 rate = throughput["images_per_s"]
                 errors = f" ({throughput['errors']} errors)" if throughput["errors"] else ""
+                label = server["config"]
+                if args.log_rates and args.rounds > 1 and not server["flags"]:
+                    label += f" (round {server['round'] + 1})"
                 lines.append(
                     f"| {title} | {'gRPC' if protocol == 'grpc' else 'REST'} | "
-                    f"{server['config']} | {measured['p50_ms']:.2f} | {measured['p99_ms']:.2f} | "
+                    f"{label} | {measured['p50_ms']:.2f} | {measured['p99_ms']:.2f} | "
                     f"{measured['p50_ms'] - floor_p50:+.2f} | {rate:,.0f}{errors} | "
                     f"{rate / b1:.2f} | {rate / bb:.2f} | "
                     f"{throughput['server_cores']:.2f} "
@@ -746,6 +897,7 @@ def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
                  f"image at batch {b} + echo server and client CPU ms per request), the rate "
                  "if the model and the bare gRPC transport were all the work and no core "
                  "ever idled.")
+    lines += request_log_markdown(report.get("request_logs", []), args)
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ Serving's own request logger writes. `read_logs` reads them back (with
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -46,6 +47,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import model_pb2, prediction_log_pb2
 
 from serving.model_config import RequestLogSpec
@@ -226,9 +228,9 @@ class RequestLogger:
             request.model_spec.CopyFrom(model_spec)
             response.model_spec.CopyFrom(model_spec)
             for key, value in inputs.items():
-                request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+                request.inputs[key].CopyFrom(_tensor_proto(value))
             for key, value in outputs.items():
-                response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+                response.outputs[key].CopyFrom(_tensor_proto(value))
             return record
         self._offer(name, spec, build)
 
@@ -355,6 +357,30 @@ class RequestLogger:
         now = time.monotonic()
         for prefix in [p for p, f in self._files.items() if now - f.opened >= older_than]:
             self._close(prefix)
+
+
+@functools.lru_cache(maxsize=None)
+def _datatype(dtype: np.dtype) -> int:
+    return tf.as_dtype(dtype).as_datatype_enum
+
+
+def _tensor_proto(value: np.ndarray) -> tensor_pb2.TensorProto:
+    """What tf.make_tensor_proto makes of an array, without its per-call Python overhead
+    (about 0.1 ms an array, most of a REST record's cost): numbers as tensor_content, byte
+    strings as string_val."""
+    array = np.asarray(value)
+    numeric = array.dtype.kind in "iuf"
+    strings = array.dtype.kind == "O" and all(isinstance(v, bytes) for v in array.flat)
+    if array.ndim == 0 or not (numeric or strings):
+        return tf.make_tensor_proto(array)   # bools, scalars, the rest: TF's own encoding
+    if numeric:
+        proto = tensor_pb2.TensorProto(dtype=_datatype(array.dtype),
+                                       tensor_content=np.ascontiguousarray(array).tobytes())
+    else:
+        proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=list(array.flat))
+    proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=size)
+                                  for size in array.shape)
+    return proto
 
 
 def _with_metadata(model_spec, spec: RequestLogSpec,
