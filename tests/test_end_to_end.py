@@ -1,8 +1,8 @@
 """The whole pipeline on a small synthetic CSV with bad rows and a cross-split duplicate.
 
-One module-scoped run (CSV -> examples -> statistics -> anomalies -> augmented -> transform
--> two trained models -> evaluation -> push) that the tests below inspect, then a re-run
-that must skip every step.
+The session's smoke run (CSV -> examples -> statistics -> anomalies -> augmented ->
+transform -> two trained models -> evaluation -> push; tests/pipeline_fixtures.py) that the
+tests below inspect, then a re-run that must skip every step.
 """
 from __future__ import annotations
 
@@ -15,65 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from components.synthetic import generate_csv
-from pipeline.config import load_config
 from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES
 from pipeline.dag import STEP_NAMES
-from pipeline.runner import RunContext, committed_output, run_pipeline
+from pipeline.runner import committed_output, run_pipeline
 from tests.serving_fixtures import free_port, start_server_process
 
 BIN = os.path.dirname(sys.executable)
 
-ROWS = 2400
-# (description, raw line) for rows ExampleGen must quarantine, with the reason it gives.
-BAD_ROWS = [
-    ("label out of range", '9,"{}",Training'),
-    ("wrong pixel count", '3,"1 2 3",Training'),
-    ("pixel out of range", '3,"{}",PublicTest'),
-    ("non-integer pixel", '2,"{}",Training'),
-    ("missing field", '4'),
-]
-E2E_OVERRIDES = {"train": {"models": {"vgg16": {"epochs": 1, "max_train_examples": 256}}}}
-
-
-def _bad_pixels(kind: str) -> str:
-    values = ["128"] * 2304
-    if kind == "pixel out of range":
-        values[100] = "256"
-    if kind == "non-integer pixel":
-        values[5] = "1.5"
-    return " ".join(values)
-
-
-def _write_dirty_csv(clean_path: str, dirty_path: str) -> dict:
-    """Appends bad rows and copies one training image into PrivateTest (a leak to catch)."""
-    with open(clean_path, newline="") as f:
-        rows = list(csv.reader(f))
-    header, body = rows[0], rows[1:]
-    train_row = next(r for r in body if r[2] == "Training")
-    leaked = [train_row[0], train_row[1], "PrivateTest"]
-    lines = [",".join(header)] + [f'{r[0]},"{r[1]}",{r[2]}' for r in body]
-    lines.append(f'{leaked[0]},"{leaked[1]}",{leaked[2]}')
-    leaked_line = len(lines)  # 1-based line number of the leaked copy
-    bad_lines = {}
-    for kind, template in BAD_ROWS:
-        lines.append(template.format(_bad_pixels(kind)) if "{}" in template else template)
-        bad_lines[len(lines)] = kind
-    Path(dirty_path).write_text("\r\n".join(lines) + "\r\n")
-    return {"rows": len(lines) - 1, "bad_lines": bad_lines, "leaked_line": leaked_line}
-
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("e2e")
-    clean = str(work / "clean.csv")
-    generate_csv(clean, rows=ROWS, seed=11)
-    data = str(work / "fer_dirty.csv")
-    facts = _write_dirty_csv(clean, data)
-    config = load_config(profile="smoke", overrides=E2E_OVERRIDES)
-    ctx = RunContext(data_paths=[data], run_root=str(work / "run"), config=config)
-    outcomes = run_pipeline(ctx)
-    return {"ctx": ctx, "outcomes": outcomes, "work": work, "data": data, **facts}
+def pipeline_run(smoke_run) -> dict:
+    """The session's smoke run (tests/pipeline_fixtures.py), as the tests below read it."""
+    return {"ctx": smoke_run.ctx, "outcomes": smoke_run.outcomes, "work": smoke_run.work,
+            "data": smoke_run.data, "rows": smoke_run.rows, "bad_lines": smoke_run.bad_lines,
+            "leaked_line": smoke_run.leaked_line}
 
 
 def _out(run_root: str, step: str) -> Path:
