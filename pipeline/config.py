@@ -537,6 +537,8 @@ def load_config(path: Optional[str] = None, profile: str = "default",
         _check_values(config, problems)
         if problems:
             where = f"config file {source}" if source != "the command line" else source
-            count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
-            raise ConfigError(f"{where}: {count}:\n" + "\n".join(f"  {p}" for p in problems))
+            if len(problems) == 1:
+                raise ConfigError(f"{where}: {problems[0]}")
+            raise ConfigError(f"{where}: {len(problems)} problems:\n"
+                              + "\n".join(f"  {p}" for p in problems))
     return config

@@ -6,12 +6,14 @@ Works against our embedded server and the real TF Serving alike (same protocols)
     fer-client --csv fer2013.csv --rows 5                   # FER-2013 rows (pixels column)
     fer-client --npy faces.npy                              # uint8 [n, 48, 48]
       [--host 127.0.0.1] [--protocol grpc|rest] [--port N] [--models cnn,vgg16]
-      [--tolerance 0.05] [--timeout 10] [--retries 3] [--table]
+      [--config my.yaml | --tolerance 0.05] [--timeout 10] [--retries 3] [--table]
       [--review-queue DIR] [--explain DIR]
 
 Prints JSON (or a table with --table): per face, each model's probabilities and the
 version that answered, and the ensemble decision from serving.ensemble.combine with the
-English and Spanish class names. If the server is down it says so in one line and exits 2.
+English and Spanish class names. If the server cannot be reached it says why in one line
+(nothing listening, the wrong protocol or port, TLS, no answer in time: serving/connection.py)
+and exits 2; a bad input (a missing file, a --usage no row has) exits 3.
 With --review-queue the faces that need a person are queued for `fer-review` (with each
 model's saliency); --explain writes each model's saliency overlay per face as PNGs.
 """
@@ -33,10 +35,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from pipeline.config import MODEL_NAMES, EvalConfig
+from pipeline.config import MODEL_NAMES, EvalConfig, load_config
 from pipeline.contract import (CLASS_NAMES, IMAGE_SIZE, INPUT_PIXELS,
                                NUM_PIXELS, OUTPUT_PROBABILITIES, OUTPUT_SALIENCY,
                                SIGNATURE_EXPLAIN)
+from pipeline.errors import run_cli
+from serving.connection import diagnose
 
 DEFAULT_MODELS = MODEL_NAMES   # every registered model (pipeline/config.py)
 # Where flagged faces are queued when --review-queue is not given (unset: nowhere).
@@ -89,17 +93,26 @@ class ClientConfig:
 
 
 def with_retries(call: Callable[[], Any], is_unavailable: Callable[[BaseException], bool],
-                 retries: int, backoff_s: float, what: str) -> Any:
-    """Runs `call`, retrying with exponential backoff while the server is unreachable."""
+                 retries: int, backoff_s: float, what: str,
+                 diagnose: Callable[[], Optional[str]] = lambda: None,
+                 is_hopeless: Callable[[BaseException], bool] = lambda error: False) -> Any:
+    """Runs `call`, retrying with exponential backoff while the server is unreachable.
+
+    When it stays unreachable, or answers in a way no retry can fix (`is_hopeless`: the
+    wrong protocol, a timeout), ServerUnavailable says why in one line: `diagnose()`'s
+    finding about the address (serving/connection.py), else the error's own first line.
+    """
     for attempt in range(retries + 1):
         try:
             return call()
         except Exception as error:
-            if not is_unavailable(error):
+            hopeless = is_hopeless(error)
+            if not hopeless and not is_unavailable(error):
                 raise
-            if attempt == retries:
-                raise ServerUnavailable(f"{what} is not reachable after {retries + 1} "
-                                        f"attempt(s): {_short(error)}") from None
+            if hopeless or attempt == retries:
+                tries = "" if hopeless else f" is not reachable after {attempt + 1} attempt(s)"
+                raise ServerUnavailable(f"{what}{tries}: {diagnose() or _short(error)}") \
+                    from None
             time.sleep(backoff_s * 2 ** attempt)
 
 
@@ -123,18 +136,36 @@ class FerClient:
         self._stub = None
 
     @property
+    def port(self) -> int:
+        return self.grpc_port if self.protocol == "grpc" else self.rest_port
+
+    @property
     def address(self) -> str:
-        port = self.grpc_port if self.protocol == "grpc" else self.rest_port
-        return f"{self.protocol} server at {self.host}:{port}"
+        return f"{self.protocol} server at {self.host}:{self.port}"
+
+    def _call(self, call: Callable[[], Any]) -> Any:
+        """`call` with retries; a connection failure becomes one ServerUnavailable line."""
+        def diagnosis() -> Optional[str]:
+            return diagnose(self.host, self.port, self.protocol, self.timeout)
+
+        grpc_call = self.protocol == "grpc"
+        return with_retries(call, _grpc_unavailable if grpc_call else _rest_unavailable,
+                            self.retries, self.backoff_s, self.address, diagnosis,
+                            self._hopeless)
+
+    def _hopeless(self, error: BaseException) -> bool:
+        """Failures no retry fixes: the wrong protocol, TLS, or no answer in time."""
+        if self.protocol == "grpc":
+            return _grpc_hopeless(error)
+        return isinstance(error, (http.client.BadStatusLine, socket.timeout, TimeoutError)) \
+            or isinstance(getattr(error, "reason", None), (socket.timeout, TimeoutError))
 
     def predict(self, model: str, images: np.ndarray) -> ModelAnswer:
         """Probabilities of `images` (uint8 [n, 48, 48]) from the newest version of `model`."""
         images = np.asarray(images, dtype=np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
         if self.protocol == "grpc":
-            return with_retries(lambda: self._predict_grpc(model, images), _grpc_unavailable,
-                                self.retries, self.backoff_s, self.address)
-        return with_retries(lambda: self._predict_rest(model, images), _rest_unavailable,
-                            self.retries, self.backoff_s, self.address)
+            return self._call(lambda: self._predict_grpc(model, images))
+        return self._call(lambda: self._predict_rest(model, images))
 
     # --- gRPC: uint8 tensors (2.3 KB per face) on the serving_uint8 signature ----------
 
@@ -158,7 +189,7 @@ class FerClient:
         try:
             response = self._grpc_stub().Predict(request, timeout=self.timeout)
         except grpc.RpcError as error:
-            if _grpc_unavailable(error):
+            if _grpc_unavailable(error) or _grpc_hopeless(error):
                 raise
             kind = ModelNotServed if error.code() == grpc.StatusCode.NOT_FOUND else ServerError
             raise kind(f"{model}: {error.code().name}: {error.details()}") from None
@@ -209,10 +240,8 @@ class FerClient:
         """Probabilities and per-class saliency maps of `images` (uint8 [n, 48, 48])."""
         images = np.asarray(images, dtype=np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
         if self.protocol == "grpc":
-            return with_retries(lambda: self._explain_grpc(model, images), _grpc_unavailable,
-                                self.retries, self.backoff_s, self.address)
-        return with_retries(lambda: self._explain_rest(model, images), _rest_unavailable,
-                            self.retries, self.backoff_s, self.address)
+            return self._call(lambda: self._explain_grpc(model, images))
+        return self._call(lambda: self._explain_rest(model, images))
 
     def _explain_grpc(self, model: str, images: np.ndarray) -> Explanation:
         import grpc
@@ -226,7 +255,7 @@ class FerClient:
         try:
             response = self._grpc_stub().Predict(request, timeout=self.timeout)
         except grpc.RpcError as error:
-            if _grpc_unavailable(error):
+            if _grpc_unavailable(error) or _grpc_hopeless(error):
                 raise
             raise ServerError(f"{model}: {error.code().name}: {error.details()}") from None
         version = response.model_spec.version.value if response.model_spec.HasField(
@@ -253,11 +282,21 @@ def _grpc_unavailable(error: BaseException) -> bool:
     return isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def _grpc_hopeless(error: BaseException) -> bool:
+    """A deadline that passed, or an address that answered in another protocol than gRPC's
+    HTTP/2 (a REST port): retrying cannot help."""
+    import grpc
+    if not isinstance(error, grpc.RpcError):
+        return False
+    return error.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (
+        error.code() == grpc.StatusCode.UNAVAILABLE and "HTTP/2" in (error.details() or ""))
+
+
 def _rest_unavailable(error: BaseException) -> bool:
     if isinstance(error, urllib.error.HTTPError):
         return error.code == 503
     return isinstance(error, (urllib.error.URLError, ConnectionError, socket.timeout,
-                              http.client.RemoteDisconnected))
+                              TimeoutError, http.client.HTTPException))
 
 
 # --- combining the models ---------------------------------------------------------------
@@ -328,11 +367,19 @@ def images_from_csv(path: str, rows: int, usage: Optional[str] = None) -> list[I
     return found
 
 
+def usage_values(path: str) -> list[str]:
+    """The distinct Usage values of a FER-2013 CSV, sorted."""
+    with open(path, newline="") as handle:
+        return sorted({record.get("Usage") or "" for record in csv.DictReader(handle)})
+
+
 def images_from_files(paths: Sequence[str]) -> list[InputImage]:
     """Every face found in each image file; a file without a face is reported as such."""
     from serving.faces import faces_in_file
     found = []
     for path in paths:
+        if not os.path.isfile(path):   # before OpenCV, which would print its own warning
+            raise FileNotFoundError(f"--image {path}: no such file")
         faces = faces_in_file(path)
         if not faces:
             found.append(InputImage(path, None, "no face found"))
@@ -409,8 +456,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="default 8500 for gRPC, 8501 for REST")
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help="comma-separated model names to query and combine")
-    parser.add_argument("--tolerance", type=float, default=EvalConfig().tie_tolerance,
-                        help="confidence gap under which disagreeing models need human review")
+    parser.add_argument("--config", help="the pipeline's YAML/JSON config: --tolerance defaults "
+                        "to its evaluation.tie_tolerance (the value the gate evaluated with)")
+    parser.add_argument("--tolerance", type=float,
+                        help="confidence gap under which disagreeing models need human review "
+                             f"(default: the config's evaluation.tie_tolerance, else "
+                             f"{EvalConfig().tie_tolerance})")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per attempt")
     parser.add_argument("--retries", type=int, default=3)
     parser.add_argument("--backoff", type=float, default=0.2, help="first retry wait, seconds")
@@ -426,16 +477,37 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def _load_inputs(args: argparse.Namespace) -> list[InputImage]:
     if args.csv:
-        return images_from_csv(args.csv, args.rows, args.usage)
+        found = images_from_csv(args.csv, args.rows, args.usage)
+        if found:
+            return found
+        if not args.usage:
+            raise ValueError(f"{args.csv}: no data rows")
+        raise ValueError(f"{args.csv}: no row has Usage {args.usage!r}; its Usage values are "
+                         f"{', '.join(map(repr, usage_values(args.csv)))}")
     if args.npy:
         return images_from_npy(args.npy)
     return images_from_files(args.image)
 
 
+def tolerance(args: argparse.Namespace) -> float:
+    """--tolerance, else the config's evaluation.tie_tolerance, else the default's."""
+    if args.tolerance is not None:
+        if not 0 <= args.tolerance <= 1:
+            raise ValueError(f"--tolerance must be between 0 and 1, got {args.tolerance:g}")
+        return args.tolerance
+    return load_config(args.config).evaluation.tie_tolerance
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """`fer-client`: a mistake in one line, a bug in one line with where its traceback is."""
+    return run_cli("fer-client", _main, argv)
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     models = tuple(m for m in args.models.split(",") if m)
     try:
+        args.tolerance = tolerance(args)
         inputs = _load_inputs(args)
     except (OSError, ValueError) as error:
         print(f"fer-client: {error}", file=sys.stderr)

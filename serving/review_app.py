@@ -37,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
 from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, REVIEW_QUEUE_FILE
+from pipeline.errors import run_cli
 from serving.review_queue import (STATUS_LABELED, STATUS_NOT_FACE, STATUS_PENDING,
                                   STATUS_SKIPPED, ReviewError, ReviewItem, ReviewQueue)
 from serving.saliency import face_png, overlay_png, top_classes
@@ -615,6 +616,11 @@ def serve(queue: ReviewQueue, host: str, port: int) -> ReviewServer:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """`fer-review`: a mistake in one line, a bug in one line with where its traceback is."""
+    return run_cli("fer-review", _main, argv)
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         queue = open_queue(args.queue)

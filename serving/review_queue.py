@@ -351,11 +351,20 @@ class ReviewQueue:
                     writer.writerow((label, " ".join(map(str, pixels.reshape(-1))),
                                      EXPORT_USAGE))
                     count += 1
+            # NamedTemporaryFile creates 0600; the export is an ordinary file for the next
+            # pipeline run (perhaps another user's), so it gets the umask's usual mode.
+            os.chmod(handle.name, 0o666 & ~_current_umask())
             os.replace(handle.name, out_path)
         except BaseException:
             os.unlink(handle.name)
             raise
         return count
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)   # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _json_default(value: Any) -> Any:
