@@ -23,8 +23,8 @@ def test_serving_benchmark_quick(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "serving.py"), "--quick",
-         "--serving-root", str(root), "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+         "--serving-root", str(root), "--out", str(out), "--request-log-rates", "1.0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # a hang guard
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["quick"] is True
@@ -56,4 +56,15 @@ def test_serving_benchmark_quick(tmp_path):
     ceiling = [t["transport_ceiling"] for t in report["targets"] if "transport_ceiling" in t]
     assert len(ceiling) == 1 and ceiling[0]["images_per_s"] > 0
     assert "| cnn (v3) | gRPC | no batching |" in report["markdown"]
+
+    # Request logs at sampling rate 1.0 beside none: every logged request read back.
+    [logged] = [s for s in report["servers"] if s["request_log_rate"] == 1.0]
+    counted = logged["models"]["cnn"]["request_log"]
+    assert counted["written"] > 0 and counted["dropped"] == counted["failed"] == 0
+    assert counted["records_read"] == counted["written"] and counted["bytes"] > 0
+    off, on = report["request_logs"]
+    assert (off["rate"], on["rate"]) == (None, 1.0) and on["records"] == counted["written"]
+    for protocol in ("grpc", "rest"):
+        assert on[f"{protocol}_throughput_ratio"] > 0 and on[f"{protocol}_p50_ms"] > 0
+    assert "| cnn | sampling 1 |" in report["markdown"]
     assert "images/s" in proc.stdout
