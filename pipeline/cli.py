@@ -21,6 +21,8 @@ from pipeline.errors import EXIT_USAGE, UserError, run_cli
 
 TRAIN_COMMAND = "train"
 INFER_COMMAND = "infer"
+MONITOR_COMMAND = "monitor"
+EXIT_DRIFT = 1         # `monitor`: a drift threshold was crossed (a scheduler retrains)
 
 
 def step_commands() -> list[tuple[str, list[str], str]]:
@@ -180,6 +182,36 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: <output>/metadata.sqlite)")
     infer.add_argument("-v", "--verbose", action="store_true")
 
+    monitor = commands.add_parser(
+        MONITOR_COMMAND, help="served traffic (request logs) against the training run of "
+        "the served versions: drift, class mix, confidence, review rate",
+        description="Reads TF Serving request logs (PredictionLog TFRecords) for a window and "
+        "compares the served faces and answers with the run that produced the served "
+        "versions (found through lineage in ML Metadata); writes monitoring.json, the TFDV "
+        "anomalies and monitoring.html. Exits 1, with one line saying why, when a threshold "
+        "(config section 'monitor') is crossed.")
+    monitor.add_argument("--output", required=True,
+                         help="run root whose ML Metadata recorded the push of the served "
+                              "versions")
+    monitor.add_argument("--logs", action="append", default=[], metavar="PATH",
+                         help="request log file or directory (repeatable; default: the "
+                              "logging_config directories in the serving root's "
+                              "models.config)")
+    monitor.add_argument("--since", help="window start: ISO 8601 (UTC unless given) or a "
+                                         "duration ago, e.g. 2h")
+    monitor.add_argument("--until", help="window end (exclusive), same forms")
+    monitor.add_argument("--out", help="where monitoring.json/.html go "
+                         "(default: <output>/monitoring/<UTC time>)")
+    monitor.add_argument("--review-queue", metavar="DIR",
+                         help="queue the window's tied and least confident faces for "
+                              "fer-review in DIR")
+    monitor.add_argument("--serving-root", help="default: <output>/serving_models")
+    monitor.add_argument("--config", help="YAML or JSON file overriding pipeline/config.py "
+                         "(section 'monitor': the thresholds)")
+    monitor.add_argument("--metadata-db", help="ML Metadata SQLite file "
+                         "(default: <output>/metadata.sqlite)")
+    monitor.add_argument("-v", "--verbose", action="store_true")
+
     dag = commands.add_parser("dag", help="print the declared pipeline",
                               description="Steps, inputs and outputs; --mermaid for a diagram.")
     dag.add_argument("--mermaid", action="store_true")
@@ -323,6 +355,26 @@ def _infer(args: argparse.Namespace, beam_args: list[str]) -> int:
     return 0
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    from pipeline import fileio
+    from pipeline.monitoring import default_output, parse_moment, run_monitor_job
+
+    config = _config_from_args(args)
+    since = parse_moment(args.since) if args.since else None
+    until = parse_moment(args.until) if args.until else None
+    if since and until and since >= until:
+        raise UserError(f"monitor: --since {args.since} is not before --until {args.until}")
+    output = fileio.absolute(args.out or default_output(args.output))
+    result = run_monitor_job(args.output, args.logs, output, config, since, until,
+                             args.review_queue, serving_root=args.serving_root or "")
+    print(f"[fer-pipeline] monitor: {result.summary}", flush=True)
+    if args.review_queue:
+        print(f"[fer-pipeline] review queue: {result.review_queued} face(s) queued in "
+              f"{args.review_queue}")
+    print(f"[fer-pipeline] monitoring page: {result.html_path}")
+    return EXIT_DRIFT if result.verdict == "drift" else 0
+
+
 def _dag(args: argparse.Namespace) -> int:
     from pipeline.dag import mermaid
 
@@ -389,6 +441,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
         handlers = {"synth": lambda: _synth(args), "lineage": lambda: _lineage(args),
                     "compile": lambda: _compile(args, beam_args), "dag": lambda: _dag(args),
                     INFER_COMMAND: lambda: _infer(args, beam_args),
+                    MONITOR_COMMAND: lambda: _monitor(args),
                     "path": lambda: _path(args)}
         return handlers.get(args.command, lambda: _run(args, beam_args))()
     except (UserError, PipelineError, ValueError, FileNotFoundError) as error:

@@ -1,0 +1,138 @@
+"""Monitoring as a job (`fer-pipeline monitor`, and its Kubeflow component).
+
+Like bulk inference it is not a step of the training DAG: it reads what the server logged
+after a push, so it runs on a schedule, not with the pipeline. It finds the request logs
+(the files or directories given, or every model's `logging_config` prefix in the serving
+root's models.config), asks ML Metadata which training run produced each version the logs
+name (pipeline/lineage.py: the pushed version's train split, its statistics and the
+evaluation that blessed it), runs `components/monitor.py` into its output directory and
+records the execution the way the runner records a step: the log files and the pushed
+model versions it judged (the same `pushed_model` artifacts the push step recorded) as
+inputs, monitoring.json as output.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict
+from datetime import datetime, timedelta, timezone
+from typing import Any, Optional, Sequence
+
+from components.monitor import MonitorReference, MonitorResult, run_monitor
+from pipeline import fileio
+from pipeline.artifacts import fingerprint
+from pipeline.config import MetadataConfig, PipelineConfig
+from pipeline.contract import MODELS_CONFIG, MONITORING_FILE
+from pipeline.lineage import version_lineage
+from pipeline.metadata import ArtifactRecord, MetadataStore
+from pipeline.runner import schema_path
+from serving.model_config import read_model_server_config
+from serving.request_log import log_files
+
+MONITOR_STEP = "monitor"   # the execution type in ML Metadata: fer.step.monitor
+MONITORING_DIR = "monitoring"
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_moment(text: str, now: Optional[datetime] = None) -> datetime:
+    """An ISO 8601 time (UTC unless it says otherwise), or a duration ago: `2h`, `30m`, `1d`."""
+    text = text.strip()
+    match = _DURATION.match(text)
+    if match:
+        now = now or datetime.now(timezone.utc)
+        return now - timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a time: use ISO 8601 (2026-11-30T07:00:00Z) or a "
+                         "duration ago (30m, 2h, 1d)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def configured_log_dirs(serving_root: str) -> list[str]:
+    """The directories models.config tells fer-serve to log each model's requests to."""
+    config_path = fileio.join(serving_root, MODELS_CONFIG)
+    if not fileio.exists(config_path):
+        raise ValueError(f"no {MODELS_CONFIG} under {serving_root}: name the request logs "
+                         "with --logs")
+    dirs = sorted({os.path.dirname(spec.request_log.filename_prefix) or "."
+                   for spec in read_model_server_config(config_path)
+                   if spec.request_log is not None})
+    if not dirs:
+        raise ValueError(f"{config_path} turns request logging on for no model (push with "
+                         "--request-log-dir), and no --logs were given")
+    return dirs
+
+
+def lineage_reference(store: MetadataStore, logged: dict[str, int]) -> MonitorReference:
+    """For each model version the logs name: the train split, its statistics and the
+    evaluation of the run that pushed it. Versions with no recorded push are left out (the
+    monitor reports them as ignored); the train split is that of the newest such push."""
+    evaluations: dict[str, str] = {}
+    versions: dict[str, int] = {}
+    newest: Optional[dict[str, Any]] = None
+    for model, version in sorted(logged.items()):
+        pushed = [p for p in store.pushed_versions(model) if p["version"] == version]
+        if not pushed:
+            continue
+        found = version_lineage(store, pushed[-1])
+        evaluations[model] = found["evaluation"]["execution_dir"]
+        versions[model] = version
+        if newest is None or pushed[-1]["id"] > newest["pushed_id"]:
+            newest = {"pushed_id": pushed[-1]["id"], **found}
+    if newest is None:
+        named = ", ".join(f"{m} v{v}" for m, v in sorted(logged.items()))
+        raise ValueError(f"the request logs name {named}, and {store.location} records no "
+                         "push of any of them: monitor needs the run that pushed the served "
+                         "version (--output RUN_ROOT or --metadata-db)")
+    return MonitorReference(newest["ingest"]["execution_dir"],
+                            newest["statistics"]["execution_dir"], evaluations, versions)
+
+
+def default_output(run_root: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return fileio.join(run_root, MONITORING_DIR, stamp)
+
+
+def run_monitor_job(run_root: str, logs: Sequence[str], output_dir: str,
+                    config: PipelineConfig, since: Optional[datetime] = None,
+                    until: Optional[datetime] = None, review_queue: Optional[str] = None,
+                    metadata: Optional[MetadataConfig] = None,
+                    serving_root: str = "") -> MonitorResult:
+    """Finds the logs and the reference, judges the window into `output_dir`, and records
+    the execution in ML Metadata (the run root's store unless `metadata` says otherwise)."""
+    started = time.time()
+    serving_root = serving_root or config.push.serving_root or fileio.join(
+        run_root, "serving_models")
+    paths = list(logs) or configured_log_dirs(serving_root)
+    files = log_files(paths)
+    if not files:
+        raise ValueError(f"no request log files under {', '.join(paths)}")
+    store = MetadataStore(metadata or config.metadata, run_root)
+    resolved: dict[str, MonitorReference] = {}
+
+    def reference_for(logged: dict[str, int]) -> MonitorReference:
+        resolved["reference"] = lineage_reference(store, logged)
+        return resolved["reference"]
+
+    result = run_monitor(files, reference_for, schema_path(config), output_dir,
+                         config.monitor, config.evaluation.tie_tolerance, since=since,
+                         until=until, review_queue=review_queue)
+    reference = resolved["reference"]
+    inputs: dict[str, list[ArtifactRecord]] = {"request_logs": [
+        ArtifactRecord("request_log", fileio.absolute(path), fingerprint(path))
+        for path in files]}
+    for model, version in sorted(reference.versions.items()):
+        pushed = [p for p in store.pushed_versions(model) if p["version"] == version][-1]
+        found = version_lineage(store, pushed)
+        inputs[f"model_{model}"] = [ArtifactRecord(
+            "pushed_model", pushed["uri"], found["fingerprint"] or "",
+            {k: v for k, v in pushed.items() if k not in ("id", "uri")})]
+    monitoring = fileio.join(output_dir, MONITORING_FILE)
+    store.record_execution(MONITOR_STEP, inputs, {"monitoring": [ArtifactRecord(
+        "monitoring", monitoring, fingerprint(monitoring))]}, {
+        "result": asdict(result), "duration_s": round(time.time() - started, 3),
+        "execution_dir": output_dir})
+    return result

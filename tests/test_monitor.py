@@ -1,0 +1,272 @@
+"""`fer-pipeline monitor`: served traffic against the training run of the served versions.
+
+Traffic is generated (components/synthetic.py draws the faces, two real SavedModels answer
+them, tests/monitor_fixtures.py logs each Predict as TF Serving's PredictionLog) and judged
+against a reference built the way the pipeline builds one. Each stream must raise exactly
+the alerts it should: none for the test split served again or for new faces from another
+generator seed, only its own for a brightness shift, a contrast change, a blur and a
+class-mix shift. The thresholds are the config's defaults (MonitorConfig).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_data_validation as tfdv
+from tensorflow_serving.apis import prediction_log_pb2
+
+from components import monitor
+from components.monitor import MonitorError, read_traffic, run_monitor
+from pipeline.config import MonitorConfig, load_config
+from pipeline.contract import CLASS_NAMES
+from serving.review_queue import ReviewQueue
+from tests import monitor_fixtures as fixtures
+from tests.serving_fixtures import example_bytes
+
+SCHEMA = "schemas/fer2013/schema.pbtxt"
+TOLERANCE = load_config().evaluation.tie_tolerance
+STREAM = 600                           # faces per stream, above min_requests (500)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The served run and its reference, loaded once."""
+    run = fixtures.build_served_run(str(tmp_path_factory.mktemp("served_run")))
+    config = MonitorConfig()
+    loaded = monitor.load_reference(run.reference, SCHEMA, config, TOLERANCE,
+                                    list(fixtures.MODELS))
+    return run, loaded
+
+
+def blur(faces: np.ndarray) -> np.ndarray:
+    """A 3x3 box blur: a camera out of focus."""
+    padded = np.pad(faces.astype(np.float32), ((0, 0), (1, 1), (1, 1)), mode="edge")
+    total = sum(padded[:, dy:dy + 48, dx:dx + 48] for dy in range(3) for dx in range(3))
+    return np.rint(total / 9).astype(np.uint8)
+
+
+STREAMS = {
+    "test split served again": (lambda run: fixtures.replay(run.test_faces, STREAM, 1), []),
+    "another generator seed": (lambda run: fixtures.fresh_stream(STREAM, 202), []),
+    "brightness +30": (lambda run: fixtures.brightness_shift(
+        fixtures.replay(run.test_faces, STREAM, 2), 30), ["brightness"]),
+    "contrast x0.6": (lambda run: fixtures.contrast_change(
+        fixtures.replay(run.test_faces, STREAM, 3), 0.6), ["contrast"]),
+    "blurred": (lambda run: blur(fixtures.replay(run.test_faces, STREAM, 4)), ["sharpness"]),
+    "happy 85 %": (lambda run: fixtures.class_mix_shift(
+        run.test_faces, run.test_labels, STREAM, 5, "happy", 0.85),
+        ["class_mix:cnn", "class_mix:vgg16"]),
+}
+
+
+@pytest.mark.parametrize("stream", list(STREAMS))
+def test_each_stream_raises_exactly_its_alerts(served, tmp_path, stream):
+    run, loaded = served
+    make, expected = STREAMS[stream]
+    log = str(tmp_path / "requests.tfrecord")
+    records = fixtures.write_request_log(log, make(run), run)
+    judged = monitor.assess(read_traffic([log]), run.reference, loaded, MonitorConfig(),
+                            TOLERANCE)
+    distances = {c["name"]: round(c["distance"], 3) for c in judged.checks}
+    assert sorted(judged.alerts) == sorted(expected), distances
+    assert judged.verdict == ("drift" if expected else "ok")
+    assert judged.faces == STREAM and judged.traffic.records == records
+    # Every check was measured by TFDV (a missing measurement would never alert).
+    assert all(c["distance"] is not None for c in judged.checks), distances
+    assert {c["name"] for c in judged.checks} >= {
+        "brightness", "contrast", "dark_share", "bright_share", "sharpness", "pixels",
+        "schema", "class_mix:cnn", "confidence:cnn", "review_rate"}
+
+
+def test_run_monitor_writes_the_record_the_anomalies_the_page_and_the_review_queue(
+        served, tmp_path):
+    run, _ = served
+    log = str(tmp_path / "logs" / "requests.tfrecord")
+    faces = fixtures.brightness_shift(fixtures.replay(run.test_faces, STREAM, 6), 30)
+    fixtures.write_request_log(log, faces, run, seconds_per_request=60)
+    out = tmp_path / "out"
+    queue = str(tmp_path / "queue")
+    config = MonitorConfig(window_minutes=30, review_lowest_confidence=5)
+    result = run_monitor([str(tmp_path / "logs")], run.reference, SCHEMA, str(out), config,
+                         TOLERANCE, review_queue=queue)
+    record = json.loads((out / "monitoring.json").read_text())
+    assert result.verdict == record["verdict"] == "drift"
+    assert record["alerts"] == result.alerts == ["brightness"]
+    assert result.summary.startswith(f"drift in {STREAM} faces: brightness ")
+    assert record["served"] == {"cnn": {"version": 2, "faces": STREAM, "other_versions": {}},
+                                "vgg16": {"version": 1, "faces": STREAM,
+                                          "other_versions": {}}}
+    # 75 requests a minute apart: three 30-minute windows, every face in one of them.
+    assert len(record["windows"]) == 3
+    assert sum(w["faces"] for w in record["windows"]) == STREAM
+    # The answers' numbers are those of the logged probabilities.
+    cnn = fixtures.predict(run.models["cnn"], faces)
+    assert record["traffic"]["mean_confidence"]["cnn"] == pytest.approx(cnn.max(axis=1).mean(),
+                                                                        abs=1e-6)
+    mix = record["traffic"]["class_mix"]["cnn"]
+    assert mix["happy"] == pytest.approx((cnn.argmax(axis=1) == 3).mean())
+    for path in result.anomalies_paths:
+        assert tf.io.gfile.exists(path)
+    skew = tfdv.load_anomalies_text(str(out / "skew.anomalies.pbtxt"))
+    assert list(skew.anomaly_info) == ["brightness"]
+    assert "Jensen-Shannon" in skew.anomaly_info["brightness"].description
+    assert (out / "monitoring.html").stat().st_size > 10_000
+    # The review queue got every tie and the 5 least confident faces, each once.
+    ties = int(round(record["traffic"]["review_rate"] * STREAM))
+    with ReviewQueue(queue) as opened:
+        pending = opened.counts()["pending"]
+    assert record["review_queue"]["queued"] == result.review_queued == pending
+    assert ties <= pending <= ties + 5 and pending > 0
+    # Judging the same window again queues nothing new.
+    again = run_monitor([log], run.reference, SCHEMA, str(tmp_path / "again"), config,
+                        TOLERANCE, review_queue=queue)
+    assert again.review_queued == 0
+
+
+def _log_entry(name: str, signature: str, inputs: dict, probabilities: np.ndarray,
+               stamp: int, kind: str = "predict") -> bytes:
+    entry = prediction_log_pb2.PredictionLog()
+    entry.log_metadata.model_spec.name = name
+    entry.log_metadata.model_spec.version.value = fixtures.MODELS[name]
+    entry.log_metadata.model_spec.signature_name = signature
+    entry.log_metadata.timestamp_secs = stamp
+    if kind == "classify":
+        entry.classify_log.request.model_spec.name = name
+        return entry.SerializeToString()
+    for key, value in inputs.items():
+        entry.predict_log.request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    entry.predict_log.response.outputs["probabilities"].CopyFrom(
+        tf.make_tensor_proto(probabilities))
+    return entry.SerializeToString()
+
+
+def test_read_traffic_takes_every_signature_and_counts_what_it_skips(tmp_path):
+    faces = fixtures.fresh_stream(3, 9)
+    probs = np.full((3, 7), 1 / 7, np.float32)
+    path = str(tmp_path / "mixed.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        writer.write(_log_entry("cnn", "serving_default",
+                                {"pixels": faces.astype(np.int32)}, probs, 100))
+        writer.write(_log_entry("cnn", "serving_examples", {"examples": np.array(
+            [example_bytes(f) for f in faces], dtype=object)}, probs, 200))
+        writer.write(_log_entry("cnn", "explain", {"pixels": faces}, probs, 300))
+        writer.write(_log_entry("cnn", "serving_uint8", {"pixels": faces}, probs[:2], 400))
+        writer.write(_log_entry("cnn", "", {}, probs, 500, kind="classify"))
+    traffic = read_traffic([path])
+    assert traffic.records == 5
+    assert len(traffic.pixels) == 6
+    np.testing.assert_array_equal(traffic.pixels[:3], faces)
+    np.testing.assert_array_equal(traffic.pixels[3:], faces)
+    assert traffic.timestamps.tolist() == [100] * 3 + [200] * 3
+    assert traffic.skipped == {"explain": 1, "not a Predict": 1,
+                               "malformed (faces and answers differ in number)": 1}
+    # The window: [since, until) on the records' timestamps.
+    from datetime import datetime, timezone
+    window = read_traffic([path], since=datetime.fromtimestamp(150, timezone.utc),
+                          until=datetime.fromtimestamp(450, timezone.utc))
+    assert window.records == 3 and window.timestamps.tolist() == [200] * 3
+
+
+def test_too_few_requests_measure_but_never_alert(served, tmp_path):
+    run, loaded = served
+    log = str(tmp_path / "few.tfrecord")
+    fixtures.write_request_log(log, fixtures.brightness_shift(run.test_faces[:80], 60), run)
+    judged = monitor.assess(read_traffic([log]), run.reference, loaded, MonitorConfig(),
+                            TOLERANCE)
+    assert judged.verdict == "too few requests" and judged.alerts == []
+    brightness = next(c for c in judged.checks if c["name"] == "brightness")
+    assert brightness["distance"] > brightness["threshold"]
+    assert "fewer than monitor.min_requests (500)" in judged.summary
+
+
+def test_an_empty_window_is_one_clear_error(served, tmp_path):
+    run, _ = served
+    log = str(tmp_path / "requests.tfrecord")
+    fixtures.write_request_log(log, run.test_faces[:16], run)
+    from datetime import datetime, timezone
+    with pytest.raises(MonitorError, match="no logged predictions in 1 request log file"):
+        run_monitor([log], run.reference, SCHEMA, str(tmp_path / "out"), MonitorConfig(),
+                    TOLERANCE, since=datetime(2030, 1, 1, tzinfo=timezone.utc))
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+@pytest.fixture(scope="module")
+def run_root(served, tmp_path_factory):
+    """A run root whose ML Metadata records the push of the served versions."""
+    run, _ = served
+    root = tmp_path_factory.mktemp("run_root")
+    fixtures.record_lineage(str(root), run, str(root / "serving_models"))
+    return root
+
+
+def test_cli_finds_the_reference_through_lineage_and_records_the_execution(
+        served, run_root, tmp_path, capsys):
+    from pipeline.cli import EXIT_DRIFT, main
+    from pipeline.config import MetadataConfig
+    from pipeline.metadata import MetadataStore
+
+    run, _ = served
+    logs = tmp_path / "logs"
+    fixtures.write_request_log(str(logs / "cnn" / "calm.tfrecord"),
+                               fixtures.replay(run.test_faces, STREAM, 7), run)
+    fixtures.write_request_log(str(logs / "cnn" / "shifted.tfrecord"),
+                               fixtures.contrast_change(
+                                   fixtures.replay(run.test_faces, STREAM, 8), 0.6),
+                               run, start=fixtures.START + 3600)
+    calm_until = "2026-09-21T15:10:00Z"          # START + 3,400 s: only the first file
+    code = main(["monitor", "--output", str(run_root), "--logs", str(logs), "--until",
+                 calm_until, "--out", str(tmp_path / "calm")])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, captured.err
+    assert f"[fer-pipeline] monitor: no drift: {STREAM} faces" in out
+    assert f"monitoring page: {tmp_path / 'calm' / 'monitoring.html'}" in out
+
+    code = main(["monitor", "--output", str(run_root), "--logs", str(logs), "--since",
+                 calm_until, "--out", str(tmp_path / "shifted")])
+    out = capsys.readouterr().out
+    assert code == EXIT_DRIFT
+    line = next(l for l in out.splitlines() if l.startswith("[fer-pipeline] monitor:"))
+    assert line.startswith(f"[fer-pipeline] monitor: drift in {STREAM} faces: contrast ")
+    record = json.loads((tmp_path / "shifted" / "monitoring.json").read_text())
+    assert record["reference"]["examples_dir"] == run.reference.examples_dir
+    assert record["reference"]["versions"] == fixtures.MODELS
+
+    store = MetadataStore(MetadataConfig(), str(run_root))
+    executions = store._store.get_executions_by_type("fer.step.monitor")
+    assert len(executions) == 2
+    described = store._describe(executions[-1])
+    pushed = {p["model"]: p["id"] for p in store.pushed_versions()}
+    assert {a["id"] for a in described["inputs"]["model_cnn"]} == {pushed["cnn"]}
+    assert {a["id"] for a in described["inputs"]["model_vgg16"]} == {pushed["vgg16"]}
+    assert sorted(a["uri"] for a in described["inputs"]["request_logs"]) == sorted(
+        str(p) for p in (logs / "cnn").iterdir())
+    assert described["outputs"]["monitoring"][0]["uri"] == str(
+        tmp_path / "shifted" / "monitoring.json")
+
+
+def test_cli_one_line_errors(run_root, tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["monitor", "--output", str(run_root), "--logs",
+                 str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"[fer-pipeline] error: no request log at {tmp_path / 'missing'}"
+    assert main(["monitor", "--output", str(run_root), "--logs", str(tmp_path),
+                 "--since", "yesterday"]) == 2
+    assert "'yesterday' is not a time" in capsys.readouterr().err
+    # Logs of a version nobody pushed: the store has no lineage for it.
+    entry = _log_entry("cnn", "serving_uint8", {"pixels": fixtures.fresh_stream(2, 3)},
+                       np.full((2, 7), 1 / 7, np.float32), 100)
+    other = prediction_log_pb2.PredictionLog.FromString(entry)
+    other.log_metadata.model_spec.version.value = 99
+    with tf.io.TFRecordWriter(str(tmp_path / "v99.tfrecord")) as writer:
+        writer.write(other.SerializeToString())
+    assert main(["monitor", "--output", str(run_root), "--logs",
+                 str(tmp_path / "v99.tfrecord")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the request logs name cnn v99" in err[0]
