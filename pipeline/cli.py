@@ -315,6 +315,10 @@ def _lineage(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
     from pipeline.kfp_pipeline import compile_inference_pipeline, compile_pipeline
 
+    directory = os.path.dirname(os.path.abspath(args.kfp))
+    if not os.path.isdir(directory):
+        raise UserError(f"compile: cannot write {args.kfp}: directory {directory} does not "
+                        "exist")
     if args.bulk_inference:
         path = compile_inference_pipeline(args.kfp, beam_args=beam_args, image=args.image)
         print(f"[fer-pipeline] wrote the Kubeflow bulk-inference pipeline to {path}")
@@ -404,7 +408,11 @@ def unknown_beam_options(beam_args: list[str]) -> list[str]:
     """
     from apache_beam.options import pipeline_options as beam_options
 
-    parser = beam_options._BeamArgumentParser()  # Beam's parser (it handles ValueProviders)
+    class BeamOptionParser(beam_options._BeamArgumentParser):  # Beam's (ValueProviders)
+        def error(self, message: str):   # argparse would print Beam's whole usage
+            raise UserError(f"Beam option: {message}")
+
+    parser = BeamOptionParser()
     classes = {str(cls): cls for cls in beam_options.PipelineOptions.__subclasses__()}
     for cls in classes.values():
         cls._add_argparse_args(parser)
