@@ -57,8 +57,13 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	bash pipeline/demo.sh "$(RUN_DIR)" "$(DATA)" "$(DEMO_ROWS)" $(BEAM_ARGS)
 
+# Two pytest-xdist workers (one per core here): whole modules go to one worker each, so
+# module fixtures are built once; session fixtures that train are shared through a file
+# lock (tests/pipeline_fixtures.py). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: setup s3-server
-	$(BIN)/python -m pytest -q --durations=30 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
 
 # A MariaDB on 127.0.0.1 for trying a shared ML Metadata store (README, "On a cluster"):
 # data in $(MYSQL_DIR)/data, user `fer` with the password in $$FER_METADATA_MYSQL_PASSWORD.
