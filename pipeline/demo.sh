@@ -44,6 +44,23 @@ for name, b in json.load(open(sys.argv[1])).items():
         print("== " + infra[name]["summary"])' "$blessings" "$infra"
 }
 
+# How many requests fer-serve logged per model (its metrics endpoint) and where.
+request_logs() {
+  $BIN/python - "$REST_PORT" "$RUN_DIR/request_logs" <<'PY'
+import re, sys, urllib.request
+url = f"http://127.0.0.1:{sys.argv[1]}/monitoring/prometheus/metrics"
+try:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+except OSError as error:
+    print(f"== request logs: cannot read fer-serve's metrics at {url}: {error}")
+    sys.exit(0)   # only a report line: the demo goes on
+written = re.findall(r'^fer_serve_request_log_written_total\{model_name="([^"]+)"\} (\d+)$',
+                     text, re.M)
+print("== request logs: " + ", ".join(f"{model} {count}" for model, count in written)
+      + f" requests logged as TF Serving PredictionLogs under {sys.argv[2]}/")
+PY
+}
+
 mkdir -p "$RUN_DIR"
 # What a real export has and the synthetic one lacks: a few broken rows and faces that
 # appear in two splits. Added so the statistics page shows how ingest handles them.
@@ -75,7 +92,10 @@ if [ -z "$DATA" ]; then
 fi
 
 echo "== pipeline: $DATA -> $RUN_DIR"
-$BIN/fer-pipeline run --data "$DATA" --output "$RUN_DIR" --profile smoke "$@"
+# --request-log-dir: models.config tells fer-serve to log every request the client sends
+# below (serving/request_log.py), which is what `fer-pipeline monitor` reads.
+$BIN/fer-pipeline run --data "$DATA" --output "$RUN_DIR" --profile smoke \
+  --request-log-dir "$RUN_DIR/request_logs" "$@"
 
 CONFIG="$RUN_DIR/serving_models/models.config"
 if [ ! -f "$CONFIG" ]; then
@@ -97,6 +117,7 @@ echo "== client: ensemble decisions for 8 held-out (PrivateTest) faces"
 $BIN/fer-client --port "$GRPC_PORT" --csv "$DATA" --usage PrivateTest --rows 8 --table --retries 8 \
   --review-queue "$RUN_DIR/review_queue"
 held_back
+request_logs
 echo "   Real TF Serving over the same directory: see README (Serving)."
 echo "== human review: faces the two models could not decide"
 $BIN/fer-review status --queue "$RUN_DIR/review_queue"
