@@ -258,30 +258,36 @@ def test_multi_processing_direct_runner_gives_the_same_predictions(serving_root,
 
 
 def test_kubeflow_component_runs_bulk_inference(serving_root, tmp_path):
-    """The bulk-inference pipeline compiles (Beam options baked in) and its component runs
-    with kfp.local's SubprocessRunner, writing the same predictions into its artifact."""
+    """The bulk-inference pipeline compiles (Beam options baked in), and the component's own
+    source, as KFP serializes it, runs the job into its output artifact and records it in
+    the ML Metadata store it is given. (kfp.local's SubprocessRunner runs components
+    the same way in tests/test_cluster.py; a second run here would cost a minute.)"""
     import yaml
-    from kfp import local
-    from kfp.components import load_component_from_file
+
+    from pipeline.artifacts import to_jsonable
+    from pipeline.config import load_config
+    from pipeline.kfp_pipeline import INFERENCE_COMPONENT_SOURCE, _import_source
 
     path = str(tmp_path / "infer.yaml")
-    compiled = subprocess.run(
-        [f"{BIN}/fer-pipeline", "compile", "--kfp", path, "--bulk-inference",
-         "--direct_num_workers=1"], capture_output=True, text=True, timeout=300)
-    assert compiled.returncode == 0, compiled.stderr[-2000:]
+    assert fer_pipeline(["compile", "--kfp", path, "--bulk-inference",
+                         "--direct_num_workers=1"]) == 0
     spec = yaml.safe_load(open(path))
     assert list(spec["root"]["dag"]["tasks"]) == ["bulk-inference"]
     assert json.loads(spec["root"]["inputDefinitions"]["parameters"]["beam_args_json"]
                       ["defaultValue"]) == ["--direct_num_workers=1"]
+    [executor] = spec["deploymentSpec"]["executors"].values()
+    assert "run_inference_component(" in " ".join(executor["container"]["command"])
 
     images = random_images(3, seed=9)
     data = tmp_path / "faces.csv"
     data.write_text("pixels\n" + "\n".join(" ".join(map(str, i.ravel())) for i in images) + "\n")
-    local.init(runner=local.SubprocessRunner(use_venv=False),
-               pipeline_root=str(tmp_path / "kfp_root"))
-    load_component_from_file(path)(data=str(data), serving_root=serving_root, models="cnn")
-    [predictions] = [os.path.join(d, PREDICTIONS_FILE)
-                     for d, _, files in os.walk(tmp_path / "kfp_root") if PREDICTIONS_FILE in files]
-    check_predictions(os.path.dirname(predictions), serving_root,
-                      [f"{data}:{n}" for n in range(2, 5)], images, tolerance=0.05,
-                      models={"cnn": VERSIONS["cnn"]})
+    artifact = tmp_path / "kfp_root" / "predictions"
+    component = _import_source(INFERENCE_COMPONENT_SOURCE, "fer_kfp_inference_test")
+    component.bulk_inference(
+        data=str(data), serving_root=serving_root, models="cnn",
+        config_json=json.dumps(to_jsonable(load_config())), beam_args_json="[]",
+        metadata_db=str(tmp_path / "metadata.sqlite"),
+        predictions=type("Artifact", (), {"uri": f"file://{artifact}"})())
+    check_predictions(str(artifact), serving_root, [f"{data}:{n}" for n in range(2, 5)],
+                      images, tolerance=0.05, models={"cnn": VERSIONS["cnn"]})
+    assert (tmp_path / "metadata.sqlite").exists()
