@@ -190,7 +190,12 @@ class RequestLogger:
         if self._thread is None or self._stopping:
             return
         self._stopping = True
-        self._queue.put(_STOP)   # blocks only until the writer makes room
+        try:
+            self._queue.put(_STOP, timeout=timeout)   # waits only for the writer to make room
+        except queue.Full:
+            log.error("request log writer did not drain its queue; records still queued "
+                      "are lost")
+            return
         self._thread.join(timeout)
 
     # --- the request path ------------------------------------------------------------
@@ -288,12 +293,19 @@ class RequestLogger:
         while not stopping:
             batch = self._take_batch()
             stopping = _STOP in batch
-            written_to = {self._write(item) for item in batch if item is not _STOP}
-            for prefix in written_to - {None}:
-                if prefix in self._files:
-                    self._files[prefix].writer.flush()
-            self._close_files(older_than=self.config.max_file_seconds)
+            try:
+                self._write_batch([item for item in batch if item is not _STOP])
+            except Exception:  # a writer that died would silently drop every later record
+                log.exception("request log writer")
         self._close_files(older_than=0.0)
+
+    def _write_batch(self, batch: list[_Item]) -> None:
+        """Appends the batch, flushes each file it went to, rotates files that are due."""
+        written_to = {self._write(item) for item in batch}
+        for prefix in written_to - {None}:
+            if prefix in self._files:
+                self._files[prefix].writer.flush()
+        self._close_files(older_than=self.config.max_file_seconds)
 
     def _take_batch(self) -> list[Optional[_Item]]:
         """Waits for one item (or until the oldest open file is due to rotate), then takes
