@@ -116,10 +116,23 @@ def _inline_config(text: str) -> list[str]:
     return found
 
 
+def _placeholder(value: object) -> bool:
+    """A documented stand-in for a value the user chooses: HOST, DIR, R, `...`."""
+    return isinstance(value, str) and (value == "..." or re.fullmatch(r"[A-Z][A-Z_]*", value)
+                                       is not None)
+
+
+def _defaults_for_placeholders(value: object, parts: list[str]) -> object:
+    """Placeholders replaced by the default at their key, so only the key is checked."""
+    if isinstance(value, dict):
+        return {k: _defaults_for_placeholders(v, parts + [k]) for k, v in value.items()}
+    return _default(parts) if _placeholder(value) else value
+
+
 def _as_override(span: str) -> dict:
     """`a.b.c: v` or `a.b` (a reference: checked with its default value) as a mapping."""
     if span.startswith(tuple(f"{s}:" for s in SECTIONS)):
-        return yaml.safe_load(span)
+        return _defaults_for_placeholders(yaml.safe_load(span), [])
     key, _, value = span.partition(":")
     parts = re.sub(r"\[[^\]]*\]", "", key).strip().split(".")
     leaf: object = yaml.safe_load(value) if value.strip() else _default(parts)
