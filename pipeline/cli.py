@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--bulk-inference", action="store_true",
                           help="write the bulk-inference pipeline (`fer-pipeline infer` as "
                                "one component) instead of the training pipeline")
+    compile_.add_argument("--monitor", action="store_true",
+                          help="write the monitoring pipeline (`fer-pipeline monitor` as one "
+                               "component) instead of the training pipeline")
 
     infer = commands.add_parser(
         INFER_COMMAND, help="score a CSV or a directory of photos with the served models "
@@ -319,6 +322,12 @@ def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
     if not os.path.isdir(directory):
         raise UserError(f"compile: cannot write {args.kfp}: directory {directory} does not "
                         "exist")
+    if args.monitor:
+        from pipeline.kfp_pipeline import compile_monitor_pipeline
+
+        path = compile_monitor_pipeline(args.kfp, image=args.image)
+        print(f"[fer-pipeline] wrote the Kubeflow monitoring pipeline to {path}")
+        return 0
     if args.bulk_inference:
         path = compile_inference_pipeline(args.kfp, beam_args=beam_args, image=args.image)
         print(f"[fer-pipeline] wrote the Kubeflow bulk-inference pipeline to {path}")

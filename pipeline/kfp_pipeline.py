@@ -196,6 +196,61 @@ def compile_inference_pipeline(path: str, config: Optional[PipelineConfig] = Non
     return path
 
 
+# ----------------------------------------------------------------------------- monitoring
+
+MONITOR_PIPELINE_NAME = "fer-monitor"
+# `fer-pipeline monitor` as one component: it judges what the server logged after a push,
+# on a schedule, so like bulk inference it is a pipeline of its own.
+MONITOR_COMPONENT_SOURCE = (
+    "def monitor(run_root: str, logs: str, since: str, until: str, config_json: str,\n"
+    "            metadata_db: str, monitoring: Output[Artifact]) -> str:\n"
+    "    from pipeline.kfp_pipeline import run_monitor_component\n"
+    "    return run_monitor_component(run_root, logs, since, until, config_json,\n"
+    "                                 metadata_db, monitoring.uri)\n")
+
+
+def build_monitor_pipeline(config: PipelineConfig, image: str = "fer-pipeline:latest"):
+    """A KFP pipeline function that runs the monitor (pipeline/monitoring.py).
+
+    Parameters: `run_root` (whose ML Metadata recorded the push), `logs` (comma-separated
+    request log files or directories; empty: the serving root's models.config), `since` /
+    `until` (ISO 8601 or a duration ago such as 2h), `config_json`, `metadata_db`. The
+    component returns the verdict ("ok", "drift", "too few requests") for a condition that
+    starts a retrain; it succeeds either way, since drift is a finding, not a failure.
+    """
+    from kfp import dsl
+
+    from pipeline.artifacts import to_jsonable
+
+    component = dsl.component(
+        _import_source(MONITOR_COMPONENT_SOURCE, "fer_kfp_monitor").monitor,
+        base_image=image, install_kfp_package=False)
+    default_config = json.dumps(to_jsonable(config))
+
+    @dsl.pipeline(name=MONITOR_PIPELINE_NAME,
+                  description="Served traffic against the training run of the served versions")
+    def fer_monitor(run_root: str, logs: str = "", since: str = "", until: str = "",
+                    config_json: str = default_config, metadata_db: str = ""):
+        task = component(run_root=run_root, logs=logs, since=since, until=until,
+                         config_json=config_json, metadata_db=metadata_db)
+        task.set_display_name("monitor")
+        task.set_caching_options(False)   # new requests arrive between runs
+
+    return fer_monitor
+
+
+def compile_monitor_pipeline(path: str, config: Optional[PipelineConfig] = None,
+                             image: str = "fer-pipeline:latest") -> str:
+    """Writes the monitoring KFP v2 pipeline YAML to `path` and returns it."""
+    from kfp import compiler
+
+    from pipeline.config import load_config
+
+    compiler.Compiler().compile(build_monitor_pipeline(config or load_config(), image),
+                                package_path=path)
+    return path
+
+
 # ----------------------------------------------------------------------------- in the pod
 
 def run_inference_component(data: str, serving_root: str, models: str, config_json: str,
@@ -213,6 +268,26 @@ def run_inference_component(data: str, serving_root: str, models: str, config_js
     run_inference_job(data, _local_path(output_uri), fileio.absolute(serving_root),
                       [m for m in models.split(",") if m], config,
                       json.loads(beam_args_json), metadata=metadata)
+
+
+def run_monitor_component(run_root: str, logs: str, since: str, until: str,
+                          config_json: str, metadata_db: str, output_uri: str) -> str:
+    """What the monitoring component runs: `fer-pipeline monitor` into the artifact;
+    returns the verdict."""
+    import dataclasses
+
+    from pipeline.config import load_config
+    from pipeline.monitoring import parse_moment, run_monitor_job
+
+    config = load_config(overrides=json.loads(config_json))
+    metadata = (dataclasses.replace(config.metadata, sqlite_path=metadata_db)
+                if metadata_db else None)   # none given: the run root's store
+    result = run_monitor_job(run_root, [p for p in logs.split(",") if p],
+                             _local_path(output_uri), config,
+                             parse_moment(since) if since else None,
+                             parse_moment(until) if until else None, metadata=metadata)
+    print(f"[fer-pipeline] monitor: {result.summary}")
+    return result.verdict
 
 
 def _local_path(uri: str) -> str:

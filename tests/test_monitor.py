@@ -81,18 +81,25 @@ def test_each_stream_raises_exactly_its_alerts(served, tmp_path, stream):
         "schema", "class_mix:cnn", "confidence:cnn", "review_rate"}
 
 
-def test_run_monitor_writes_the_record_the_anomalies_the_page_and_the_review_queue(
-        served, tmp_path):
+@pytest.fixture(scope="module")
+def monitored(served, tmp_path_factory):
+    """One full run_monitor over a brightness-shifted window, with a review queue."""
     run, _ = served
-    log = str(tmp_path / "logs" / "requests.tfrecord")
+    root = tmp_path_factory.mktemp("monitored")
+    log = str(root / "logs" / "requests.tfrecord")
     faces = fixtures.brightness_shift(fixtures.replay(run.test_faces, STREAM, 6), 30)
     fixtures.write_request_log(log, faces, run, seconds_per_request=60)
-    out = tmp_path / "out"
-    queue = str(tmp_path / "queue")
     config = MonitorConfig(window_minutes=30, review_lowest_confidence=5)
-    result = run_monitor([str(tmp_path / "logs")], run.reference, SCHEMA, str(out), config,
-                         TOLERANCE, review_queue=queue)
-    record = json.loads((out / "monitoring.json").read_text())
+    result = run_monitor([str(root / "logs")], run.reference, SCHEMA, str(root / "out"),
+                         config, TOLERANCE, review_queue=str(root / "queue"))
+    return {"result": result, "faces": faces, "out": root / "out", "queue": root / "queue",
+            "record": json.loads((root / "out" / "monitoring.json").read_text())}
+
+
+def test_run_monitor_writes_the_record_the_anomalies_the_page_and_the_review_queue(
+        served, monitored):
+    run, _ = served
+    result, record, out = monitored["result"], monitored["record"], monitored["out"]
     assert result.verdict == record["verdict"] == "drift"
     assert record["alerts"] == result.alerts == ["brightness"]
     assert result.summary.startswith(f"drift in {STREAM} faces: brightness ")
@@ -103,7 +110,7 @@ def test_run_monitor_writes_the_record_the_anomalies_the_page_and_the_review_que
     assert len(record["windows"]) == 3
     assert sum(w["faces"] for w in record["windows"]) == STREAM
     # The answers' numbers are those of the logged probabilities.
-    cnn = fixtures.predict(run.models["cnn"], faces)
+    cnn = fixtures.predict(run.models["cnn"], monitored["faces"])
     assert record["traffic"]["mean_confidence"]["cnn"] == pytest.approx(cnn.max(axis=1).mean(),
                                                                         abs=1e-6)
     mix = record["traffic"]["class_mix"]["cnn"]
@@ -116,14 +123,38 @@ def test_run_monitor_writes_the_record_the_anomalies_the_page_and_the_review_que
     assert (out / "monitoring.html").stat().st_size > 10_000
     # The review queue got every tie and the 5 least confident faces, each once.
     ties = int(round(record["traffic"]["review_rate"] * STREAM))
-    with ReviewQueue(queue) as opened:
+    with ReviewQueue(str(monitored["queue"])) as opened:
         pending = opened.counts()["pending"]
     assert record["review_queue"]["queued"] == result.review_queued == pending
     assert ties <= pending <= ties + 5 and pending > 0
-    # Judging the same window again queues nothing new.
-    again = run_monitor([log], run.reference, SCHEMA, str(tmp_path / "again"), config,
-                        TOLERANCE, review_queue=queue)
-    assert again.review_queued == 0
+
+
+def test_monitoring_page_in_a_real_browser(monitored, tmp_path):
+    from tests import browser
+    from tests.test_pages_browser import check_page_basics, check_screenshot, number_mismatches
+
+    browser.chromium_or_skip()
+    record = monitored["record"]
+    with browser.open_page(monitored["out"] / "monitoring.html") as opened:
+        images = check_page_basics(opened, min_images=4)
+        assert sum(1 for i in images if i["chart"] is None) == 12     # the faces
+        numbers = browser.shown_numbers(opened.page)
+        assert number_mismatches(numbers, record) == []
+        paths = {n["path"] for n in numbers}
+        # Every check's distance and threshold, every window's count, the class mixes.
+        assert {f"checks/{i}/distance" for i in range(len(record["checks"]))} <= paths
+        assert {f"windows/{i}/faces" for i in range(len(record["windows"]))} <= paths
+        assert {f"traffic/class_mix/cnn/{c}" for c in CLASS_NAMES} <= paths
+        banner = opened.page.locator("#verdict")
+        assert banner.get_attribute("data-verdict") == "drift"
+        assert record["summary"] in banner.inner_text()
+        alerts = opened.page.eval_on_selector_all(
+            "[data-alert=true]", "els => els.map(e => e.dataset.check)")
+        assert alerts == record["alerts"]
+        charts = browser.chart_data(opened.page)
+        assert charts["class-mix-cnn"]["window"] == [
+            record["traffic"]["class_mix"]["cnn"][c] for c in CLASS_NAMES]
+        check_screenshot(opened, tmp_path / "monitoring.png")
 
 
 def _log_entry(name: str, signature: str, inputs: dict, probabilities: np.ndarray,
@@ -270,3 +301,29 @@ def test_cli_one_line_errors(run_root, tmp_path, capsys):
                  str(tmp_path / "v99.tfrecord")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the request logs name cnn v99" in err[0]
+
+
+def test_kubeflow_component_runs_the_monitor(served, run_root, tmp_path):
+    """The monitoring pipeline compiles to one component, which runs with kfp.local's
+    SubprocessRunner: monitoring.json in its artifact, the verdict as its output."""
+    import yaml
+    from kfp import local
+    from kfp.components import load_component_from_file
+
+    from pipeline.cli import main
+
+    run, _ = served
+    path = str(tmp_path / "monitor.yaml")
+    assert main(["compile", "--kfp", path, "--monitor"]) == 0
+    spec = yaml.safe_load(open(path))
+    assert list(spec["root"]["dag"]["tasks"]) == ["monitor"]
+    log = tmp_path / "logs" / "requests.tfrecord"
+    fixtures.write_request_log(str(log), fixtures.contrast_change(
+        fixtures.replay(run.test_faces, STREAM, 9), 0.6), run)
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(tmp_path / "kfp_root"))
+    task = load_component_from_file(path)(run_root=str(run_root), logs=str(log.parent))
+    [found] = [os.path.join(d, "monitoring.json")
+               for d, _, files in os.walk(tmp_path / "kfp_root") if "monitoring.json" in files]
+    record = json.loads(open(found).read())
+    assert record["verdict"] == "drift" and record["alerts"] == ["contrast"]
