@@ -20,6 +20,7 @@ step_dir() {
     echo "$RUN_DIR/$1"
   fi
 }
+MONITORING_PAGE="$RUN_DIR/monitoring/demo/monitoring.html"
 pages() {
   echo "== pages to open in a browser (self-contained, offline):"
   echo "   data:       $(step_dir statistics)/statistics.html"
@@ -27,6 +28,8 @@ pages() {
   local report; report="$(step_dir infra_validation)/report.html"
   [ -f "$report" ] || report="$(step_dir evaluation)/report.html"
   echo "   evaluation: $report"
+  [ -f "$MONITORING_PAGE" ] && echo "   monitoring: $MONITORING_PAGE"
+  return 0
 }
 # One line per model held back, by the evaluation gate (blessings.json) or by infra
 # validation (infra_blessings.json: it loaded or answered wrong in a model server).
@@ -117,9 +120,19 @@ echo "== client: ensemble decisions for 8 held-out (PrivateTest) faces"
 $BIN/fer-client --port "$GRPC_PORT" --csv "$DATA" --usage PrivateTest --rows 8 --table --retries 8 \
   --review-queue "$RUN_DIR/review_queue"
 held_back
+echo "== client: the other held-out faces too, as live traffic for the monitor"
+$BIN/fer-client --port "$GRPC_PORT" --csv "$DATA" --usage PrivateTest --rows 100000 \
+  --retries 8 > "$RUN_DIR/client_traffic.json"
 request_logs
 echo "   Real TF Serving over the same directory: see README (Serving)."
 echo "== human review: faces the two models could not decide"
 $BIN/fer-review status --queue "$RUN_DIR/review_queue"
 echo "   review them: $BIN/fer-review --queue $RUN_DIR/review_queue   (then open http://127.0.0.1:8502/)"
+# The server closes its request log files when it stops; the monitor then reads them all.
+kill "$SERVER_PID" 2>/dev/null || true
+wait "$SERVER_PID" 2>/dev/null || true
+echo "== monitor: the logged traffic against the run that trained the served versions"
+# Exit status 1 means drift (a scheduler would retrain); the demo reports it and goes on.
+$BIN/fer-pipeline monitor --output "$RUN_DIR" --out "$RUN_DIR/monitoring/demo" \
+  || echo "== the monitor found drift or could not judge (exit status $?): see its page"
 pages
