@@ -475,6 +475,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    for flag, value, low in (("--rows", args.rows, 1), ("--retries", args.retries, 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be at least {low}, got {value}")
+    for flag, value in (("--timeout", args.timeout), ("--backoff", args.backoff)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be a positive number of seconds, got {value:g}")
+
+
 def _load_inputs(args: argparse.Namespace) -> list[InputImage]:
     if args.csv:
         found = images_from_csv(args.csv, args.rows, args.usage)
@@ -507,6 +516,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     models = tuple(m for m in args.models.split(",") if m)
     try:
+        _check_numbers(args)
         args.tolerance = tolerance(args)
         inputs = _load_inputs(args)
     except (OSError, ValueError) as error:

@@ -154,6 +154,9 @@ INPUT_MISTAKES = [
      ["--tolerance must be between 0 and 1"]),
     (["--csv", "{csv}", "--config", "{tmp}/bad.yaml"], fer_client.EXIT_BAD_INPUT,
      ["bad.yaml", "evaluation.tie_tolerance", "expected a number"]),
+    (["--csv", "{csv}", "--rows", "0"], fer_client.EXIT_BAD_INPUT, ["--rows must be at least 1"]),
+    (["--csv", "{csv}", "--timeout", "0"], fer_client.EXIT_BAD_INPUT,
+     ["--timeout must be a positive number"]),
 ]
 
 
