@@ -1,7 +1,7 @@
 """`fer-pipeline`: run the whole pipeline, or one step, from the command line.
 
-Commands that run Beam (`run`, `compile` and the Beam steps: ingest, augment, statistics,
-transform) pass Beam pipeline options through untouched, e.g.
+Commands that run Beam (`run`, `compile`, `infer` and the Beam steps: ingest, augment,
+statistics, transform) pass Beam pipeline options through untouched, e.g.
 `--runner=DataflowRunner --project=...` or
 `--direct_running_mode=multi_processing --direct_num_workers=2`; a flag that neither this
 CLI nor Beam knows is refused, on every command. Each command's `--help` lists only the
