@@ -461,9 +461,9 @@ def _main(argv: Optional[list[str]] = None) -> int:
                     MONITOR_COMMAND: lambda: _monitor(args),
                     "path": lambda: _path(args)}
         return handlers.get(args.command, lambda: _run(args, beam_args))()
-    except (UserError, PipelineError, ValueError, FileNotFoundError) as error:
-        # Bad arguments, bad config, bad data (too many rejected rows), missing inputs:
-        # say it in our words, no trace.
+    except (UserError, PipelineError, ValueError, OSError) as error:
+        # Bad arguments, bad config, bad data (too many rejected rows), missing inputs, a
+        # file that cannot be written: say it in our words, no trace.
         print(f"[fer-pipeline] error: {error}", file=sys.stderr)
         return EXIT_USAGE
 
