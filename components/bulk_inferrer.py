@@ -329,8 +329,9 @@ def read_image_faces(pipeline: beam.Pipeline, paths: Sequence[str]) -> Any:
 
 
 def image_files(directory: str) -> list[str]:
-    """Every file under `directory` (recursively, sorted); each is tried as an image, and
-    one that is not is reported in rejected.csv rather than skipped by its name."""
+    """Every file under `directory` (recursively, sorted) but hidden ones (`.DS_Store`,
+    `.git/`); each is tried as an image, and one that is not is reported in rejected.csv
+    rather than skipped by its name."""
     return [full for rel, full in fileio.walk_files(directory)
             if not any(part.startswith(".") for part in rel.split("/"))]
 

@@ -146,7 +146,7 @@ def test_csv_any_usage_label_optional_equals_the_in_process_models(
     keys = [f"{data}:{n}" for n in good_lines]
     rows = check_predictions(str(output), serving_root, keys, images, WIDE_TOLERANCE)
     assert [int(r["row"]) for r in rows] == good_lines
-    assert [r["label"] for r in rows] == ["" if not l else CLASS_NAMES[int(l)] for l in labels]
+    assert [r["label"] for r in rows] == [CLASS_NAMES[int(x)] if x else "" for x in labels]
     assert [r["usage"] for r in rows] == usages
 
     rejected = read_csv(os.path.join(output, "rejected.csv"))
