@@ -9,9 +9,10 @@ reached from a cluster; that user may create the databases whose names start wit
 `.ci/run` installs Debian's `mariadb-server` when it is missing (as root, with apt-get).
 Without `mariadbd` the tests that use the fixture skip with one line saying what to install.
 
-Use: the session fixture `mariadb` (registered in tests/conftest.py) yields a `MariaDB`;
-`mariadb.metadata_overrides(name)` is the `metadata` section of a pipeline config for a
-fresh database on it, and `mariadb.env` holds the password variable to set.
+Use: the session fixture `mariadb` (import it into the test module, as
+tests/test_metadata_mysql.py does) yields a `MariaDB`; `mariadb.unique_database(name)` names
+a fresh database, `mariadb.metadata_overrides(database)` is the `metadata` section of a
+pipeline config for it, and `mariadb.env` holds the password variable to set.
 
     python -m tests.mariadb up DIR [--port P]     # what `make mysql-up` runs
     python -m tests.mariadb down DIR               # what `make mysql-down` runs
@@ -134,11 +135,11 @@ def start_server(base: Path, password: str, port: int = 0, detach: bool = False)
     datadir = base / "data"
     if not datadir.exists():
         base.mkdir(parents=True, exist_ok=True)
-        subprocess.run([_find(INSTALL_DB_NAMES), "--no-defaults", f"--datadir={datadir}",
-                        "--auth-root-authentication-method=normal", "--skip-test-db",
-                        *SERVER_OPTIONS[:1]],
-                       stdout=open(base / "install.log", "wb"), stderr=subprocess.STDOUT,
-                       check=True, timeout=120)
+        with open(base / "install.log", "wb") as log:
+            subprocess.run([_find(INSTALL_DB_NAMES), "--no-defaults", f"--datadir={datadir}",
+                            "--auth-root-authentication-method=normal", "--skip-test-db",
+                            *SERVER_OPTIONS[:1]],
+                           stdout=log, stderr=subprocess.STDOUT, check=True, timeout=120)
     init = base / "init.sql"
     init.write_text(_init_sql(password))
     init.chmod(0o600)
