@@ -512,10 +512,9 @@ def compare(traffic_rows: np.ndarray, traffic: Traffic, features: Mapping[str, n
     with_review = answers.review is not None and reference.answers.review is not None \
         and len(answers.review) > 0
     served_groups = _answer_columns(answers)
-    reference_groups = reference.answer_groups
     keep = set(models) | ({REVIEW_FEATURE} if with_review else set())
     measured, answer_anomalies = _skew(
-        _merged_statistics({k: v for k, v in reference_groups.items() if k in keep}),
+        reference.answer_statistics(keep),
         _merged_statistics({k: v for k, v in served_groups.items() if k in keep}),
         answers_schema(models, with_review, config))
     anomalies["answers"] = answer_anomalies
@@ -535,12 +534,24 @@ def compare(traffic_rows: np.ndarray, traffic: Traffic, features: Mapping[str, n
 
 @dataclass
 class LoadedReference:
+    """The reference in memory: the train split's statistics, the schema with the image
+    features, the test split's answers (and their statistics, per set of models, computed
+    once however many windows are judged)."""
     train_stats: statistics_pb2.DatasetFeatureStatisticsList
     train_faces: int
     face_schema: schema_pb2.Schema
     answers: Answers
     answer_groups: dict[str, dict[str, np.ndarray]]
     test_faces: int
+    answer_stats: dict[frozenset, statistics_pb2.DatasetFeatureStatisticsList] = field(
+        default_factory=dict)
+
+    def answer_statistics(self, groups: set[str]) -> statistics_pb2.DatasetFeatureStatisticsList:
+        key = frozenset(groups)
+        if key not in self.answer_stats:
+            self.answer_stats[key] = _merged_statistics(
+                {k: v for k, v in self.answer_groups.items() if k in key})
+        return self.answer_stats[key]
 
 
 def _load_reference(reference: MonitorReference, schema_path: str, config: MonitorConfig,
@@ -734,7 +745,9 @@ def run_monitor(log_paths: Sequence[str],
     once the logs are read.
     """
     started = time.time()
+    timings: dict[str, float] = {}
     traffic = read_traffic(log_paths, since, until)
+    timings["read_logs"] = time.time() - started
     if not len(traffic.pixels):
         raise MonitorError(f"no logged predictions in {len(traffic.files)} request log "
                            f"file(s) for the window [{_iso(_seconds(since)) or 'start'}, "
@@ -742,8 +755,13 @@ def run_monitor(log_paths: Sequence[str],
     if callable(reference):
         reference = reference(logged_versions(traffic))
     models = list(_primary_versions(traffic, reference)) or list(reference.evaluations)
+    mark = time.time()
     loaded = load_reference(reference, schema_path, config, tie_tolerance, models)
+    timings["load_reference"] = time.time() - mark
+    mark = time.time()
     judged = assess(traffic, reference, loaded, config, tie_tolerance)
+    timings["judge"] = time.time() - mark
+    mark = time.time()
 
     fileio.makedirs(output_dir)
     fileio.register_filesystem(output_dir)
@@ -781,15 +799,17 @@ def run_monitor(log_paths: Sequence[str],
         "tie_tolerance": tie_tolerance,
         "anomalies_files": anomalies_paths,
         "review_queue": ({"dir": review_queue, **review} if review is not None else None),
-        "duration_s": round(time.time() - started, 3),
     }
-    monitoring_path = fileio.join(output_dir, MONITORING_FILE)
-    fileio.write_json(monitoring_path, record)
     # Rendering needs matplotlib; the checks above do not.
     from components.monitoring_page import render_monitoring_page
     html_path = fileio.join(output_dir, MONITORING_HTML)
     fileio.write_text(html_path, render_monitoring_page(
         record, least_confident_faces(traffic, judged.rows, PAGE_FACES)))
+    timings["write_outputs"] = time.time() - mark
+    record["timings_s"] = {name: round(seconds, 3) for name, seconds in timings.items()}
+    record["duration_s"] = round(time.time() - started, 3)
+    monitoring_path = fileio.join(output_dir, MONITORING_FILE)
+    fileio.write_json(monitoring_path, record)
     log.info("monitor: %s", judged.summary)
     return MonitorResult(monitoring_path, html_path, anomalies_paths, judged.faces,
                          traffic.records, judged.alerts, judged.verdict, judged.summary,

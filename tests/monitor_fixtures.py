@@ -185,13 +185,22 @@ def predict(model_dir: str, faces: np.ndarray) -> np.ndarray:
 def write_request_log(path: str, faces: np.ndarray, run: ServedRun, start: int = START,
                       seconds_per_request: float = 1.0) -> int:
     """Logs `faces` as Predicts to every served model, as fer-serve would; returns records."""
+    return log_predictions(path, faces, {name: (version, run.models[name])
+                                         for name, version in MODELS.items()},
+                           start, seconds_per_request)
+
+
+def log_predictions(path: str, faces: np.ndarray, served: dict[str, tuple[int, str]],
+                    start: int = START, seconds_per_request: float = 1.0) -> int:
+    """`faces` sent in batches to each model of `served` ({name: (version, SavedModel
+    dir)}), logged as TF Serving PredictionLogs with the answers the models give."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     records = 0
-    answers = {name: predict(model_dir, faces) for name, model_dir in run.models.items()}
+    answers = {name: predict(model_dir, faces) for name, (_, model_dir) in served.items()}
     with tf.io.TFRecordWriter(path) as writer:
         for i, begin in enumerate(range(0, len(faces), FACES_PER_REQUEST)):
             batch = faces[begin:begin + FACES_PER_REQUEST]
-            for name, version in MODELS.items():
+            for name, (version, _) in served.items():
                 entry = prediction_log_pb2.PredictionLog()
                 entry.log_metadata.model_spec.name = name
                 entry.log_metadata.model_spec.version.value = version

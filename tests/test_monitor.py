@@ -261,7 +261,8 @@ def test_cli_finds_the_reference_through_lineage_and_records_the_execution(
                  calm_until, "--out", str(tmp_path / "shifted")])
     out = capsys.readouterr().out
     assert code == EXIT_DRIFT
-    line = next(l for l in out.splitlines() if l.startswith("[fer-pipeline] monitor:"))
+    line = next(text for text in out.splitlines()
+                if text.startswith("[fer-pipeline] monitor:"))
     assert line.startswith(f"[fer-pipeline] monitor: drift in {STREAM} faces: contrast ")
     record = json.loads((tmp_path / "shifted" / "monitoring.json").read_text())
     assert record["reference"]["examples_dir"] == run.reference.examples_dir
@@ -304,26 +305,90 @@ def test_cli_one_line_errors(run_root, tmp_path, capsys):
 
 
 def test_kubeflow_component_runs_the_monitor(served, run_root, tmp_path):
-    """The monitoring pipeline compiles to one component, which runs with kfp.local's
-    SubprocessRunner: monitoring.json in its artifact, the verdict as its output."""
-    import yaml
-    from kfp import local
-    from kfp.components import load_component_from_file
+    """The monitoring pipeline compiles to one component, and the component's own source,
+    as KFP serializes it, runs the job into its output artifact, records it in the ML
+    Metadata store it is given and returns the verdict. (kfp.local's SubprocessRunner runs
+    components the same way in tests/test_cluster.py; another run here would cost a
+    minute.)"""
+    import shutil
 
+    import yaml
+
+    from pipeline.artifacts import to_jsonable
     from pipeline.cli import main
+    from pipeline.config import MetadataConfig
+    from pipeline.kfp_pipeline import MONITOR_COMPONENT_SOURCE, _import_source
+    from pipeline.metadata import MetadataStore
 
     run, _ = served
     path = str(tmp_path / "monitor.yaml")
     assert main(["compile", "--kfp", path, "--monitor"]) == 0
     spec = yaml.safe_load(open(path))
     assert list(spec["root"]["dag"]["tasks"]) == ["monitor"]
+    [executor] = spec["deploymentSpec"]["executors"].values()
+    assert "run_monitor_component(" in " ".join(executor["container"]["command"])
+
     log = tmp_path / "logs" / "requests.tfrecord"
     fixtures.write_request_log(str(log), fixtures.contrast_change(
         fixtures.replay(run.test_faces, STREAM, 9), 0.6), run)
-    local.init(runner=local.SubprocessRunner(use_venv=False),
-               pipeline_root=str(tmp_path / "kfp_root"))
-    task = load_component_from_file(path)(run_root=str(run_root), logs=str(log.parent))
-    [found] = [os.path.join(d, "monitoring.json")
-               for d, _, files in os.walk(tmp_path / "kfp_root") if "monitoring.json" in files]
-    record = json.loads(open(found).read())
-    assert record["verdict"] == "drift" and record["alerts"] == ["contrast"]
+    store = tmp_path / "metadata.sqlite"
+    shutil.copy(run_root / "metadata.sqlite", store)
+    recorded = MetadataStore(MetadataConfig(sqlite_path=str(store)), str(run_root))
+    before = len(recorded._store.get_executions_by_type("fer.step.monitor"))
+    artifact = tmp_path / "kfp_root" / "monitoring"
+    component = _import_source(MONITOR_COMPONENT_SOURCE, "fer_kfp_monitor_test")
+    verdict = component.monitor(
+        run_root=str(run_root), logs=str(log.parent), since="", until="",
+        config_json=json.dumps(to_jsonable(load_config())), metadata_db=str(store),
+        monitoring=type("Artifact", (), {"uri": f"file://{artifact}"})())
+    record = json.loads((artifact / "monitoring.json").read_text())
+    assert verdict == record["verdict"] == "drift" and record["alerts"] == ["contrast"]
+    recorded = MetadataStore(MetadataConfig(sqlite_path=str(store)), str(run_root))
+    assert len(recorded._store.get_executions_by_type("fer.step.monitor")) == before + 1
+
+
+# ----------------------------------------------------------------------------- a real run
+
+def test_monitor_on_the_smoke_run_finds_its_reference_through_real_lineage(smoke_run,
+                                                                          tmp_path):
+    """The session's pipeline run (read-only): its test split served by its pushed
+    versions is judged against the references the pipeline itself recorded, the pixel
+    statistics of its statistics step and the test predictions of its evaluation."""
+    import dataclasses
+    import shutil
+
+    from components.evaluator import load_test_split
+    from pipeline.monitoring import run_monitor_job
+    from pipeline.runner import committed_output
+    from serving.model_config import read_model_server_config
+
+    run_root = smoke_run.run_root
+    specs = read_model_server_config(os.path.join(smoke_run.ctx.serving_root,
+                                                  "models.config"))
+    served = {}
+    for spec in specs:
+        version = max(int(v) for v in os.listdir(spec.base_path) if v.isdigit())
+        served[spec.name] = (version, os.path.join(spec.base_path, str(version)))
+    examples = committed_output(run_root, "ingest")
+    faces = load_test_split(examples).pixels
+    fixtures.log_predictions(str(tmp_path / "logs" / "requests.tfrecord"), faces, served)
+    # ML Metadata is written to a copy: the session's run stays as it was.
+    store_copy = tmp_path / "metadata.sqlite"
+    shutil.copy(os.path.join(run_root, "metadata.sqlite"), store_copy)
+    config = dataclasses.replace(
+        smoke_run.config, monitor=MonitorConfig(min_requests=100),
+        metadata=dataclasses.replace(smoke_run.config.metadata, sqlite_path=str(store_copy)))
+    result = run_monitor_job(run_root, [str(tmp_path / "logs")], str(tmp_path / "out"),
+                             config)
+    record = json.loads((tmp_path / "out" / "monitoring.json").read_text())
+    assert record["reference"]["examples_dir"] == examples
+    assert record["reference"]["statistics_dir"] == committed_output(run_root, "statistics")
+    evaluation = committed_output(run_root, "evaluate")
+    assert set(record["reference"]["evaluations"].values()) == {evaluation}
+    assert record["served"].keys() == served.keys()
+    # The test split answered by the versions its evaluation scored: the same answers.
+    checks = {c["name"]: c for c in record["checks"]}
+    for model in served:
+        assert checks[f"class_mix:{model}"]["distance"] < 1e-6
+        assert checks[f"confidence:{model}"]["distance"] < 1e-3
+    assert result.verdict == "ok", result.summary
