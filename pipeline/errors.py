@@ -43,10 +43,13 @@ def report_bug(prog: str, error: BaseException) -> int:
               "report it with the traceback above.", file=sys.stderr)
         return EXIT_BUG
     path = _write_traceback(prog, text)
-    where = f"its traceback is in {path}" if path else "its traceback could not be saved"
+    if path:
+        what_to_do = (f"its traceback is in {path}: please report it with that file "
+                      f"({TRACEBACK_ENV}=1 prints it here instead)")
+    else:
+        what_to_do = f"run it again with {TRACEBACK_ENV}=1 to see the traceback and report it"
     print(f"{prog}: internal error ({summary}). This is a bug in fer-pipeline, not in how "
-          f"you ran it; {where}: please report it with that file ({TRACEBACK_ENV}=1 prints "
-          "it here instead).", file=sys.stderr)
+          f"you ran it; {what_to_do}.", file=sys.stderr)
     return EXIT_BUG
 
 
@@ -61,8 +64,6 @@ def run_cli(prog: str, main: Callable[[Optional[list[str]]], int],
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except SystemExit:
-        raise
     except Exception as error:  # noqa: BLE001 - this is the one place that catches all
         return report_bug(prog, error)
 
