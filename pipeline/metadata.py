@@ -71,6 +71,11 @@ def mysql_location(config: MetadataConfig) -> str:
            f"{config.mysql_database}"
 
 
+def uses_unix_socket(config: MetadataConfig) -> bool:
+    """The MySQL client library reads host "localhost" as the default Unix socket, not TCP."""
+    return config.mysql_host == "localhost"
+
+
 def check_mysql_server(config: MetadataConfig,
                        timeout_s: float = MYSQL_CONNECT_TIMEOUT_S) -> None:
     """Raises MetadataStoreError unless a MySQL-protocol server greets us at host:port.
@@ -110,6 +115,12 @@ def _open_error(config: MetadataConfig, location: str, error: RuntimeError
     text = str(error).strip()
     if not config.mysql_host:
         return MetadataStoreError(f"cannot open the ML Metadata store {location}: {text}")
+    if "mysql_real_connect failed" in text and uses_unix_socket(config):
+        return MetadataStoreError(
+            f"cannot log in to the MySQL metadata store on this machine's default Unix socket "
+            f"(mysql_host 'localhost') as user {config.mysql_user!r}: no server listens "
+            f"there, or the password in ${config.mysql_password_env} is wrong (set "
+            f"mysql_host to 127.0.0.1 to use TCP)")
     if "mysql_real_connect failed" in text:
         # The server greeted us (check_mysql_server), so it is the login that failed.
         why = (f"${config.mysql_password_env} is not set (the password is read from it)"
@@ -142,7 +153,7 @@ class MetadataStore:
         from ml_metadata.metadata_store import metadata_store
 
         connection, self.location = _connection_config(config, run_root)
-        if config.mysql_host:
+        if config.mysql_host and not uses_unix_socket(config):
             check_mysql_server(config)
         try:
             with quiet.filtered_stderr(quiet.MLMD_CONNECT_NOISE):

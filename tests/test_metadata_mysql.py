@@ -255,3 +255,13 @@ def test_make_mysql_up_and_down_serve_the_user_and_port_the_readme_shows(tmp_pat
     assert down.returncode == 0, down.stderr
     with pytest.raises(MetadataStoreError, match="Connection refused"):
         check_mysql_server(config)
+
+
+def test_localhost_means_the_default_unix_socket_and_its_failure_says_so(tmp_path):
+    """No TCP greeting is read for "localhost" (the client library uses a socket there)."""
+    config = load_config(overrides={"metadata": {
+        "mysql_host": "localhost", "mysql_port": free_port(), "mysql_user": "fer",
+        "mysql_database": "fer_nowhere"}}).metadata
+    with _password("any"), pytest.raises(MetadataStoreError,
+                                         match="default Unix socket.*127.0.0.1"):
+        MetadataStore(config, str(tmp_path / "run"))
