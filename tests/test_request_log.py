@@ -467,3 +467,19 @@ def test_push_with_request_logs_configures_fer_serve_but_not_tf_serving(tmp_path
     with pytest.raises(ValueError, match="must be a local directory"):
         run_pusher({}, str(tmp_path / "evaluation"), str(tmp_path / "serving"),
                    str(tmp_path / "push"), PushConfig(request_log_dir="s3://bucket/logs"))
+
+
+def test_request_log_writer_benchmark_runs(tmp_path):
+    """benchmarks/request_log_writer.py end to end on a few records (its figures are read
+    in docs/benchmarks.md, never asserted here)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "request_log_writer.py")
+    spec = importlib.util.spec_from_file_location("request_log_writer_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--records", "40", "--out", str(tmp_path / "writer.json")]) == 0
+    report = json.loads((tmp_path / "writer.json").read_text())
+    assert set(report["results"]) == {"gRPC Predict", "REST predict"}
+    for result in report["results"].values():
+        assert result["records"] == 40 and result["bytes_per_record"] > 48 * 48 * 4
+        assert result["writer_cpu_us"] > 0 and result["request_path_cpu_us"] >= 0
