@@ -266,7 +266,7 @@ def _pixel_sample(pixels: np.ndarray) -> np.ndarray:
 
 def _feature_stats(stats: statistics_pb2.DatasetFeatureStatisticsList, name: str):
     for feature in stats.datasets[0].features:
-        if feature.path.step and feature.path.step[0] == name or feature.name == name:
+        if (feature.path.step and feature.path.step[0] == name) or feature.name == name:
             return feature
     return None
 

@@ -25,7 +25,7 @@ from pipeline.artifacts import fingerprint
 from pipeline.config import MetadataConfig, PipelineConfig
 from pipeline.contract import MODELS_CONFIG, MONITORING_FILE
 from pipeline.lineage import version_lineage
-from pipeline.metadata import ArtifactRecord, MetadataStore
+from pipeline.metadata import ArtifactRecord, MetadataStore, sqlite_path
 from pipeline.runner import schema_path
 from serving.model_config import read_model_server_config
 from serving.request_log import log_files
@@ -110,7 +110,13 @@ def run_monitor_job(run_root: str, logs: Sequence[str], output_dir: str,
     files = log_files(paths)
     if not files:
         raise ValueError(f"no request log files under {', '.join(paths)}")
-    store = MetadataStore(metadata or config.metadata, run_root)
+    metadata = metadata or config.metadata
+    store_path = sqlite_path(metadata, run_root)
+    if not metadata.mysql_host and not os.path.exists(store_path):
+        # Opening the store would create an empty one: say what is missing instead.
+        raise ValueError(f"no ML Metadata store at {store_path}: monitor needs the run that "
+                         "pushed the served versions (--output RUN_ROOT or --metadata-db)")
+    store = MetadataStore(metadata, run_root)
     resolved: dict[str, MonitorReference] = {}
 
     def reference_for(logged: dict[str, int]) -> MonitorReference:

@@ -302,6 +302,11 @@ def test_cli_one_line_errors(run_root, tmp_path, capsys):
                  str(tmp_path / "v99.tfrecord")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the request logs name cnn v99" in err[0]
+    # A run root with no ML Metadata: one line, and no store created there.
+    assert main(["monitor", "--output", str(tmp_path / "typo"), "--logs",
+                 str(tmp_path / "v99.tfrecord")]) == 2
+    assert "no ML Metadata store at" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
 
 
 def test_kubeflow_component_runs_the_monitor(served, run_root, tmp_path):
