@@ -1,0 +1,204 @@
+"""How every Beam step runs its pipeline, on whichever engine the Beam flags name.
+
+    with beam_pipeline(beam_args, "ingest") as pipeline:
+        pipeline | ...        # build; the job runs (and is waited for) when the block ends
+
+The flags are the user's, untouched: the DirectRunner by default, or e.g.
+`--runner=FlinkRunner --job_endpoint=HOST:8099 --environment_type=EXTERNAL
+--environment_config=localhost:50000` for a Flink cluster (`SparkRunner` likewise,
+`DataflowRunner` for Google's service). What this adds is the ending: when a job fails on
+a cluster engine, the step stops with `BeamJobFailed`, one line naming the engine, the
+step and the engine's own reason (a lost TaskManager, a worker pool that refuses
+connections, our code's Python exception raised in a worker), instead of a Python traceback
+of the client's polling loop, which says nothing about the cluster. The step's previous
+committed output stays in force, as for any failed step (pipeline/runner.py).
+
+A failure on the in-process DirectRunner is raised unchanged: there the traceback is ours
+and useful. Bulk inference (`fer-pipeline infer`) and any new Beam step should build their
+pipelines here too, so they run on the same engines and fail the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import socket
+from typing import Iterator, Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOptions,
+                                                  PortableOptions, StandardOptions,
+                                                  TestOptions)
+
+from pipeline.errors import UserError
+
+# The runners whose jobs run elsewhere, and the engine each names in an error.
+ENGINE_OF_RUNNER = {
+    "FlinkRunner": "Flink",
+    "SparkRunner": "Spark",
+    "PortableRunner": "the portable job server",
+    "DataflowRunner": "Dataflow",
+    "PrismRunner": "Prism",
+}
+# Java exception class names carry no information a user needs in the one line.
+_JAVA_EXCEPTION = re.compile(r"^(?:[a-z_$][\w$]*\.)+([A-Z][\w$]*(?:Exception|Error))\b:?\s*")
+_PORTABLE_FAILURE = re.compile(r"^Pipeline \S+ failed in state \w+:\s*", re.S)
+_MAX_REASON_CHARS = 400
+
+
+class BeamJobFailed(UserError):
+    """A step's Beam job failed on a cluster engine; the message says where and why."""
+
+
+class BeamJobNotRun(UserError):
+    """The flags asked Dataflow only to translate the job (`--template_location`,
+    `--dry_run`): the job spec is written, nothing ran, so the step has no output."""
+
+
+def is_cluster_runner(options: PipelineOptions) -> bool:
+    """True when the job runs outside this process on an engine we name in errors."""
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    return _runner_name(runner) in ENGINE_OF_RUNNER
+
+
+@contextlib.contextmanager
+def beam_pipeline(beam_args: Sequence[str], step: str) -> Iterator[beam.Pipeline]:
+    """A Beam pipeline for `step`, run and waited for when the `with` block ends.
+
+    An error while building it (in the block) is raised as it is; a job that fails on a
+    cluster engine becomes BeamJobFailed; a Dataflow translation without submission ends
+    with BeamJobNotRun once the job spec is written.
+    """
+    options = PipelineOptions(list(beam_args))
+    if translate_only(options):
+        pipeline = beam.Pipeline(options=options)
+        yield pipeline
+        pipeline.run()   # translates, stages and writes the template; submits nothing
+        template = options.view_as(GoogleCloudOptions).template_location
+        raise BeamJobNotRun(
+            f"{step}: Dataflow translated the job " + (
+                f"and wrote its template to {template}" if template else "(dry run)")
+            + "; nothing ran, so the step has no output to commit")
+    # Decided before the pipeline exists: Beam replaces the runner name in `options` by
+    # the runner object it creates.
+    on_cluster = is_cluster_runner(options)
+    built = False
+    try:
+        with _engine_messages_kept_back(), beam.Pipeline(options=options) as pipeline:
+            yield pipeline
+            built = True        # from here on, errors come from running the job
+    except Exception as error:  # noqa: BLE001 - whatever the engine raised, said in one line
+        if not (built and on_cluster):
+            raise
+        raise BeamJobFailed(describe_failure(PipelineOptions(list(beam_args)), step,
+                                             error)) from error
+
+
+class _EngineMessages(logging.Filter):
+    """Beam's portable client logs every message of the job server on the root logger
+    (`portable_runner.read_messages`): at ERROR, a failed job's whole Java stack trace,
+    before our one line restates its cause. Those records are dropped unless -v asked
+    for INFO; the engine keeps them in its own logs (Flink's and Spark's UIs, job server)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.module == "portable_runner" and record.funcName == "read_messages"
+                    and not logging.getLogger().isEnabledFor(logging.INFO))
+
+
+@contextlib.contextmanager
+def _engine_messages_kept_back() -> Iterator[None]:
+    root, kept_back = logging.getLogger(), _EngineMessages()
+    root.addFilter(kept_back)
+    try:
+        yield
+    finally:
+        root.removeFilter(kept_back)
+
+
+def translate_only(options: PipelineOptions) -> bool:
+    """Dataflow asked to write a template or to build the job without submitting it."""
+    runner = _runner_name(options.view_as(StandardOptions).runner or "DirectRunner")
+    return runner == "DataflowRunner" and bool(
+        options.view_as(GoogleCloudOptions).template_location
+        or options.view_as(TestOptions).dry_run)
+
+
+def engine_name(options: PipelineOptions) -> str:
+    """`Flink (job server 127.0.0.1:8099)`: the engine and where the job went."""
+    runner = _runner_name(options.view_as(StandardOptions).runner or "DirectRunner")
+    engine = ENGINE_OF_RUNNER.get(runner, runner)
+    endpoint = options.view_as(PortableOptions).job_endpoint
+    if endpoint and runner != "DataflowRunner":
+        return f"{engine} (job server {endpoint})"
+    return engine
+
+
+def describe_failure(options: PipelineOptions, step: str, error: BaseException) -> str:
+    """One line: the step, the engine, and the engine's reason, with a hint when we can
+    tell more than the engine did (a worker pool that is not there)."""
+    reason = failure_reason(str(error)) or type(error).__name__
+    line = f"{step}: the Beam job failed on {engine_name(options)}: {reason}"
+    job_server = options.view_as(PortableOptions).job_endpoint
+    if job_server and job_server != "embed" and not _accepts_connections(job_server):
+        return (f"{step}: cannot reach the Beam job server {job_server} (--job_endpoint) "
+                f"for {engine_name(options).split(' (')[0]}: is it running? "
+                "(`make flink-up` / `make spark-up` start one)")
+    pool = _unreachable_worker_pool(options, reason)
+    if pool:
+        line += (f" (the SDK worker pool {pool} named by --environment_config refuses "
+                 "connections: is it running? `make flink-up` / `make spark-up` start one)")
+    return line
+
+
+def failure_reason(message: str) -> str:
+    """The engine's reason from a failed job's message, on one line and without the
+    client's prefix ("Pipeline BeamApp-... failed in state FAILED:") or Java class names.
+
+    Python exceptions raised in a worker arrive as a whole remote traceback; their last
+    line (`NameError: name 'x' is not defined [while running 'Parse']`) is the reason.
+    """
+    text = _PORTABLE_FAILURE.sub("", message.strip())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    python_errors = [line for line in lines
+                     if re.match(r"^[A-Z]\w*(?:Error|Exception)\b.*:", line)]
+    reason = python_errors[-1] if python_errors else lines[0]
+    # "java.net.ConnectException: java.net.ConnectException: finishConnect(..) failed"
+    while True:
+        stripped = _JAVA_EXCEPTION.sub(lambda m: m.group(1) + ": ", reason, count=1)
+        stripped = re.sub(r"^(\w+): \1: ", r"\1: ", stripped)
+        if stripped == reason:
+            break
+        reason = stripped
+    reason = reason.rstrip(": ")
+    if len(reason) > _MAX_REASON_CHARS:
+        reason = reason[:_MAX_REASON_CHARS - 3] + "..."
+    return reason
+
+
+def _unreachable_worker_pool(options: PipelineOptions, reason: str) -> str:
+    portable = options.view_as(PortableOptions)
+    if (portable.environment_type or "").upper() != "EXTERNAL":
+        return ""
+    if "refused" not in reason.lower() and "unavailable" not in reason.lower():
+        return ""
+    address = portable.environment_config or ""
+    return "" if _accepts_connections(address) else address
+
+
+def _accepts_connections(address: str) -> bool:
+    """True when HOST:PORT accepts a TCP connection from here (or is not HOST:PORT)."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return True
+    try:
+        with socket.create_connection((host or "localhost", int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _runner_name(runner: object) -> str:
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    return name.rsplit(".", 1)[-1]
