@@ -8,7 +8,8 @@ RUN_DIR ?= demo_run
 DEMO_ROWS ?= 6000
 BEAM_ARGS ?=
 
-.PHONY: setup s3-server demo test bench clean mysql-up mysql-down
+.PHONY: setup s3-server demo test bench clean mysql-up mysql-down engines flink-up flink-down \
+	spark-up spark-down
 
 setup: $(STAMP)
 
@@ -62,7 +63,7 @@ demo: setup
 # lock (tests/pipeline_fixtures.py). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 
-test: setup s3-server
+test: setup s3-server engines
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
 
 # A MariaDB on 127.0.0.1 for trying a shared ML Metadata store (README, "On a cluster"):
@@ -77,8 +78,43 @@ mysql-up: setup
 mysql-down:
 	@$(BIN)/python -m tests.mariadb down $(MYSQL_DIR)
 
+# Real Flink and Spark clusters on 127.0.0.1 (engines/local_cluster.py; README, "On a
+# cluster"). `engines` fetches their jars from Maven Central once, at the exact versions in
+# engines/*.pom.xml, into .engines/ (about 360 MB, a few minutes the first time); starting a
+# cluster downloads nothing. Each *-up starts the engine's daemons, Beam's job server and a
+# Python worker pool, and prints the Beam flags that run a step there; *-down stops them.
+ENGINES_DIR := .engines
+MVN_ENGINES := mvn -q -B -Dmaven.repo.local=$(CURDIR)/$(ENGINES_DIR)/m2
+
+engines: $(ENGINES_DIR)/flink/beam-flink-job-server.jar $(ENGINES_DIR)/spark/beam-spark-job-server.jar
+
+$(ENGINES_DIR)/flink/beam-flink-job-server.jar: engines/flink.pom.xml engines/local_cluster.py $(STAMP)
+	$(call fetch_engine,flink)
+
+$(ENGINES_DIR)/spark/beam-spark-job-server.jar: engines/spark.pom.xml engines/local_cluster.py $(STAMP)
+	$(call fetch_engine,spark)
+
+define fetch_engine
+	@echo "== fetching the $(1) jars from Maven Central (engines/$(1).pom.xml) into $(ENGINES_DIR)/"
+	@$(MVN_ENGINES) -f engines/$(1).pom.xml dependency:build-classpath \
+	  -Dmdep.outputFile=$(CURDIR)/$(ENGINES_DIR)/$(1).classpath
+	@$(BIN)/python -m engines.local_cluster install $(1)
+endef
+
+flink-up: engines
+	@$(BIN)/python -m engines.local_cluster up flink
+
+flink-down:
+	@$(BIN)/python -m engines.local_cluster down flink
+
+spark-up: engines
+	@$(BIN)/python -m engines.local_cluster up spark
+
+spark-down:
+	@$(BIN)/python -m engines.local_cluster down spark
+
 bench: setup
 	$(BIN)/python benchmarks/data_half.py
 
 clean:
-	rm -rf $(RUN_DIR) .pytest_cache
+	rm -rf $(RUN_DIR) .pytest_cache $(ENGINES_DIR)/run
