@@ -400,3 +400,27 @@ def test_monitor_on_the_smoke_run_finds_its_reference_through_real_lineage(smoke
         assert checks[f"class_mix:{model}"]["distance"] < 0.01
         assert checks[f"confidence:{model}"]["distance"] < 0.01
     assert result.verdict == "ok", result.summary
+
+
+def test_the_logs_default_to_the_directories_models_config_logs_to(tmp_path):
+    from pipeline.monitoring import configured_log_dirs, parse_moment
+    from serving.model_config import ModelSpec, RequestLogSpec, write_model_server_config
+
+    logs = tmp_path / "request_logs"
+    write_model_server_config(str(tmp_path / "models.config"), [
+        ModelSpec("cnn", str(tmp_path / "cnn"),
+                  request_log=RequestLogSpec(str(logs / "cnn" / "requests"), 0.5)),
+        ModelSpec("vgg16", str(tmp_path / "vgg16"),
+                  request_log=RequestLogSpec(str(logs / "vgg16" / "requests"), 1.0))])
+    assert configured_log_dirs(str(tmp_path)) == [str(logs / "cnn"), str(logs / "vgg16")]
+    write_model_server_config(str(tmp_path / "models.config"),
+                              [ModelSpec("cnn", str(tmp_path / "cnn"))])
+    with pytest.raises(ValueError, match="turns request logging on for no model"):
+        configured_log_dirs(str(tmp_path))
+    # Times: ISO 8601 (UTC unless said) or a duration ago.
+    from datetime import datetime, timezone
+    now = datetime(2026, 11, 30, 8, 0, tzinfo=timezone.utc)
+    assert parse_moment("2h", now) == datetime(2026, 11, 30, 6, 0, tzinfo=timezone.utc)
+    assert parse_moment("2026-11-30T07:00:00Z") == datetime(2026, 11, 30, 7,
+                                                            tzinfo=timezone.utc)
+    assert parse_moment("2026-11-30T07:00") == datetime(2026, 11, 30, 7, tzinfo=timezone.utc)
