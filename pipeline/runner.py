@@ -308,7 +308,7 @@ def run_pipeline(ctx: RunContext, steps: Optional[Sequence[str]] = None) -> list
             committed[step.name] = outcome.commit
             verb = "skipped (unchanged)" if outcome.skipped else (
                 f"done in {outcome.manifest.get('duration_s', 0):.1f}s")
-            print(f"[fer-pipeline] {step.name:<14} {verb:<22} {outcome.uri}", flush=True)
+            print(f"[fer-pipeline] {step.name:<12} {verb:<22} {outcome.uri}", flush=True)
             outcomes.append(outcome)
             stop_if_blocking(outcome)
     except BaseException as error:
