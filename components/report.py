@@ -97,7 +97,7 @@ def infra_section(infra_blessings: Mapping[str, Mapping[str, Any]]) -> str:
 
     rows = [[f'<span class="infra-verdict" data-model="{esc(name)}" data-blessed="'
              f'{str(m["blessed"]).lower()}">'
-             f'{"INFRA-BLESSED" if m["blessed"] else "HELD BACK"}</span>',
+             f'<b>{_infra_label(m)}</b></span>',
              esc(name), esc(m.get("server") or "not served"), esc(m.get("mode", "")),
              measured(m, "load_seconds", unit=" s"), measured(m, "first_call_ms", unit=" ms"),
              measured(m, "p50_ms", unit=" ms"), measured(m, "server_rss_bytes", 2**20, " MiB"),
@@ -109,6 +109,12 @@ def infra_section(infra_blessings: Mapping[str, Mapping[str, Any]]) -> str:
             + table(["verdict", "model", "server", "mode", "load to AVAILABLE", "first call",
                      "p50 call", "server memory", "why"], rows, raw=True)
             + "</section>")
+
+
+def _infra_label(model: Mapping[str, Any]) -> str:
+    if model["blessed"]:
+        return "INFRA-BLESSED"
+    return "HELD BACK" if model.get("server") else "NOT VALIDATED"
 
 
 def with_infra_section(report_html: str, infra_blessings: Mapping[str, Mapping[str, Any]]

@@ -160,7 +160,7 @@ def test_load_and_query_blesses_a_good_candidate_with_its_warmup(inputs, tmp_pat
     report = (out / "report.html").read_text()
     assert report.index('id="verdict"') < report.index('id="infra-validation"') \
         < report.index("Test data")
-    assert 'data-model="cnn" data-blessed="true">INFRA-BLESSED' in report
+    assert 'data-model="cnn" data-blessed="true"><b>INFRA-BLESSED' in report
     assert list(sandbox_tmp.iterdir()) == [] and _sandbox_processes(sandbox_tmp) == []
     # Push publishes the validated copy, warm-up included.
     serving = tmp_path / "serving"
