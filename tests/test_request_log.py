@@ -290,7 +290,7 @@ def test_a_full_queue_in_the_server_fails_no_request(tmp_path, template):
 
 # --- a server process under load ----------------------------------------------------------
 
-CLIENTS, REQUESTS_PER_CLIENT = 16, 50
+CLIENTS, REQUESTS_PER_CLIENT = 16, 30
 
 
 def start_server(config: str, log, *extra: str) -> tuple[subprocess.Popen, int, int]:
@@ -354,19 +354,18 @@ def load(grpc_port: int, rest_port: int, stop: threading.Event | None = None
 
 def test_sixteen_clients_at_sampling_rate_one_lose_no_request_and_no_record(tmp_path,
                                                                            template):
+    """In this process (the kill test below runs its own): no server start-up to pay."""
     config, logs = serving_root(tmp_path, template)
-    with open(tmp_path / "server.log", "w+") as log:
-        # Small files, so they also rotate under the load.
-        process, grpc_port, rest_port = start_server(
-            config, log, "--request-log-max-file-bytes", "200000")
-        try:
-            answered, failures, threads = load(grpc_port, rest_port)
-            for thread in threads:
-                thread.join()
-            counted = metrics(rest_port)
-        finally:
-            process.terminate()   # SIGTERM: fer-serve writes what is queued and closes files
-            process.wait(timeout=30)
+    # Small files, so they also rotate under the load.
+    server = FerServer(ServerConfig(config, port=0, rest_port=0, request_log=RequestLogConfig(
+        max_file_bytes=50_000))).start()
+    try:
+        answered, failures, threads = load(server.grpc_port, server.rest_port)
+        for thread in threads:
+            thread.join()
+        counted = metrics(server.rest_port)
+    finally:
+        server.stop()   # writes what is queued and closes the files
     assert failures == []
     assert len(answered) == CLIENTS * REQUESTS_PER_CLIENT
     assert counted['fer_serve_request_log_dropped_total{model_name="cnn"}'] == 0
