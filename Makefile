@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?=
 RUN_DIR ?= demo_run
-DEMO_ROWS ?= 6000
+DEMO_ROWS ?= 4000
 BEAM_ARGS ?=
 
 .PHONY: setup s3-server demo test bench clean mysql-up mysql-down engines flink-up flink-down \

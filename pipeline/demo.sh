@@ -6,7 +6,7 @@
 #   4. the ensemble client classifying a few faces over gRPC
 # Usage: demo.sh RUN_DIR [DATA] [ROWS] [extra Beam/pipeline flags...]
 set -euo pipefail
-RUN_DIR=${1:-demo_run}; DATA=${2:-}; ROWS=${3:-6000}; shift $(( $# < 3 ? $# : 3 ))
+RUN_DIR=${1:-demo_run}; DATA=${2:-}; ROWS=${3:-4000}; shift $(( $# < 3 ? $# : 3 ))
 BIN=.venv/bin
 # Third-party noise (TensorFlow, TFDV, google.api_core, Beam) is silenced inside the CLIs
 # themselves, by pipeline/quiet.py, so every command below prints only its own lines.
