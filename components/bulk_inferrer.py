@@ -50,13 +50,13 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from components.example_gen import (JSONL_HEADER, READ_CHUNK_BYTES, CsvColumns,
                                     ReadChunkLines, RowError, parse_row, plan_chunks,
                                     read_header, read_jsonl, reason_code, rejection,
                                     write_rejected_csv)
 from pipeline import fileio
+from pipeline.beam_job import beam_pipeline
 from pipeline.config import InferenceConfig
 from pipeline.contract import (CLASS_NAMES, FEATURE_PIXELS, FEATURE_SOURCE, IMAGE_SIZE,
                                INFERENCE_REJECTED_FILE, INPUT_EXAMPLES, INFERENCE_RESULT_FILE,
@@ -454,7 +454,7 @@ def run_bulk_inferrer(data_uri: str, models: Sequence[ModelVersion], output_dir:
         fileio.rmtree(stale)
     fileio.makedirs(output_dir)
 
-    with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
+    with beam_pipeline(beam_args, "infer") as pipeline:
         faces = (read_image_faces(pipeline, paths) if is_directory
                  else read_csv_faces(pipeline, data_uri))
         build_pipeline(pipeline, faces, models, output_dir, config, tolerance,
