@@ -477,8 +477,13 @@ def compare(traffic_rows: np.ndarray, traffic: Traffic, features: Mapping[str, n
             ) -> tuple[list[dict[str, Any]], dict[str, anomalies_pb2.Anomalies]]:
     """Every check of one window: the faces against the train split, the answers against
     the test split. `judged=False` (too few faces) measures without alerting."""
-    pixels = _pixel_sample(traffic.pixels[traffic_rows]) if include_pixels else None
-    served_faces = statistics({n: v[traffic_rows] for n, v in features.items()}, pixels)
+    served_faces = statistics({n: v[traffic_rows] for n, v in features.items()})
+    if include_pixels:
+        # The pixel histogram from a sample when the window is large (MAX_PIXEL_FACES),
+        # added beside the per-face features, which use every face.
+        sampled = statistics({}, _pixel_sample(traffic.pixels[traffic_rows]))
+        served_faces.datasets[0].features.add().CopyFrom(
+            _feature_stats(sampled, FEATURE_PIXELS))
     schema = reference.face_schema
     if not include_pixels:
         schema = schema_pb2.Schema()

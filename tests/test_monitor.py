@@ -424,3 +424,16 @@ def test_the_logs_default_to_the_directories_models_config_logs_to(tmp_path):
     assert parse_moment("2026-11-30T07:00:00Z") == datetime(2026, 11, 30, 7,
                                                             tzinfo=timezone.utc)
     assert parse_moment("2026-11-30T07:00") == datetime(2026, 11, 30, 7, tzinfo=timezone.utc)
+
+
+def test_a_window_larger_than_the_pixel_sample_uses_every_face_for_the_features(
+        served, tmp_path, monkeypatch):
+    run, loaded = served
+    monkeypatch.setattr(monitor, "MAX_PIXEL_FACES", 200)
+    log = str(tmp_path / "requests.tfrecord")
+    fixtures.write_request_log(log, fixtures.replay(run.test_faces, STREAM, 10), run)
+    judged = monitor.assess(read_traffic([log]), run.reference, loaded, MonitorConfig(),
+                            TOLERANCE)
+    assert judged.verdict == "ok" and judged.faces == STREAM
+    pixels = next(c for c in judged.checks if c["name"] == "pixels")
+    assert pixels["distance"] is not None and pixels["distance"] < pixels["threshold"]
