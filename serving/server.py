@@ -279,6 +279,8 @@ def _config_without_request_log(path: str) -> str:
     """`path`, or when it configures request logs a copy without them: the released
     tensorflow_model_server refuses to start with a logging_config (it has no request
     logger). The copy outlives this process on purpose, like the batching file."""
+    if not fileio.exists(path):
+        return os.path.abspath(path)   # the real server reports that
     try:
         specs = read_model_server_config(path)
     except (OSError, ValueError):
