@@ -133,6 +133,8 @@ def test_lineage_of_a_served_version(reference_run, data_csv):
     assert found["metrics"]["accuracy"] == pytest.approx(
         evaluation["models"]["cnn"]["accuracy"])
     assert found["blessing"]["blessed"] is True
+    assert found["infra_blessing"]["blessed"] is True   # served by a sandbox before the push
+    assert found["infra_blessing"]["measurements"]["load_seconds"] > 0
     assert found["served_path"] == os.path.join(reference_run, "serving_models", "cnn", "1")
     assert found["fingerprint"] == fingerprint(found["served_path"])
 

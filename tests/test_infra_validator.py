@@ -23,6 +23,7 @@ import tensorflow as tf
 from components import infra_validator
 from components.infra_validator import run_infra_validator
 from components.pusher import run_pusher, served_versions, write_serving_config
+from pipeline.cli import _closing_lines
 from pipeline.config import InfraValidationConfig, PushConfig
 from pipeline.contract import (BLESSINGS_FILE, INFRA_BLESSINGS_FILE, NUM_CLASSES, NUM_PIXELS,
                                OUTPUT_SALIENCY, SERVER_LOG_FILE, SERVING_MODEL_DIR)
@@ -320,3 +321,15 @@ def test_fer_serve_replays_warmup_before_a_version_is_available(tmp_path, monkey
     status = manager.status("cnn", 3)[0]
     assert status.state == "END" and "warm-up request 1 of 1 (explain) failed" in \
         status.error_message, status
+
+
+def test_the_run_commands_closing_lines_show_the_infra_verdict():
+    infra = "cnn infra-blessed: fer-serve loaded it in 9.0 s; ..."
+    assert _closing_lines("cnn", {"pushed": True, "version": 2, "reasons": ["ok", infra]},
+                          "cnn blessed: ...", infra) == [infra, "cnn: pushed as version 2"]
+    held = "cnn held back by infra validation: explain answered INTERNAL: boom (the model ...)"
+    assert _closing_lines("cnn", {"pushed": False, "reasons": ["not infra-blessed", "x"]},
+                          "cnn blessed: ...", held) == [held]
+    gate = "vgg16 held back: test accuracy 0.02 does not beat the majority-class baseline"
+    assert _closing_lines("vgg16", {"pushed": False, "reasons": ["not blessed", "low"]}, gate,
+                          "vgg16 not infra-validated: the evaluation gate held it back") == [gate]
