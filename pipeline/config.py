@@ -338,7 +338,9 @@ RULES: dict[str, Callable[[Any], Optional[str]]] = {
     "evaluation.min_class_recall": _optional(_between(0, 1)),
     "evaluation.max_regression": _between(0, 1),
     "evaluation.tie_tolerance": _between(0, 1),
-    "evaluation.baseline_margin": _between(0, 1),
+    # Negative only on purpose: it lets a model below the majority-class baseline through
+    # (the cluster tests push untrained models to compare where they ran).
+    "evaluation.baseline_margin": _between(-1, 1),
     "push.keep_versions": _at_least(1),
     "push.request_log_sampling_rate": _between(0, 1),
     "metadata.mysql_port": _between(1, 65535),
