@@ -10,6 +10,7 @@ when both use one store), and what it wrote.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
 from typing import Optional, Sequence
@@ -58,6 +59,15 @@ def resolve_models(serving_root: str, wanted: Sequence[str]) -> list[ModelVersio
     return resolved
 
 
+def _check_review_queue(path: str) -> None:
+    """Before the job runs, not after: the queue is a local directory (one SQLite file)."""
+    if fileio.is_uri(path):
+        raise ValueError(f"--review-queue {path}: the review queue is a local directory "
+                         "(one SQLite file), not an object-store URI")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--review-queue {path} is a file; give the queue's directory")
+
+
 def run_inference_job(data_uri: str, output_dir: str, serving_root: str,
                       models: Sequence[str], config: PipelineConfig, beam_args: list[str],
                       review_queue: Optional[str] = None,
@@ -67,6 +77,8 @@ def run_inference_job(data_uri: str, output_dir: str, serving_root: str,
     the execution in ML Metadata."""
     started = time.time()
     versions = resolve_models(serving_root, models)
+    if review_queue is not None:
+        _check_review_queue(review_queue)
     result = run_bulk_inferrer(data_uri, versions, output_dir, config.inference,
                                config.evaluation.tie_tolerance, beam_args, review_queue)
     if metadata is None:

@@ -229,6 +229,7 @@ def test_named_versions_and_user_mistakes(serving_root, tmp_path, capsys):
         ("--data", str(tmp_path / "missing.csv")): "does not exist",
         ("--data", str(data)): "lacks column(s) ['pixels']",
         ("--runner_typo=1",): "unrecognized argument(s) --runner_typo=1",
+        ("--review-queue", str(data)): "is a file; give the queue's directory",
     }
     for extra, message in mistakes.items():
         argv = ["infer", "--data", str(data), "--output", str(tmp_path / "out"),
