@@ -33,9 +33,9 @@ import apache_beam as beam
 import cv2
 import numpy as np
 import tensorflow as tf
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import fileio
+from pipeline.beam_job import beam_pipeline
 from pipeline.config import AugmentConfig
 from pipeline.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
     FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, IMAGE_SIZE, EXAMPLES_PATTERN, NUM_CLASSES,
@@ -107,7 +107,7 @@ def run_augment(examples_dir: str, output_dir: str, config: AugmentConfig,
     train_dir = fileio.join(output_dir, "train")
     summary_dir = fileio.join(output_dir, SUMMARY_DIR)
 
-    with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
+    with beam_pipeline(beam_args, "augment") as pipeline:
         originals = (pipeline
                      | "Read" >> beam.io.ReadFromTFRecord(pattern)
                      | "Parse" >> beam.Map(_key_by_class))  # (label, (row_number, bytes))

@@ -33,9 +33,9 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import fileio
+from pipeline.beam_job import beam_pipeline
 from pipeline.config import IngestConfig
 from pipeline.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
     FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, EXAMPLES_PATTERN, NUM_CLASSES, NUM_PIXELS,
@@ -562,7 +562,7 @@ def run_example_gen(data_path: str | Sequence[str], output_dir: str, config: Ing
         fileio.makedirs(fileio.join(output_dir, split))
 
     chunks = plan_chunks(data_path, READ_CHUNK_BYTES)
-    with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
+    with beam_pipeline(beam_args, "ingest") as pipeline:
         build_pipeline(pipeline, data_path, chunks, output_dir, columns, split_mode, config)
 
     counts = {c["name"]: c["count"] for c in read_jsonl(fileio.join(tmp, "counts*"))}

@@ -51,11 +51,11 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import tensorflow_data_validation as tfdv
-from apache_beam.options.pipeline_options import PipelineOptions
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 from tfx_bsl.coders import example_coder
 
 from pipeline import fileio
+from pipeline.beam_job import beam_pipeline
 from pipeline.config import ValidationConfig
 from pipeline.contract import (CLASS_NAMES, DUPLICATES_FILE, EXAMPLES_PATTERN,
     FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW,
@@ -151,7 +151,7 @@ def _compute_statistics(inputs: dict[str, str], outputs: dict[str, str],
     for path in outputs.values():
         fileio.makedirs(_parent(path))
     options = _stats_options()
-    with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
+    with beam_pipeline(beam_args, "statistics") as pipeline:
         for name, pattern in inputs.items():
             _ = (pipeline
                  | f"Read[{name}]" >> beam.io.ReadFromTFRecord(pattern)

@@ -41,7 +41,7 @@ ENGINE_OF_RUNNER = {
     "PrismRunner": "Prism",
 }
 # Java exception class names carry no information a user needs in the one line.
-_JAVA_EXCEPTION = re.compile(r"^(?:[a-z_$][\w$]*\.)+([A-Z][\w$]*(?:Exception|Error))\b:?\s*")
+_JAVA_EXCEPTION = re.compile(r"\b(?:[a-z_$][\w$]*\.)+([A-Z][\w$]*(?:Exception|Error))\b")
 _PORTABLE_FAILURE = re.compile(r"^Pipeline \S+ failed in state \w+:\s*", re.S)
 _MAX_REASON_CHARS = 400
 
@@ -165,12 +165,9 @@ def failure_reason(message: str) -> str:
                      if re.match(r"^[A-Z]\w*(?:Error|Exception)\b.*:", line)]
     reason = python_errors[-1] if python_errors else lines[0]
     # "java.net.ConnectException: java.net.ConnectException: finishConnect(..) failed"
-    while True:
-        stripped = _JAVA_EXCEPTION.sub(lambda m: m.group(1) + ": ", reason, count=1)
-        stripped = re.sub(r"^(\w+): \1: ", r"\1: ", stripped)
-        if stripped == reason:
-            break
-        reason = stripped
+    # -> "ConnectException: finishConnect(..) failed"
+    reason = _JAVA_EXCEPTION.sub(lambda m: m.group(1), reason)
+    reason = re.sub(r"^(\w+): (?:\1: )+", r"\1: ", reason)
     reason = reason.rstrip(": ")
     if len(reason) > _MAX_REASON_CHARS:
         reason = reason[:_MAX_REASON_CHARS - 3] + "..."
