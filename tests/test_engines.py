@@ -1,0 +1,304 @@
+"""The Beam steps on real engines: a Flink cluster and a Spark cluster on 127.0.0.1, and
+Dataflow's offline translation.
+
+Clusters (tests/engine_fixtures.py): Flink 1.19 (a JobManager and a TaskManager, separate
+processes) and Spark 3.2.2 standalone (a Master and a Worker), each with Beam's job server
+and a Python SDK worker pool, started once per session. The data half (ingest, augment,
+statistics, transform) runs on each with parallelism 2 on the session's smoke-run CSV (bad
+rows and a cross-split duplicate), through the CLI exactly as the README shows, and every
+output must equal the DirectRunner's smoke run: examples per split and the augmented
+training split by content (order-free), rejected rows with line numbers and reasons, the
+duplicates report, TFDV statistics (counts, histograms), TFT's mean and std. On Flink the
+run goes on from those outputs to a pushed CNN. A TaskManager killed mid-job must end the
+step with one line naming Flink and the cause, leaving the committed output in force.
+
+Dataflow cannot run here; what can be checked offline is that it translates every Beam
+step, through the Kubeflow component that runs it, with --dataflow_endpoint=http://localhost:1
+--no_auth --template_location, and that the staged pipeline proto holds our transforms.
+
+Select these with `pytest -m engines`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+import tensorflow_data_validation as tfdv
+from apache_beam.portability.api import beam_runner_api_pb2
+
+from components.transform import read_normalization
+from engines import local_cluster
+from pipeline import cli
+from pipeline.artifacts import read_commit
+from pipeline.beam_job import BeamJobFailed, BeamJobNotRun, describe_failure
+from pipeline.contract import DUPLICATES_FILE, REJECTED_DIR, REJECTED_FILE, SPLITS
+from pipeline.dag import build_steps
+from pipeline.kfp_pipeline import run_component
+from tests.engine_fixtures import flink_cluster, spark_cluster  # noqa: F401 (fixtures)
+from tests.pipeline_fixtures import SmokeRun
+
+pytestmark = pytest.mark.engines
+
+DATA_STEPS = ["ingest", "augment", "statistics", "validate", "transform"]
+ENGINES = ["flink", "spark"]
+
+
+# ----------------------------------------------------------------------------- runs
+
+def _run_cli(args: list[str]) -> int:
+    return cli.main(args)
+
+
+@pytest.fixture(scope="module")
+def flink_run(smoke_run: SmokeRun, flink_cluster, tmp_path_factory) -> str:
+    """The smoke CSV through the whole pipeline with the data half on Flink (CNN only)."""
+    root = str(tmp_path_factory.mktemp("flink_run") / "run")
+    status = _run_cli(["run", "--data", smoke_run.data, "--output", root, "--profile", "smoke",
+                       "--models", "cnn", *flink_cluster.beam_args(parallelism=2)])
+    assert status == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def spark_run(smoke_run: SmokeRun, spark_cluster, tmp_path_factory) -> str:
+    """The smoke CSV through the data half on Spark."""
+    root = str(tmp_path_factory.mktemp("spark_run") / "run")
+    status = _run_cli(["run", "--data", smoke_run.data, "--output", root, "--profile", "smoke",
+                       "--steps", ",".join(DATA_STEPS), *spark_cluster.beam_args()])
+    assert status == 0
+    return root
+
+
+@pytest.fixture(params=ENGINES)
+def engine_run(request, smoke_run: SmokeRun) -> tuple[str, str, str]:
+    """(engine, its run root, the DirectRunner's run root)."""
+    return request.param, request.getfixturevalue(f"{request.param}_run"), smoke_run.run_root
+
+
+def _committed(run_root: str, step_dir: str) -> Path:
+    commit = read_commit(os.path.join(run_root, step_dir))
+    assert commit is not None, f"no committed {step_dir} under {run_root}"
+    return Path(commit.uri)
+
+
+def _records(pattern: Path) -> list[bytes]:
+    files = sorted(str(p) for p in pattern.parent.glob(pattern.name))
+    assert files, f"nothing matches {pattern}"
+    return sorted(record.numpy() for record in tf.data.TFRecordDataset(files))
+
+
+# ----------------------------------------------------------------------------- equal results
+
+def test_examples_per_split_equal_the_direct_runners(engine_run):
+    engine, root, direct = engine_run
+    for split in SPLITS:
+        pattern = Path("examples-*.tfrecord")
+        ours = _records(_committed(root, "examples") / split / pattern)
+        theirs = _records(_committed(direct, "examples") / split / pattern)
+        assert len(ours) == len(theirs) and ours == theirs, f"{engine}: {split} differs"
+
+
+def test_rejected_rows_and_duplicates_equal_the_direct_runners(engine_run, smoke_run):
+    engine, root, direct = engine_run
+    ours, theirs = _committed(root, "examples"), _committed(direct, "examples")
+    rejected = (ours / REJECTED_DIR / REJECTED_FILE).read_text()
+    assert rejected == (theirs / REJECTED_DIR / REJECTED_FILE).read_text(), engine
+    for line in [*smoke_run.bad_lines, smoke_run.leaked_line]:
+        assert f"\n{line}," in rejected, f"{engine}: line {line} not among the rejected rows"
+    duplicates = json.loads((ours / DUPLICATES_FILE).read_text())
+    assert duplicates == json.loads((theirs / DUPLICATES_FILE).read_text()), engine
+    assert duplicates["cross_split_duplicate_images"] >= 1
+
+
+def test_augmented_images_equal_the_direct_runners(engine_run):
+    engine, root, direct = engine_run
+    pattern = Path("train") / "examples-*.tfrecord"
+    ours = _records(_committed(root, "augmented") / pattern)
+    assert ours == _records(_committed(direct, "augmented") / pattern), engine
+
+
+def _statistics_view(stats) -> dict:
+    """What must be equal: counts and histograms per feature (float values to 1e-9 relative:
+    the engines add the same numbers in another order)."""
+    dataset = stats.datasets[0]
+    view = {"num_examples": dataset.num_examples}
+    for feature in dataset.features:
+        name = ".".join(feature.path.step)
+        common = (feature.num_stats.common_stats if feature.HasField("num_stats")
+                  else feature.string_stats.common_stats)
+        entry = {"non_missing": common.num_non_missing, "missing": common.num_missing,
+                 "values": (common.min_num_values, common.max_num_values),
+                 "total_values": common.tot_num_values}
+        if feature.HasField("num_stats"):
+            numbers = feature.num_stats
+            entry["zeros"] = numbers.num_zeros
+            entry["min_max"] = (numbers.min, numbers.max)
+            entry["mean_std"] = (pytest.approx(numbers.mean, rel=1e-9),
+                                 pytest.approx(numbers.std_dev, rel=1e-9))
+            entry["histograms"] = [
+                (h.type, [(pytest.approx(b.low_value, rel=1e-9),
+                           pytest.approx(b.high_value, rel=1e-9),
+                           pytest.approx(b.sample_count, rel=1e-9)) for b in h.buckets])
+                for h in numbers.histograms]
+        else:
+            entry["unique"] = feature.string_stats.unique
+            entry["top"] = sorted((v.value, v.frequency) for v in feature.string_stats.top_values)
+        view[name] = entry
+    return view
+
+
+def test_tfdv_statistics_equal_the_direct_runners(engine_run):
+    engine, root, direct = engine_run
+    ours, theirs = _committed(root, "statistics"), _committed(direct, "statistics")
+    for split in [*SPLITS, "augmented/train"]:
+        mine = tfdv.load_statistics(str(ours / split / "stats.tfrecord"))
+        reference = tfdv.load_statistics(str(theirs / split / "stats.tfrecord"))
+        assert _statistics_view(mine) == _statistics_view(reference), f"{engine}: {split}"
+
+
+def test_tft_mean_and_std_equal_the_direct_runners(engine_run):
+    engine, root, direct = engine_run
+    ours = read_normalization(str(_committed(root, "transform") / "transform_graph"))
+    theirs = read_normalization(str(_committed(direct, "transform") / "transform_graph"))
+    assert ours == pytest.approx(theirs, abs=1e-6), engine
+    counts = json.loads((_committed(root, "transform") / "manifest.json").read_text())
+    reference = json.loads((_committed(direct, "transform") / "manifest.json").read_text())
+    assert counts["result"]["counts"] == reference["result"]["counts"], engine
+
+
+def test_flink_run_goes_on_to_a_pushed_model(flink_run):
+    push = json.loads((_committed(flink_run, "push") / "manifest.json").read_text())
+    cnn = push["result"]["models"]["cnn"]
+    assert cnn["pushed"], cnn
+    assert (Path(cnn["path"]) / "saved_model.pb").exists()
+
+
+# ----------------------------------------------------------------------------- faults
+
+def test_taskmanager_killed_mid_job_fails_the_step_in_one_line(flink_cluster, flink_run,
+                                                               tmp_path, capsys):
+    """Kill Flink's TaskManager while `statistics` runs: the step ends within a bounded
+    time with one line naming Flink and the lost TaskManager; the committed statistics
+    stay in force."""
+    root = tmp_path / "run"
+    shutil.copytree(flink_run, root, ignore=shutil.ignore_patterns("models", "serving_models"))
+    before = read_commit(str(root / "statistics"))
+    status: dict[str, int] = {}
+    step = threading.Thread(target=lambda: status.update(code=_run_cli(
+        ["statistics", "--output", str(root), "--force", *flink_cluster.beam_args()])))
+    step.start()
+    deadline = time.time() + 240
+    while time.time() < deadline and not _flink_job_running(flink_cluster):
+        time.sleep(0.5)
+    assert _flink_job_running(flink_cluster), "the statistics job never started on Flink"
+    local_cluster.kill_role(flink_cluster, "taskmanager")
+    killed = time.time()
+    try:
+        step.join(timeout=180)
+        assert not step.is_alive(), "the step still waits 180 s after the TaskManager died"
+        took = time.time() - killed
+        assert status["code"] == 2
+        error = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(error) == 1, error
+        assert "statistics: the Beam job failed on Flink" in error[0]
+        assert "TaskManager" in error[0] and "no longer reachable" in error[0], error[0]
+        after = read_commit(str(root / "statistics"))
+        assert after.execution == before.execution and after.uri == before.uri
+        assert Path(after.uri, "train", "stats.tfrecord").exists()
+        print(f"the failure reached the CLI {took:.0f} s after the kill")
+    finally:
+        local_cluster.restart_role(flink_cluster, "taskmanager")
+
+
+def _flink_job_running(cluster) -> bool:
+    overview = local_cluster._http_json(
+        f"http://127.0.0.1:{cluster.ports.master}/jobs/overview") or {}
+    return any(job.get("state") == "RUNNING" for job in overview.get("jobs", []))
+
+
+def test_failure_lines_name_the_engine_and_the_reason():
+    """The messages engines give, as the client receives them, become one line each; a job
+    server or worker pool that refuses connections is named as such."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    with socket.socket() as job_server:            # a job server that is up
+        job_server.bind(("127.0.0.1", 0))
+        job_server.listen()
+        endpoint = f"127.0.0.1:{job_server.getsockname()[1]}"
+        nothing_there = f"localhost:{local_cluster.free_ports(1)[0]}"
+        flink = PipelineOptions(["--runner=FlinkRunner", f"--job_endpoint={endpoint}",
+                                 "--environment_type=EXTERNAL",
+                                 f"--environment_config={nothing_there}"])
+        refused = RuntimeError(
+            "Pipeline BeamApp-root-1130071846-2762c4b8_ca4e5590 failed in state FAILED: "
+            "java.net.ConnectException: java.net.ConnectException: finishConnect(..) failed: "
+            "Connection refused")
+        line = describe_failure(flink, "ingest", refused)
+        assert line.startswith(f"ingest: the Beam job failed on Flink (job server {endpoint}): "
+                               "ConnectException: finishConnect(..) failed: Connection refused")
+        assert f"SDK worker pool {nothing_there} named by --environment_config" in line
+        spark = PipelineOptions(["--runner=SparkRunner", f"--job_endpoint={endpoint}"])
+        remote = RuntimeError(
+            "Pipeline BeamApp-x failed in state FAILED: java.lang.RuntimeException: Error "
+            "received from SDK harness for instruction 7: Traceback (most recent call last):\n"
+            '  File "apache_beam/runners/common.py", line 1435, in process\n'
+            "NameError: name 'np' is not defined [while running 'Parse']\n")
+        assert describe_failure(spark, "ingest", remote) == (
+            f"ingest: the Beam job failed on Spark (job server {endpoint}): NameError: name "
+            "'np' is not defined [while running 'Parse']")
+        assert "\n" not in describe_failure(spark, "augment", RuntimeError("a\nb\nc"))
+    down = PipelineOptions(["--runner=SparkRunner", f"--job_endpoint={nothing_there}"])
+    assert describe_failure(down, "augment", RuntimeError("")) == (
+        f"augment: cannot reach the Beam job server {nothing_there} (--job_endpoint) for "
+        "Spark: is it running? (`make flink-up` / `make spark-up` start one)")
+
+
+# ----------------------------------------------------------------------------- Dataflow
+
+# Transforms each step's job must contain (their Beam labels in components/).
+EXPECTED_TRANSFORMS = {
+    "ingest": ["ReadLines", "Parse", "Deduplicate", "Write_train", "WriteRejected"],
+    "augment": ["Read", "PlanCopies", "MakeCopy", "Write"],
+    "statistics": ["Read[train]", "Stats[train]", "Write[validation]"],
+    "transform": ["AnalyzeAndTransformTrain", "Transformvalidation", "WriteTransformFn"],
+}
+
+
+def test_dataflow_translates_every_beam_step_through_its_kfp_component(smoke_run, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("NO_GCE_CHECK", "true")     # auth never probes a metadata server
+    steps = {step.name: step for step in build_steps(("cnn",))}
+    inputs_of = {name: {input_name: str(_committed(smoke_run.run_root,
+                                                  steps[ref.split(".")[0]].directory))
+                        for input_name, ref in steps[name].inputs.items()
+                        if not ref.startswith("pipeline.")}
+                 for name in EXPECTED_TRANSFORMS}
+    for name, expected in EXPECTED_TRANSFORMS.items():
+        work = tmp_path / name
+        for sub in ("temp", "staging"):
+            (work / sub).mkdir(parents=True)
+        flags = ["--runner=DataflowRunner", "--project=fer-offline", "--region=us-central1",
+                 "--dataflow_endpoint=http://localhost:1", "--no_auth",
+                 f"--temp_location={work / 'temp'}", f"--staging_location={work / 'staging'}",
+                 f"--template_location={work / 'job.json'}"]
+        started = time.time()
+        with pytest.raises(BeamJobNotRun, match=f"^{name}: Dataflow translated the job"):
+            run_component(name, inputs_of[name], str(work / "out"), json.dumps([smoke_run.data]),
+                          str(tmp_path / "serving"), json.dumps({}), json.dumps(flags), "",
+                          json.dumps(["cnn"]))
+        assert time.time() - started < 120, f"{name}: translating took too long"
+        job = json.loads((work / "job.json").read_text())
+        assert job["type"] == "JOB_TYPE_BATCH" and job["environment"], name  # Runner v2
+        proto = beam_runner_api_pb2.Pipeline.FromString(
+            (work / "staging" / "pipeline.pb").read_bytes())
+        labels = {t.unique_name for t in proto.components.transforms.values()}
+        for label in expected:
+            assert any(label == u or u.endswith("/" + label) or u.startswith(label + "/")
+                       for u in labels), f"{name}: no {label!r} in the Dataflow job"
