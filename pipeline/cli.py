@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--review-queue", metavar="DIR",
                          help="queue the window's tied and least confident faces for "
                               "fer-review in DIR")
+    monitor.add_argument("--min-requests", type=int, metavar="N",
+                         help="judge windows of at least N faces (default: the config's "
+                              "monitor.min_requests)")
     monitor.add_argument("--serving-root", help="default: <output>/serving_models")
     monitor.add_argument("--config", help="YAML or JSON file overriding pipeline/config.py "
                          "(section 'monitor': the thresholds)")
@@ -369,10 +372,18 @@ def _infer(args: argparse.Namespace, beam_args: list[str]) -> int:
 
 
 def _monitor(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from pipeline import fileio
     from pipeline.monitoring import default_output, parse_moment, run_monitor_job
 
     config = _config_from_args(args)
+    if args.min_requests is not None:
+        if args.min_requests < 1:
+            raise UserError(f"monitor: --min-requests must be at least 1, got "
+                            f"{args.min_requests}")
+        config = dataclasses.replace(config, monitor=dataclasses.replace(
+            config.monitor, min_requests=args.min_requests))
     since = parse_moment(args.since) if args.since else None
     until = parse_moment(args.until) if args.until else None
     if since and until and since >= until:

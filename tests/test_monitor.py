@@ -256,6 +256,10 @@ def test_cli_finds_the_reference_through_lineage_and_records_the_execution(
     assert code == 0, captured.err
     assert f"[fer-pipeline] monitor: no drift: {STREAM} faces" in out
     assert f"monitoring page: {tmp_path / 'calm' / 'monitoring.html'}" in out
+    # --min-requests above the window's faces: measured, not judged.
+    assert main(["monitor", "--output", str(run_root), "--logs", str(logs), "--until",
+                 calm_until, "--out", str(tmp_path / "few"), "--min-requests", "700"]) == 0
+    assert "fewer than monitor.min_requests (700)" in capsys.readouterr().out
 
     code = main(["monitor", "--output", str(run_root), "--logs", str(logs), "--since",
                  calm_until, "--out", str(tmp_path / "shifted")])
@@ -270,7 +274,7 @@ def test_cli_finds_the_reference_through_lineage_and_records_the_execution(
 
     store = MetadataStore(MetadataConfig(), str(run_root))
     executions = store._store.get_executions_by_type("fer.step.monitor")
-    assert len(executions) == 2
+    assert len(executions) == 3
     described = store._describe(executions[-1])
     pushed = {p["model"]: p["id"] for p in store.pushed_versions()}
     assert {a["id"] for a in described["inputs"]["model_cnn"]} == {pushed["cnn"]}
