@@ -80,7 +80,7 @@ mysql-down:
 
 # Real Flink and Spark clusters on 127.0.0.1 (engines/local_cluster.py; README, "On a
 # cluster"). `engines` fetches their jars from Maven Central once, at the exact versions in
-# engines/*.pom.xml, into .engines/ (about 360 MB, a few minutes the first time); starting a
+# engines/*.pom.xml, into .engines/ (about 300 MB, 3-4 minutes the first time); starting a
 # cluster downloads nothing. Each *-up starts the engine's daemons, Beam's job server and a
 # Python worker pool, and prints the Beam flags that run a step there; *-down stops them.
 ENGINES_DIR := .engines
