@@ -218,3 +218,32 @@ def test_a_failed_first_step_leaves_only_a_report_its_message_points_at(
         assert not (tmp_path / "run" / "toy" / COMMIT_FILE).exists()
     else:
         assert not (tmp_path / "run").exists()
+
+
+def test_a_finished_run_answers_with_absolute_paths_from_any_directory(smoke_run, tmp_path,
+                                                                       monkeypatch, capsys):
+    """The session's smoke run, read only: `path`, ML Metadata and `lineage` name absolute
+    paths that exist, asked from an unrelated working directory."""
+    monkeypatch.chdir(tmp_path)
+    for outcome in smoke_run.outcomes:
+        status, output = _fer_pipeline(capsys, "path", "--output", smoke_run.run_root,
+                                       outcome.step)
+        assert status == 0, output
+        assert os.path.isabs(output.strip()) and os.path.isdir(output.strip())
+    store = MetadataStore(smoke_run.config.metadata, smoke_run.run_root)
+    for outcome in smoke_run.outcomes:
+        described = store.find_completed(outcome.step, outcome.commit.cache_key)
+        uris = [a["uri"].split("#")[0] for side in ("inputs", "outputs")
+                for items in described[side].values() for a in items]
+        assert uris and all(os.path.isabs(uri) and os.path.exists(uri) for uri in uris), uris
+    if store.pushed_versions():
+        status, output = _fer_pipeline(capsys, "lineage", "--output", smoke_run.run_root,
+                                       "--json")
+        assert status == 0, output
+        found = json.loads(output)
+        named = [item[key] for item in found for key in ("served_path",)] + [
+            item[step]["execution_dir"] for item in found
+            for step in ("ingest", "statistics", "validation", "transform", "training",
+                         "evaluation", "push")] + [d["uri"] for item in found
+                                                  for d in item["data"]]
+        assert all(os.path.isabs(path) for path in named), named
