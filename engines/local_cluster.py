@@ -325,7 +325,12 @@ def flink_config(ports: Ports, state: Path) -> str:
         "classloader.resolve-order": "parent-first",
         # On a busy 2-core machine a daemon can take longer than the default 10 s to
         # answer an RPC; that is slowness, not a failure.
-        "pekko.ask.timeout": "60 s",
+        "pekko.ask.timeout": "30 s",
+        # A TaskManager that dies is declared lost after 15 s without heartbeats (and at the
+        # first heartbeat RPC that fails), so the job fails then instead of waiting for
+        # the ask timeout of each RPC to the dead process.
+        "heartbeat.interval": 3000, "heartbeat.timeout": 15000,
+        "heartbeat.rpc-failure-threshold": 1,
         # A failed task fails the job at once: the pipeline reports it, nothing retries.
         "restart-strategy.type": "none",
         "io.tmp.dirs": str(state / "tmp"), "process.working-dir": str(state / "work"),
@@ -460,12 +465,13 @@ def restart_role(cluster: Cluster, role: str) -> None:
     command, env = cluster.commands[role]
     _spawn(cluster, role, list(command), env)
     if role == "taskmanager":
-        _wait(cluster, "TaskManager re-registered", lambda: flink_free_slots(cluster) >= 2)
+        _wait(cluster, "TaskManager re-registered", lambda: flink_slots(cluster) >= 2)
 
 
-def flink_free_slots(cluster: Cluster) -> int:
+def flink_slots(cluster: Cluster) -> int:
+    """Task slots the JobManager has from live TaskManagers."""
     overview = _http_json(f"http://127.0.0.1:{cluster.ports.master}/overview") or {}
-    return int(overview.get("slots-available", 0))
+    return int(overview.get("slots-total", 0))
 
 
 def _signal_group(pid: int, sig: int) -> None:
