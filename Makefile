@@ -78,9 +78,9 @@ mysql-up: setup
 mysql-down:
 	@$(BIN)/python -m tests.mariadb down $(MYSQL_DIR)
 
-# Real Flink and Spark clusters on 127.0.0.1 (engines/local_cluster.py; README, "On a
+# Real Flink and Spark clusters on 127.0.0.1 (pipeline/local_cluster.py; README, "On a
 # cluster"). `engines` fetches their jars from Maven Central once, at the exact versions in
-# engines/*.pom.xml, into .engines/ (about 300 MB, 3-4 minutes the first time); starting a
+# pipeline/engines/*.pom.xml, into .engines/ (about 300 MB, 3-4 minutes the first time); starting a
 # cluster downloads nothing. Each *-up starts the engine's daemons, Beam's job server and a
 # Python worker pool, and prints the Beam flags that run a step there; *-down stops them.
 ENGINES_DIR := .engines
@@ -88,30 +88,30 @@ MVN_ENGINES := mvn -q -B -Dmaven.repo.local=$(CURDIR)/$(ENGINES_DIR)/m2
 
 engines: $(ENGINES_DIR)/flink/beam-flink-job-server.jar $(ENGINES_DIR)/spark/beam-spark-job-server.jar
 
-$(ENGINES_DIR)/flink/beam-flink-job-server.jar: engines/flink.pom.xml engines/local_cluster.py $(STAMP)
+$(ENGINES_DIR)/flink/beam-flink-job-server.jar: pipeline/engines/flink.pom.xml pipeline/local_cluster.py $(STAMP)
 	$(call fetch_engine,flink)
 
-$(ENGINES_DIR)/spark/beam-spark-job-server.jar: engines/spark.pom.xml engines/local_cluster.py $(STAMP)
+$(ENGINES_DIR)/spark/beam-spark-job-server.jar: pipeline/engines/spark.pom.xml pipeline/local_cluster.py $(STAMP)
 	$(call fetch_engine,spark)
 
 define fetch_engine
-	@echo "== fetching the $(1) jars from Maven Central (engines/$(1).pom.xml) into $(ENGINES_DIR)/"
-	@$(MVN_ENGINES) -f engines/$(1).pom.xml dependency:build-classpath \
+	@echo "== fetching the $(1) jars from Maven Central (pipeline/engines/$(1).pom.xml) into $(ENGINES_DIR)/"
+	@$(MVN_ENGINES) -f pipeline/engines/$(1).pom.xml dependency:build-classpath \
 	  -Dmdep.outputFile=$(CURDIR)/$(ENGINES_DIR)/$(1).classpath
-	@$(BIN)/python -m engines.local_cluster install $(1)
+	@$(BIN)/python -m pipeline.local_cluster install $(1)
 endef
 
 flink-up: engines
-	@$(BIN)/python -m engines.local_cluster up flink
+	@$(BIN)/python -m pipeline.local_cluster up flink
 
 flink-down:
-	@$(BIN)/python -m engines.local_cluster down flink
+	@$(BIN)/python -m pipeline.local_cluster down flink
 
 spark-up: engines
-	@$(BIN)/python -m engines.local_cluster up spark
+	@$(BIN)/python -m pipeline.local_cluster up spark
 
 spark-down:
-	@$(BIN)/python -m engines.local_cluster down spark
+	@$(BIN)/python -m pipeline.local_cluster down spark
 
 bench: setup
 	$(BIN)/python benchmarks/data_half.py

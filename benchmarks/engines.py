@@ -5,7 +5,7 @@ synthetic FER-2013 CSV (35,887 rows by default) four ways, one after the other:
 
   direct       Beam's DirectRunner in-process (the default)
   direct-mp2   DirectRunner, --direct_running_mode=multi_processing --direct_num_workers=2
-  flink        a local Flink 1.19 cluster, --parallelism=2 (engines/local_cluster.py)
+  flink        a local Flink 1.19 cluster, --parallelism=2 (pipeline/local_cluster.py)
   spark        a local Spark 3.2.2 standalone cluster, 2 worker cores
 
 For each: wall time of the whole command, each step's own duration (its manifest), and
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engines import local_cluster  # noqa: E402
+from pipeline import local_cluster  # noqa: E402
 
 BIN = Path(sys.executable).parent
 DATA_STEPS = ["ingest", "augment", "statistics", "validate", "transform"]

@@ -17,8 +17,8 @@ with the flags `beam_args()` returns, e.g.
   --runner=FlinkRunner --job_endpoint=127.0.0.1:8099 --environment_type=EXTERNAL
   --environment_config=localhost:50000 --parallelism=2 --environment_cache_millis=60000
 
-The jars come from Maven Central at set-up only (`make engines`: engines/flink.pom.xml and
-engines/spark.pom.xml resolved into .engines/m2, classpaths in .engines/<engine>.classpath);
+The jars come from Maven Central at set-up only (`make engines`: pipeline/engines/flink.pom.xml and
+pipeline/engines/spark.pom.xml resolved into .engines/m2, classpaths in .engines/<engine>.classpath);
 nothing is downloaded when a cluster starts. No Flink or Spark distribution is needed: Beam's
 runners depend on the engines' own artifacts, whose classes include the daemons, so one
 classpath starts the JobManager, the TaskManager and the job server (for Spark the Worker
@@ -29,7 +29,7 @@ Every process is started in its own session with its pid recorded in
 pool's group includes the Python workers it started). Memory is kept small for a shared
 2-core machine: JVM heaps of 256-512 MiB, a 1.25 GiB TaskManager process.
 
-CLI: python -m engines.local_cluster {install|up|down|status|args} {flink|spark}
+CLI: python -m pipeline.local_cluster {install|up|down|status|args} {flink|spark}
 """
 from __future__ import annotations
 
@@ -536,7 +536,7 @@ def _http_json(url: str) -> Optional[dict]:
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engines.local_cluster",
+    parser = argparse.ArgumentParser(prog="python -m pipeline.local_cluster",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["install", "up", "down", "status", "args"])
     parser.add_argument("engine", choices=ENGINES)

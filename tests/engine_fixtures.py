@@ -1,4 +1,4 @@
-"""Session-scoped local Flink and Spark clusters (engines/local_cluster.py) for the tests.
+"""Session-scoped local Flink and Spark clusters (pipeline/local_cluster.py) for the tests.
 
 Each is started once per test session on free ports (beside any cluster a user started
 with `make flink-up`, which uses the default ports), in the session's temp directory, and
@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from engines import local_cluster
+from pipeline import local_cluster
 
 
 def _cluster(engine: str, tmp_path_factory) -> Iterator[local_cluster.Cluster]:

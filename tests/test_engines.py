@@ -34,10 +34,10 @@ import tensorflow_data_validation as tfdv
 from apache_beam.portability.api import beam_runner_api_pb2
 
 from components.transform import read_normalization
-from engines import local_cluster
+from pipeline import local_cluster
 from pipeline import cli
 from pipeline.artifacts import read_commit
-from pipeline.beam_job import BeamJobFailed, BeamJobNotRun, describe_failure
+from pipeline.beam_job import BeamJobNotRun, describe_failure
 from pipeline.contract import DUPLICATES_FILE, REJECTED_DIR, REJECTED_FILE, SPLITS
 from pipeline.dag import build_steps
 from pipeline.kfp_pipeline import run_component
