@@ -19,9 +19,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from pipeline import fileio
+from pipeline.fileio import to_jsonable  # noqa: F401  (callers import it from here too)
 from pipeline.contract import MANIFEST_FILE
 
 COMMIT_FILE = "COMMIT.json"
@@ -53,20 +54,6 @@ def fingerprint(path: str | os.PathLike) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return "sha256:" + digest.hexdigest()
-
-
-def to_jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(dataclasses.asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return value.item()
-    return value
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -11,6 +11,7 @@ TensorFlow's S3 filesystem lives in tensorflow-io; it is registered on first use
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ import posixpath
 import shutil
 import sys
 import tempfile
-from typing import Any, Iterator, NoReturn
+from pathlib import Path
+from typing import Any, Iterator, Mapping, NoReturn
 
 _SCHEMES = ("gs://", "s3://", "hdfs://", "memory://")
 
@@ -178,13 +180,26 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, mappings, sequences, paths and numpy scalars as plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    return value
+
+
 def read_json(path: str) -> Any:
     return json.loads(read_text(path))
 
 
 def write_json(path: str, data: Any) -> None:
-    from pipeline.artifacts import to_jsonable
-
     write_text(path, json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n")
 
 
