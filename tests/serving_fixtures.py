@@ -138,3 +138,21 @@ def start_server_process(config_path: str, grpc_port: int, rest_port: int, model
         server.kill()
         raise AssertionError(f"fer-serve did not serve {pending} within {timeout_s:.0f} s")
     return server
+
+
+def serve_in_subprocess(config: str, log, *extra: str) -> tuple[subprocess.Popen, int, int]:
+    """fer-serve as its own process on free ports, so server and clients use both cores;
+    its stderr (TF's chatter) goes to the open file `log`. Returns once it says it serves."""
+    grpc_port, rest_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.server", "--model-config", config,
+         "--port", str(grpc_port), "--rest-port", str(rest_port), "--log-level", "WARNING",
+         *extra],
+        stdout=subprocess.PIPE, stderr=log, text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    line = process.stdout.readline()  # printed once the models are loaded and ports bound
+    if "gRPC on" not in line:
+        process.kill()
+        log.seek(0)
+        raise AssertionError(f"fer-serve did not start: {line}\n{log.read()[-3000:]}")
+    return process, grpc_port, rest_port

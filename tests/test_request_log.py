@@ -11,8 +11,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -29,8 +27,8 @@ from serving.model_config import (ModelSpec, RequestLogSpec, read_model_server_c
 from serving.request_log import (LOG_SUFFIX, OPEN_SUFFIX, RequestLogConfig, RequestLogger,
                                  log_files, read_logs)
 from serving.server import FerServer, ServerConfig
-from tests.serving_fixtures import (example_bytes, free_port, push_version, random_images,
-                                    save_tiny_model)
+from tests.serving_fixtures import (example_bytes, push_version, random_images,
+                                    save_tiny_model, serve_in_subprocess)
 
 METRICS_PATH = "/monitoring/prometheus/metrics"
 
@@ -293,22 +291,6 @@ def test_a_full_queue_in_the_server_fails_no_request(tmp_path, template):
 CLIENTS, REQUESTS_PER_CLIENT = 16, 30
 
 
-def start_server(config: str, log, *extra: str) -> tuple[subprocess.Popen, int, int]:
-    grpc_port, rest_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--model-config", config,
-         "--port", str(grpc_port), "--rest-port", str(rest_port), "--log-level", "WARNING",
-         *extra],
-        stdout=subprocess.PIPE, stderr=log, text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    line = process.stdout.readline()  # printed once the models are loaded and ports bound
-    if "gRPC on" not in line:
-        process.kill()
-        log.seek(0)
-        raise AssertionError(f"fer-serve did not start: {line}\n{log.read()[-3000:]}")
-    return process, grpc_port, rest_port
-
-
 def load(grpc_port: int, rest_port: int, stop: threading.Event | None = None
          ) -> tuple[list[tuple[int, int]], list[str], list[threading.Thread]]:
     """16 clients, half over gRPC and half over REST, each sending REQUESTS_PER_CLIENT
@@ -378,7 +360,7 @@ def test_sixteen_clients_at_sampling_rate_one_lose_no_request_and_no_record(tmp_
 def test_server_killed_mid_load_leaves_readable_logs(tmp_path, template):
     config, logs = serving_root(tmp_path, template)
     with open(tmp_path / "server.log", "w+") as log:
-        process, grpc_port, rest_port = start_server(
+        process, grpc_port, rest_port = serve_in_subprocess(
             config, log, "--request-log-max-file-bytes", "100000")
         stop = threading.Event()
         try:

@@ -27,8 +27,8 @@ from serving.model_config import (ModelSpec, read_model_server_config,
 from serving.model_manager import ModelManager
 from serving.batching import Batcher, BatchingConfig
 from serving.server import FerServer, ServerConfig
-from tests.serving_fixtures import (example_bytes, free_port, push_version, random_images,
-                                    save_tiny_model)
+from tests.serving_fixtures import (example_bytes, push_version, random_images,
+                                    save_tiny_model, serve_in_subprocess)
 
 MAX_REQUEST_BYTES = 1 << 20
 
@@ -312,24 +312,6 @@ def test_version_policies_and_directory_rules(tmp_path, templates):
 CLIENTS, REQUESTS_PER_CLIENT, LOAD_DEADLINE_S = 16, 500, 60
 
 
-def _serve_in_subprocess(config: str, log, *extra: str):
-    """fer-serve as its own process, so server and clients use both cores; its stderr
-    (TF's chatter) goes to the file `log`."""
-    grpc_port, rest_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--model-config", config,
-         "--port", str(grpc_port), "--rest-port", str(rest_port), "--poll-seconds", "0.2",
-         "--log-level", "WARNING", *extra],
-        stdout=subprocess.PIPE, stderr=log, text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    line = process.stdout.readline()  # printed once the models are loaded and ports bound
-    if "gRPC on" not in line:
-        process.kill()
-        log.seek(0)
-        raise AssertionError(f"fer-serve did not start: {line}\n{log.read()[-3000:]}")
-    return process, grpc_port, rest_port
-
-
 @pytest.mark.parametrize("server_flags", [
     [], ["--batching", "--max-batch-size", "16", "--batch-timeout-ms", "2"]],
     ids=["unbatched", "batching"])
@@ -341,7 +323,8 @@ def test_new_version_under_load_loses_no_request(tmp_path, templates, server_fla
     config = write_model_server_config(str(tmp_path / "models.config"),
                                        [ModelSpec("cnn", str(base))])
     log = open(tmp_path / "server.log", "w+")
-    process, grpc_port, _ = _serve_in_subprocess(config, log, *server_flags)
+    process, grpc_port, _ = serve_in_subprocess(config, log, "--poll-seconds", "0.2",
+                                                *server_flags)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
     images = random_images(1, seed=4)
