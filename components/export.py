@@ -29,6 +29,7 @@ from typing import Callable
 import keras
 import tensorflow as tf
 import tensorflow_transform as tft
+from tensorflow_transform.saved import saved_transform_io_v2
 
 from pipeline.contract import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_PIXELS, IMAGE_SIZE,
     NUM_CLASSES, NUM_PIXELS, SIGNATURE_DEFAULT, SIGNATURE_UINT8, SIGNATURE_EXAMPLES,
@@ -76,8 +77,32 @@ def integrated_gradients(probabilities_fn: Callable[[tf.Tensor], tf.Tensor],
                                                        tf.float32))
 
 
+class TransformGraph(tf.Module):
+    """The Transform step's graph, applied inside our signatures and saved with them.
+
+    This is what tft's `transform_features_layer()` does (a loader of the transform
+    SavedModel whose attributes are tracked, so its functions, constants and assets are
+    saved) without being a tf_keras Model: saving a tf_keras Model makes tf_keras trace
+    signatures of its own for it with autograph, which took most of every export's time
+    (docs/benchmarks.md, "Export") and which nothing ever calls.
+    """
+
+    def __init__(self, transform_savedmodel_dir: str):
+        super().__init__(name="transform_graph")
+        self._loader = saved_transform_io_v2.SavedModelLoader(transform_savedmodel_dir)
+        self.loaded = self._loader.__dict__
+
+    def __call__(self, raw_features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return self._loader.apply_transform_model(raw_features)
+
+
 class ServingModule(tf.Module):
-    """Raw pixels -> transform graph -> Keras 3 model -> probabilities and class."""
+    """Raw pixels -> transform graph -> Keras 3 model -> probabilities and class.
+
+    The signatures are traced without autograph: they hold no Python control flow on
+    tensors (tf.map_fn is explicit), and autograph's source rewriting of every function
+    they call cost a third of each export.
+    """
 
     def __init__(self, keras_model: keras.Model, transform_graph_dir: str):
         super().__init__(name="fer_serving")
@@ -86,7 +111,7 @@ class ServingModule(tf.Module):
         # SavedModel tracks every weight whatever Keras' own tracking does.
         self.model_variables = [_tf_variable(v) for v in keras_model.variables]
         tft_output = tft.TFTransformOutput(transform_graph_dir)
-        self.tft_layer = tft_output.transform_features_layer()
+        self.transform_graph = TransformGraph(tft_output.transform_savedmodel_dir)
         # Only `pixels` is parsed: serving requests carry no label.
         self._pixels_spec = _raw_pixels_spec(tft_output)
         self.class_names = tf.constant(list(CLASS_NAMES))
@@ -94,7 +119,8 @@ class ServingModule(tf.Module):
         # feature the transform graph was built on, without leaving the graph.
         self._byte_strings = tf.constant([bytes([i]) for i in range(PIXEL_MAX + 1)])
 
-    @tf.function(input_signature=[tf.TensorSpec(None, tf.int32, name=FEATURE_PIXELS)])
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.int32, name=FEATURE_PIXELS)],
+                 autograph=False)
     def serve_int32(self, pixels):
         checks = [
             tf.debugging.assert_greater_equal(pixels, 0, message="pixels must be >= 0"),
@@ -104,11 +130,13 @@ class ServingModule(tf.Module):
         with tf.control_dependencies(checks):
             return self._predict_pixels(tf.cast(pixels, tf.uint8))
 
-    @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name=FEATURE_PIXELS)])
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name=FEATURE_PIXELS)],
+                 autograph=False)
     def serve_uint8(self, pixels):
         return self._predict_pixels(pixels)
 
-    @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name=FEATURE_PIXELS)])
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name=FEATURE_PIXELS)],
+                 autograph=False)
     def explain(self, pixels):
         image = self._normalize(self._raw_rows(pixels))
         outputs = self._outputs(self._probabilities(image))
@@ -116,7 +144,8 @@ class ServingModule(tf.Module):
         outputs[OUTPUT_SALIENCY] = integrated_gradients(self._probabilities, image, black)
         return outputs
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_EXAMPLES)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_EXAMPLES)],
+                 autograph=False)
     def serve_examples(self, examples):
         features = tf.io.parse_example(examples, {FEATURE_PIXELS: self._pixels_spec})
         return self._predict_raw(features[FEATURE_PIXELS])
@@ -139,7 +168,8 @@ class ServingModule(tf.Module):
     def _normalize(self, raw_pixels: tf.Tensor) -> tf.Tensor:
         """Raw pixel strings -> the image feature the model was trained on (float [b, 2304])."""
         raw_pixels = tf.reshape(raw_pixels, [-1] + list(self._pixels_spec.shape))
-        return tf.cast(self.tft_layer({FEATURE_PIXELS: raw_pixels})[FEATURE_IMAGE], tf.float32)
+        return tf.cast(self.transform_graph({FEATURE_PIXELS: raw_pixels})[FEATURE_IMAGE],
+                       tf.float32)
 
     def _probabilities(self, image: tf.Tensor) -> tf.Tensor:
         return tf.cast(self.keras_model(image, training=False), tf.float32)
