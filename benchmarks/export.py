@@ -1,0 +1,114 @@
+"""Exporting a trained model as the serving SavedModel: ours against tft's Keras layer.
+
+Every Trainer run ends with `components.export.export_serving_model`: the Keras model and
+the Transform step's graph go into one tf.Module with four signatures. TFX's templates put
+the transform graph in with `tft.TFTransformOutput.transform_features_layer()`, a tf_keras
+Model; saving one makes tf_keras trace call signatures of its own for it. Ours tracks the
+same transform SavedModel through a plain tf.Module (components.export.TransformGraph).
+
+This times both ways on the same model and transform graph, alternating (A B A B ...), and
+checks they serve the same probabilities. It needs a Transform output; by default it makes a
+small one from synthetic faces.
+
+    .venv/bin/python benchmarks/export.py [--model cnn] [--repeats 3] [--transform-dir DIR]
+        [--out bench_runs/export/export.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_transform as tft  # noqa: E402
+
+from benchmarks.serving import machine_facts  # noqa: E402
+from components.export import ServingModule, export_serving_model  # noqa: E402
+from components.models import build_model  # noqa: E402
+from pipeline.config import MODEL_REGISTRY, TrainConfig  # noqa: E402
+from pipeline.contract import (SIGNATURE_DEFAULT, SIGNATURE_EXAMPLES,  # noqa: E402
+                               SIGNATURE_EXPLAIN, SIGNATURE_UINT8)
+
+
+class ServingModuleWithTftLayer(ServingModule):
+    """The same signatures, with the transform graph as tft's tf_keras layer."""
+
+    def __init__(self, keras_model, transform_graph_dir: str):
+        super().__init__(keras_model, transform_graph_dir)
+        self.transform_graph = tft.TFTransformOutput(
+            transform_graph_dir).transform_features_layer()
+
+
+def export_with_tft_layer(keras_model, transform_graph_dir: str, export_dir: str) -> None:
+    module = ServingModuleWithTftLayer(keras_model, transform_graph_dir)
+    tf.saved_model.save(module, export_dir, signatures={
+        name: getattr(module, method).get_concrete_function()
+        for name, method in ((SIGNATURE_DEFAULT, "serve_int32"),
+                             (SIGNATURE_UINT8, "serve_uint8"),
+                             (SIGNATURE_EXAMPLES, "serve_examples"),
+                             (SIGNATURE_EXPLAIN, "explain"))})
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="cnn", choices=sorted(MODEL_REGISTRY))
+    parser.add_argument("--repeats", type=int, default=3, help="exports per way")
+    parser.add_argument("--transform-dir", default="",
+                        help="a Transform step output (default: made from synthetic faces)")
+    parser.add_argument("--out", default="bench_runs/export/export.json")
+    return parser.parse_args(argv)
+
+
+def served_probabilities(export_dir: str) -> np.ndarray:
+    faces = np.random.default_rng(0).integers(0, 256, (4, 48, 48)).astype(np.uint8)
+    serve = tf.saved_model.load(export_dir).signatures[SIGNATURE_UINT8]
+    return serve(pixels=tf.constant(faces))["probabilities"].numpy()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    scratch = tempfile.mkdtemp(prefix="export_bench_")
+    transform_dir = args.transform_dir
+    if not transform_dir:
+        from tests.test_export import make_transform_dir
+        transform_dir = make_transform_dir(scratch, {"train": 140, "validation": 14,
+                                                     "test": 14})
+    graph_dir = str(Path(transform_dir, "transform_graph"))
+    model = build_model(args.model, TrainConfig(), jit_compile=False)
+    ways = {"ours (TransformGraph, no autograph)": export_serving_model,
+            "tft.transform_features_layer()": export_with_tft_layer}
+    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    outputs: dict[str, np.ndarray] = {}
+    for repeat in range(args.repeats):
+        for index, (way, export) in enumerate(ways.items()):
+            export_dir = str(Path(scratch, f"{index}-{repeat}"))
+            started = time.perf_counter()
+            export(model, graph_dir, export_dir)
+            seconds[way].append(time.perf_counter() - started)
+            outputs[way] = served_probabilities(export_dir)
+            print(f"[export] {way}: {seconds[way][-1]:.1f} s", flush=True)
+    first, second = outputs.values()
+    np.testing.assert_allclose(first, second, atol=1e-6)
+    medians = {way: statistics.median(values) for way, values in seconds.items()}
+    ours, layer = medians.values()
+    report = {"model": args.model, "repeats": args.repeats, "machine": machine_facts(),
+              "seconds": seconds, "median_s": medians, "ratio": layer / ours}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"[export] {args.model}: median {ours:.1f} s ours vs {layer:.1f} s with tft's "
+          f"layer ({layer / ours:.1f}x); same probabilities; {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
