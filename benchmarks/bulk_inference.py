@@ -131,7 +131,8 @@ def in_process(data: str, paths: dict[str, str], batch: int, tolerance: float
 def fer_client(data: str, config: str, faces: int, batch: int, models: list[str],
                tolerance: float, log: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """fer-client's path over gRPC against fer-serve, in batches of `batch` faces."""
-    from serving.client import FerClient, classify, images_from_csv
+    from serving.client import FerClient, classify
+    from serving.client_cli import images_from_csv
 
     server = ServerProcess(config, log, [])
     try:

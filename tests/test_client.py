@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES
-from serving import client as fer_client
+from serving import client_cli as fer_client
 from serving.client import FerClient, ServerUnavailable, classify
 from serving.faces import faces_in_file, find_faces
 from serving.model_config import ModelSpec, write_model_server_config
@@ -134,7 +134,7 @@ def test_retries_with_backoff_then_one_clear_line(capsys):
 def test_cli_exits_nonzero_without_traceback_when_server_is_down(tmp_path):
     np.save(tmp_path / "faces.npy", random_images(2))
     result = subprocess.run(
-        [sys.executable, "-m", "serving.client", "--npy", str(tmp_path / "faces.npy"),
+        [sys.executable, "-m", "serving.client_cli", "--npy", str(tmp_path / "faces.npy"),
          "--protocol", "rest", "--port", str(free_port()), "--retries", "1",
          "--backoff", "0.05"],
         capture_output=True, text=True, timeout=60,

@@ -278,7 +278,7 @@ def test_reviewed_faces_join_the_original_data_and_leave_its_test_split(tmp_path
     from components.example_gen import run_example_gen
     from components.synthetic import generate_csv
     from pipeline.config import IngestConfig
-    from serving.client import images_from_csv
+    from serving.client_cli import images_from_csv
 
     original = str(tmp_path / "fer2013.csv")
     generate_csv(original, rows=200, seed=3)

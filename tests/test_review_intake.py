@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.contract import IMAGE_SIZE, NUM_CLASSES
-from serving import client as fer_client
+from serving import client_cli as fer_client
 from serving.model_config import ModelSpec, write_model_server_config
 from serving.review_queue import STATUS_PENDING, ReviewQueue
 from serving.server import FerServer, ServerConfig
