@@ -428,6 +428,8 @@ def unknown_beam_options(beam_args: list[str]) -> list[str]:
     """
     from apache_beam.options import pipeline_options as beam_options
 
+    from pipeline import beam_job  # noqa: F401 - declares the job-server options we pass on
+
     class BeamOptionParser(beam_options._BeamArgumentParser):  # Beam's (ValueProviders)
         def error(self, message: str):   # argparse would print Beam's whole usage
             raise UserError(f"Beam option: {message}")

@@ -72,6 +72,13 @@ JAVA_OPENS = [f"--add-opens=java.base/{package}=ALL-UNNAMED" for package in (
     "--add-exports=java.rmi/sun.rmi.registry=ALL-UNNAMED",
     "--add-exports=java.security.jgss/sun.security.krb5=ALL-UNNAMED"]
 
+# Our own Java (pipeline/engines/*.java), compiled by `make engines`; on every classpath.
+OUR_JAR = "fer-engines.jar"
+# The job servers find nothing to ship with a job (see pipeline/engines/NothingToStage.java):
+# the daemons already hold the same jars.
+NOTHING_TO_STAGE = ("--pipeline_resources_detector_factory_class="
+                    "ferpipeline.engines.NothingToStage")
+
 FLINK_JOB_SERVER_MAIN = "org.apache.beam.runners.flink.FlinkJobServerDriver"
 SPARK_JOB_SERVER_MAIN = "org.apache.beam.runners.spark.SparkJobServerDriver"
 
@@ -139,7 +146,7 @@ class Cluster:
         runner = "FlinkRunner" if self.engine == "flink" else "SparkRunner"
         args = [f"--runner={runner}", f"--job_endpoint={self.job_endpoint}",
                 "--environment_type=EXTERNAL", f"--environment_config={self.worker_pool}",
-                f"--environment_cache_millis={ENVIRONMENT_CACHE_MILLIS}"]
+                f"--environment_cache_millis={ENVIRONMENT_CACHE_MILLIS}", NOTHING_TO_STAGE]
         if self.engine == "flink":
             args.append(f"--parallelism={parallelism}")   # Spark: the worker's 2 cores
         return args
@@ -165,7 +172,16 @@ class Cluster:
 # ----------------------------------------------------------------------------- set-up
 
 def classpath(engine: str, home: Path = ENGINES_HOME) -> list[str]:
-    """The jars `make engines` resolved for `engine`, as absolute paths."""
+    """The jars `make engines` resolved for `engine`, and ours, as absolute paths."""
+    ours = home / OUR_JAR
+    if not ours.exists():
+        raise ClusterError(f"{ours} is missing: run `make engines` (it compiles "
+                           "pipeline/engines/*.java)")
+    return [*maven_classpath(engine, home), str(ours)]
+
+
+def maven_classpath(engine: str, home: Path = ENGINES_HOME) -> list[str]:
+    """The jars Maven resolved for `engine` (pipeline/engines/<engine>.pom.xml)."""
     path = home / f"{engine}.classpath"
     if not path.exists():
         raise ClusterError(f"{path} is missing: run `make engines` first (it fetches the "
@@ -186,6 +202,7 @@ def install(engine: str, home: Path = ENGINES_HOME) -> Path:
     start a job server from it (`--flink_job_server_jar` / `--spark_job_server_jar`) the
     way they start the shadow jar Maven Central does not serve here. Returns its path.
     """
+    compile_our_classes(engine, home)
     jars = classpath(engine, home)
     engine_home = home / engine
     engine_home.mkdir(parents=True, exist_ok=True)
@@ -195,6 +212,30 @@ def install(engine: str, home: Path = ENGINES_HOME) -> Path:
     if engine == "spark":
         _link_spark_jars(spark_home(home), jars)
     return launcher
+
+
+def compile_our_classes(engine: str, home: Path = ENGINES_HOME) -> Path:
+    """Compiles pipeline/engines/*.java against `engine`'s jars into .engines/fer-engines.jar
+    (the job servers' NothingToStage: see its source for why). Both engines' classpaths
+    hold the same Beam 2.62.0 SDK, so either builds the same jar."""
+    sources = sorted(str(p) for p in (PROJECT_ROOT / "pipeline" / "engines").glob("*.java"))
+    beam_jars = maven_classpath(engine, home)
+    classes = home / "classes"
+    if classes.exists():
+        shutil.rmtree(classes)
+    built = subprocess.run(["javac", "--release", "11", "-nowarn", "-cp",
+                            os.pathsep.join(beam_jars), "-d", str(classes), *sources],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        raise ClusterError(f"javac could not compile {', '.join(sources)}: "
+                           f"{(built.stderr or built.stdout).strip()[-400:]}")
+    jar_path = home / OUR_JAR
+    with zipfile.ZipFile(jar_path.with_suffix(".tmp"), "w") as jar:
+        for path in sorted(classes.rglob("*.class")):
+            jar.write(path, path.relative_to(classes).as_posix())
+    jar_path.with_suffix(".tmp").replace(jar_path)
+    shutil.rmtree(classes)
+    return jar_path
 
 
 def write_launcher_jar(path: Path, main_class: str, jars: Sequence[str]) -> None:
@@ -384,6 +425,10 @@ def _start_spark(cluster: Cluster, jars: list[str], home: Path) -> None:
             # The job server is the Spark driver; SparkConf reads these system properties.
             f"-Dspark.executor.extraJavaOptions={executor_opts}",
             "-Dspark.executor.memory=512m", "-Dspark.driver.host=127.0.0.1",
+            # One Spark application for all the jobs this server runs, so its executor
+            # (a JVM on the Worker) starts once, not once per job. Beam names the switch
+            # for tests; it is what a long-running job server on one cluster wants.
+            "-Dbeam.spark.test.reuseSparkContext=true",
             "-Dspark.driver.bindAddress=127.0.0.1", "-Dspark.ui.enabled=false",
             f"-Dspark.local.dir={state / 'local'}", *java_cp, SPARK_JOB_SERVER_MAIN,
             f"--spark-master-url={master_url}", *_job_server_flags(cluster)], env)
