@@ -21,15 +21,12 @@ from components.trainer import (BEST_WEIGHTS_FILE, CHECKPOINTS_DIR, CRASH_ENV,
                                  TRAINING_INFO_FILE, WORKERS_DIR, make_dataset, run_trainer)
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.contract import NUM_CLASSES, NUM_PIXELS
+from pipeline.runner import committed_output
 from tests.test_export import make_transform_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CHANCE = 1.0 / NUM_CLASSES
-# Small enough for 2 CPU cores: a few epochs of 1,500 faces for learning; 96 for plumbing.
-LEARN_CONFIG = TrainConfig(
-    models={"cnn": ModelConfig(batch_size=32, epochs=8, learning_rate=5e-4,
-                               early_stopping_patience=3)},
-    shuffle_buffer=2000, seed=1)
+# Plumbing only (learning is asserted on the session's smoke run): 96 faces, 3 epochs.
 TINY_OVERRIDES = {"models": {"cnn": {"batch_size": 32, "epochs": 3, "learning_rate": 1e-3,
                                      "early_stopping_patience": 5, "max_train_examples": 96}},
                   "shuffle_buffer": 500, "seed": 5}
@@ -39,7 +36,7 @@ TINY_OVERRIDES = {"models": {"cnn": {"batch_size": 32, "epochs": 3, "learning_ra
 def transform_dir(tmp_path_factory) -> str:
     """Real Transform output of synthetic faces; the test split is removed after."""
     root = tmp_path_factory.mktemp("trainer")
-    output = make_transform_dir(str(root), {"train": 1500, "validation": 300, "test": 21},
+    output = make_transform_dir(str(root), {"train": 400, "validation": 100, "test": 21},
                                 seed=2)
     # The trainer must never read the test split: with it gone, reading it would fail.
     shutil.rmtree(os.path.join(output, "transformed", "test"))
@@ -85,38 +82,46 @@ def test_dataset_is_batched_parsed_and_capped(transform_dir):
     assert not np.array_equal(second, labels)
 
 
-def test_cnn_learns_well_above_chance_and_exports(transform_dir, tmp_path):
-    output = str(tmp_path / "cnn")
-    result = run_trainer("cnn", transform_dir, output, LEARN_CONFIG)
+def test_cnn_learns_well_above_chance_and_exports(smoke_run):
+    """The session's smoke run trained the CNN on the demo's budget (the smoke profile):
+    reading that run, rather than training a second CNN here, is what keeps this test
+    cheap. The trainer ran inside the pipeline exactly as `make demo` runs it."""
+    outcome = {o.step: o for o in smoke_run.outcomes}["train-cnn"]
+    output, result = outcome.uri, outcome.manifest["result"]
+    budget = smoke_run.config.train.models["cnn"]
 
     history = json.loads(Path(output, HISTORY_FILE).read_text())
-    assert history["epochs_run"] == result.epochs_run == len(history["epochs"]) >= 4
+    assert history["epochs_run"] == result["epochs_run"] == len(history["epochs"]) >= 4
     for record in history["epochs"]:
         assert {"loss", "accuracy", "val_loss", "val_accuracy", "images_per_s"} <= set(record)
     best = max(r["val_accuracy"] for r in history["epochs"])
-    assert history["best_val_accuracy"] == pytest.approx(best)
+    assert history["best_val_accuracy"] == result["best_val_accuracy"] == pytest.approx(best)
     assert best > 2.5 * CHANCE, history["epochs"]
-    assert result.images_per_s > 0 and history["resumed_at_epoch"] is None
+    assert result["images_per_s"] > 0 and history["resumed_at_epoch"] is None
 
     info = json.loads(Path(output, TRAINING_INFO_FILE).read_text())
     assert info["model_name"] == "cnn" and info["vgg_weights"] is None
-    assert (info["train_examples"], info["validation_examples"]) == (1500, 300)
-    assert info["num_replicas"] == 1 and info["config"]["models"]["cnn"]["epochs"] == 8
+    assert info["train_examples"] == result["train_examples"] <= budget.max_train_examples
+    assert info["validation_examples"] == result["validation_examples"] > 0
+    assert info["num_replicas"] == 1
+    assert info["config"]["models"]["cnn"]["epochs"] == budget.epochs
     assert Path(output, "training_log.csv").exists()
     assert list(Path(output, "logs").rglob("events.out.tfevents.*"))
     # A finished run leaves no checkpoint to resume from.
     assert not Path(output, CHECKPOINTS_DIR).exists()
 
     # The exported model, restored to the best epoch, scores that epoch's accuracy.
-    assert _served_validation_accuracy(transform_dir, output) == pytest.approx(best, abs=1e-6)
+    validation = os.path.join(committed_output(smoke_run.run_root, "ingest.examples"),
+                              "validation")
+    assert _served_validation_accuracy(validation, output) == pytest.approx(best, abs=1e-6)
 
 
-def _served_validation_accuracy(transform_dir: str, output: str) -> float:
-    """Accuracy of output/serving_model on the raw validation examples."""
+def _served_validation_accuracy(validation_dir: str, output: str) -> float:
+    """Accuracy of output/serving_model on the raw validation examples in validation_dir."""
     serve = tf.saved_model.load(os.path.join(output, SERVING_MODEL_DIR)).signatures[
         "serving_examples"]
-    raw = tf.data.TFRecordDataset(tf.io.gfile.glob(os.path.join(
-        os.path.dirname(transform_dir), "examples", "validation", "*.tfrecord")))
+    raw = tf.data.TFRecordDataset(tf.io.gfile.glob(os.path.join(validation_dir,
+                                                                "*.tfrecord")))
     # A list, not a numpy 'S' array: numpy would strip the records' trailing zero bytes.
     serialized = tf.constant(list(raw.as_numpy_iterator()))
     labels = tf.io.parse_example(serialized, {"emotion": tf.io.FixedLenFeature([], tf.int64)})
@@ -167,7 +172,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(transform_dir, tmp_path):
     assert [r["epoch"] for r in history["epochs"]] == [1, 2, 3]
     best = max(history["epochs"], key=lambda r: r["val_accuracy"])
     assert history["best_epoch"] == history["exported_epoch"] == best["epoch"]
-    assert _served_validation_accuracy(transform_dir, output) == pytest.approx(
+    validation = os.path.join(os.path.dirname(transform_dir), "examples", "validation")
+    assert _served_validation_accuracy(validation, output) == pytest.approx(
         best["val_accuracy"], abs=1e-6)
 
 
