@@ -63,11 +63,11 @@ demo: setup
 # lock (tests/pipeline_fixtures.py). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 
-# The Flink and Spark tests (marker `engines`) are not in `make test` yet: measured on
-# 2 cores they take longer than the rest of the suite's whole budget (cluster start-up and
-# Beam's job server staging its classpath per job dominate). `make test-engines` runs them.
-test: setup s3-server
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 -m "not engines" tests
+# The Flink and Spark tests (marker `engines`, tests/test_engines.py) are part of it: `engines`
+# fetches their jars once; the module runs its two local clusters one after the other in
+# one worker. `make test-engines` runs only them.
+test: setup s3-server engines
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
 
 test-engines: setup s3-server engines
 	$(BIN)/python -m pytest -q --durations=30 -m engines tests
@@ -90,20 +90,25 @@ mysql-down:
 # cluster downloads nothing. Each *-up starts the engine's daemons, Beam's job server and a
 # Python worker pool, and prints the Beam flags that run a step there; *-down stops them.
 ENGINES_DIR := .engines
-MVN_ENGINES := mvn -q -B -Dmaven.repo.local=$(CURDIR)/$(ENGINES_DIR)/m2
+# Maven 3.8 writes ANSI colour resets even in batch mode and when quiet: its output goes to
+# .engines/mvn-<engine>.log and is shown, without them, only when it fails.
+MVN_ENGINES := mvn -q -B -Dstyle.color=never -Dmaven.repo.local=$(CURDIR)/$(ENGINES_DIR)/m2
 
 engines: $(ENGINES_DIR)/flink/beam-flink-job-server.jar $(ENGINES_DIR)/spark/beam-spark-job-server.jar
 
-$(ENGINES_DIR)/flink/beam-flink-job-server.jar: pipeline/engines/flink.pom.xml pipeline/local_cluster.py $(STAMP)
+# pipeline/engines/*.java (compiled by `install`) is ours: see NothingToStage.java.
+$(ENGINES_DIR)/flink/beam-flink-job-server.jar: pipeline/engines/flink.pom.xml pipeline/engines/NothingToStage.java pipeline/local_cluster.py $(STAMP)
 	$(call fetch_engine,flink)
 
-$(ENGINES_DIR)/spark/beam-spark-job-server.jar: pipeline/engines/spark.pom.xml pipeline/local_cluster.py $(STAMP)
+$(ENGINES_DIR)/spark/beam-spark-job-server.jar: pipeline/engines/spark.pom.xml pipeline/engines/NothingToStage.java pipeline/local_cluster.py $(STAMP)
 	$(call fetch_engine,spark)
 
 define fetch_engine
 	@echo "== fetching the $(1) jars from Maven Central (pipeline/engines/$(1).pom.xml) into $(ENGINES_DIR)/"
+	@mkdir -p $(ENGINES_DIR)
 	@$(MVN_ENGINES) -f pipeline/engines/$(1).pom.xml dependency:build-classpath \
-	  -Dmdep.outputFile=$(CURDIR)/$(ENGINES_DIR)/$(1).classpath
+	  -Dmdep.outputFile=$(CURDIR)/$(ENGINES_DIR)/$(1).classpath >$(ENGINES_DIR)/mvn-$(1).log 2>&1 || \
+	  { sed 's/\x1b\[[0-9;]*m//g' $(ENGINES_DIR)/mvn-$(1).log; exit 1; }
 	@$(BIN)/python -m pipeline.local_cluster install $(1)
 endef
 

@@ -7,8 +7,9 @@ What `make flink-up` / `make spark-up` start, each as its own process, all on lo
   Spark 3.2.2: Master (spark://127.0.0.1:7077, UI :8080), Worker (2 cores, 1 GiB)
   both:        Beam's job server for that engine (gRPC job API on :8099 / :8199), and a
                Python SDK worker pool (:50000 / :50001) that the engine asks for Python
-               workers: Beam's `worker_pool_main`, started with this venv's bin/ first on
-               PATH, because the pool launches `python` from PATH for every worker.
+               workers: Beam's worker pool service bound to 127.0.0.1
+               (pipeline/worker_pool.py), started with this venv's bin/ first on PATH,
+               because the pool launches `python` from PATH for every worker.
 
 That is the shape of a real deployment (Flink or Spark on Kubernetes with a worker-pool
 sidecar beside each TaskManager / executor), shrunk to one machine. A pipeline reaches it
@@ -448,9 +449,10 @@ def _start_worker_pool(cluster: Cluster) -> None:
     venv_bin = os.path.dirname(sys.executable)
     env = {"PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
            "PYTHONPATH": str(PROJECT_ROOT)}
+    # pipeline/worker_pool.py: Beam's worker pool service, bound to 127.0.0.1 only.
     _spawn(cluster, "worker_pool",
-           [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
-            f"--service_port={cluster.ports.worker_pool}"], env)
+           [sys.executable, "-m", "pipeline.worker_pool",
+            f"--port={cluster.ports.worker_pool}"], env)
 
 
 def _spawn(cluster: Cluster, role: str, command: list[str],

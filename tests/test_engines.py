@@ -3,25 +3,25 @@ Dataflow's offline translation.
 
 Clusters (tests/engine_fixtures.py): Flink 1.19 (a JobManager and a TaskManager, separate
 processes) and Spark 3.2.2 standalone (a Master and a Worker), each with Beam's job server
-and a Python SDK worker pool, started once per session. The data half (ingest, augment,
-statistics, transform) runs on each with parallelism 2 on the session's smoke-run CSV (bad
-rows and a cross-split duplicate), through the CLI exactly as the README shows, and every
-output must equal the DirectRunner's smoke run: examples per split and the augmented
-training split by content (order-free), rejected rows with line numbers and reasons, the
-duplicates report, TFDV statistics (counts, histograms), TFT's mean and std. On Flink the
-run goes on from those outputs to a pushed CNN. A TaskManager killed mid-job must end the
-step with one line naming Flink and the cause, leaving the committed output in force.
+(one long-running process per cluster) and a Python SDK worker pool; one cluster at a
+time, each started once. The data half (ingest, augment, statistics, transform) runs on
+each with parallelism 2 on a small dirty CSV (bad rows and a cross-split duplicate),
+through the CLI exactly as the README shows, and every output must equal the DirectRunner's
+on the same CSV: examples per split and the augmented training split by content
+(order-free), rejected rows with line numbers and reasons, the duplicates report, TFDV
+statistics (counts, histograms), TFT's mean and std. On Flink the run goes on from those
+outputs to a pushed CNN, and a TaskManager killed mid-job must end the step with one line
+naming Flink and the cause, leaving the committed output in force.
 
 Dataflow cannot run here; what can be checked offline is that it translates every Beam
 step, through the Kubeflow component that runs it, with --dataflow_endpoint=http://localhost:1
 --no_auth --template_location, and that the staged pipeline proto holds our transforms.
 
-Select these with `pytest -m engines`.
+Select these with `pytest -m engines`; `make test` runs them (after `make engines`).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import threading
@@ -31,59 +31,34 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 import tensorflow_data_validation as tfdv
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
 from components.transform import read_normalization
 from pipeline import local_cluster
-from pipeline import cli
 from pipeline.artifacts import read_commit
 from pipeline.beam_job import BeamJobNotRun, describe_failure
 from pipeline.contract import DUPLICATES_FILE, REJECTED_DIR, REJECTED_FILE, SPLITS
 from pipeline.dag import build_steps
 from pipeline.kfp_pipeline import run_component
-from tests.engine_fixtures import flink_cluster, spark_cluster  # noqa: F401 (fixtures)
-from tests.pipeline_fixtures import SmokeRun
+from tests import engine_fixtures
+from tests.engine_fixtures import EngineData, EngineRun, run_cli
 
 pytestmark = pytest.mark.engines
 
-DATA_STEPS = ["ingest", "augment", "statistics", "validate", "transform"]
-ENGINES = ["flink", "spark"]
+# The module's fixtures (tests/engine_fixtures.py).
+engine_data = engine_fixtures.engine_data
+cluster = engine_fixtures.cluster
+engine_run = engine_fixtures.engine_run
 
-
-# ----------------------------------------------------------------------------- runs
-
-def _run_cli(args: list[str]) -> int:
-    return cli.main(args)
-
-
-@pytest.fixture(scope="module")
-def flink_run(smoke_run: SmokeRun, flink_cluster, tmp_path_factory) -> str:
-    """The smoke CSV through the whole pipeline with the data half on Flink (CNN only)."""
-    root = str(tmp_path_factory.mktemp("flink_run") / "run")
-    status = _run_cli(["run", "--data", smoke_run.data, "--output", root, "--profile", "smoke",
-                       "--models", "cnn", *flink_cluster.beam_args(parallelism=2)])
-    assert status == 0
-    return root
-
-
-@pytest.fixture(scope="module")
-def spark_run(smoke_run: SmokeRun, spark_cluster, tmp_path_factory) -> str:
-    """The smoke CSV through the data half on Spark."""
-    root = str(tmp_path_factory.mktemp("spark_run") / "run")
-    status = _run_cli(["run", "--data", smoke_run.data, "--output", root, "--profile", "smoke",
-                       "--steps", ",".join(DATA_STEPS), *spark_cluster.beam_args()])
-    assert status == 0
-    return root
-
-
-@pytest.fixture(params=ENGINES)
-def engine_run(request, smoke_run: SmokeRun) -> tuple[str, str, str]:
-    """(engine, its run root, the DirectRunner's run root)."""
-    return request.param, request.getfixturevalue(f"{request.param}_run"), smoke_run.run_root
+# The Flink-only tests take the module's Flink cluster: overriding `cluster`'s parameters
+# with ["flink"] (index 0, as in ENGINES) lets pytest group them with the other Flink tests
+# on the same cluster instead of starting another.
+only_on_flink = pytest.mark.parametrize("cluster", ["flink"], indirect=True)
 
 
 def _committed(run_root: str, step_dir: str) -> Path:
-    commit = read_commit(os.path.join(run_root, step_dir))
+    commit = read_commit(str(Path(run_root) / step_dir))
     assert commit is not None, f"no committed {step_dir} under {run_root}"
     return Path(commit.uri)
 
@@ -96,8 +71,9 @@ def _records(pattern: Path) -> list[bytes]:
 
 # ----------------------------------------------------------------------------- equal results
 
-def test_examples_per_split_equal_the_direct_runners(engine_run):
-    engine, root, direct = engine_run
+def test_examples_per_split_equal_the_direct_runners(engine_run: EngineRun,
+                                                    engine_data: EngineData):
+    engine, root, direct = engine_run.engine, engine_run.root, engine_data.direct_run
     for split in SPLITS:
         pattern = Path("examples-*.tfrecord")
         ours = _records(_committed(root, "examples") / split / pattern)
@@ -105,20 +81,22 @@ def test_examples_per_split_equal_the_direct_runners(engine_run):
         assert len(ours) == len(theirs) and ours == theirs, f"{engine}: {split} differs"
 
 
-def test_rejected_rows_and_duplicates_equal_the_direct_runners(engine_run, smoke_run):
-    engine, root, direct = engine_run
+def test_rejected_rows_and_duplicates_equal_the_direct_runners(engine_run: EngineRun,
+                                                              engine_data: EngineData):
+    engine, root, direct = engine_run.engine, engine_run.root, engine_data.direct_run
     ours, theirs = _committed(root, "examples"), _committed(direct, "examples")
     rejected = (ours / REJECTED_DIR / REJECTED_FILE).read_text()
     assert rejected == (theirs / REJECTED_DIR / REJECTED_FILE).read_text(), engine
-    for line in [*smoke_run.bad_lines, smoke_run.leaked_line]:
+    for line in [*engine_data.bad_lines, engine_data.leaked_line]:
         assert f"\n{line}," in rejected, f"{engine}: line {line} not among the rejected rows"
     duplicates = json.loads((ours / DUPLICATES_FILE).read_text())
     assert duplicates == json.loads((theirs / DUPLICATES_FILE).read_text()), engine
     assert duplicates["cross_split_duplicate_images"] >= 1
 
 
-def test_augmented_images_equal_the_direct_runners(engine_run):
-    engine, root, direct = engine_run
+def test_augmented_images_equal_the_direct_runners(engine_run: EngineRun,
+                                                   engine_data: EngineData):
+    engine, root, direct = engine_run.engine, engine_run.root, engine_data.direct_run
     pattern = Path("train") / "examples-*.tfrecord"
     ours = _records(_committed(root, "augmented") / pattern)
     assert ours == _records(_committed(direct, "augmented") / pattern), engine
@@ -154,8 +132,9 @@ def _statistics_view(stats) -> dict:
     return view
 
 
-def test_tfdv_statistics_equal_the_direct_runners(engine_run):
-    engine, root, direct = engine_run
+def test_tfdv_statistics_equal_the_direct_runners(engine_run: EngineRun,
+                                                  engine_data: EngineData):
+    engine, root, direct = engine_run.engine, engine_run.root, engine_data.direct_run
     ours, theirs = _committed(root, "statistics"), _committed(direct, "statistics")
     for split in [*SPLITS, "augmented/train"]:
         mine = tfdv.load_statistics(str(ours / split / "stats.tfrecord"))
@@ -163,8 +142,9 @@ def test_tfdv_statistics_equal_the_direct_runners(engine_run):
         assert _statistics_view(mine) == _statistics_view(reference), f"{engine}: {split}"
 
 
-def test_tft_mean_and_std_equal_the_direct_runners(engine_run):
-    engine, root, direct = engine_run
+def test_tft_mean_and_std_equal_the_direct_runners(engine_run: EngineRun,
+                                                   engine_data: EngineData):
+    engine, root, direct = engine_run.engine, engine_run.root, engine_data.direct_run
     ours = read_normalization(str(_committed(root, "transform") / "transform_graph"))
     theirs = read_normalization(str(_committed(direct, "transform") / "transform_graph"))
     assert ours == pytest.approx(theirs, abs=1e-6), engine
@@ -173,8 +153,9 @@ def test_tft_mean_and_std_equal_the_direct_runners(engine_run):
     assert counts["result"]["counts"] == reference["result"]["counts"], engine
 
 
-def test_flink_run_goes_on_to_a_pushed_model(flink_run):
-    push = json.loads((_committed(flink_run, "push") / "manifest.json").read_text())
+@only_on_flink
+def test_flink_run_goes_on_to_a_pushed_model(engine_run: EngineRun):
+    push = json.loads((_committed(engine_run.root, "push") / "manifest.json").read_text())
     cnn = push["result"]["models"]["cnn"]
     assert cnn["pushed"], cnn
     assert (Path(cnn["path"]) / "saved_model.pb").exists()
@@ -182,16 +163,19 @@ def test_flink_run_goes_on_to_a_pushed_model(flink_run):
 
 # ----------------------------------------------------------------------------- faults
 
-def test_taskmanager_killed_mid_job_fails_the_step_in_one_line(flink_cluster, flink_run,
+@only_on_flink
+def test_taskmanager_killed_mid_job_fails_the_step_in_one_line(engine_run: EngineRun,
                                                                tmp_path, capsys):
     """Kill Flink's TaskManager while `statistics` runs: the step ends within a bounded
     time with one line naming Flink and the lost TaskManager; the committed statistics
     stay in force."""
     root = tmp_path / "run"
-    shutil.copytree(flink_run, root, ignore=shutil.ignore_patterns("models", "serving_models"))
+    flink_cluster = engine_run.cluster
+    shutil.copytree(engine_run.root, root,
+                    ignore=shutil.ignore_patterns("models", "serving_models"))
     before = read_commit(str(root / "statistics"))
     status: dict[str, int] = {}
-    step = threading.Thread(target=lambda: status.update(code=_run_cli(
+    step = threading.Thread(target=lambda: status.update(code=run_cli(
         ["statistics", "--output", str(root), "--force", *flink_cluster.beam_args()])))
     step.start()
     deadline = time.time() + 240
@@ -217,17 +201,15 @@ def test_taskmanager_killed_mid_job_fails_the_step_in_one_line(flink_cluster, fl
         local_cluster.restart_role(flink_cluster, "taskmanager")
 
 
-def _flink_job_running(cluster) -> bool:
+def _flink_job_running(flink: local_cluster.Cluster) -> bool:
     overview = local_cluster._http_json(
-        f"http://127.0.0.1:{cluster.ports.master}/jobs/overview") or {}
+        f"http://127.0.0.1:{flink.ports.master}/jobs/overview") or {}
     return any(job.get("state") == "RUNNING" for job in overview.get("jobs", []))
 
 
 def test_failure_lines_name_the_engine_and_the_reason():
     """The messages engines give, as the client receives them, become one line each; a job
     server or worker pool that refuses connections is named as such."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     with socket.socket() as job_server:            # a job server that is up
         job_server.bind(("127.0.0.1", 0))
         job_server.listen()
@@ -271,11 +253,11 @@ EXPECTED_TRANSFORMS = {
 }
 
 
-def test_dataflow_translates_every_beam_step_through_its_kfp_component(smoke_run, tmp_path,
-                                                                       monkeypatch):
+def test_dataflow_translates_every_beam_step_through_its_kfp_component(engine_data: EngineData,
+                                                                       tmp_path, monkeypatch):
     monkeypatch.setenv("NO_GCE_CHECK", "true")     # auth never probes a metadata server
     steps = {step.name: step for step in build_steps(("cnn",))}
-    inputs_of = {name: {input_name: str(_committed(smoke_run.run_root,
+    inputs_of = {name: {input_name: str(_committed(engine_data.direct_run,
                                                   steps[ref.split(".")[0]].directory))
                         for input_name, ref in steps[name].inputs.items()
                         if not ref.startswith("pipeline.")}
@@ -290,7 +272,7 @@ def test_dataflow_translates_every_beam_step_through_its_kfp_component(smoke_run
                  f"--template_location={work / 'job.json'}"]
         started = time.time()
         with pytest.raises(BeamJobNotRun, match=f"^{name}: Dataflow translated the job"):
-            run_component(name, inputs_of[name], str(work / "out"), json.dumps([smoke_run.data]),
+            run_component(name, inputs_of[name], str(work / "out"), json.dumps([engine_data.csv]),
                           str(tmp_path / "serving"), json.dumps({}), json.dumps(flags), "",
                           json.dumps(["cnn"]))
         assert time.time() - started < 120, f"{name}: translating took too long"
