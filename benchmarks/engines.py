@@ -128,7 +128,7 @@ def _short_command(pid: int, name: str) -> str:
         return "python SDK worker"
     if "CoarseGrainedExecutorBackend" in text:
         return "Spark executor (JVM)"
-    if "worker_pool_main" in text:
+    if "pipeline.worker_pool" in text or "worker_pool_main" in text:
         return "worker pool"
     if name.startswith("python"):
         return "python (DirectRunner worker)"
