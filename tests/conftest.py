@@ -44,10 +44,10 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
 # (longest-processing-time first) and the modules reading the shared smoke run start after
 # the one that builds it. Measured slowest first; modules not listed follow in xdist's order.
 SLOWEST_MODULES_FIRST = (
+    "tests/test_engines.py",          # a Flink, then a Spark cluster; its own small CSV
     "tests/test_end_to_end.py",       # builds the session's smoke run (trains both models)
     "tests/test_cluster.py",          # a local, a Kubeflow and an s3:// pipeline run
-    "tests/test_trainer.py",
-    "tests/test_engines.py",          # Flink and Spark clusters; reads the smoke run
+    "tests/test_trainer.py",          # reads the smoke run's CNN
     "tests/test_metadata_mysql.py",
     "tests/test_object_store.py",
     "tests/test_infra_validator.py",
