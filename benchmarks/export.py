@@ -6,9 +6,11 @@ the transform graph in with `tft.TFTransformOutput.transform_features_layer()`, 
 Model; saving one makes tf_keras trace call signatures of its own for it. Ours tracks the
 same transform SavedModel through a plain tf.Module (components.export.TransformGraph).
 
-This times both ways on the same model and transform graph, alternating (A B A B ...), and
-checks they serve the same probabilities. It needs a Transform output; by default it makes a
-small one from synthetic faces.
+This times both ways on the same model (same seed) and transform graph, alternating
+(A B A B ...), each export in a fresh process as in a Trainer run (TF caches traced and
+autograph-converted code within a process, so a second export in one process is not what a
+run pays), and checks they serve the same probabilities. It needs a Transform output; by
+default it makes a small one from synthetic faces.
 
     .venv/bin/python benchmarks/export.py [--model cnn] [--repeats 3] [--transform-dir DIR]
         [--out bench_runs/export/export.json]
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +69,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--transform-dir", default="",
                         help="a Transform step output (default: made from synthetic faces)")
     parser.add_argument("--out", default="bench_runs/export/export.json")
+    parser.add_argument("--child", choices=sorted(WAYS), help=argparse.SUPPRESS)
+    parser.add_argument("--export-dir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+WAYS = {"ours": export_serving_model, "tft_layer": export_with_tft_layer}
+LABELS = {"ours": "ours (TransformGraph, no autograph)",
+          "tft_layer": "tft.transform_features_layer()"}
+
+
+def export_once(args: argparse.Namespace) -> float:
+    """In this (fresh) process: builds the model with a fixed seed and times one export."""
+    import keras
+    keras.utils.set_random_seed(0)
+    model = build_model(args.model, TrainConfig(), jit_compile=False)
+    graph_dir = str(Path(args.transform_dir, "transform_graph"))
+    started = time.perf_counter()
+    WAYS[args.child](model, graph_dir, args.export_dir)
+    return time.perf_counter() - started
 
 
 def served_probabilities(export_dir: str) -> np.ndarray:
@@ -77,36 +98,37 @@ def served_probabilities(export_dir: str) -> np.ndarray:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.child:
+        print(json.dumps({"seconds": export_once(args)}))
+        return 0
     scratch = tempfile.mkdtemp(prefix="export_bench_")
     transform_dir = args.transform_dir
     if not transform_dir:
         from tests.test_export import make_transform_dir
         transform_dir = make_transform_dir(scratch, {"train": 140, "validation": 14,
                                                      "test": 14})
-    graph_dir = str(Path(transform_dir, "transform_graph"))
-    model = build_model(args.model, TrainConfig(), jit_compile=False)
-    ways = {"ours (TransformGraph, no autograph)": export_serving_model,
-            "tft.transform_features_layer()": export_with_tft_layer}
-    seconds: dict[str, list[float]] = {way: [] for way in ways}
+    seconds: dict[str, list[float]] = {way: [] for way in WAYS}
     outputs: dict[str, np.ndarray] = {}
     for repeat in range(args.repeats):
-        for index, (way, export) in enumerate(ways.items()):
-            export_dir = str(Path(scratch, f"{index}-{repeat}"))
-            started = time.perf_counter()
-            export(model, graph_dir, export_dir)
-            seconds[way].append(time.perf_counter() - started)
+        for way in WAYS:
+            export_dir = str(Path(scratch, f"{way}-{repeat}"))
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", way, "--model", args.model,
+                 "--transform-dir", transform_dir, "--export-dir", export_dir],
+                capture_output=True, text=True, check=True)
+            seconds[way].append(json.loads(child.stdout.strip().splitlines()[-1])["seconds"])
             outputs[way] = served_probabilities(export_dir)
-            print(f"[export] {way}: {seconds[way][-1]:.1f} s", flush=True)
-    first, second = outputs.values()
-    np.testing.assert_allclose(first, second, atol=1e-6)
+            print(f"[export] {LABELS[way]}: {seconds[way][-1]:.1f} s", flush=True)
+    np.testing.assert_allclose(outputs["ours"], outputs["tft_layer"], atol=1e-6)
     medians = {way: statistics.median(values) for way, values in seconds.items()}
-    ours, layer = medians.values()
+    ratio = medians["tft_layer"] / medians["ours"]
     report = {"model": args.model, "repeats": args.repeats, "machine": machine_facts(),
-              "seconds": seconds, "median_s": medians, "ratio": layer / ours}
+              "seconds": seconds, "median_s": medians, "ratio": ratio}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"[export] {args.model}: median {ours:.1f} s ours vs {layer:.1f} s with tft's "
-          f"layer ({layer / ours:.1f}x); same probabilities; {args.out}")
+    print(f"[export] {args.model}: median {medians['ours']:.1f} s ours vs "
+          f"{medians['tft_layer']:.1f} s with tft's layer ({ratio:.1f}x); same "
+          f"probabilities; {args.out}")
     return 0
 
 
