@@ -93,7 +93,7 @@ def demo_data(rows: int, seed: int, cap: int):
     import numpy as np
     from components import synthetic
     from components.augment import augment_image, draw_params
-    from pipeline.config import AugmentConfig, IngestConfig
+    from pipeline.config import AugmentConfig, TrainConfig
 
     rng = np.random.default_rng(seed)
     labels = synthetic._shuffled_labels(rows, rng)
@@ -106,14 +106,15 @@ def demo_data(rows: int, seed: int, cap: int):
     copies, copy_labels = [], []
     for label in range(7):
         sources = np.flatnonzero(y == label)
-        for copy in range(counts.max() - counts[label]):
+        for copy in range(counts.max() - counts[label]):   # the augment step's plan
             source = int(sources[copy % len(sources)])
             params = draw_params(augment.seed, source, copy, augment)
             copies.append(augment_image(x[source], params))
             copy_labels.append(label)
     if copies:
         x, y = np.concatenate([x, np.stack(copies)]), np.concatenate([y, copy_labels])
-    subset = np.random.default_rng(IngestConfig().seed).permutation(len(x))[:cap or len(x)]
+    # The trainer's cap: a seeded random subset (its shuffle-then-take), not the first rows.
+    subset = np.random.default_rng(TrainConfig().seed).permutation(len(x))[:cap or len(x)]
     mean, std = x.astype(np.float64).mean(), x.astype(np.float64).std()
 
     def zscore(images):
