@@ -236,6 +236,18 @@ def test_failure_lines_name_the_engine_and_the_reason():
             f"ingest: the Beam job failed on Spark (job server {endpoint}): NameError: name "
             "'np' is not defined [while running 'Parse']")
         assert "\n" not in describe_failure(spark, "augment", RuntimeError("a\nb\nc"))
+        # A dead TaskManager, as Flink reports it when an RPC to it fails first (seen when
+        # the kill lands as a task is deployed): said in the words the heartbeat uses.
+        rpc_to_dead = RuntimeError(
+            "Pipeline BeamApp-x failed in state FAILED: org.apache.flink.runtime.rpc."
+            "exceptions.RecipientUnreachableException: Could not send message [Remote"
+            "RpcInvocation(TaskExecutorGateway.submitTask(...))] from sender [Actor[pekko://"
+            "flink/temp/taskmanager_0$bC]] to recipient [Actor[pekko.tcp://flink@127.0.0.1:"
+            "36729/user/rpc/taskmanager_0#648072594]], because the recipient is unreachable.")
+        line = describe_failure(flink, "statistics", rpc_to_dead)
+        assert line.startswith(f"statistics: the Beam job failed on Flink (job server "
+                               f"{endpoint}): a TaskManager is no longer reachable "
+                               "(RecipientUnreachableException: Could not send message")
     down = PipelineOptions(["--runner=SparkRunner", f"--job_endpoint={nothing_there}"])
     assert describe_failure(down, "augment", RuntimeError("")) == (
         f"augment: cannot reach the Beam job server {nothing_there} (--job_endpoint) for "
