@@ -375,6 +375,9 @@ def flink_config(ports: Ports, state: Path) -> str:
         "heartbeat.rpc-failure-threshold": 1,
         # A failed task fails the job at once: the pipeline reports it, nothing retries.
         "restart-strategy.type": "none",
+        # A job whose only TaskManager is gone before it got its slots fails after 60 s
+        # (Flink waits 5 min by default); a live cluster hands its slots out at once.
+        "slot.request.timeout": 60000,
         "io.tmp.dirs": str(state / "tmp"), "process.working-dir": str(state / "work"),
         "blob.storage.directory": str(state / "blobs"), "web.tmpdir": str(state / "web"),
     }

@@ -202,9 +202,16 @@ def test_taskmanager_killed_mid_job_fails_the_step_in_one_line(engine_run: Engin
 
 
 def _flink_job_running(flink: local_cluster.Cluster) -> bool:
-    overview = local_cluster._http_json(
-        f"http://127.0.0.1:{flink.ports.master}/jobs/overview") or {}
-    return any(job.get("state") == "RUNNING" for job in overview.get("jobs", []))
+    """A job whose tasks run on the TaskManager: killing it then is a kill mid-job (a job
+    in state RUNNING may still be waiting for its slots, which fails differently)."""
+    base = f"http://127.0.0.1:{flink.ports.master}"
+    overview = local_cluster._http_json(f"{base}/jobs/overview") or {}
+    for job in overview.get("jobs", []):
+        if job.get("state") == "RUNNING":
+            detail = local_cluster._http_json(f"{base}/jobs/{job['jid']}") or {}
+            if any(v.get("status") == "RUNNING" for v in detail.get("vertices", [])):
+                return True
+    return False
 
 
 def test_failure_lines_name_the_engine_and_the_reason():
