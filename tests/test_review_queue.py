@@ -200,7 +200,10 @@ def test_a_writer_killed_mid_transaction_loses_nothing_committed(tmp_path):
 
 
 def test_a_writer_killed_at_a_random_moment_leaves_only_whole_records(tmp_path):
-    progress = SPAWN.Value("i", 0)
+    # No lock: the writer is killed at a random moment, possibly while holding the
+    # Value's lock, and reading through a lock a dead process holds waits forever (seen in
+    # CI). One writer storing one int needs no lock.
+    progress = SPAWN.Value("i", 0, lock=False)
     child = SPAWN.Process(target=_record_forever, args=(str(tmp_path), progress))
     child.start()
     deadline = time.monotonic() + 60
