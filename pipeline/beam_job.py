@@ -44,13 +44,14 @@ ENGINE_OF_RUNNER = {
 _JAVA_EXCEPTION = re.compile(r"\b(?:[a-z_$][\w$]*\.)+([A-Z][\w$]*(?:Exception|Error))\b")
 _PORTABLE_FAILURE = re.compile(r"^Pipeline \S+ failed in state \w+:\s*", re.S)
 _MAX_REASON_CHARS = 400
-# Flink reports a lost TaskManager in words that depend on what noticed first: the
-# heartbeat ("TaskManager with id ... is no longer reachable"), an RPC to it
-# ("RecipientUnreachableException ... taskmanager_0 ... the recipient is unreachable"), or
-# a data exchange ("Connection unexpectedly closed by remote task manager").
+# Flink reports a lost TaskManager in words that depend on what noticed first. The
+# heartbeat says it plainly ("TaskManager with id ... is no longer reachable"); these
+# others are restated in those words: an RPC to it ("RecipientUnreachableException ...
+# taskmanager_0 ... the recipient is unreachable"), a data exchange ("Connection
+# unexpectedly closed by remote task manager"), a heartbeat timeout.
 _LOST_TASKMANAGER = re.compile(
-    r"TaskManager with id .* is no longer reachable|RecipientUnreachable.*taskmanager"
-    r"|remote task manager|Heartbeat of TaskManager .* timed out", re.I)
+    r"RecipientUnreachable.*taskmanager|remote task manager"
+    r"|Heartbeat of TaskManager .* timed out", re.I)
 
 
 class JobServerStagingOptions(PipelineOptions):
@@ -163,7 +164,7 @@ def describe_failure(options: PipelineOptions, step: str, error: BaseException) 
     """One line: the step, the engine, and the engine's reason, with a hint when we can
     tell more than the engine did (a worker pool that is not there)."""
     reason = failure_reason(str(error)) or type(error).__name__
-    if _LOST_TASKMANAGER.search(reason) and "no longer reachable" not in reason:
+    if _LOST_TASKMANAGER.search(reason):
         reason = f"a TaskManager is no longer reachable ({reason})"
     line = f"{step}: the Beam job failed on {engine_name(options)}: {reason}"
     job_server = options.view_as(PortableOptions).job_endpoint
