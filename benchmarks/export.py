@@ -36,11 +36,11 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_transform as tft  # noqa: E402
 
 from benchmarks.serving import machine_facts  # noqa: E402
-from components.export import ServingModule, export_serving_model  # noqa: E402
+from components.export import (ServingModule, export_serving_model,  # noqa: E402
+                               save_serving_module)
 from components.models import build_model  # noqa: E402
 from pipeline.config import MODEL_REGISTRY, TrainConfig  # noqa: E402
-from pipeline.contract import (SIGNATURE_DEFAULT, SIGNATURE_EXAMPLES,  # noqa: E402
-                               SIGNATURE_EXPLAIN, SIGNATURE_UINT8)
+from pipeline.contract import SIGNATURE_UINT8  # noqa: E402
 
 
 class ServingModuleWithTftLayer(ServingModule):
@@ -53,13 +53,8 @@ class ServingModuleWithTftLayer(ServingModule):
 
 
 def export_with_tft_layer(keras_model, transform_graph_dir: str, export_dir: str) -> None:
-    module = ServingModuleWithTftLayer(keras_model, transform_graph_dir)
-    tf.saved_model.save(module, export_dir, signatures={
-        name: getattr(module, method).get_concrete_function()
-        for name, method in ((SIGNATURE_DEFAULT, "serve_int32"),
-                             (SIGNATURE_UINT8, "serve_uint8"),
-                             (SIGNATURE_EXAMPLES, "serve_examples"),
-                             (SIGNATURE_EXPLAIN, "explain"))})
+    save_serving_module(ServingModuleWithTftLayer(keras_model, transform_graph_dir),
+                        export_dir)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

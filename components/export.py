@@ -186,7 +186,11 @@ class ServingModule(tf.Module):
 def export_serving_model(keras_model: keras.Model, transform_graph_dir: str,
                          export_dir: str) -> None:
     """Writes the SavedModel with the serving and explain signatures to `export_dir`."""
-    module = ServingModule(keras_model, transform_graph_dir)
+    save_serving_module(ServingModule(keras_model, transform_graph_dir), export_dir)
+
+
+def save_serving_module(module: ServingModule, export_dir: str) -> None:
+    """Saves `module` with its four signatures under the contract's names."""
     signatures = {
         SIGNATURE_DEFAULT: module.serve_int32.get_concrete_function(),
         SIGNATURE_UINT8: module.serve_uint8.get_concrete_function(),
