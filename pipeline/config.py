@@ -7,6 +7,7 @@ can override any field: top-level keys are the section names below.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import re
@@ -309,11 +310,19 @@ def _weights(v: str) -> Optional[str]:
     return "must be 'none', 'imagenet' or the path of a .h5 weights file"
 
 
+def _local_directory(v: str) -> Optional[str]:
+    # fer-serve writes request logs with plain file I/O on the serving machine.
+    if "://" in v:
+        return "must be a local directory of the serving machine, not a URI"
+    return None
+
+
 def _optional(check: Callable[[Any], Optional[str]]) -> Callable[[Any], Optional[str]]:
     return lambda v: None if v is None else check(v)
 
 
-# Ranges and choices by dotted key; "*" stands for any registered model name.
+# Ranges and choices by dotted key; "*" stands for any registered model name or, inside
+# a part, any text ("monitor.*_js": every Jensen-Shannon threshold).
 RULES: dict[str, Callable[[Any], Optional[str]]] = {
     "profile": _one_of("default", "smoke"),
     "ingest.split_mode": _one_of("usage", "random"),
@@ -341,8 +350,27 @@ RULES: dict[str, Callable[[Any], Optional[str]]] = {
     # Negative only on purpose: it lets a model below the majority-class baseline through
     # (the cluster tests push untrained models to compare where they ran).
     "evaluation.baseline_margin": _between(-1, 1),
+    "infra_validation.mode": _one_of("load_and_query", "load_only"),
+    "infra_validation.server": _one_of("auto", "embedded", "tfserving"),
+    "infra_validation.load_timeout_s": _positive,
+    "infra_validation.request_timeout_s": _positive,
+    "infra_validation.canary_examples": _between(1, 1000),  # TF Serving reads <= 1,000 warm-ups
+    "infra_validation.explain_examples": _at_least(1),
+    "infra_validation.latency_requests": _at_least(0),
+    "infra_validation.max_difference": _at_least(0),
+    "infra_validation.probability_sum_tolerance": _at_least(0),
     "push.keep_versions": _at_least(1),
+    "push.request_log_dir": _local_directory,
     "push.request_log_sampling_rate": _between(0, 1),
+    "inference.min_batch_size": _at_least(1),
+    "inference.max_batch_size": _at_least(1),
+    "inference.num_shards": _at_least(0),
+    "monitor.*_js": _between(0, 1),
+    "monitor.*_linf": _between(0, 1),
+    "monitor.dark_level": _between(0, 255),
+    "monitor.bright_level": _between(0, 255),
+    "monitor.clipped_share": _between(0, 1),
+    "monitor.min_requests": _at_least(1),
     "metadata.mysql_port": _between(1, 65535),
 }
 
@@ -353,7 +381,8 @@ def _rule(key: str) -> Optional[Callable[[Any], Optional[str]]]:
     parts = key.split(".")
     for pattern, rule in RULES.items():
         wanted = pattern.split(".")
-        if len(wanted) == len(parts) and all(w in ("*", p) for w, p in zip(wanted, parts)):
+        if len(wanted) == len(parts) and all(fnmatch.fnmatchcase(p, w)
+                                             for w, p in zip(wanted, parts)):
             return rule
     return None
 
@@ -469,6 +498,25 @@ def _check_values(obj: Any, problems: list[str], prefix: str = "") -> None:
             _apply_rule(key, value, problems)
 
 
+# Pairs of keys whose first value must not exceed the second.
+ORDERED_PAIRS = (("inference.min_batch_size", "inference.max_batch_size"),
+                 ("monitor.dark_level", "monitor.bright_level"))
+
+
+def _check_pairs(config: PipelineConfig, problems: list[str]) -> None:
+    def value(key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(config, section), name)
+
+    for low, high in ORDERED_PAIRS:
+        try:
+            if value(low) > value(high):
+                problems.append(f"{low} ({value(low)!r}) must not exceed {high} "
+                                f"({value(high)!r})")
+        except TypeError:   # a value of the wrong type, already reported by _checked
+            pass
+
+
 def _apply_rule(key: str, value: Any, problems: list[str]) -> None:
     rule = _rule(key)
     if rule is None:
@@ -540,6 +588,7 @@ def load_config(path: Optional[str] = None, profile: str = "default",
             continue
         config = _merge(config, data, problems)
         _check_values(config, problems)
+        _check_pairs(config, problems)
         if problems:
             where = f"config file {source}" if source != "the command line" else source
             if len(problems) == 1:

@@ -53,6 +53,19 @@ BAD_CONFIGS = [
      ["train.models.vgg16.weights", "imagenet"]),
     ("not_mapping.yaml", "train: {models: {cnn: 5}}\n",
      ["train.models.cnn", "expected a mapping"]),
+    ("infra.yaml", "infra_validation: {mode: load, server: tfservng, load_timeout_s: -5,"
+                   " canary_examples: 0}\n",
+     ["4 problems", "infra_validation.mode", "load_and_query, load_only",
+      "infra_validation.server", "auto, embedded, tfserving", "load_timeout_s",
+      "greater than 0", "infra_validation.canary_examples", "between 1 and 1000"]),
+    ("monitor.yaml", "monitor: {brightness_js: -1, class_mix_linf: 2, min_requests: 0,"
+                     " dark_level: 250}\n",
+     ["4 problems", "monitor.brightness_js", "monitor.class_mix_linf", "between 0 and 1",
+      "monitor.min_requests", "monitor.dark_level (250) must not exceed monitor.bright_level"]),
+    ("inference.yaml", "inference: {min_batch_size: 512}\n",
+     ["inference.min_batch_size (512) must not exceed inference.max_batch_size (256)"]),
+    ("request_logs.yaml", "push: {request_log_dir: 's3://bucket/logs'}\n",
+     ["push.request_log_dir", "local directory of the serving machine"]),
     ("many.yaml", "train: {models: {cnn: {epochs: sixty, learning_rate: -1}}}\n"
                   "push: {keep_versions: 0}\nmonitors: {}\n",
      ["4 problems", "epochs", "learning_rate", "greater than 0", "push.keep_versions",
