@@ -285,7 +285,7 @@ def build_pipeline(pipeline: beam.Pipeline, faces_and_rejected: Any,
         (logs
          | f"Logs_{model.name}" >> beam.Map(log_value)
          | f"WriteLogs_{model.name}" >> beam.io.WriteToTFRecord(
-             fileio.join(output_dir, PREDICTION_LOGS_DIR, model.name, "prediction_logs"),
+             fileio.join(tmp, PREDICTION_LOGS_DIR, model.name, "prediction_logs"),
              coder=beam.coders.ProtoCoder(_prediction_log_class()),
              file_name_suffix=".tfrecord", num_shards=config.num_shards,
              shard_name_template="-SSSSS-of-NNNNN"))
@@ -449,9 +449,12 @@ def run_bulk_inferrer(data_uri: str, models: Sequence[ModelVersion], output_dir:
     paths = image_files(data_uri) if is_directory else []
     if is_directory and not paths:
         raise ValueError(f"{data_uri}: no files to read faces from")
+    if not is_directory:
+        read_header(data_uri, label_required=False)  # a CSV we cannot read creates nothing
+    # The job writes under a temporary directory; a failed job leaves the previous
+    # results in output_dir as they were.
     tmp = fileio.join(output_dir, _BEAM_TMP)
-    for stale in (tmp, fileio.join(output_dir, PREDICTION_LOGS_DIR)):
-        fileio.rmtree(stale)
+    fileio.rmtree(tmp)
     fileio.makedirs(output_dir)
 
     with beam_pipeline(beam_args, "infer") as pipeline:
@@ -463,6 +466,9 @@ def run_bulk_inferrer(data_uri: str, models: Sequence[ModelVersion], output_dir:
     records = sorted(read_jsonl(fileio.join(tmp, "predictions*")), key=_sort_key)
     rejected = sorted(read_jsonl(fileio.join(tmp, "rejected*")),
                       key=lambda r: (r["source"], r["line_number"] or 0))
+    logs_dir = fileio.join(output_dir, PREDICTION_LOGS_DIR)
+    fileio.rmtree(logs_dir)
+    fileio.copytree(fileio.join(tmp, PREDICTION_LOGS_DIR), logs_dir)
     fileio.rmtree(tmp)
     names = [m.name for m in models]
     predictions_path = fileio.join(output_dir, PREDICTIONS_FILE)

@@ -238,6 +238,7 @@ def test_named_versions_and_user_mistakes(serving_root, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (extra, err)
         assert len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out").exists(), extra   # a refused command creates nothing
 
 
 def test_multi_processing_direct_runner_gives_the_same_predictions(serving_root, tmp_path):
