@@ -17,7 +17,7 @@ from typing import Optional
 
 from pipeline.config import MODEL_NAMES, PipelineConfig, load_config
 from pipeline.dag import DATA, SCHEMA, STEP_NAMES, Step, build_steps
-from pipeline.errors import EXIT_USAGE, UserError, run_cli
+from pipeline.errors import EXIT_USAGE, UserError, is_user_error, run_cli
 
 TRAIN_COMMAND = "train"
 INFER_COMMAND = "infer"
@@ -474,9 +474,12 @@ def _main(argv: Optional[list[str]] = None) -> int:
                     MONITOR_COMMAND: lambda: _monitor(args),
                     "path": lambda: _path(args)}
         return handlers.get(args.command, lambda: _run(args, beam_args))()
-    except (UserError, PipelineError, ValueError, OSError) as error:
+    except (PipelineError, ValueError, OSError) as error:
         # Bad arguments, bad config, bad data (too many rejected rows), missing inputs, a
-        # file that cannot be written: say it in our words, no trace.
+        # file that cannot be written: say it in our words, no trace. Anything else, and
+        # a ValueError raised inside a library, is our bug: run_cli says where its trace is.
+        if not (isinstance(error, PipelineError) or is_user_error(error)):
+            raise
         print(f"[fer-pipeline] error: {error}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -4,9 +4,11 @@ Two kinds of failure, told apart on purpose:
 
 - A user's mistake (a mistyped path, a bad flag, a config value of the wrong type, a server
   that is not running): one line, or a short list, saying what is wrong and how to fix it,
-  and a non-zero exit status. Never a Python traceback. These are `UserError`s (or the
-  narrower errors each tool already raises for them).
-- Our own bug (any other exception): one line saying it is a bug in fer-pipeline and where
+  and a non-zero exit status. Never a Python traceback. These are `UserError`s, the
+  ValueErrors and OSErrors our own code raises with a message written for the user, and
+  OSErrors about the user's files and machine (missing, no permission, disk full):
+  `is_user_error` tells them apart.
+- Our own bug (any other exception, including a ValueError raised inside a library): one line saying it is a bug in fer-pipeline and where
   its traceback was written, so the user can report it; `FER_TRACEBACK=1` prints the
   traceback itself instead.
 
@@ -15,6 +17,8 @@ Two kinds of failure, told apart on purpose:
 """
 from __future__ import annotations
 
+import errno
+import linecache
 import os
 import sys
 import tempfile
@@ -31,6 +35,40 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 class UserError(Exception):
     """A mistake the user can fix; the message says what is wrong and what to do."""
+
+
+# Where our own code lives: a ValueError raised there by a `raise` statement carries a
+# message written for the user.
+_OUR_CODE = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               package) + os.sep
+                  for package in ("components", "pipeline", "serving"))
+# OSErrors about the user's files or machine, whoever raised them: the message names the path.
+_ENVIRONMENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError,
+                       NotADirectoryError, FileExistsError)
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error` is the user's to fix (one line, no traceback) rather than our bug."""
+    if isinstance(error, UserError):
+        return True
+    if isinstance(error, _ENVIRONMENT_ERRORS) or (
+            isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS):
+        return True
+    if isinstance(error, (ValueError, OSError)):
+        return _raised_on_purpose_by_our_code(error)
+    return False
+
+
+def _raised_on_purpose_by_our_code(error: BaseException) -> bool:
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    line = linecache.getline(filename, tb.tb_lineno).strip()
+    return filename.startswith(_OUR_CODE) and line.startswith("raise ")
 
 
 def report_bug(prog: str, error: BaseException) -> int:
@@ -58,13 +96,13 @@ def run_cli(prog: str, main: Callable[[Optional[list[str]]], int],
     """Runs a tool's main: user errors become one line, bugs become `report_bug`'s line."""
     try:
         return main(argv)
-    except UserError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - this is the one place that catches all
+        if is_user_error(error):
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            return EXIT_USAGE
         return report_bug(prog, error)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline.config import EvalConfig, load_config
 from pipeline.contract import CLASS_NAMES, IMAGE_SIZE, NUM_PIXELS
-from pipeline.errors import run_cli
+from pipeline.errors import is_user_error, run_cli
 from serving.client import (DEFAULT_MODELS, FerClient, ServerError, ServerUnavailable,
                             classify)
 from serving.review_intake import explain_face, queue_flagged
@@ -231,6 +231,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
         args.tolerance = tolerance(args)
         inputs = _load_inputs(args)
     except (OSError, ValueError) as error:
+        if not is_user_error(error):
+            raise
         print(f"fer-client: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     port = args.port

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from pipeline import fileio
-from pipeline.errors import run_cli
+from pipeline.errors import is_user_error, run_cli
 from serving.batching import (Batcher, BatchingConfig, format_batching_parameters,
                               read_batching_parameters)
 from serving.grpc_service import build_grpc_server
@@ -224,6 +224,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             args.request_log_max_file_bytes, args.request_log_max_file_seconds,
             args.request_log_queue_records)
     except (OSError, ValueError) as error:
+        if not is_user_error(error):
+            raise
         parser.error(str(error))
     args.batching = args.batching or bool(args.batching_parameters_file)
     return args
@@ -332,6 +334,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
     try:
         server = FerServer(config).start()
     except (OSError, ValueError) as error:
+        if not is_user_error(error):
+            raise
         print(f"fer-serve: {error}", file=sys.stderr)
         return 1
     print(f"fer-serve: gRPC on {args.host}:{server.grpc_port}, REST on "

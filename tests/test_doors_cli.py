@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline import cli, errors
@@ -136,6 +137,29 @@ def test_a_bug_is_one_line_with_where_its_traceback_is(capsys, monkeypatch, tmp_
     monkeypatch.setenv(errors.TRACEBACK_ENV, "1")
     status, output = _fer_pipeline(capsys, "dag")
     assert status == errors.EXIT_BUG and "Traceback" in output and "broken" in output
+
+
+def test_a_libraries_value_error_is_a_bug_and_ours_is_the_users(capsys, monkeypatch, tmp_path):
+    """A ValueError our code raises carries a message for the user; one raised inside a
+    library (here numpy) is our bug and keeps its traceback."""
+    def library_fails(args):
+        np.zeros(3).reshape(4)
+
+    monkeypatch.setattr(cli, "_dag", library_fails)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    status, output = _fer_pipeline(capsys, "dag")
+    assert status == errors.EXIT_BUG and "bug in fer-pipeline" in output
+    [saved] = tmp_path.glob("fer-pipeline-crash-*.txt")
+    assert "reshape" in saved.read_text()
+
+    status, output = _fer_pipeline(capsys, "run", "--data", str(tmp_path / "c.csv"),
+                                   "--output", str(tmp_path / "run"),
+                                   "--config", str(tmp_path / "missing.yaml"))
+    assert status == errors.EXIT_USAGE and "missing.yaml does not exist" in output
+    assert "bug" not in output and "Traceback" not in output
+    assert errors.is_user_error(PermissionError(13, "Permission denied", "/x"))
+    assert not errors.is_user_error(ValueError("raised without a traceback"))
 
 
 # --- absolute paths in every record -------------------------------------------------------
