@@ -189,3 +189,64 @@ def test_every_documented_config_key_exists(tmp_path, doc, span):
     path = tmp_path / "example.json"
     path.write_text(__import__("json").dumps(override))
     load_config(str(path))
+
+
+# --- the documented command lines -----------------------------------------------------------
+
+TOOLS = ("fer-pipeline", "fer-serve", "fer-client", "fer-review")
+
+
+def _command_lines(text: str) -> list[str]:
+    """Each `fer-*` command line of the indented or fenced examples, continuations joined,
+    comments dropped and optional `[...]` groups kept as if given."""
+    lines, joined, fenced = [], "", False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        if joined:
+            joined += " " + line
+        elif (fenced or raw.startswith("    ")) and any(line.startswith(tool + " ")
+                                                     for tool in TOOLS):
+            joined = line
+        else:
+            continue
+        if joined.endswith("\\"):
+            joined = joined[:-1].rstrip()
+            continue
+        command = re.sub(r"\s#.*$", "", joined)
+        lines.append(re.sub(r"\[([^\]]*)\]", r"\1", command).strip())
+        joined = ""
+    return [line for line in lines if "..." not in line and "<-" not in line
+            and "->" not in line]
+
+
+COMMAND_LINES = [(name, line) for name, text in DOC_TEXT.items()
+                 for line in _command_lines(text)]
+
+
+def _parse_command(argv: list[str]) -> None:
+    from serving import client_cli, review_app, server
+
+    tool, args = argv[0], argv[1:]
+    if tool == "fer-pipeline":
+        cli._parse(args)
+    else:
+        {"fer-serve": server.parse_args, "fer-client": client_cli.parse_args,
+         "fer-review": review_app.parse_args}[tool](args)
+
+
+def test_the_docs_have_command_lines_to_check():
+    tools = {line.split()[0] for _, line in COMMAND_LINES}
+    assert tools == set(TOOLS), tools
+    assert len(COMMAND_LINES) >= 20
+
+
+@pytest.mark.parametrize("doc, line", COMMAND_LINES,
+                         ids=[f"{d}:{line[:50]}" for d, line in COMMAND_LINES])
+def test_every_documented_command_line_parses(doc, line):
+    """A flag the docs show that the tool does not take fails here (argparse exits 2)."""
+    import shlex
+
+    _parse_command(shlex.split(line))
