@@ -30,7 +30,7 @@ from pipeline.contract import (BLESSINGS_FILE, INFRA_BLESSINGS_FILE, NUM_CLASSES
 from serving.model_config import ModelSpec, write_model_server_config
 from serving.model_manager import LoadedVersion, ModelManager
 from serving.warmup import (CONTRACT_SIGNATURES, canary_requests, read_warmup_requests,
-                            write_warmup_requests)
+                            request_inputs, write_warmup_requests)
 from tests.serving_fixtures import (TinyFerModel, example_bytes, push_version, random_images,
                                     save_tiny_model)
 
@@ -182,6 +182,27 @@ def test_load_only_does_not_query_and_writes_no_warmup(inputs, tmp_path, sandbox
     assert "first_call_ms" not in cnn.measurements and cnn.measurements["load_seconds"] > 0
     assert read_warmup_requests(str(out / "cnn" / SERVING_MODEL_DIR)) == []
     assert list(sandbox_tmp.iterdir()) == []
+
+
+def test_answers_that_differ_from_the_in_process_model_are_found(inputs):
+    """The check beyond TFX: a served answer 1e-3 away from the same SavedModel called in
+    process (a server that computes differently) is a problem naming signature and output."""
+    version_dir = os.path.join(inputs["good"], SERVING_MODEL_DIR)
+    canaries = infra_validator.read_canary_examples(inputs["examples"], 2)
+    requests = canary_requests("cnn", canaries, CONTRACT_SIGNATURES)
+    loaded = tf.saved_model.load(version_dir)
+    answers = {}
+    for request in requests:
+        signature = request.model_spec.signature_name
+        call = loaded.signatures[signature]
+        answers[signature] = {k: v.numpy() for k, v in call(**{
+            k: tf.constant(v) for k, v in request_inputs(request).items()}).items()}
+    differences = infra_validator._in_process_differences
+    assert differences(version_dir, requests, answers, 1e-5) == []
+    answers["serving_uint8"]["probabilities"] = answers["serving_uint8"]["probabilities"] + 1e-3
+    [problem] = differences(version_dir, requests, answers, 1e-5)
+    assert problem.startswith("serving_uint8 probabilities differs from the in-process "
+                              "SavedModel by 0.001")
 
 
 def test_a_model_the_gate_held_back_is_not_served(inputs, tmp_path, sandbox_tmp):
