@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--model", choices=MODEL_NAMES,
                               help="train only this model (default: all)")
         if name in ("evaluate", "push"):
-            step.add_argument("--models", default=",".join(MODEL_NAMES))
+            step.add_argument("--models", default=",".join(MODEL_NAMES),
+                              help=f"which registered models to {name} (comma-separated)")
 
     lineage = commands.add_parser(
         "lineage", help="where a served model version came from (ML Metadata)",
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         "are baked into the data steps (e.g. --runner=DataflowRunner ...).",
         epilog=BEAM_EPILOG)
     compile_.add_argument("--kfp", required=True, metavar="PIPELINE_YAML")
-    compile_.add_argument("--models", default=",".join(MODEL_NAMES))
+    compile_.add_argument("--models", default=",".join(MODEL_NAMES),
+                          help="which registered models the pipeline trains (comma-separated)")
     compile_.add_argument("--image", default="fer-pipeline:latest",
                           help="container image the components run in (see Dockerfile)")
     compile_.add_argument("--bulk-inference", action="store_true",
@@ -457,7 +459,7 @@ def _parse(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
         return args, extra
     raise UserError(f"{args.command}: unrecognized argument(s) {' '.join(extra)} (see "
                     f"`fer-pipeline {args.command} --help`; Beam options are taken only by "
-                    f"run, compile and the Beam steps)")
+                    f"run, compile, infer and the Beam steps)")
 
 
 def _main(argv: Optional[list[str]] = None) -> int:

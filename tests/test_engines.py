@@ -10,7 +10,7 @@ through the CLI exactly as the README shows, and every output must equal the Dir
 on the same CSV: examples per split and the augmented training split by content
 (order-free), rejected rows with line numbers and reasons, the duplicates report, TFDV
 statistics (counts, histograms), TFT's mean and std. On Flink the run goes on from those
-outputs to a pushed CNN, and a TaskManager killed mid-job must end the step with one line
+outputs to a pushed CNN, bulk inference with it runs on Flink too, and a TaskManager killed mid-job must end the step with one line
 naming Flink and the cause, leaving the committed output in force.
 
 Dataflow cannot run here; what can be checked offline is that it translates every Beam
@@ -21,6 +21,7 @@ Select these with `pytest -m engines`; `make test` runs them (after `make engine
 """
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import socket
@@ -38,11 +39,12 @@ from components.transform import read_normalization
 from pipeline import local_cluster
 from pipeline.artifacts import read_commit
 from pipeline.beam_job import BeamJobNotRun, describe_failure
-from pipeline.contract import DUPLICATES_FILE, REJECTED_DIR, REJECTED_FILE, SPLITS
+from pipeline.contract import (DUPLICATES_FILE, INFERENCE_REJECTED_FILE, PREDICTION_LOGS_DIR,
+                               PREDICTIONS_FILE, REJECTED_DIR, REJECTED_FILE, SPLITS)
 from pipeline.dag import build_steps
 from pipeline.kfp_pipeline import run_component
 from tests import engine_fixtures
-from tests.engine_fixtures import EngineData, EngineRun, run_cli
+from tests.engine_fixtures import ENGINE_ROWS, EngineData, EngineRun, run_cli
 
 pytestmark = pytest.mark.engines
 
@@ -159,6 +161,37 @@ def test_flink_run_goes_on_to_a_pushed_model(engine_run: EngineRun):
     cnn = push["result"]["models"]["cnn"]
     assert cnn["pushed"], cnn
     assert (Path(cnn["path"]) / "saved_model.pb").exists()
+
+
+@only_on_flink
+def test_bulk_inference_on_flink_equals_the_direct_runners(engine_run: EngineRun,
+                                                           engine_data: EngineData, tmp_path):
+    """`fer-pipeline infer` takes the data steps' Beam flags: on Flink (parallelism 2) it
+    scores the dirty CSV with the CNN the Flink run pushed as the DirectRunner does."""
+    serving_root = str(Path(engine_run.root) / "serving_models")
+    outputs = {}
+    for runner, flags in (("flink", engine_run.cluster.beam_args(parallelism=2)),
+                          ("direct", [])):
+        outputs[runner] = tmp_path / runner
+        assert run_cli(["infer", "--data", engine_data.csv, "--output", str(outputs[runner]),
+                        "--serving-root", serving_root, "--models", "cnn", *flags]) == 0, runner
+    flink, direct = (_csv_rows(outputs[r] / PREDICTIONS_FILE) for r in ("flink", "direct"))
+    assert len(flink) == len(direct) > ENGINE_ROWS // 2
+    for ours, theirs in zip(flink, direct):
+        numbers = [k for k in ours if k.endswith("confidence")]
+        assert {k: v for k, v in ours.items() if k not in numbers} == \
+            {k: v for k, v in theirs.items() if k not in numbers}
+        for key in numbers:   # batches differ between runners: float sums in another order
+            assert float(ours[key]) == pytest.approx(float(theirs[key]), abs=1e-5), key
+    assert (outputs["flink"] / INFERENCE_REJECTED_FILE).read_text() == \
+        (outputs["direct"] / INFERENCE_REJECTED_FILE).read_text()
+    logs = Path(outputs["flink"], PREDICTION_LOGS_DIR, "cnn") / "prediction_logs-*.tfrecord"
+    assert len(_records(logs)) == len(flink)
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 # ----------------------------------------------------------------------------- faults
