@@ -379,7 +379,9 @@ def test_server_killed_mid_load_leaves_readable_logs(tmp_path, template):
                 thread.join()
     closed = [f for f in log_files(logs) if f.endswith(LOG_SUFFIX)]
     still_open = [f for f in log_files(logs) if f.endswith(OPEN_SUFFIX)]
-    assert closed and len(still_open) == 1
+    # At most one open file: the writer opens the next file with the next record after a
+    # rotation, so a kill between the two leaves none (CI's run hit that gap).
+    assert closed and len(still_open) <= 1, still_open
     # Every closed file is whole: TF's own reader gets through it without an error.
     for path in closed:
         assert sum(1 for _ in tf.data.TFRecordDataset(path)) > 0
