@@ -27,7 +27,7 @@ $(S3_STAMP): Makefile $(STAMP)
 	@test -x $(S3_VENV)/bin/python || $(PYTHON) -m venv $(S3_VENV)
 	@echo "== setting up $(S3_VENV) ($(S3_SERVER_PIN), the S3 server the object-store tests use)"
 	@if [ -x $(BIN)/uv ]; then \
-	  $(BIN)/uv pip install --quiet --python $(S3_VENV)/bin/python "$(S3_SERVER_PIN)"; \
+	  $(BIN)/uv pip install --quiet --compile-bytecode --python $(S3_VENV)/bin/python "$(S3_SERVER_PIN)"; \
 	else \
 	  $(S3_VENV)/bin/pip install $(PIP_QUIET) "$(S3_SERVER_PIN)"; \
 	fi
@@ -40,13 +40,17 @@ PIP_QUIET := --quiet --no-warn-script-location --disable-pip-version-check
 
 # uv installs the same exact pins as pip (the same versions, checked) in a fraction of pip's
 # time (docs/benchmarks.md, "Set-up"); pip is the fallback when uv cannot be installed.
+# --compile-bytecode: uv, unlike pip, writes no .pyc files, and where PYTHONDONTWRITEBYTECODE
+# is set (CI) Python never writes them either, so every process (fer-serve, each Kubeflow
+# component, each Beam worker) compiled TensorFlow's sources again: importing TF, Beam and
+# TFT took 21 s instead of 10. Compiling once costs about 50 s of set-up.
 UV_PIN := uv==0.13.9
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "== setting up $(VENV) from requirements.lock (about 2-3 minutes the first time, mostly downloads)"
 	@if $(BIN)/pip install $(PIP_QUIET) "$(UV_PIN)" >/dev/null 2>&1; then \
-	  $(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock; \
+	  $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements.lock; \
 	else \
 	  echo "== uv unavailable: installing with pip (slower)"; \
 	  $(BIN)/pip install $(PIP_QUIET) --upgrade pip && \
