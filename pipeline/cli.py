@@ -476,7 +476,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
                     MONITOR_COMMAND: lambda: _monitor(args),
                     "path": lambda: _path(args)}
         return handlers.get(args.command, lambda: _run(args, beam_args))()
-    except (PipelineError, ValueError, OSError) as error:
+    except (UserError, PipelineError, ValueError, OSError) as error:
         # Bad arguments, bad config, bad data (too many rejected rows), missing inputs, a
         # file that cannot be written: say it in our words, no trace. Anything else, and
         # a ValueError raised inside a library, is our bug: run_cli says where its trace is.

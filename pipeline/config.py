@@ -509,10 +509,10 @@ def _check_pairs(config: PipelineConfig, problems: list[str]) -> None:
         return getattr(getattr(config, section), name)
 
     for low, high in ORDERED_PAIRS:
+        smaller, larger = value(low), value(high)
         try:
-            if value(low) > value(high):
-                problems.append(f"{low} ({value(low)!r}) must not exceed {high} "
-                                f"({value(high)!r})")
+            if smaller > larger:
+                problems.append(f"{low} ({smaller!r}) must not exceed {high} ({larger!r})")
         except TypeError:   # a value of the wrong type, already reported by _checked
             pass
 

@@ -8,9 +8,9 @@ Two kinds of failure, told apart on purpose:
   ValueErrors and OSErrors our own code raises with a message written for the user, and
   OSErrors about the user's files and machine (missing, no permission, disk full):
   `is_user_error` tells them apart.
-- Our own bug (any other exception, including a ValueError raised inside a library): one line saying it is a bug in fer-pipeline and where
-  its traceback was written, so the user can report it; `FER_TRACEBACK=1` prints the
-  traceback itself instead.
+- Our own bug (any other exception, including a ValueError raised inside a library): one
+  line saying it is a bug in fer-pipeline and where its traceback was written, so the user
+  can report it; `FER_TRACEBACK=1` prints the traceback itself instead.
 
 `run_cli` wraps a tool's main function to do this; every console script of this project
 (`fer-pipeline`, `fer-serve`, `fer-client`, `fer-review`) goes through it.
