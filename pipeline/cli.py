@@ -496,7 +496,10 @@ def _synth(args: argparse.Namespace) -> int:
         raise UserError(f"synth: cannot write {args.out}: directory {directory} does not exist")
     result = generate_csv(args.out, rows=args.rows, seed=args.seed,
                           include_usage=not args.no_usage)
-    print(f"[fer-pipeline] wrote {args.rows} rows to {args.out}: {result}")
+    classes = ", ".join(f"{name} {count}" for name, count in result.label_counts.items())
+    splits = ", ".join(f"{usage} {count}" for usage, count in result.usage_counts.items())
+    print(f"[fer-pipeline] wrote {result.rows} synthetic faces (seed {result.seed}) to "
+          f"{result.path} in {result.seconds:.1f} s: {classes}" + (f"; {splits}" if splits else ""))
     return 0
 
 

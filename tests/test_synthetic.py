@@ -86,3 +86,18 @@ def test_faces_depend_on_label_and_are_distinct():
 def test_draw_faces_rejects_bad_labels():
     with pytest.raises(ValueError):
         draw_faces(np.array([0, 7]), np.random.default_rng(0))
+
+
+def test_the_synth_command_says_what_it_wrote_in_words(tmp_path, capsys):
+    from pipeline.cli import main
+
+    path = tmp_path / "fer.csv"
+    assert main(["synth", "--rows", "50", "--out", str(path), "--seed", "4"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    counts = {name: sum(int(r["emotion"]) == k for r in rows)
+              for k, name in enumerate(CLASS_NAMES)}
+    assert line.startswith(f"[fer-pipeline] wrote 50 synthetic faces (seed 4) to {path} in ")
+    assert ", ".join(f"{name} {n}" for name, n in counts.items()) in line
+    assert "Training" in line and "SynthResult" not in line
