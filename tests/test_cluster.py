@@ -34,7 +34,7 @@ BIN = os.path.dirname(sys.executable)
 ROWS = 700
 OVERRIDES = {
     "train": {"models": {"cnn": {"epochs": 1, "max_train_examples": 256},
-                         "vgg16": {"epochs": 1, "max_train_examples": 64}}},
+                         "vgg16": {"epochs": 1, "max_train_examples": 32}}},
     "evaluation": {"min_accuracy": {m: 0.0 for m in MODEL_NAMES}, "baseline_margin": -1.0},
 }
 # Outputs that must be byte-identical wherever the pipeline ran. The transform is compared

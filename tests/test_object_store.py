@@ -68,6 +68,31 @@ def test_fileio_round_trips_files_and_trees(s3, tmp_path):
     assert (tmp_path / "x.json").read_text() == "[]"
 
 
+def test_beams_s3_filesystem_shares_one_boto3_client_per_settings(s3):
+    """pipeline/beam_job.share_s3_clients: Beam builds a client per S3 operation; ours
+    reuse one boto3 client per S3 settings, each operation keeping its own Beam wrapper."""
+    from apache_beam.io.aws.s3io import S3IO
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    import pipeline.beam_job  # noqa: F401  (installs the sharing, as every Beam step does)
+
+    options = PipelineOptions(s3.beam_args)
+    first, second = S3IO(options=options), S3IO(options=options)
+    assert first.client is not second.client                 # Beam's wrappers: one each
+    assert first.client.client is second.client.client       # one boto3 client
+    other = S3IO(options=PipelineOptions([*s3.beam_args, "--s3_region_name=eu-west-3"]))
+    assert other.client.client is not first.client.client
+    # And it still talks to the server: write through Beam, read back through Beam.
+    uri = s3.uri("shared-client", "hello.txt")
+    fileio.configure_beam_filesystems(s3.beam_args)
+    with FileSystems.create(uri) as handle:
+        handle.write(b"hello")
+    with FileSystems.open(uri) as handle:
+        assert handle.read() == b"hello"
+    assert FileSystems.exists(uri)
+
+
 # ------------------------------------------------------------------------- ingest
 
 @pytest.fixture(scope="module")
