@@ -102,11 +102,12 @@ MVN_ENGINES := mvn -q -B -Dstyle.color=never -Dmaven.repo.local=$(CURDIR)/$(ENGI
 
 engines: $(ENGINES_DIR)/flink/beam-flink-job-server.jar $(ENGINES_DIR)/spark/beam-spark-job-server.jar
 
-# pipeline/engines/*.java (compiled by `install`) is ours: see NothingToStage.java.
-$(ENGINES_DIR)/flink/beam-flink-job-server.jar: pipeline/engines/flink.pom.xml pipeline/engines/NothingToStage.java pipeline/local_cluster.py $(STAMP)
+# pipeline/engines/*.java and pipeline/engines/<engine>/*.java (compiled by `install`) are
+# ours: NothingToStage.java and BoundServerFactory.java say why.
+$(ENGINES_DIR)/flink/beam-flink-job-server.jar: pipeline/engines/flink.pom.xml $(wildcard pipeline/engines/*.java pipeline/engines/flink/*.java) pipeline/local_cluster.py $(STAMP)
 	$(call fetch_engine,flink)
 
-$(ENGINES_DIR)/spark/beam-spark-job-server.jar: pipeline/engines/spark.pom.xml pipeline/engines/NothingToStage.java pipeline/local_cluster.py $(STAMP)
+$(ENGINES_DIR)/spark/beam-spark-job-server.jar: pipeline/engines/spark.pom.xml $(wildcard pipeline/engines/*.java pipeline/engines/spark/*.java) pipeline/local_cluster.py $(STAMP)
 	$(call fetch_engine,spark)
 
 define fetch_engine

@@ -73,15 +73,18 @@ JAVA_OPENS = [f"--add-opens=java.base/{package}=ALL-UNNAMED" for package in (
     "--add-exports=java.rmi/sun.rmi.registry=ALL-UNNAMED",
     "--add-exports=java.security.jgss/sun.security.krb5=ALL-UNNAMED"]
 
-# Our own Java (pipeline/engines/*.java), compiled by `make engines`; on every classpath.
+# Our own Java, compiled by `make engines` into .engines/<engine>/fer-engines.jar, on every
+# classpath of that engine: pipeline/engines/*.java and pipeline/engines/<engine>/*.java.
 OUR_JAR = "fer-engines.jar"
 # The job servers find nothing to ship with a job (see pipeline/engines/NothingToStage.java):
 # the daemons already hold the same jars.
 NOTHING_TO_STAGE = ("--pipeline_resources_detector_factory_class="
                     "ferpipeline.engines.NothingToStage")
 
-FLINK_JOB_SERVER_MAIN = "org.apache.beam.runners.flink.FlinkJobServerDriver"
-SPARK_JOB_SERVER_MAIN = "org.apache.beam.runners.spark.SparkJobServerDriver"
+# Beam's job server drivers, with the job and artifact ports bound to --job-host only
+# (pipeline/engines/BoundServerFactory.java: Beam's own listen on all interfaces).
+FLINK_JOB_SERVER_MAIN = "ferpipeline.engines.flink.LoopbackFlinkJobServer"
+SPARK_JOB_SERVER_MAIN = "ferpipeline.engines.spark.LoopbackSparkJobServer"
 
 
 class ClusterError(RuntimeError):
@@ -174,7 +177,7 @@ class Cluster:
 
 def classpath(engine: str, home: Path = ENGINES_HOME) -> list[str]:
     """The jars `make engines` resolved for `engine`, and ours, as absolute paths."""
-    ours = home / OUR_JAR
+    ours = home / engine / OUR_JAR
     if not ours.exists():
         raise ClusterError(f"{ours} is missing: run `make engines` (it compiles "
                            "pipeline/engines/*.java)")
@@ -216,21 +219,24 @@ def install(engine: str, home: Path = ENGINES_HOME) -> Path:
 
 
 def compile_our_classes(engine: str, home: Path = ENGINES_HOME) -> Path:
-    """Compiles pipeline/engines/*.java against `engine`'s jars into .engines/fer-engines.jar
-    (the job servers' NothingToStage: see its source for why). Both engines' classpaths
-    hold the same Beam 2.62.0 SDK, so either builds the same jar."""
-    sources = sorted(str(p) for p in (PROJECT_ROOT / "pipeline" / "engines").glob("*.java"))
+    """Compiles our Java for `engine` (pipeline/engines/*.java, shared, and
+    pipeline/engines/<engine>/*.java) against its jars into .engines/<engine>/fer-engines.jar:
+    NothingToStage and the job server driver bound to --job-host (see their sources)."""
+    sources_dir = PROJECT_ROOT / "pipeline" / "engines"
+    sources = sorted(str(p) for p in [*sources_dir.glob("*.java"),
+                                      *(sources_dir / engine).glob("*.java")])
     beam_jars = maven_classpath(engine, home)
-    classes = home / "classes"
+    classes = home / engine / "classes"
     if classes.exists():
         shutil.rmtree(classes)
+    classes.mkdir(parents=True)
     built = subprocess.run(["javac", "--release", "11", "-nowarn", "-cp",
                             os.pathsep.join(beam_jars), "-d", str(classes), *sources],
                            capture_output=True, text=True)
     if built.returncode != 0:
         raise ClusterError(f"javac could not compile {', '.join(sources)}: "
                            f"{(built.stderr or built.stdout).strip()[-400:]}")
-    jar_path = home / OUR_JAR
+    jar_path = home / engine / OUR_JAR
     with zipfile.ZipFile(jar_path.with_suffix(".tmp"), "w") as jar:
         for path in sorted(classes.rglob("*.class")):
             jar.write(path, path.relative_to(classes).as_posix())
@@ -355,9 +361,15 @@ def flink_config(ports: Ports, state: Path) -> str:
         "rest.port": ports.master,
         "taskmanager.host": "127.0.0.1", "taskmanager.bind-host": "127.0.0.1",
         "jobmanager.memory.process.size": "768m",
-        "taskmanager.memory.process.size": "1280m",
+        "taskmanager.memory.process.size": "1536m",
         "taskmanager.memory.managed.size": "128m",
         "taskmanager.memory.network.min": "128m", "taskmanager.memory.network.max": "128m",
+        # Beam's Fn API (gRPC over Netty) moves every element between the TaskManager and
+        # the Python workers in direct memory, which Flink caps at its off-heap budgets
+        # (256 MiB by default here, half of it the network buffers). At 35,887 faces the
+        # data channel failed inside that cap ("Server sendMessage() failed with Error")
+        # and the job hung; task off-heap memory raises the cap by its size.
+        "taskmanager.memory.task.off-heap.size": "256m",
         "taskmanager.numberOfTaskSlots": 2, "parallelism.default": 2,
         # Batch shuffles reserve 512 network buffers each by default, more than a small
         # TaskManager has for a Beam job's many exchanges.

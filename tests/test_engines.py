@@ -22,6 +22,7 @@ Select these with `pytest -m engines`; `make test` runs them (after `make engine
 from __future__ import annotations
 
 import csv
+import ipaddress
 import json
 import shutil
 import socket
@@ -232,6 +233,37 @@ def test_taskmanager_killed_mid_job_fails_the_step_in_one_line(engine_run: Engin
         print(f"the failure reached the CLI {took:.0f} s after the kill")
     finally:
         local_cluster.restart_role(flink_cluster, "taskmanager")
+
+
+# ----------------------------------------------------------------------------- doors
+
+def test_the_job_server_listens_on_loopback_only(cluster: local_cluster.Cluster):
+    """Whoever reaches a job server's job port can run code on the cluster. Beam's own
+    drivers listen on every interface whatever --job-host says; ours bind the job and
+    artifact ports to it (pipeline/engines/BoundServerFactory.java), 127.0.0.1 here."""
+    for door in ("job", "artifact", "expansion"):
+        port = getattr(cluster.ports, door)
+        addresses = _listening_addresses(port)
+        assert addresses, f"nothing listens on the {door} port {port}"
+        assert all(address.is_loopback for address in addresses), (door, addresses)
+
+
+def _listening_addresses(port: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The local addresses of the TCP sockets listening on `port` (/proc/net/tcp, tcp6),
+    IPv4-mapped IPv6 addresses as IPv4 ones."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, _remote, state = line.split()[1:4]
+            address_hex, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:   # 0A: LISTEN
+                continue
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(bytes.fromhex(address_hex[i:i + 8])[::-1]
+                           for i in range(0, len(address_hex), 8))
+            address = ipaddress.ip_address(raw)
+            found.add(getattr(address, "ipv4_mapped", None) or address)
+    return found
 
 
 def _flink_job_running(flink: local_cluster.Cluster) -> bool:
