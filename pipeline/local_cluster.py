@@ -361,15 +361,21 @@ def flink_config(ports: Ports, state: Path) -> str:
         "rest.port": ports.master,
         "taskmanager.host": "127.0.0.1", "taskmanager.bind-host": "127.0.0.1",
         "jobmanager.memory.process.size": "768m",
-        "taskmanager.memory.process.size": "1536m",
         "taskmanager.memory.managed.size": "128m",
         "taskmanager.memory.network.min": "128m", "taskmanager.memory.network.max": "128m",
-        # Beam's Fn API (gRPC over Netty) moves every element between the TaskManager and
-        # the Python workers in direct memory, which Flink caps at its off-heap budgets
-        # (256 MiB by default here, half of it the network buffers). At 35,887 faces the
-        # data channel failed inside that cap ("Server sendMessage() failed with Error")
-        # and the job hung; task off-heap memory raises the cap by its size.
+        # Beam's Fn API moves every element between the TaskManager and the Python workers
+        # through gRPC: received into the heap, sent from direct memory. At the full data
+        # set (35,887 faces) Flink's small defaults here (a 448 MiB heap, direct memory
+        # capped at 256 MiB with half of it network buffers) ran out of both in ingest and
+        # transform. These budgets are caps, not reservations.
+        "taskmanager.memory.task.heap.size": "1536m",
         "taskmanager.memory.task.off-heap.size": "256m",
+        # A daemon that runs out of memory, or whose gRPC thread dies of an uncaught
+        # error, exits: the job then fails with a lost TaskManager within the heartbeat
+        # timeout below. Flink's defaults only log it, and the job waits forever on a data
+        # channel nobody serves (seen: a Beam step hung 10 minutes, idle).
+        "taskmanager.jvm-exit-on-oom": "true",
+        "cluster.uncaught-exception-handling": "FAIL",
         "taskmanager.numberOfTaskSlots": 2, "parallelism.default": 2,
         # Batch shuffles reserve 512 network buffers each by default, more than a small
         # TaskManager has for a Beam job's many exchanges.
