@@ -131,7 +131,7 @@ def _short_command(pid: int, name: str) -> str:
     if "pipeline.worker_pool" in text or "worker_pool_main" in text:
         return "worker pool"
     if name.startswith("python"):
-        return "python (DirectRunner worker)"
+        return "python (other child process)"
     return name
 
 

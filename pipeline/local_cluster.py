@@ -436,7 +436,7 @@ def _start_spark(cluster: Cluster, jars: list[str], home: Path) -> None:
             "-Dspark.worker.cleanup.enabled=true", "-Dspark.worker.cleanup.interval=60",
             "-Dspark.worker.cleanup.appDataTtl=60", *java_cp,
             "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-            "--cores", "2", "--memory", "1g", "--work-dir", str(state / "work"),
+            "--cores", "2", "--memory", "2g", "--work-dir", str(state / "work"),
             "--webui-port", str(cluster.ports.worker_ui), master_url], env)
     _wait(cluster, "master with an alive worker",
           lambda: (_http_json(f"http://127.0.0.1:{cluster.ports.master_ui}/json/") or {})
@@ -446,7 +446,10 @@ def _start_spark(cluster: Cluster, jars: list[str], home: Path) -> None:
            ["java", *JAVA_OPENS, "-Xmx512m",
             # The job server is the Spark driver; SparkConf reads these system properties.
             f"-Dspark.executor.extraJavaOptions={executor_opts}",
-            "-Dspark.executor.memory=512m", "-Dspark.driver.host=127.0.0.1",
+            # Beam's gRPC data channel to the Python workers receives into the heap: at
+            # the full data set (35,887 faces) a 512 MiB executor ran out of it in
+            # transform. A cap, not a reservation.
+            "-Dspark.executor.memory=1536m", "-Dspark.driver.host=127.0.0.1",
             # One Spark application for all the jobs this server runs, so its executor
             # (a JVM on the Worker) starts once, not once per job. Beam names the switch
             # for tests; it is what a long-running job server on one cluster wants.
