@@ -27,8 +27,10 @@ also needs the jars under <spark home>/jars to launch executors: symlinks, built
 
 Every process is started in its own session with its pid recorded in
 .engines/run/<engine>/cluster.json; `down` ends exactly those process groups (the worker
-pool's group includes the Python workers it started). Memory is kept small for a shared
-2-core machine: JVM heaps of 256-512 MiB, a 1.25 GiB TaskManager process.
+pool's group includes the Python workers it started). Memory is capped for a shared
+machine: daemons' heaps of 256-512 MiB, and the heaps that hold the data as it passes to
+the Python workers (Flink's TaskManager, Spark's executor) 1.5 GiB, what the full data
+set (35,887 faces) needs.
 
 CLI: python -m pipeline.local_cluster {install|up|down|status|args} {flink|spark}
 """
