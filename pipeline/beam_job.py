@@ -20,6 +20,7 @@ pipelines here too, so they run on the same engines and fail the same way.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import re
 import socket
@@ -238,7 +239,8 @@ def _runner_name(runner: object) -> str:
 # S3 service model again: about 0.3 s of CPU each on these machines, and ingest, augment
 # and transform of a small CSV on s3:// made 88 of them (30 s of CPU). One boto3 client per
 # set of S3 settings, shared, removes that; boto3 clients are thread-safe. Beam's wrapper
-# around it keeps per-download state, so each S3IO still gets a wrapper of its own.
+# around it keeps per-download state, so each S3IO still gets a wrapper of its own: a
+# shallow copy of one built once per settings and never used itself.
 _S3_SETTINGS = ("s3_access_key_id", "s3_secret_access_key", "s3_session_token",
                 "s3_endpoint_url", "s3_region_name", "s3_api_version", "s3_verify",
                 "s3_disable_ssl")
@@ -253,26 +255,18 @@ def share_s3_clients() -> None:
     if getattr(boto3_client.Client, "shares_boto3_clients", False):
         return
     beams_client = boto3_client.Client
-    clients: dict[tuple, Any] = {}
+    unused_wrappers: dict[tuple, Any] = {}
     lock = threading.Lock()
 
-    class SharedBoto3Client(beams_client):
-        shares_boto3_clients = True
+    def shared_client(options):
+        key = _s3_settings(options)
+        with lock:
+            if key not in unused_wrappers:
+                unused_wrappers[key] = beams_client(options)   # builds the boto3 client
+        return copy.copy(unused_wrappers[key])
 
-        def __init__(self, options) -> None:
-            key = _s3_settings(options)
-            with lock:
-                if key not in clients:
-                    super().__init__(options)            # builds a new boto3 client
-                    clients[key] = self.client
-                    return
-            # What Beam's __init__ sets besides the boto3 client (Beam 2.59).
-            self.client = clients[key]
-            self._download_request = None
-            self._download_stream = None
-            self._download_pos = 0
-
-    boto3_client.Client = SharedBoto3Client
+    shared_client.shares_boto3_clients = True
+    boto3_client.Client = shared_client
 
 
 def _s3_settings(options) -> tuple:
