@@ -84,7 +84,8 @@ NOTHING_TO_STAGE = ("--pipeline_resources_detector_factory_class="
                     "ferpipeline.engines.NothingToStage")
 
 # Beam's job server drivers, with the job and artifact ports bound to --job-host only
-# (pipeline/engines/BoundServerFactory.java: Beam's own listen on all interfaces).
+# (pipeline/engines/LoopbackJobServer.java, BoundServerFactory.java: Beam's own listen on
+# all interfaces).
 FLINK_JOB_SERVER_MAIN = "ferpipeline.engines.flink.LoopbackFlinkJobServer"
 SPARK_JOB_SERVER_MAIN = "ferpipeline.engines.spark.LoopbackSparkJobServer"
 

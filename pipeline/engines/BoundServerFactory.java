@@ -2,7 +2,7 @@
 // server with NettyServerBuilder.forPort(port): it listens on all interfaces, whatever the
 // host. For a job server that is a door to running code on the cluster (anyone who reaches
 // the job port can submit a pipeline), so ours bind the job and artifact-staging servers
-// to the configured host only (see flink/ and spark/ for the drivers that use this).
+// to the configured host only (LoopbackJobServer.java runs Beam's job service with it).
 package ferpipeline.engines;
 
 import java.io.IOException;

@@ -1,30 +1,19 @@
-// Beam's FlinkJobServerDriver with its job and artifact servers bound to --job-host only
-// (../BoundServerFactory.java says why). Same flags, same job service.
+// Beam's FlinkJobServerDriver, run as ../LoopbackJobServer.java: the same flags and job
+// service, with the job and artifact ports bound to --job-host only.
 package ferpipeline.engines.flink;
 
-import ferpipeline.engines.BoundServerFactory;
+import ferpipeline.engines.LoopbackJobServer;
 import org.apache.beam.runners.flink.FlinkJobInvoker;
 import org.apache.beam.runners.flink.FlinkJobServerDriver;
 import org.apache.beam.runners.flink.FlinkJobServerDriver.FlinkServerConfiguration;
-import org.apache.beam.runners.jobsubmission.JobServerDriver;
-import org.apache.beam.sdk.extensions.gcp.options.GcsOptions;
-import org.apache.beam.sdk.io.FileSystems;
-import org.apache.beam.sdk.options.PipelineOptions;
-import org.apache.beam.sdk.options.PipelineOptionsFactory;
 
-public final class LoopbackFlinkJobServer extends JobServerDriver {
+public final class LoopbackFlinkJobServer {
 
-  private LoopbackFlinkJobServer(FlinkServerConfiguration configuration) {
-    super(configuration, new BoundServerFactory(configuration.getHost()),
-        new BoundServerFactory(configuration.getHost()),
-        () -> FlinkJobInvoker.create(configuration));
-  }
+  private LoopbackFlinkJobServer() {}
 
   public static void main(String[] args) {
-    // What FlinkJobServerDriver.main sets up before it starts the service.
-    PipelineOptions options = PipelineOptionsFactory.create();
-    options.as(GcsOptions.class).setGcsUploadBufferSizeBytes(1024 * 1024);
-    FileSystems.setDefaultPipelineOptions(options);
-    new LoopbackFlinkJobServer(FlinkJobServerDriver.parseArgs(args)).run();
+    LoopbackJobServer.setUpFileSystems();
+    FlinkServerConfiguration configuration = FlinkJobServerDriver.parseArgs(args);
+    new LoopbackJobServer(configuration, () -> FlinkJobInvoker.create(configuration)).run();
   }
 }
