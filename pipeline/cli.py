@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Optional
 
+from pipeline import tf_cpu
 from pipeline.config import MODEL_NAMES, PipelineConfig, load_config
 from pipeline.dag import DATA, SCHEMA, STEP_NAMES, Step, build_steps
 from pipeline.errors import EXIT_USAGE, UserError, is_user_error, run_cli
@@ -23,6 +24,9 @@ TRAIN_COMMAND = "train"
 INFER_COMMAND = "infer"
 MONITOR_COMMAND = "monitor"
 EXIT_DRIFT = 1         # `monitor`: a drift threshold was crossed (a scheduler retrains)
+
+# Before any step imports TensorFlow (none is imported above): the reason is in the module.
+tf_cpu.prefer_onednn()
 
 
 def step_commands() -> list[tuple[str, list[str], str]]:

@@ -25,8 +25,12 @@ import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
+from pipeline import tf_cpu
 from pipeline.config import MODEL_NAMES, PipelineConfig
 from pipeline.dag import PIPELINE_INPUT, Step, build_steps
+
+# The components run steps in processes that import this module first (pipeline/tf_cpu.py).
+tf_cpu.prefer_onednn()
 
 PIPELINE_NAME = "fer-pipeline"
 

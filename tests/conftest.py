@@ -7,10 +7,15 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from collections import OrderedDict
+from collections import OrderedDict  # noqa: E402
 
-import pytest
-from xdist.scheduler import LoadFileScheduling
+import pytest  # noqa: E402
+from xdist.scheduler import LoadFileScheduling  # noqa: E402
+
+# Tests run steps in this process, as fer-pipeline does: with its TensorFlow settings.
+from pipeline import tf_cpu  # noqa: E402
+
+tf_cpu.prefer_onednn()
 
 # The session-scoped S3 server fixture `s3` (tests/object_store.py), for any test module,
 # and the hooks that keep tensorflow-io's S3 teardown crash out of the exit status.
