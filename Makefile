@@ -48,7 +48,7 @@ UV_PIN := uv==0.13.9
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "== setting up $(VENV) from requirements.lock (about 2 minutes the first time: downloads, then compiling the bytecode)"
+	@echo "== setting up $(VENV) from requirements.lock (about 1.5 minutes the first time on a fast network: downloads, then compiling the bytecode)"
 	@if $(BIN)/pip install $(PIP_QUIET) "$(UV_PIN)" >/dev/null 2>&1; then \
 	  $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements.lock; \
 	else \
