@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -35,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_description  # noqa: E402
 from pipeline import local_cluster  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -185,19 +185,8 @@ def _step_durations(run_root: Path) -> dict[str, float]:
     return durations
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def markdown(results: list[dict], rows: int) -> str:
-    lines = [f"{rows:,} rows, {cpu_model()}, {os.cpu_count()} cores", "",
+    lines = [f"{rows:,} rows, {cpu_description()}", "",
              "| engine | wall s | cluster start s | "
              + " | ".join(f"{s} s" for s in DATA_STEPS) + " | peak RSS per process (MiB) |",
              "|---" * (4 + len(DATA_STEPS)) + "|"]
@@ -230,7 +219,7 @@ def main() -> int:
         results.append(run_mode(mode, csv_path, work))
         print(f"[bench] {mode}: {results[-1]['wall_s']} s", flush=True)
         (work / "results.json").write_text(json.dumps(
-            {"rows": args.rows, "cpu": cpu_model(), "results": results}, indent=2))
+            {"rows": args.rows, "cpu": cpu_description(), "results": results}, indent=2))
     print(markdown(results, args.rows))
     return 0
 

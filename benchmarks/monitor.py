@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
@@ -34,22 +32,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import prediction_log_pb2  # noqa: E402
 
+from benchmarks.machine import cpu_description  # noqa: E402
 from components import monitor  # noqa: E402
 from pipeline.config import MonitorConfig, load_config  # noqa: E402
 from tests import monitor_fixtures as fixtures  # noqa: E402
 
 SCHEMA = "schemas/fer2013/schema.pbtxt"
 RECORDS_PER_FILE = 10_000
-
-
-def cpu_model() -> str:
-    text = Path("/proc/cpuinfo").read_text()
-    match = re.search(r"model name\s*:\s*(.*)", text)
-    flags = re.search(r"flags\s*:\s*(.*)", text)
-    has = set(flags.group(1).split()) if flags else set()
-    return (f"{match.group(1) if match else platform.processor()}; "
-            f"AVX2 {'yes' if 'avx2' in has else 'no'}, "
-            f"AVX-512 {'yes' if 'avx512f' in has else 'no'}; {os.cpu_count()} CPUs")
 
 
 def write_logs(directory: Path, faces: np.ndarray, answers: dict[str, np.ndarray],
@@ -106,7 +95,7 @@ def main() -> None:
     wall = time.perf_counter() - begin
     record = json.loads((root / "out" / "monitoring.json").read_text())
     figures = {
-        "cpu": cpu_model(), "load_average_1min": os.getloadavg()[0],
+        "cpu": cpu_description(), "load_average_1min": os.getloadavg()[0],
         "requests": record["records"], "faces": record["faces"],
         "log_files": len(logs), "log_mib": round(log_mib, 1),
         "windows": len(record["windows"]), "verdict": result.verdict,
