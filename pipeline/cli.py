@@ -13,12 +13,12 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional
+from typing import NoReturn, Optional
 
 from pipeline import tf_cpu
 from pipeline.config import MODEL_NAMES, PipelineConfig, load_config
 from pipeline.dag import DATA, SCHEMA, STEP_NAMES, Step, build_steps
-from pipeline.errors import EXIT_USAGE, UserError, is_user_error, run_cli
+from pipeline.errors import EXIT_USAGE, UserError, exit_process, is_user_error, run_cli
 
 TRAIN_COMMAND = "train"
 INFER_COMMAND = "infer"
@@ -513,12 +513,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_cli("fer-pipeline", _main, argv)
 
 
-def entry_point() -> None:
-    """The `fer-pipeline` console script: main(), then an exit that survives tensorflow-io
-    (see pipeline.fileio.exit_process)."""
-    from pipeline import fileio
-
-    fileio.exit_process(main())
+def entry_point() -> NoReturn:
+    """The `fer-pipeline` console script (pipeline.errors.exit_process says why it ends so)."""
+    exit_process(main())
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import posixpath
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NoReturn
+from typing import Any, Iterator, Mapping
 
 _SCHEMES = ("gs://", "s3://", "hdfs://", "memory://")
 
@@ -47,28 +45,9 @@ def register_filesystem(path: str) -> None:
 
 
 def native_s3_loaded() -> bool:
-    """Whether this process loaded tensorflow-io's S3 filesystem (see `exit_process`)."""
+    """Whether this process loaded tensorflow-io's S3 filesystem (see
+    pipeline.errors.exit_process)."""
     return _native_s3_loaded
-
-
-def exit_process(code: int) -> NoReturn:
-    """Exits with `code`, also when tensorflow-io's S3 filesystem was used.
-
-    tensorflow-io 0.37.1 (the release for TF 2.16) aborts in a C++ static destructor of its
-    AWS logger once its S3 filesystem has been used ("pure virtual method called", exit
-    status 134; tensorflow/io#2039, fixed in its sources after that release). A process
-    that used it therefore leaves through os._exit after flushing, skipping those
-    destructors; otherwise this is sys.exit.
-    """
-    if not _native_s3_loaded:
-        sys.exit(code)
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
 
 
 def join(root: str, *parts: str) -> str:

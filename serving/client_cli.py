@@ -26,13 +26,13 @@ import os
 import sqlite3
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 import numpy as np
 
 from pipeline.config import EvalConfig, load_config
 from pipeline.contract import CLASS_NAMES, IMAGE_SIZE, NUM_PIXELS
-from pipeline.errors import is_user_error, run_cli
+from pipeline.errors import exit_process, is_user_error, run_cli
 from serving.client import (DEFAULT_MODELS, FerClient, ServerError, ServerUnavailable,
                             classify)
 from serving.review_intake import explain_face, queue_flagged
@@ -298,5 +298,10 @@ def _explain_and_queue(args: argparse.Namespace, client: FerClient, inputs: list
               file=sys.stderr)
 
 
+def entry_point() -> NoReturn:
+    """The `fer-client` console script (pipeline.errors.exit_process says why it ends so)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

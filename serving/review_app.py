@@ -34,10 +34,10 @@ import sys
 import threading
 from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, REVIEW_QUEUE_FILE
-from pipeline.errors import run_cli
+from pipeline.errors import exit_process, run_cli
 from serving.review_queue import (STATUS_LABELED, STATUS_NOT_FACE, STATUS_PENDING,
                                   STATUS_SKIPPED, ReviewError, ReviewItem, ReviewQueue)
 from serving.saliency import face_png, overlay_png, top_classes
@@ -660,5 +660,10 @@ def _main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def entry_point() -> NoReturn:
+    """The `fer-review` console script (pipeline.errors.exit_process says why it ends so)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

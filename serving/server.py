@@ -28,10 +28,10 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import NoReturn, Optional
 
 from pipeline import fileio
-from pipeline.errors import is_user_error, run_cli
+from pipeline.errors import exit_process, is_user_error, run_cli
 from serving.batching import (Batcher, BatchingConfig, format_batching_parameters,
                               read_batching_parameters)
 from serving.grpc_service import build_grpc_server
@@ -352,5 +352,10 @@ def _main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def entry_point() -> NoReturn:
+    """The `fer-serve` console script (pipeline.errors.exit_process says why it ends so)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -36,6 +36,7 @@ from typing import Iterator
 import pytest
 
 from pipeline import fileio
+from pipeline.errors import exit_process
 
 REPO = Path(__file__).resolve().parents[1]
 S3_VENV = REPO / ".venv-s3"
@@ -167,7 +168,7 @@ def s3(tmp_path_factory) -> Iterator[S3Server]:
 
 
 # tensorflow-io 0.37.1 aborts the process at exit (status 134) once its S3 filesystem was
-# used (see pipeline.fileio.exit_process). These hooks, registered in tests/conftest.py,
+# used (see pipeline.errors.exit_process). These hooks, registered in tests/conftest.py,
 # end such a pytest process with pytest's own exit status instead.
 _EXIT_STATUS = pytest.StashKey[int]()
 
@@ -180,4 +181,4 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
     if fileio.native_s3_loaded() and _EXIT_STATUS in config.stash:
-        fileio.exit_process(config.stash[_EXIT_STATUS])
+        exit_process(config.stash[_EXIT_STATUS])

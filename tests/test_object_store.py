@@ -259,12 +259,12 @@ TRAIN_OVERRIDES = {"models": {"cnn": {"batch_size": 32, "epochs": 2, "learning_r
 _TRAIN = (
     "import json, sys\n"
     "from components.trainer import run_trainer\n"
-    "from pipeline import fileio\n"
+    "from pipeline.errors import exit_process\n"
     "from pipeline.config import load_config\n"
     "args = json.loads(sys.argv[1])\n"
     "config = load_config(overrides={'train': args['train']}).train\n"
     "run_trainer('cnn', args['transform_dir'], args['output_dir'], config)\n"
-    "fileio.exit_process(0)\n")
+    "exit_process(0)\n")
 
 
 def _train_in_subprocess(s3, transform_dir: str, output_dir: str,
