@@ -32,6 +32,7 @@ from components.monitor import MonitorReference, statistics
 from components.synthetic import FER_CLASS_COUNTS, allocate, draw_faces
 from pipeline.contract import (CLASS_NAMES, EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS,
     NUM_CLASSES, NUM_PIXELS, STATISTICS_FILE, TEST_PREDICTIONS_FILE)
+from tests.serving_fixtures import TinyFerModel
 
 MODELS = {"cnn": 2, "vgg16": 1}        # served versions
 # Mean confidence on the train split per model: vgg16 is the less confident one.
@@ -43,31 +44,12 @@ FACES_PER_REQUEST = 8
 START = 1_790_000_000                  # a fixed clock: 2026-09-21T14:13:20Z
 
 
-class StandardizingTemplateModel(tf.Module):
+class StandardizingTemplateModel(TinyFerModel):
     """softmax(standardize(face) @ weights + bias) behind the contract's signatures."""
 
-    def __init__(self, weights: np.ndarray, bias: np.ndarray) -> None:
-        super().__init__()
-        self.weights = tf.constant(weights, tf.float32)   # [2304, 7]
-        self.bias = tf.constant(bias, tf.float32)         # [7]
-        self.names = tf.constant(list(CLASS_NAMES))
-
-    def _outputs(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        flat = tf.reshape(tf.cast(pixels, tf.float32), [-1, NUM_PIXELS])
+    def _features(self, flat: tf.Tensor) -> tf.Tensor:
         mean, variance = tf.nn.moments(flat, axes=[1], keepdims=True)
-        standardized = (flat - mean) / tf.sqrt(variance + 1.0)
-        probabilities = tf.nn.softmax(tf.matmul(standardized, self.weights) + self.bias)
-        class_id = tf.argmax(probabilities, axis=1, output_type=tf.int64)
-        return {"probabilities": probabilities, "class_id": class_id,
-                "class_name": tf.gather(self.names, class_id)}
-
-    @tf.function(input_signature=[tf.TensorSpec(None, tf.int32, name="pixels")])
-    def serve_int32(self, pixels):
-        return self._outputs(pixels)
-
-    @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name="pixels")])
-    def serve_uint8(self, pixels):
-        return self._outputs(pixels)
+        return (flat - mean) / tf.sqrt(variance + 1.0)
 
 
 def linear_discriminant(standardized: np.ndarray, labels: np.ndarray,

@@ -32,9 +32,13 @@ class TinyFerModel(tf.Module):
         self.bias = tf.constant(bias, tf.float32)
         self.names = tf.constant(list(CLASS_NAMES))
 
+    def _features(self, flat: tf.Tensor) -> tf.Tensor:
+        """What the weights multiply: [batch, 2304] float pixels scaled to [0, 1]."""
+        return flat / 255.0
+
     def _outputs(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        flat = tf.reshape(tf.cast(pixels, tf.float32), [-1, NUM_PIXELS]) / 255.0
-        probabilities = tf.nn.softmax(tf.matmul(flat, self.weights) + self.bias)
+        flat = tf.reshape(tf.cast(pixels, tf.float32), [-1, NUM_PIXELS])
+        probabilities = tf.nn.softmax(tf.matmul(self._features(flat), self.weights) + self.bias)
         class_id = tf.argmax(probabilities, axis=1, output_type=tf.int64)
         return {"probabilities": probabilities, "class_id": class_id,
                 "class_name": tf.gather(self.names, class_id)}
