@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:

@@ -199,7 +199,7 @@ def test_random_split_is_stratified_and_follows_the_seeded_rule(no_usage_csv, ra
         assert counts == {"train": train_end, "validation": validation_end - train_end,
                           "test": size - validation_end}
         # Rank inside the class by sha256("<seed>:<line>") decides the split.
-        rows = sorted((n for n, l in labels.items() if l == label),
+        rows = sorted((n for n, row_label in labels.items() if row_label == label),
                       key=lambda n: hashlib.sha256(f"{config.seed}:{n}".encode()).hexdigest())
         assert {ex["row"] for ex in by_split["train"] if ex["label"] == label} == set(rows[:train_end])
     assert result.num_shards == {s: 2 for s in SPLITS}

@@ -40,7 +40,9 @@ def _layer_summary(model: keras.Model) -> list[tuple]:
 
 def test_cnn_matches_the_notebook():
     model = build_cnn(CONFIG)
-    conv = lambda f: ("Conv2D", f, (3, 3), "valid", "relu")
+    def conv(filters):
+        return ("Conv2D", filters, (3, 3), "valid", "relu")
+
     pool = ("MaxPooling2D", (2, 2))
     assert _layer_summary(model) == [
         ("Reshape",),
