@@ -64,6 +64,7 @@ from pipeline.contract import (CLASS_NAMES, FEATURE_PIXELS, FEATURE_SOURCE, IMAG
                                PREDICTIONS_FILE, SIGNATURE_EXAMPLES, SIGNATURE_EXPLAIN)
 from serving.ensemble import combine
 from serving.faces import FaceDetectionConfig, decode_grayscale, faces_in_image
+from serving.review_queue import ModelPrediction, ReviewQueue, record_if_flagged
 
 _REJECTED = "rejected"
 _BEAM_TMP = ".beam_tmp"
@@ -404,7 +405,6 @@ def queue_for_review(queue_dir: str, flagged: Sequence[dict[str, Any]],
                      models: Sequence[ModelVersion], explain: bool) -> dict[str, Any]:
     """Queues the flagged faces for `fer-review`, each once, with the versions that answered
     and (when the model can explain) their saliency maps."""
-    from serving.review_queue import ModelPrediction, ReviewQueue, record_if_flagged
 
     pixels = np.stack([np.frombuffer(base64.b64decode(r["pixels_b64"]), np.uint8)
                        .reshape(IMAGE_SIZE, IMAGE_SIZE) for r in flagged]) if flagged else None

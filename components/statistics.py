@@ -54,6 +54,8 @@ import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 from tfx_bsl.coders import example_coder
 
+from components import validation as checks
+from components.example_gen import reason_code
 from pipeline import fileio
 from pipeline.beam_job import beam_pipeline
 from pipeline.config import ValidationConfig
@@ -262,7 +264,6 @@ def validation_verdict(stats: dict[str, statistics_pb2.DatasetFeatureStatisticsL
     The validate step runs after this one and is what stops a run; the page shows its
     verdict up front so a person reads it before the charts.
     """
-    from components import validation as checks
 
     if not fileio.exists(schema_path):
         return {"checked": False, "schema": schema_path,
@@ -456,7 +457,6 @@ def read_ingest_counts(examples_dir: str) -> Optional[dict[str, Any]]:
 
 
 def rejected_summary(rejected: list[dict[str, str]]) -> dict[str, Any]:
-    from components.example_gen import reason_code
 
     by_reason: dict[str, int] = {}
     for row in rejected:
@@ -497,6 +497,7 @@ def build_page(examples_dir: str,
                augmented_stats: Optional[statistics_pb2.DatasetFeatureStatisticsList],
                verdict: dict[str, Any]) -> str:
     """Gathers the page's numbers (`data`, embedded in the page) and faces, and renders."""
+    # Imported here: rendering needs matplotlib, the statistics themselves do not.
     from components.statistics_page import render_statistics_page
 
     duplicates = read_duplicates(examples_dir)

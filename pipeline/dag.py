@@ -20,8 +20,9 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from pipeline.config import MODEL_NAMES, PipelineConfig
 from pipeline import fileio
+from pipeline.artifacts import fingerprint
+from pipeline.config import MODEL_NAMES, PipelineConfig
 from pipeline.contract import (BLESSINGS_FILE, INFRA_BLESSINGS_FILE, SERVING_MODEL_DIR,
                                TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
 from pipeline.metadata import ArtifactRecord
@@ -144,8 +145,6 @@ def _infra_blessings(output_uri: str, result: dict) -> list[ArtifactRecord]:
 
 def _pushed_versions(output_uri: str, result: dict) -> list[ArtifactRecord]:
     """One artifact per model version this push published."""
-    from pipeline.artifacts import fingerprint
-
     records = []
     for model, push in sorted(result.get("models", {}).items()):
         if push.get("pushed"):
@@ -176,6 +175,8 @@ def _push_parameters(config: PipelineConfig, env: StepEnv) -> Any:
 
 def _infra_validate_parameters(config: PipelineConfig, env: StepEnv) -> Any:
     # Which server binary validates matters: installing tensorflow_model_server re-runs it.
+    # Imported here: serving.server loads TensorFlow and gRPC (4-5 s), which declaring the
+    # DAG (fer-pipeline --help, the Kubeflow compiler) does without.
     from serving.server import tfserving_binary
     return {"infra_validation": config.infra_validation,
             "tfserving_binary": tfserving_binary(config.infra_validation.server) or ""}

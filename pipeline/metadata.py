@@ -290,9 +290,7 @@ class MetadataStore:
 
 
 def _json(value: Any) -> str:
-    from pipeline.artifacts import to_jsonable
-
-    return json.dumps(to_jsonable(value), sort_keys=True)
+    return json.dumps(fileio.to_jsonable(value), sort_keys=True)
 
 
 def _set(message, key: str, value: Any) -> None:

@@ -22,6 +22,7 @@ from pipeline.config import MODEL_NAMES, EvalConfig
 from pipeline.contract import (CLASS_NAMES, IMAGE_SIZE, INPUT_PIXELS, OUTPUT_PROBABILITIES,
                                OUTPUT_SALIENCY, SIGNATURE_EXPLAIN)
 from serving.connection import diagnose
+from serving.ensemble import combine
 
 DEFAULT_MODELS = MODEL_NAMES   # every registered model (pipeline/config.py)
 
@@ -285,7 +286,6 @@ def classify(client: FerClient, images: np.ndarray, models: Sequence[str],
     message) and the decision is made with the models that are; ModelNotServed is raised
     only when none of them is served.
     """
-    from serving.ensemble import combine
     answers, not_served = [], {}
     for model in models:
         try:
