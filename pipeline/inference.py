@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
 from typing import Optional, Sequence
 
 from pipeline import fileio
@@ -91,9 +90,6 @@ def run_inference_job(data_uri: str, output_dir: str, serving_root: str,
             "pushed_model", version.path, fingerprint(version.path),
             {"model": version.name, "version": version.version,
              "serving_root": serving_root})]
-    predictions = fileio.join(output_dir, PREDICTIONS_FILE)
-    store.record_execution(INFER_STEP, inputs, {"predictions": [ArtifactRecord(
-        "predictions", predictions, fingerprint(predictions))]}, {
-        "result": asdict(result), "duration_s": round(time.time() - started, 3),
-        "execution_dir": output_dir})
+    store.record_job(INFER_STEP, inputs, "predictions",
+                     fileio.join(output_dir, PREDICTIONS_FILE), result, started, output_dir)
     return result

@@ -21,10 +21,11 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from pipeline import fileio, quiet
+from pipeline.artifacts import fingerprint
 from pipeline.config import MetadataConfig
 
 PIPELINE_CONTEXT = "fer.pipeline"
@@ -233,6 +234,17 @@ class MetadataStore:
         execution_id, _, _ = self._store.put_execution(
             execution, artifacts_and_events, self.contexts(), reuse_context_if_already_exist=True)
         return execution_id
+
+    def record_job(self, step: str, inputs: dict[str, list[ArtifactRecord]],
+                   output_kind: str, output_uri: str, result: Any, started: float,
+                   execution_dir: str) -> int:
+        """A job run outside the DAG (bulk inference, monitoring): its one output file
+        and the job's result record, with how long it took since `started`."""
+        outputs = {output_kind: [ArtifactRecord(output_kind, output_uri,
+                                                fingerprint(output_uri))]}
+        return self.record_execution(step, inputs, outputs, {
+            "result": asdict(result), "duration_s": round(time.time() - started, 3),
+            "execution_dir": execution_dir})
 
     # ------------------------------------------------------------------ reading
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional, Sequence
 
@@ -136,9 +135,6 @@ def run_monitor_job(run_root: str, logs: Sequence[str], output_dir: str,
         inputs[f"model_{model}"] = [ArtifactRecord(
             "pushed_model", pushed["uri"], found["fingerprint"] or "",
             {k: v for k, v in pushed.items() if k not in ("id", "uri")})]
-    monitoring = fileio.join(output_dir, MONITORING_FILE)
-    store.record_execution(MONITOR_STEP, inputs, {"monitoring": [ArtifactRecord(
-        "monitoring", monitoring, fingerprint(monitoring))]}, {
-        "result": asdict(result), "duration_s": round(time.time() - started, 3),
-        "execution_dir": output_dir})
+    store.record_job(MONITOR_STEP, inputs, "monitoring",
+                     fileio.join(output_dir, MONITORING_FILE), result, started, output_dir)
     return result

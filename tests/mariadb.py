@@ -35,6 +35,8 @@ from typing import Iterator, Optional
 
 import pytest
 
+from tests.processes import stop_process, wait_until_ready
+
 SERVER_NAMES = ("mariadbd", "mysqld")
 INSTALL_DB_NAMES = ("mariadb-install-db", "mysql_install_db")
 # Debian puts the server in /usr/sbin, which a non-root PATH may lack.
@@ -109,21 +111,19 @@ def _init_sql(password: str) -> str:
             f"TO '{USER}'@'127.0.0.1';\n")
 
 
+def _ready(port: int, log_path: Path) -> bool:
+    if "ready for connections" not in log_path.read_text(errors="replace"):
+        return False
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def _wait_until_ready(port: int, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mariadbd exited with {process.returncode}; "
-                               f"log: {log_path.read_text()[-2000:]}")
-        if "ready for connections" in log_path.read_text(errors="replace"):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                pass
-        time.sleep(0.1)
-    raise RuntimeError(f"mariadbd on port {port} was not ready in {START_TIMEOUT_S}s; "
-                       f"log: {log_path}")
+    wait_until_ready(f"mariadbd on port {port}", process, log_path,
+                     lambda: _ready(port, log_path), START_TIMEOUT_S, poll_s=0.1)
 
 
 def start_server(base: Path, password: str, port: int = 0, detach: bool = False) -> MariaDB:
@@ -167,13 +167,7 @@ def start_server(base: Path, password: str, port: int = 0, detach: bool = False)
 
 def stop_server(process: subprocess.Popen) -> None:
     """SIGTERM is mariadbd's clean shutdown (InnoDB flushes, the socket goes away)."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, grace_s=30)
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,6 @@ import itertools
 import os
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -37,6 +36,7 @@ import pytest
 
 from pipeline import fileio
 from pipeline.errors import exit_process
+from tests.processes import stop_process, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 S3_VENV = REPO / ".venv-s3"
@@ -94,18 +94,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _answers(endpoint: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
+            return True
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return False
+
+
 def _wait_until_ready(endpoint: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the S3 server exited with {process.returncode}; "
-                               f"log: {log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
-                return
-        except (urllib.error.URLError, ConnectionError, OSError):
-            time.sleep(0.2)
-    raise RuntimeError(f"the S3 server at {endpoint} did not answer in {START_TIMEOUT_S}s")
+    wait_until_ready(f"the S3 server at {endpoint}", process, log_path,
+                     lambda: _answers(endpoint), START_TIMEOUT_S, poll_s=0.2)
 
 
 def _create_bucket(endpoint: str, bucket: str) -> None:
@@ -139,13 +138,7 @@ def start_server(log_dir: Path) -> S3Server:
 
 
 def stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, grace_s=10)
 
 
 @pytest.fixture(scope="session")
