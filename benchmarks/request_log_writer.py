@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import serving  # noqa: E402,F401  (pipeline/quiet.py's filters, before TensorFlow loads)
+from benchmarks.machine import cpu_description  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -97,9 +98,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         measure("warm-up", kinds["gRPC Predict"], 200, tmp)   # imports, first-call costs
         for index, (name, log_one) in enumerate(kinds.items()):
             results[name] = measure(f"run-{index}", log_one, args.records, tmp)
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "cpu ?")
+    cpu = cpu_description()
     load = Path("/proc/loadavg").read_text().split()[0]
     print(f"{cpu}, load average {load}; {args.records} records each, sampling rate 1.0\n")
     print("| record | request path CPU us | writer CPU us | bytes/record |")

@@ -66,6 +66,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import cpu_description  # noqa: E402
+
 HOST = "127.0.0.1"
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
 SIGNATURE = "serving_default"
@@ -160,14 +162,8 @@ def resolve_models(serving_root: str, wanted: list[str]) -> list[dict[str, Any]]
 def machine_facts() -> dict[str, Any]:
     import grpc
     import tensorflow as tf
-    cpu = ""
-    try:
-        match = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-        cpu = match.group(1) if match else ""
-    except OSError:
-        pass
     return {"nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "cpu": cpu, "loadavg_at_start": list(os.getloadavg()),
+            "cpu": cpu_description(), "loadavg_at_start": list(os.getloadavg()),
             "python": platform.python_version(), "platform": platform.platform(),
             "tensorflow": tf.__version__, "grpcio": grpc.__version__,
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

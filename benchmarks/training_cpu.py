@@ -50,6 +50,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.machine import cpu_description  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
+
 BIN = Path(sys.executable).parent
 DATA_STEPS = "ingest,statistics,validate,augment,transform"
 MODELS = (("cnn", None), ("vgg16", "frozen"), ("vgg16", "trainable"))
@@ -78,8 +84,6 @@ def _import_tf(cores: int | None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     import tensorflow as tf
     if cores:
         tf.config.threading.set_intra_op_parallelism_threads(cores)
@@ -100,7 +104,6 @@ def input_worker(args) -> dict:
     import numpy as np
 
     from components.trainer import count_records, make_dataset
-    from pipeline.config import TrainConfig
 
     config = TrainConfig()
     pattern = _train_pattern(args.transform_dir)
@@ -163,7 +166,6 @@ def train_worker(args) -> dict:
 
     from components.models import build_model, model_config, vgg16_base_is_trainable
     from components.trainer import make_dataset
-    from pipeline.config import TrainConfig
 
     plan = json.loads(args.plan)
     base_config = TrainConfig()
@@ -267,17 +269,9 @@ def produce_transform_dir(rows: int, work: Path) -> Path:
 
 
 def machine_facts() -> dict:
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-            "cpu_model": cpu, "memory_gib": round(mem_gib, 1),
+            "cpu": cpu_description(), "memory_gib": round(mem_gib, 1),
             "python": platform.python_version(), "platform": platform.platform()}
 
 
@@ -338,7 +332,7 @@ def to_markdown(report: dict) -> str:
             f"{q['cores_needed_cached']:.4f} / {q['cores_needed_first_epoch']:.4f} | "
             f"{q['processes_fed_per_core']:,.0f} |")
     m = report["machine"]
-    lines.append(f"\n{m['cpus_usable']} x {m['cpu_model'] or 'CPU'}, {m['memory_gib']} GiB; "
+    lines.append(f"\n{m['cpu']}, {m['memory_gib']} GiB; "
                  f"TF {report['versions']['tensorflow']}, Keras {report['versions']['keras']}, "
                  f"Python {m['python']}; {report['input_images']:,} training images "
                  f"(transformed train split); load average before: "
@@ -382,8 +376,6 @@ def main() -> int:
     machine = machine_facts()
     usable = machine["cpus_usable"]
     cores = [int(c) for c in args.cores.split(",")] if args.cores else sorted({1, usable})
-    sys.path.insert(0, str(ROOT))
-    from pipeline.config import TrainConfig
     notebook = TrainConfig()
     batch_sizes = [notebook.models[m].batch_size for m in ("cnn", "vgg16")]
     if args.quick:
