@@ -405,7 +405,6 @@ def queue_for_review(queue_dir: str, flagged: Sequence[dict[str, Any]],
                      models: Sequence[ModelVersion], explain: bool) -> dict[str, Any]:
     """Queues the flagged faces for `fer-review`, each once, with the versions that answered
     and (when the model can explain) their saliency maps."""
-
     pixels = np.stack([np.frombuffer(base64.b64decode(r["pixels_b64"]), np.uint8)
                        .reshape(IMAGE_SIZE, IMAGE_SIZE) for r in flagged]) if flagged else None
     notes, saliency = [], {}

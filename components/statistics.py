@@ -264,7 +264,6 @@ def validation_verdict(stats: dict[str, statistics_pb2.DatasetFeatureStatisticsL
     The validate step runs after this one and is what stops a run; the page shows its
     verdict up front so a person reads it before the charts.
     """
-
     if not fileio.exists(schema_path):
         return {"checked": False, "schema": schema_path,
                 "summary": f"not checked: no schema at {schema_path}"}
@@ -457,7 +456,6 @@ def read_ingest_counts(examples_dir: str) -> Optional[dict[str, Any]]:
 
 
 def rejected_summary(rejected: list[dict[str, str]]) -> dict[str, Any]:
-
     by_reason: dict[str, int] = {}
     for row in rejected:
         code = reason_code(row["reason"])
