@@ -60,7 +60,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	bash pipeline/demo.sh "$(RUN_DIR)" "$(DATA)" "$(DEMO_ROWS)" $(BEAM_ARGS)
+	bash tools/demo.sh "$(RUN_DIR)" "$(DATA)" "$(DEMO_ROWS)" $(BEAM_ARGS)
 
 # Three pytest-xdist workers on 2 cores (the third fills the time the others wait on
 # servers, clusters and subprocesses: 24 min 14 s against 27 min 53 s with two, same
@@ -90,9 +90,9 @@ mysql-up: setup
 mysql-down:
 	@$(BIN)/python -m tests.mariadb down $(MYSQL_DIR)
 
-# Real Flink and Spark clusters on 127.0.0.1 (pipeline/local_cluster.py; README, "On a
+# Real Flink and Spark clusters on 127.0.0.1 (tools/local_cluster.py; README, "On a
 # cluster"). `engines` fetches their jars from Maven Central once, at the exact versions in
-# pipeline/engines/*.pom.xml, into .engines/ (about 300 MB, 3-4 minutes the first time); starting a
+# tools/engines/*.pom.xml, into .engines/ (about 300 MB, 3-4 minutes the first time); starting a
 # cluster downloads nothing. Each *-up starts the engine's daemons, Beam's job server and a
 # Python worker pool, and prints the Beam flags that run a step there; *-down stops them.
 ENGINES_DIR := .engines
@@ -102,34 +102,34 @@ MVN_ENGINES := mvn -q -B -Dstyle.color=never -Dmaven.repo.local=$(CURDIR)/$(ENGI
 
 engines: $(ENGINES_DIR)/flink/beam-flink-job-server.jar $(ENGINES_DIR)/spark/beam-spark-job-server.jar
 
-# pipeline/engines/*.java and pipeline/engines/<engine>/*.java (compiled by `install`) are
+# tools/engines/*.java and tools/engines/<engine>/*.java (compiled by `install`) are
 # ours: NothingToStage.java and BoundServerFactory.java say why.
-$(ENGINES_DIR)/flink/beam-flink-job-server.jar: pipeline/engines/flink.pom.xml $(wildcard pipeline/engines/*.java pipeline/engines/flink/*.java) pipeline/local_cluster.py $(STAMP)
+$(ENGINES_DIR)/flink/beam-flink-job-server.jar: tools/engines/flink.pom.xml $(wildcard tools/engines/*.java tools/engines/flink/*.java) tools/local_cluster.py $(STAMP)
 	$(call fetch_engine,flink)
 
-$(ENGINES_DIR)/spark/beam-spark-job-server.jar: pipeline/engines/spark.pom.xml $(wildcard pipeline/engines/*.java pipeline/engines/spark/*.java) pipeline/local_cluster.py $(STAMP)
+$(ENGINES_DIR)/spark/beam-spark-job-server.jar: tools/engines/spark.pom.xml $(wildcard tools/engines/*.java tools/engines/spark/*.java) tools/local_cluster.py $(STAMP)
 	$(call fetch_engine,spark)
 
 define fetch_engine
-	@echo "== fetching the $(1) jars from Maven Central (pipeline/engines/$(1).pom.xml) into $(ENGINES_DIR)/"
+	@echo "== fetching the $(1) jars from Maven Central (tools/engines/$(1).pom.xml) into $(ENGINES_DIR)/"
 	@mkdir -p $(ENGINES_DIR)
-	@$(MVN_ENGINES) -f pipeline/engines/$(1).pom.xml dependency:build-classpath \
+	@$(MVN_ENGINES) -f tools/engines/$(1).pom.xml dependency:build-classpath \
 	  -Dmdep.outputFile=$(CURDIR)/$(ENGINES_DIR)/$(1).classpath >$(ENGINES_DIR)/mvn-$(1).log 2>&1 || \
 	  { sed 's/\x1b\[[0-9;]*m//g' $(ENGINES_DIR)/mvn-$(1).log; exit 1; }
-	@$(BIN)/python -m pipeline.local_cluster install $(1)
+	@$(BIN)/python -m tools.local_cluster install $(1)
 endef
 
 flink-up: engines
-	@$(BIN)/python -m pipeline.local_cluster up flink
+	@$(BIN)/python -m tools.local_cluster up flink
 
 flink-down:
-	@$(BIN)/python -m pipeline.local_cluster down flink
+	@$(BIN)/python -m tools.local_cluster down flink
 
 spark-up: engines
-	@$(BIN)/python -m pipeline.local_cluster up spark
+	@$(BIN)/python -m tools.local_cluster up spark
 
 spark-down:
-	@$(BIN)/python -m pipeline.local_cluster down spark
+	@$(BIN)/python -m tools.local_cluster down spark
 
 bench: setup
 	$(BIN)/python benchmarks/data_half.py

@@ -46,8 +46,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.serving import ServerProcess, machine_facts  # noqa: E402
-from pipeline.config import MODEL_NAMES, EvalConfig  # noqa: E402
-from pipeline.contract import CLASS_NAMES, IMAGE_SIZE, PREDICTIONS_FILE  # noqa: E402
+from fer_pipeline.core.config import MODEL_NAMES, EvalConfig  # noqa: E402
+from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE, PREDICTIONS_FILE  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -78,16 +78,16 @@ def serving_root_from_run(run: str, models: list[str], root: str, untrained: boo
     """Each model's SavedModel at ROOT/<model>/1, plus models.config: the run's committed
     serving_model, or (untrained) the registered architecture exported with the run's
     transform graph."""
-    from components.pusher import write_serving_config
-    from pipeline.runner import committed_output
+    from fer_pipeline.components.pusher import write_serving_config
+    from fer_pipeline.pipeline.runner import committed_output
 
     paths = {}
     for model in models:
         paths[model] = os.path.join(root, model, "1")
         if untrained:
-            from components.export import export_serving_model
-            from components.models import build_model
-            from pipeline.config import TrainConfig
+            from fer_pipeline.components.trainer.export import export_serving_model
+            from fer_pipeline.components.trainer.models import build_model
+            from fer_pipeline.core.config import TrainConfig
 
             export_serving_model(build_model(model, TrainConfig(), jit_compile=False),
                                  committed_output(run, "transform.transform_graph"),
@@ -111,7 +111,7 @@ def in_process(data: str, paths: dict[str, str], batch: int, tolerance: float
     """The floor: parse, call each model's serving_uint8 in batches, combine."""
     import tensorflow as tf
 
-    from serving.ensemble import combine_batch
+    from fer_pipeline.core.ensemble import combine_batch
 
     loaded = {m: tf.saved_model.load(p).signatures["serving_uint8"] for m, p in paths.items()}
     for signature in loaded.values():        # first call (graph warm-up) off the clock
@@ -131,8 +131,8 @@ def in_process(data: str, paths: dict[str, str], batch: int, tolerance: float
 def fer_client(data: str, config: str, faces: int, batch: int, models: list[str],
                tolerance: float, log: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """fer-client's path over gRPC against fer-serve, in batches of `batch` faces."""
-    from serving.client import FerClient, classify
-    from serving.client_cli import images_from_csv
+    from fer_pipeline.serving.client import FerClient, classify
+    from fer_pipeline.serving.client_cli import images_from_csv
 
     server = ServerProcess(config, log, [])
     try:
@@ -186,7 +186,7 @@ def _children_cpu() -> float:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    from components.synthetic import generate_csv
+    from fer_pipeline.pipeline.synthetic import generate_csv
 
     models = args.models.split(",")
     tolerance = EvalConfig().tie_tolerance

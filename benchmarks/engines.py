@@ -5,7 +5,7 @@ synthetic FER-2013 CSV (35,887 rows by default) four ways, one after the other:
 
   direct       Beam's DirectRunner in-process (the default)
   direct-mp2   DirectRunner, --direct_running_mode=multi_processing --direct_num_workers=2
-  flink        a local Flink 1.19 cluster, --parallelism=2 (pipeline/local_cluster.py)
+  flink        a local Flink 1.19 cluster, --parallelism=2 (tools/local_cluster.py)
   spark        a local Spark 3.2.2 standalone cluster, 2 worker cores
 
 For each: wall time of the whole command, each step's own duration (its manifest), and
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_description  # noqa: E402
-from pipeline import local_cluster  # noqa: E402
+from tools import local_cluster  # noqa: E402
 
 BIN = Path(sys.executable).parent
 DATA_STEPS = ["ingest", "augment", "statistics", "validate", "transform"]
@@ -128,7 +128,7 @@ def _short_command(pid: int, name: str) -> str:
         return "python SDK worker"
     if "CoarseGrainedExecutorBackend" in text:
         return "Spark executor (JVM)"
-    if "pipeline.worker_pool" in text or "worker_pool_main" in text:
+    if "tools.worker_pool" in text or "worker_pool_main" in text:
         return "worker pool"
     if name.startswith("python"):
         return "python (other child process)"

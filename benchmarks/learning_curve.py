@@ -4,16 +4,16 @@ the machine's load): validation accuracy every --every steps of one training set
 Used to choose the smoke profile's CNN budget (docs/benchmarks.md, "The smoke CNN's
 learning curve"). The data is the demo's, prepared in memory the way the pipeline's data
 half prepares it, so one setting takes minutes instead of a pipeline run:
-  - `fer-pipeline synth`'s generator (components.synthetic, same seed as the demo),
+  - `fer-pipeline synth`'s generator (fer_pipeline.pipeline.synthetic, same seed as the demo),
     Usage Training -> train, PublicTest -> validation;
-  - the augment step's class balancing (components.augment: every class topped up to the
+  - the augment step's class balancing (fer_pipeline.components.augment: every class topped up to the
     largest with its deterministic flipped/rotated/shifted copies);
   - the trainer's `max_train_examples` cap (a seeded random subset of the augmented split);
   - the transform step's z-score with the training split's mean and std.
-The model is `components.models.build_cnn` (the notebook's CNN, Keras' default Glorot
+The model is `fer_pipeline.components.trainer.models.build_cnn` (the notebook's CNN, Keras' default Glorot
 kernels) with the given batch size and learning rate. Two diagnostics that are not
 settings of the product: `--init he` re-draws its kernels with He init (what VGG16's
-random base uses, components/models.py), `--dropout R` replaces the notebook's 0.5.
+random base uses, components/trainer/models.py), `--dropout R` replaces the notebook's 0.5.
 
     .venv/bin/python benchmarks/learning_curve.py [--rows 4000] [--batch 32] [--lr 1e-3]
         [--steps 300] [--every 25] [--init glorot|he] [--dropout R] [--threads N]
@@ -55,8 +55,8 @@ def main() -> int:
 
     import keras
     import numpy as np
-    from components.models import build_cnn
-    from pipeline.config import ModelConfig
+    from fer_pipeline.components.trainer.models import build_cnn
+    from fer_pipeline.core.config import ModelConfig
 
     x_train, y_train, x_val, y_val = demo_data(args.rows, args.seed, args.cap)
     keras.utils.set_random_seed(42)   # TrainConfig.seed
@@ -91,9 +91,9 @@ def main() -> int:
 def demo_data(rows: int, seed: int, cap: int):
     """(train faces, labels, validation faces, labels): z-scored float32 [n, 2304], int."""
     import numpy as np
-    from components import synthetic
-    from components.augment import augment_image, draw_params
-    from pipeline.config import AugmentConfig, TrainConfig
+    from fer_pipeline.pipeline import synthetic
+    from fer_pipeline.components.augment import augment_image, draw_params
+    from fer_pipeline.core.config import AugmentConfig, TrainConfig
 
     rng = np.random.default_rng(seed)
     labels = synthetic._shuffled_labels(rows, rng)

@@ -4,7 +4,7 @@
 
 The traffic is what a batch-1 client makes: each face sent once to each of the two served
 models, one face per request, so 100,000 requests are 50,000 faces. Faces are synthetic
-(components/synthetic.py; a pool of --pool distinct faces, served again in random order to
+(pipeline/synthetic.py; a pool of --pool distinct faces, served again in random order to
 reach the count, so drawing them does not dominate the set-up), answered by the two real
 SavedModels of tests/monitor_fixtures.py, and logged as TF Serving PredictionLogs in files
 of 10,000 records (as a rotating server leaves them). The reference is built the same way
@@ -33,8 +33,8 @@ import tensorflow as tf  # noqa: E402
 from tensorflow_serving.apis import prediction_log_pb2  # noqa: E402
 
 from benchmarks.machine import cpu_description  # noqa: E402
-from components import monitor  # noqa: E402
-from pipeline.config import MonitorConfig, load_config  # noqa: E402
+from fer_pipeline.components.monitor import executor as monitor  # noqa: E402
+from fer_pipeline.core.config import MonitorConfig, load_config  # noqa: E402
 from tests import monitor_fixtures as fixtures  # noqa: E402
 
 SCHEMA = "schemas/fer2013/schema.pbtxt"

@@ -1,9 +1,9 @@
 """TensorFlow with and without oneDNN's CPU kernels: training steps and inference latency.
 
 TensorFlow's Linux x86 wheels turn oneDNN on by default only on CPUs with AVX-512 VNNI or
-BF16, AVX-VNNI or AMX; our processes ask for it everywhere (pipeline/tf_cpu.py). This
+BF16, AVX-VNNI or AMX; our processes ask for it everywhere (core/tf_cpu.py). This
 measures what that choice does on the machine it runs on, for both models as
-components.models builds them with the smoke profile's settings (the trainer's compile:
+fer_pipeline.components.trainer.models builds them with the smoke profile's settings (the trainer's compile:
 Adam, jit_compile "auto"):
 
 - a training step (model.fit over one in-memory batch repeated, so no input pipeline is
@@ -48,8 +48,8 @@ def measure(sizes: dict) -> dict:
     import tensorflow as tf
     from tensorflow.python.util import _pywrap_util_port
 
-    from components.models import build_cnn, build_vgg16
-    from pipeline.config import MODEL_REGISTRY
+    from fer_pipeline.components.trainer.models import build_cnn, build_vgg16
+    from fer_pipeline.core.config import MODEL_REGISTRY
 
     def smoke_config(name):
         entry = MODEL_REGISTRY[name]

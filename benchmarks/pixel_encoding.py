@@ -14,8 +14,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from components.synthetic import draw_faces
-from pipeline.contract import FEATURE_PIXELS, IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS
+from fer_pipeline.pipeline.synthetic import draw_faces
+from fer_pipeline.core.contract import FEATURE_PIXELS, IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS
 
 BATCH = 256
 REPEATS = 3

@@ -1,6 +1,6 @@
 """How long a process that ran TensorFlow takes to end: sys.exit against exit_process.
 
-Every console script ends through pipeline.errors.exit_process, which runs the atexit
+Every console script ends through fer_pipeline.core.errors.exit_process, which runs the atexit
 handlers, flushes stdout and stderr, and leaves through os._exit instead of letting the
 interpreter tear down its modules and TensorFlow's C++ state. This measures what that
 saves per process on the machine it runs on.
@@ -34,10 +34,10 @@ WAYS = ("sys.exit", "exit_process")
 CHILD = """
 import sys, time
 import numpy as np
-import pipeline.cli, pipeline.runner, components.transform, components.statistics  # noqa
-from components.models import build_cnn
-from pipeline.config import MODEL_REGISTRY
-from pipeline.errors import exit_process
+import fer_pipeline.pipeline.cli, fer_pipeline.pipeline.runner, fer_pipeline.components.transform, fer_pipeline.components.statistics.executor  # noqa
+from fer_pipeline.components.trainer.models import build_cnn
+from fer_pipeline.core.config import MODEL_REGISTRY
+from fer_pipeline.core.errors import exit_process
 model = build_cnn(MODEL_REGISTRY["cnn"].defaults)
 model.predict(np.zeros((8, 2304), "float32"), verbose=0)
 print("main returned", flush=True)

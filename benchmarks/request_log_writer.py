@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import serving  # noqa: E402,F401  (pipeline/quiet.py's filters, before TensorFlow loads)
+import fer_pipeline.serving  # noqa: E402,F401  (core/quiet.py's filters, before TensorFlow loads)
 from benchmarks.machine import cpu_description  # noqa: E402
 
 
@@ -62,8 +62,8 @@ def sample_request() -> tuple[Any, Any, dict[str, np.ndarray], dict[str, np.ndar
 
 def measure(name: str, log_one: Callable[[Any], None], records: int,
             directory: str) -> dict[str, Any]:
-    from serving.model_config import RequestLogSpec
-    from serving.request_log import RequestLogConfig, RequestLogger, log_files
+    from fer_pipeline.core.serving_root import RequestLogSpec
+    from fer_pipeline.serving.request_log import RequestLogConfig, RequestLogger, log_files
 
     spec = RequestLogSpec(str(Path(directory) / name / "requests"), 1.0)
     logger = RequestLogger(lambda model: spec, RequestLogConfig(queue_records=records))

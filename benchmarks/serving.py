@@ -136,8 +136,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def resolve_models(serving_root: str, wanted: list[str]) -> list[dict[str, Any]]:
     """Each model of DIR/models.config with its newest version on disk. The base path is
     DIR/<name> when that exists (a copied serving root keeps working), else the config's."""
-    from serving.model_config import read_model_server_config
-    from serving.model_manager import list_versions
+    from fer_pipeline.core.serving_root import read_model_server_config
+    from fer_pipeline.serving.model_manager import list_versions
 
     config = os.path.join(serving_root, "models.config")
     models = []
@@ -293,7 +293,7 @@ class ServerProcess:
     def __init__(self, config: str, log_path: str, extra: list[str]) -> None:
         fer_serve = Path(sys.executable).with_name("fer-serve")
         command = [str(fer_serve)] if fer_serve.exists() else \
-            [sys.executable, "-m", "serving.server"]
+            [sys.executable, "-m", "fer_pipeline.serving.server"]
         self.command = command + ["--model-config", config, "--host", HOST, "--port", "0",
                                   "--rest-port", "0", "--poll-seconds", "30",
                                   "--log-level", "INFO", *extra]
@@ -580,7 +580,7 @@ class EchoServer:
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
-        from serving.server import ServerConfig
+        from fer_pipeline.serving.server import ServerConfig
         response = predict_pb2.PredictResponse()
         for key, value in reference.items():
             response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
@@ -658,7 +658,7 @@ def logged_config(models: list[dict[str, Any]], directory: str,
                   rate: Optional[float]) -> str:
     """models.config serving the measured versions, pinned; with request logs under
     `directory` at `rate` when a rate is given."""
-    from serving.model_config import ModelSpec, RequestLogSpec, write_model_server_config
+    from fer_pipeline.core.serving_root import ModelSpec, RequestLogSpec, write_model_server_config
     return write_model_server_config(os.path.join(directory, "models.config"), [
         ModelSpec(m["name"], m["base_path"], "specific", versions=[m["version"]],
                   request_log=None if rate is None else RequestLogSpec(
@@ -667,7 +667,7 @@ def logged_config(models: list[dict[str, Any]], directory: str,
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from serving.request_log import read_logs
+    from fer_pipeline.serving.request_log import read_logs
 
     wanted = [m for m in args.models.split(",") if m]
     models = resolve_models(args.serving_root, wanted)

@@ -1,7 +1,7 @@
 """PyTorch reference for the GPU benchmark: the project's two architectures, hand-written in torch.
 
 This is the "practical limit of the GPU" that benchmarks/train_gpu.py divides its Keras 3 + JAX
-figures by. It re-states components/models.py's architectures in PyTorch (it cannot import Keras
+figures by. It re-states components/trainer/models.py's architectures in PyTorch (it cannot import Keras
 models into torch); keep the two in step:
 
 - cnn:   [B,2304] -> [B,1,48,48] -> 4 x (Conv 3x3 'valid' + ReLU, MaxPool 2x2), 64/128/256/512

@@ -1,14 +1,14 @@
-"""GPU training benchmark: the project's own Keras 3 models (components/models.py) under JAX.
+"""GPU training benchmark: the project's own Keras 3 models (components/trainer/models.py) under JAX.
 
 Measures images/s of full training steps (forward, backward, Adam update) of `cnn` and `vgg16`
-at the notebook's batch sizes (70 / 65, from pipeline.config.TrainConfig) and a sweep of larger
+at the notebook's batch sizes (70 / 65, from fer_pipeline.core.config.TrainConfig) and a sweep of larger
 ones, in fp32 and mixed bf16, jit-compiled; then the notebook's full schedules (CNN 115 epochs
 at the best batch size, VGG16 25 epochs) and the same at the notebook's batch sizes, with
 test accuracy. Optionally compares with benchmarks/torch_reference.py (same architectures in
 PyTorch, bf16 autocast, torch.compile) and reports our figure as a ratio of it.
 
 Data: NOT FER-2013. Synthetic faces drawn ON THE DEVICE MACHINE by
-components.synthetic.draw_faces (numpy only): a class-balanced training set (default 100,676
+fer_pipeline.pipeline.synthetic.draw_faces (numpy only): a class-balanced training set (default 100,676
 images, the notebook's balanced training split size), validation and test sets with FER-2013's
 class proportions (default 3,589 each, the size of PublicTest / PrivateTest). Pixels are z-score
 normalized with one mean and one std (flags; default: the full-pass statistic over the generated
@@ -87,9 +87,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from components.synthetic import FER_CLASS_COUNTS, allocate, draw_faces  # noqa: E402
-from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.contract import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS  # noqa: E402
+from fer_pipeline.pipeline.synthetic import FER_CLASS_COUNTS, allocate, draw_faces  # noqa: E402
+from fer_pipeline.core.config import TrainConfig  # noqa: E402
+from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS  # noqa: E402
 
 NOTEBOOK = TrainConfig()  # the notebook's batch sizes, epochs and learning rates
 MODEL_NAMES = ("cnn", "vgg16")
@@ -166,7 +166,7 @@ def load_or_generate(args) -> tuple[dict, dict]:
     mean = float(xtr.mean(dtype=np.float64)) if args.mean is None else args.mean
     std = float(np.sqrt(xtr.var(dtype=np.float64))) if args.std is None else args.std
     info = {
-        "description": ("synthetic FER-2013-format faces from components.synthetic.draw_faces "
+        "description": ("synthetic FER-2013-format faces from fer_pipeline.pipeline.synthetic.draw_faces "
                         "(NOT the real FER-2013); train class-balanced, validation/test with "
                         "FER-2013 class proportions"),
         "seed": args.seed, "source": source, "seconds": round(seconds, 2),
@@ -189,7 +189,7 @@ def set_precision(precision: str) -> None:
 
 
 def build(name: str, batch: int, lr: float, jit: bool):
-    from components.models import build_model
+    from fer_pipeline.components.trainer.models import build_model
     cfg = NOTEBOOK
     section = dataclasses.replace(cfg.models[name], batch_size=batch, learning_rate=lr)
     tc = dataclasses.replace(cfg, models={name: section})

@@ -2,7 +2,7 @@
 
 Measures, on this machine's CPU:
 
-1. the trainer's input pipeline (components.trainer.make_dataset, imported, with the
+1. the trainer's input pipeline (fer_pipeline.components.trainer.executor.make_dataset, imported, with the
    trainer's arguments: training=True, TrainConfig's seed and shuffle_buffer, the split's
    record count as cardinality) over the Transform step's train split, in images/s:
    the first epoch (read the TFRecords, parse, fill the in-memory cache; files are in the
@@ -13,7 +13,7 @@ Measures, on this machine's CPU:
    number), so the figure can be given per core. tf.data is drained inside TensorFlow
    (Dataset.reduce), so no per-batch Python is measured;
 2. full training steps (forward, backward, Adam) of both models as built by
-   components.models.build_model with the trainer's settings (TrainConfig defaults:
+   fer_pipeline.components.trainer.models.build_model with the trainer's settings (TrainConfig defaults:
    float32, jit_compile=TrainConfig.xla, model.fit, steps_per_execution 1) at the notebook
    batch sizes, VGG16 with its base frozen (the pretrained-weights case; the 1x1
    grey-to-RGB conv before the base still trains, so gradients still flow back through the
@@ -54,7 +54,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_description  # noqa: E402
-from pipeline.config import TrainConfig  # noqa: E402
+from fer_pipeline.core.config import TrainConfig  # noqa: E402
 
 BIN = Path(sys.executable).parent
 DATA_STEPS = "ingest,statistics,validate,augment,transform"
@@ -92,7 +92,7 @@ def _import_tf(cores: int | None):
 
 
 def _train_pattern(transform_dir: str, split: str = "train") -> str:
-    from pipeline.contract import EXAMPLES_PATTERN, TRANSFORMED_DIR
+    from fer_pipeline.core.contract import EXAMPLES_PATTERN, TRANSFORMED_DIR
     return os.path.join(transform_dir, TRANSFORMED_DIR, split, EXAMPLES_PATTERN)
 
 
@@ -103,7 +103,7 @@ def input_worker(args) -> dict:
 
     import numpy as np
 
-    from components.trainer import count_records, make_dataset
+    from fer_pipeline.components.trainer.executor import count_records, make_dataset
 
     config = TrainConfig()
     pattern = _train_pattern(args.transform_dir)
@@ -164,8 +164,8 @@ def train_worker(args) -> dict:
 
     import keras
 
-    from components.models import build_model, model_config, vgg16_base_is_trainable
-    from components.trainer import make_dataset
+    from fer_pipeline.components.trainer.models import build_model, model_config, vgg16_base_is_trainable
+    from fer_pipeline.components.trainer.executor import make_dataset
 
     plan = json.loads(args.plan)
     base_config = TrainConfig()

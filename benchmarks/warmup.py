@@ -51,7 +51,7 @@ def faces(count: int) -> list[bytes]:
 def push(base: str, version: int, template: str, warmup: list) -> float:
     """Copies `template` to base/<version> via a hidden directory and one rename; returns
     the rename's time (perf_counter)."""
-    from serving.warmup import write_warmup_requests
+    from fer_pipeline.serving.warmup import write_warmup_requests
     staging = os.path.join(base, f".tmp-{version}")
     shutil.copytree(template, staging)
     if warmup:
@@ -80,7 +80,7 @@ def wait_served(stub, model: str, version: int, renamed: float, timeout_s: float
 
 def first_calls(stub, model: str, version: int, examples: list[bytes]) -> dict[str, float]:
     """Milliseconds of the first call of each signature on `version`, then a second call."""
-    from serving.warmup import CONTRACT_SIGNATURES, canary_requests
+    from fer_pipeline.serving.warmup import CONTRACT_SIGNATURES, canary_requests
     timings = {}
     requests = canary_requests(model, examples[:1], CONTRACT_SIGNATURES, explain_examples=1)
     for request in requests + requests[:1]:
@@ -96,8 +96,8 @@ def first_calls(stub, model: str, version: int, examples: list[bytes]) -> dict[s
 def bench_model(model: dict[str, Any], args: argparse.Namespace, scratch: str) -> dict[str, Any]:
     import grpc
     from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
-    from serving.model_config import ModelSpec, write_model_server_config
-    from serving.warmup import CONTRACT_SIGNATURES, canary_requests
+    from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
+    from fer_pipeline.serving.warmup import CONTRACT_SIGNATURES, canary_requests
 
     name = model["name"]
     root = os.path.join(scratch, name)

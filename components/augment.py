@@ -34,10 +34,10 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from pipeline import fileio
-from pipeline.beam_job import beam_pipeline
-from pipeline.config import AugmentConfig
-from pipeline.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
+from fer_pipeline.core import fileio
+from fer_pipeline.core.beam_job import beam_pipeline
+from fer_pipeline.core.config import AugmentConfig
+from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
     FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, IMAGE_SIZE, EXAMPLES_PATTERN, NUM_CLASSES,
     SHARD_PREFIX, SHARD_SUFFIX)
 

@@ -16,7 +16,7 @@ The Beam pipeline, top to bottom:
    `serving_examples` signature, the signature TFX's BulkInferrer runs, giving one
    `PredictionLog` per face, stamped with the model's name and version and written as
    TFRecords;
-4. the models' answers are joined by key and combined with `serving/ensemble.py` (most
+4. the models' answers are joined by key and combined with `core/ensemble.py` (most
    confident wins; a disagreement within the tolerance goes to human review);
 5. JSON-lines reports that the driver turns into `predictions.csv` (sorted by source, row
    and face), `rejected.csv` and, with a review queue, the flagged faces queued for
@@ -51,20 +51,20 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from components.example_gen import (JSONL_HEADER, READ_CHUNK_BYTES, CsvColumns,
+from fer_pipeline.components.example_gen import (JSONL_HEADER, READ_CHUNK_BYTES, CsvColumns,
                                     ReadChunkLines, RowError, parse_row, plan_chunks,
                                     read_header, read_jsonl, reason_code, rejection,
                                     write_rejected_csv)
-from pipeline import fileio
-from pipeline.beam_job import beam_pipeline
-from pipeline.config import InferenceConfig
-from pipeline.contract import (CLASS_NAMES, FEATURE_PIXELS, FEATURE_SOURCE, IMAGE_SIZE,
+from fer_pipeline.core import fileio
+from fer_pipeline.core.beam_job import beam_pipeline
+from fer_pipeline.core.config import InferenceConfig
+from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_PIXELS, FEATURE_SOURCE, IMAGE_SIZE,
                                INFERENCE_REJECTED_FILE, INPUT_EXAMPLES, INFERENCE_RESULT_FILE,
                                OUTPUT_PROBABILITIES, OUTPUT_SALIENCY, PREDICTION_LOGS_DIR,
                                PREDICTIONS_FILE, SIGNATURE_EXAMPLES, SIGNATURE_EXPLAIN)
-from serving.ensemble import combine
-from serving.faces import FaceDetectionConfig, decode_grayscale, faces_in_image
-from serving.review_queue import ModelPrediction, ReviewQueue, record_if_flagged
+from fer_pipeline.core.ensemble import combine
+from fer_pipeline.serving.faces import FaceDetectionConfig, decode_grayscale, faces_in_image
+from fer_pipeline.serving.review_queue import ModelPrediction, ReviewQueue, record_if_flagged
 
 _REJECTED = "rejected"
 _BEAM_TMP = ".beam_tmp"

@@ -3,7 +3,7 @@
 For each model it runs the exported `serving_examples` signature (the exact graph that will
 be served, transform included) over the raw test examples, and computes loss, accuracy,
 per-class precision/recall/F1 and the confusion matrix. It scores the ensemble of all models
-with the product's decision rule (`serving.ensemble.combine_batch`) and the version now in
+with the product's decision rule (`fer_pipeline.core.ensemble.combine_batch`) and the version now in
 serving on the same data, then applies the gates from `EvalConfig`:
 
 - accuracy >= min_accuracy[name]           (a model with no threshold is never blessed)
@@ -19,9 +19,9 @@ are not served.
 
 Outputs (under `output_dir`): evaluation.json (all numbers), blessings.json
 ({name: {"blessed", "reasons", "summary"}}; `summary` is one line for a person) and
-report.html (rendered by components/report.py; this module never imports matplotlib, so the
+report.html (rendered by core/report_page.py; this module never imports matplotlib, so the
 gate runs without it), and test_predictions.npz (each model's test-split probabilities, for
-`fer-pipeline monitor`). All I/O goes through pipeline.fileio, so the run root may be s3://.
+`fer-pipeline monitor`). All I/O goes through fer_pipeline.core.fileio, so the run root may be s3://.
 """
 from __future__ import annotations
 
@@ -32,15 +32,15 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from components.pusher import latest_served_version
-from pipeline import fileio
-from pipeline.artifacts import to_jsonable
-from pipeline.config import EvalConfig
-from pipeline.contract import (BLESSINGS_FILE, CLASS_NAMES, CLASS_NAMES_ES, EVALUATION_FILE,
+from fer_pipeline.components.pusher import latest_served_version
+from fer_pipeline.core import fileio
+from fer_pipeline.core.artifacts import to_jsonable
+from fer_pipeline.core.config import EvalConfig
+from fer_pipeline.core.contract import (BLESSINGS_FILE, CLASS_NAMES, CLASS_NAMES_ES, EVALUATION_FILE,
     EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, HISTORY_FILE, IMAGE_SIZE,
     NUM_CLASSES, OUTPUT_PROBABILITIES, REPORT_HTML, SERVING_MODEL_DIR, SIGNATURE_EXAMPLES,
     TEST_PREDICTIONS_FILE, TRAINING_INFO_FILE, INPUT_EXAMPLES)
-from serving.ensemble import combine_batch
+from fer_pipeline.core.ensemble import combine_batch
 
 log = logging.getLogger(__name__)
 
@@ -438,7 +438,7 @@ def write_test_predictions(path: str, probs_by_model: Mapping[str, np.ndarray]) 
 def _write_outputs(output_dir: str, evaluation: dict[str, Any],
                    blessings: dict[str, dict[str, Any]], split: TestSplit) -> dict[str, str]:
     # Imported here: rendering needs matplotlib, the gate above does not.
-    from components.report import faces_shown, render_report
+    from fer_pipeline.core.report_page import faces_shown, render_report
 
     paths = {name: fileio.join(output_dir, name)
              for name in (EVALUATION_FILE, BLESSINGS_FILE, REPORT_HTML)}

@@ -34,10 +34,10 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import fileio
-from pipeline.beam_job import beam_pipeline
-from pipeline.config import IngestConfig
-from pipeline.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
+from fer_pipeline.core import fileio
+from fer_pipeline.core.beam_job import beam_pipeline
+from fer_pipeline.core.config import IngestConfig
+from fer_pipeline.core.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
     FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, EXAMPLES_PATTERN, NUM_CLASSES, NUM_PIXELS,
     SHARD_PREFIX, SHARD_SUFFIX, SPLITS, USAGE_TO_SPLIT, REJECTED_DIR, REJECTED_FILE,
     DUPLICATES_FILE)

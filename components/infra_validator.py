@@ -47,17 +47,17 @@ import tensorflow as tf
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
-from components.report import with_infra_section
-from pipeline import fileio
-from pipeline.artifacts import to_jsonable
-from pipeline.config import InfraValidationConfig
-from pipeline.contract import (BLESSINGS_FILE, EXAMPLES_PATTERN, INFRA_BLESSINGS_FILE,
+from fer_pipeline.core.report_page import with_infra_section
+from fer_pipeline.core import fileio
+from fer_pipeline.core.artifacts import to_jsonable
+from fer_pipeline.core.config import InfraValidationConfig
+from fer_pipeline.core.contract import (BLESSINGS_FILE, EXAMPLES_PATTERN, INFRA_BLESSINGS_FILE,
                                OUTPUT_PROBABILITIES, REPORT_HTML, SERVER_LOG_FILE,
                                SERVING_MODEL_DIR, SIGNATURE_UINT8)
-from serving.model_config import ModelSpec, write_model_server_config
-from serving.model_manager import STATE_CODES
-from serving.server import tfserving_binary
-from serving.warmup import (CONTRACT_SIGNATURES, canary_requests, contract_outputs,
+from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
+from fer_pipeline.serving.model_manager import STATE_CODES
+from fer_pipeline.serving.server import tfserving_binary
+from fer_pipeline.serving.warmup import (CONTRACT_SIGNATURES, canary_requests, contract_outputs,
                             request_inputs, write_warmup_requests)
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class Sandbox:
                 os.path.join(self.root, "models.config"),
                 [ModelSpec(name=model, base_path=base_path)])
             self.grpc_port, self.rest_port = free_loopback_port(), free_loopback_port()
-            command = [sys.executable, "-m", "serving.server", "--model-config", config_path,
+            command = [sys.executable, "-m", "fer_pipeline.serving.server", "--model-config", config_path,
                        "--port", str(self.grpc_port), "--rest-port", str(self.rest_port),
                        "--server", server_choice]
             with open(self.log_path, "w") as server_log:

@@ -49,12 +49,12 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from pipeline import fileio
-from pipeline.artifacts import fingerprint
-from pipeline.config import PushConfig
-from pipeline.contract import (MODELS_CONFIG, DOCKER_MODELS_CONFIG, SERVING_MODEL_DIR,
+from fer_pipeline.core import fileio
+from fer_pipeline.core.artifacts import fingerprint
+from fer_pipeline.core.config import PushConfig
+from fer_pipeline.core.contract import (MODELS_CONFIG, DOCKER_MODELS_CONFIG, SERVING_MODEL_DIR,
     BLESSINGS_FILE, INFRA_BLESSINGS_FILE, PUSH_FILE)
-from serving.model_config import (ModelSpec, RequestLogSpec, container_config,
+from fer_pipeline.core.serving_root import (ModelSpec, RequestLogSpec, container_config,
                                   docker_command, read_model_server_config,
                                   without_request_log, write_model_server_config)
 

@@ -26,10 +26,10 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.coders.example_coder import RecordBatchToExamples
 from tfx_bsl.public import tfxio
 
-from pipeline import fileio
-from pipeline.beam_job import beam_pipeline
-from pipeline.config import TransformConfig
-from pipeline.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
+from fer_pipeline.core import fileio
+from fer_pipeline.core.beam_job import beam_pipeline
+from fer_pipeline.core.config import TransformConfig
+from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
     NUM_PIXELS, SHARD_PREFIX, SHARD_SUFFIX, SPLITS, TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
 
 NORMALIZATIONS = ("zscore", "minmax", "scale255")

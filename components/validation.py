@@ -1,7 +1,7 @@
 """ExampleValidator: checks each split's statistics against the curated schema, and the
 label distribution of validation/test against train.
 
-Reads `<statistics_dir>/<split>/stats.tfrecord` (components/statistics.py) and the schema
+Reads `<statistics_dir>/<split>/stats.tfrecord` (components/statistics/executor.py) and the schema
 (schemas/fer2013/schema.pbtxt). Writes under `output_dir`:
   <split>.anomalies.pbtxt  TFDV's Anomalies proto, text format
   drift.json               label distributions and their L-infinity distances to train
@@ -19,9 +19,9 @@ from typing import Optional
 import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2, statistics_pb2
 
-from pipeline import fileio
-from pipeline.config import ValidationConfig
-from pipeline.contract import (CLASS_NAMES, FEATURE_LABEL, SPLITS, STATISTICS_FILE, DRIFT_FILE,
+from fer_pipeline.core import fileio
+from fer_pipeline.core.config import ValidationConfig
+from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_LABEL, SPLITS, STATISTICS_FILE, DRIFT_FILE,
     VALIDATION_REPORT)
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def label_distribution(
     """Fraction of examples per label value, from the categorical statistics of `emotion`.
 
     None when the split has no label statistics (the feature is missing) or they are not
-    categorical (statistics computed without components.statistics' schema hint).
+    categorical (statistics computed without fer_pipeline.components.statistics.executor' schema hint).
     """
     dataset = stats.datasets[0]
     for feature in dataset.features:

@@ -15,10 +15,10 @@ import os
 import sys
 from typing import NoReturn, Optional
 
-from pipeline import tf_cpu
-from pipeline.config import MODEL_NAMES, PipelineConfig, load_config
-from pipeline.dag import DATA, SCHEMA, STEP_NAMES, Step, build_steps
-from pipeline.errors import EXIT_USAGE, UserError, exit_process, is_user_error, run_cli
+from fer_pipeline.core import tf_cpu
+from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig, load_config
+from fer_pipeline.pipeline.dag import DATA, SCHEMA, STEP_NAMES, Step, build_steps
+from fer_pipeline.core.errors import EXIT_USAGE, UserError, exit_process, is_user_error, run_cli
 
 TRAIN_COMMAND = "train"
 INFER_COMMAND = "infer"
@@ -80,7 +80,7 @@ def _add_step_flags(parser: argparse.ArgumentParser, steps: list[Step]) -> None:
         parser.add_argument("--data", required=True, action="append",
                             help="FER-2013 format CSV; repeat to train on several "
                                  "(e.g. the original data plus reviewed faces)")
-    parser.add_argument("--config", help="YAML or JSON file overriding pipeline/config.py")
+    parser.add_argument("--config", help="YAML or JSON file overriding core/config.py")
     parser.add_argument("--profile", default="default", choices=["default", "smoke"],
                         help="'smoke' shrinks training for tests and demos")
     parser.add_argument("--force", action="store_true",
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "that version (default: %(default)s)")
     infer.add_argument("--review-queue", metavar="DIR",
                        help="queue the faces that need a person for fer-review in DIR")
-    infer.add_argument("--config", help="YAML or JSON file overriding pipeline/config.py "
+    infer.add_argument("--config", help="YAML or JSON file overriding core/config.py "
                        "(inference batch sizes, evaluation.tie_tolerance)")
     infer.add_argument("--metadata-db", help="ML Metadata SQLite file "
                        "(default: <output>/metadata.sqlite)")
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="judge windows of at least N faces (default: the config's "
                               "monitor.min_requests)")
     monitor.add_argument("--serving-root", help="default: <output>/serving_models")
-    monitor.add_argument("--config", help="YAML or JSON file overriding pipeline/config.py "
+    monitor.add_argument("--config", help="YAML or JSON file overriding core/config.py "
                          "(section 'monitor': the thresholds)")
     monitor.add_argument("--metadata-db", help="ML Metadata SQLite file "
                          "(default: <output>/metadata.sqlite)")
@@ -269,7 +269,7 @@ def _models(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipeline.runner import RunContext, run_pipeline
+    from fer_pipeline.pipeline.runner import RunContext, run_pipeline
 
     ctx = RunContext(data_paths=getattr(args, "data", None) or [], run_root=args.output,
                      config=_config_from_args(args), beam_args=beam_args, force=args.force,
@@ -312,7 +312,7 @@ def _push_line(model: str, push: dict, summary: Optional[str]) -> str:
 
 
 def _lineage(args: argparse.Namespace) -> int:
-    from pipeline.lineage import format_lineage, model_lineage
+    from fer_pipeline.pipeline.lineage import format_lineage, model_lineage
 
     config = _config_from_args(args)
     found = model_lineage(args.output, config.metadata, args.model, args.version)
@@ -325,14 +325,14 @@ def _lineage(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipeline.kfp_pipeline import compile_inference_pipeline, compile_pipeline
+    from fer_pipeline.pipeline.kfp_pipeline import compile_inference_pipeline, compile_pipeline
 
     directory = os.path.dirname(os.path.abspath(args.kfp))
     if not os.path.isdir(directory):
         raise UserError(f"compile: cannot write {args.kfp}: directory {directory} does not "
                         "exist")
     if args.monitor:
-        from pipeline.kfp_pipeline import compile_monitor_pipeline
+        from fer_pipeline.pipeline.kfp_pipeline import compile_monitor_pipeline
 
         path = compile_monitor_pipeline(args.kfp, image=args.image)
         print(f"[fer-pipeline] wrote the Kubeflow monitoring pipeline to {path}")
@@ -350,8 +350,8 @@ def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
 def _infer(args: argparse.Namespace, beam_args: list[str]) -> int:
     import dataclasses
 
-    from pipeline import fileio
-    from pipeline.inference import run_inference_job
+    from fer_pipeline.core import fileio
+    from fer_pipeline.pipeline.infer_command import run_inference_job
 
     config = load_config(args.config)
     result = run_inference_job(
@@ -380,8 +380,8 @@ def _infer(args: argparse.Namespace, beam_args: list[str]) -> int:
 def _monitor(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from pipeline import fileio
-    from pipeline.monitoring import default_output, parse_moment, run_monitor_job
+    from fer_pipeline.core import fileio
+    from fer_pipeline.pipeline.monitor_command import default_output, parse_moment, run_monitor_job
 
     config = _config_from_args(args)
     if args.min_requests is not None:
@@ -406,7 +406,7 @@ def _monitor(args: argparse.Namespace) -> int:
 
 
 def _dag(args: argparse.Namespace) -> int:
-    from pipeline.dag import mermaid
+    from fer_pipeline.pipeline.dag import mermaid
 
     steps = build_steps()
     if args.mermaid:
@@ -420,7 +420,7 @@ def _dag(args: argparse.Namespace) -> int:
 
 
 def _path(args: argparse.Namespace) -> int:
-    from pipeline.runner import committed_output
+    from fer_pipeline.pipeline.runner import committed_output
 
     print(committed_output(args.output, args.ref))
     return 0
@@ -434,7 +434,7 @@ def unknown_beam_options(beam_args: list[str]) -> list[str]:
     """
     from apache_beam.options import pipeline_options as beam_options
 
-    from pipeline import beam_job  # noqa: F401 - declares the job-server options we pass on
+    from fer_pipeline.core import beam_job  # noqa: F401 - declares the job-server options we pass on
 
     class BeamOptionParser(beam_options._BeamArgumentParser):  # Beam's (ValueProviders)
         def error(self, message: str):   # argparse would print Beam's whole usage
@@ -467,7 +467,7 @@ def _parse(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _main(argv: Optional[list[str]] = None) -> int:
-    from pipeline.runner import PipelineError
+    from fer_pipeline.pipeline.runner import PipelineError
 
     try:
         args, beam_args = _parse(argv)
@@ -491,7 +491,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from components.synthetic import generate_csv
+    from fer_pipeline.pipeline.synthetic import generate_csv
 
     if args.rows < 1:
         raise UserError(f"synth: --rows must be at least 1, got {args.rows}")
@@ -509,12 +509,12 @@ def _synth(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """The CLI: a user's mistake ends in one `error:` line, a bug in one line saying where
-    its traceback is (pipeline/errors.py)."""
+    its traceback is (core/errors.py)."""
     return run_cli("fer-pipeline", _main, argv)
 
 
 def entry_point() -> NoReturn:
-    """The `fer-pipeline` console script (pipeline.errors.exit_process says why it ends so)."""
+    """The `fer-pipeline` console script (fer_pipeline.core.errors.exit_process says why it ends so)."""
     exit_process(main())
 
 

@@ -20,12 +20,12 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from pipeline import fileio
-from pipeline.artifacts import fingerprint
-from pipeline.config import MODEL_NAMES, PipelineConfig
-from pipeline.contract import (BLESSINGS_FILE, INFRA_BLESSINGS_FILE, SERVING_MODEL_DIR,
+from fer_pipeline.core import fileio
+from fer_pipeline.core.artifacts import fingerprint
+from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig
+from fer_pipeline.core.contract import (BLESSINGS_FILE, INFRA_BLESSINGS_FILE, SERVING_MODEL_DIR,
                                TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
-from pipeline.metadata import ArtifactRecord
+from fer_pipeline.pipeline.metadata import ArtifactRecord
 
 PIPELINE_INPUT = "pipeline"           # producer name of the pipeline's own inputs
 DATA = f"{PIPELINE_INPUT}.data"       # the FER-2013 CSV(s)
@@ -67,17 +67,17 @@ class Step:
 # ----------------------------------------------------------------------------- executors
 
 def _ingest(inputs, out, env: StepEnv):
-    from components.example_gen import run_example_gen
+    from fer_pipeline.components.example_gen import run_example_gen
     return run_example_gen(inputs["data"], out, env.config.ingest, env.beam_args)
 
 
 def _augment(inputs, out, env: StepEnv):
-    from components.augment import run_augment
+    from fer_pipeline.components.augment import run_augment
     return run_augment(inputs["examples"], out, env.config.augment, env.beam_args)
 
 
 def _statistics(inputs, out, env: StepEnv):
-    from components.statistics import run_statistics
+    from fer_pipeline.components.statistics.executor import run_statistics
     # The schema and validation settings let the page show the verdict at its top.
     return run_statistics(inputs["examples"], out, env.beam_args,
                           augmented_dir=inputs["augmented"], schema_path=inputs["schema"],
@@ -85,18 +85,18 @@ def _statistics(inputs, out, env: StepEnv):
 
 
 def _validate(inputs, out, env: StepEnv):
-    from components.validation import run_validation
+    from fer_pipeline.components.validation import run_validation
     return run_validation(inputs["statistics"], inputs["schema"], out, env.config.validation)
 
 
 def _transform(inputs, out, env: StepEnv):
-    from components.transform import run_transform
+    from fer_pipeline.components.transform import run_transform
     return run_transform(inputs["augmented"], inputs["examples"], out, env.config.transform,
                          env.beam_args)
 
 
 def _train(model: str, inputs, out, env: StepEnv):
-    from components.trainer import run_trainer
+    from fer_pipeline.components.trainer.executor import run_trainer
     return run_trainer(model, inputs["transform"], out, env.config.train)
 
 
@@ -106,19 +106,19 @@ def _model_runs(inputs: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _evaluate(inputs, out, env: StepEnv):
-    from components.evaluator import run_evaluator
+    from fer_pipeline.components.evaluator import run_evaluator
     return run_evaluator(inputs["examples"], _model_runs(inputs), env.serving_root, out,
                          env.config.evaluation)
 
 
 def _infra_validate(inputs, out, env: StepEnv):
-    from components.infra_validator import run_infra_validator
+    from fer_pipeline.components.infra_validator import run_infra_validator
     return run_infra_validator(inputs["examples"], _model_runs(inputs), inputs["evaluation"],
                                out, env.config.infra_validation)
 
 
 def _push(inputs, out, env: StepEnv):
-    from components.pusher import run_pusher
+    from fer_pipeline.components.pusher import run_pusher
     return run_pusher(_model_runs(inputs), inputs["evaluation"], env.serving_root, out,
                       env.config.push, infra_validation_dir=inputs["infra_validation"])
 
@@ -175,9 +175,9 @@ def _push_parameters(config: PipelineConfig, env: StepEnv) -> Any:
 
 def _infra_validate_parameters(config: PipelineConfig, env: StepEnv) -> Any:
     # Which server binary validates matters: installing tensorflow_model_server re-runs it.
-    # Imported here: serving.server loads TensorFlow and gRPC (4-5 s), which declaring the
+    # Imported here: fer_pipeline.serving.server loads TensorFlow and gRPC (4-5 s), which declaring the
     # DAG (fer-pipeline --help, the Kubeflow compiler) does without.
-    from serving.server import tfserving_binary
+    from fer_pipeline.serving.server import tfserving_binary
     return {"infra_validation": config.infra_validation,
             "tfserving_binary": tfserving_binary(config.infra_validation.server) or ""}
 
@@ -197,19 +197,19 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
     model_inputs = {f"model_{m}": f"train-{m}.model_run" for m in models}
     steps = [
         Step("ingest", "examples", {"data": DATA}, {"examples": ""}, _ingest,
-             _section("ingest"), ("components.example_gen",),
+             _section("ingest"), ("fer_pipeline.components.example_gen",),
              "CSV -> split, quarantined, de-duplicated TFRecords", beam=True),
         Step("augment", "augmented", {"examples": "ingest.examples"}, {"augmented": ""},
-             _augment, _section("augment"), ("components.augment",),
+             _augment, _section("augment"), ("fer_pipeline.components.augment",),
              "class-balancing augmentation of the training split", beam=True),
         Step("statistics", "statistics",
              {"examples": "ingest.examples", "augmented": "augment.augmented",
               "schema": SCHEMA},
              {"statistics": ""}, _statistics, _section("validation"),
-             ("components.statistics",),
+             ("fer_pipeline.components.statistics.executor",),
              "TFDV statistics per split + statistics.html", beam=True),
         Step("validate", "anomalies", {"statistics": "statistics.statistics", "schema": SCHEMA},
-             {"anomalies": ""}, _validate, _section("validation"), ("components.validation",),
+             {"anomalies": ""}, _validate, _section("validation"), ("fer_pipeline.components.validation",),
              "validate statistics against the schema; label drift"),
         Step("transform", "transform",
              # anomalies: only validated data is transformed (and KFP orders it so)
@@ -217,7 +217,7 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
               "anomalies": "validate.anomalies"},
              {"transform": "", "transform_graph": TRANSFORM_GRAPH_DIR,
               "transformed": TRANSFORMED_DIR}, _transform,
-             _section("transform"), ("components.transform",),
+             _section("transform"), ("fer_pipeline.components.transform",),
              "tensorflow-transform normalization", beam=True),
     ]
     for model in models:
@@ -225,24 +225,24 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
             f"train-{model}", f"models/{model}", {"transform": "transform.transform"},
             {"model_run": "", "serving_model": SERVING_MODEL_DIR},
             functools.partial(_train, model), _train_parameters(model),
-            ("components.trainer", "components.models", "components.export"),
+            ("fer_pipeline.components.trainer.executor", "fer_pipeline.components.trainer.models", "fer_pipeline.components.trainer.export"),
             f"train the {model} model", resumable=True, model=model))
     steps += [
         Step("evaluate", "evaluation", {"examples": "ingest.examples", **model_inputs},
              {"evaluation": ""}, _evaluate, _evaluate_parameters,
-             ("components.evaluator", "serving.ensemble"),
+             ("fer_pipeline.components.evaluator", "fer_pipeline.core.ensemble"),
              "test-split evaluation and the blessing gate", derived=_blessings),
         Step("infra-validate", "infra_validation",
              {"examples": "ingest.examples", "evaluation": "evaluate.evaluation",
               **model_inputs},
              {"infra_validation": ""}, _infra_validate, _infra_validate_parameters,
-             ("components.infra_validator", "serving.warmup", "components.report"),
+             ("fer_pipeline.components.infra_validator", "fer_pipeline.serving.warmup", "fer_pipeline.core.report_page"),
              "blessed candidates served by a sandboxed model server and queried",
              derived=_infra_blessings),
         Step("push", "push",
              {"evaluation": "evaluate.evaluation",
               "infra_validation": "infra-validate.infra_validation", **model_inputs},
-             {"push": ""}, _push, _push_parameters, ("components.pusher",),
+             {"push": ""}, _push, _push_parameters, ("fer_pipeline.components.pusher",),
              "push models blessed by evaluation and infra validation to the serving "
              "directory", derived=_pushed_versions),
     ]

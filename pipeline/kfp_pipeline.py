@@ -25,11 +25,11 @@ import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
-from pipeline import tf_cpu
-from pipeline.config import MODEL_NAMES, PipelineConfig
-from pipeline.dag import PIPELINE_INPUT, Step, build_steps
+from fer_pipeline.core import tf_cpu
+from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig
+from fer_pipeline.pipeline.dag import PIPELINE_INPUT, Step, build_steps
 
-# The components run steps in processes that import this module first (pipeline/tf_cpu.py).
+# The components run steps in processes that import this module first (core/tf_cpu.py).
 tf_cpu.prefer_onednn()
 
 PIPELINE_NAME = "fer-pipeline"
@@ -59,7 +59,7 @@ def component_source(step: Step) -> str:
     uris = ", ".join(f"{name!r}: {name}.uri" for name in _artifact_inputs(step))
     return (
         f"def {_function_name(step)}({params}):\n"
-        f"    from pipeline.kfp_pipeline import run_component\n"
+        f"    from fer_pipeline.pipeline.kfp_pipeline import run_component\n"
         f"    run_component({step.name!r}, {{{uris}}}, {output}.uri, data, serving_root,\n"
         f"                  config_json, beam_args_json, metadata_db, models_json)\n"
     )
@@ -95,7 +95,7 @@ def build_pipeline(config: PipelineConfig, models: Sequence[str] = MODEL_NAMES,
     """A KFP pipeline function built from the declaration."""
     from kfp import dsl
 
-    from pipeline.artifacts import to_jsonable
+    from fer_pipeline.core.artifacts import to_jsonable
 
     steps = build_steps(models)
     components = _components(steps, image)
@@ -133,7 +133,7 @@ def compile_pipeline(path: str, config: Optional[PipelineConfig] = None,
     """Writes the KFP v2 pipeline YAML to `path` and returns it."""
     from kfp import compiler
 
-    from pipeline.config import load_config
+    from fer_pipeline.core.config import load_config
 
     pipeline_fn = build_pipeline(config or load_config(), models, beam_args, image)
     compiler.Compiler().compile(pipeline_fn, package_path=path)
@@ -149,14 +149,14 @@ INFERENCE_COMPONENT_SOURCE = (
     "def bulk_inference(data: str, serving_root: str, models: str, config_json: str,\n"
     "                   beam_args_json: str, metadata_db: str,\n"
     "                   predictions: Output[Artifact]):\n"
-    "    from pipeline.kfp_pipeline import run_inference_component\n"
+    "    from fer_pipeline.pipeline.kfp_pipeline import run_inference_component\n"
     "    run_inference_component(data, serving_root, models, config_json, beam_args_json,\n"
     "                            metadata_db, predictions.uri)\n")
 
 
 def build_inference_pipeline(config: PipelineConfig, beam_args: Sequence[str] = (),
                              image: str = "fer-pipeline:latest"):
-    """A KFP pipeline function that runs bulk inference (pipeline/inference.py).
+    """A KFP pipeline function that runs bulk inference (pipeline/infer_command.py).
 
     Parameters: `data` (a CSV or a directory of photos), `serving_root`, `models`
     (`cnn,vgg16`, or `cnn:3` for a version), `config_json`, `beam_args_json`, `metadata_db`.
@@ -165,7 +165,7 @@ def build_inference_pipeline(config: PipelineConfig, beam_args: Sequence[str] = 
     """
     from kfp import dsl
 
-    from pipeline.artifacts import to_jsonable
+    from fer_pipeline.core.artifacts import to_jsonable
 
     component = dsl.component(
         _import_source(INFERENCE_COMPONENT_SOURCE, "fer_kfp_inference").bulk_inference,
@@ -193,7 +193,7 @@ def compile_inference_pipeline(path: str, config: Optional[PipelineConfig] = Non
     """Writes the bulk-inference KFP v2 pipeline YAML to `path` and returns it."""
     from kfp import compiler
 
-    from pipeline.config import load_config
+    from fer_pipeline.core.config import load_config
 
     compiler.Compiler().compile(build_inference_pipeline(config or load_config(), beam_args,
                                                          image), package_path=path)
@@ -208,13 +208,13 @@ MONITOR_PIPELINE_NAME = "fer-monitor"
 MONITOR_COMPONENT_SOURCE = (
     "def monitor(run_root: str, logs: str, since: str, until: str, config_json: str,\n"
     "            metadata_db: str, monitoring: Output[Artifact]) -> str:\n"
-    "    from pipeline.kfp_pipeline import run_monitor_component\n"
+    "    from fer_pipeline.pipeline.kfp_pipeline import run_monitor_component\n"
     "    return run_monitor_component(run_root, logs, since, until, config_json,\n"
     "                                 metadata_db, monitoring.uri)\n")
 
 
 def build_monitor_pipeline(config: PipelineConfig, image: str = "fer-pipeline:latest"):
-    """A KFP pipeline function that runs the monitor (pipeline/monitoring.py).
+    """A KFP pipeline function that runs the monitor (pipeline/monitor_command.py).
 
     Parameters: `run_root` (whose ML Metadata recorded the push), `logs` (comma-separated
     request log files or directories; empty: the serving root's models.config), `since` /
@@ -224,7 +224,7 @@ def build_monitor_pipeline(config: PipelineConfig, image: str = "fer-pipeline:la
     """
     from kfp import dsl
 
-    from pipeline.artifacts import to_jsonable
+    from fer_pipeline.core.artifacts import to_jsonable
 
     component = dsl.component(
         _import_source(MONITOR_COMPONENT_SOURCE, "fer_kfp_monitor").monitor,
@@ -248,7 +248,7 @@ def compile_monitor_pipeline(path: str, config: Optional[PipelineConfig] = None,
     """Writes the monitoring KFP v2 pipeline YAML to `path` and returns it."""
     from kfp import compiler
 
-    from pipeline.config import load_config
+    from fer_pipeline.core.config import load_config
 
     compiler.Compiler().compile(build_monitor_pipeline(config or load_config(), image),
                                 package_path=path)
@@ -262,9 +262,9 @@ def run_inference_component(data: str, serving_root: str, models: str, config_js
     """What the bulk-inference component runs: `fer-pipeline infer` into the artifact."""
     import dataclasses
 
-    from pipeline import fileio
-    from pipeline.config import load_config
-    from pipeline.inference import run_inference_job
+    from fer_pipeline.core import fileio
+    from fer_pipeline.core.config import load_config
+    from fer_pipeline.pipeline.infer_command import run_inference_job
 
     config = load_config(overrides=json.loads(config_json))
     metadata = (dataclasses.replace(config.metadata, sqlite_path=metadata_db)
@@ -280,8 +280,8 @@ def run_monitor_component(run_root: str, logs: str, since: str, until: str,
     returns the verdict."""
     import dataclasses
 
-    from pipeline.config import load_config
-    from pipeline.monitoring import parse_moment, run_monitor_job
+    from fer_pipeline.core.config import load_config
+    from fer_pipeline.pipeline.monitor_command import parse_moment, run_monitor_job
 
     config = load_config(overrides=json.loads(config_json))
     metadata = (dataclasses.replace(config.metadata, sqlite_path=metadata_db)
@@ -310,12 +310,12 @@ def run_component(step_name: str, input_uris: dict[str, str], output_uri: str, d
     import dataclasses
     import time
 
-    from pipeline import fileio
-    from pipeline.artifacts import Commit, fingerprint, to_jsonable
-    from pipeline.config import load_config
-    from pipeline.dag import StepEnv, code_fingerprint, step_by_name
-    from pipeline.metadata import ArtifactRecord, MetadataStore
-    from pipeline.runner import (StepOutcome, cache_key, execute, pipeline_input,
+    from fer_pipeline.core import fileio
+    from fer_pipeline.core.artifacts import Commit, fingerprint, to_jsonable
+    from fer_pipeline.core.config import load_config
+    from fer_pipeline.pipeline.dag import StepEnv, code_fingerprint, step_by_name
+    from fer_pipeline.pipeline.metadata import ArtifactRecord, MetadataStore
+    from fer_pipeline.pipeline.runner import (StepOutcome, cache_key, execute, pipeline_input,
                                  record_metadata, stop_if_blocking, write_manifest)
 
     models = tuple(json.loads(models_json))

@@ -10,8 +10,8 @@ import json
 import os
 from typing import Any, Optional
 
-from pipeline.config import MetadataConfig
-from pipeline.metadata import DERIVED, MetadataStore, sqlite_path
+from fer_pipeline.core.config import MetadataConfig
+from fer_pipeline.pipeline.metadata import DERIVED, MetadataStore, sqlite_path
 
 
 class LineageError(ValueError):

@@ -24,9 +24,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from pipeline import fileio, quiet
-from pipeline.artifacts import fingerprint
-from pipeline.config import MetadataConfig
+from fer_pipeline.core import fileio
+from fer_pipeline.core import quiet
+from fer_pipeline.core.artifacts import fingerprint
+from fer_pipeline.core.config import MetadataConfig
 
 PIPELINE_CONTEXT = "fer.pipeline"
 RUN_CONTEXT = "fer.pipeline_run"

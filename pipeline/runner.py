@@ -3,7 +3,7 @@
 For each step: resolve its inputs to the URIs their producers committed, compute a cache
 key (input fingerprints, parameters, the step's code), skip the step when ML Metadata has
 a completed execution with that key whose output is still the committed one, otherwise run
-its executor into a fresh execution directory and commit it (`pipeline/artifacts.py`), then
+its executor into a fresh execution directory and commit it (`core/artifacts.py`), then
 record the execution and its artifacts in ML Metadata (`pipeline/metadata.py`).
 
 The run root, the data and the serving root may be local paths or object-store URIs.
@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from pipeline import fileio
-from pipeline.artifacts import (EXECUTION_PREFIX, Commit, commit, fingerprint,
+from fer_pipeline.core import fileio
+from fer_pipeline.core.artifacts import (EXECUTION_PREFIX, Commit, commit, fingerprint,
                                 read_commit, relative_paths,
                                 remove_uncommitted, to_jsonable)
-from pipeline.config import MODEL_NAMES, PipelineConfig
-from pipeline.contract import MANIFEST_FILE
-from pipeline.dag import (DATA, PIPELINE_INPUT, SCHEMA, STEP_NAMES, Step, StepEnv,
+from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig
+from fer_pipeline.core.contract import MANIFEST_FILE
+from fer_pipeline.pipeline.dag import (DATA, PIPELINE_INPUT, SCHEMA, STEP_NAMES, Step, StepEnv,
                           build_steps, code_fingerprint, step_by_name)
-from pipeline.metadata import DERIVED, ArtifactRecord, MetadataStore, sqlite_path
+from fer_pipeline.pipeline.metadata import DERIVED, ArtifactRecord, MetadataStore, sqlite_path
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from serving.model_manager import LoadedVersion, ServingError
+from fer_pipeline.serving.model_manager import LoadedVersion, ServingError
 
 
 @dataclass

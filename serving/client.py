@@ -2,7 +2,7 @@
 
 `FerClient` speaks gRPC or REST to our embedded server and to the real TF Serving alike
 (same protocols), with retries on an unavailable server; `classify` asks each model and
-combines their answers with serving.ensemble.combine. The `fer-client` command around it is
+combines their answers with fer_pipeline.core.ensemble.combine. The `fer-client` command around it is
 serving/client_cli.py.
 """
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from pipeline.config import MODEL_NAMES, EvalConfig
-from pipeline.contract import (CLASS_NAMES, IMAGE_SIZE, INPUT_PIXELS, OUTPUT_PROBABILITIES,
+from fer_pipeline.core.config import MODEL_NAMES, EvalConfig
+from fer_pipeline.core.contract import (CLASS_NAMES, IMAGE_SIZE, INPUT_PIXELS, OUTPUT_PROBABILITIES,
                                OUTPUT_SALIENCY, SIGNATURE_EXPLAIN)
-from serving.connection import diagnose
-from serving.ensemble import combine
+from fer_pipeline.serving.connection import diagnose
+from fer_pipeline.core.ensemble import combine
 
-DEFAULT_MODELS = MODEL_NAMES   # every registered model (pipeline/config.py)
+DEFAULT_MODELS = MODEL_NAMES   # every registered model (core/config.py)
 
 
 class ServerUnavailable(Exception):
@@ -49,7 +49,7 @@ class ModelAnswer:
 
 @dataclass
 class Explanation:
-    """A model's answer with why: its `explain` signature (components/export.py)."""
+    """A model's answer with why: its `explain` signature (components/trainer/export.py)."""
     model: str
     version: Optional[int]
     probabilities: np.ndarray        # float32 [n, 7]

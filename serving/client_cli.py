@@ -10,7 +10,7 @@ Works against our embedded server and the real TF Serving alike (same protocols)
       [--review-queue DIR] [--explain DIR]
 
 Prints JSON (or a table with --table): per face, each model's probabilities and the
-version that answered, and the ensemble decision from serving.ensemble.combine with the
+version that answered, and the ensemble decision from fer_pipeline.core.ensemble.combine with the
 English and Spanish class names. If the server cannot be reached it says why in one line
 (nothing listening, the wrong protocol or port, TLS, no answer in time: serving/connection.py)
 and exits 2; a bad input (a missing file, a --usage no row has) exits 3.
@@ -30,13 +30,13 @@ from typing import Any, NoReturn, Optional, Sequence
 
 import numpy as np
 
-from pipeline.config import EvalConfig, load_config
-from pipeline.contract import CLASS_NAMES, IMAGE_SIZE, NUM_PIXELS
-from pipeline.errors import exit_process, is_user_error, run_cli
-from serving.client import (DEFAULT_MODELS, FerClient, ServerError, ServerUnavailable,
+from fer_pipeline.core.config import EvalConfig, load_config
+from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE, NUM_PIXELS
+from fer_pipeline.core.errors import exit_process, is_user_error, run_cli
+from fer_pipeline.serving.client import (DEFAULT_MODELS, FerClient, ServerError, ServerUnavailable,
                             classify)
-from serving.review_intake import explain_face, queue_flagged
-from serving.review_queue import ReviewQueue
+from fer_pipeline.serving.review_intake import explain_face, queue_flagged
+from fer_pipeline.serving.review_queue import ReviewQueue
 
 # Where flagged faces are queued when --review-queue is not given (unset: nowhere).
 REVIEW_QUEUE_ENV = "FER_REVIEW_QUEUE"
@@ -86,7 +86,7 @@ def usage_values(path: str) -> list[str]:
 
 def images_from_files(paths: Sequence[str]) -> list[InputImage]:
     """Every face found in each image file; a file without a face is reported as such."""
-    from serving.faces import faces_in_file
+    from fer_pipeline.serving.faces import faces_in_file
     found = []
     for path in paths:
         if not os.path.isfile(path):   # before OpenCV, which would print its own warning
@@ -275,7 +275,7 @@ def _explain_and_queue(args: argparse.Namespace, client: FerClient, inputs: list
     Both report on stderr, so stdout stays the JSON or table above."""
     faced = [(index, item) for index, item in enumerate(inputs) if item.pixels is not None]
     if args.explain:
-        from serving.saliency import write_overlays  # OpenCV: only when --explain asks
+        from fer_pipeline.serving.saliency import write_overlays  # OpenCV: only when --explain asks
         notes: list[str] = []
         written = []
         for index, item in faced:
@@ -299,7 +299,7 @@ def _explain_and_queue(args: argparse.Namespace, client: FerClient, inputs: list
 
 
 def entry_point() -> NoReturn:
-    """The `fer-client` console script (pipeline.errors.exit_process says why it ends so)."""
+    """The `fer-client` console script (fer_pipeline.core.errors.exit_process says why it ends so)."""
     exit_process(main())
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.contract import IMAGE_SIZE
+from fer_pipeline.core.contract import IMAGE_SIZE
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
 

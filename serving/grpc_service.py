@@ -19,9 +19,9 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from pipeline.contract import CLASS_NAMES
-from serving.model_config import specs_from_proto
-from serving.model_manager import (DEFAULT_SIGNATURE, STATE_CODES, LoadedVersion, Predictor,
+from fer_pipeline.core.contract import CLASS_NAMES
+from fer_pipeline.core.serving_root import specs_from_proto
+from fer_pipeline.serving.model_manager import (DEFAULT_SIGNATURE, STATE_CODES, LoadedVersion, Predictor,
                                    ServingError)
 
 log = logging.getLogger(__name__)

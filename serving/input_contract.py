@@ -5,7 +5,7 @@ INVALID_ARGUMENT (REST 400 `{"error": ...}`) naming the input, what was expected
 came, instead of TensorFlow's reshape or assertion dump:
 
 1. The signature's declared TensorSpec: dtype, rank and every fixed dimension.
-2. The faces contract (pipeline/contract.py) for integer `pixels` inputs. Our exported
+2. The faces contract (core/contract.py) for integer `pixels` inputs. Our exported
    signatures declare `pixels` with an unknown shape, so that one signature takes both
    [batch, 48, 48] and [batch, 2304]; TensorFlow alone would turn any tensor whose size is a
    multiple of 2,304 into that many faces (one 4,608-value instance became two
@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from pipeline.contract import IMAGE_SIZE, INPUT_PIXELS, NUM_PIXELS
+from fer_pipeline.core.contract import IMAGE_SIZE, INPUT_PIXELS, NUM_PIXELS
 
 PIXEL_MIN, PIXEL_MAX = 0, 255
 # The shapes one face may have inside a batch.

@@ -26,9 +26,9 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from serving.input_contract import input_problem
-from serving.model_config import ModelSpec, RequestLogSpec, read_model_server_config
-from serving.warmup import replay_warmup
+from fer_pipeline.serving.input_contract import input_problem
+from fer_pipeline.core.serving_root import ModelSpec, RequestLogSpec, read_model_server_config
+from fer_pipeline.serving.warmup import replay_warmup
 
 log = logging.getLogger(__name__)
 
@@ -393,12 +393,12 @@ class ModelManager:
 class Predictor:
     """What REST and gRPC share: find the version, run the signature (through the batcher
     when one is given), keep only the outputs asked for. REST and gRPC hand what they
-    answered to `request_log` (serving.request_log.RequestLogger, or None)."""
+    answered to `request_log` (fer_pipeline.serving.request_log.RequestLogger, or None)."""
 
     def __init__(self, manager: ModelManager, batcher: Any = None,
                  request_log: Any = None) -> None:
         self.manager = manager
-        self.batcher = batcher   # serving.batching.Batcher or None
+        self.batcher = batcher   # fer_pipeline.serving.batching.Batcher or None
         self.request_log = request_log
 
     def predict(self, name: str, inputs: Mapping[str, np.ndarray],

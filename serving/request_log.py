@@ -2,7 +2,7 @@
 
 What TF Serving's `logging_config` asks for, which the released tensorflow_model_server
 cannot do (it refuses to start with one: "No request-logger-creator provided"). Per model,
-models.config's `logging_config` (parsed in serving/model_config.py) names a
+models.config's `logging_config` (parsed in core/serving_root.py) names a
 `filename_prefix` and a `sampling_rate`; for each successful request that is sampled, the
 request handler (gRPC Predict/Classify, REST :predict) hands this module the request and
 the response, and returns. Everything else happens on one writer thread:
@@ -50,7 +50,7 @@ import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import model_pb2, prediction_log_pb2
 
-from serving.model_config import RequestLogSpec
+from fer_pipeline.core.serving_root import RequestLogSpec
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format
 
-from serving.model_manager import (DEFAULT_SIGNATURE, Predictor, ServingError)
+from fer_pipeline.serving.model_manager import (DEFAULT_SIGNATURE, Predictor, ServingError)
 
 log = logging.getLogger(__name__)
 

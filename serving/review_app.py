@@ -36,11 +36,11 @@ from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn, Optional
 
-from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, REVIEW_QUEUE_FILE
-from pipeline.errors import exit_process, run_cli
-from serving.review_queue import (STATUS_LABELED, STATUS_NOT_FACE, STATUS_PENDING,
+from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES, REVIEW_QUEUE_FILE
+from fer_pipeline.core.errors import exit_process, run_cli
+from fer_pipeline.serving.review_queue import (STATUS_LABELED, STATUS_NOT_FACE, STATUS_PENDING,
                                   STATUS_SKIPPED, ReviewError, ReviewItem, ReviewQueue)
-from serving.saliency import face_png, overlay_png, top_classes
+from fer_pipeline.serving.saliency import face_png, overlay_png, top_classes
 
 log = logging.getLogger(__name__)
 
@@ -661,7 +661,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
 
 
 def entry_point() -> NoReturn:
-    """The `fer-review` console script (pipeline.errors.exit_process says why it ends so)."""
+    """The `fer-review` console script (fer_pipeline.core.errors.exit_process says why it ends so)."""
     exit_process(main())
 
 

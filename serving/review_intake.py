@@ -14,9 +14,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from pipeline.contract import CLASS_NAMES
-from serving.client import Explanation, FerClient, ServerError
-from serving.review_queue import ModelPrediction, ReviewQueue, record_if_flagged
+from fer_pipeline.core.contract import CLASS_NAMES
+from fer_pipeline.serving.client import Explanation, FerClient, ServerError
+from fer_pipeline.serving.review_queue import ModelPrediction, ReviewQueue, record_if_flagged
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _prediction(answer: dict[str, Any], explanation: Optional[Explanation],
 def queue_flagged(client: FerClient, queue: ReviewQueue, faces: Sequence[np.ndarray],
                   sources: Sequence[str], results: Sequence[dict[str, Any]],
                   models: Sequence[str]) -> IntakeSummary:
-    """Queues every face whose ensemble decision (in `results`, from serving.client.classify,
+    """Queues every face whose ensemble decision (in `results`, from fer_pipeline.serving.client.classify,
     aligned with `faces` and `sources`) needs human review."""
     summary = IntakeSummary()
     for pixels, source, result in zip(faces, sources, results):

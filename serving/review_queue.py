@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
-from pipeline.contract import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, REVIEW_QUEUE_FILE
+from fer_pipeline.core.contract import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, REVIEW_QUEUE_FILE
 
 SCHEMA_VERSION = 1
 
@@ -99,7 +99,7 @@ class ReviewItem:
     pixels: np.ndarray                        # uint8 [48, 48]
     source: str
     created_at: str
-    decision: dict[str, Any]                  # the ensemble's decision (serving.ensemble)
+    decision: dict[str, Any]                  # the ensemble's decision (fer_pipeline.core.ensemble)
     status: str
     label: Optional[int]
     decided_at: Optional[str]

@@ -1,7 +1,7 @@
 """Pictures of faces and of why a model answered what it did, as PNG bytes.
 
 The maps themselves come from each model's `explain` signature (integrated gradients,
-components/export.py); this module only draws them: the 48x48 face enlarged with
+components/trainer/export.py); this module only draws them: the 48x48 face enlarged with
 nearest-neighbour (so every original pixel stays a visible square) and, for an overlay,
 the map as a heat colour blended over the face in proportion to its value, so the parts of
 the face the model did not rely on stay visible. Used by `fer-client --explain` and by the
@@ -16,7 +16,7 @@ from typing import Mapping
 import cv2
 import numpy as np
 
-from pipeline.contract import CLASS_NAMES, IMAGE_SIZE
+from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE
 
 DEFAULT_SCALE = 6                 # 48 px -> 288 px
 # Integrated-gradients maps are speckled pixel by pixel and a few pixels take the peak; for

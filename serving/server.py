@@ -30,16 +30,16 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import NoReturn, Optional
 
-from pipeline import fileio
-from pipeline.errors import exit_process, is_user_error, run_cli
-from serving.batching import (Batcher, BatchingConfig, format_batching_parameters,
+from fer_pipeline.core import fileio
+from fer_pipeline.core.errors import exit_process, is_user_error, run_cli
+from fer_pipeline.serving.batching import (Batcher, BatchingConfig, format_batching_parameters,
                               read_batching_parameters)
-from serving.grpc_service import build_grpc_server
-from serving.model_config import read_model_server_config, without_request_log, \
+from fer_pipeline.serving.grpc_service import build_grpc_server
+from fer_pipeline.core.serving_root import read_model_server_config, without_request_log, \
     write_model_server_config
-from serving.model_manager import ModelManager, Predictor
-from serving.request_log import RequestLogConfig, RequestLogger
-from serving.rest import build_rest_server
+from fer_pipeline.serving.model_manager import ModelManager, Predictor
+from fer_pipeline.serving.request_log import RequestLogConfig, RequestLogger
+from fer_pipeline.serving.rest import build_rest_server
 
 log = logging.getLogger("fer-serve")
 
@@ -353,7 +353,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
 
 
 def entry_point() -> NoReturn:
-    """The `fer-serve` console script (pipeline.errors.exit_process says why it ends so)."""
+    """The `fer-serve` console script (fer_pipeline.core.errors.exit_process says why it ends so)."""
     exit_process(main())
 
 

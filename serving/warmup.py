@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from pipeline.contract import (FEATURE_PIXELS, IMAGE_SIZE, INPUT_EXAMPLES, INPUT_PIXELS,
+from fer_pipeline.core.contract import (FEATURE_PIXELS, IMAGE_SIZE, INPUT_EXAMPLES, INPUT_PIXELS,
                                NUM_CLASSES, OUTPUT_CLASS_ID, OUTPUT_CLASS_NAME,
                                OUTPUT_PROBABILITIES, OUTPUT_SALIENCY, SIGNATURE_DEFAULT,
                                SIGNATURE_EXAMPLES, SIGNATURE_EXPLAIN, SIGNATURE_UINT8)

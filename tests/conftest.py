@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from xdist.scheduler import LoadFileScheduling  # noqa: E402
 
 # Tests run steps in this process, as fer-pipeline does: with its TensorFlow settings.
-from pipeline import tf_cpu  # noqa: E402
+from fer_pipeline.core import tf_cpu  # noqa: E402
 
 tf_cpu.prefer_onednn()
 
@@ -27,7 +27,7 @@ from tests.pipeline_fixtures import (SmokeRun, build_or_reuse_smoke_run,  # noqa
 @pytest.fixture(scope="session")
 def small_csv(tmp_path_factory) -> str:
     """A 1,200-row synthetic FER-2013 CSV shared by tests that only need valid data."""
-    from components.synthetic import generate_csv
+    from fer_pipeline.pipeline.synthetic import generate_csv
 
     path = tmp_path_factory.mktemp("data") / "fer_small.csv"
     generate_csv(str(path), rows=1200, seed=7)

@@ -1,5 +1,5 @@
 """What tests/test_engines.py runs on: a small dirty CSV, its DirectRunner reference run, and
-one local cluster at a time (pipeline/local_cluster.py).
+one local cluster at a time (tools/local_cluster.py).
 
 `cluster` is parametrized over the engines at module scope, so pytest runs every test of
 one engine, stops that cluster, and only then starts the next: on 2 cores two clusters at
@@ -21,8 +21,9 @@ from typing import Iterator
 
 import pytest
 
-from components.synthetic import generate_csv
-from pipeline import cli, local_cluster
+from fer_pipeline.pipeline.synthetic import generate_csv
+from fer_pipeline.pipeline import cli
+from tools import local_cluster
 from tests.pipeline_fixtures import write_dirty_csv
 
 ENGINES = ["flink", "spark"]       # Flink first: the Flink-only tests rely on its index 0

@@ -27,10 +27,10 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from components.evaluator import write_test_predictions
-from components.monitor import MonitorReference, statistics
-from components.synthetic import FER_CLASS_COUNTS, allocate, draw_faces
-from pipeline.contract import (CLASS_NAMES, EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS,
+from fer_pipeline.components.evaluator import write_test_predictions
+from fer_pipeline.components.monitor.executor import MonitorReference, statistics
+from fer_pipeline.pipeline.synthetic import FER_CLASS_COUNTS, allocate, draw_faces
+from fer_pipeline.core.contract import (CLASS_NAMES, EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS,
     NUM_CLASSES, NUM_PIXELS, STATISTICS_FILE, TEST_PREDICTIONS_FILE)
 from tests.serving_fixtures import TinyFerModel
 
@@ -245,9 +245,9 @@ def class_mix_shift(faces: np.ndarray, labels: np.ndarray, count: int, seed: int
 def record_lineage(run_root: str, run: ServedRun, serving_root: str) -> None:
     """ML Metadata as a pipeline run that pushed the served versions records it (the same
     executions, artifact types and event names as pipeline/runner.py), without running it."""
-    from pipeline.artifacts import fingerprint
-    from pipeline.config import MetadataConfig
-    from pipeline.metadata import DERIVED, ArtifactRecord, MetadataStore
+    from fer_pipeline.core.artifacts import fingerprint
+    from fer_pipeline.core.config import MetadataConfig
+    from fer_pipeline.pipeline.metadata import DERIVED, ArtifactRecord, MetadataStore
 
     store = MetadataStore(MetadataConfig(), run_root, run_id="monitor-test")
     ref = run.reference

@@ -34,8 +34,8 @@ from typing import Iterator
 
 import pytest
 
-from pipeline import fileio
-from pipeline.errors import exit_process
+from fer_pipeline.core import fileio
+from fer_pipeline.core.errors import exit_process
 from tests.processes import stop_process, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def s3(tmp_path_factory) -> Iterator[S3Server]:
 
 
 # tensorflow-io 0.37.1 aborts the process at exit (status 134) once its S3 filesystem was
-# used (see pipeline.errors.exit_process). These hooks, registered in tests/conftest.py,
+# used (see fer_pipeline.core.errors.exit_process). These hooks, registered in tests/conftest.py,
 # end such a pytest process with pytest's own exit status instead.
 _EXIT_STATUS = pytest.StashKey[int]()
 

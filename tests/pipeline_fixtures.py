@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from components.synthetic import generate_csv
-from pipeline.artifacts import read_commit
-from pipeline.config import PipelineConfig, load_config
-from pipeline.dag import build_steps
-from pipeline.runner import RunContext, StepOutcome, run_pipeline
+from fer_pipeline.pipeline.synthetic import generate_csv
+from fer_pipeline.core.artifacts import read_commit
+from fer_pipeline.core.config import PipelineConfig, load_config
+from fer_pipeline.pipeline.dag import build_steps
+from fer_pipeline.pipeline.runner import RunContext, StepOutcome, run_pipeline
 
 SMOKE_ROWS = 2400
 # (description, raw line) for rows ExampleGen must quarantine, with the reason it gives.

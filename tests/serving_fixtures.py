@@ -20,7 +20,7 @@ import urllib.request
 import numpy as np
 import tensorflow as tf
 
-from pipeline.contract import CLASS_NAMES, FEATURE_PIXELS, NUM_CLASSES, NUM_PIXELS
+from fer_pipeline.core.contract import CLASS_NAMES, FEATURE_PIXELS, NUM_CLASSES, NUM_PIXELS
 
 
 class TinyFerModel(tf.Module):
@@ -149,7 +149,7 @@ def serve_in_subprocess(config: str, log, *extra: str) -> tuple[subprocess.Popen
     its stderr (TF's chatter) goes to the open file `log`. Returns once it says it serves."""
     grpc_port, rest_port = free_port(), free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--model-config", config,
+        [sys.executable, "-m", "fer_pipeline.serving.server", "--model-config", config,
          "--port", str(grpc_port), "--rest-port", str(rest_port), "--log-level", "WARNING",
          *extra],
         stdout=subprocess.PIPE, stderr=log, text=True,

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import (COMMIT_FILE, fingerprint, read_commit,
+from fer_pipeline.core.artifacts import (COMMIT_FILE, fingerprint, read_commit,
                                 remove_uncommitted)
-from pipeline.config import load_config
-from pipeline.contract import MANIFEST_FILE
-from pipeline.dag import DATA, Step, StepEnv
-from pipeline.metadata import MetadataStore
-from pipeline.runner import RunContext, run_step
+from fer_pipeline.core.config import load_config
+from fer_pipeline.core.contract import MANIFEST_FILE
+from fer_pipeline.pipeline.dag import DATA, Step, StepEnv
+from fer_pipeline.pipeline.metadata import MetadataStore
+from fer_pipeline.pipeline.runner import RunContext, run_step
 
 
 def _write(inputs, out, env: StepEnv, text: str = "hello"):
@@ -157,8 +157,8 @@ def test_cache_trusts_ml_metadata_and_records_lineage(tmp_path, source):
 
 
 def test_a_missing_upstream_output_says_which_step_to_run(tmp_path):
-    from pipeline.dag import build_steps
-    from pipeline.runner import PipelineError
+    from fer_pipeline.pipeline.dag import build_steps
+    from fer_pipeline.pipeline.runner import PipelineError
 
     ctx = _ctx(tmp_path)
     transform = next(s for s in build_steps() if s.name == "transform")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components import augment
-from components.augment import AugmentParams
-from pipeline.config import AugmentConfig
-from pipeline.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
+from fer_pipeline.components import augment
+from fer_pipeline.components.augment import AugmentParams
+from fer_pipeline.core.config import AugmentConfig
+from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
     FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, NUM_PIXELS)
 
 # Originals per class; neutral (6) has none, to check that it is reported, not a crash.

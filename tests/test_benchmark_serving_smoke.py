@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving.model_config import ModelSpec, write_model_server_config
+from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
 from tests.serving_fixtures import push_version, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

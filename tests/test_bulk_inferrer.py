@@ -3,7 +3,7 @@
 Real Beam pipelines (DirectRunner, once on its multi-process mode) run small real
 SavedModels with the export contract's signatures (tests/serving_fixtures.py) from a
 serving root laid out as the pusher lays it out; every answer is checked against the same
-SavedModels called in this process, and every decision against serving/ensemble.py.
+SavedModels called in this process, and every decision against core/ensemble.py.
 """
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from components.bulk_inferrer import ModelVersion
-from components.pusher import write_serving_config
-from pipeline.cli import main as fer_pipeline
-from pipeline.contract import (CLASS_NAMES, FEATURE_PIXELS, FEATURE_SOURCE, INPUT_EXAMPLES,
+from fer_pipeline.components.bulk_inferrer import ModelVersion
+from fer_pipeline.components.pusher import write_serving_config
+from fer_pipeline.pipeline.cli import main as fer_pipeline
+from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_PIXELS, FEATURE_SOURCE, INPUT_EXAMPLES,
                                PREDICTION_LOGS_DIR, PREDICTIONS_FILE)
-from pipeline.inference import resolve_models
-from serving.ensemble import combine_batch
-from serving.faces import faces_in_file
-from serving.review_queue import ReviewQueue
+from fer_pipeline.pipeline.infer_command import resolve_models
+from fer_pipeline.core.ensemble import combine_batch
+from fer_pipeline.serving.faces import faces_in_file
+from fer_pipeline.serving.review_queue import ReviewQueue
 from tests.serving_fixtures import push_version, random_images, save_tiny_model
 
 BIN = os.path.dirname(sys.executable)
@@ -184,7 +184,7 @@ def test_csv_any_usage_label_optional_equals_the_in_process_models(
 def _photo(path: str, label: int, seed: int) -> None:
     """One of the project's synthetic faces enlarged and padded into a 480x400 'photo'
     (the Haar cascade finds these; tests/test_client.py checks it for every class)."""
-    from components.synthetic import draw_faces
+    from fer_pipeline.pipeline.synthetic import draw_faces
     face = draw_faces(np.array([label]), np.random.default_rng(seed))[0]
     big = cv2.resize(face, (240, 240), interpolation=cv2.INTER_CUBIC)
     cv2.imwrite(path, cv2.copyMakeBorder(big, 80, 80, 120, 120, cv2.BORDER_CONSTANT,
@@ -266,9 +266,9 @@ def test_kubeflow_component_runs_bulk_inference(serving_root, tmp_path):
     the same way in tests/test_cluster.py; a second run here would cost a minute.)"""
     import yaml
 
-    from pipeline.artifacts import to_jsonable
-    from pipeline.config import load_config
-    from pipeline.kfp_pipeline import INFERENCE_COMPONENT_SOURCE, _import_source
+    from fer_pipeline.core.artifacts import to_jsonable
+    from fer_pipeline.core.config import load_config
+    from fer_pipeline.pipeline.kfp_pipeline import INFERENCE_COMPONENT_SOURCE, _import_source
 
     path = str(tmp_path / "infer.yaml")
     assert fer_pipeline(["compile", "--kfp", path, "--bulk-inference",

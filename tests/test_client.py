@@ -11,12 +11,12 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES
-from serving import client_cli as fer_client
-from serving.client import FerClient, ServerUnavailable, classify
-from serving.faces import faces_in_file, find_faces
-from serving.model_config import ModelSpec, write_model_server_config
-from serving.server import FerServer, ServerConfig
+from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES
+from fer_pipeline.serving import client_cli as fer_client
+from fer_pipeline.serving.client import FerClient, ServerUnavailable, classify
+from fer_pipeline.serving.faces import faces_in_file, find_faces
+from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
+from fer_pipeline.serving.server import FerServer, ServerConfig
 from tests.serving_fixtures import free_port, push_version, random_images, save_tiny_model
 
 
@@ -82,7 +82,7 @@ def _face_photo(path: str) -> None:
     Hand-drawn cartoons rarely trigger a Haar cascade; these procedural faces do (checked:
     all seven expressions are detected at this size).
     """
-    from components.synthetic import draw_faces
+    from fer_pipeline.pipeline.synthetic import draw_faces
     face = draw_faces(np.array([3]), np.random.default_rng(0))[0]
     big = cv2.resize(face, (240, 240), interpolation=cv2.INTER_CUBIC)
     cv2.imwrite(path, cv2.copyMakeBorder(big, 80, 80, 120, 120, cv2.BORDER_CONSTANT,
@@ -134,7 +134,7 @@ def test_retries_with_backoff_then_one_clear_line(capsys):
 def test_cli_exits_nonzero_without_traceback_when_server_is_down(tmp_path):
     np.save(tmp_path / "faces.npy", random_images(2))
     result = subprocess.run(
-        [sys.executable, "-m", "serving.client_cli", "--npy", str(tmp_path / "faces.npy"),
+        [sys.executable, "-m", "fer_pipeline.serving.client_cli", "--npy", str(tmp_path / "faces.npy"),
          "--protocol", "rest", "--port", str(free_port()), "--retries", "1",
          "--backoff", "0.05"],
         capture_output=True, text=True, timeout=60,

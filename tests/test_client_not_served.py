@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from serving import client_cli as fer_client
-from serving.client import ModelNotServed, classify
+from fer_pipeline.serving import client_cli as fer_client
+from fer_pipeline.serving.client import ModelNotServed, classify
 from tests.serving_fixtures import random_images
 from tests.test_client import _client, _ports, server  # noqa: F401  (module-scoped fixture)
 

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 import yaml
 
-from components.synthetic import generate_csv
-from pipeline import fileio
-from pipeline.artifacts import fingerprint, read_commit
-from pipeline.config import MODEL_NAMES, load_config
-from pipeline.contract import EVALUATION_FILE, PUSH_FILE
-from pipeline.dag import build_steps, step_by_name
-from pipeline.runner import RunContext, committed_output, run_pipeline
+from fer_pipeline.pipeline.synthetic import generate_csv
+from fer_pipeline.core import fileio
+from fer_pipeline.core.artifacts import fingerprint, read_commit
+from fer_pipeline.core.config import MODEL_NAMES, load_config
+from fer_pipeline.core.contract import EVALUATION_FILE, PUSH_FILE
+from fer_pipeline.pipeline.dag import build_steps, step_by_name
+from fer_pipeline.pipeline.runner import RunContext, committed_output, run_pipeline
 
 BIN = os.path.dirname(sys.executable)
 ROWS = 700
@@ -63,7 +63,7 @@ def reference_run(data_csv, tmp_path_factory) -> str:
 
 
 def _test_faces(run_root: str) -> np.ndarray:
-    from components.evaluator import load_test_split
+    from fer_pipeline.components.evaluator import load_test_split
 
     return load_test_split(committed_output(run_root, "ingest.examples")).pixels
 
@@ -102,12 +102,12 @@ def test_reference_run_pushes_both_models_and_a_rerun_skips_everything(reference
 
 def test_editing_a_models_code_retrains_only_what_depends_on_it(reference_run, data_csv,
                                                                 monkeypatch):
-    import pipeline.runner as runner
+    import fer_pipeline.pipeline.runner as runner
 
     original = runner.code_fingerprint
 
     def edited(modules):
-        salt = "+edited" if "components.models" in modules else ""
+        salt = "+edited" if "fer_pipeline.components.trainer.models" in modules else ""
         return original(modules) + salt
 
     monkeypatch.setattr(runner, "code_fingerprint", edited)
@@ -165,7 +165,7 @@ def test_the_readme_commands_for_one_step_path_and_dag(reference_run):
     path = cli("path", "--output", reference_run, "train-cnn.serving_model")
     assert path.stdout.strip() == committed_output(reference_run, "train-cnn.serving_model")
     assert cli("path", "--output", reference_run, "nope").returncode == 2
-    from pipeline.dag import mermaid
+    from fer_pipeline.pipeline.dag import mermaid
 
     assert cli("dag", "--mermaid").stdout == mermaid(build_steps())
 
@@ -219,7 +219,7 @@ def test_kfp_local_run_pushes_the_same_models_as_the_local_runner(reference_run,
     from kfp import local
     from kfp.components import load_component_from_file
 
-    from pipeline.kfp_pipeline import compile_pipeline
+    from fer_pipeline.pipeline.kfp_pipeline import compile_pipeline
 
     # The CNN alone: every component runs in its own process, and VGG16's training, export
     # and infra validation would add minutes without any KFP code path the CNN does not take

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from pipeline.cli import STEP_COMMANDS, build_parser
-from pipeline.config import load_config
+from fer_pipeline.pipeline.cli import STEP_COMMANDS, build_parser
+from fer_pipeline.core.config import load_config
 
 
 def test_defaults_are_the_notebooks():
@@ -50,13 +50,13 @@ def test_every_cli_command_has_help():
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args([command, "--help"])
         assert exit_info.value.code == 0
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"],
+    out = subprocess.run([sys.executable, "-m", "fer_pipeline.pipeline.cli", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "ingest" in out and "push" in out
 
 
 def test_checked_in_schema_is_found_from_any_working_directory(tmp_path, monkeypatch):
-    from pipeline.runner import RunContext
+    from fer_pipeline.pipeline.runner import RunContext
 
     monkeypatch.chdir(tmp_path)
     ctx = RunContext(data_paths=[], run_root=str(tmp_path / "run"), config=load_config())

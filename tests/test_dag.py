@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.config as config_module
-from pipeline import dag
-from pipeline.cli import build_parser, step_commands
-from pipeline.config import MODEL_NAMES, RegisteredModel, load_config
+import fer_pipeline.core.config as config_module
+from fer_pipeline.pipeline import dag
+from fer_pipeline.pipeline.cli import build_parser, step_commands
+from fer_pipeline.core.config import MODEL_NAMES, RegisteredModel, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_the_cli_commands_come_from_the_declaration():
 def test_a_third_model_is_one_registry_entry(monkeypatch):
     registry = dict(config_module.MODEL_REGISTRY)
     registry["tiny"] = RegisteredModel(
-        builder="components.models:build_cnn",
+        builder="fer_pipeline.components.trainer.models:build_cnn",
         defaults=dataclasses.replace(registry["cnn"].defaults, epochs=1), min_accuracy=0.4)
     monkeypatch.setattr(config_module, "MODEL_REGISTRY", registry)
     monkeypatch.setattr(dag, "MODEL_NAMES", tuple(registry))

@@ -3,7 +3,7 @@ nothing is created by a command that fails on its arguments, each command shows 
 only its own flags (Beam options only where Beam runs), every record holds absolute paths,
 and a bug in our code says so in one line with where its traceback is.
 
-Table-driven and in-process (`pipeline.cli.main`), so no case pays for a Python start.
+Table-driven and in-process (`fer_pipeline.pipeline.cli.main`), so no case pays for a Python start.
 """
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import cli, errors
-from pipeline.artifacts import COMMIT_FILE, read_commit
-from pipeline.config import load_config
-from pipeline.dag import DATA, Step, StepEnv
-from pipeline.metadata import MetadataStore
-from pipeline.runner import RunContext, run_step
+from fer_pipeline.pipeline import cli
+from fer_pipeline.core import errors
+from fer_pipeline.core.artifacts import COMMIT_FILE, read_commit
+from fer_pipeline.core.config import load_config
+from fer_pipeline.pipeline.dag import DATA, Step, StepEnv
+from fer_pipeline.pipeline.metadata import MetadataStore
+from fer_pipeline.pipeline.runner import RunContext, run_step
 
 
 def _fer_pipeline(capsys, *argv: str) -> tuple[int, str]:
@@ -226,7 +227,7 @@ def test_a_failed_first_step_leaves_only_a_report_its_message_points_at(
         tmp_path, monkeypatch, executor, keeps_report):
     """The runner's cleanup, with a declared step swapped for a toy that fails (a real
     ingest that rejects every row costs a Beam pipeline for the same check)."""
-    import pipeline.runner as runner
+    import fer_pipeline.pipeline.runner as runner
 
     failing = dataclasses.replace(TOY, executor=executor)
     monkeypatch.setattr(runner, "build_steps", lambda models: [failing])

@@ -3,7 +3,7 @@
 that select nothing, never lets OpenCV speak first, takes the review tolerance from the
 pipeline's config, and the review export is an ordinary file.
 
-Table-driven and in-process (`serving.client_cli.main`); the "servers" are the smallest real
+Table-driven and in-process (`fer_pipeline.serving.client_cli.main`); the "servers" are the smallest real
 thing of each kind on 127.0.0.1: a gRPC server, an HTTP server, a TLS server, a socket that
 never answers.
 """
@@ -22,9 +22,9 @@ import grpc
 import numpy as np
 import pytest
 
-from pipeline import errors
-from serving import client_cli as fer_client
-from serving.review_queue import ReviewQueue
+from fer_pipeline.core import errors
+from fer_pipeline.serving import client_cli as fer_client
+from fer_pipeline.serving.review_queue import ReviewQueue
 from tests.serving_fixtures import free_port, random_images
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import cli
-from pipeline.config import ConfigError, PipelineConfig, load_config
+from fer_pipeline.pipeline import cli
+from fer_pipeline.core.config import ConfigError, PipelineConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -227,7 +227,9 @@ COMMAND_LINES = [(name, line) for name, text in DOC_TEXT.items()
 
 
 def _parse_command(argv: list[str]) -> None:
-    from serving import client_cli, review_app, server
+    from fer_pipeline.serving import client_cli
+    from fer_pipeline.serving import review_app
+    from fer_pipeline.serving import server
 
     tool, args = argv[0], argv[1:]
     if tool == "fer-pipeline":

@@ -18,9 +18,9 @@ import tensorflow as tf
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
-from serving import server as fer_serve
-from serving.model_config import ModelSpec, write_model_server_config
-from serving.server import FerServer, ServerConfig
+from fer_pipeline.serving import server as fer_serve
+from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
+from fer_pipeline.serving.server import FerServer, ServerConfig
 from tests.serving_fixtures import push_version, save_tiny_model
 
 FACE = [[0] * 48] * 48

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES
-from pipeline.dag import STEP_NAMES
-from pipeline.runner import committed_output, run_pipeline
+from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES
+from fer_pipeline.pipeline.dag import STEP_NAMES
+from fer_pipeline.pipeline.runner import committed_output, run_pipeline
 from tests.serving_fixtures import free_port, start_server_process
 
 BIN = os.path.dirname(sys.executable)

@@ -36,14 +36,14 @@ import tensorflow_data_validation as tfdv
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
-from components.transform import read_normalization
-from pipeline import local_cluster
-from pipeline.artifacts import read_commit
-from pipeline.beam_job import BeamJobNotRun, describe_failure
-from pipeline.contract import (DUPLICATES_FILE, INFERENCE_REJECTED_FILE, PREDICTION_LOGS_DIR,
+from fer_pipeline.components.transform import read_normalization
+from tools import local_cluster
+from fer_pipeline.core.artifacts import read_commit
+from fer_pipeline.core.beam_job import BeamJobNotRun, describe_failure
+from fer_pipeline.core.contract import (DUPLICATES_FILE, INFERENCE_REJECTED_FILE, PREDICTION_LOGS_DIR,
                                PREDICTIONS_FILE, REJECTED_DIR, REJECTED_FILE, SPLITS)
-from pipeline.dag import build_steps
-from pipeline.kfp_pipeline import run_component
+from fer_pipeline.pipeline.dag import build_steps
+from fer_pipeline.pipeline.kfp_pipeline import run_component
 from tests import engine_fixtures
 from tests.engine_fixtures import ENGINE_ROWS, EngineData, EngineRun, run_cli
 
@@ -240,7 +240,7 @@ def test_taskmanager_killed_mid_job_fails_the_step_in_one_line(engine_run: Engin
 def test_the_job_server_listens_on_loopback_only(cluster: local_cluster.Cluster):
     """Whoever reaches a job server's job port can run code on the cluster. Beam's own
     drivers listen on every interface whatever --job-host says; ours bind the job and
-    artifact ports to it (pipeline/engines/BoundServerFactory.java), 127.0.0.1 here."""
+    artifact ports to it (tools/engines/BoundServerFactory.java), 127.0.0.1 here."""
     for door in ("job", "artifact", "expansion"):
         port = getattr(cluster.ports, door)
         addresses = _listening_addresses(port)

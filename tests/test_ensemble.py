@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES
-from serving.ensemble import combine, combine_batch
+from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES
+from fer_pipeline.core.ensemble import combine, combine_batch
 
 
 def one_hot_ish(class_id: int, confidence: float) -> list[float]:

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import EvalConfig
-from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES, NUM_PIXELS
+from fer_pipeline.core.config import EvalConfig
+from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES, NUM_PIXELS
 from tests.serving_fixtures import save_contract_model
 
 GOOD_FRACTION = 0.8
-# components/trainer.py's history.json: one record per epoch under "epochs".
+# components/trainer/executor.py's history.json: one record per epoch under "epochs".
 HISTORY = {
     "epochs": [{"epoch": e + 1, "loss": loss, "accuracy": acc, "val_loss": vloss,
                 "val_accuracy": vacc, "train_seconds": 1.0, "images_per_s": 100.0}
@@ -125,7 +125,7 @@ def setup(tmp_path_factory):
 
 
 def run(setup, serving_root, config, name="evaluation", model_names=("good", "bad")):
-    from components.evaluator import run_evaluator
+    from fer_pipeline.components.evaluator import run_evaluator
 
     root, _, _, dirs = setup
     return run_evaluator(str(root / "examples"), {n: dirs[n] for n in model_names},
@@ -133,7 +133,7 @@ def run(setup, serving_root, config, name="evaluation", model_names=("good", "ba
 
 
 def test_metrics_match_an_independent_numpy_computation(setup, tmp_path):
-    from serving.ensemble import combine_batch
+    from fer_pipeline.core.ensemble import combine_batch
 
     root, labels, pixels, _ = setup
     config = EvalConfig(min_accuracy={"good": 0.7, "bad": 0.7}, tie_tolerance=0.05)
@@ -234,7 +234,7 @@ def _constant_model_dir(root: Path, name: str, class_id: int) -> str:
 
 
 def test_a_model_that_gives_one_answer_is_held_back_by_the_majority_baseline(setup, tmp_path):
-    from components.evaluator import run_evaluator
+    from fer_pipeline.components.evaluator import run_evaluator
 
     root, labels, _, dirs = setup
     majority = int(np.bincount(labels, minlength=NUM_CLASSES).argmax())
@@ -275,13 +275,13 @@ def test_a_model_that_gives_one_answer_is_held_back_by_the_majority_baseline(set
 
 
 def _pixels_in_file_order(root: Path) -> np.ndarray:
-    from components.evaluator import load_test_split
+    from fer_pipeline.components.evaluator import load_test_split
 
     return load_test_split(str(root / "examples")).pixels.reshape(-1, NUM_PIXELS)
 
 
 def test_mistakes_are_the_most_confident_wrong_answers_per_class(setup, tmp_path):
-    from components.evaluator import MISTAKES_PER_CLASS
+    from fer_pipeline.components.evaluator import MISTAKES_PER_CLASS
 
     config = EvalConfig(min_accuracy={"good": 0.7, "bad": 0.3})
     result = run(setup, tmp_path / "serving", config, name="mistakes")
@@ -331,8 +331,8 @@ def test_report_is_self_contained_with_images_and_both_languages(setup, tmp_path
 
 def test_evaluator_on_an_object_store_matches_a_local_run(s3, setup, tmp_path):
     """Examples, models and outputs on s3:// (moto): the same numbers and blessings."""
-    from components.evaluator import run_evaluator
-    from pipeline import fileio
+    from fer_pipeline.components.evaluator import run_evaluator
+    from fer_pipeline.core import fileio
 
     root, _, _, dirs = setup
     config = EvalConfig(min_accuracy={"good": 0.7, "bad": 0.3})
@@ -357,7 +357,7 @@ def test_evaluator_on_an_object_store_matches_a_local_run(s3, setup, tmp_path):
 
 
 def test_confidence_gaps_and_closest_calls_by_hand():
-    from components.evaluator import confidence_gaps, ensemble_metrics
+    from fer_pipeline.components.evaluator import confidence_gaps, ensemble_metrics
 
     def probs(*rows):
         out = np.full((len(rows), NUM_CLASSES), 0.0)

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components import example_gen
-from components.example_gen import (
+from fer_pipeline.components import example_gen
+from fer_pipeline.components.example_gen import (
     ReadChunkLines, TooManyRejectedRows, plan_chunks, run_example_gen, shard_paths,
     split_boundaries)
-from components.synthetic import draw_faces, encode_pixel_strings, generate_csv
-from pipeline.config import IngestConfig
-from pipeline.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
+from fer_pipeline.pipeline.synthetic import draw_faces, encode_pixel_strings, generate_csv
+from fer_pipeline.core.config import IngestConfig
+from fer_pipeline.core.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
     FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, NUM_PIXELS, SPLITS)
 
 # Bad rows, each with the reason code the rejected file must give it.

@@ -1,4 +1,4 @@
-"""pipeline.errors.exit_process: a console script's fast exit loses nothing a normal exit keeps.
+"""fer_pipeline.core.errors.exit_process: a console script's fast exit loses nothing a normal exit keeps.
 
 Each case runs in a child process, since exit_process ends the process that calls it.
 """
@@ -28,7 +28,7 @@ def test_status_buffered_output_and_atexit_handlers_survive(tmp_path):
     result = _run_child("""
         import atexit, logging, sys
         from pathlib import Path
-        from pipeline.errors import exit_process
+        from fer_pipeline.core.errors import exit_process
         out = Path(sys.argv[1])
         atexit.register(lambda: (out / "atexit-ran").write_text("yes"))
         # A handler that buffers until logging.shutdown() flushes it (an atexit handler).
@@ -51,7 +51,7 @@ def test_a_running_non_daemon_thread_is_waited_for(tmp_path):
     result = _run_child("""
         import sys, threading, time
         from pathlib import Path
-        from pipeline.errors import exit_process
+        from fer_pipeline.core.errors import exit_process
         out = Path(sys.argv[1])
         def finish_late():
             time.sleep(0.5)

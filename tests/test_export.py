@@ -10,12 +10,12 @@ import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from components.export import export_serving_model
-from components.models import build_cnn
-from components.synthetic import draw_faces
-from components.transform import run_transform
-from pipeline.config import ModelConfig, TransformConfig
-from pipeline.contract import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
+from fer_pipeline.components.trainer.export import export_serving_model
+from fer_pipeline.components.trainer.models import build_cnn
+from fer_pipeline.pipeline.synthetic import draw_faces
+from fer_pipeline.components.transform import run_transform
+from fer_pipeline.core.config import ModelConfig, TransformConfig
+from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
     IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS)
 
 TOLERANCE = 1e-5
@@ -215,9 +215,9 @@ def test_saliency_follows_the_integrated_gradients_definition(exported, explaine
 
 
 def test_fer_serve_serves_explanations_over_grpc_and_rest(exported, tmp_path):
-    from serving.client import FerClient
-    from serving.model_config import ModelSpec, write_model_server_config
-    from serving.server import FerServer, ServerConfig
+    from fer_pipeline.serving.client import FerClient
+    from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
+    from fer_pipeline.serving.server import FerServer, ServerConfig
     from tests.serving_fixtures import push_version
 
     push_version(str(tmp_path / "cnn"), 4, exported[0])

@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components import infra_validator
-from components.infra_validator import run_infra_validator
-from components.pusher import run_pusher, served_versions, write_serving_config
-from pipeline.cli import _closing_lines
-from pipeline.config import InfraValidationConfig, PushConfig
-from pipeline.contract import (BLESSINGS_FILE, INFRA_BLESSINGS_FILE, NUM_CLASSES, NUM_PIXELS,
+from fer_pipeline.components import infra_validator
+from fer_pipeline.components.infra_validator import run_infra_validator
+from fer_pipeline.components.pusher import run_pusher, served_versions, write_serving_config
+from fer_pipeline.pipeline.cli import _closing_lines
+from fer_pipeline.core.config import InfraValidationConfig, PushConfig
+from fer_pipeline.core.contract import (BLESSINGS_FILE, INFRA_BLESSINGS_FILE, NUM_CLASSES, NUM_PIXELS,
                                OUTPUT_SALIENCY, SERVER_LOG_FILE, SERVING_MODEL_DIR)
-from serving.model_config import ModelSpec, write_model_server_config
-from serving.model_manager import LoadedVersion, ModelManager
-from serving.warmup import (CONTRACT_SIGNATURES, canary_requests, read_warmup_requests,
+from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
+from fer_pipeline.serving.model_manager import LoadedVersion, ModelManager
+from fer_pipeline.serving.warmup import (CONTRACT_SIGNATURES, canary_requests, read_warmup_requests,
                             request_inputs, write_warmup_requests)
 from tests.serving_fixtures import (TinyFerModel, example_bytes, push_version, random_images,
                                     save_tiny_model)
@@ -271,7 +271,7 @@ def test_a_broken_candidate_is_held_back_and_nothing_is_pushed(case, inputs, tmp
     push_version(str(serving / "cnn"), 1, str(Path(inputs["good"], SERVING_MODEL_DIR)))
     write_serving_config(str(serving))
     out = tmp_path / "infra"
-    caplog.set_level(logging.INFO, logger="components.infra_validator")
+    caplog.set_level(logging.INFO, logger="fer_pipeline.components.infra_validator")
     try:
         result = run_infra_validator(inputs["examples"], {"cnn": model_dir},
                                      inputs["evaluation"], str(out),

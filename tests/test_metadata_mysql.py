@@ -28,12 +28,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.synthetic import generate_csv
-from pipeline.artifacts import fingerprint, read_commit
-from pipeline.config import PipelineConfig, load_config
-from pipeline.metadata import (MetadataStore, MetadataStoreError, check_mysql_server,
+from fer_pipeline.pipeline.synthetic import generate_csv
+from fer_pipeline.core.artifacts import fingerprint, read_commit
+from fer_pipeline.core.config import PipelineConfig, load_config
+from fer_pipeline.pipeline.metadata import (MetadataStore, MetadataStoreError, check_mysql_server,
                                mysql_location)
-from pipeline.runner import RunContext, committed_output, run_pipeline
+from fer_pipeline.pipeline.runner import RunContext, committed_output, run_pipeline
 from tests.mariadb import PASSWORD_ENV, MariaDB, free_port, mariadb  # noqa: F401 (fixture)
 
 BIN = os.path.dirname(sys.executable)

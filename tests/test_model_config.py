@@ -7,7 +7,7 @@ import pytest
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.model_config import (ModelSpec, container_config, docker_command,
+from fer_pipeline.core.serving_root import (ModelSpec, container_config, docker_command,
                                   read_model_server_config, write_model_server_config)
 
 

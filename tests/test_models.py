@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from components.models import build_cnn, build_model, build_vgg16, build_vgg16_base
-from pipeline.config import ModelConfig, TrainConfig
-from pipeline.contract import NUM_CLASSES, NUM_PIXELS
+from fer_pipeline.components.trainer.models import build_cnn, build_model, build_vgg16, build_vgg16_base
+from fer_pipeline.core.config import ModelConfig, TrainConfig
+from fer_pipeline.core.contract import NUM_CLASSES, NUM_PIXELS
 
 # Computed by hand from the notebook's layers (3x3 convs with 'valid' padding at 48x48):
 # 640 + 73,856 + 295,168 + 1,180,160 convs, 131,328 + 32,896 + 903 dense.

@@ -1,6 +1,6 @@
 """`fer-pipeline monitor`: served traffic against the training run of the served versions.
 
-Traffic is generated (components/synthetic.py draws the faces, two real SavedModels answer
+Traffic is generated (pipeline/synthetic.py draws the faces, two real SavedModels answer
 them, tests/monitor_fixtures.py logs each Predict as TF Serving's PredictionLog) and judged
 against a reference built the way the pipeline builds one. Each stream must raise exactly
 the alerts it should: none for the test split served again or for new faces from another
@@ -18,11 +18,11 @@ import tensorflow as tf
 import tensorflow_data_validation as tfdv
 from tensorflow_serving.apis import prediction_log_pb2
 
-from components import monitor
-from components.monitor import MonitorError, read_traffic, run_monitor
-from pipeline.config import MonitorConfig, load_config
-from pipeline.contract import CLASS_NAMES
-from serving.review_queue import ReviewQueue
+from fer_pipeline.components.monitor import executor as monitor
+from fer_pipeline.components.monitor.executor import MonitorError, read_traffic, run_monitor
+from fer_pipeline.core.config import MonitorConfig, load_config
+from fer_pipeline.core.contract import CLASS_NAMES
+from fer_pipeline.serving.review_queue import ReviewQueue
 from tests import monitor_fixtures as fixtures
 from tests.serving_fixtures import example_bytes
 
@@ -236,9 +236,9 @@ def run_root(served, tmp_path_factory):
 
 def test_cli_finds_the_reference_through_lineage_and_records_the_execution(
         served, run_root, tmp_path, capsys):
-    from pipeline.cli import EXIT_DRIFT, main
-    from pipeline.config import MetadataConfig
-    from pipeline.metadata import MetadataStore
+    from fer_pipeline.pipeline.cli import EXIT_DRIFT, main
+    from fer_pipeline.core.config import MetadataConfig
+    from fer_pipeline.pipeline.metadata import MetadataStore
 
     run, _ = served
     logs = tmp_path / "logs"
@@ -286,7 +286,7 @@ def test_cli_finds_the_reference_through_lineage_and_records_the_execution(
 
 
 def test_cli_one_line_errors(run_root, tmp_path, capsys):
-    from pipeline.cli import main
+    from fer_pipeline.pipeline.cli import main
 
     assert main(["monitor", "--output", str(run_root), "--logs",
                  str(tmp_path / "missing")]) == 2
@@ -323,11 +323,11 @@ def test_kubeflow_component_runs_the_monitor(served, run_root, tmp_path):
 
     import yaml
 
-    from pipeline.artifacts import to_jsonable
-    from pipeline.cli import main
-    from pipeline.config import MetadataConfig
-    from pipeline.kfp_pipeline import MONITOR_COMPONENT_SOURCE, _import_source
-    from pipeline.metadata import MetadataStore
+    from fer_pipeline.core.artifacts import to_jsonable
+    from fer_pipeline.pipeline.cli import main
+    from fer_pipeline.core.config import MetadataConfig
+    from fer_pipeline.pipeline.kfp_pipeline import MONITOR_COMPONENT_SOURCE, _import_source
+    from fer_pipeline.pipeline.metadata import MetadataStore
 
     run, _ = served
     path = str(tmp_path / "monitor.yaml")
@@ -366,10 +366,10 @@ def test_monitor_on_the_smoke_run_finds_its_reference_through_real_lineage(smoke
     import dataclasses
     import shutil
 
-    from components.evaluator import load_test_split
-    from pipeline.monitoring import run_monitor_job
-    from pipeline.runner import committed_output
-    from serving.model_config import read_model_server_config
+    from fer_pipeline.components.evaluator import load_test_split
+    from fer_pipeline.pipeline.monitor_command import run_monitor_job
+    from fer_pipeline.pipeline.runner import committed_output
+    from fer_pipeline.core.serving_root import read_model_server_config
 
     run_root = smoke_run.run_root
     specs = read_model_server_config(os.path.join(smoke_run.ctx.serving_root,
@@ -407,8 +407,8 @@ def test_monitor_on_the_smoke_run_finds_its_reference_through_real_lineage(smoke
 
 
 def test_the_logs_default_to_the_directories_models_config_logs_to(tmp_path):
-    from pipeline.monitoring import configured_log_dirs, parse_moment
-    from serving.model_config import ModelSpec, RequestLogSpec, write_model_server_config
+    from fer_pipeline.pipeline.monitor_command import configured_log_dirs, parse_moment
+    from fer_pipeline.core.serving_root import ModelSpec, RequestLogSpec, write_model_server_config
 
     logs = tmp_path / "request_logs"
     write_model_server_config(str(tmp_path / "models.config"), [

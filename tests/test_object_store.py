@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components.synthetic import generate_csv
-from pipeline import fileio
-from pipeline.config import (AugmentConfig, IngestConfig, PushConfig,
+from fer_pipeline.pipeline.synthetic import generate_csv
+from fer_pipeline.core import fileio
+from fer_pipeline.core.config import (AugmentConfig, IngestConfig, PushConfig,
                              TransformConfig, ValidationConfig)
-from pipeline.contract import (CHECKPOINTS_DIR, DUPLICATES_FILE, EXAMPLES_PATTERN,
+from fer_pipeline.core.contract import (CHECKPOINTS_DIR, DUPLICATES_FILE, EXAMPLES_PATTERN,
     HISTORY_FILE, LOGS_DIR, MODELS_CONFIG, REJECTED_DIR, REJECTED_FILE, SERVING_MODEL_DIR,
     SPLITS, TRAINING_INFO_FILE, TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
 
@@ -75,7 +75,7 @@ def test_beams_s3_filesystem_shares_one_boto3_client_per_settings(s3):
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    import pipeline.beam_job  # noqa: F401  (installs the sharing, as every Beam step does)
+    import fer_pipeline.core.beam_job  # noqa: F401  (installs the sharing, as every Beam step does)
 
     options = PipelineOptions(s3.beam_args)
     first, second = S3IO(options=options), S3IO(options=options)
@@ -111,7 +111,7 @@ def csv_paths(s3, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ingested(s3, csv_paths, tmp_path_factory) -> dict:
-    from components.example_gen import run_example_gen
+    from fer_pipeline.components.example_gen import run_example_gen
 
     config = IngestConfig(num_shards=2)
     local_dir = str(tmp_path_factory.mktemp("local") / "examples")
@@ -144,7 +144,7 @@ def test_ingest_on_s3_writes_what_a_local_run_writes(ingested):
 def test_ingest_on_s3_of_clean_data_writes_empty_reports(s3, tmp_path):
     """No rejected rows and no duplicates: Beam must not try to write an empty object
     (S3 refuses a multipart upload without parts)."""
-    from components.example_gen import run_example_gen
+    from fer_pipeline.components.example_gen import run_example_gen
 
     local = tmp_path / "clean.csv"
     generate_csv(str(local), rows=70, seed=12)
@@ -162,7 +162,7 @@ def test_ingest_on_s3_of_clean_data_writes_empty_reports(s3, tmp_path):
 
 @pytest.fixture(scope="module")
 def augmented(s3, ingested, tmp_path_factory) -> dict:
-    from components.augment import run_augment
+    from fer_pipeline.components.augment import run_augment
 
     config = AugmentConfig(seed=3)
     local_dir = str(tmp_path_factory.mktemp("local") / "augmented")
@@ -186,8 +186,8 @@ def test_augment_on_s3_writes_what_a_local_run_writes(augmented):
 # ------------------------------------------------------------------------- validate
 
 def test_validation_reads_and_writes_s3(s3, ingested, tmp_path):
-    from components.statistics import run_statistics
-    from components.validation import DataValidationError, raise_if_blocking, run_validation
+    from fer_pipeline.components.statistics.executor import run_statistics
+    from fer_pipeline.components.validation import DataValidationError, raise_if_blocking, run_validation
 
     local_stats = str(tmp_path / "statistics")
     run_statistics(ingested["local"].output_dir, local_stats, [])
@@ -218,7 +218,7 @@ def test_validation_reads_and_writes_s3(s3, ingested, tmp_path):
 
 @pytest.fixture(scope="module")
 def transformed(s3, ingested, augmented, tmp_path_factory) -> dict:
-    from components.transform import run_transform
+    from fer_pipeline.components.transform import run_transform
 
     local_dir = str(tmp_path_factory.mktemp("local") / "transform")
     return {
@@ -231,7 +231,7 @@ def transformed(s3, ingested, augmented, tmp_path_factory) -> dict:
 
 
 def test_transform_on_s3_matches_a_local_run(transformed):
-    from components.transform import apply_to_pixels
+    from fer_pipeline.components.transform import apply_to_pixels
 
     local, remote = transformed["local"], transformed["s3"]
     assert remote.transform_graph_dir.startswith("s3://")
@@ -258,9 +258,9 @@ TRAIN_OVERRIDES = {"models": {"cnn": {"batch_size": 32, "epochs": 2, "learning_r
 # after tensorflow-io's S3 filesystem was used.
 _TRAIN = (
     "import json, sys\n"
-    "from components.trainer import run_trainer\n"
-    "from pipeline.errors import exit_process\n"
-    "from pipeline.config import load_config\n"
+    "from fer_pipeline.components.trainer.executor import run_trainer\n"
+    "from fer_pipeline.core.errors import exit_process\n"
+    "from fer_pipeline.core.config import load_config\n"
     "args = json.loads(sys.argv[1])\n"
     "config = load_config(overrides={'train': args['train']}).train\n"
     "run_trainer('cnn', args['transform_dir'], args['output_dir'], config)\n"
@@ -269,7 +269,7 @@ _TRAIN = (
 
 def _train_in_subprocess(s3, transform_dir: str, output_dir: str,
                          extra_env: dict[str, str]) -> tuple[int, str]:
-    from components.trainer import CRASH_ENV
+    from fer_pipeline.components.trainer.executor import CRASH_ENV
 
     args = json.dumps({"transform_dir": transform_dir, "output_dir": output_dir,
                        "train": TRAIN_OVERRIDES})
@@ -283,7 +283,7 @@ def _train_in_subprocess(s3, transform_dir: str, output_dir: str,
 
 
 def test_training_on_s3_uploads_checkpoints_and_resumes_after_a_kill(s3, transformed):
-    from components.trainer import (BACKUP_METADATA_FILE, BEST_WEIGHTS_FILE, CRASH_ENV,
+    from fer_pipeline.components.trainer.executor import (BACKUP_METADATA_FILE, BEST_WEIGHTS_FILE, CRASH_ENV,
                                      CRASH_EXIT_CODE, CSV_LOG_FILE)
 
     transform_dir = fileio.dirname(transformed["s3"].transform_graph_dir)
@@ -337,8 +337,8 @@ def _bless(tmp_path: Path) -> str:
 
 
 def test_push_to_s3_publishes_through_models_config(s3, candidates, tmp_path):
-    from components.pusher import latest_served_version, run_pusher, served_versions
-    from serving.model_config import read_model_server_config
+    from fer_pipeline.components.pusher import latest_served_version, run_pusher, served_versions
+    from fer_pipeline.core.serving_root import read_model_server_config
 
     evaluation = _bless(tmp_path)
     remote_root, local_root = s3.unique_uri("serving"), str(tmp_path / "serving")
@@ -378,9 +378,9 @@ def test_push_to_s3_publishes_through_models_config(s3, candidates, tmp_path):
 
 def test_push_to_s3_crashing_mid_upload_never_names_the_partial_version(
         s3, candidates, tmp_path, monkeypatch):
-    from components.pusher import run_pusher, served_versions, version_dirs
+    from fer_pipeline.components.pusher import run_pusher, served_versions, version_dirs
     from tests.test_pusher import fail_copy_after
-    from serving.model_config import read_model_server_config
+    from fer_pipeline.core.serving_root import read_model_server_config
 
     evaluation = _bless(tmp_path)
     root = s3.unique_uri("serving")

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.config import EvalConfig
-from pipeline.contract import CLASS_NAMES
+from fer_pipeline.core.config import EvalConfig
+from fer_pipeline.core.contract import CLASS_NAMES
 from tests import browser
 from tests import test_evaluator as evaluator_fixtures
 from tests import test_statistics as statistics_fixtures
@@ -37,7 +37,7 @@ def _needs_chromium():
 
 @pytest.fixture(scope="module")
 def report_run(tmp_path_factory) -> dict[str, Any]:
-    from components.evaluator import run_evaluator
+    from fer_pipeline.components.evaluator import run_evaluator
 
     root = tmp_path_factory.mktemp("report")
     evaluator_fixtures.write_test_split(root / "examples", n=210)
@@ -59,7 +59,7 @@ def report_run(tmp_path_factory) -> dict[str, Any]:
 def statistics_run(tmp_path_factory) -> dict[str, Any]:
     import tensorflow_data_validation as tfdv
 
-    from components.statistics import run_statistics
+    from fer_pipeline.components.statistics.executor import run_statistics
 
     root = tmp_path_factory.mktemp("statistics")
     examples = str(root / "examples")
@@ -191,8 +191,8 @@ def test_report_in_a_real_browser(report_run, tmp_path):
 
 
 def test_report_checks_catch_a_changed_number_and_an_empty_plot(report_run, tmp_path):
-    from components.html_page import pyplot
-    from components.report import history_charts
+    from fer_pipeline.core.html_page import pyplot
+    from fer_pipeline.core.report_page import history_charts
 
     evaluation = report_run["evaluation"]
     accuracy = evaluation["models"]["good"]["accuracy"]
@@ -210,7 +210,7 @@ def test_report_checks_catch_a_changed_number_and_an_empty_plot(report_run, tmp_
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(5, 3))
     axes.set_title("empty")
-    from components.html_page import figure_png
+    from fer_pipeline.core.html_page import figure_png
     empty = browser.decode_data_uri_png(figure_png(figure))
     assert colour_pixels(empty, TRAIN_COLOR) == 0 and colour_pixels(empty, VALIDATION_COLOR) == 0
 
@@ -218,7 +218,7 @@ def test_report_checks_catch_a_changed_number_and_an_empty_plot(report_run, tmp_
 # ----------------------------------------------------------------------------- statistics page
 
 def tfdv_labels(stats) -> list[int]:
-    from components.statistics import label_counts
+    from fer_pipeline.components.statistics.executor import label_counts
 
     counts = label_counts(stats)
     return [counts[c] for c in CLASS_NAMES]

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from components import pusher
-from components.pusher import run_pusher, served_versions
-from pipeline.config import EvalConfig, PushConfig
-from serving.model_config import read_model_server_config
+from fer_pipeline.components import pusher
+from fer_pipeline.components.pusher import run_pusher, served_versions
+from fer_pipeline.core.config import EvalConfig, PushConfig
+from fer_pipeline.core.serving_root import read_model_server_config
 from tests.test_evaluator import make_model_dir, write_test_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_candidate_identical_to_the_served_version_is_not_pushed_again(saved_mod
 
 
 def test_served_versions_follow_models_config(saved_models, tmp_path):
-    from serving.model_config import ModelSpec, write_model_server_config
+    from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
 
     serving = tmp_path / "serving"
     for version in (1, 2, 3):
@@ -162,7 +162,7 @@ def test_unblessed_model_is_not_pushed_and_reasons_are_kept(saved_models, tmp_pa
 
 
 def test_regression_found_by_the_evaluator_keeps_the_served_version(saved_models, tmp_path):
-    from components.evaluator import run_evaluator
+    from fer_pipeline.components.evaluator import run_evaluator
 
     write_test_split(tmp_path / "examples", n=140)
     serving = tmp_path / "serving"
@@ -224,8 +224,8 @@ def test_exception_mid_copy_leaves_nothing_visible(saved_models, tmp_path, monke
 _KILLED_PUSH = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from components import pusher
-    from pipeline.config import PushConfig
+    from fer_pipeline.components import pusher
+    from fer_pipeline.core.config import PushConfig
 
     model_dir, evaluation, serving, output, marker = sys.argv[1:]
     real_copy = pusher._copy_file

@@ -1,4 +1,4 @@
-"""pipeline/quiet.py: the known third-party noise is gone, our own lines and real errors stay."""
+"""core/quiet.py: the known third-party noise is gone, our own lines and real errors stay."""
 from __future__ import annotations
 
 import os
@@ -7,11 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-from pipeline import quiet
+from fer_pipeline.core import quiet
 
 SCRIPT = textwrap.dedent("""
     import logging, os, sys, warnings
-    import pipeline                      # installs pipeline/quiet.py
+    import pipeline                      # installs core/quiet.py
     import tensorflow_data_validation as tfdv
     import tensorflow as tf
     import apache_beam.io.tfrecordio     # logs the python-snappy hint at import

@@ -22,11 +22,11 @@ import tensorflow as tf
 from tensorflow_serving.apis import (classification_pb2, predict_pb2, prediction_log_pb2,
                                      prediction_service_pb2_grpc)
 
-from serving.model_config import (ModelSpec, RequestLogSpec, read_model_server_config,
+from fer_pipeline.core.serving_root import (ModelSpec, RequestLogSpec, read_model_server_config,
                                   write_model_server_config)
-from serving.request_log import (LOG_SUFFIX, OPEN_SUFFIX, RequestLogConfig, RequestLogger,
+from fer_pipeline.serving.request_log import (LOG_SUFFIX, OPEN_SUFFIX, RequestLogConfig, RequestLogger,
                                  log_files, read_logs)
-from serving.server import FerServer, ServerConfig
+from fer_pipeline.serving.server import FerServer, ServerConfig
 from tests.serving_fixtures import (example_bytes, push_version, random_images,
                                     save_tiny_model, serve_in_subprocess)
 
@@ -403,9 +403,9 @@ def test_server_killed_mid_load_leaves_readable_logs(tmp_path, template):
 # --- the pusher writes the logging_config ------------------------------------------------------
 
 def test_push_with_request_logs_configures_fer_serve_but_not_tf_serving(tmp_path, template):
-    from components.pusher import _StorePlan, run_pusher, write_store_config
-    from pipeline.cli import _config_from_args, build_parser
-    from pipeline.config import PushConfig
+    from fer_pipeline.components.pusher import _StorePlan, run_pusher, write_store_config
+    from fer_pipeline.pipeline.cli import _config_from_args, build_parser
+    from fer_pipeline.core.config import PushConfig
 
     args = build_parser().parse_args(["push", "--output", str(tmp_path / "run"),
                                       "--request-log-dir", "logs",

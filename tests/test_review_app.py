@@ -13,10 +13,10 @@ import cv2
 import numpy as np
 import pytest
 
-from components.synthetic import draw_faces
-from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, IMAGE_SIZE, NUM_CLASSES
-from serving import review_app
-from serving.review_queue import (STATUS_LABELED, STATUS_PENDING, ModelPrediction,
+from fer_pipeline.pipeline.synthetic import draw_faces
+from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES, IMAGE_SIZE, NUM_CLASSES
+from fer_pipeline.serving import review_app
+from fer_pipeline.serving.review_queue import (STATUS_LABELED, STATUS_PENDING, ModelPrediction,
                                   ReviewQueue)
 from tests.browser import CHROMIUM, CHROMIUM_ARGS, chromium_or_skip
 
@@ -254,8 +254,8 @@ def test_status_and_export_commands(tmp_path, capsys):
 
 
 def test_exported_csv_re_ingests_with_zero_rejected_rows(tmp_path):
-    from components.example_gen import run_example_gen
-    from pipeline.config import IngestConfig
+    from fer_pipeline.components.example_gen import run_example_gen
+    from fer_pipeline.core.config import IngestConfig
 
     queue_dir = str(tmp_path / "queue")
     with fill_queue(queue_dir, 9) as queue:
@@ -275,10 +275,10 @@ def test_exported_csv_re_ingests_with_zero_rejected_rows(tmp_path):
 def test_reviewed_faces_join_the_original_data_and_leave_its_test_split(tmp_path):
     """The loop: held-out faces reviewed, exported and ingested with the original CSV train
     from then on, and the duplicate guard takes them out of the test split."""
-    from components.example_gen import run_example_gen
-    from components.synthetic import generate_csv
-    from pipeline.config import IngestConfig
-    from serving.client_cli import images_from_csv
+    from fer_pipeline.components.example_gen import run_example_gen
+    from fer_pipeline.pipeline.synthetic import generate_csv
+    from fer_pipeline.core.config import IngestConfig
+    from fer_pipeline.serving.client_cli import images_from_csv
 
     original = str(tmp_path / "fer2013.csv")
     generate_csv(original, rows=200, seed=3)

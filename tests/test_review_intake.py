@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.contract import IMAGE_SIZE, NUM_CLASSES
-from serving import client_cli as fer_client
-from serving.model_config import ModelSpec, write_model_server_config
-from serving.review_queue import STATUS_PENDING, ReviewQueue
-from serving.server import FerServer, ServerConfig
+from fer_pipeline.core.contract import IMAGE_SIZE, NUM_CLASSES
+from fer_pipeline.serving import client_cli as fer_client
+from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
+from fer_pipeline.serving.review_queue import STATUS_PENDING, ReviewQueue
+from fer_pipeline.serving.server import FerServer, ServerConfig
 from tests.review_fixtures import save_explain_model
 from tests.serving_fixtures import push_version, random_images, save_tiny_model
 

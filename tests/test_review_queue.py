@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.contract import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, REVIEW_QUEUE_FILE
-from serving.review_queue import (STATUS_LABELED, STATUS_NOT_FACE, STATUS_PENDING,
+from fer_pipeline.core.contract import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, REVIEW_QUEUE_FILE
+from fer_pipeline.serving.review_queue import (STATUS_LABELED, STATUS_NOT_FACE, STATUS_PENDING,
                                   STATUS_SKIPPED, ModelPrediction, ReviewError, ReviewQueue,
                                   content_hash, record_if_flagged)
 

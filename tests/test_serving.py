@@ -21,12 +21,12 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from pipeline.contract import CLASS_NAMES
-from serving.model_config import (ModelSpec, read_model_server_config,
+from fer_pipeline.core.contract import CLASS_NAMES
+from fer_pipeline.core.serving_root import (ModelSpec, read_model_server_config,
                                   write_model_server_config)
-from serving.model_manager import ModelManager
-from serving.batching import Batcher, BatchingConfig
-from serving.server import FerServer, ServerConfig
+from fer_pipeline.serving.model_manager import ModelManager
+from fer_pipeline.serving.batching import Batcher, BatchingConfig
+from fer_pipeline.serving.server import FerServer, ServerConfig
 from tests.serving_fixtures import (example_bytes, push_version, random_images,
                                     save_tiny_model, serve_in_subprocess)
 
@@ -490,7 +490,7 @@ def test_batcher_runs_batches_on_several_threads_at_once():
 def test_tf_thread_pool_flags_reach_tensorflow():
     """--tensorflow-{intra,inter}-op-parallelism set TF's pools (in a fresh process: they
     can only be set before TF first runs)."""
-    code = ("from serving.server import parse_args, _set_tf_threads\n"
+    code = ("from fer_pipeline.serving.server import parse_args, _set_tf_threads\n"
             "args = parse_args(['--model-config', 'unused', '--tensorflow-intra-op-parallelism',"
             " '1', '--tensorflow-inter-op-parallelism', '3'])\n"
             "_set_tf_threads(args.tensorflow_intra_op_parallelism,"
@@ -509,7 +509,7 @@ def test_tf_thread_pool_flags_reach_tensorflow():
 def test_full_batch_queue_refuses_with_unavailable_and_recovers():
     """Past max_enqueued_batches full batches of waiting rows, requests are refused at once
     (UNAVAILABLE, REST 503) instead of queueing without bound; the rest are answered."""
-    from serving.model_manager import ServingError
+    from fer_pipeline.serving.model_manager import ServingError
 
     class SlowModel:
         name = "slow"
@@ -543,8 +543,8 @@ def test_full_batch_queue_refuses_with_unavailable_and_recovers():
 
 
 def test_batching_parameters_file_configures_both_servers(tmp_path):
-    from serving.batching import format_batching_parameters, read_batching_parameters
-    from serving.server import parse_args, tfserving_command
+    from fer_pipeline.serving.batching import format_batching_parameters, read_batching_parameters
+    from fer_pipeline.serving.server import parse_args, tfserving_command
 
     wanted = BatchingConfig(max_batch_size=16, batch_timeout_s=0.005, num_batch_threads=3,
                             max_enqueued_batches=7)

@@ -13,9 +13,9 @@ import tensorflow as tf
 import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
-from components.statistics import (STATISTICS_HTML, STATISTICS_FILE, pixels_as_int_lists,
+from fer_pipeline.components.statistics.executor import (STATISTICS_HTML, STATISTICS_FILE, pixels_as_int_lists,
                                    present_splits, run_statistics)
-from pipeline.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
+from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
     FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, NUM_PIXELS)
 
 ALL_FEATURES = (FEATURE_LABEL, FEATURE_PIXELS, FEATURE_USAGE, FEATURE_ROW, FEATURE_SOURCE_ROW,
@@ -232,7 +232,7 @@ def test_page_has_the_validation_verdict_rejected_rows_and_duplicates(clean_run)
 
 
 def test_augmented_split_counts_and_pairs(clean_run):
-    from components.validation import load_split_statistics
+    from fer_pipeline.components.validation import load_split_statistics
 
     result, out, copies = clean_run
     source = page_source(open(os.path.join(out, STATISTICS_HTML)).read())
@@ -251,8 +251,8 @@ def test_augmented_split_counts_and_pairs(clean_run):
 
 
 def test_verdict_reports_anomalies_and_drift(tmp_path):
-    from components.statistics import validation_verdict
-    from pipeline.config import ValidationConfig
+    from fer_pipeline.components.statistics.executor import validation_verdict
+    from fer_pipeline.core.config import ValidationConfig
 
     examples = str(tmp_path / "examples")
     write_split(examples, "train", balanced_labels(70), seed=1)
@@ -287,7 +287,7 @@ def test_no_split_is_an_error(tmp_path):
 
 
 def test_augmentation_tags_split_into_steps_for_captions():
-    from components.statistics_page import augmentation_steps
+    from fer_pipeline.components.statistics.page import augmentation_steps
 
     assert augmentation_steps("copy:12,flip,rotate:+7.3,shift:(1,-2)") == [
         "copy:12", "flip", "rotate:+7.3", "shift:(1,-2)"]
@@ -296,7 +296,7 @@ def test_augmentation_tags_split_into_steps_for_captions():
 
 def test_statistics_on_an_object_store_match_a_local_run(s3, clean_run, tmp_path):
     """The run root on s3:// (moto): same statistics and the same page numbers."""
-    from pipeline import fileio
+    from fer_pipeline.core import fileio
 
     result, out, _ = clean_run
     local_root = os.path.dirname(out)

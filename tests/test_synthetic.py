@@ -6,9 +6,9 @@ import csv
 import numpy as np
 import pytest
 
-from components.synthetic import (
+from fer_pipeline.pipeline.synthetic import (
     FER_CLASS_COUNTS, FER_USAGE_COUNTS, allocate, draw_faces, generate_csv)
-from pipeline.contract import CLASS_NAMES, IMAGE_SIZE, NUM_PIXELS
+from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE, NUM_PIXELS
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_draw_faces_rejects_bad_labels():
 
 
 def test_the_synth_command_says_what_it_wrote_in_words(tmp_path, capsys):
-    from pipeline.cli import main
+    from fer_pipeline.pipeline.cli import main
 
     path = tmp_path / "fer.csv"
     assert main(["synth", "--rows", "50", "--out", str(path), "--seed", "4"]) == 0

@@ -1,4 +1,4 @@
-"""pipeline/tf_cpu.py: processes that run steps ask for oneDNN, servers keep TF's choice,
+"""core/tf_cpu.py: processes that run steps ask for oneDNN, servers keep TF's choice,
 and a user's own TF_ENABLE_ONEDNN_OPTS always wins."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from pipeline.tf_cpu import ONEDNN_VARIABLE
+from fer_pipeline.core.tf_cpu import ONEDNN_VARIABLE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,19 +29,19 @@ def setting_after_importing(module: str, user_setting: str | None = None) -> str
 
 def test_fer_pipeline_runs_tensorflow_with_onednn():
     # TensorFlow itself reports its kernels on when loaded after the CLI module.
-    assert run_probe("import pipeline.cli\n"
+    assert run_probe("import fer_pipeline.pipeline.cli\n"
                      "from tensorflow.python.util import _pywrap_util_port\n"
                      "print(_pywrap_util_port.IsMklEnabled())") == "True"
 
 
 def test_the_kubeflow_components_ask_for_onednn_too():
-    assert setting_after_importing("pipeline.kfp_pipeline") == "1"
+    assert setting_after_importing("fer_pipeline.pipeline.kfp_pipeline") == "1"
 
 
 def test_fer_serve_and_fer_client_keep_tensorflows_own_choice():
-    assert setting_after_importing("serving.client") == "None"
-    assert setting_after_importing("serving.server") == "None"
+    assert setting_after_importing("fer_pipeline.serving.client") == "None"
+    assert setting_after_importing("fer_pipeline.serving.server") == "None"
 
 
 def test_the_users_own_setting_wins():
-    assert setting_after_importing("pipeline.cli", user_setting="0") == "0"
+    assert setting_after_importing("fer_pipeline.pipeline.cli", user_setting="0") == "0"

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components.models import build_vgg16_base
-from components.trainer import (BEST_WEIGHTS_FILE, CHECKPOINTS_DIR, CRASH_ENV,
+from fer_pipeline.components.trainer.models import build_vgg16_base
+from fer_pipeline.components.trainer.executor import (BEST_WEIGHTS_FILE, CHECKPOINTS_DIR, CRASH_ENV,
                                  CRASH_EXIT_CODE, HISTORY_FILE, SERVING_MODEL_DIR,
                                  TRAINING_INFO_FILE, WORKERS_DIR, make_dataset, run_trainer)
-from pipeline.config import ModelConfig, TrainConfig
-from pipeline.contract import NUM_CLASSES, NUM_PIXELS
-from pipeline.runner import committed_output
+from fer_pipeline.core.config import ModelConfig, TrainConfig
+from fer_pipeline.core.contract import NUM_CLASSES, NUM_PIXELS
+from fer_pipeline.pipeline.runner import committed_output
 from tests.test_export import make_transform_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +47,8 @@ def _run_in_subprocess(transform_dir: str, output_dir: str, env: dict[str, str]
                        ) -> subprocess.Popen:
     code = (
         "import json, sys\n"
-        "from components.trainer import run_trainer\n"
-        "from pipeline.config import load_config\n"
+        "from fer_pipeline.components.trainer.executor import run_trainer\n"
+        "from fer_pipeline.core.config import load_config\n"
         "args = json.loads(sys.argv[1])\n"
         "config = load_config(overrides={'train': args['train']}).train\n"
         "run_trainer('cnn', args['transform_dir'], args['output_dir'], config)\n")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components import transform
-from pipeline.config import TransformConfig
-from pipeline.contract import (FEATURE_AUGMENTATION, FEATURE_IMAGE, FEATURE_LABEL,
+from fer_pipeline.components import transform
+from fer_pipeline.core.config import TransformConfig
+from fer_pipeline.core.contract import (FEATURE_AUGMENTATION, FEATURE_IMAGE, FEATURE_LABEL,
     FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, NUM_PIXELS)
 
 TRANSFORMED_SPEC = {

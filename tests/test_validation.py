@@ -8,11 +8,11 @@ import pytest
 import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import schema_pb2
 
-from components.statistics import run_statistics
-from components.validation import (DRIFT_FILE, VALIDATION_REPORT, DataValidationError,
+from fer_pipeline.components.statistics.executor import run_statistics
+from fer_pipeline.components.validation import (DRIFT_FILE, VALIDATION_REPORT, DataValidationError,
                                    raise_if_blocking, run_validation)
-from pipeline.config import ValidationConfig
-from pipeline.contract import FEATURE_LABEL, FEATURE_PIXELS, FEATURE_USAGE, NUM_PIXELS
+from fer_pipeline.core.config import ValidationConfig
+from fer_pipeline.core.contract import FEATURE_LABEL, FEATURE_PIXELS, FEATURE_USAGE, NUM_PIXELS
 from tests.test_statistics import balanced_labels, write_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,14 +14,14 @@ import os
 import time
 from typing import Optional, Sequence
 
-from pipeline import fileio
-from pipeline.artifacts import fingerprint
-from pipeline.config import MODEL_NAMES, MetadataConfig, PipelineConfig
-from pipeline.contract import PREDICTIONS_FILE
-from pipeline.metadata import ArtifactRecord, MetadataStore
+from fer_pipeline.core import fileio
+from fer_pipeline.core.artifacts import fingerprint
+from fer_pipeline.core.config import MODEL_NAMES, MetadataConfig, PipelineConfig
+from fer_pipeline.core.contract import PREDICTIONS_FILE
+from fer_pipeline.pipeline.metadata import ArtifactRecord, MetadataStore
 
-from components.bulk_inferrer import BulkInferenceResult, ModelVersion, run_bulk_inferrer
-from components.pusher import latest_served_version, version_dirs
+from fer_pipeline.components.bulk_inferrer import BulkInferenceResult, ModelVersion, run_bulk_inferrer
+from fer_pipeline.components.pusher import latest_served_version, version_dirs
 
 INFER_STEP = "infer"   # the execution type in ML Metadata: fer.step.infer
 

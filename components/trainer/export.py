@@ -31,7 +31,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 from tensorflow_transform.saved import saved_transform_io_v2
 
-from pipeline.contract import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_PIXELS, IMAGE_SIZE,
+from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_PIXELS, IMAGE_SIZE,
     NUM_CLASSES, NUM_PIXELS, SIGNATURE_DEFAULT, SIGNATURE_UINT8, SIGNATURE_EXAMPLES,
     SIGNATURE_EXPLAIN, INPUT_EXAMPLES, OUTPUT_PROBABILITIES, OUTPUT_CLASS_ID,
     OUTPUT_CLASS_NAME, OUTPUT_SALIENCY)

@@ -5,7 +5,7 @@ after a push, so it runs on a schedule, not with the pipeline. It finds the requ
 (the files or directories given, or every model's `logging_config` prefix in the serving
 root's models.config), asks ML Metadata which training run produced each version the logs
 name (pipeline/lineage.py: the pushed version's train split, its statistics and the
-evaluation that blessed it), runs `components/monitor.py` into its output directory and
+evaluation that blessed it), runs `components/monitor/executor.py` into its output directory and
 records the execution the way the runner records a step: the log files and the pushed
 model versions it judged (the same `pushed_model` artifacts the push step recorded) as
 inputs, monitoring.json as output.
@@ -18,16 +18,16 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional, Sequence
 
-from components.monitor import MonitorReference, MonitorResult, run_monitor
-from pipeline import fileio
-from pipeline.artifacts import fingerprint
-from pipeline.config import MetadataConfig, PipelineConfig
-from pipeline.contract import MODELS_CONFIG, MONITORING_FILE
-from pipeline.lineage import version_lineage
-from pipeline.metadata import ArtifactRecord, MetadataStore, sqlite_path
-from pipeline.runner import schema_path
-from serving.model_config import read_model_server_config
-from serving.request_log import log_files
+from fer_pipeline.components.monitor.executor import MonitorReference, MonitorResult, run_monitor
+from fer_pipeline.core import fileio
+from fer_pipeline.core.artifacts import fingerprint
+from fer_pipeline.core.config import MetadataConfig, PipelineConfig
+from fer_pipeline.core.contract import MODELS_CONFIG, MONITORING_FILE
+from fer_pipeline.pipeline.lineage import version_lineage
+from fer_pipeline.pipeline.metadata import ArtifactRecord, MetadataStore, sqlite_path
+from fer_pipeline.pipeline.runner import schema_path
+from fer_pipeline.core.serving_root import read_model_server_config
+from fer_pipeline.serving.request_log import log_files
 
 MONITOR_STEP = "monitor"   # the execution type in ML Metadata: fer.step.monitor
 MONITORING_DIR = "monitoring"

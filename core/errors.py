@@ -30,7 +30,7 @@ import time
 import traceback
 from typing import Callable, NoReturn, Optional
 
-from pipeline import fileio
+from fer_pipeline.core import fileio
 
 # Set to 1 to print an unexpected error's traceback on stderr instead of to a file.
 TRACEBACK_ENV = "FER_TRACEBACK"

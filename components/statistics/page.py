@@ -1,6 +1,6 @@
 """The statistics page (statistics/statistics.html): what the data looks like, for a person.
 
-Rendering only: components/statistics.py gathers every number (from TFDV's statistics,
+Rendering only: components/statistics/executor.py gathers every number (from TFDV's statistics,
 ExampleGen's files and manifest, and the validate step's checks) into one JSON-able dict,
 which is embedded in the page as its source, and the faces as uint8 arrays. Sections, top
 to bottom: the validation verdict; ingest counts; per split the label distribution, the
@@ -15,9 +15,9 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from components.html_page import (bilingual, chart, count, document, esc, face, number,
+from fer_pipeline.core.html_page import (bilingual, chart, count, document, esc, face, number,
     pyplot, table)
-from pipeline.contract import CLASS_NAMES, NUM_CLASSES
+from fer_pipeline.core.contract import CLASS_NAMES, NUM_CLASSES
 
 SPLIT_COLORS = {"train": "#1e63b5", "validation": "#f28e2b", "test": "#59a14f"}
 

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, IMAGE_SIZE
+from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES, IMAGE_SIZE
 
 # Faces are 48x48; shown at 2x (96 px), nearest neighbour, so pixels stay pixels.
 FACE_SCALE = 2

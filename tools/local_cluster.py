@@ -8,7 +8,7 @@ What `make flink-up` / `make spark-up` start, each as its own process, all on lo
   both:        Beam's job server for that engine (gRPC job API on :8099 / :8199), and a
                Python SDK worker pool (:50000 / :50001) that the engine asks for Python
                workers: Beam's worker pool service bound to 127.0.0.1
-               (pipeline/worker_pool.py), started with this venv's bin/ first on PATH,
+               (tools/worker_pool.py), started with this venv's bin/ first on PATH,
                because the pool launches `python` from PATH for every worker.
 
 That is the shape of a real deployment (Flink or Spark on Kubernetes with a worker-pool
@@ -18,8 +18,8 @@ with the flags `beam_args()` returns, e.g.
   --runner=FlinkRunner --job_endpoint=127.0.0.1:8099 --environment_type=EXTERNAL
   --environment_config=localhost:50000 --parallelism=2 --environment_cache_millis=60000
 
-The jars come from Maven Central at set-up only (`make engines`: pipeline/engines/flink.pom.xml and
-pipeline/engines/spark.pom.xml resolved into .engines/m2, classpaths in .engines/<engine>.classpath);
+The jars come from Maven Central at set-up only (`make engines`: tools/engines/flink.pom.xml and
+tools/engines/spark.pom.xml resolved into .engines/m2, classpaths in .engines/<engine>.classpath);
 nothing is downloaded when a cluster starts. No Flink or Spark distribution is needed: Beam's
 runners depend on the engines' own artifacts, whose classes include the daemons, so one
 classpath starts the JobManager, the TaskManager and the job server (for Spark the Worker
@@ -32,7 +32,7 @@ machine: daemons' heaps of 256-512 MiB, and the heaps that hold the data as it p
 the Python workers (Flink's TaskManager, Spark's executor) 1.5 GiB, what the full data
 set (35,887 faces) needs.
 
-CLI: python -m pipeline.local_cluster {install|up|down|status|args} {flink|spark}
+CLI: python -m tools.local_cluster {install|up|down|status|args} {flink|spark}
 """
 from __future__ import annotations
 
@@ -76,15 +76,15 @@ JAVA_OPENS = [f"--add-opens=java.base/{package}=ALL-UNNAMED" for package in (
     "--add-exports=java.security.jgss/sun.security.krb5=ALL-UNNAMED"]
 
 # Our own Java, compiled by `make engines` into .engines/<engine>/fer-engines.jar, on every
-# classpath of that engine: pipeline/engines/*.java and pipeline/engines/<engine>/*.java.
+# classpath of that engine: tools/engines/*.java and tools/engines/<engine>/*.java.
 OUR_JAR = "fer-engines.jar"
-# The job servers find nothing to ship with a job (see pipeline/engines/NothingToStage.java):
+# The job servers find nothing to ship with a job (see tools/engines/NothingToStage.java):
 # the daemons already hold the same jars.
 NOTHING_TO_STAGE = ("--pipeline_resources_detector_factory_class="
                     "ferpipeline.engines.NothingToStage")
 
 # Beam's job server drivers, with the job and artifact ports bound to --job-host only
-# (pipeline/engines/LoopbackJobServer.java, BoundServerFactory.java: Beam's own listen on
+# (tools/engines/LoopbackJobServer.java, BoundServerFactory.java: Beam's own listen on
 # all interfaces).
 FLINK_JOB_SERVER_MAIN = "ferpipeline.engines.flink.LoopbackFlinkJobServer"
 SPARK_JOB_SERVER_MAIN = "ferpipeline.engines.spark.LoopbackSparkJobServer"
@@ -183,12 +183,12 @@ def classpath(engine: str, home: Path = ENGINES_HOME) -> list[str]:
     ours = home / engine / OUR_JAR
     if not ours.exists():
         raise ClusterError(f"{ours} is missing: run `make engines` (it compiles "
-                           "pipeline/engines/*.java)")
+                           "tools/engines/*.java)")
     return [*maven_classpath(engine, home), str(ours)]
 
 
 def maven_classpath(engine: str, home: Path = ENGINES_HOME) -> list[str]:
-    """The jars Maven resolved for `engine` (pipeline/engines/<engine>.pom.xml)."""
+    """The jars Maven resolved for `engine` (tools/engines/<engine>.pom.xml)."""
     path = home / f"{engine}.classpath"
     if not path.exists():
         raise ClusterError(f"{path} is missing: run `make engines` first (it fetches the "
@@ -222,8 +222,8 @@ def install(engine: str, home: Path = ENGINES_HOME) -> Path:
 
 
 def compile_our_classes(engine: str, home: Path = ENGINES_HOME) -> Path:
-    """Compiles our Java for `engine` (pipeline/engines/*.java, shared, and
-    pipeline/engines/<engine>/*.java) against its jars into .engines/<engine>/fer-engines.jar:
+    """Compiles our Java for `engine` (tools/engines/*.java, shared, and
+    tools/engines/<engine>/*.java) against its jars into .engines/<engine>/fer-engines.jar:
     NothingToStage and the job server driver bound to --job-host (see their sources)."""
     sources_dir = PROJECT_ROOT / "pipeline" / "engines"
     sources = sorted(str(p) for p in [*sources_dir.glob("*.java"),
@@ -476,9 +476,9 @@ def _start_worker_pool(cluster: Cluster) -> None:
     venv_bin = os.path.dirname(sys.executable)
     env = {"PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
            "PYTHONPATH": str(PROJECT_ROOT)}
-    # pipeline/worker_pool.py: Beam's worker pool service, bound to 127.0.0.1 only.
+    # tools/worker_pool.py: Beam's worker pool service, bound to 127.0.0.1 only.
     _spawn(cluster, "worker_pool",
-           [sys.executable, "-m", "pipeline.worker_pool",
+           [sys.executable, "-m", "tools.worker_pool",
             f"--port={cluster.ports.worker_pool}"], env)
 
 
@@ -610,7 +610,7 @@ def _http_json(url: str) -> Optional[dict]:
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.local_cluster",
+    parser = argparse.ArgumentParser(prog="python -m tools.local_cluster",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["install", "up", "down", "status", "args"])
     parser.add_argument("engine", choices=ENGINES)

@@ -9,9 +9,9 @@ set -euo pipefail
 RUN_DIR=${1:-demo_run}; DATA=${2:-}; ROWS=${3:-4000}; shift $(( $# < 3 ? $# : 3 ))
 BIN=.venv/bin
 # Third-party noise (TensorFlow, TFDV, google.api_core, Beam) is silenced inside the CLIs
-# themselves, by pipeline/quiet.py, so every command below prints only its own lines.
+# themselves, by core/quiet.py, so every command below prints only its own lines.
 
-# A step's committed output directory: <step>/COMMIT.json names it (pipeline/artifacts.py).
+# A step's committed output directory: <step>/COMMIT.json names it (core/artifacts.py).
 step_dir() {
   if [ -f "$RUN_DIR/$1/COMMIT.json" ]; then
     $BIN/python -c 'import json, sys; print(json.load(open(sys.argv[1]))["uri"])' \

@@ -87,7 +87,7 @@ class RegisteredModel:
 # (plus its builder function); steps, CLI choices, gates and the KFP pipeline follow.
 MODEL_REGISTRY: dict[str, RegisteredModel] = {
     "cnn": RegisteredModel(
-        builder="components.models:build_cnn",
+        builder="fer_pipeline.components.trainer.models:build_cnn",
         defaults=ModelConfig(batch_size=70, epochs=115, learning_rate=2e-4,
                              early_stopping_patience=40),
         min_accuracy=0.5,
@@ -98,7 +98,7 @@ MODEL_REGISTRY: dict[str, RegisteredModel] = {
         smoke_min_accuracy=0.3,
         description="the notebook's CNN: 4 x (conv 3x3, max-pool), dense 256-128"),
     "vgg16": RegisteredModel(
-        builder="components.models:build_vgg16",
+        builder="fer_pipeline.components.trainer.models:build_vgg16",
         defaults=ModelConfig(batch_size=65, epochs=25, learning_rate=5e-4,
                              scratch_learning_rate=1e-4, weights="none"),
         min_accuracy=0.3,

@@ -15,7 +15,7 @@ the page shows. Sections, top to bottom:
 5. the thresholds used.
 
 Numbers shown as text carry `data-path` into evaluation.json; charts carry their points
-(components/html_page.py), so tests compare the page with the JSON.
+(core/html_page.py), so tests compare the page with the JSON.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from components.html_page import (bilingual, chart, count, document, esc, face, number,
+from fer_pipeline.core.html_page import (bilingual, chart, count, document, esc, face, number,
     pyplot, table)
-from pipeline.contract import CLASS_NAMES, NUM_CLASSES
+from fer_pipeline.core.contract import CLASS_NAMES, NUM_CLASSES
 
 HISTORY_METRICS = ("loss", "accuracy")
 

@@ -4,7 +4,7 @@ The pusher writes this file next to the versioned model directories; the real
 `tensorflow_model_server` (via Docker) and our embedded server (`serving/server.py`) both
 read it. Keeping one reader/writer here means both sides agree on the format. The file may
 live on a local disk or an object store (s3://, gs://): reads and writes go through
-`pipeline.fileio`.
+`fer_pipeline.core.fileio`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from pipeline import fileio
+from fer_pipeline.core import fileio
 
 VERSION_POLICIES = ("latest", "specific", "all")
 # logging_config's log_collector_config.type that fer-serve writes (serving/request_log.py):
@@ -157,7 +157,7 @@ def write_model_server_config(path: str, specs: Iterable[ModelSpec]) -> str:
     A polling server may read the file at any moment; it must see either the old or the
     new config, never half of one. Locally the text goes to a temp file renamed over the
     target; on an object store the object is replaced in one upload, and an object only
-    becomes visible once its upload completed (pipeline.fileio.write_text does both).
+    becomes visible once its upload completed (fer_pipeline.core.fileio.write_text does both).
     """
     text = text_format.MessageToString(_to_proto(specs))
     fileio.write_text(path, text)

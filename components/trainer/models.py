@@ -22,8 +22,8 @@ from typing import Optional
 import keras
 from keras import layers
 
-from pipeline.config import ModelConfig, TrainConfig, registered_model
-from pipeline.contract import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS
+from fer_pipeline.core.config import ModelConfig, TrainConfig, registered_model
+from fer_pipeline.core.contract import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS
 
 VGG_WEIGHTS_NONE = "none"
 VGG_WEIGHTS_IMAGENET = "imagenet"
@@ -135,7 +135,7 @@ def build_model(name: str, train_config: TrainConfig, jit_compile: bool | str = 
                 ) -> keras.Model:
     """Builds and compiles registered model `name` with its section of `train_config`.
 
-    The builder comes from the model registry (pipeline/config.py, MODEL_REGISTRY).
+    The builder comes from the model registry (core/config.py, MODEL_REGISTRY).
     `jit_compile` goes to `model.compile` ("auto": Keras decides, i.e. XLA on accelerators);
     the trainer passes `train_config.xla`.
     """

@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline import fileio
-from pipeline.fileio import to_jsonable  # noqa: F401  (callers import it from here too)
-from pipeline.contract import MANIFEST_FILE
+from fer_pipeline.core import fileio
+from fer_pipeline.core.fileio import to_jsonable  # noqa: F401  (callers import it from here too)
+from fer_pipeline.core.contract import MANIFEST_FILE
 
 COMMIT_FILE = "COMMIT.json"
 # Execution directories are named EXECUTION_PREFIX + a prefix of the step's cache key.

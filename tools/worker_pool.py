@@ -7,7 +7,7 @@ Beam's own `python -m apache_beam.runners.worker.worker_pool_main` binds every i
 there is no reason to offer that to the network. This is the same service (Beam's servicer,
 one `python` process per worker, found on PATH) bound to loopback.
 
-    python -m pipeline.worker_pool --port 50000
+    python -m tools.worker_pool --port 50000
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def serve(port: int, host: str = "127.0.0.1") -> grpc.Server:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.worker_pool",
+    parser = argparse.ArgumentParser(prog="python -m tools.worker_pool",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)

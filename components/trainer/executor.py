@@ -40,11 +40,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from components.export import export_serving_model
-from components.models import build_model, model_config
-from pipeline import fileio
-from pipeline.config import TrainConfig
-from pipeline.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS,
+from fer_pipeline.components.trainer.export import export_serving_model
+from fer_pipeline.components.trainer.models import build_model, model_config
+from fer_pipeline.core import fileio
+from fer_pipeline.core.config import TrainConfig
+from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS,
     TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR, SERVING_MODEL_DIR, CHECKPOINTS_DIR, LOGS_DIR,
     HISTORY_FILE, TRAINING_INFO_FILE)
 

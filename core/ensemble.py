@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from pipeline.contract import CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES
+from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES
 
 # Confidences are float32 probabilities; 0.55 - 0.50 is 0.05000000000000004 in floats, and a
 # user who sets tolerance=0.05 means that gap to count as "within". This slack absorbs that.

@@ -32,7 +32,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOp
                                                   PortableOptions, S3Options,
                                                   StandardOptions, TestOptions)
 
-from pipeline.errors import UserError
+from fer_pipeline.core.errors import UserError
 
 # The runners whose jobs run elsewhere, and the engine each names in an error.
 ENGINE_OF_RUNNER = {
@@ -60,7 +60,7 @@ class JobServerStagingOptions(PipelineOptions):
     """A Java job-server option that Beam's Python SDK does not declare, so that our CLI
     accepts it and Beam's portable client passes it on to the job server.
 
-    The local clusters (pipeline/local_cluster.py) set it to
+    The local clusters (tools/local_cluster.py) set it to
     `ferpipeline.engines.NothingToStage`: their daemons already hold Beam's jars, so the
     job server ships none of its ~200 MB classpath with each job (measured: 20-30 s of
     every job's start on 2 cores). Stock Flink or Spark clusters need those jars shipped:

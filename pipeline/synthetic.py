@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.contract import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, USAGE_TO_SPLIT
+from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, USAGE_TO_SPLIT
 
 # FER-2013's real counts; generated files keep these proportions at any size.
 FER_CLASS_COUNTS: dict[str, int] = {

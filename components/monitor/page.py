@@ -1,6 +1,6 @@
 """The monitoring page (monitoring.html): is the served traffic still what the models know?
 
-Rendering only: components/monitor.py computes every number and hands this module the
+Rendering only: components/monitor/executor.py computes every number and hands this module the
 content of monitoring.json plus the pixels of the faces the page shows. Sections, top to
 bottom:
 
@@ -14,7 +14,7 @@ bottom:
 6. where the reference came from (lineage) and the thresholds.
 
 Numbers shown as text carry `data-path` into monitoring.json; charts carry their points
-(components/html_page.py), so tests compare the page with the JSON.
+(core/html_page.py), so tests compare the page with the JSON.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from components.html_page import (bilingual, chart, count, document, esc, face, number,
+from fer_pipeline.core.html_page import (bilingual, chart, count, document, esc, face, number,
     pyplot, table)
-from pipeline.contract import CLASS_NAMES, NUM_CLASSES
+from fer_pipeline.core.contract import CLASS_NAMES, NUM_CLASSES
 
 TITLE = "FER served traffic: monitoring"
 

@@ -12,15 +12,15 @@ with what the served versions were trained and evaluated on:
 * the answers, with TFDV too: each model's predicted-class shares (L-infinity) and
   confidence (Jensen-Shannon) against the same model's answers on the test split (the
   evaluation's `test_predictions.npz`), and the share of faces the ensemble sends to a
-  person (the tie rule of serving/ensemble.py, L-infinity on the review flag) against the
+  person (the tie rule of core/ensemble.py, L-infinity on the review flag) against the
   review rate of the same models on the test split.
 
-A distance above its threshold (pipeline/config.py, MonitorConfig) is an alert. Outputs,
+A distance above its threshold (core/config.py, MonitorConfig) is an alert. Outputs,
 under `output_dir`: monitoring.json (every number), the TFDV anomalies (text protos) and
-monitoring.html (components/monitoring_page.py). With a review queue, the window's tied
+monitoring.html (components/monitor/page.py). With a review queue, the window's tied
 faces and its lowest-confidence faces are queued for a person (serving/review_queue.py).
 
-`run_monitor` takes the reference as directories (what lineage found: pipeline/monitoring.py
+`run_monitor` takes the reference as directories (what lineage found: pipeline/monitor_command.py
 resolves them for the CLI and the Kubeflow component); it never looks anything up itself.
 """
 from __future__ import annotations
@@ -41,14 +41,14 @@ import tensorflow_data_validation as tfdv
 from tensorflow_data_validation.statistics import stats_impl, stats_options
 from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2, statistics_pb2
 
-from pipeline import fileio
-from pipeline.config import MonitorConfig
-from pipeline.contract import (CLASS_NAMES, EXAMPLES_PATTERN, FEATURE_PIXELS, IMAGE_SIZE,
+from fer_pipeline.core import fileio
+from fer_pipeline.core.config import MonitorConfig
+from fer_pipeline.core.contract import (CLASS_NAMES, EXAMPLES_PATTERN, FEATURE_PIXELS, IMAGE_SIZE,
     INPUT_EXAMPLES, INPUT_PIXELS, MONITORING_FILE, MONITORING_HTML, NUM_CLASSES, NUM_PIXELS,
     OUTPUT_PROBABILITIES, SIGNATURE_EXPLAIN, STATISTICS_FILE, TEST_PREDICTIONS_FILE)
-from serving.ensemble import combine, combine_batch
-from serving.request_log import log_files, read_logs
-from serving.review_queue import ModelPrediction, ReviewQueue
+from fer_pipeline.core.ensemble import combine, combine_batch
+from fer_pipeline.serving.request_log import log_files, read_logs
+from fer_pipeline.serving.review_queue import ModelPrediction, ReviewQueue
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def _list_column(values: np.ndarray, width: int = 1) -> pa.Array:
 def statistics(columns: Mapping[str, np.ndarray],
                pixels: Optional[np.ndarray] = None) -> statistics_pb2.DatasetFeatureStatisticsList:
     """TFDV statistics of per-face columns (numbers or strings) and, optionally, of every
-    pixel (the same decoded view as components/statistics.py: one int64 per pixel)."""
+    pixel (the same decoded view as components/statistics/executor.py: one int64 per pixel)."""
     arrays, names = [], []
     for name, values in columns.items():
         arrays.append(_list_column(np.asarray(values)))
@@ -746,7 +746,7 @@ def run_monitor(log_paths: Sequence[str],
 
     `reference` is what the served versions came from, or a function that finds it given
     the versions the logs name ({model: the version that answered most}): the caller that
-    looks it up in lineage (pipeline/monitoring.py) only knows which versions to look up
+    looks it up in lineage (pipeline/monitor_command.py) only knows which versions to look up
     once the logs are read.
     """
     started = time.time()
@@ -806,7 +806,7 @@ def run_monitor(log_paths: Sequence[str],
         "review_queue": ({"dir": review_queue, **review} if review is not None else None),
     }
     # Rendering needs matplotlib; the checks above do not.
-    from components.monitoring_page import render_monitoring_page
+    from fer_pipeline.components.monitor.page import render_monitoring_page
     html_path = fileio.join(output_dir, MONITORING_HTML)
     fileio.write_text(html_path, render_monitoring_page(
         record, least_confident_faces(traffic, judged.rows, PAGE_FACES)))

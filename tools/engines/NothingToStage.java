@@ -2,7 +2,7 @@
 // the cluster with every job: Flink uploads it to the JobManager's blob server and every
 // TaskManager downloads it again; Spark serves it to each new executor. Measured on the
 // local 2-core clusters that was 20-30 s of every job's start. The local clusters'
-// daemons (pipeline/local_cluster.py) already have those very jars on their own
+// daemons (tools/local_cluster.py) already have those very jars on their own
 // classpath and load Beam's classes parent-first, so nothing needs shipping.
 //
 // This factory, named by the pipeline option

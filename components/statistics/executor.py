@@ -2,7 +2,7 @@
 
 Reads `<examples_dir>/<split>/examples-*.tfrecord`, writes `<output_dir>/<split>/stats.tfrecord`
 (a `DatasetFeatureStatisticsList`, readable with `tfdv.load_statistics`) and
-`<output_dir>/statistics.html`, the page a person reads (components/statistics_page.py).
+`<output_dir>/statistics.html`, the page a person reads (components/statistics/page.py).
 With `augmented_dir`, the augmented training split's statistics go to
 `<output_dir>/augmented/train/stats.tfrecord` (one level deeper than the splits, so the
 validate step, which reads `<split>/stats.tfrecord`, does not mistake it for a split).
@@ -54,12 +54,12 @@ import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 from tfx_bsl.coders import example_coder
 
-from components import validation as checks
-from components.example_gen import reason_code
-from pipeline import fileio
-from pipeline.beam_job import beam_pipeline
-from pipeline.config import ValidationConfig
-from pipeline.contract import (CLASS_NAMES, DUPLICATES_FILE, EXAMPLES_PATTERN,
+from fer_pipeline.components import validation as checks
+from fer_pipeline.components.example_gen import reason_code
+from fer_pipeline.core import fileio
+from fer_pipeline.core.beam_job import beam_pipeline
+from fer_pipeline.core.config import ValidationConfig
+from fer_pipeline.core.contract import (CLASS_NAMES, DUPLICATES_FILE, EXAMPLES_PATTERN,
     FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW,
     IMAGE_SIZE, MANIFEST_FILE, NUM_CLASSES, NUM_PIXELS, REJECTED_DIR, REJECTED_FILE, SPLITS,
     STATISTICS_FILE, STATISTICS_HTML)
@@ -496,7 +496,7 @@ def build_page(examples_dir: str,
                verdict: dict[str, Any]) -> str:
     """Gathers the page's numbers (`data`, embedded in the page) and faces, and renders."""
     # Imported here: rendering needs matplotlib, the statistics themselves do not.
-    from components.statistics_page import render_statistics_page
+    from fer_pipeline.components.statistics.page import render_statistics_page
 
     duplicates = read_duplicates(examples_dir)
     wanted = _duplicate_face_rows(duplicates)

@@ -3,7 +3,7 @@
 Every path here may be a local path or a URI (`gs://bucket/run`, `s3://bucket/run`): reads
 and writes go through `tf.io.gfile`, which picks the filesystem by scheme. Object stores
 have no directories and no rename, so nothing here renames a directory; publication is the
-caller's business (see `pipeline.artifacts`: a step writes under a fresh prefix and commits
+caller's business (see `fer_pipeline.core.artifacts`: a step writes under a fresh prefix and commits
 by writing its record last).
 
 TensorFlow's S3 filesystem lives in tensorflow-io; it is registered on first use of an
@@ -46,7 +46,7 @@ def register_filesystem(path: str) -> None:
 
 def native_s3_loaded() -> bool:
     """Whether this process loaded tensorflow-io's S3 filesystem (see
-    pipeline.errors.exit_process)."""
+    fer_pipeline.core.errors.exit_process)."""
     return _native_s3_loaded
 
 
