@@ -1,4 +1,5 @@
-# The two commands a newcomer runs: `make demo` and `make test`. Both set up .venv first.
+# The two commands a newcomer runs: `make demo` and `make test`. Both set up .venv first;
+# `make test` also installs the Debian packages the tests need (system-deps).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,8 +9,8 @@ RUN_DIR ?= demo_run
 DEMO_ROWS ?= 4000
 BEAM_ARGS ?=
 
-.PHONY: setup s3-server demo test test-engines bench clean mysql-up mysql-down engines flink-up flink-down \
-	spark-up spark-down
+.PHONY: setup s3-server demo system-deps test test-engines bench clean mysql-up mysql-down \
+	engines flink-up flink-down spark-up spark-down
 
 setup: $(STAMP)
 
@@ -69,18 +70,27 @@ demo: setup
 # (tests/pipeline_fixtures.py). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 3
 
+# The Debian packages the tests need (chromium, mariadb-server, a JDK and Maven for
+# `engines`): installed when missing if run as root with apt-get (CI: .ci/run is just
+# `make test`), otherwise one line per missing package naming the command that installs it.
+# `make demo` needs none of them.
+system-deps:
+	@bash tools/install_system_deps.sh
+
 # The Flink and Spark tests (marker `engines`, tests/test_engines.py) are part of it: `engines`
 # fetches their jars once; the module runs its two local clusters one after the other in
-# one worker. `make test-engines` runs only them.
-test: setup s3-server engines
+# one worker. `make test-engines` runs only them. Prerequisites run in the order listed:
+# system-deps first (engines needs its JDK and Maven).
+test: system-deps setup s3-server engines
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
 
-test-engines: setup s3-server engines
+test-engines: system-deps setup s3-server engines
 	$(BIN)/python -m pytest -q --durations=30 -m engines tests
 
 # A MariaDB on 127.0.0.1 for trying a shared ML Metadata store (README, "On a cluster"):
 # data in $(MYSQL_DIR)/data, user `fer` with the password in $$FER_METADATA_MYSQL_PASSWORD.
-# Needs Debian's mariadb-server (apt-get install mariadb-server); tests/mariadb.py does it.
+# Needs Debian's mariadb-server (tools/install_system_deps.sh, run by `make test`, installs it
+# or says how); tests/mariadb.py does it.
 MYSQL_DIR ?= .mariadb
 MYSQL_PORT ?= 3306
 

@@ -6,7 +6,8 @@ MariaDB. It has one password-protected user, the way a shared ML Metadata store 
 reached from a cluster; that user may create the databases whose names start with `fer_`
 (ML Metadata creates its database itself on first connection).
 
-`.ci/run` installs Debian's `mariadb-server` when it is missing (as root, with apt-get).
+`make test` installs Debian's `mariadb-server` when it is missing (as root, with apt-get:
+tools/install_system_deps.sh).
 Without `mariadbd` the tests that use the fixture skip with one line saying what to install.
 
 Use: the session fixture `mariadb` (import it into the test module, as
