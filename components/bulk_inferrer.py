@@ -51,7 +51,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
-from fer_pipeline.components.example_gen import (JSONL_HEADER, READ_CHUNK_BYTES, CsvColumns,
+from fer_pipeline.core.fer_csv import (JSONL_HEADER, READ_CHUNK_BYTES, CsvColumns,
                                     ReadChunkLines, RowError, parse_row, plan_chunks,
                                     read_header, read_jsonl, reason_code, rejection,
                                     write_rejected_csv)

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from fer_pipeline.components.pusher import latest_served_version
+from fer_pipeline.core.serving_root import latest_served_version
 from fer_pipeline.core import fileio
 from fer_pipeline.core.artifacts import to_jsonable
 from fer_pipeline.core.config import EvalConfig

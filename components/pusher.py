@@ -54,9 +54,11 @@ from fer_pipeline.core.artifacts import fingerprint
 from fer_pipeline.core.config import PushConfig
 from fer_pipeline.core.contract import (MODELS_CONFIG, DOCKER_MODELS_CONFIG, SERVING_MODEL_DIR,
     BLESSINGS_FILE, INFRA_BLESSINGS_FILE, PUSH_FILE)
-from fer_pipeline.core.serving_root import (ModelSpec, RequestLogSpec, container_config,
-                                  docker_command, read_model_server_config,
-                                  without_request_log, write_model_server_config)
+from fer_pipeline.core.serving_root import (ModelSpec, RequestLogSpec, configured_models,
+                                           container_config, docker_command,
+                                           latest_served_version, model_names_on_disk,
+                                           served_versions, version_dirs,
+                                           without_request_log, write_model_server_config)
 
 log = logging.getLogger(__name__)
 
@@ -84,64 +86,6 @@ class PushResult:
     push_json: str
     docker_models_config: str = ""
     tfserving_command: str = ""         # serves serving_root with the real TF Serving
-
-
-# ----------------------------------------------------------------------------- layout helpers
-
-def version_dirs(serving_root: str, name: str) -> list[int]:
-    """Every integer-named directory of `name`, complete or not, ascending."""
-    model_root = fileio.join(serving_root, name)
-    if not fileio.isdir(model_root):
-        return []
-    return sorted(int(entry) for entry in fileio.listdir(model_root)
-                  if entry.isdigit() and fileio.isdir(fileio.join(model_root, entry)))
-
-
-def _config_specs(serving_root: str) -> Optional[dict[str, ModelSpec]]:
-    path = fileio.join(serving_root, MODELS_CONFIG)
-    if not fileio.exists(path):
-        return None
-    return {spec.name: spec for spec in read_model_server_config(path)}
-
-
-def _selected(spec: ModelSpec, on_disk: list[int]) -> list[int]:
-    """The versions of `on_disk` that `spec`'s version policy makes TF Serving load."""
-    if spec.version_policy == "specific":
-        return sorted(set(spec.versions) & set(on_disk))
-    if spec.version_policy == "all":
-        return list(on_disk)
-    return on_disk[-spec.num_latest:]
-
-
-def served_versions(serving_root: str, name: str) -> list[int]:
-    """The versions of `name` that TF Serving serves from `serving_root`, ascending.
-
-    What models.config names when it exists. Without one: on a local root every integer
-    directory (a rename published each, so each is complete); on an object store none,
-    since this pusher writes models.config after every upload and an integer prefix no
-    config names may be a crashed upload.
-    """
-    specs = _config_specs(serving_root)
-    if specs is None:
-        return [] if fileio.is_uri(serving_root) else version_dirs(serving_root, name)
-    if name not in specs:
-        return []
-    return _selected(specs[name], version_dirs(serving_root, name))
-
-
-def latest_served_version(serving_root: str, name: str) -> Optional[tuple[int, str]]:
-    """(version, path) of the highest version of `name` in serving, or None."""
-    versions = served_versions(serving_root, name)
-    if not versions:
-        return None
-    return versions[-1], fileio.join(serving_root, name, str(versions[-1]))
-
-
-def _model_names_on_disk(serving_root: str) -> list[str]:
-    if not fileio.isdir(serving_root):
-        return []
-    return sorted(entry for entry in fileio.listdir(serving_root)
-                  if not entry.startswith(".") and version_dirs(serving_root, entry))
 
 
 # ----------------------------------------------------------------------------- copying
@@ -255,7 +199,7 @@ def write_serving_config(serving_root: str, config: Optional[PushConfig] = None)
     specs = [ModelSpec(name=name, base_path=os.path.join(root, name),
                        version_policy="latest", num_latest=1,
                        request_log=request_log_spec(name, config))
-             for name in _model_names_on_disk(root)]
+             for name in model_names_on_disk(root)]
     write_model_server_config(os.path.join(root, DOCKER_MODELS_CONFIG),
                               container_config(specs, root))
     return write_model_server_config(os.path.join(root, MODELS_CONFIG), specs)
@@ -272,7 +216,7 @@ class _StorePlan:
 
     @classmethod
     def read(cls, root: str, keep: int) -> "_StorePlan":
-        specs = _config_specs(root) or {}
+        specs = configured_models(root) or {}
         return cls(root, keep, {name: served_versions(root, name) for name in specs})
 
     def kept(self, name: str) -> list[int]:
@@ -310,7 +254,7 @@ def write_store_config(plan: _StorePlan, config: Optional[PushConfig] = None) ->
 
 def _delete_unnamed_versions(plan: _StorePlan, outcomes: dict[str, ModelPush]) -> None:
     """After models.config is written: deletes pruned versions and crashed uploads."""
-    for name in _model_names_on_disk(plan.root):
+    for name in model_names_on_disk(plan.root):
         kept = set(plan.kept(name))
         complete = set(plan.complete.get(name, []))
         for version in version_dirs(plan.root, name):

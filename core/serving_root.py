@@ -18,6 +18,7 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from fer_pipeline.core import fileio
+from fer_pipeline.core.contract import MODELS_CONFIG
 
 VERSION_POLICIES = ("latest", "specific", "all")
 # logging_config's log_collector_config.type that fer-serve writes (serving/request_log.py):
@@ -234,3 +235,62 @@ def docker_command(config_path: str, serving_root: str, poll_seconds: int = 1) -
         "tensorflow/serving", f"--model_config_file={CONTAINER_MODELS_DIR}/{relative}", poll,
         fs_poll,
     ])
+
+
+# ----------------------------------------------------------------------------- what is served
+# The layout queries: which versions of a model TF Serving loads from a serving root.
+
+def version_dirs(serving_root: str, name: str) -> list[int]:
+    """Every integer-named directory of `name`, complete or not, ascending."""
+    model_root = fileio.join(serving_root, name)
+    if not fileio.isdir(model_root):
+        return []
+    return sorted(int(entry) for entry in fileio.listdir(model_root)
+                  if entry.isdigit() and fileio.isdir(fileio.join(model_root, entry)))
+
+
+def configured_models(serving_root: str) -> Optional[dict[str, ModelSpec]]:
+    path = fileio.join(serving_root, MODELS_CONFIG)
+    if not fileio.exists(path):
+        return None
+    return {spec.name: spec for spec in read_model_server_config(path)}
+
+
+def _selected(spec: ModelSpec, on_disk: list[int]) -> list[int]:
+    """The versions of `on_disk` that `spec`'s version policy makes TF Serving load."""
+    if spec.version_policy == "specific":
+        return sorted(set(spec.versions) & set(on_disk))
+    if spec.version_policy == "all":
+        return list(on_disk)
+    return on_disk[-spec.num_latest:]
+
+
+def served_versions(serving_root: str, name: str) -> list[int]:
+    """The versions of `name` that TF Serving serves from `serving_root`, ascending.
+
+    What models.config names when it exists. Without one: on a local root every integer
+    directory (a rename published each, so each is complete); on an object store none,
+    since this pusher writes models.config after every upload and an integer prefix no
+    config names may be a crashed upload.
+    """
+    specs = configured_models(serving_root)
+    if specs is None:
+        return [] if fileio.is_uri(serving_root) else version_dirs(serving_root, name)
+    if name not in specs:
+        return []
+    return _selected(specs[name], version_dirs(serving_root, name))
+
+
+def latest_served_version(serving_root: str, name: str) -> Optional[tuple[int, str]]:
+    """(version, path) of the highest version of `name` in serving, or None."""
+    versions = served_versions(serving_root, name)
+    if not versions:
+        return None
+    return versions[-1], fileio.join(serving_root, name, str(versions[-1]))
+
+
+def model_names_on_disk(serving_root: str) -> list[str]:
+    if not fileio.isdir(serving_root):
+        return []
+    return sorted(entry for entry in fileio.listdir(serving_root)
+                  if not entry.startswith(".") and version_dirs(serving_root, entry))

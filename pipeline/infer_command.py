@@ -21,7 +21,7 @@ from fer_pipeline.core.contract import PREDICTIONS_FILE
 from fer_pipeline.pipeline.metadata import ArtifactRecord, MetadataStore
 
 from fer_pipeline.components.bulk_inferrer import BulkInferenceResult, ModelVersion, run_bulk_inferrer
-from fer_pipeline.components.pusher import latest_served_version, version_dirs
+from fer_pipeline.core.serving_root import latest_served_version, version_dirs
 
 INFER_STEP = "infer"   # the execution type in ML Metadata: fer.step.infer
 

@@ -232,7 +232,7 @@ def test_page_has_the_validation_verdict_rejected_rows_and_duplicates(clean_run)
 
 
 def test_augmented_split_counts_and_pairs(clean_run):
-    from fer_pipeline.components.validation import load_split_statistics
+    from fer_pipeline.core.data_checks import load_split_statistics
 
     result, out, copies = clean_run
     source = page_source(open(os.path.join(out, STATISTICS_HTML)).read())

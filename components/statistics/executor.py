@@ -54,8 +54,8 @@ import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import schema_pb2, statistics_pb2
 from tfx_bsl.coders import example_coder
 
-from fer_pipeline.components import validation as checks
-from fer_pipeline.components.example_gen import reason_code
+from fer_pipeline.core import data_checks as checks
+from fer_pipeline.core.fer_csv import reason_code
 from fer_pipeline.core import fileio
 from fer_pipeline.core.beam_job import beam_pipeline
 from fer_pipeline.core.config import ValidationConfig
