@@ -1,5 +1,5 @@
 # The two commands a newcomer runs: `make demo` and `make test`. Both set up .venv first;
-# `make test` also installs the Debian packages the tests need (system-deps).
+# `make test` also installs the Debian packages the tests need (system-deps), then lints.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ RUN_DIR ?= demo_run
 DEMO_ROWS ?= 4000
 BEAM_ARGS ?=
 
-.PHONY: setup s3-server demo system-deps test test-engines bench clean mysql-up mysql-down \
+.PHONY: setup s3-server demo system-deps lint test test-engines bench clean mysql-up mysql-down \
 	engines flink-up flink-down spark-up spark-down
 
 setup: $(STAMP)
@@ -77,11 +77,20 @@ TEST_WORKERS ?= 3
 system-deps:
 	@bash tools/install_system_deps.sh
 
+# ruff (the [tool.ruff] rules in pyproject.toml) and import-linter (the [tool.importlinter]
+# contracts between core/, serving/, components/ and pipeline/; skipped while pyproject.toml
+# has no such section).
+lint: setup
+	$(BIN)/ruff check core pipeline components serving tests benchmarks tools
+	@if grep -q importlinter pyproject.toml; then \
+	  echo "$(BIN)/lint-imports"; $(BIN)/lint-imports; \
+	fi
+
 # The Flink and Spark tests (marker `engines`, tests/test_engines.py) are part of it: `engines`
 # fetches their jars once; the module runs its two local clusters one after the other in
 # one worker. `make test-engines` runs only them. Prerequisites run in the order listed:
-# system-deps first (engines needs its JDK and Maven).
-test: system-deps setup s3-server engines
+# system-deps first (engines needs its JDK and Maven), then lint before any test.
+test: system-deps setup lint s3-server engines
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
 
 test-engines: system-deps setup s3-server engines

@@ -34,7 +34,8 @@ WAYS = ("sys.exit", "exit_process")
 CHILD = """
 import sys, time
 import numpy as np
-import fer_pipeline.pipeline.cli, fer_pipeline.pipeline.runner, fer_pipeline.components.transform, fer_pipeline.components.statistics.executor  # noqa
+import fer_pipeline.pipeline.cli, fer_pipeline.pipeline.runner  # noqa
+import fer_pipeline.components.transform, fer_pipeline.components.statistics.executor  # noqa
 from fer_pipeline.components.trainer.models import build_cnn
 from fer_pipeline.core.config import MODEL_REGISTRY
 from fer_pipeline.core.errors import exit_process

@@ -271,7 +271,8 @@ def in_process(model: dict[str, Any], args: argparse.Namespace) -> tuple[dict, d
     result = {"load_s": load_s, "latency": latency,
               "throughput_batch1": threaded(image),
               f"throughput_batch{args.max_batch_size}": threaded(batch)}
-    del signature, loaded
+    # Dropped by rebinding, not del: call() closes over the signature.
+    signature = loaded = None
     return result, reference
 
 

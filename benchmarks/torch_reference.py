@@ -147,9 +147,10 @@ def measure(name: str, x: np.ndarray, y: np.ndarray, batch_sizes, lr_for, *,
             "learning_rate": float(lr_for(batch)), "images_per_s": statistics.median(rates),
             "window_images_per_s": rates, "warmup_s": warmup_s,
             "final_loss": float(loss.detach().float().cpu())})
-        del model, opt, fwd
+        # Dropped by rebinding, not del: step() closes over them.
+        model = opt = fwd = None
         torch.cuda.empty_cache()
-    del xs, ys
+    xs = ys = None
     torch.cuda.empty_cache()
     return results
 

@@ -225,7 +225,8 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
             f"train-{model}", f"models/{model}", {"transform": "transform.transform"},
             {"model_run": "", "serving_model": SERVING_MODEL_DIR},
             functools.partial(_train, model), _train_parameters(model),
-            ("fer_pipeline.components.trainer.executor", "fer_pipeline.components.trainer.models", "fer_pipeline.components.trainer.export"),
+            ("fer_pipeline.components.trainer.executor", "fer_pipeline.components.trainer.models",
+             "fer_pipeline.components.trainer.export"),
             f"train the {model} model", resumable=True, model=model))
     steps += [
         Step("evaluate", "evaluation", {"examples": "ingest.examples", **model_inputs},
@@ -236,7 +237,8 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
              {"examples": "ingest.examples", "evaluation": "evaluate.evaluation",
               **model_inputs},
              {"infra_validation": ""}, _infra_validate, _infra_validate_parameters,
-             ("fer_pipeline.components.infra_validator", "fer_pipeline.serving.warmup", "fer_pipeline.core.report_page"),
+             ("fer_pipeline.components.infra_validator", "fer_pipeline.serving.warmup",
+              "fer_pipeline.core.report_page"),
              "blessed candidates served by a sandboxed model server and queried",
              derived=_infra_blessings),
         Step("push", "push",

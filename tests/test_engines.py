@@ -10,8 +10,9 @@ through the CLI exactly as the README shows, and every output must equal the Dir
 on the same CSV: examples per split and the augmented training split by content
 (order-free), rejected rows with line numbers and reasons, the duplicates report, TFDV
 statistics (counts, histograms), TFT's mean and std. On Flink the run goes on from those
-outputs to a pushed CNN, bulk inference with it runs on Flink too, and a TaskManager killed mid-job must end the step with one line
-naming Flink and the cause, leaving the committed output in force.
+outputs to a pushed CNN, bulk inference with it runs on Flink too, and a TaskManager killed
+mid-job must end the step with one line naming Flink and the cause, leaving the committed
+output in force.
 
 Dataflow cannot run here; what can be checked offline is that it translates every Beam
 step, through the Kubeflow component that runs it, with --dataflow_endpoint=http://localhost:1
