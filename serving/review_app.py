@@ -17,8 +17,9 @@ Host header names it (a page on another site cannot reach the app through DNS re
 every POST needs the session cookie and the session's token in the X-CSRF-Token header
 with a JSON body; items are addressed by integer id and model name checked against the
 queue, never by a path; a bad request gets a 4xx JSON error and the server keeps serving.
-The page, its script and its style are served from this module (no build step, nothing
-loaded from elsewhere).
+The page, its script and its style are package data (serving/review_page/: index.html,
+review.css, review.js), filled in by serving/review_render.py and served by this module
+(no build step, nothing loaded from elsewhere).
 """
 from __future__ import annotations
 
@@ -36,11 +37,19 @@ from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn, Optional
 
-from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES, REVIEW_QUEUE_FILE
+from fer_pipeline.core.contract import CLASS_NAMES, REVIEW_QUEUE_FILE
 from fer_pipeline.core.errors import exit_process, run_cli
 from fer_pipeline.serving.review_queue import (STATUS_LABELED, STATUS_NOT_FACE, STATUS_PENDING,
-                                  STATUS_SKIPPED, ReviewError, ReviewItem, ReviewQueue)
-from fer_pipeline.serving.saliency import face_png, overlay_png, top_classes
+                                               STATUS_SKIPPED, ReviewError, ReviewItem,
+                                               ReviewQueue)
+from fer_pipeline.serving.review_render import (STATIC, classes_json, item_json, page_html,
+                                                state_json)
+from fer_pipeline.serving.saliency import face_png, overlay_png
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "FACE_SCALE", "MAX_BODY_BYTES", "MAX_SESSIONS",
+           "OVERLAY_SCALE", "QUEUE_ENV", "SESSION_COOKIE", "TOKEN_HEADER", "HttpError",
+           "ReviewHandler", "ReviewServer", "classes_json", "entry_point", "item_json", "main",
+           "open_queue", "parse_args", "serve", "state_json", "status_line"]
 
 log = logging.getLogger(__name__)
 
@@ -75,48 +84,6 @@ class HttpError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-# --- what the page shows -----------------------------------------------------------------
-
-def classes_json() -> list[dict[str, Any]]:
-    return [{"id": i, "en": en, "es": es}
-            for i, (en, es) in enumerate(zip(CLASS_NAMES, CLASS_NAMES_ES))]
-
-
-def item_json(item: ReviewItem) -> dict[str, Any]:
-    """One face as the page needs it: image URLs, each model's top 3, the ensemble's view."""
-    models = []
-    for name, prediction in item.models.items():
-        top3 = top_classes(prediction.probabilities, 3)
-        models.append({
-            "name": name,
-            "version": prediction.version,
-            "top3": [{"class_id": c, "en": CLASS_NAMES[c], "es": CLASS_NAMES_ES[c],
-                      "probability": round(p, 4)} for c, p in top3],
-            "saliency_url": (f"/api/items/{item.id}/saliency/{name}/{top3[0][0]}.png"
-                             if prediction.saliency is not None else None),
-        })
-    decision = item.decision
-    return {
-        "id": item.id,
-        "source": item.source,
-        "created_at": item.created_at,
-        "status": item.status,
-        "face_url": f"/api/items/{item.id}/face.png",
-        "models": models,
-        "ensemble": {key: decision.get(key) for key in
-                     ("class_name", "class_name_es", "confidence", "winner", "reason")},
-    }
-
-
-def state_json(queue: ReviewQueue, session: str,
-               item: Optional[ReviewItem] = None) -> dict[str, Any]:
-    """What the page renders: the face to decide now (or null), the counts, undo or not."""
-    item = item if item is not None else queue.next_pending()
-    counts = queue.counts()
-    return {"item": item_json(item) if item else None, "counts": counts,
-            "left": counts[STATUS_PENDING], "can_undo": queue.can_undo(session)}
 
 
 # --- the server --------------------------------------------------------------------------
@@ -282,12 +249,11 @@ class ReviewHandler(BaseHTTPRequestHandler):
             session, token = self.server.new_session()
             headers["Set-Cookie"] = (f"{SESSION_COOKIE}={session}; HttpOnly; "
                                      "SameSite=Strict; Path=/")
-        page = _PAGE.replace("{{TOKEN}}", token).replace("{{QUEUE}}", _html_escape(
-            os.path.dirname(self.server.queue.path)))
+        page = page_html(token, os.path.dirname(self.server.queue.path))
         self._send(200, page.encode(), "text/html; charset=utf-8", headers)
 
     def _static(self, name: str) -> None:
-        body, content_type = _STATIC[name]
+        body, content_type = STATIC[name]
         self._send(200, body.encode(), content_type)
 
     def _next(self) -> None:
@@ -327,244 +293,6 @@ class ReviewHandler(BaseHTTPRequestHandler):
         payload = state_json(self.server.queue, session, item)
         payload["undone"] = undone
         self._json(200, payload)
-
-
-def _html_escape(text: str) -> str:
-    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace('"', "&quot;"))
-
-
-# --- the page ------------------------------------------------------------------------------
-
-_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="csrf-token" content="{{TOKEN}}">
-<title>FER review</title>
-<link rel="stylesheet" href="/static/review.css">
-<script src="/static/review.js" defer></script>
-</head>
-<body>
-<header>
-  <h1>FER review <span class="sub">revisi&oacute;n humana</span></h1>
-  <div id="counts" aria-live="polite"></div>
-</header>
-<main id="work" hidden>
-  <section class="face">
-    <img id="face" alt="the face to decide" width="384" height="384">
-    <p id="source"></p>
-    <p id="reason"></p>
-  </section>
-  <section id="models" class="models"></section>
-</main>
-<section id="done" hidden>
-  <h2>Nothing left to review.</h2>
-  <p>Write the decided faces as training data:</p>
-  <pre>fer-review export --queue {{QUEUE}} --out reviewed.csv</pre>
-</section>
-<nav id="actions">
-  <div id="classes" class="classes"></div>
-  <div class="other">
-    <button id="not_face" data-action="not_face"><kbd>n</kbd> not a face</button>
-    <button id="skip" data-action="skip"><kbd>s</kbd> skip</button>
-    <button id="undo"><kbd>u</kbd> undo</button>
-  </div>
-  <p id="message" role="status"></p>
-</nav>
-</body>
-</html>
-"""
-
-_CSS = """
-:root { --bg: #f4f5f7; --card: #fff; --ink: #1d232b; --muted: #66707c; --accent: #2f6fde;
-        --bar: #c9d8f5; --line: #dde1e6; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
-       background: var(--bg); color: var(--ink); }
-header { display: flex; align-items: baseline; justify-content: space-between;
-         padding: 12px 24px; background: var(--card); border-bottom: 1px solid var(--line); }
-h1 { font-size: 20px; margin: 0; }
-h1 .sub { color: var(--muted); font-weight: normal; font-size: 15px; margin-left: 8px; }
-#counts { color: var(--muted); }
-#counts b { color: var(--ink); font-size: 18px; }
-main { display: flex; gap: 24px; padding: 20px 24px 8px; align-items: flex-start;
-       flex-wrap: wrap; }
-.face { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
-        padding: 12px; width: 410px; }
-.face img { width: 384px; height: 384px; image-rendering: pixelated; display: block;
-            border-radius: 4px; background: #000; }
-#source { font-family: ui-monospace, monospace; font-size: 12px; color: var(--muted);
-          word-break: break-all; margin: 8px 0 2px; }
-#reason { font-size: 13px; margin: 4px 0 0; }
-.models { display: flex; gap: 16px; flex-wrap: wrap; }
-.model { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
-         padding: 12px; width: 266px; }
-.model h2 { font-size: 16px; margin: 0 0 8px; }
-.model h2 .version { color: var(--muted); font-weight: normal; font-size: 13px; }
-.model img, .model .nomap { width: 240px; height: 240px; image-rendering: pixelated;
-                            display: block; border-radius: 4px; }
-.model .nomap { display: flex; align-items: center; justify-content: center;
-                background: #eceef1; color: var(--muted); font-size: 13px; }
-.caption { font-size: 12px; color: var(--muted); margin: 4px 0 8px; }
-.bar { position: relative; height: 24px; margin: 4px 0; background: #eef1f5;
-       border-radius: 4px; overflow: hidden; }
-.bar .fill { position: absolute; inset: 0 auto 0 0; background: var(--bar); }
-.bar .label { position: relative; padding: 0 8px; line-height: 24px; font-size: 13px;
-              display: flex; justify-content: space-between; }
-.bar.top .fill { background: #9dbcf0; }
-nav { padding: 8px 24px 24px; }
-.classes { display: grid; grid-template-columns: repeat(7, minmax(0, 1fr)); gap: 8px; }
-.other { display: flex; gap: 8px; margin-top: 8px; }
-button { font: inherit; padding: 10px 8px; border: 1px solid var(--line); border-radius: 6px;
-         background: var(--card); color: var(--ink); cursor: pointer; }
-button:hover:not(:disabled) { border-color: var(--accent); }
-button:disabled { opacity: .45; cursor: default; }
-.classes button { display: flex; flex-direction: column; align-items: center; }
-.classes button .es { color: var(--muted); font-size: 12px; }
-kbd { font-family: ui-monospace, monospace; font-size: 12px; border: 1px solid var(--line);
-      border-radius: 3px; padding: 0 4px; margin-right: 4px; background: #f7f8fa; }
-#message { min-height: 20px; color: #b3261e; margin: 8px 0 0; }
-#done { padding: 40px 24px; }
-#done pre { background: var(--card); border: 1px solid var(--line); padding: 12px;
-            display: inline-block; }
-"""
-
-_JS = r"""
-"use strict";
-const CLASSES = %CLASSES%;
-const token = document.querySelector('meta[name="csrf-token"]').content;
-let current = null;
-let busy = false;
-
-function el(tag, attrs, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs || {})) {
-    if (key === "class") node.className = value; else node.setAttribute(key, value);
-  }
-  for (const child of children) {
-    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return node;
-}
-
-function percent(p) { return (100 * p).toFixed(0) + " %"; }
-
-function modelCard(model) {
-  const card = el("article", {class: "model", "data-model": model.name});
-  card.append(el("h2", {}, model.name + " ", el("span", {class: "version"},
-                 model.version === null ? "" : "v" + model.version)));
-  const top = model.top3[0];
-  if (model.saliency_url) {
-    card.append(el("img", {src: model.saliency_url, width: 240, height: 240,
-                           alt: model.name + " saliency for " + top.en}));
-    card.append(el("p", {class: "caption"}, "where " + model.name + " saw " + top.en +
-                   " / " + top.es));
-  } else {
-    card.append(el("div", {class: "nomap"}, "no saliency from this model"));
-    card.append(el("p", {class: "caption"}, ""));
-  }
-  model.top3.forEach((entry, rank) => {
-    const bar = el("div", {class: rank === 0 ? "bar top" : "bar",
-                           title: entry.en + " / " + entry.es});
-    const fill = el("div", {class: "fill"});
-    fill.style.width = (100 * entry.probability).toFixed(1) + "%";
-    bar.append(fill, el("div", {class: "label"},
-               el("span", {}, entry.class_id + " " + entry.en + " / " + entry.es),
-               el("span", {}, percent(entry.probability))));
-    card.append(bar);
-  });
-  return card;
-}
-
-function render(state) {
-  current = state.item;
-  const c = state.counts;
-  const counts = document.getElementById("counts");
-  counts.replaceChildren(el("b", {id: "left"}, state.left), " left \u00b7 " + c.labeled +
-      " labelled \u00b7 " + c.not_face + " not a face \u00b7 " + c.skipped + " skipped");
-  document.getElementById("work").hidden = !current;
-  document.getElementById("done").hidden = !!current;
-  document.querySelectorAll("#classes button, #not_face, #skip").forEach(
-      b => { b.disabled = !current; });
-  document.getElementById("undo").disabled = !state.can_undo;
-  if (!current) return;
-  document.getElementById("face").src = current.face_url;
-  document.getElementById("face").dataset.item = current.id;
-  document.getElementById("source").textContent = "#" + current.id + " \u00b7 " +
-      current.source + " \u00b7 " + current.created_at;
-  document.getElementById("reason").textContent = current.ensemble.reason || "";
-  document.getElementById("models").replaceChildren(...current.models.map(modelCard));
-}
-
-async function call(method, url, body) {
-  if (busy) return;
-  busy = true;
-  document.getElementById("message").textContent = "";
-  try {
-    const options = {method, headers: {}, credentials: "same-origin"};
-    if (method === "POST") {
-      options.headers["Content-Type"] = "application/json";
-      options.headers["X-CSRF-Token"] = token;
-      options.body = JSON.stringify(body || {});
-    }
-    const response = await fetch(url, options);
-    const payload = await response.json();
-    if (!response.ok) {
-      document.getElementById("message").textContent = payload.error || response.statusText;
-      if (response.status === 409 || response.status === 404) {
-        busy = false;
-        return call("GET", "/api/next");   // the page was stale: show what is pending now
-      }
-      return;
-    }
-    render(payload);
-  } catch (error) {
-    document.getElementById("message").textContent = "cannot reach fer-review: " + error;
-  } finally {
-    busy = false;
-  }
-}
-
-function decide(action, classId) {
-  if (!current) return;
-  const body = {action};
-  if (action === "label") body.class_id = classId;
-  call("POST", "/api/items/" + current.id + "/decision", body);
-}
-
-function undo() { call("POST", "/api/undo", {}); }
-
-function buildButtons() {
-  const box = document.getElementById("classes");
-  for (const c of CLASSES) {
-    const button = el("button", {"data-class": c.id, title: "key " + c.id},
-                      el("span", {}, el("kbd", {}, c.id), c.en), el("span", {class: "es"}, c.es));
-    button.addEventListener("click", () => decide("label", c.id));
-    box.append(button);
-  }
-  document.getElementById("not_face").addEventListener("click", () => decide("not_face"));
-  document.getElementById("skip").addEventListener("click", () => decide("skip"));
-  document.getElementById("undo").addEventListener("click", undo);
-}
-
-document.addEventListener("keydown", event => {
-  if (event.ctrlKey || event.metaKey || event.altKey) return;
-  if (/^[0-6]$/.test(event.key)) { decide("label", Number(event.key)); }
-  else if (event.key === "n") { decide("not_face"); }
-  else if (event.key === "s") { decide("skip"); }
-  else if (event.key === "u" || event.key === "Backspace") { undo(); }
-  else return;
-  event.preventDefault();
-});
-
-buildButtons();
-call("GET", "/api/next");
-""".replace("%CLASSES%", json.dumps(classes_json()))
-
-_STATIC = {"review.js": (_JS, "text/javascript; charset=utf-8"),
-           "review.css": (_CSS, "text/css; charset=utf-8")}
 
 
 # --- command line --------------------------------------------------------------------------
