@@ -254,41 +254,32 @@ TRAIN_OVERRIDES = {"models": {"cnn": {"batch_size": 32, "epochs": 2, "learning_r
                                       "early_stopping_patience": 2,
                                       "max_train_examples": 64}},
                    "shuffle_buffer": 200, "seed": 5}
-# Run in a child process (the crash hook exits the process); exit_process ends it cleanly
-# after tensorflow-io's S3 filesystem was used.
-_TRAIN = (
-    "import json, sys\n"
-    "from fer_pipeline.components.trainer.executor import run_trainer\n"
-    "from fer_pipeline.core.errors import exit_process\n"
-    "from fer_pipeline.core.config import load_config\n"
-    "args = json.loads(sys.argv[1])\n"
-    "config = load_config(overrides={'train': args['train']}).train\n"
-    "run_trainer('cnn', args['transform_dir'], args['output_dir'], config)\n"
-    "exit_process(0)\n")
 
 
 def _train_in_subprocess(s3, transform_dir: str, output_dir: str,
-                         extra_env: dict[str, str]) -> tuple[int, str]:
-    from fer_pipeline.components.trainer.executor import CRASH_ENV
-
+                         crash_after_epoch: int = 0) -> tuple[int, str]:
+    """tests/trainer_child.py in a child process (a crash exits that process); it ends
+    through exit_process, cleanly after tensorflow-io's S3 filesystem was used."""
     args = json.dumps({"transform_dir": transform_dir, "output_dir": output_dir,
-                       "train": TRAIN_OVERRIDES})
-    env = {key: value for key, value in os.environ.items() if key != CRASH_ENV}
+                       "train": TRAIN_OVERRIDES, "crash_after_epoch": crash_after_epoch,
+                       "exit_process": True})
+    env = dict(os.environ)
     env.update(s3.env, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=str(REPO), **extra_env)
-    done = subprocess.run([sys.executable, "-c", _TRAIN, args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=300)
+               PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "tests.trainer_child", args], cwd=REPO,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300)
     return done.returncode, done.stdout
 
 
 def test_training_on_s3_uploads_checkpoints_and_resumes_after_a_kill(s3, transformed):
-    from fer_pipeline.components.trainer.executor import (BACKUP_METADATA_FILE, BEST_WEIGHTS_FILE, CRASH_ENV,
-                                     CRASH_EXIT_CODE, CSV_LOG_FILE)
+    from fer_pipeline.components.trainer.executor import (BACKUP_METADATA_FILE, BEST_WEIGHTS_FILE,
+                                     CSV_LOG_FILE)
+    from tests.trainer_child import CRASH_EXIT_CODE
 
     transform_dir = fileio.dirname(transformed["s3"].transform_graph_dir)
     output = s3.unique_uri("models/cnn")
-    code, log = _train_in_subprocess(s3, transform_dir, output, {CRASH_ENV: "1"})
+    code, log = _train_in_subprocess(s3, transform_dir, output, crash_after_epoch=1)
     assert code == CRASH_EXIT_CODE, log
     # Epoch 1's checkpoint reached the bucket before the process died.
     checkpoints = fileio.join(output, CHECKPOINTS_DIR)
@@ -296,7 +287,7 @@ def test_training_on_s3_uploads_checkpoints_and_resumes_after_a_kill(s3, transfo
     assert fileio.exists(fileio.join(checkpoints, BEST_WEIGHTS_FILE))
     assert not fileio.exists(fileio.join(output, SERVING_MODEL_DIR))
 
-    code, log = _train_in_subprocess(s3, transform_dir, output, {})
+    code, log = _train_in_subprocess(s3, transform_dir, output)
     assert code == 0, log
     assert "Epoch 1/2" not in log and "Epoch 2/2" in log
     history = fileio.read_json(fileio.join(output, HISTORY_FILE))

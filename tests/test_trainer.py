@@ -16,13 +16,14 @@ import pytest
 import tensorflow as tf
 
 from fer_pipeline.components.trainer.models import build_vgg16_base
-from fer_pipeline.components.trainer.executor import (BEST_WEIGHTS_FILE, CHECKPOINTS_DIR, CRASH_ENV,
-                                 CRASH_EXIT_CODE, HISTORY_FILE, SERVING_MODEL_DIR,
+from fer_pipeline.components.trainer.executor import (BEST_WEIGHTS_FILE, CHECKPOINTS_DIR,
+                                 HISTORY_FILE, SERVING_MODEL_DIR,
                                  TRAINING_INFO_FILE, WORKERS_DIR, make_dataset, run_trainer)
 from fer_pipeline.core.config import ModelConfig, TrainConfig
 from fer_pipeline.core.contract import NUM_CLASSES, NUM_PIXELS
 from fer_pipeline.pipeline.runner import committed_output
 from tests.test_export import make_transform_dir
+from tests.trainer_child import CRASH_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 CHANCE = 1.0 / NUM_CLASSES
@@ -43,21 +44,16 @@ def transform_dir(tmp_path_factory) -> str:
     return output
 
 
-def _run_in_subprocess(transform_dir: str, output_dir: str, env: dict[str, str]
-                       ) -> subprocess.Popen:
-    code = (
-        "import json, sys\n"
-        "from fer_pipeline.components.trainer.executor import run_trainer\n"
-        "from fer_pipeline.core.config import load_config\n"
-        "args = json.loads(sys.argv[1])\n"
-        "config = load_config(overrides={'train': args['train']}).train\n"
-        "run_trainer('cnn', args['transform_dir'], args['output_dir'], config)\n")
+def _run_in_subprocess(transform_dir: str, output_dir: str, env: dict[str, str],
+                       crash_after_epoch: int = 0) -> subprocess.Popen:
+    """tests/trainer_child.py in a child process (a crash exits that process)."""
     args = json.dumps({"transform_dir": transform_dir, "output_dir": output_dir,
-                       "train": TINY_OVERRIDES})
+                       "train": TINY_OVERRIDES, "crash_after_epoch": crash_after_epoch})
     full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
                 "PYTHONPATH": str(REPO), **env}
-    return subprocess.Popen([sys.executable, "-c", code, args], cwd=REPO, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "-m", "tests.trainer_child", args], cwd=REPO,
+                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def _finish(process: subprocess.Popen, timeout: int = 300) -> tuple[int, str]:
@@ -154,7 +150,7 @@ def test_vgg16_from_a_local_weights_file_with_mixed_precision_and_xla(transform_
 
 def test_killed_run_resumes_from_its_last_checkpoint(transform_dir, tmp_path):
     output = str(tmp_path / "resumable")
-    code, log = _finish(_run_in_subprocess(transform_dir, output, {CRASH_ENV: "1"}))
+    code, log = _finish(_run_in_subprocess(transform_dir, output, {}, crash_after_epoch=1))
     assert code == CRASH_EXIT_CODE, log
     checkpoints = Path(output, CHECKPOINTS_DIR)
     assert (checkpoints / "training_metadata.json").exists(), log

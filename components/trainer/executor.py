@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import keras
 import numpy as np
@@ -57,9 +57,6 @@ EPOCH_LOG_FILE = "epochs.json"
 BACKUP_METADATA_FILE = "training_metadata.json"  # BackupAndRestore's: the backed-up epoch
 BEST_WEIGHTS_FILE = "best.weights.h5"
 MONITOR = "val_accuracy"
-# Fault injection for the resume test: exit abruptly right after this epoch's checkpoint.
-CRASH_ENV = "FER_TRAINER_CRASH_AFTER_EPOCH"
-CRASH_EXIT_CODE = 3
 
 # Records are parsed this many at a time (one vectorized parse_example per batch).
 PARSE_BATCH = 1024
@@ -89,11 +86,14 @@ class TrainerResult:
 
 
 def run_trainer(model_name: str, transform_dir: str, output_dir: str,
-                config: TrainConfig) -> TrainerResult:
+                config: TrainConfig,
+                extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainerResult:
     """Trains registered model `model_name` (e.g. "cnn") and exports it to output_dir/serving_model.
 
     `transform_dir` and `output_dir` may be URIs. Keras writes checkpoints, logs and the
     SavedModel into a local directory (see `_local_work_dir`); outputs on a URI are uploaded.
+    `extra_callbacks` run after the trainer's own, once each epoch is checkpointed (and
+    uploaded, for a URI).
     """
     # MultiWorkerMirroredStrategy must exist before any other TF op runs in the process.
     strategy = select_strategy()
@@ -137,7 +137,8 @@ def run_trainer(model_name: str, transform_dir: str, output_dir: str,
                 _work_around_keras_multi_worker_build(model, strategy)
             recorder = EpochRecorder(os.path.join(work_dir, CHECKPOINTS_DIR), train_count)
             upload = [UploadTrainingState(work_dir, target_dir)] if work_dir != target_dir else []
-            callbacks = _callbacks(work_dir, section.early_stopping_patience, recorder, upload)
+            callbacks = _callbacks(work_dir, section.early_stopping_patience, recorder,
+                                   [*upload, *extra_callbacks])
             model.fit(train_ds, validation_data=val_ds, epochs=section.epochs,
                       callbacks=callbacks, verbose=2, shuffle=False)  # tf.data shuffles
             export_serving_model(model, fileio.join(transform_dir, TRANSFORM_GRAPH_DIR),
@@ -441,9 +442,6 @@ def _callbacks(work_dir: str, patience: int, recorder: "EpochRecorder",
             recorder, os.path.join(checkpoints, BEST_WEIGHTS_FILE), patience=patience))
     # Uploads run once every file of the epoch is written (the best weights included).
     callbacks.extend(after_checkpoint)
-    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
-    if crash_after > 0:
-        callbacks.append(CrashAfterEpoch(crash_after))
     return callbacks
 
 
@@ -535,16 +533,3 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         if self.best_epoch == epoch:  # this epoch is the new best: keep it on disk too
             self.model.save_weights(self.best_weights_path, overwrite=True)
 
-
-class CrashAfterEpoch(keras.callbacks.Callback):
-    """Test hook: exits the process right after epoch `epoch` (1-based) was checkpointed."""
-
-    def __init__(self, epoch: int):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.epoch:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(CRASH_EXIT_CODE)
