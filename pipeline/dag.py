@@ -25,6 +25,7 @@ from fer_pipeline.core.artifacts import fingerprint
 from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig
 from fer_pipeline.core.contract import (BLESSINGS_FILE, INFRA_BLESSINGS_FILE, SERVING_MODEL_DIR,
                                TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
+from fer_pipeline.core.errors import ConfigError
 from fer_pipeline.pipeline.metadata import ArtifactRecord
 
 PIPELINE_INPUT = "pipeline"           # producer name of the pipeline's own inputs
@@ -193,7 +194,7 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
     """The pipeline's steps in a valid execution order, with one train step per model."""
     unknown = [m for m in models if m not in MODEL_NAMES]
     if unknown:
-        raise ValueError(f"unknown models {unknown}; registered models: {list(MODEL_NAMES)}")
+        raise ConfigError(f"unknown models {unknown}; registered models: {list(MODEL_NAMES)}")
     model_inputs = {f"model_{m}": f"train-{m}.model_run" for m in models}
     steps = [
         Step("ingest", "examples", {"data": DATA}, {"examples": ""}, _ingest,
@@ -206,7 +207,7 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
              {"examples": "ingest.examples", "augmented": "augment.augmented",
               "schema": SCHEMA},
              {"statistics": ""}, _statistics, _section("validation"),
-             ("fer_pipeline.components.statistics.executor",),
+             ("fer_pipeline.components.statistics.executor", "fer_pipeline.components.statistics.page_data"),
              "TFDV statistics per split + statistics.html", beam=True),
         Step("validate", "anomalies", {"statistics": "statistics.statistics", "schema": SCHEMA},
              {"anomalies": ""}, _validate, _section("validation"), ("fer_pipeline.components.validation",),
@@ -273,7 +274,7 @@ def step_by_name(name: str, models: Sequence[str] = MODEL_NAMES) -> Step:
     for step in build_steps(models):
         if step.name == name:
             return step
-    raise ValueError(f"unknown step {name!r}; steps are {list(STEP_NAMES)}")
+    raise ConfigError(f"unknown step {name!r}; steps are {list(STEP_NAMES)}")
 
 
 def code_fingerprint(modules: Sequence[str]) -> str:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fer_pipeline.pipeline.cli import STEP_COMMANDS, build_parser
+from fer_pipeline.pipeline.cli_parser import STEP_COMMANDS, build_parser
 from fer_pipeline.core.config import load_config
 
 

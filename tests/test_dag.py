@@ -9,7 +9,7 @@ import pytest
 
 import fer_pipeline.core.config as config_module
 from fer_pipeline.pipeline import dag
-from fer_pipeline.pipeline.cli import build_parser, step_commands
+from fer_pipeline.pipeline.cli_parser import build_parser, step_commands
 from fer_pipeline.core.config import MODEL_NAMES, RegisteredModel, load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fer_pipeline.pipeline import cli
+from fer_pipeline.pipeline import cli, cli_parser
 from fer_pipeline.core import errors
 from fer_pipeline.core.artifacts import COMMIT_FILE, read_commit
 from fer_pipeline.core.config import load_config
@@ -113,10 +113,10 @@ def test_each_command_shows_its_own_flags(capsys, command):
 
 
 def test_beam_options_pass_only_where_beam_runs():
-    assert cli.takes_beam_options("ingest") and cli.takes_beam_options("run")
-    assert cli.takes_beam_options("compile")
-    assert not cli.takes_beam_options("train") and not cli.takes_beam_options("lineage")
-    assert cli.unknown_beam_options(["--runner=DirectRunner", "--direct_num_workers=2",
+    assert cli_parser.takes_beam_options("ingest") and cli_parser.takes_beam_options("run")
+    assert cli_parser.takes_beam_options("compile")
+    assert not cli_parser.takes_beam_options("train") and not cli_parser.takes_beam_options("lineage")
+    assert cli_parser.unknown_beam_options(["--runner=DirectRunner", "--direct_num_workers=2",
                                      "--epochs", "3"]) == ["--epochs", "3"]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fer_pipeline.pipeline import cli
+from fer_pipeline.pipeline import cli, cli_parser
 from fer_pipeline.core.config import ConfigError, PipelineConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def _parse_command(argv: list[str]) -> None:
 
     tool, args = argv[0], argv[1:]
     if tool == "fer-pipeline":
-        cli._parse(args)
+        cli_parser.parse_command_line(args)
     else:
         {"fer-serve": server.parse_args, "fer-client": client_cli.parse_args,
          "fer-review": review_app.parse_args}[tool](args)

@@ -218,7 +218,7 @@ def test_report_checks_catch_a_changed_number_and_an_empty_plot(report_run, tmp_
 # ----------------------------------------------------------------------------- statistics page
 
 def tfdv_labels(stats) -> list[int]:
-    from fer_pipeline.components.statistics.executor import label_counts
+    from fer_pipeline.components.statistics.page_data import label_counts
 
     counts = label_counts(stats)
     return [counts[c] for c in CLASS_NAMES]

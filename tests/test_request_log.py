@@ -404,7 +404,8 @@ def test_server_killed_mid_load_leaves_readable_logs(tmp_path, template):
 
 def test_push_with_request_logs_configures_fer_serve_but_not_tf_serving(tmp_path, template):
     from fer_pipeline.components.pusher import _StorePlan, run_pusher, write_store_config
-    from fer_pipeline.pipeline.cli import _config_from_args, build_parser
+    from fer_pipeline.pipeline.cli import _config_from_args
+    from fer_pipeline.pipeline.cli_parser import build_parser
     from fer_pipeline.core.config import PushConfig
 
     args = build_parser().parse_args(["push", "--output", str(tmp_path / "run"),
