@@ -40,6 +40,7 @@ from fer_pipeline.core.config import AugmentConfig
 from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
     FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, IMAGE_SIZE, EXAMPLES_PATTERN, NUM_CLASSES,
     SHARD_PREFIX, SHARD_SUFFIX)
+from fer_pipeline.core.errors import MissingInputError
 
 ORIGINAL = b"original"
 SUMMARY_DIR = ".summary"  # per-class counts written by the pipeline, read back, removed
@@ -103,7 +104,7 @@ def run_augment(examples_dir: str, output_dir: str, config: AugmentConfig,
     """Writes output_dir/train/examples-*.tfrecord: the training originals plus copies."""
     pattern = fileio.join(examples_dir, "train", EXAMPLES_PATTERN)
     if not fileio.glob(pattern):
-        raise FileNotFoundError(f"no training examples match {pattern}")
+        raise MissingInputError(f"no training examples match {pattern}")
     train_dir = fileio.join(output_dir, "train")
     summary_dir = fileio.join(output_dir, SUMMARY_DIR)
 

@@ -63,6 +63,7 @@ from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_PIXELS, FEATURE_SOU
                                OUTPUT_PROBABILITIES, OUTPUT_SALIENCY, PREDICTION_LOGS_DIR,
                                PREDICTIONS_FILE, SIGNATURE_EXAMPLES, SIGNATURE_EXPLAIN)
 from fer_pipeline.core.ensemble import combine
+from fer_pipeline.core.errors import InputDataError, MissingInputError
 from fer_pipeline.serving.faces import FaceDetectionConfig, decode_grayscale, faces_in_image
 from fer_pipeline.serving.review_queue import ModelPrediction, ReviewQueue, record_if_flagged
 
@@ -199,8 +200,8 @@ class ServingSignatureHandler(ModelHandler):
 
         loaded = tf.saved_model.load(self._model.path)
         if SIGNATURE_EXAMPLES not in loaded.signatures:
-            raise ValueError(f"{self._model.path}: the SavedModel has no "
-                             f"{SIGNATURE_EXAMPLES!r} signature")
+            raise InputDataError(f"{self._model.path}: the SavedModel has no "
+                                 f"{SIGNATURE_EXAMPLES!r} signature")
         return loaded   # the signature keeps a reference to it; the object must live
 
     def run_inference(self, batch: Sequence[bytes], model: Any,
@@ -443,11 +444,11 @@ def run_bulk_inferrer(data_uri: str, models: Sequence[ModelVersion], output_dir:
         raise ValueError("bulk inference needs at least one model")
     fileio.configure_beam_filesystems(beam_args)
     if not fileio.exists(data_uri):
-        raise FileNotFoundError(f"{data_uri} does not exist")
+        raise MissingInputError(f"{data_uri} does not exist")
     is_directory = fileio.isdir(data_uri)
     paths = image_files(data_uri) if is_directory else []
     if is_directory and not paths:
-        raise ValueError(f"{data_uri}: no files to read faces from")
+        raise InputDataError(f"{data_uri}: no files to read faces from")
     if not is_directory:
         read_header(data_uri, label_required=False)  # a CSV we cannot read creates nothing
     # The job writes under a temporary directory; a failed job leaves the previous

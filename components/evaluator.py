@@ -41,6 +41,7 @@ from fer_pipeline.core.contract import (BLESSINGS_FILE, CLASS_NAMES, CLASS_NAMES
     NUM_CLASSES, OUTPUT_PROBABILITIES, REPORT_HTML, SERVING_MODEL_DIR, SIGNATURE_EXAMPLES,
     TEST_PREDICTIONS_FILE, TRAINING_INFO_FILE, INPUT_EXAMPLES)
 from fer_pipeline.core.ensemble import combine_batch
+from fer_pipeline.core.errors import InputDataError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class TestSplit:
 def _test_files(examples_dir: str) -> list[str]:
     files = fileio.glob(fileio.join(examples_dir, TEST_SPLIT, EXAMPLES_PATTERN))
     if not files:
-        raise FileNotFoundError(f"no test TFRecords under {examples_dir}/{TEST_SPLIT}")
+        raise MissingInputError(f"no test TFRecords under {examples_dir}/{TEST_SPLIT}")
     return files
 
 
@@ -100,7 +101,7 @@ def load_test_split(examples_dir: str) -> TestSplit:
     files = _test_files(examples_dir)
     serialized = [record.numpy() for record in tf.data.TFRecordDataset(files)]
     if not serialized:
-        raise ValueError(f"the test split under {examples_dir}/{TEST_SPLIT} is empty")
+        raise InputDataError(f"the test split under {examples_dir}/{TEST_SPLIT} is empty")
     spec = {FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
             FEATURE_ROW: tf.io.FixedLenFeature([], tf.int64, default_value=0),
             FEATURE_PIXELS: tf.io.FixedLenFeature([], tf.string)}
@@ -113,7 +114,7 @@ def load_test_split(examples_dir: str) -> TestSplit:
                                 parsed[FEATURE_PIXELS].numpy()]))
     label_array = np.concatenate(labels).astype(np.int64)
     if label_array.min() < 0 or label_array.max() >= NUM_CLASSES:
-        raise ValueError(f"test labels outside 0..{NUM_CLASSES - 1} in {examples_dir}/test")
+        raise InputDataError(f"test labels outside 0..{NUM_CLASSES - 1} in {examples_dir}/test")
     return TestSplit(serialized, label_array, np.concatenate(rows).astype(np.int64),
                      np.concatenate(pixels).reshape(-1, IMAGE_SIZE, IMAGE_SIZE), files)
 

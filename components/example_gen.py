@@ -38,6 +38,7 @@ from fer_pipeline.core.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEA
     FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, EXAMPLES_PATTERN,
     SHARD_PREFIX, SHARD_SUFFIX, SPLITS, USAGE_TO_SPLIT, REJECTED_DIR, REJECTED_FILE,
     DUPLICATES_FILE)
+from fer_pipeline.core.errors import ConfigError, InputDataError
 
 ORIGINAL = "original"
 # Rejections with this prefix are deliberate (leakage control), not bad input, so they do
@@ -50,7 +51,7 @@ _BEAM_TMP = ".beam_tmp"
 _COMBINED_DIR = ".combined_input"   # several CSVs as one, removed when ingest is done
 
 
-class TooManyRejectedRows(ValueError):
+class TooManyRejectedRows(InputDataError):
     """More rows failed to parse than IngestConfig.max_rejected_fraction allows."""
 
 
@@ -264,8 +265,8 @@ def _fill_raw_lines(data_path: str, rejected: list[dict[str, Any]]) -> None:
 
 def _resolve_split_mode(columns: CsvColumns, config: IngestConfig) -> str:
     if config.split_mode not in ("usage", "random"):
-        raise ValueError(f"IngestConfig.split_mode must be 'usage' or 'random', "
-                         f"not {config.split_mode!r}")
+        raise ConfigError(f"IngestConfig.split_mode must be 'usage' or 'random', "
+                          f"not {config.split_mode!r}")
     return "usage" if config.split_mode == "usage" and columns.usage is not None else "random"
 
 
@@ -283,8 +284,8 @@ def combine_csvs(data_paths: Sequence[str], combined_path: str) -> list[dict[str
         with FileSystems.open(path) as f:
             headers.append(f.readline().decode("utf-8-sig").strip().lower())
     if len(set(headers)) > 1:
-        raise ValueError("the CSVs given with several --data must share one header; got "
-                         + "; ".join(f"{p}: {h[:80]!r}" for p, h in zip(data_paths, headers)))
+        raise InputDataError("the CSVs given with several --data must share one header; got "
+                             + "; ".join(f"{p}: {h[:80]!r}" for p, h in zip(data_paths, headers)))
     sources, line = [], 2        # line 1 of the combined file is the shared header
     fileio.makedirs(fileio.dirname(combined_path))
     with fileio.open_file(combined_path, "wb") as out:

@@ -54,6 +54,7 @@ from fer_pipeline.core.config import InfraValidationConfig
 from fer_pipeline.core.contract import (BLESSINGS_FILE, EXAMPLES_PATTERN, INFRA_BLESSINGS_FILE,
                                OUTPUT_PROBABILITIES, REPORT_HTML, SERVER_LOG_FILE,
                                SERVING_MODEL_DIR, SIGNATURE_UINT8)
+from fer_pipeline.core.errors import ConfigError, InputDataError, MissingInputError
 from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
 from fer_pipeline.serving.model_manager import STATE_CODES
 from fer_pipeline.serving.server import tfserving_binary
@@ -408,11 +409,11 @@ def read_canary_examples(examples_dir: str, count: int) -> list[bytes]:
     fileio.register_filesystem(examples_dir)
     files = sorted(fileio.glob(fileio.join(examples_dir, TEST_SPLIT, EXAMPLES_PATTERN)))
     if not files:
-        raise FileNotFoundError(f"no test TFRecords under {examples_dir}/{TEST_SPLIT}")
+        raise MissingInputError(f"no test TFRecords under {examples_dir}/{TEST_SPLIT}")
     records = list(tf.data.TFRecordDataset(files).take(count).as_numpy_iterator())
     if not records:
-        raise ValueError(f"the test split under {examples_dir}/{TEST_SPLIT} is empty: "
-                         "no canary requests can be built")
+        raise InputDataError(f"the test split under {examples_dir}/{TEST_SPLIT} is empty: "
+                             "no canary requests can be built")
     return records
 
 
@@ -430,13 +431,13 @@ def _write_report(evaluation_dir: str, output_dir: str,
 
 def _check_config(config: InfraValidationConfig) -> None:
     if config.mode not in MODES:
-        raise ValueError(f"infra_validation.mode must be one of {list(MODES)}, "
-                         f"got {config.mode!r}")
+        raise ConfigError(f"infra_validation.mode must be one of {list(MODES)}, "
+                          f"got {config.mode!r}")
     if config.server not in SERVER_CHOICES:
-        raise ValueError(f"infra_validation.server must be one of {list(SERVER_CHOICES)}, "
-                         f"got {config.server!r}")
+        raise ConfigError(f"infra_validation.server must be one of {list(SERVER_CHOICES)}, "
+                          f"got {config.server!r}")
     if config.canary_examples < 1 or config.explain_examples < 1:
-        raise ValueError("infra_validation.canary_examples and explain_examples must be >= 1")
+        raise ConfigError("infra_validation.canary_examples and explain_examples must be >= 1")
 
 
 def run_infra_validator(examples_dir: str, model_dirs: Mapping[str, str], evaluation_dir: str,
@@ -449,7 +450,7 @@ def run_infra_validator(examples_dir: str, model_dirs: Mapping[str, str], evalua
     _check_config(config)
     blessings_path = fileio.join(evaluation_dir, BLESSINGS_FILE)
     if not fileio.exists(blessings_path):
-        raise FileNotFoundError(f"{blessings_path} not found: run the evaluator first")
+        raise MissingInputError(f"{blessings_path} not found: run the evaluator first")
     blessings = fileio.read_json(blessings_path)
     fileio.makedirs(output_dir)
     canaries: list[bytes] = []

@@ -54,6 +54,7 @@ from fer_pipeline.core.artifacts import fingerprint
 from fer_pipeline.core.config import PushConfig
 from fer_pipeline.core.contract import (MODELS_CONFIG, DOCKER_MODELS_CONFIG, SERVING_MODEL_DIR,
     BLESSINGS_FILE, INFRA_BLESSINGS_FILE, PUSH_FILE)
+from fer_pipeline.core.errors import ConfigError, MissingInputError, ResourceError
 from fer_pipeline.core.serving_root import (ModelSpec, RequestLogSpec, configured_models,
                                            container_config, docker_command,
                                            latest_served_version, model_names_on_disk,
@@ -182,9 +183,9 @@ def request_log_spec(name: str, config: Optional[PushConfig]) -> Optional[Reques
     if config is None or not config.request_log_dir:
         return None
     if fileio.is_uri(config.request_log_dir):
-        raise ValueError(f"push.request_log_dir must be a local directory of the serving "
-                         f"machine (fer-serve writes its request logs there), got "
-                         f"{config.request_log_dir}")
+        raise ConfigError(f"push.request_log_dir must be a local directory of the serving "
+                          f"machine (fer-serve writes its request logs there), got "
+                          f"{config.request_log_dir}")
     prefix = os.path.join(os.path.abspath(config.request_log_dir), name,
                           REQUEST_LOG_FILE_PREFIX)
     return RequestLogSpec(prefix, config.request_log_sampling_rate)
@@ -231,7 +232,7 @@ def _push_to_store(name: str, source: str, plan: _StorePlan) -> ModelPush:
     _copy_tree(source, target)
     # The SavedModel must be there in full before the config may name it.
     if not fileio.exists(fileio.join(target, SAVED_MODEL_FILE)):
-        raise OSError(f"upload of {source} to {target} is incomplete")
+        raise ResourceError(f"upload of {source} to {target} is incomplete")
     plan.complete.setdefault(name, []).append(version)
     log.info("uploaded %s version %d (%s)", name, version, target)
     return ModelPush(pushed=True, version=version, path=target)
@@ -278,21 +279,21 @@ def _delete_unnamed_versions(plan: _StorePlan, outcomes: dict[str, ModelPush]) -
 def _read_blessings(evaluation_dir: str) -> dict[str, dict]:
     path = fileio.join(evaluation_dir, BLESSINGS_FILE)
     if not fileio.exists(path):
-        raise FileNotFoundError(f"{path} not found: run the evaluator before the pusher")
+        raise MissingInputError(f"{path} not found: run the evaluator before the pusher")
     return fileio.read_json(path)
 
 
 def _read_infra_blessings(infra_validation_dir: str) -> dict[str, dict]:
     path = fileio.join(infra_validation_dir, INFRA_BLESSINGS_FILE)
     if not fileio.exists(path):
-        raise FileNotFoundError(f"{path} not found: run infra-validate before the pusher")
+        raise MissingInputError(f"{path} not found: run infra-validate before the pusher")
     return fileio.read_json(path)
 
 
 def _candidate(name: str, model_dir: str) -> str:
     source = fileio.join(model_dir, SERVING_MODEL_DIR)
     if not fileio.exists(fileio.join(source, SAVED_MODEL_FILE)):
-        raise FileNotFoundError(f"model {name!r}: no SavedModel at {source}")
+        raise MissingInputError(f"model {name!r}: no SavedModel at {source}")
     return source
 
 
@@ -360,7 +361,7 @@ def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str, serving_root:
     Writes `output_dir/push.json` with the returned result.
     """
     if config.keep_versions < 1:
-        raise ValueError(f"keep_versions must be >= 1, got {config.keep_versions}")
+        raise ConfigError(f"keep_versions must be >= 1, got {config.keep_versions}")
     if not serving_root:
         raise ValueError("run_pusher needs a serving_root")
     blessings = _read_blessings(evaluation_dir)

@@ -31,6 +31,7 @@ from fer_pipeline.core.beam_job import beam_pipeline
 from fer_pipeline.core.config import TransformConfig
 from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
     NUM_PIXELS, SHARD_PREFIX, SHARD_SUFFIX, SPLITS, TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
+from fer_pipeline.core.errors import ConfigError, MissingInputError
 
 NORMALIZATIONS = ("zscore", "minmax", "scale255")
 
@@ -86,7 +87,7 @@ def _normalize(image: tf.Tensor, normalization: str) -> tf.Tensor:
         return (image - low) / _nonzero(tft.max(image) - low)
     if normalization == "scale255":  # the seed notebook's: no statistics at all
         return image / 255.0
-    raise ValueError(f"unknown normalization {normalization!r}; choose from {NORMALIZATIONS}")
+    raise ConfigError(f"unknown normalization {normalization!r}; choose from {NORMALIZATIONS}")
 
 
 def _nonzero(scale: tf.Tensor) -> tf.Tensor:
@@ -98,14 +99,14 @@ def run_transform(augmented_dir: str, examples_dir: str, output_dir: str,
                   config: TransformConfig, beam_args: list[str]) -> TransformResult:
     """Analyzes augmented_dir/train, transforms all splits, writes the transform graph."""
     if config.normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {config.normalization!r}; "
-                         f"choose from {NORMALIZATIONS}")
+        raise ConfigError(f"unknown normalization {config.normalization!r}; "
+                          f"choose from {NORMALIZATIONS}")
     inputs = {"train": fileio.join(augmented_dir, "train", EXAMPLES_PATTERN)}
     for split in SPLITS[1:]:
         inputs[split] = fileio.join(examples_dir, split, EXAMPLES_PATTERN)
     for split, pattern in inputs.items():
         if not fileio.glob(pattern):
-            raise FileNotFoundError(f"no {split} examples match {pattern}")
+            raise MissingInputError(f"no {split} examples match {pattern}")
 
     # TFT writes the transform graph (a SavedModel) and its temp files with tf.io.gfile
     # inside the pipeline, so TensorFlow must be able to open an s3:// output first.

@@ -25,10 +25,11 @@ from fer_pipeline.core.data_checks import (BASELINE_SPLIT, OVERRIDE_FLAG, DriftR
                                           load_split_statistics, measure_label_drift,
                                           observed_summary, summarize)
 from fer_pipeline.core.contract import DRIFT_FILE, FEATURE_LABEL, VALIDATION_REPORT
+from fer_pipeline.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
-class DataValidationError(RuntimeError):
+class DataValidationError(UserError, RuntimeError):
     """The data broke the schema or drifted, and anomalies were not allowed."""
 
 

@@ -4,13 +4,35 @@ Two kinds of failure, told apart on purpose:
 
 - A user's mistake (a mistyped path, a bad flag, a config value of the wrong type, a server
   that is not running): one line, or a short list, saying what is wrong and how to fix it,
-  and a non-zero exit status. Never a Python traceback. These are `UserError`s, the
-  ValueErrors and OSErrors our own code raises with a message written for the user, and
-  OSErrors about the user's files and machine (missing, no permission, disk full):
-  `is_user_error` tells them apart.
-- Our own bug (any other exception, including a ValueError raised inside a library): one
-  line saying it is a bug in fer-pipeline and where its traceback was written, so the user
-  can report it; `FER_TRACEBACK=1` prints the traceback itself instead.
+  and a non-zero exit status. Never a Python traceback. These are `UserError`s, raised
+  where the mistake is detected with a message written for the user, and OSErrors about
+  the user's files and machine (missing, no permission, disk full), whoever raised them.
+  `is_user_error` tells them apart by type alone.
+- Our own bug (any other exception: an internal invariant, a ValueError raised inside a
+  library, a plain ValueError of ours): one line saying it is a bug in fer-pipeline and
+  where its traceback was written, so the user can report it; `FER_TRACEBACK=1` prints the
+  traceback itself instead.
+
+The UserError subclasses say where the mistake was found. Those that existing callers
+catch as ValueError, FileNotFoundError, ConnectionError or OSError keep that class as a
+second base, so `except ValueError` around a config check still works:
+
+    UserError
+    ├── ConfigError(ValueError)            a bad config file or value, flag or argument
+    ├── InputDataError(ValueError)         bad data: a CSV, a row, a model's files
+    ├── MissingInputError(FileNotFoundError)  an input (a path the user named, a previous
+    │                                      step's output) is not there
+    ├── ResourceError(OSError)             the machine is in the way: a port in use, an
+    │                                      upload that did not complete
+    ├── EngineError(RuntimeError)          a Beam engine or cluster the user runs: job
+    │                                      server or worker pool unreachable, a lost
+    │                                      TaskManager, out of resources
+    └── ServerUnreachable(ConnectionError) a server (model server, MySQL) not running or
+                                           refusing connections
+
+A library exception the user can fix (a connection refused by the server the user named)
+is translated into one of these where it is caught. Everything else stays a plain
+exception: a bug.
 
 `run_cli` wraps a tool's main function to do this; every console script of this project
 (`fer-pipeline`, `fer-serve`, `fer-client`, `fer-review`) goes through it, and ends its
@@ -20,7 +42,6 @@ from __future__ import annotations
 
 import atexit
 import errno
-import linecache
 import logging
 import os
 import sys
@@ -39,15 +60,45 @@ EXIT_BUG = 70           # EX_SOFTWARE (sysexits.h): an internal error
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
+__all__ = [
+    "UserError", "ConfigError", "InputDataError", "MissingInputError", "ResourceError",
+    "EngineError", "ServerUnreachable",
+    "is_user_error", "report_bug", "run_cli", "exit_process",
+    "TRACEBACK_ENV", "EXIT_USAGE", "EXIT_BUG", "EXIT_INTERRUPTED",
+]
+
+
 class UserError(Exception):
     """A mistake the user can fix; the message says what is wrong and what to do."""
 
 
-# Where our own code lives: a ValueError raised there by a `raise` statement carries a
-# message written for the user.
-_OUR_CODE = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               package) + os.sep
-                  for package in ("components", "pipeline", "serving"))
+class ConfigError(UserError, ValueError):
+    """A bad config file or value, command-line flag or argument."""
+
+
+class InputDataError(UserError, ValueError):
+    """Bad input data: a CSV or its rows, request logs, a model's files, a review queue."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+    """An input is not there: a path the user named, or the output of a step not yet run."""
+
+
+class ResourceError(UserError, OSError):
+    """The user's machine or storage is in the way: a port already in use, an upload that
+    did not complete."""
+
+
+class EngineError(UserError, RuntimeError):
+    """A Beam engine or cluster the user runs failed the job for reasons of its own: its job
+    server or worker pool is unreachable, a TaskManager was lost, it ran out of resources."""
+
+
+class ServerUnreachable(UserError, ConnectionError):
+    """A server the user named (a model server, a MySQL database) is not running or refuses
+    connections."""
+
+
 # OSErrors about the user's files or machine, whoever raised them: the message names the path.
 _ENVIRONMENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError,
                        NotADirectoryError, FileExistsError)
@@ -58,23 +109,8 @@ def is_user_error(error: BaseException) -> bool:
     """Whether `error` is the user's to fix (one line, no traceback) rather than our bug."""
     if isinstance(error, UserError):
         return True
-    if isinstance(error, _ENVIRONMENT_ERRORS) or (
-            isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS):
-        return True
-    if isinstance(error, (ValueError, OSError)):
-        return _raised_on_purpose_by_our_code(error)
-    return False
-
-
-def _raised_on_purpose_by_our_code(error: BaseException) -> bool:
-    tb = error.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    filename = tb.tb_frame.f_code.co_filename
-    line = linecache.getline(filename, tb.tb_lineno).strip()
-    return filename.startswith(_OUR_CODE) and line.startswith("raise ")
+    return isinstance(error, _ENVIRONMENT_ERRORS) or (
+        isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS)
 
 
 def report_bug(prog: str, error: BaseException) -> int:

@@ -19,6 +19,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from fer_pipeline.core import fileio
 from fer_pipeline.core.contract import MODELS_CONFIG
+from fer_pipeline.core.errors import ConfigError
 
 VERSION_POLICIES = ("latest", "specific", "all")
 # logging_config's log_collector_config.type that fer-serve writes (serving/request_log.py):
@@ -48,10 +49,10 @@ class RequestLogSpec:
 
     def __post_init__(self) -> None:
         if not self.filename_prefix:
-            raise ValueError("logging_config needs log_collector_config.filename_prefix")
+            raise ConfigError("logging_config needs log_collector_config.filename_prefix")
         if not 0.0 <= self.sampling_rate <= 1.0:
-            raise ValueError(f"logging_config sampling_rate must be within [0, 1], got "
-                             f"{self.sampling_rate}")
+            raise ConfigError(f"logging_config sampling_rate must be within [0, 1], got "
+                              f"{self.sampling_rate}")
 
 
 @dataclass
@@ -71,12 +72,12 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.version_policy not in VERSION_POLICIES:
-            raise ValueError(f"model {self.name!r}: unknown version_policy "
-                             f"{self.version_policy!r}; choose from {VERSION_POLICIES}")
+            raise ConfigError(f"model {self.name!r}: unknown version_policy "
+                              f"{self.version_policy!r}; choose from {VERSION_POLICIES}")
         if self.version_policy == "latest" and self.num_latest < 1:
-            raise ValueError(f"model {self.name!r}: num_latest must be >= 1")
+            raise ConfigError(f"model {self.name!r}: num_latest must be >= 1")
         if self.version_policy == "specific" and not self.versions:
-            raise ValueError(f"model {self.name!r}: version_policy 'specific' needs versions")
+            raise ConfigError(f"model {self.name!r}: version_policy 'specific' needs versions")
 
 
 def _to_proto(specs: Iterable[ModelSpec]) -> model_server_config_pb2.ModelServerConfig:
@@ -108,14 +109,14 @@ def _request_log(entry) -> Optional[RequestLogSpec]:
         return None
     collector = entry.logging_config.log_collector_config
     if collector.type != REQUEST_LOG_COLLECTOR:
-        raise ValueError(f"model {entry.name!r}: logging_config log_collector_config type "
-                         f"{collector.type!r} is not supported; fer-serve writes "
-                         f"{REQUEST_LOG_COLLECTOR!r}")
+        raise ConfigError(f"model {entry.name!r}: logging_config log_collector_config type "
+                          f"{collector.type!r} is not supported; fer-serve writes "
+                          f"{REQUEST_LOG_COLLECTOR!r}")
     try:
         return RequestLogSpec(collector.filename_prefix,
                               entry.logging_config.sampling_config.sampling_rate)
     except ValueError as error:
-        raise ValueError(f"model {entry.name!r}: {error}") from None
+        raise ConfigError(f"model {entry.name!r}: {error}") from None
 
 
 def _from_proto(config: model_server_config_pb2.ModelServerConfig) -> list[ModelSpec]:
@@ -141,14 +142,14 @@ def specs_from_proto(config: model_server_config_pb2.ModelServerConfig) -> list[
     """The models of a ModelServerConfig message (HandleReloadConfigRequest's payload);
     ValueError for what this server cannot serve."""
     if config.WhichOneof("config") != "model_config_list":
-        raise ValueError("only a model_config_list is supported (custom_model_config is not)")
+        raise ConfigError("only a model_config_list is supported (custom_model_config is not)")
     specs = _from_proto(config)
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"model name(s) {duplicates} appear more than once")
+        raise ConfigError(f"model name(s) {duplicates} appear more than once")
     if any(not spec.name or not spec.base_path for spec in specs):
-        raise ValueError("every model needs a name and a base_path")
+        raise ConfigError("every model needs a name and a base_path")
     return specs
 
 
@@ -172,7 +173,7 @@ def read_model_server_config(path: str) -> list[ModelSpec]:
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as error:
-        raise ValueError(f"{path}: not a text-format ModelServerConfig: {error}") from error
+        raise ConfigError(f"{path}: not a text-format ModelServerConfig: {error}") from error
     return _from_proto(config)
 
 
@@ -228,8 +229,8 @@ def docker_command(config_path: str, serving_root: str, poll_seconds: int = 1) -
     root = os.path.abspath(serving_root)
     relative = os.path.relpath(os.path.abspath(config_path), root)
     if relative.startswith(".."):
-        raise ValueError(f"{config_path} is not inside the serving root {serving_root}; "
-                         "the container only sees the mounted directory")
+        raise ConfigError(f"{config_path} is not inside the serving root {serving_root}; "
+                          "the container only sees the mounted directory")
     return shlex.join([
         "docker", "run", "--rm", *ports, "-v", f"{root}:{CONTAINER_MODELS_DIR}",
         "tensorflow/serving", f"--model_config_file={CONTAINER_MODELS_DIR}/{relative}", poll,

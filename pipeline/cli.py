@@ -20,8 +20,7 @@ from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig, load_config
 from fer_pipeline.pipeline.cli_parser import (INFER_COMMAND, MONITOR_COMMAND, STEP_COMMANDS,
                                              TRAIN_COMMAND, parse_command_line)
 from fer_pipeline.pipeline.dag import build_steps
-from fer_pipeline.core.errors import (EXIT_USAGE, exit_process, is_user_error, run_cli, ConfigError,
-                                      MissingInputError)
+from fer_pipeline.core.errors import EXIT_USAGE, exit_process, is_user_error, run_cli, ConfigError, MissingInputError
 
 EXIT_DRIFT = 1         # `monitor`: a drift threshold was crossed (a scheduler retrains)
 

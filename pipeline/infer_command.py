@@ -21,6 +21,7 @@ from fer_pipeline.core.contract import PREDICTIONS_FILE
 from fer_pipeline.pipeline.metadata import ArtifactRecord, MetadataStore
 
 from fer_pipeline.components.bulk_inferrer import BulkInferenceResult, ModelVersion, run_bulk_inferrer
+from fer_pipeline.core.errors import ConfigError
 from fer_pipeline.core.serving_root import latest_served_version, version_dirs
 
 INFER_STEP = "infer"   # the execution type in ML Metadata: fer.step.infer
@@ -34,37 +35,37 @@ def resolve_models(serving_root: str, wanted: Sequence[str]) -> list[ModelVersio
     for item in wanted:
         name, _, version_text = item.strip().partition(":")
         if name not in MODEL_NAMES:
-            raise ValueError(f"unknown model {name!r}; registered models: {list(MODEL_NAMES)}")
+            raise ConfigError(f"unknown model {name!r}; registered models: {list(MODEL_NAMES)}")
         if version_text:
             if not version_text.isdigit():
-                raise ValueError(f"{item!r}: a version is a number, e.g. {name}:3")
+                raise ConfigError(f"{item!r}: a version is a number, e.g. {name}:3")
             version = int(version_text)
             if version not in version_dirs(serving_root, name):
-                raise ValueError(f"{name} has no version {version} under {serving_root} "
-                                 f"(there: {version_dirs(serving_root, name) or 'none'})")
+                raise ConfigError(f"{name} has no version {version} under {serving_root} "
+                                  f"(there: {version_dirs(serving_root, name) or 'none'})")
             resolved.append(ModelVersion(name, version,
                                          fileio.join(serving_root, name, str(version))))
             continue
         served = latest_served_version(serving_root, name)
         if served is None:
-            raise ValueError(f"{name} is not served from {serving_root} (the gate may have "
-                             "held it back); leave it out of --models or name a version")
+            raise ConfigError(f"{name} is not served from {serving_root} (the gate may have "
+                              "held it back); leave it out of --models or name a version")
         resolved.append(ModelVersion(name, served[0], served[1]))
     if not resolved:
-        raise ValueError("name at least one model (--models)")
+        raise ConfigError("name at least one model (--models)")
     names = [version.name for version in resolved]
     if len(set(names)) != len(names):
-        raise ValueError(f"each model may be named once in --models, got {list(wanted)}")
+        raise ConfigError(f"each model may be named once in --models, got {list(wanted)}")
     return resolved
 
 
 def _check_review_queue(path: str) -> None:
     """Before the job runs, not after: the queue is a local directory (one SQLite file)."""
     if fileio.is_uri(path):
-        raise ValueError(f"--review-queue {path}: the review queue is a local directory "
-                         "(one SQLite file), not an object-store URI")
+        raise ConfigError(f"--review-queue {path}: the review queue is a local directory "
+                          "(one SQLite file), not an object-store URI")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--review-queue {path} is a file; give the queue's directory")
+        raise ConfigError(f"--review-queue {path} is a file; give the queue's directory")
 
 
 def run_inference_job(data_uri: str, output_dir: str, serving_root: str,

@@ -11,10 +11,11 @@ import os
 from typing import Any, Optional
 
 from fer_pipeline.core.config import MetadataConfig
+from fer_pipeline.core.errors import UserError
 from fer_pipeline.pipeline.metadata import DERIVED, MetadataStore, sqlite_path
 
 
-class LineageError(ValueError):
+class LineageError(UserError, ValueError):
     pass
 
 

@@ -28,6 +28,7 @@ from fer_pipeline.core import fileio
 from fer_pipeline.core import quiet
 from fer_pipeline.core.artifacts import fingerprint
 from fer_pipeline.core.config import MetadataConfig
+from fer_pipeline.core.errors import UserError, ServerUnreachable
 
 PIPELINE_CONTEXT = "fer.pipeline"
 RUN_CONTEXT = "fer.pipeline_run"
@@ -37,8 +38,12 @@ DERIVED = "derived"    # artifacts a step's result describes (a blessing, a push
 MYSQL_CONNECT_TIMEOUT_S = 10.0
 
 
-class MetadataStoreError(ValueError):
+class MetadataStoreError(UserError, ValueError):
     """The configured ML Metadata store cannot be opened; the message says why."""
+
+
+class MetadataStoreUnreachable(MetadataStoreError, ServerUnreachable):
+    """The configured MySQL server does not answer or refuses connections."""
 
 
 @dataclass
@@ -94,12 +99,12 @@ def check_mysql_server(config: MetadataConfig,
                                       timeout=timeout_s) as conn:
             greeting = conn.recv(4096)
     except socket.timeout:
-        raise MetadataStoreError(f"{where} did not answer within {timeout_s:g} s "
-                                 f"(metadata.mysql_host/mysql_port in --config)") from None
+        raise MetadataStoreUnreachable(f"{where} did not answer within {timeout_s:g} s "
+                                       f"(metadata.mysql_host/mysql_port in --config)") from None
     except OSError as error:
-        raise MetadataStoreError(f"cannot reach {where}: {error.strerror or error} (is the "
-                                 f"server running? metadata.mysql_host/mysql_port in "
-                                 f"--config)") from None
+        raise MetadataStoreUnreachable(f"cannot reach {where}: {error.strerror or error} (is the "
+                                       f"server running? metadata.mysql_host/mysql_port in "
+                                       f"--config)") from None
     # A MySQL packet: 3-byte length, 1-byte sequence number, then the payload, whose first
     # byte is 10 for a v10 handshake and 0xff for an error (2-byte code, then the message).
     payload = greeting[4:]

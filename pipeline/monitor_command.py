@@ -23,6 +23,7 @@ from fer_pipeline.core import fileio
 from fer_pipeline.core.artifacts import fingerprint
 from fer_pipeline.core.config import MetadataConfig, PipelineConfig
 from fer_pipeline.core.contract import MODELS_CONFIG, MONITORING_FILE
+from fer_pipeline.core.errors import ConfigError, InputDataError, MissingInputError
 from fer_pipeline.pipeline.lineage import version_lineage
 from fer_pipeline.pipeline.metadata import ArtifactRecord, MetadataStore, sqlite_path
 from fer_pipeline.pipeline.runner import schema_path
@@ -45,8 +46,8 @@ def parse_moment(text: str, now: Optional[datetime] = None) -> datetime:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"{text!r} is not a time: use ISO 8601 (2026-11-30T07:00:00Z) or a "
-                         "duration ago (30m, 2h, 1d)") from None
+        raise ConfigError(f"{text!r} is not a time: use ISO 8601 (2026-11-30T07:00:00Z) or a "
+                          "duration ago (30m, 2h, 1d)") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
@@ -54,14 +55,14 @@ def configured_log_dirs(serving_root: str) -> list[str]:
     """The directories models.config tells fer-serve to log each model's requests to."""
     config_path = fileio.join(serving_root, MODELS_CONFIG)
     if not fileio.exists(config_path):
-        raise ValueError(f"no {MODELS_CONFIG} under {serving_root}: name the request logs "
-                         "with --logs")
+        raise MissingInputError(f"no {MODELS_CONFIG} under {serving_root}: name the request logs "
+                                "with --logs")
     dirs = sorted({os.path.dirname(spec.request_log.filename_prefix) or "."
                    for spec in read_model_server_config(config_path)
                    if spec.request_log is not None})
     if not dirs:
-        raise ValueError(f"{config_path} turns request logging on for no model (push with "
-                         "--request-log-dir), and no --logs were given")
+        raise ConfigError(f"{config_path} turns request logging on for no model (push with "
+                          "--request-log-dir), and no --logs were given")
     return dirs
 
 
@@ -83,9 +84,9 @@ def lineage_reference(store: MetadataStore, logged: dict[str, int]) -> MonitorRe
             newest = {"pushed_id": pushed[-1]["id"], **found}
     if newest is None:
         named = ", ".join(f"{m} v{v}" for m, v in sorted(logged.items()))
-        raise ValueError(f"the request logs name {named}, and {store.location} records no "
-                         "push of any of them: monitor needs the run that pushed the served "
-                         "version (--output RUN_ROOT or --metadata-db)")
+        raise InputDataError(f"the request logs name {named}, and {store.location} records no "
+                             "push of any of them: monitor needs the run that pushed the served "
+                             "version (--output RUN_ROOT or --metadata-db)")
     return MonitorReference(newest["ingest"]["execution_dir"],
                             newest["statistics"]["execution_dir"], evaluations, versions)
 
@@ -108,13 +109,13 @@ def run_monitor_job(run_root: str, logs: Sequence[str], output_dir: str,
     paths = list(logs) or configured_log_dirs(serving_root)
     files = log_files(paths)
     if not files:
-        raise ValueError(f"no request log files under {', '.join(paths)}")
+        raise MissingInputError(f"no request log files under {', '.join(paths)}")
     metadata = metadata or config.metadata
     store_path = sqlite_path(metadata, run_root)
     if not metadata.mysql_host and not os.path.exists(store_path):
         # Opening the store would create an empty one: say what is missing instead.
-        raise ValueError(f"no ML Metadata store at {store_path}: monitor needs the run that "
-                         "pushed the served versions (--output RUN_ROOT or --metadata-db)")
+        raise MissingInputError(f"no ML Metadata store at {store_path}: monitor needs the run that "
+                                "pushed the served versions (--output RUN_ROOT or --metadata-db)")
     store = MetadataStore(metadata, run_root)
     resolved: dict[str, MonitorReference] = {}
 

@@ -40,6 +40,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from fer_pipeline.core.errors import ConfigError
 from fer_pipeline.serving.model_manager import LoadedVersion, ServingError
 
 
@@ -77,15 +78,15 @@ def read_batching_parameters(path: str) -> BatchingConfig:
     unknown = sorted(set(found) - set(_PARAMETER_FIELDS))
     if leftover or unknown:
         what = f"field(s) {unknown}" if unknown else f"text {leftover[:60]!r}"
-        raise ValueError(f"{path}: {what} not supported; the embedded server reads "
-                         f"{', '.join(_PARAMETER_FIELDS)} as '<name> {{ value: N }}'")
+        raise ConfigError(f"{path}: {what} not supported; the embedded server reads "
+                          f"{', '.join(_PARAMETER_FIELDS)} as '<name> {{ value: N }}'")
     values = {name: int(value) for name, value in found.items()}
     if "batch_timeout_micros" in values:
         values["batch_timeout_s"] = values.pop("batch_timeout_micros") / 1e6
     config = dataclasses.replace(BatchingConfig(), **values)
     if min(config.max_batch_size, config.num_batch_threads, config.max_enqueued_batches) < 1:
-        raise ValueError(f"{path}: max_batch_size, num_batch_threads and "
-                         "max_enqueued_batches must be at least 1")
+        raise ConfigError(f"{path}: max_batch_size, num_batch_threads and "
+                          "max_enqueued_batches must be at least 1")
     return config
 
 

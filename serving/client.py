@@ -23,11 +23,12 @@ from fer_pipeline.core.contract import (CLASS_NAMES, IMAGE_SIZE, INPUT_PIXELS, O
                                OUTPUT_SALIENCY, SIGNATURE_EXPLAIN)
 from fer_pipeline.serving.connection import diagnose
 from fer_pipeline.core.ensemble import combine
+from fer_pipeline.core.errors import UserError, ConfigError, ServerUnreachable
 
 DEFAULT_MODELS = MODEL_NAMES   # every registered model (core/config.py)
 
 
-class ServerUnavailable(Exception):
+class ServerUnavailable(ServerUnreachable):
     """The server could not be reached even after the retries."""
 
 
@@ -35,7 +36,7 @@ class ServerError(Exception):
     """The server answered with an error (bad request, unknown model...)."""
 
 
-class ModelNotServed(ServerError):
+class ModelNotServed(ServerError, UserError):
     """The server does not serve this model (gRPC NOT_FOUND, HTTP 404): for example the
     evaluation gate held it back, so it was never pushed."""
 
@@ -106,7 +107,7 @@ class FerClient:
                  protocol: str = "grpc", timeout: float = 10.0, retries: int = 3,
                  backoff_s: float = 0.2) -> None:
         if protocol not in ("grpc", "rest"):
-            raise ValueError(f"protocol must be 'grpc' or 'rest', got {protocol!r}")
+            raise ConfigError(f"protocol must be 'grpc' or 'rest', got {protocol!r}")
         self.host, self.protocol = host, protocol
         self.grpc_port, self.rest_port = grpc_port, rest_port
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s

@@ -32,7 +32,8 @@ import numpy as np
 
 from fer_pipeline.core.config import EvalConfig, load_config
 from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE, NUM_PIXELS
-from fer_pipeline.core.errors import exit_process, is_user_error, run_cli
+from fer_pipeline.core.errors import (exit_process, is_user_error, run_cli, ConfigError, InputDataError,
+                                      MissingInputError)
 from fer_pipeline.serving.client import (DEFAULT_MODELS, FerClient, ServerError, ServerUnavailable,
                             classify)
 from fer_pipeline.serving.review_intake import explain_face, queue_flagged
@@ -62,7 +63,7 @@ def images_from_csv(path: str, rows: int, usage: Optional[str] = None) -> list[I
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or "pixels" not in reader.fieldnames:
-            raise ValueError(f"{path}: no 'pixels' column (is it a FER-2013 CSV?)")
+            raise InputDataError(f"{path}: no 'pixels' column (is it a FER-2013 CSV?)")
         for line_number, record in enumerate(reader, start=2):
             if len(found) >= rows:
                 break
@@ -70,7 +71,7 @@ def images_from_csv(path: str, rows: int, usage: Optional[str] = None) -> list[I
                 continue
             values = np.array(record["pixels"].split(), dtype=np.int64)
             if values.size != NUM_PIXELS or values.min() < 0 or values.max() > 255:
-                raise ValueError(f"{path}:{line_number}: expected {NUM_PIXELS} values 0-255")
+                raise InputDataError(f"{path}:{line_number}: expected {NUM_PIXELS} values 0-255")
             label = record.get("emotion", "")
             found.append(InputImage(f"{path}:{line_number}",
                                     values.astype(np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE),
@@ -90,7 +91,7 @@ def images_from_files(paths: Sequence[str]) -> list[InputImage]:
     found = []
     for path in paths:
         if not os.path.isfile(path):   # before OpenCV, which would print its own warning
-            raise FileNotFoundError(f"--image {path}: no such file")
+            raise MissingInputError(f"--image {path}: no such file")
         faces = faces_in_file(path)
         if not faces:
             found.append(InputImage(path, None, "no face found"))
@@ -104,7 +105,7 @@ def images_from_npy(path: str) -> list[InputImage]:
     if array.ndim == 2:
         array = array[None]
     if array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) and array.shape[1:] != (NUM_PIXELS,):
-        raise ValueError(f"{path}: expected [n, 48, 48] or [n, 2304], got {list(array.shape)}")
+        raise InputDataError(f"{path}: expected [n, 48, 48] or [n, 2304], got {list(array.shape)}")
     array = array.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
     return [InputImage(f"{path}[{i}]", np.clip(a, 0, 255).astype(np.uint8))
             for i, a in enumerate(array)]
@@ -189,10 +190,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value, low in (("--rows", args.rows, 1), ("--retries", args.retries, 0)):
         if value < low:
-            raise ValueError(f"{flag} must be at least {low}, got {value}")
+            raise ConfigError(f"{flag} must be at least {low}, got {value}")
     for flag, value in (("--timeout", args.timeout), ("--backoff", args.backoff)):
         if not value > 0:
-            raise ValueError(f"{flag} must be a positive number of seconds, got {value:g}")
+            raise ConfigError(f"{flag} must be a positive number of seconds, got {value:g}")
 
 
 def _load_inputs(args: argparse.Namespace) -> list[InputImage]:
@@ -201,9 +202,9 @@ def _load_inputs(args: argparse.Namespace) -> list[InputImage]:
         if found:
             return found
         if not args.usage:
-            raise ValueError(f"{args.csv}: no data rows")
-        raise ValueError(f"{args.csv}: no row has Usage {args.usage!r}; its Usage values are "
-                         f"{', '.join(map(repr, usage_values(args.csv)))}")
+            raise InputDataError(f"{args.csv}: no data rows")
+        raise ConfigError(f"{args.csv}: no row has Usage {args.usage!r}; its Usage values are "
+                          f"{', '.join(map(repr, usage_values(args.csv)))}")
     if args.npy:
         return images_from_npy(args.npy)
     return images_from_files(args.image)
@@ -213,7 +214,7 @@ def tolerance(args: argparse.Namespace) -> float:
     """--tolerance, else the config's evaluation.tie_tolerance, else the default's."""
     if args.tolerance is not None:
         if not 0 <= args.tolerance <= 1:
-            raise ValueError(f"--tolerance must be between 0 and 1, got {args.tolerance:g}")
+            raise ConfigError(f"--tolerance must be between 0 and 1, got {args.tolerance:g}")
         return args.tolerance
     return load_config(args.config).evaluation.tie_tolerance
 

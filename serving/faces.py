@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from fer_pipeline.core.contract import IMAGE_SIZE
+from fer_pipeline.core.errors import InputDataError
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
 
@@ -44,7 +45,7 @@ def read_grayscale(path: str) -> np.ndarray:
     """Any image OpenCV reads (PNG, JPEG, ...) as uint8 grayscale; ValueError if unreadable."""
     image = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
     if image is None:
-        raise ValueError(f"{path}: not a readable image file")
+        raise InputDataError(f"{path}: not a readable image file")
     return image
 
 
@@ -55,7 +56,7 @@ def decode_grayscale(data: bytes, name: str) -> np.ndarray:
     if data:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
     if image is None:
-        raise ValueError(f"{name}: not a readable image file")
+        raise InputDataError(f"{name}: not a readable image file")
     return image
 
 

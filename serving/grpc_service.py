@@ -20,6 +20,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      prediction_service_pb2_grpc)
 
 from fer_pipeline.core.contract import CLASS_NAMES
+from fer_pipeline.core.errors import ResourceError
 from fer_pipeline.core.serving_root import specs_from_proto
 from fer_pipeline.serving.model_manager import (DEFAULT_SIGNATURE, STATE_CODES, LoadedVersion, Predictor,
                                    ServingError)
@@ -195,5 +196,5 @@ def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_by
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(predictor), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        raise OSError(f"cannot bind gRPC to {host}:{port}")
+        raise ResourceError(f"cannot bind gRPC to {host}:{port}")
     return server, bound

@@ -50,6 +50,7 @@ import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import model_pb2, prediction_log_pb2
 
+from fer_pipeline.core.errors import ConfigError, InputDataError, MissingInputError
 from fer_pipeline.core.serving_root import RequestLogSpec
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ class RequestLogConfig:
 
     def __post_init__(self) -> None:
         if self.max_file_bytes < 1 or self.max_file_seconds <= 0 or self.queue_records < 1:
-            raise ValueError("request log: max_file_bytes, max_file_seconds and queue_records "
-                             "must be positive")
+            raise ConfigError("request log: max_file_bytes, max_file_seconds and queue_records "
+                              "must be positive")
 
 
 @dataclass
@@ -92,7 +93,7 @@ def log_files(paths: Union[str, Iterable[str]]) -> list[str]:
     for path in map(str, paths):
         if not tf.io.gfile.isdir(path):
             if not tf.io.gfile.exists(path):
-                raise FileNotFoundError(f"no request log at {path}")
+                raise MissingInputError(f"no request log at {path}")
             found.append(path)
             continue
         for directory, _, names in tf.io.gfile.walk(path):
@@ -117,7 +118,7 @@ def read_logs(paths: Union[str, Iterable[str]]) -> Iterator[prediction_log_pb2.P
             except tf.errors.DataLossError as error:
                 if path.endswith(OPEN_SUFFIX):
                     break  # the record a writer had not finished: the file ends before it
-                raise ValueError(f"{path}: corrupt request log: {error.message}") from error
+                raise InputDataError(f"{path}: corrupt request log: {error.message}") from error
             yield prediction_log_pb2.PredictionLog.FromString(record.numpy())
 
 

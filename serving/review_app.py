@@ -38,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn, Optional
 
 from fer_pipeline.core.contract import CLASS_NAMES, REVIEW_QUEUE_FILE
-from fer_pipeline.core.errors import exit_process, run_cli
+from fer_pipeline.core.errors import exit_process, run_cli, MissingInputError
 from fer_pipeline.serving.review_queue import (STATUS_LABELED, STATUS_NOT_FACE, STATUS_PENDING,
                                                STATUS_SKIPPED, ReviewError, ReviewItem,
                                                ReviewQueue)
@@ -326,7 +326,7 @@ def open_queue(directory: str) -> ReviewQueue:
     """The existing queue in `directory`; a missing one is an error, not a new empty queue
     (a mistyped directory must not look like "nothing to review")."""
     if not os.path.isfile(os.path.join(directory, REVIEW_QUEUE_FILE)):
-        raise FileNotFoundError(f"no review queue in {directory} (fer-client --review-queue "
+        raise MissingInputError(f"no review queue in {directory} (fer-client --review-queue "
                                 f"{directory} creates it)")
     return ReviewQueue(directory)
 

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping, Optional
 import numpy as np
 
 from fer_pipeline.core.contract import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, REVIEW_QUEUE_FILE
+from fer_pipeline.core.errors import UserError
 
 SCHEMA_VERSION = 1
 
@@ -76,7 +77,7 @@ CREATE INDEX IF NOT EXISTS decisions_by_session ON decisions (session, undone, i
 """
 
 
-class ReviewError(Exception):
+class ReviewError(UserError):
     """A request the queue cannot satisfy; `kind` is "not_found", "invalid" or "conflict"."""
 
     def __init__(self, kind: str, message: str) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import NoReturn, Optional
 
 from fer_pipeline.core import fileio
-from fer_pipeline.core.errors import exit_process, is_user_error, run_cli
+from fer_pipeline.core.errors import exit_process, is_user_error, run_cli, ConfigError, ResourceError
 from fer_pipeline.serving.batching import (Batcher, BatchingConfig, format_batching_parameters,
                               read_batching_parameters)
 from fer_pipeline.serving.grpc_service import build_grpc_server
@@ -90,7 +90,7 @@ class FerServer:
             try:
                 check_port_free(host, port)
             except OSError as error:
-                raise OSError(bind_failure(what, host, port, flag, error)) from None
+                raise ResourceError(bind_failure(what, host, port, flag, error)) from None
         self.manager.start()
         self.request_log.start()
         try:
@@ -99,7 +99,7 @@ class FerServer:
                 self.config.grpc_workers)
         except (OSError, RuntimeError) as error:
             self.stop()
-            raise OSError(bind_failure("gRPC", host, self.config.port, "--port", error)) \
+            raise ResourceError(bind_failure("gRPC", host, self.config.port, "--port", error)) \
                 from None
         self.grpc_server.start()
         try:
@@ -107,7 +107,7 @@ class FerServer:
                                                  self.config.max_request_bytes)
         except OSError as error:
             self.stop()
-            raise OSError(bind_failure("REST", host, self.config.rest_port, "--rest-port",
+            raise ResourceError(bind_failure("REST", host, self.config.rest_port, "--rest-port",
                                        error)) from None
         self.rest_port = self.rest_server.server_address[1]
         self._rest_thread = threading.Thread(target=self.rest_server.serve_forever,
@@ -241,8 +241,8 @@ def _batching_config(args: argparse.Namespace) -> BatchingConfig:
     given = {flag: pair for flag, pair in flags.items() if pair[1] is not None}
     if args.batching_parameters_file:
         if given:
-            raise ValueError(f"{', '.join(given)} and --batching-parameters-file: give the "
-                             "batching settings one way, not both")
+            raise ConfigError(f"{', '.join(given)} and --batching-parameters-file: give the "
+                              "batching settings one way, not both")
         return read_batching_parameters(args.batching_parameters_file)
     return replace(BatchingConfig(), **dict(given.values()))
 

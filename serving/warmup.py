@@ -25,6 +25,7 @@ from fer_pipeline.core.contract import (FEATURE_PIXELS, IMAGE_SIZE, INPUT_EXAMPL
                                NUM_CLASSES, OUTPUT_CLASS_ID, OUTPUT_CLASS_NAME,
                                OUTPUT_PROBABILITIES, OUTPUT_SALIENCY, SIGNATURE_DEFAULT,
                                SIGNATURE_EXAMPLES, SIGNATURE_EXPLAIN, SIGNATURE_UINT8)
+from fer_pipeline.core.errors import InputDataError
 
 WARMUP_DIR = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -138,12 +139,12 @@ def read_warmup_requests(version_dir: str) -> list[predict_pb2.PredictRequest]:
     requests = []
     for number, record in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator(), 1):
         if number > MAX_WARMUP_RECORDS:
-            raise ValueError(f"{path} holds more than {MAX_WARMUP_RECORDS} warm-up records")
+            raise InputDataError(f"{path} holds more than {MAX_WARMUP_RECORDS} warm-up records")
         log = prediction_log_pb2.PredictionLog.FromString(record)
         kind = log.WhichOneof("log_type")
         if kind != "predict_log":
-            raise ValueError(f"warm-up record {number} of {path} is a {kind}; fer-serve "
-                             "replays predict_log records only")
+            raise InputDataError(f"warm-up record {number} of {path} is a {kind}; fer-serve "
+                                 "replays predict_log records only")
         requests.append(log.predict_log.request)
     return requests
 
@@ -157,7 +158,7 @@ def replay_warmup(version_dir: str,
         try:
             run(request.model_spec.signature_name or SIGNATURE_DEFAULT, request_inputs(request))
         except Exception as error:
-            raise ValueError(f"warm-up request {number} of {len(requests)} "
-                             f"({request.model_spec.signature_name}) failed: "
-                             f"{getattr(error, 'message', None) or error}") from error
+            raise InputDataError(f"warm-up request {number} of {len(requests)} "
+                                 f"({request.model_spec.signature_name}) failed: "
+                                 f"{getattr(error, 'message', None) or error}") from error
     return len(requests)

@@ -47,6 +47,7 @@ from fer_pipeline.core.contract import (CLASS_NAMES, EXAMPLES_PATTERN, FEATURE_P
     INPUT_EXAMPLES, INPUT_PIXELS, MONITORING_FILE, MONITORING_HTML, NUM_CLASSES, NUM_PIXELS,
     OUTPUT_PROBABILITIES, SIGNATURE_EXPLAIN, STATISTICS_FILE, TEST_PREDICTIONS_FILE)
 from fer_pipeline.core.ensemble import combine, combine_batch
+from fer_pipeline.core.errors import UserError
 from fer_pipeline.serving.request_log import log_files, read_logs
 from fer_pipeline.serving.review_queue import ModelPrediction, ReviewQueue
 
@@ -84,7 +85,7 @@ REVIEW_CHECK = "review_rate"
 REVIEW_FEATURE = "review"
 
 
-class MonitorError(ValueError):
+class MonitorError(UserError, ValueError):
     """Nothing to compare (no logs in the window, no reference): one line for the user."""
 
 

@@ -47,6 +47,7 @@ from fer_pipeline.core.config import TrainConfig
 from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS,
     TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR, SERVING_MODEL_DIR, CHECKPOINTS_DIR, LOGS_DIR,
     HISTORY_FILE, TRAINING_INFO_FILE)
+from fer_pipeline.core.errors import MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ def _shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
 def count_records(file_pattern: str) -> int:
     files = fileio.glob(file_pattern)
     if not files:
-        raise FileNotFoundError(f"no transformed examples match {file_pattern}")
+        raise MissingInputError(f"no transformed examples match {file_pattern}")
     return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
 
 

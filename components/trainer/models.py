@@ -24,6 +24,7 @@ from keras import layers
 
 from fer_pipeline.core.config import ModelConfig, TrainConfig, registered_model
 from fer_pipeline.core.contract import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS
+from fer_pipeline.core.errors import ConfigError, MissingInputError
 
 VGG_WEIGHTS_NONE = "none"
 VGG_WEIGHTS_IMAGENET = "imagenet"
@@ -87,7 +88,7 @@ def build_vgg16(config: ModelConfig, weights: Optional[str] = None,
 
 def vgg16_base_is_trainable(weights: str, train_base: str = "auto") -> bool:
     if train_base not in ("auto", "true", "false"):
-        raise ValueError(f"train.models.vgg16.train_base must be auto, true or false, got {train_base!r}")
+        raise ConfigError(f"train.models.vgg16.train_base must be auto, true or false, got {train_base!r}")
     if train_base == "auto":
         return _is_random_init(weights)
     return train_base == "true"
@@ -108,11 +109,11 @@ def build_vgg16_base(weights: str = VGG_WEIGHTS_NONE) -> keras.Model:
         _he_initialize(base)
         return base
     if not os.path.isfile(weights):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"train.models.vgg16.weights={weights!r} is neither 'none', 'imagenet' nor an "
             f"existing file")
     if not weights.endswith(".h5"):
-        raise ValueError(f"train.models.vgg16.weights file must be .h5 or .weights.h5, got {weights!r}")
+        raise ConfigError(f"train.models.vgg16.weights file must be .h5 or .weights.h5, got {weights!r}")
     base.load_weights(weights)
     return base
 
@@ -148,7 +149,7 @@ def model_config(name: str, train_config: TrainConfig) -> ModelConfig:
     """The ModelConfig section that belongs to model `name`."""
     registered_model(name)
     if name not in train_config.models:
-        raise ValueError(f"model {name!r} has no section in train.models")
+        raise ConfigError(f"model {name!r} has no section in train.models")
     return train_config.models[name]
 
 
