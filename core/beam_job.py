@@ -7,11 +7,21 @@ The flags are the user's, untouched: the DirectRunner by default, or e.g.
 `--runner=FlinkRunner --job_endpoint=HOST:8099 --environment_type=EXTERNAL
 --environment_config=localhost:50000` for a Flink cluster (`SparkRunner` likewise,
 `DataflowRunner` for Google's service). What this adds is the ending: when a job fails on
-a cluster engine, the step stops with `BeamJobFailed`, one line naming the engine, the
-step and the engine's own reason (a lost TaskManager, a worker pool that refuses
-connections, our code's Python exception raised in a worker), instead of a Python traceback
-of the client's polling loop, which says nothing about the cluster. The step's previous
-committed output stays in force, as for any failed step (pipeline/runner.py).
+a cluster engine, the step stops with one line naming the engine, the step and the
+engine's own reason, instead of a Python traceback of the client's polling loop, which
+says nothing about the cluster. Whose failure it is decides how it ends:
+
+- the engine's (a lost TaskManager, a job server or worker pool that refuses connections,
+  out of memory, a file or server on the user's side that a worker cannot reach):
+  `BeamJobFailed`, an EngineError (core/errors.py), exit status 2;
+- our own Python exception raised in a worker (a NameError in a DoFn): `BeamWorkerError`,
+  a bug, reported as one (exit status 70, the traceback saved), its line still naming the
+  worker's exception type and message.
+
+The step's previous committed output stays in force, as for any failed step
+(pipeline/runner.py). A Dataflow translation without submission (`--template_location`,
+`--dry_run`) writes each step's job to a template of its own and ends the step with
+`BeamJobNotRun`, which the runner reports as a success (nothing ran, nothing committed).
 
 A failure on the in-process DirectRunner is raised unchanged: there the traceback is ours
 and useful. Bulk inference (`fer-pipeline infer`) and any new Beam step should build their
@@ -32,7 +42,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOp
                                                   PortableOptions, S3Options,
                                                   StandardOptions, TestOptions)
 
-from fer_pipeline.core.errors import UserError
+from fer_pipeline.core.errors import EngineError, UserError
 
 # The runners whose jobs run elsewhere, and the engine each names in an error.
 ENGINE_OF_RUNNER = {
@@ -75,13 +85,39 @@ class JobServerStagingOptions(PipelineOptions):
                  "or Spark job server ships with each job; default: its whole classpath")
 
 
-class BeamJobFailed(UserError):
-    """A step's Beam job failed on a cluster engine; the message says where and why."""
+class BeamJobFailed(EngineError):
+    """A step's Beam job failed on a cluster engine for the engine's reasons (or the
+    user's: a worker that cannot reach their files); the message says where and why."""
 
 
-class BeamJobNotRun(UserError):
-    """The flags asked Dataflow only to translate the job (`--template_location`,
-    `--dry_run`): the job spec is written, nothing ran, so the step has no output."""
+class BeamWorkerError(RuntimeError):
+    """Our own code raised an exception in a worker of a cluster engine: a bug. The message
+    is the failure line (the worker's exception type and message); the engine's whole
+    report, with the worker's traceback, is the exception's __cause__."""
+
+
+class BeamJobNotRun(Exception):
+    """Not an error: the flags asked Dataflow only to translate the job
+    (`--template_location`, `--dry_run`). The job spec is written, to `template` (empty for
+    a dry run); nothing ran, so the step has no output. The runner ends the step here."""
+
+    def __init__(self, step: str, template: str) -> None:
+        self.step, self.template = step, template
+        super().__init__(f"{step}: Dataflow translated the job " + (
+            f"and wrote its template to {template}" if template else "(dry run)")
+            + "; nothing ran, so the step has no output to commit")
+
+
+# Exceptions raised in a worker that are not our bug: the machine's or the engine's (out
+# of memory, a connection), or the user's (a file that is not there, one of our UserErrors).
+_WORKER_ENVIRONMENT_ERRORS = {
+    "MemoryError", "TimeoutError", "ConnectionError", "ConnectionRefusedError",
+    "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError", "FileNotFoundError",
+    "PermissionError", "IsADirectoryError", "NotADirectoryError", "FileExistsError",
+}
+# ...and an RPC to the runner or the worker pool that failed (the harness lost its runner).
+_WORKER_CONNECTION = re.compile(r"StatusCode\.UNAVAILABLE|Connection refused|No space left",
+                                re.I)
 
 
 def is_cluster_runner(options: PipelineOptions) -> bool:
@@ -95,19 +131,17 @@ def beam_pipeline(beam_args: Sequence[str], step: str) -> Iterator[beam.Pipeline
     """A Beam pipeline for `step`, run and waited for when the `with` block ends.
 
     An error while building it (in the block) is raised as it is; a job that fails on a
-    cluster engine becomes BeamJobFailed; a Dataflow translation without submission ends
-    with BeamJobNotRun once the job spec is written.
+    cluster engine becomes BeamJobFailed (the engine's) or BeamWorkerError (our code's, in
+    a worker); a Dataflow translation without submission ends with BeamJobNotRun once the
+    step's job spec is written (translation_args says where).
     """
     options = PipelineOptions(list(beam_args))
     if translate_only(options):
+        options = PipelineOptions(translation_args(beam_args, step))
         pipeline = beam.Pipeline(options=options)
         yield pipeline
         pipeline.run()   # translates, stages and writes the template; submits nothing
-        template = options.view_as(GoogleCloudOptions).template_location
-        raise BeamJobNotRun(
-            f"{step}: Dataflow translated the job " + (
-                f"and wrote its template to {template}" if template else "(dry run)")
-            + "; nothing ran, so the step has no output to commit")
+        raise BeamJobNotRun(step, options.view_as(GoogleCloudOptions).template_location or "")
     # Decided before the pipeline exists: Beam replaces the runner name in `options` by
     # the runner object it creates.
     on_cluster = is_cluster_runner(options)
@@ -119,8 +153,68 @@ def beam_pipeline(beam_args: Sequence[str], step: str) -> Iterator[beam.Pipeline
     except Exception as error:  # noqa: BLE001 - whatever the engine raised, said in one line
         if not (built and on_cluster):
             raise
-        raise BeamJobFailed(describe_failure(PipelineOptions(list(beam_args)), step,
-                                             error)) from error
+        raise engine_failure(PipelineOptions(list(beam_args)), step, error) from error
+
+
+def engine_failure(options: PipelineOptions, step: str, error: BaseException) -> Exception:
+    """What a job that failed on a cluster engine ends the step with: BeamWorkerError when
+    our own code raised in a worker (a bug), else BeamJobFailed (the engine's, the user's
+    to fix); either way describe_failure's one line."""
+    line = describe_failure(options, step, error)
+    if _our_exception_in_a_worker(str(error)) and " cannot reach the Beam job server " \
+            not in line:
+        return BeamWorkerError(line)
+    return BeamJobFailed(line)
+
+
+def _our_exception_in_a_worker(message: str) -> bool:
+    """A Python traceback from a worker (the SDK harness) whose exception is not about the
+    machine, a connection, or the user's files."""
+    if "Traceback (most recent call last)" not in message:
+        return False
+    exceptions = [match for match in (
+        re.match(r"^([A-Z]\w*(?:Error|Exception))\b(.*)$", line.strip())
+        for line in message.splitlines()) if match]
+    if not exceptions:
+        return False
+    match, reason = exceptions[-1], exceptions[-1].group(0)
+    name = match.group(1)
+    return not (name in _WORKER_ENVIRONMENT_ERRORS or name in _user_error_names()
+                or _WORKER_CONNECTION.search(reason) or _LOST_TASKMANAGER.search(reason))
+
+
+def _user_error_names() -> set[str]:
+    names, pending = set(), [UserError]
+    while pending:
+        cls = pending.pop()
+        names.add(cls.__name__)
+        pending.extend(cls.__subclasses__())
+    return names
+
+
+def translation_args(beam_args: Sequence[str], step: str) -> list[str]:
+    """The flags for translating `step` alone: its template at `--template_location` with
+    the step's name before the extension (job.json -> job-ingest.json), and its staged
+    files (the pipeline proto the template points at) under `<staging_location>/<step>`, so
+    that the Beam steps of one run do not overwrite each other's."""
+    options = PipelineOptions(list(beam_args))
+    cloud = options.view_as(GoogleCloudOptions)
+    args = list(beam_args)
+    if cloud.template_location:
+        args.append(f"--template_location={step_template(cloud.template_location, step)}")
+    staging = cloud.staging_location or (
+        cloud.temp_location and cloud.temp_location.rstrip("/") + "/staging")
+    if staging:
+        args.append(f"--staging_location={staging.rstrip('/')}/{step}")
+    return args
+
+
+def step_template(template_location: str, step: str) -> str:
+    """`gs://b/t/job.json` -> `gs://b/t/job-ingest.json`; `gs://b/t/job` -> `.../job-ingest`."""
+    head, sep, name = template_location.rpartition("/")
+    stem, dot, ext = name.rpartition(".")
+    name = f"{stem}-{step}.{ext}" if dot and stem else f"{name}-{step}"
+    return head + sep + name
 
 
 class _EngineMessages(logging.Filter):

@@ -23,6 +23,7 @@ from fer_pipeline.core.config_loading import (YamlLoader, at_least, between, che
                                               check_values, fractions, local_directory,
                                               merge, one_of, optional, positive, setting,
                                               weights_file)
+from fer_pipeline.core.errors import ConfigError
 
 __all__ = ["IngestConfig", "ValidationConfig", "AugmentConfig", "TransformConfig",
            "ModelConfig", "RegisteredModel", "MODEL_REGISTRY", "MODEL_NAMES",
@@ -153,7 +154,7 @@ MODEL_NAMES: tuple[str, ...] = tuple(MODEL_REGISTRY)
 
 def registered_model(name: str) -> RegisteredModel:
     if name not in MODEL_REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered models: {list(MODEL_NAMES)}")
+        raise ConfigError(f"unknown model {name!r}; registered models: {list(MODEL_NAMES)}")
     return MODEL_REGISTRY[name]
 
 
@@ -350,8 +351,8 @@ PROFILES = {"default": dict, "smoke": _smoke_overrides}
 # problems are reported at once, each with its dotted key, in one ConfigError naming
 # the file.
 
-class ConfigError(ValueError):
-    """Everything wrong with a configuration, one problem per line."""
+# ConfigError (core/errors.py: a UserError and a ValueError) is raised here, and imported
+# from here by the code that reads configs.
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ The run root, the data and the serving root may be local paths or object-store U
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,12 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from apache_beam.options.pipeline_options import PipelineOptions
+
 from fer_pipeline.core import fileio
 from fer_pipeline.core.artifacts import (EXECUTION_PREFIX, Commit, commit, fingerprint,
                                 read_commit, relative_paths,
                                 remove_uncommitted, to_jsonable)
+from fer_pipeline.core.beam_job import BeamJobNotRun, translate_only
 from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig
 from fer_pipeline.core.contract import MANIFEST_FILE
+from fer_pipeline.core.errors import UserError
 from fer_pipeline.pipeline.dag import (DATA, PIPELINE_INPUT, SCHEMA, STEP_NAMES, Step, StepEnv,
                           build_steps, code_fingerprint, step_by_name)
 from fer_pipeline.pipeline.metadata import DERIVED, ArtifactRecord, MetadataStore, sqlite_path
@@ -46,7 +51,7 @@ def schema_path(config: PipelineConfig) -> str:
     return os.path.abspath(path) if os.path.exists(path) else str(PROJECT_ROOT / path)
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     """A step refused to go on (bad data, anomalies); the message says why and what to do."""
 
 
@@ -302,6 +307,12 @@ def run_pipeline(ctx: RunContext, steps: Optional[Sequence[str]] = None) -> list
     store = open_store(ctx)
     committed: dict[str, Commit] = {}
     outcomes = []
+    if translate_only(PipelineOptions(list(ctx.beam_args))):
+        try:
+            translate_steps(chosen, ctx, store)
+        finally:
+            _remove_created(created)   # nothing ran: a translation leaves no run behind
+        return outcomes
     try:
         for step in chosen:
             outcome = run_step(step, ctx, store, committed)
@@ -317,6 +328,42 @@ def run_pipeline(ctx: RunContext, steps: Optional[Sequence[str]] = None) -> list
             _remove_created([path for path in created if path not in str(error)])
         raise
     return outcomes
+
+
+def translate_steps(steps: Sequence[Step], ctx: RunContext, store: MetadataStore) -> None:
+    """A Dataflow translation without submission (`--template_location`, `--dry_run`):
+    every Beam step among `steps` whose inputs exist writes its own template
+    (core/beam_job.py `translation_args`), one line each. Nothing runs and nothing is
+    committed, so a step whose input only a translated step would produce is named as not
+    translated; the steps that are not Beam jobs (training, evaluation...) do not run."""
+    forced = dataclasses.replace(ctx, force=True)   # a cached output translates nothing
+    translated, not_translated = [], []
+    for step in steps:
+        if not step.beam:
+            continue
+        missing = [ref for ref in step.inputs.values()
+                   if not ref.startswith(PIPELINE_INPUT + ".") and read_commit(fileio.join(
+                       ctx.run_root, step_by_name(ref.split(".")[0], ctx.models).directory))
+                   is None]
+        if missing:
+            not_translated.append(f"{step.name} (needs {', '.join(missing)}, which only a run "
+                                  "can produce)")
+            continue
+        try:
+            run_step(step, forced, store, {})
+        except BeamJobNotRun as done:
+            where = (f"template {done.template}" if done.template
+                     else "dry run, no template written")
+            print(f"[fer-pipeline] {step.name:<12} {'translated':<22} {where}", flush=True)
+            translated.append(step.name)
+            continue
+        raise RuntimeError(f"{step.name}: Dataflow was asked only to translate the job, "
+                           "but the step ran")   # a bug of beam_pipeline's
+    skipped = [s.name for s in steps if not s.beam]
+    print(f"[fer-pipeline] Dataflow translation only: {len(translated)} Beam step(s) "
+          "translated, nothing ran"
+          + (f"; not translated: {'; '.join(not_translated)}" if not_translated else "")
+          + (f"; not Beam jobs, not run: {', '.join(skipped)}" if skipped else ""), flush=True)
 
 
 def check_inputs_exist(steps: Sequence[Step], ctx: RunContext) -> None:

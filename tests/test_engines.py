@@ -356,16 +356,70 @@ def test_dataflow_translates_every_beam_step_through_its_kfp_component(engine_da
                  f"--temp_location={work / 'temp'}", f"--staging_location={work / 'staging'}",
                  f"--template_location={work / 'job.json'}"]
         started = time.time()
+        # Not an error (the runner reports it as a success): the step ends, nothing committed.
         with pytest.raises(BeamJobNotRun, match=f"^{name}: Dataflow translated the job"):
             run_component(name, inputs_of[name], str(work / "out"), json.dumps([engine_data.csv]),
                           str(tmp_path / "serving"), json.dumps({}), json.dumps(flags), "",
                           json.dumps(["cnn"]))
         assert time.time() - started < 120, f"{name}: translating took too long"
-        job = json.loads((work / "job.json").read_text())
+        # Each step's own template and staged proto (core/beam_job.py translation_args).
+        job = json.loads((work / f"job-{name}.json").read_text())
         assert job["type"] == "JOB_TYPE_BATCH" and job["environment"], name  # Runner v2
         proto = beam_runner_api_pb2.Pipeline.FromString(
-            (work / "staging" / "pipeline.pb").read_bytes())
+            (work / "staging" / name / "pipeline.pb").read_bytes())
         labels = {t.unique_name for t in proto.components.transforms.values()}
         for label in expected:
             assert any(label == u or u.endswith("/" + label) or u.startswith(label + "/")
                        for u in labels), f"{name}: no {label!r} in the Dataflow job"
+
+
+def test_fer_pipeline_run_translates_every_beam_step_and_exits_0(engine_data: EngineData,
+                                                                 tmp_path, monkeypatch, capsys):
+    """`fer-pipeline run` with Dataflow translation flags: every Beam step whose inputs
+    exist (here all four: the run root holds the DirectRunner's committed outputs) writes
+    its own template, one line each; nothing runs or is committed; exit status 0."""
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    root = tmp_path / "run"
+    shutil.copytree(engine_data.direct_run, root)
+    before = {step: read_commit(str(root / step)).execution for step in
+              ("examples", "augmented", "statistics", "transform")}
+    for sub in ("temp", "staging"):
+        (tmp_path / sub).mkdir()
+    flags = ["--runner=DataflowRunner", "--project=fer-offline", "--region=us-central1",
+             "--dataflow_endpoint=http://localhost:1", "--no_auth",
+             f"--temp_location={tmp_path / 'temp'}", f"--staging_location={tmp_path / 'staging'}",
+             f"--template_location={tmp_path / 'job.json'}"]
+    capsys.readouterr()
+    assert run_cli(["run", "--data", engine_data.csv, "--output", str(root), "--profile",
+                    "smoke", "--config", engine_data.config, "--steps",
+                    "ingest,augment,statistics,transform", *flags]) == 0
+    out = capsys.readouterr()
+    assert "error" not in out.err
+    for name in EXPECTED_TRANSFORMS:
+        template = tmp_path / f"job-{name}.json"
+        assert f"{name}" in out.out and f"template {template}" in out.out, out.out
+        assert json.loads(template.read_text())["type"] == "JOB_TYPE_BATCH"
+        assert (tmp_path / "staging" / name / "pipeline.pb").exists()
+    assert "4 Beam step(s) translated, nothing ran" in out.out
+    after = {step: read_commit(str(root / step)).execution for step in before}
+    assert after == before
+
+
+def test_a_translation_on_an_empty_run_root_translates_ingest_and_names_the_rest(
+        engine_data: EngineData, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    for sub in ("temp", "staging"):
+        (tmp_path / sub).mkdir()
+    root = tmp_path / "fresh"
+    flags = ["--runner=DataflowRunner", "--project=fer-offline", "--region=us-central1",
+             "--dataflow_endpoint=http://localhost:1", "--no_auth",
+             f"--temp_location={tmp_path / 'temp'}", f"--staging_location={tmp_path / 'staging'}",
+             f"--template_location={tmp_path / 'job.json'}"]
+    capsys.readouterr()
+    assert run_cli(["run", "--data", engine_data.csv, "--output", str(root), "--profile",
+                    "smoke", "--config", engine_data.config, *flags]) == 0
+    out = capsys.readouterr().out
+    assert f"template {tmp_path / 'job-ingest.json'}" in out
+    assert "1 Beam step(s) translated, nothing ran; not translated: augment" in out
+    assert "not Beam jobs, not run: train-cnn" in out
+    assert (tmp_path / "job-ingest.json").exists() and not root.exists()
