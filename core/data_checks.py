@@ -13,6 +13,7 @@ from tensorflow_metadata.proto.v0 import anomalies_pb2, schema_pb2, statistics_p
 
 from fer_pipeline.core import fileio
 from fer_pipeline.core.contract import CLASS_NAMES, FEATURE_LABEL, SPLITS, STATISTICS_FILE
+from fer_pipeline.core.errors import MissingInputError
 
 __all__ = ["BASELINE_SPLIT", "OVERRIDE_FLAG", "DriftResult", "describe_anomalies", "drift_record",
            "format_distance", "label_distribution", "linf_distance", "load_schema",
@@ -49,7 +50,7 @@ def load_split_statistics(
     found = {fileio.basename(fileio.dirname(path))
              for path in fileio.glob(fileio.join(statistics_dir, "*", STATISTICS_FILE))}
     if not found:
-        raise FileNotFoundError(f"no <split>/{STATISTICS_FILE} under {statistics_dir}")
+        raise MissingInputError(f"no <split>/{STATISTICS_FILE} under {statistics_dir}")
     ordered = [s for s in SPLITS if s in found] + sorted(found - set(SPLITS))
     return {split: tfdv.load_statistics(fileio.join(statistics_dir, split, STATISTICS_FILE))
             for split in ordered}

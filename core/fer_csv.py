@@ -24,6 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from fer_pipeline.core import fileio
 from fer_pipeline.core.contract import NUM_CLASSES, NUM_PIXELS, USAGE_TO_SPLIT
+from fer_pipeline.core.errors import InputDataError
 
 __all__ = ["JSONL_HEADER", "READ_CHUNK_BYTES", "REJECTED_TAG", "CsvColumns", "ReadChunkLines", "RowError",
            "ParseRows", "parse_label", "parse_pixels", "parse_row", "plan_chunks", "read_header",
@@ -72,8 +73,8 @@ def read_header(data_path: str, label_required: bool = True) -> CsvColumns:
     missing = [c for c in required if c not in names]
     if missing:
         expected = "emotion,pixels[,Usage]" if label_required else "[emotion,]pixels[,Usage]"
-        raise ValueError(f"{data_path}: header {text[:200]!r} lacks column(s) {missing}; "
-                         f"expected a FER-2013 CSV with {expected}")
+        raise InputDataError(f"{data_path}: header {text[:200]!r} lacks column(s) {missing}; "
+                             f"expected a FER-2013 CSV with {expected}")
     emotion = names.index("emotion") if "emotion" in names else None
     usage = names.index("usage") if "usage" in names else None
     return CsvColumns(emotion, names.index("pixels"), usage, len(names), label_required)
