@@ -42,6 +42,8 @@ from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATU
     SHARD_PREFIX, SHARD_SUFFIX)
 from fer_pipeline.core.errors import MissingInputError
 
+__all__ = ["run_augment", "AugmentResult"]
+
 ORIGINAL = b"original"
 SUMMARY_DIR = ".summary"  # per-class counts written by the pipeline, read back, removed
 

@@ -67,6 +67,8 @@ from fer_pipeline.core.errors import InputDataError, MissingInputError
 from fer_pipeline.serving.faces import FaceDetectionConfig, decode_grayscale, faces_in_image
 from fer_pipeline.serving.review_queue import ModelPrediction, ReviewQueue, record_if_flagged
 
+__all__ = ["run_bulk_inferrer", "BulkInferenceResult", "ModelVersion"]
+
 _REJECTED = "rejected"
 _BEAM_TMP = ".beam_tmp"
 # Explanations are integrated gradients (tens of model calls per face): small batches keep

@@ -43,6 +43,8 @@ from fer_pipeline.core.contract import (BLESSINGS_FILE, CLASS_NAMES, CLASS_NAMES
 from fer_pipeline.core.ensemble import combine_batch
 from fer_pipeline.core.errors import InputDataError, MissingInputError
 
+__all__ = ["run_evaluator", "EvalResult"]
+
 log = logging.getLogger(__name__)
 
 TEST_SPLIT = "test"

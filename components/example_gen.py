@@ -40,6 +40,8 @@ from fer_pipeline.core.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEA
     DUPLICATES_FILE)
 from fer_pipeline.core.errors import ConfigError, InputDataError
 
+__all__ = ["run_example_gen", "ExampleGenResult", "TooManyRejectedRows"]
+
 ORIGINAL = "original"
 # Rejections with this prefix are deliberate (leakage control), not bad input, so they do
 # not count against max_rejected_fraction.

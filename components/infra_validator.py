@@ -61,6 +61,8 @@ from fer_pipeline.serving.server import tfserving_binary
 from fer_pipeline.serving.warmup import (CONTRACT_SIGNATURES, canary_requests, contract_outputs,
                             request_inputs, write_warmup_requests)
 
+__all__ = ["run_infra_validator", "InfraValidationResult"]
+
 log = logging.getLogger(__name__)
 
 MODES = ("load_only", "load_and_query")

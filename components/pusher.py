@@ -61,6 +61,8 @@ from fer_pipeline.core.serving_root import (ModelSpec, RequestLogSpec, configure
                                            served_versions, version_dirs,
                                            without_request_log, write_model_server_config)
 
+__all__ = ["run_pusher", "PushResult", "ModelPush"]
+
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"                  # in-flight copies (local serving roots)
@@ -350,9 +352,9 @@ def _push_if_blessed(name: str, model_dir: str, verdict: Optional[dict], evaluat
     return outcome
 
 
-def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str, serving_root: str,
-               output_dir: str, config: PushConfig,
-               infra_validation_dir: Optional[str] = None) -> PushResult:
+def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str,
+               infra_validation_dir: Optional[str], serving_root: str, output_dir: str,
+               config: PushConfig) -> PushResult:
     """Pushes each blessed model as a new version and rewrites models.config.
 
     `model_dirs` maps model name to its trainer output directory (holding serving_model/).

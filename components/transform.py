@@ -33,6 +33,8 @@ from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE
     NUM_PIXELS, SHARD_PREFIX, SHARD_SUFFIX, SPLITS, TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
 from fer_pipeline.core.errors import ConfigError, MissingInputError
 
+__all__ = ["run_transform", "TransformResult"]
+
 NORMALIZATIONS = ("zscore", "minmax", "scale255")
 
 # Transform reads only the two raw features that matter; the others (usage, row_number,

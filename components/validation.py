@@ -27,6 +27,8 @@ from fer_pipeline.core.data_checks import (BASELINE_SPLIT, OVERRIDE_FLAG, DriftR
 from fer_pipeline.core.contract import DRIFT_FILE, FEATURE_LABEL, VALIDATION_REPORT
 from fer_pipeline.core.errors import UserError
 
+__all__ = ["run_validation", "ValidationResult", "DataValidationError", "raise_if_blocking"]
+
 log = logging.getLogger(__name__)
 
 class DataValidationError(UserError, RuntimeError):

@@ -1,5 +1,3 @@
-"""The FER pipeline's orchestration. Importing it silences known third-party noise first
-(core/quiet.py says exactly what, and why), before any module imports TensorFlow."""
-from fer_pipeline.core import quiet as _quiet
-
-_quiet.install()
+"""The FER pipeline's orchestration. Importing it changes nothing in the process: the entry
+points (pipeline/cli.py, the Kubeflow components in pipeline/kfp_pipeline.py) install
+core/quiet.py's filters themselves, before anything imports TensorFlow."""

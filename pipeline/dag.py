@@ -80,9 +80,8 @@ def _augment(inputs, out, env: StepEnv):
 def _statistics(inputs, out, env: StepEnv):
     from fer_pipeline.components.statistics.executor import run_statistics
     # The schema and validation settings let the page show the verdict at its top.
-    return run_statistics(inputs["examples"], out, env.beam_args,
-                          augmented_dir=inputs["augmented"], schema_path=inputs["schema"],
-                          validation=env.config.validation)
+    return run_statistics(inputs["examples"], inputs["augmented"], inputs["schema"], out,
+                          env.config.validation, env.beam_args)
 
 
 def _validate(inputs, out, env: StepEnv):
@@ -98,7 +97,7 @@ def _transform(inputs, out, env: StepEnv):
 
 def _train(model: str, inputs, out, env: StepEnv):
     from fer_pipeline.components.trainer.executor import run_trainer
-    return run_trainer(model, inputs["transform"], out, env.config.train)
+    return run_trainer(inputs["transform"], out, env.config.train, model)
 
 
 def _model_runs(inputs: Mapping[str, Any]) -> dict[str, str]:
@@ -120,8 +119,8 @@ def _infra_validate(inputs, out, env: StepEnv):
 
 def _push(inputs, out, env: StepEnv):
     from fer_pipeline.components.pusher import run_pusher
-    return run_pusher(_model_runs(inputs), inputs["evaluation"], env.serving_root, out,
-                      env.config.push, infra_validation_dir=inputs["infra_validation"])
+    return run_pusher(_model_runs(inputs), inputs["evaluation"], inputs["infra_validation"],
+                      env.serving_root, out, env.config.push)
 
 
 def _blessings(output_uri: str, result: dict) -> list[ArtifactRecord]:

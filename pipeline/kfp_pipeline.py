@@ -49,6 +49,12 @@ def _artifact_inputs(step: Step) -> list[str]:
             if not ref.startswith(PIPELINE_INPUT + ".")]
 
 
+# The first lines of every component function: a component runs in a process of its own,
+# so it installs core/quiet.py's filters itself, before anything imports TensorFlow.
+_QUIET = ("    from fer_pipeline.core import quiet\n"
+          "    quiet.install()\n")
+
+
 def component_source(step: Step) -> str:
     """Python source of the lightweight component that runs `step`."""
     artifact_params = [f"{name}: Input[Artifact]" for name in _artifact_inputs(step)]
@@ -59,6 +65,7 @@ def component_source(step: Step) -> str:
     uris = ", ".join(f"{name!r}: {name}.uri" for name in _artifact_inputs(step))
     return (
         f"def {_function_name(step)}({params}):\n"
+        f"{_QUIET}"
         f"    from fer_pipeline.pipeline.kfp_pipeline import run_component\n"
         f"    run_component({step.name!r}, {{{uris}}}, {output}.uri, data, serving_root,\n"
         f"                  config_json, beam_args_json, metadata_db, models_json)\n"
@@ -149,6 +156,7 @@ INFERENCE_COMPONENT_SOURCE = (
     "def bulk_inference(data: str, serving_root: str, models: str, config_json: str,\n"
     "                   beam_args_json: str, metadata_db: str,\n"
     "                   predictions: Output[Artifact]):\n"
+    + _QUIET +
     "    from fer_pipeline.pipeline.kfp_pipeline import run_inference_component\n"
     "    run_inference_component(data, serving_root, models, config_json, beam_args_json,\n"
     "                            metadata_db, predictions.uri)\n")
@@ -208,6 +216,7 @@ MONITOR_PIPELINE_NAME = "fer-monitor"
 MONITOR_COMPONENT_SOURCE = (
     "def monitor(run_root: str, logs: str, since: str, until: str, config_json: str,\n"
     "            metadata_db: str, monitoring: Output[Artifact]) -> str:\n"
+    + _QUIET +
     "    from fer_pipeline.pipeline.kfp_pipeline import run_monitor_component\n"
     "    return run_monitor_component(run_root, logs, since, until, config_json,\n"
     "                                 metadata_db, monitoring.uri)\n")

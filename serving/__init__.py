@@ -1,5 +1,3 @@
 """Serving: the embedded TF-Serving-protocol server and the ensemble client. Importing it
-silences known third-party noise first (core/quiet.py), before TensorFlow loads."""
-from fer_pipeline.core import quiet as _quiet
-
-_quiet.install()
+changes nothing in the process: the console scripts (fer-serve, fer-client, fer-review)
+install core/quiet.py's filters themselves, before TensorFlow loads."""

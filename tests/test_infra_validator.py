@@ -165,8 +165,8 @@ def test_load_and_query_blesses_a_good_candidate_with_its_warmup(inputs, tmp_pat
     assert list(sandbox_tmp.iterdir()) == [] and _sandbox_processes(sandbox_tmp) == []
     # Push publishes the validated copy, warm-up included.
     serving = tmp_path / "serving"
-    push = run_pusher({"cnn": inputs["good"]}, inputs["evaluation"], str(serving),
-                      str(tmp_path / "push"), PushConfig(), infra_validation_dir=str(out))
+    push = run_pusher({"cnn": inputs["good"]}, inputs["evaluation"], str(out), str(serving),
+                      str(tmp_path / "push"), PushConfig())
     assert push.models["cnn"].pushed, push.models["cnn"].reasons
     assert push.models["cnn"].reasons[-1] == cnn.summary
     assert len(read_warmup_requests(str(serving / "cnn" / "1"))) == 4
@@ -291,8 +291,8 @@ def test_a_broken_candidate_is_held_back_and_nothing_is_pushed(case, inputs, tmp
     assert server_log.read_text().strip()
     assert not (out / "cnn" / SERVING_MODEL_DIR).exists()
     # Nothing is pushed; the served version stays.
-    push = run_pusher({"cnn": model_dir}, inputs["evaluation"], str(serving),
-                      str(tmp_path / "push"), PushConfig(), infra_validation_dir=str(out))
+    push = run_pusher({"cnn": model_dir}, inputs["evaluation"], str(out), str(serving),
+                      str(tmp_path / "push"), PushConfig())
     assert not push.models["cnn"].pushed
     assert push.models["cnn"].reasons[0] == "not infra-blessed"
     assert served_versions(str(serving), "cnn") == [1]

@@ -190,7 +190,7 @@ def test_validation_reads_and_writes_s3(s3, ingested, tmp_path):
     from fer_pipeline.components.validation import DataValidationError, raise_if_blocking, run_validation
 
     local_stats = str(tmp_path / "statistics")
-    run_statistics(ingested["local"].output_dir, local_stats, [])
+    run_statistics(ingested["local"].output_dir, None, None, local_stats, None, [])
     remote_stats = s3.uri("run", "statistics")
     fileio.copytree(local_stats, remote_stats)
     schema = str(REPO / ValidationConfig.schema_path)
@@ -335,9 +335,9 @@ def test_push_to_s3_publishes_through_models_config(s3, candidates, tmp_path):
     remote_root, local_root = s3.unique_uri("serving"), str(tmp_path / "serving")
     config = PushConfig(keep_versions=2)
     for i in range(3):
-        remote = run_pusher({"cnn": candidates[f"run{i}"]}, evaluation, remote_root,
+        remote = run_pusher({"cnn": candidates[f"run{i}"]}, evaluation, None, remote_root,
                             s3.uri("push", f"r{i}"), config)
-        local = run_pusher({"cnn": candidates[f"run{i}"]}, evaluation, local_root,
+        local = run_pusher({"cnn": candidates[f"run{i}"]}, evaluation, None, local_root,
                            str(tmp_path / f"push{i}"), config)
         assert remote.models["cnn"].version == local.models["cnn"].version == i + 1
         assert remote.models["cnn"].removed_versions == local.models["cnn"].removed_versions
@@ -360,7 +360,7 @@ def test_push_to_s3_publishes_through_models_config(s3, candidates, tmp_path):
         pixels=tf.zeros([1, 48, 48], tf.int32))["probabilities"].shape == (1, 7)
 
     # Pushing the served model again publishes nothing.
-    again = run_pusher({"cnn": candidates["run2"]}, evaluation, remote_root,
+    again = run_pusher({"cnn": candidates["run2"]}, evaluation, None, remote_root,
                        s3.uri("push", "again"), config)
     assert not again.models["cnn"].pushed
     assert again.models["cnn"].reasons[0] == "identical to served version 3"
@@ -375,12 +375,12 @@ def test_push_to_s3_crashing_mid_upload_never_names_the_partial_version(
 
     evaluation = _bless(tmp_path)
     root = s3.unique_uri("serving")
-    assert run_pusher({"cnn": candidates["run0"]}, evaluation, root, s3.uri("push", "c0"),
+    assert run_pusher({"cnn": candidates["run0"]}, evaluation, None, root, s3.uri("push", "c0"),
                       PushConfig()).models["cnn"].version == 1
 
     copied = fail_copy_after(monkeypatch, 2, "connection reset (injected)")
     with pytest.raises(OSError, match="injected"):
-        run_pusher({"cnn": candidates["run1"]}, evaluation, root, s3.uri("push", "c1"),
+        run_pusher({"cnn": candidates["run1"]}, evaluation, None, root, s3.uri("push", "c1"),
                    PushConfig())
     assert len(copied) == 2 and all("/cnn/2/" in path for path in copied)
     # Two objects of version 2 are in the bucket, but models.config names version 1 only.
@@ -390,7 +390,7 @@ def test_push_to_s3_crashing_mid_upload_never_names_the_partial_version(
     assert served_versions(root, "cnn") == [1]
 
     monkeypatch.undo()                           # the real copy again
-    result = run_pusher({"cnn": candidates["run1"]}, evaluation, root, s3.uri("push", "c2"),
+    result = run_pusher({"cnn": candidates["run1"]}, evaluation, None, root, s3.uri("push", "c2"),
                         PushConfig())
     outcome = result.models["cnn"]
     assert outcome.version == 3 and outcome.removed_leftovers == [2]   # 2 is never reused

@@ -70,8 +70,8 @@ def statistics_run(tmp_path_factory) -> dict[str, Any]:
     statistics_fixtures.write_ingest_reports(examples)
     augmented = str(root / "augmented")
     statistics_fixtures.write_augmented(augmented, examples, copies_of_class=1, copies=6)
-    result = run_statistics(examples, str(root / "statistics"), [], augmented_dir=augmented,
-                            schema_path=statistics_fixtures.SCHEMA)
+    result = run_statistics(examples, augmented, statistics_fixtures.SCHEMA,
+                            str(root / "statistics"), None, [])
     stats = {split: tfdv.load_statistics(path) for split, path in result.stats_paths.items()}
     stats["augmented"] = tfdv.load_statistics(result.augmented_stats_path)
     return {"html": result.html_path, "stats": stats}

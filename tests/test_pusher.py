@@ -69,12 +69,15 @@ def test_blessed_model_gets_increasing_versions_and_old_ones_are_pruned(saved_mo
     serving = tmp_path / "serving"
     config = PushConfig(keep_versions=2)
 
-    first = run_pusher(retrained[0], evaluation, str(serving), str(tmp_path / "push1"), config)
+    first = run_pusher(retrained[0], evaluation, None, str(serving), str(tmp_path / "push1"),
+                       config)
     assert first.models["cnn"].pushed and first.models["cnn"].version == 1
     assert first.models["cnn"].reasons == ["accuracy 0.800 >= 0.300"]
-    second = run_pusher(retrained[1], evaluation, str(serving), str(tmp_path / "push2"), config)
+    second = run_pusher(retrained[1], evaluation, None, str(serving), str(tmp_path / "push2"),
+                        config)
     assert second.models["cnn"].version == 2 and second.models["cnn"].removed_versions == []
-    third = run_pusher(retrained[2], evaluation, str(serving), str(tmp_path / "push3"), config)
+    third = run_pusher(retrained[2], evaluation, None, str(serving), str(tmp_path / "push3"),
+                       config)
     assert third.models["cnn"].version == 3 and third.models["cnn"].removed_versions == [1]
     assert visible_entries(serving / "cnn") == ["2", "3"]       # no temp dirs left either
 
@@ -103,11 +106,12 @@ def test_candidate_identical_to_the_served_version_is_not_pushed_again(saved_mod
     dirs = {"cnn": model_dir(saved_models, tmp_path, "good", "cnn")}
     evaluation = bless(tmp_path / "evaluation", {"cnn": True})
     serving = tmp_path / "serving"
-    assert run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push1"),
+    assert run_pusher(dirs, evaluation, None, str(serving), str(tmp_path / "push1"),
                       PushConfig()).models["cnn"].version == 1
 
     # The same trained model again (a re-run of the push step): byte for byte what is served.
-    again = run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push2"), PushConfig())
+    again = run_pusher(dirs, evaluation, None, str(serving), str(tmp_path / "push2"),
+                       PushConfig())
     outcome = again.models["cnn"]
     assert not outcome.pushed and outcome.version is None
     assert outcome.reasons == ["identical to served version 1", "accuracy 0.800 >= 0.300"]
@@ -118,7 +122,7 @@ def test_candidate_identical_to_the_served_version_is_not_pushed_again(saved_mod
 
     # Any change to the files is a new version.
     changed = {"cnn": model_dir(saved_models, tmp_path, "good", "cnn-2", "retrained")}
-    assert run_pusher(changed, evaluation, str(serving), str(tmp_path / "push3"),
+    assert run_pusher(changed, evaluation, None, str(serving), str(tmp_path / "push3"),
                       PushConfig()).models["cnn"].version == 2
 
 
@@ -147,7 +151,8 @@ def test_unblessed_model_is_not_pushed_and_reasons_are_kept(saved_models, tmp_pa
             "extra": model_dir(saved_models, tmp_path, "good", "extra")}
     evaluation = bless(tmp_path / "evaluation", {"cnn": True, "vgg16": False})
     serving = tmp_path / "serving"
-    result = run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push"), PushConfig())
+    result = run_pusher(dirs, evaluation, None, str(serving), str(tmp_path / "push"),
+                        PushConfig())
 
     assert result.models["cnn"].pushed
     refused = result.models["vgg16"]
@@ -170,7 +175,7 @@ def test_regression_found_by_the_evaluator_keeps_the_served_version(saved_models
     good = {"cnn": model_dir(saved_models, tmp_path, "good", "cnn")}
     run_evaluator(str(tmp_path / "examples"), good, str(serving), str(tmp_path / "eval1"),
                   eval_config)
-    assert run_pusher(good, str(tmp_path / "eval1"), str(serving), str(tmp_path / "push1"),
+    assert run_pusher(good, str(tmp_path / "eval1"), None, str(serving), str(tmp_path / "push1"),
                       PushConfig()).models["cnn"].version == 1
 
     # A retrained "cnn" that is worse than the served one passes the absolute floor (0.1)
@@ -179,7 +184,7 @@ def test_regression_found_by_the_evaluator_keeps_the_served_version(saved_models
     result = run_evaluator(str(tmp_path / "examples"), worse, str(serving),
                            str(tmp_path / "eval2"), eval_config)
     assert result.blessed == {"cnn": False}
-    push = run_pusher(worse, str(tmp_path / "eval2"), str(serving), str(tmp_path / "push2"),
+    push = run_pusher(worse, str(tmp_path / "eval2"), None, str(serving), str(tmp_path / "push2"),
                       PushConfig())
     assert not push.models["cnn"].pushed
     assert any("served version 1" in r for r in push.models["cnn"].reasons)
@@ -208,13 +213,14 @@ def test_exception_mid_copy_leaves_nothing_visible(saved_models, tmp_path, monke
     serving = tmp_path / "serving"
     copied = fail_copy_after(monkeypatch, 2, "disk full (injected)")
     with pytest.raises(OSError, match="injected"):
-        run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push"), PushConfig())
+        run_pusher(dirs, evaluation, None, str(serving), str(tmp_path / "push"), PushConfig())
     assert len(copied) == 2                      # the crash really happened mid-copy
     assert served_versions(str(serving), "cnn") == []
     assert visible_entries(serving / "cnn") == []
 
     monkeypatch.undo()                           # the real copy again
-    result = run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push"), PushConfig())
+    result = run_pusher(dirs, evaluation, None, str(serving), str(tmp_path / "push"),
+                        PushConfig())
     assert result.models["cnn"].version == 1
     assert visible_entries(serving / "cnn") == ["1"]
 
@@ -236,7 +242,7 @@ _KILLED_PUSH = textwrap.dedent("""
         time.sleep(120)
 
     pusher._copy_file = copy_then_hang
-    pusher.run_pusher({"cnn": model_dir}, evaluation, serving, output, PushConfig())
+    pusher.run_pusher({"cnn": model_dir}, evaluation, None, serving, output, PushConfig())
 """)
 
 
@@ -265,7 +271,8 @@ def test_push_killed_mid_copy_leaves_only_a_hidden_temp_that_the_next_push_remov
     assert served_versions(str(serving), "cnn") == []
     assert not (serving / "models.config").exists()
 
-    result = run_pusher(dirs, evaluation, str(serving), str(tmp_path / "push"), PushConfig())
+    result = run_pusher(dirs, evaluation, None, str(serving), str(tmp_path / "push"),
+                        PushConfig())
     assert result.models["cnn"].version == 1
     assert visible_entries(serving / "cnn") == ["1"]                     # stale temp removed
 
@@ -273,8 +280,8 @@ def test_push_killed_mid_copy_leaves_only_a_hidden_temp_that_the_next_push_remov
 def test_missing_blessings_and_bad_config_fail_loudly(saved_models, tmp_path):
     dirs = {"cnn": model_dir(saved_models, tmp_path, "good", "cnn")}
     with pytest.raises(FileNotFoundError, match="run the evaluator"):
-        run_pusher(dirs, str(tmp_path / "nowhere"), str(tmp_path / "serving"),
+        run_pusher(dirs, str(tmp_path / "nowhere"), None, str(tmp_path / "serving"),
                    str(tmp_path / "push"), PushConfig())
     with pytest.raises(ValueError, match="keep_versions"):
-        run_pusher(dirs, bless(tmp_path / "evaluation", {"cnn": True}),
+        run_pusher(dirs, bless(tmp_path / "evaluation", {"cnn": True}), None,
                    str(tmp_path / "serving"), str(tmp_path / "push"), PushConfig(keep_versions=0))

@@ -419,9 +419,9 @@ def test_push_with_request_logs_configures_fer_serve_but_not_tf_serving(tmp_path
     (tmp_path / "evaluation" / "blessings.json").write_text(json.dumps(
         {"cnn": {"blessed": True, "reasons": ["accuracy 0.8 >= 0.3"]}}))
     logs = tmp_path / "logs"
-    result = run_pusher({"cnn": str(tmp_path / "models" / "cnn")},
-                        str(tmp_path / "evaluation"), str(tmp_path / "serving"),
-                        str(tmp_path / "push"), PushConfig(request_log_dir=str(logs)))
+    result = run_pusher({"cnn": str(tmp_path / "models" / "cnn")}, str(tmp_path / "evaluation"),
+                        None, str(tmp_path / "serving"), str(tmp_path / "push"),
+                        PushConfig(request_log_dir=str(logs)))
     [spec] = read_model_server_config(result.models_config)
     assert spec.request_log == RequestLogSpec(str(logs.resolve() / "cnn" / "requests"), 1.0)
     [docker_spec] = read_model_server_config(result.docker_models_config)
@@ -449,7 +449,7 @@ def test_push_with_request_logs_configures_fer_serve_but_not_tf_serving(tmp_path
     write_store_config(plan, PushConfig())
     assert not twin.exists()
     with pytest.raises(ValueError, match="must be a local directory"):
-        run_pusher({}, str(tmp_path / "evaluation"), str(tmp_path / "serving"),
+        run_pusher({}, str(tmp_path / "evaluation"), None, str(tmp_path / "serving"),
                    str(tmp_path / "push"), PushConfig(request_log_dir="s3://bucket/logs"))
 
 

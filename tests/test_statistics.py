@@ -136,8 +136,8 @@ def clean_run(tmp_path_factory):
     write_ingest_reports(examples)  # also ExampleGen's non-split directory, rejected/
     augmented = str(root / "augmented")
     copies = write_augmented(augmented, examples, copies_of_class=1, copies=AUGMENTED_COPIES)
-    result = run_statistics(examples, str(root / "statistics"), ["--runner=DirectRunner"],
-                            augmented_dir=augmented, schema_path=SCHEMA)
+    result = run_statistics(examples, augmented, SCHEMA, str(root / "statistics"), None,
+                            ["--runner=DirectRunner"])
     return result, str(root / "statistics"), copies
 
 
@@ -258,7 +258,7 @@ def test_verdict_reports_anomalies_and_drift(tmp_path):
     write_split(examples, "train", balanced_labels(70), seed=1)
     write_split(examples, "test", [3] * 40 + balanced_labels(30), seed=2,
                 pixel_counts={5: 100})
-    result = run_statistics(examples, str(tmp_path / "statistics"), [], schema_path=SCHEMA)
+    result = run_statistics(examples, None, SCHEMA, str(tmp_path / "statistics"), None, [])
     stats = {s: tfdv.load_statistics(p) for s, p in result.stats_paths.items()}
     verdict = validation_verdict(stats, SCHEMA, ValidationConfig())
     assert verdict["problems"] and verdict["blocking"]
@@ -283,7 +283,7 @@ def test_no_split_is_an_error(tmp_path):
     (tmp_path / "train").mkdir()
     assert present_splits(str(tmp_path)) == []
     with pytest.raises(FileNotFoundError, match="no split"):
-        run_statistics(str(tmp_path), str(tmp_path / "out"), [])
+        run_statistics(str(tmp_path), None, None, str(tmp_path / "out"), None, [])
 
 
 def test_augmentation_tags_split_into_steps_for_captions():
@@ -303,8 +303,8 @@ def test_statistics_on_an_object_store_match_a_local_run(s3, clean_run, tmp_path
     examples, augmented = s3.unique_uri("examples"), s3.unique_uri("augmented")
     fileio.copytree(os.path.join(local_root, "examples"), examples)
     fileio.copytree(os.path.join(local_root, "augmented"), augmented)
-    remote = run_statistics(examples, s3.unique_uri("statistics"), s3.beam_args,
-                            augmented_dir=augmented, schema_path=SCHEMA)
+    remote = run_statistics(examples, augmented, SCHEMA, s3.unique_uri("statistics"), None,
+                            s3.beam_args)
     assert remote.num_examples == result.num_examples
     assert remote.html_path.startswith("s3://")
     local_source = page_source(open(result.html_path).read())

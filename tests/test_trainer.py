@@ -134,7 +134,7 @@ def test_vgg16_from_a_local_weights_file_with_mixed_precision_and_xla(transform_
         models={"vgg16": ModelConfig(batch_size=32, epochs=1, learning_rate=5e-4,
                                      max_train_examples=64, weights=weights)})
     output = str(tmp_path / "vgg16")
-    result = run_trainer("vgg16", transform_dir, output, config)
+    result = run_trainer(transform_dir, output, config, "vgg16")
 
     info = json.loads(Path(output, TRAINING_INFO_FILE).read_text())
     assert info["vgg_weights"] == result.vgg_weights == weights

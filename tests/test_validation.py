@@ -25,7 +25,7 @@ def statistics_for(root, name: str, **splits) -> str:
     for split, kwargs in splits.items():
         write_split(examples, split, **kwargs)
     out = str(root / name / "statistics")
-    run_statistics(examples, out, [])
+    run_statistics(examples, None, None, out, None, [])
     return out
 
 

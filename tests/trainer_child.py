@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
     args = json.loads(argv[1])
     config = load_config(overrides={"train": args["train"]}).train
     crash_after = args.get("crash_after_epoch")
-    run_trainer("cnn", args["transform_dir"], args["output_dir"], config,
+    run_trainer(args["transform_dir"], args["output_dir"], config, "cnn",
                 extra_callbacks=[CrashAfterEpoch(crash_after)] if crash_after else [])
     if args.get("exit_process"):
         from fer_pipeline.core.errors import exit_process

@@ -61,6 +61,8 @@ from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE
 from fer_pipeline.components.statistics.page_data import build_page
 from fer_pipeline.core.errors import MissingInputError
 
+__all__ = ["run_statistics", "StatisticsResult"]
+
 log = logging.getLogger(__name__)
 
 # TFDV's statistics generators vectorize over Arrow record batches; ~1,000 examples of
@@ -84,9 +86,9 @@ class StatisticsResult:
     validation_summary: Optional[str] = None
 
 
-def run_statistics(examples_dir: str, output_dir: str, beam_args: list[str], *,
-                   augmented_dir: Optional[str] = None, schema_path: Optional[str] = None,
-                   validation: Optional[ValidationConfig] = None) -> StatisticsResult:
+def run_statistics(examples_dir: str, augmented_dir: Optional[str], schema_path: Optional[str],
+                   output_dir: str, validation: Optional[ValidationConfig],
+                   beam_args: list[str]) -> StatisticsResult:
     """Computes TFDV statistics for each split present under `examples_dir` (and the
     augmented training split under `augmented_dir`), and renders the statistics page.
 

@@ -49,6 +49,8 @@ from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE
     HISTORY_FILE, TRAINING_INFO_FILE)
 from fer_pipeline.core.errors import MissingInputError
 
+__all__ = ["run_trainer", "TrainerResult"]
+
 log = logging.getLogger(__name__)
 
 WORKERS_DIR = "workers"
@@ -86,8 +88,7 @@ class TrainerResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def run_trainer(model_name: str, transform_dir: str, output_dir: str,
-                config: TrainConfig,
+def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_name: str,
                 extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainerResult:
     """Trains registered model `model_name` (e.g. "cnn") and exports it to output_dir/serving_model.
 
