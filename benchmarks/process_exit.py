@@ -34,6 +34,8 @@ WAYS = ("sys.exit", "exit_process")
 CHILD = """
 import sys, time
 import numpy as np
+from fer_pipeline.core import quiet
+quiet.install()
 import fer_pipeline.pipeline.cli, fer_pipeline.pipeline.runner  # noqa
 import fer_pipeline.components.transform, fer_pipeline.components.statistics.executor  # noqa
 from fer_pipeline.components.trainer.models import build_cnn

@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import fer_pipeline.serving  # noqa: E402,F401  (core/quiet.py's filters, before TensorFlow loads)
+from fer_pipeline.core import quiet  # noqa: E402
+
+quiet.install()  # core/quiet.py's filters, before TensorFlow loads
 from benchmarks.machine import cpu_description  # noqa: E402
 
 

@@ -87,6 +87,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from fer_pipeline.core import quiet  # noqa: E402
+
+quiet.install()  # core/quiet.py's filters, before TensorFlow loads
+
 from fer_pipeline.pipeline.synthetic import FER_CLASS_COUNTS, allocate, draw_faces  # noqa: E402
 from fer_pipeline.core.config import TrainConfig  # noqa: E402
 from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS  # noqa: E402

@@ -30,6 +30,7 @@ from typing import Any, NoReturn, Optional, Sequence
 
 import numpy as np
 
+from fer_pipeline.core import quiet
 from fer_pipeline.core.config import EvalConfig, load_config
 from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE, NUM_PIXELS
 from fer_pipeline.core.errors import (exit_process, is_user_error, run_cli, ConfigError, InputDataError,
@@ -301,6 +302,7 @@ def _explain_and_queue(args: argparse.Namespace, client: FerClient, inputs: list
 
 def entry_point() -> NoReturn:
     """The `fer-client` console script (fer_pipeline.core.errors.exit_process says why it ends so)."""
+    quiet.install()  # before TensorFlow loads (none is imported above)
     exit_process(main())
 
 

@@ -37,6 +37,7 @@ from http.cookies import CookieError, SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn, Optional
 
+from fer_pipeline.core import quiet
 from fer_pipeline.core.contract import CLASS_NAMES, REVIEW_QUEUE_FILE
 from fer_pipeline.core.errors import exit_process, run_cli, MissingInputError
 from fer_pipeline.serving.review_queue import (STATUS_LABELED, STATUS_NOT_FACE, STATUS_PENDING,
@@ -390,6 +391,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
 
 def entry_point() -> NoReturn:
     """The `fer-review` console script (fer_pipeline.core.errors.exit_process says why it ends so)."""
+    quiet.install()  # before TensorFlow loads (none is imported above)
     exit_process(main())
 
 

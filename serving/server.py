@@ -28,20 +28,32 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field, replace
-from typing import NoReturn, Optional
+from typing import TYPE_CHECKING, NoReturn, Optional
 
-from fer_pipeline.core import fileio
+from fer_pipeline.core import fileio, quiet
 from fer_pipeline.core.errors import exit_process, is_user_error, run_cli, ConfigError, ResourceError
-from fer_pipeline.serving.batching import (Batcher, BatchingConfig, format_batching_parameters,
-                              read_batching_parameters)
-from fer_pipeline.serving.grpc_service import build_grpc_server
 from fer_pipeline.core.serving_root import read_model_server_config, without_request_log, \
     write_model_server_config
-from fer_pipeline.serving.model_manager import ModelManager, Predictor
-from fer_pipeline.serving.request_log import RequestLogConfig, RequestLogger
-from fer_pipeline.serving.rest import build_rest_server
+
+# The serving modules load TensorFlow, so they are imported where they are used: entry_point
+# installs core/quiet.py's filters first, as console script and as `python -m`.
+if TYPE_CHECKING:
+    from fer_pipeline.serving.batching import BatchingConfig
+    from fer_pipeline.serving.request_log import RequestLogConfig
 
 log = logging.getLogger("fer-serve")
+
+
+def _default_batching_config() -> BatchingConfig:
+    from fer_pipeline.serving.batching import BatchingConfig
+
+    return BatchingConfig()
+
+
+def _default_request_log_config() -> RequestLogConfig:
+    from fer_pipeline.serving.request_log import RequestLogConfig
+
+    return RequestLogConfig()
 
 
 @dataclass
@@ -52,7 +64,7 @@ class ServerConfig:
     rest_port: int = 8501           # REST; 0 picks a free port
     poll_seconds: float = 1.0
     batching: bool = False
-    batching_config: BatchingConfig = field(default_factory=BatchingConfig)
+    batching_config: BatchingConfig = field(default_factory=_default_batching_config)
     max_request_bytes: int = 16 * 1024 * 1024
     grpc_workers: int = 32
     # TF Serving's --tensorflow_{intra,inter}_op_parallelism; 0 leaves TF's default (one
@@ -61,13 +73,17 @@ class ServerConfig:
     inter_op_threads: int = 0
     # How request logs are written; which models log, and how much, is models.config's
     # logging_config (serving/request_log.py).
-    request_log: RequestLogConfig = field(default_factory=RequestLogConfig)
+    request_log: RequestLogConfig = field(default_factory=_default_request_log_config)
 
 
 class FerServer:
     """Model manager + gRPC + REST in one process; `start()` returns once models are loaded."""
 
     def __init__(self, config: ServerConfig) -> None:
+        from fer_pipeline.serving.batching import Batcher
+        from fer_pipeline.serving.model_manager import ModelManager, Predictor
+        from fer_pipeline.serving.request_log import RequestLogger
+
         self.config = config
         _set_tf_threads(config.intra_op_threads, config.inter_op_threads)
         self.manager = ModelManager(config.model_config, config.poll_seconds)
@@ -83,6 +99,9 @@ class FerServer:
         self._rest_thread: Optional[threading.Thread] = None
 
     def start(self) -> "FerServer":
+        from fer_pipeline.serving.grpc_service import build_grpc_server
+        from fer_pipeline.serving.rest import build_rest_server
+
         host = self.config.host
         # Busy ports are found before minutes of model loading, not after.
         for what, port, flag in (("gRPC", self.config.port, "--port"),
@@ -171,6 +190,9 @@ def _set_tf_threads(intra_op: int, inter_op: int) -> None:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    from fer_pipeline.serving.batching import BatchingConfig
+    from fer_pipeline.serving.request_log import RequestLogConfig
+
     parser = argparse.ArgumentParser(prog="fer-serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-config", required=True, help="text-format models.config")
     parser.add_argument("--port", type=int, default=8500, help="gRPC port (0: any free)")
@@ -233,6 +255,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def _batching_config(args: argparse.Namespace) -> BatchingConfig:
     """The batching settings from the parameters file, or from the flags over the defaults."""
+    from fer_pipeline.serving.batching import BatchingConfig, read_batching_parameters
+
     timeout = args.batch_timeout_ms
     flags = {"--max-batch-size": ("max_batch_size", args.max_batch_size),
              "--batch-timeout-ms": ("batch_timeout_s", None if timeout is None else timeout / 1e3),
@@ -251,6 +275,8 @@ def tfserving_command(binary: str, args: argparse.Namespace) -> list[str]:
     """The real TF Serving's command line for the same config, ports and settings. With
     batching, the batching settings travel in a parameters file (written from the flags
     when none was given), so both servers batch alike."""
+    from fer_pipeline.serving.batching import format_batching_parameters
+
     command = [binary, f"--port={args.port}", f"--rest_api_port={args.rest_port}",
                f"--model_config_file={_config_without_request_log(args.model_config)}",
                f"--file_system_poll_wait_seconds={max(1, int(args.poll_seconds))}",
@@ -354,6 +380,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
 
 def entry_point() -> NoReturn:
     """The `fer-serve` console script (fer_pipeline.core.errors.exit_process says why it ends so)."""
+    quiet.install()  # before TensorFlow loads (none of the modules imported above loads it)
     exit_process(main())
 
 

@@ -7,6 +7,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+# What every entry point does first: core/quiet.py's filters, before TensorFlow loads.
+from fer_pipeline.core import quiet  # noqa: E402
+
+quiet.install()
+
 from collections import OrderedDict  # noqa: E402
 
 import pytest  # noqa: E402

@@ -11,7 +11,8 @@ from fer_pipeline.core import quiet
 
 SCRIPT = textwrap.dedent("""
     import logging, os, sys, warnings
-    import pipeline                      # installs core/quiet.py
+    from fer_pipeline.core import quiet
+    quiet.install()                      # as every entry point does, before TensorFlow loads
     import tensorflow_data_validation as tfdv
     import tensorflow as tf
     import apache_beam.io.tfrecordio     # logs the python-snappy hint at import

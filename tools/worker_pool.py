@@ -18,8 +18,8 @@ from concurrent import futures
 from typing import Optional
 
 import grpc
-from apache_beam.portability.api import beam_fn_api_pb2_grpc
-from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
+
+from fer_pipeline.core import quiet
 
 # Workers hold a control stream open for a job's whole life without sending data: the
 # server must not answer their keep-alive pings by closing the connection.
@@ -29,6 +29,10 @@ _KEEPALIVE_OPTIONS = [("grpc.http2.max_pings_without_data", 0),
 
 def serve(port: int, host: str = "127.0.0.1") -> grpc.Server:
     """Starts the worker pool on host:port; returns the running gRPC server."""
+    # Imported here: main installs core/quiet.py's filters before Beam loads.
+    from apache_beam.portability.api import beam_fn_api_pb2_grpc
+    from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
+
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_KEEPALIVE_OPTIONS)
     beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(
         BeamFnExternalWorkerPoolServicer(use_process=True), server)
@@ -41,6 +45,7 @@ def serve(port: int, host: str = "127.0.0.1") -> grpc.Server:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    quiet.install()  # the SDK workers it starts inherit its TF_CPP_MIN_LOG_LEVEL
     parser = argparse.ArgumentParser(prog="python -m tools.worker_pool",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
