@@ -175,8 +175,9 @@ def _push_parameters(config: PipelineConfig, env: StepEnv) -> Any:
 
 def _infra_validate_parameters(config: PipelineConfig, env: StepEnv) -> Any:
     # Which server binary validates matters: installing tensorflow_model_server re-runs it.
-    # Imported here: fer_pipeline.serving.server loads TensorFlow and gRPC (4-5 s), which declaring the
-    # DAG (fer-pipeline --help, the Kubeflow compiler) does without.
+    # Imported here, where it is used; fer_pipeline.serving.server loads TensorFlow and gRPC
+    # only when it serves, so declaring the DAG (fer-pipeline --help, the Kubeflow compiler)
+    # stays light either way.
     from fer_pipeline.serving.server import tfserving_binary
     return {"infra_validation": config.infra_validation,
             "tfserving_binary": tfserving_binary(config.infra_validation.server) or ""}
