@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +30,8 @@ __all__ = ["IngestConfig", "ValidationConfig", "AugmentConfig", "TransformConfig
            "ModelConfig", "RegisteredModel", "MODEL_REGISTRY", "MODEL_NAMES",
            "registered_model", "TrainConfig", "EvalConfig", "InfraValidationConfig",
            "PushConfig", "InferenceConfig", "MonitorConfig", "MetadataConfig", "PipelineConfig",
-           "PROFILES", "ConfigError", "read_config_file", "load_config"]
+           "PROFILES", "ConfigError", "read_config_file", "load_config", "DEFAULT_SCHEMA_PATH",
+           "packaged_schema_path", "resolve_schema_path"]
 
 
 def _registered() -> list[str]:
@@ -53,10 +55,35 @@ class IngestConfig:
     num_shards: int = setting(0, check=at_least(0), help="0: let the runner choose")
 
 
+# The schema the pipeline validates against is package data of fer_pipeline.schemas, found
+# through importlib.resources: from any working directory, in a checkout or installed from
+# the wheel. The configuration names it by this package-relative default, not by an absolute
+# path, because a configuration travels (Kubeflow compiles it into the pipeline spec) to
+# machines where the package lives elsewhere; resolve_schema_path() turns it into a path.
+DEFAULT_SCHEMA_PATH = "schemas/fer2013/schema.pbtxt"
+
+
+def packaged_schema_path() -> str:
+    """The FER-2013 schema shipped in the fer_pipeline.schemas package."""
+    return str(resources.files("fer_pipeline.schemas") / "fer2013" / "schema.pbtxt")
+
+
+def resolve_schema_path(path: str) -> str:
+    """`validation.schema_path` as a path to read: the default is the packaged schema; a URI
+    or an absolute path is used as given; another relative path is the working directory's."""
+    from fer_pipeline.core import fileio
+    if path == DEFAULT_SCHEMA_PATH:
+        return packaged_schema_path()
+    if fileio.is_uri(path) or os.path.isabs(path):
+        return path
+    return os.path.abspath(path)
+
+
 @dataclass
 class ValidationConfig:
+    # A path or URI; the default names the packaged schema (resolve_schema_path).
     schema_path: str = setting(
-        "schemas/fer2013/schema.pbtxt", help="the TFDV schema the data must match")
+        DEFAULT_SCHEMA_PATH, help="the TFDV schema the data must match")
     allow_anomalies: bool = setting(False, help="schema anomalies do not fail the step")
     # L-infinity distance between splits' label distributions above which we call it drift.
     label_linf_threshold: float = setting(0.05, check=between(0, 1),

@@ -18,7 +18,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -28,7 +27,7 @@ from fer_pipeline.core.artifacts import (EXECUTION_PREFIX, Commit, commit, finge
                                 read_commit, relative_paths,
                                 remove_uncommitted, to_jsonable)
 from fer_pipeline.core.beam_job import BeamJobNotRun, translate_only
-from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig
+from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig, resolve_schema_path
 from fer_pipeline.core.contract import MANIFEST_FILE
 from fer_pipeline.core.errors import UserError
 from fer_pipeline.pipeline.dag import (DATA, PIPELINE_INPUT, SCHEMA, STEP_NAMES, Step, StepEnv,
@@ -37,18 +36,13 @@ from fer_pipeline.pipeline.metadata import DERIVED, ArtifactRecord, MetadataStor
 
 log = logging.getLogger(__name__)
 
-# Relative paths in the config (the checked-in schema) are looked up here when they do not
-# exist relative to the working directory, so the CLI works from any directory.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SERVING_MODELS_DIR = "serving_models"
 
 
 def schema_path(config: PipelineConfig) -> str:
-    """The checked-in schema; a relative path is found from any working directory."""
-    path = config.validation.schema_path
-    if fileio.is_uri(path) or os.path.isabs(path):
-        return path
-    return os.path.abspath(path) if os.path.exists(path) else str(PROJECT_ROOT / path)
+    """The checked-in schema (by default the one shipped in the package, found from any
+    working directory: core/config.py, resolve_schema_path)."""
+    return resolve_schema_path(config.validation.schema_path)
 
 
 class PipelineError(UserError, RuntimeError):

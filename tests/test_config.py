@@ -62,3 +62,25 @@ def test_checked_in_schema_is_found_from_any_working_directory(tmp_path, monkeyp
     ctx = RunContext(data_paths=[], run_root=str(tmp_path / "run"), config=load_config())
     assert os.path.isfile(ctx.schema_path)
     assert ctx.schema_path.endswith("schemas/fer2013/schema.pbtxt")
+
+
+def test_default_schema_is_the_packaged_one_and_a_given_path_wins(tmp_path, monkeypatch):
+    from importlib import resources
+
+    from fer_pipeline.core.config import DEFAULT_SCHEMA_PATH, resolve_schema_path
+    from fer_pipeline.pipeline.runner import RunContext
+
+    monkeypatch.chdir(tmp_path)
+    # A schemas/ folder in the working directory does not shadow the packaged default.
+    (tmp_path / "schemas" / "fer2013").mkdir(parents=True)
+    (tmp_path / DEFAULT_SCHEMA_PATH).write_text("")
+    packaged = resources.files("fer_pipeline.schemas") / "fer2013" / "schema.pbtxt"
+    assert resolve_schema_path(DEFAULT_SCHEMA_PATH) == str(packaged)
+    assert os.path.isfile(packaged)
+    # A path the user gives is used: relative to the working directory, absolute, or a URI.
+    assert resolve_schema_path("mine.pbtxt") == str(tmp_path / "mine.pbtxt")
+    assert resolve_schema_path("/elsewhere/s.pbtxt") == "/elsewhere/s.pbtxt"
+    assert resolve_schema_path("gs://bucket/s.pbtxt") == "gs://bucket/s.pbtxt"
+    config = load_config(overrides={"validation": {"schema_path": "mine.pbtxt"}})
+    ctx = RunContext(data_paths=[], run_root=str(tmp_path / "run"), config=config)
+    assert ctx.schema_path == str(tmp_path / "mine.pbtxt")
