@@ -78,13 +78,10 @@ system-deps:
 	@bash tools/install_system_deps.sh
 
 # ruff (the [tool.ruff] rules in pyproject.toml) and import-linter (the [tool.importlinter]
-# contracts between core/, serving/, components/ and pipeline/; skipped while pyproject.toml
-# has no such section).
+# contracts: the layers pipeline > components > serving > core, components independent).
 lint: setup
 	$(BIN)/ruff check core pipeline components serving tests benchmarks tools
-	@if grep -q importlinter pyproject.toml; then \
-	  echo "$(BIN)/lint-imports"; $(BIN)/lint-imports; \
-	fi
+	$(BIN)/lint-imports
 
 # The Flink and Spark tests (marker `engines`, tests/test_engines.py) are part of it: `engines`
 # fetches their jars once; the module runs its two local clusters one after the other in
