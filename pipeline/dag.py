@@ -226,8 +226,8 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
             f"train-{model}", f"models/{model}", {"transform": "transform.transform"},
             {"model_run": "", "serving_model": SERVING_MODEL_DIR},
             functools.partial(_train, model), _train_parameters(model),
-            ("fer_pipeline.components.trainer.executor", "fer_pipeline.components.trainer.models",
-             "fer_pipeline.components.trainer.export"),
+            tuple(f"fer_pipeline.components.trainer.{module}" for module in
+                  ("executor", "dataset", "distribution", "models", "export")),
             f"train the {model} model", resumable=True, model=model))
     steps += [
         Step("evaluate", "evaluation", {"examples": "ingest.examples", **model_inputs},

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +15,14 @@ import pytest
 import tensorflow as tf
 
 from fer_pipeline.components.trainer.models import build_vgg16_base
+from fer_pipeline.components.trainer.dataset import make_dataset
+from fer_pipeline.components.trainer.distribution import WORKERS_DIR
 from fer_pipeline.components.trainer.executor import (BEST_WEIGHTS_FILE, CHECKPOINTS_DIR,
-                                 HISTORY_FILE, SERVING_MODEL_DIR,
-                                 TRAINING_INFO_FILE, WORKERS_DIR, make_dataset, run_trainer)
+                                                      HISTORY_FILE, SERVING_MODEL_DIR,
+                                                      TRAINING_INFO_FILE, run_trainer)
 from fer_pipeline.core.config import ModelConfig, TrainConfig
 from fer_pipeline.core.contract import NUM_CLASSES, NUM_PIXELS
+from fer_pipeline.core.net import free_ports
 from fer_pipeline.pipeline.runner import committed_output
 from tests.test_export import make_transform_dir
 from tests.trainer_child import CRASH_EXIT_CODE
@@ -173,19 +175,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(transform_dir, tmp_path):
         best["val_accuracy"], abs=1e-6)
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_multi_worker_training_keeps_workers_in_sync(transform_dir, tmp_path):
     output = str(tmp_path / "multi")
-    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    workers = [f"localhost:{port}" for port in free_ports(2)]
     processes = []
     for index in range(2):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}

@@ -37,23 +37,25 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+from fer_pipeline.components.trainer.dataset import (count_records, make_dataset, shard_by_data,
+                                                     split_pattern)
+from fer_pipeline.components.trainer.distribution import (current_task, is_multi_worker,
+                                                          precision_policy, select_strategy,
+                                                          work_around_keras_multi_worker_build,
+                                                          worker_dir)
 from fer_pipeline.components.trainer.export import export_serving_model
 from fer_pipeline.components.trainer.models import build_model, model_config
 from fer_pipeline.core import fileio
 from fer_pipeline.core.config import TrainConfig
-from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS,
-    TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR, SERVING_MODEL_DIR, CHECKPOINTS_DIR, LOGS_DIR,
-    HISTORY_FILE, TRAINING_INFO_FILE)
-from fer_pipeline.core.errors import MissingInputError
+from fer_pipeline.core.contract import (TRANSFORM_GRAPH_DIR, SERVING_MODEL_DIR, CHECKPOINTS_DIR,
+                                        LOGS_DIR, HISTORY_FILE, TRAINING_INFO_FILE)
 
 __all__ = ["run_trainer", "TrainerResult"]
 
 log = logging.getLogger(__name__)
 
-WORKERS_DIR = "workers"
 CSV_LOG_FILE = "training_log.csv"
 # Written into checkpoints/ after every epoch, next to BackupAndRestore's files.
 EPOCH_LOG_FILE = "epochs.json"
@@ -61,12 +63,6 @@ BACKUP_METADATA_FILE = "training_metadata.json"  # BackupAndRestore's: the backe
 BEST_WEIGHTS_FILE = "best.weights.h5"
 MONITOR = "val_accuracy"
 
-# Records are parsed this many at a time (one vectorized parse_example per batch).
-PARSE_BATCH = 1024
-TRANSFORMED_FEATURE_SPEC = {
-    FEATURE_IMAGE: tf.io.FixedLenFeature([NUM_PIXELS], tf.float32),
-    FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
-}
 
 
 @dataclass
@@ -106,10 +102,10 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
     keras.utils.set_random_seed(config.seed)
     section = model_config(model_name, config)
     fileio.register_filesystem(transform_dir)
-    target_dir = _worker_dir(output_dir)
+    target_dir = worker_dir(output_dir)
 
-    train_pattern = _split_pattern(transform_dir, "train")
-    val_pattern = _split_pattern(transform_dir, "validation")
+    train_pattern = split_pattern(transform_dir, "train")
+    val_pattern = split_pattern(transform_dir, "validation")
     train_count = count_records(train_pattern)
     if section.max_train_examples:
         train_count = min(train_count, section.max_train_examples)
@@ -123,11 +119,11 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
                             drop_remainder=drop_remainder, num_examples=train_count)
     val_ds = make_dataset(val_pattern, section.batch_size, training=False, seed=config.seed,
                           num_examples=val_count)
-    if _is_multi_worker():
-        train_ds, val_ds = (_shard_by_data(ds) for ds in (train_ds, val_ds))
+    if is_multi_worker():
+        train_ds, val_ds = (shard_by_data(ds) for ds in (train_ds, val_ds))
 
     with _local_work_dir(target_dir) as work_dir:
-        policy = _precision_policy(config.mixed_precision)
+        policy = precision_policy(config.mixed_precision)
         previous_policy = keras.mixed_precision.global_policy()
         keras.mixed_precision.set_global_policy(policy)
         try:
@@ -135,8 +131,8 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
             keras.utils.set_random_seed(config.seed)
             with strategy.scope():
                 model = build_model(model_name, config, jit_compile=config.xla)
-            if _is_multi_worker():
-                _work_around_keras_multi_worker_build(model, strategy)
+            if is_multi_worker():
+                work_around_keras_multi_worker_build(model, strategy)
             recorder = EpochRecorder(os.path.join(work_dir, CHECKPOINTS_DIR), train_count)
             upload = [UploadTrainingState(work_dir, target_dir)] if work_dir != target_dir else []
             callbacks = _callbacks(work_dir, section.early_stopping_patience, recorder,
@@ -162,7 +158,7 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
             "model_config": dataclasses.asdict(section),
             "strategy": type(strategy).__name__,
             "num_replicas": strategy.num_replicas_in_sync,
-            "task": _task(),
+            "task": current_task(),
             "train_examples": train_count,
             "validation_examples": val_count,
             "precision_policy": policy,
@@ -270,159 +266,6 @@ class UploadTrainingState(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         upload_training_state(self.work_dir, self.target_dir)
-
-
-# ---------------------------------------------------------------------------- input
-
-def make_dataset(file_pattern: str, batch_size: int, *, training: bool, seed: int,
-                 shuffle_buffer: int = 0, max_examples: int = 0,
-                 drop_remainder: bool = False, num_examples: int = 0) -> tf.data.Dataset:
-    """(image float32 [b, 2304], label int64 [b]) batches straight from TFRecords.
-
-    `num_examples` (after the `max_examples` cap), when known, is declared as the
-    dataset's cardinality so Keras knows the steps per epoch from the first epoch on.
-    """
-    files = tf.data.Dataset.list_files(file_pattern, shuffle=False)  # sorted: reproducible
-    ds = files.interleave(tf.data.TFRecordDataset, cycle_length=tf.data.AUTOTUNE,
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if max_examples:
-        # A fixed random subset (same every epoch): files may be ordered by class or by
-        # augmentation, so the first N records would not be representative.
-        ds = ds.shuffle(max(shuffle_buffer, 1), seed=seed, reshuffle_each_iteration=False)
-        ds = ds.take(max_examples)
-    ds = ds.batch(PARSE_BATCH).map(_parse_batch, num_parallel_calls=tf.data.AUTOTUNE,
-                                   deterministic=True)
-    # Parsed float tensors are cached, so only the first epoch reads and parses files.
-    ds = ds.cache().unbatch()
-    if training and shuffle_buffer:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    if num_examples:
-        batches = (num_examples // batch_size if drop_remainder
-                   else -(-num_examples // batch_size))
-        ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _parse_batch(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    features = tf.io.parse_example(serialized, TRANSFORMED_FEATURE_SPEC)
-    return features[FEATURE_IMAGE], features[FEATURE_LABEL]
-
-
-def _shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:
-    # A split may be a single file, so shard by element, not by file, across workers.
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA)
-    return ds.with_options(options)
-
-
-def count_records(file_pattern: str) -> int:
-    files = fileio.glob(file_pattern)
-    if not files:
-        raise MissingInputError(f"no transformed examples match {file_pattern}")
-    return int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
-
-
-def _split_pattern(transform_dir: str, split: str) -> str:
-    return fileio.join(transform_dir, TRANSFORMED_DIR, split, EXAMPLES_PATTERN)
-
-
-# ---------------------------------------------------------------------- distribution
-
-def select_strategy() -> tf.distribute.Strategy:
-    """MultiWorkerMirrored under TF_CONFIG, Mirrored on >1 GPU, else the default."""
-    if _is_multi_worker():
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if len(tf.config.list_physical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def _work_around_keras_multi_worker_build(model: keras.Model,
-                                          strategy: tf.distribute.Strategy) -> None:
-    """Lets Keras 3 fit() start under MultiWorkerMirroredStrategy.
-
-    Keras 3 (keras-team/keras#20585, open as of 3.15) builds the model symbolically from
-    the first batch by `strategy.reduce("MEAN", (x, y, sample_weight))`, which
-    MultiWorkerMirroredStrategy cannot do on a tuple. The build only needs the batch's
-    shapes and dtypes, so this instance-level override builds from one replica's share.
-    """
-    def maybe_symbolic_build(iterator=None, data_batch=None):
-        if iterator is not None:
-            for _, _, it in iterator:
-                data_batch = next(it)
-                break
-        data_batch = tf.nest.map_structure(
-            lambda v: (strategy.experimental_local_results(v)[0]
-                       if isinstance(v, tf.distribute.DistributedValues) else v),
-            data_batch)
-        with strategy.scope():
-            model._symbolic_build(data_batch=data_batch)
-
-    model._maybe_symbolic_build = maybe_symbolic_build
-    _patch_keras_multi_worker_reduce()
-
-
-def _patch_keras_multi_worker_reduce() -> None:
-    """Second half of the keras#20585 workaround, for this (multi-worker) process only.
-
-    Keras averages each step's logs across workers with `strategy.reduce(..., axis=0)`,
-    which fails on the scalar loss and metrics. Averaging them over all replicas
-    (axis=None) is what was meant, and gives every worker the same logs, so callbacks
-    such as EarlyStopping take the same decision everywhere.
-    """
-    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
-
-    original = getattr(keras_tf_trainer.reduce_per_replica, "__wrapped__",
-                       keras_tf_trainer.reduce_per_replica)
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or not isinstance(
-                strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            return original(values, strategy, reduction)
-        return tf.nest.map_structure(
-            lambda v: strategy.reduce("MEAN", v, axis=None), values)
-
-    reduce_per_replica.__wrapped__ = original
-    keras_tf_trainer.reduce_per_replica = reduce_per_replica
-
-
-def _tf_config() -> dict[str, Any]:
-    return json.loads(os.environ.get("TF_CONFIG") or "{}")
-
-
-def _is_multi_worker() -> bool:
-    cluster = _tf_config().get("cluster", {})
-    return sum(len(tasks) for tasks in cluster.values()) > 1
-
-
-def _task() -> Optional[dict[str, Any]]:
-    return _tf_config().get("task") if _is_multi_worker() else None
-
-
-def _worker_dir(output_dir: str) -> str:
-    """The chief writes to output_dir; other workers to output_dir/workers/<type>-<index>.
-
-    Every worker must checkpoint and save (the collectives need all of them), but on a
-    shared filesystem they must not overwrite the chief's files.
-    """
-    task = _task()
-    if not task:
-        return output_dir
-    cluster = _tf_config()["cluster"]
-    task_type, index = task["type"], int(task["index"])
-    is_chief = task_type == "chief" or (task_type == "worker" and index == 0
-                                        and "chief" not in cluster)
-    return output_dir if is_chief else fileio.join(output_dir, WORKERS_DIR,
-                                                    f"{task_type}-{index}")
-
-
-def _precision_policy(mixed_precision: bool) -> str:
-    if not mixed_precision:
-        return "float32"
-    # float16 needs loss scaling but is what GPU tensor cores do fastest; CPUs have bf16.
-    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
 
 
 # ------------------------------------------------------------------------- callbacks
