@@ -18,7 +18,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional, Sequence
 
-from fer_pipeline.components.monitor.executor import MonitorReference, MonitorResult, run_monitor
+from fer_pipeline.components.monitor import MonitorResult, run_monitor
+from fer_pipeline.components.monitor.reference import MonitorReference
 from fer_pipeline.core import fileio
 from fer_pipeline.core.artifacts import fingerprint
 from fer_pipeline.core.config import MetadataConfig, PipelineConfig

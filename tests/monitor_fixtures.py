@@ -28,7 +28,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
 from fer_pipeline.components.evaluator import write_test_predictions
-from fer_pipeline.components.monitor.executor import MonitorReference, statistics
+from fer_pipeline.components.monitor.features import statistics
+from fer_pipeline.components.monitor.reference import MonitorReference
 from fer_pipeline.pipeline.synthetic import FER_CLASS_COUNTS, allocate, draw_faces
 from fer_pipeline.core.contract import (CLASS_NAMES, EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS,
     NUM_CLASSES, NUM_PIXELS, STATISTICS_FILE, TEST_PREDICTIONS_FILE)

@@ -19,7 +19,10 @@ import tensorflow_data_validation as tfdv
 from tensorflow_serving.apis import prediction_log_pb2
 
 from fer_pipeline.components.monitor import executor as monitor
-from fer_pipeline.components.monitor.executor import MonitorError, read_traffic, run_monitor
+from fer_pipeline.components.monitor import features as monitor_features
+from fer_pipeline.components.monitor.executor import run_monitor
+from fer_pipeline.components.monitor.reading import read_traffic
+from fer_pipeline.components.monitor.reference import MonitorError, load_reference
 from fer_pipeline.core.config import MonitorConfig, load_config
 from fer_pipeline.core.contract import CLASS_NAMES
 from fer_pipeline.serving.review_queue import ReviewQueue
@@ -36,8 +39,8 @@ def served(tmp_path_factory):
     """The served run and its reference, loaded once."""
     run = fixtures.build_served_run(str(tmp_path_factory.mktemp("served_run")))
     config = MonitorConfig()
-    loaded = monitor.load_reference(run.reference, SCHEMA, config, TOLERANCE,
-                                    list(fixtures.MODELS))
+    loaded = load_reference(run.reference, SCHEMA, config, TOLERANCE,
+                            list(fixtures.MODELS))
     return run, loaded
 
 
@@ -433,7 +436,7 @@ def test_the_logs_default_to_the_directories_models_config_logs_to(tmp_path):
 def test_a_window_larger_than_the_pixel_sample_uses_every_face_for_the_features(
         served, tmp_path, monkeypatch):
     run, loaded = served
-    monkeypatch.setattr(monitor, "MAX_PIXEL_FACES", 200)
+    monkeypatch.setattr(monitor_features, "MAX_PIXEL_FACES", 200)
     log = str(tmp_path / "requests.tfrecord")
     fixtures.write_request_log(log, fixtures.replay(run.test_faces, STREAM, 10), run)
     judged = monitor.assess(read_traffic([log]), run.reference, loaded, MonitorConfig(),
