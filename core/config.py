@@ -258,8 +258,7 @@ class PushConfig:
 
 @dataclass
 class InferenceConfig:
-    """Bulk inference (`fer-pipeline infer`). The ensemble's tolerance is evaluation's
-    `tie_tolerance`, so the rule measured on the test split is the rule applied here."""
+    """Bulk inference (`fer-pipeline infer`)."""
     # RunInference batches faces adaptively between these sizes (Beam's BatchElements).
     min_batch_size: int = setting(16, check=at_least(1), at_most="max_batch_size",
                                   help="smallest RunInference batch")
@@ -269,6 +268,9 @@ class InferenceConfig:
     # Saliency maps for faces sent to review (the models' `explain` signature); each costs
     # a few model calls, so they are computed only for the faces that are queued.
     explain_flagged: bool = setting(True, help="saliency maps for the faces queued")
+    tie_tolerance: Optional[float] = setting(
+        None, check=optional(between(0, 1)),
+        help="the ensemble's tie rule; unset: evaluation.tie_tolerance, the rule the gate measured")
 
 
 @dataclass
@@ -283,6 +285,9 @@ class MonitorConfig:
     "Monitoring"): fresh faces drawn like the test split stay below every threshold, and
     each kind of shift the tests inject crosses the one threshold it should.
     """
+    tie_tolerance: Optional[float] = setting(
+        None, check=optional(between(0, 1)),
+        help="the ensemble's tie rule for the review rate; unset: evaluation.tie_tolerance")
     # Image features of the served faces against the training split's (skew).
     brightness_js: float = setting(0.1, check=_share, help="mean pixel value of a face")
     contrast_js: float = setting(0.1, check=_share,
@@ -437,4 +442,16 @@ def load_config(path: Optional[str] = None, profile: str = "default",
                 raise ConfigError(f"{where}: {problems[0]}")
             raise ConfigError(f"{where}: {len(problems)} problems:\n"
                               + "\n".join(f"  {p}" for p in problems))
+    return _with_one_tie_rule(config)
+
+
+def _with_one_tie_rule(config: PipelineConfig) -> PipelineConfig:
+    """Bulk inference and the monitor apply the tie rule the evaluation measured on the test
+    split, unless their own section sets another."""
+    tolerance = config.evaluation.tie_tolerance
+    for section in ("inference", "monitor"):
+        current = getattr(config, section)
+        if current.tie_tolerance is None:
+            config = dataclasses.replace(
+                config, **{section: dataclasses.replace(current, tie_tolerance=tolerance)})
     return config

@@ -79,8 +79,8 @@ def run_inference_job(data_uri: str, output_dir: str, serving_root: str,
     versions = resolve_models(serving_root, models)
     if review_queue is not None:
         _check_review_queue(review_queue)
-    result = run_bulk_inferrer(data_uri, versions, output_dir, config.inference,
-                               config.evaluation.tie_tolerance, beam_args, review_queue)
+    result = run_bulk_inferrer(data_uri, versions, output_dir, review_queue, config.inference,
+                               beam_args)
     if metadata is None:
         return result
     store = MetadataStore(metadata, output_dir)

@@ -3,7 +3,7 @@ models on Beam, combined by the ensemble rule.
 
 The Beam pipeline, top to bottom:
 
-1. faces in: a CSV is read exactly as ingest reads it (`components/example_gen.py`: the
+1. faces in: a CSV is read exactly as ingest reads it (`core/fer_csv.py`: the
    same line-aligned chunks, the same strict row parser, so the same rows are rejected with
    the same reasons), except that the label is optional and any Usage is accepted; a
    directory's image files are read through Beam's FileSystems (local or object store) and
@@ -39,11 +39,9 @@ import it.
 from __future__ import annotations
 
 import base64
-import csv
-import io
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Iterator, Optional, Sequence
 
 import apache_beam as beam
@@ -51,69 +49,27 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
+from fer_pipeline.components.bulk_inferrer.outputs import (prediction_order, queue_for_review,
+                                                           write_predictions_csv)
+from fer_pipeline.components.bulk_inferrer.records import BulkInferenceResult, Face, ModelVersion
 from fer_pipeline.core.fer_csv import (JSONL_HEADER, READ_CHUNK_BYTES, CsvColumns,
                                     ReadChunkLines, RowError, parse_row, plan_chunks,
                                     read_header, read_jsonl, reason_code, rejection,
                                     write_rejected_csv)
 from fer_pipeline.core import fileio
 from fer_pipeline.core.beam_job import beam_pipeline
-from fer_pipeline.core.config import InferenceConfig
-from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_PIXELS, FEATURE_SOURCE, IMAGE_SIZE,
-                               INFERENCE_REJECTED_FILE, INPUT_EXAMPLES, INFERENCE_RESULT_FILE,
-                               OUTPUT_PROBABILITIES, OUTPUT_SALIENCY, PREDICTION_LOGS_DIR,
-                               PREDICTIONS_FILE, SIGNATURE_EXAMPLES, SIGNATURE_EXPLAIN)
+from fer_pipeline.core.config import EvalConfig, InferenceConfig
+from fer_pipeline.core.contract import (FEATURE_PIXELS, FEATURE_SOURCE, INFERENCE_REJECTED_FILE,
+                                        INFERENCE_RESULT_FILE, INPUT_EXAMPLES, OUTPUT_PROBABILITIES,
+                                        PREDICTION_LOGS_DIR, PREDICTIONS_FILE, SIGNATURE_EXAMPLES)
 from fer_pipeline.core.ensemble import combine
 from fer_pipeline.core.errors import InputDataError, MissingInputError
 from fer_pipeline.serving.faces import FaceDetectionConfig, decode_grayscale, faces_in_image
-from fer_pipeline.serving.review_queue import ModelPrediction, ReviewQueue, record_if_flagged
 
-__all__ = ["run_bulk_inferrer", "BulkInferenceResult", "ModelVersion"]
+__all__ = ["run_bulk_inferrer"]
 
 _REJECTED = "rejected"
 _BEAM_TMP = ".beam_tmp"
-# Explanations are integrated gradients (tens of model calls per face): small batches keep
-# the driver's memory flat.
-_EXPLAIN_BATCH = 8
-
-
-@dataclass(frozen=True)
-class ModelVersion:
-    """One model version to run: its name, version number and SavedModel directory."""
-    name: str
-    version: int
-    path: str
-
-
-@dataclass
-class Face:
-    """One face to score, as it travels through the pipeline (a plain record: it pickles)."""
-    key: str                       # unique: "path:line" or "path#face<i>"
-    source: str                    # the CSV or image file
-    row: Optional[int]             # CSV line number (the header is line 1)
-    face: Optional[int]            # index of the face in its photo, largest first
-    box: Optional[list[int]]       # x, y, width, height in the photo
-    label: Optional[int]           # the CSV's emotion, when it has one
-    usage: str
-    pixels: bytes                  # 2304 raw uint8 values
-
-
-@dataclass
-class BulkInferenceResult:
-    input_kind: str                        # "csv" or "images"
-    inputs_read: int                       # CSV rows (non-blank lines) or image files
-    faces_scored: int
-    rejected: int
-    rejected_by_reason: dict[str, int]
-    needs_review: int
-    decisions: dict[str, int]              # class name -> faces the ensemble gave it
-    models: dict[str, dict[str, Any]]      # name -> {"version", "path"}
-    tolerance: float
-    output_dir: str
-    predictions_path: str
-    rejected_path: str
-    prediction_logs: dict[str, str]        # model -> its PredictionLog TFRecord pattern
-    review_queue: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,108 +296,19 @@ def image_files(directory: str) -> list[str]:
             if not any(part.startswith(".") for part in rel.split("/"))]
 
 
-# ---------------------------------------------------------------------------------------
-# Driver
-
-PREDICTION_COLUMNS_HEAD = ("source", "row", "face", "box", "label", "usage")
-PREDICTION_COLUMNS_TAIL = ("decision", "confidence", "winner", "needs_review", "reason")
-
-
-def prediction_columns(models: Sequence[str]) -> list[str]:
-    per_model = [f"{m}_{c}" for m in models for c in ("class", "confidence", "version")]
-    return [*PREDICTION_COLUMNS_HEAD, *per_model, *PREDICTION_COLUMNS_TAIL]
-
-
-def _sort_key(record: dict[str, Any]) -> tuple:
-    return (record["source"], record["row"] or 0, record["face"] or 0)
-
-
-def write_predictions_csv(path: str, records: Sequence[dict[str, Any]],
-                          models: Sequence[str]) -> None:
-    buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(prediction_columns(models))
-    for record in records:
-        decision = record["decision"]
-        cells = [record["source"], _blank(record["row"]), _blank(record["face"]),
-                 " ".join(map(str, record["box"])) if record["box"] else "",
-                 "" if record["label"] is None else CLASS_NAMES[record["label"]],
-                 record["usage"]]
-        for model in models:
-            answer = record["models"][model]
-            probabilities = answer["probabilities"]
-            best = int(np.argmax(probabilities))
-            cells += [CLASS_NAMES[best], f"{probabilities[best]:.6f}", answer["version"]]
-        cells += [decision["class_name"], f"{decision['confidence']:.6f}",
-                  decision["winner"], "yes" if decision["needs_human_review"] else "no",
-                  decision["reason"]]
-        writer.writerow(cells)
-    fileio.write_text(path, buffer.getvalue())
-
-
-def _blank(value: Optional[int]) -> Any:
-    return "" if value is None else value
-
-
-def _review_source(record: dict[str, Any]) -> str:
-    """Where a queued face came from, in fer-client's notation."""
-    if record["row"] is not None:
-        return f"{record['source']}:{record['row']}"
-    return f"{record['source']}#face{record['face']}@{record['box']}"
-
-
-def explanations(model: ModelVersion, pixels: np.ndarray) -> Optional[np.ndarray]:
-    """Saliency maps [n, 7, 48, 48] of `pixels` from the model's `explain` signature, or
-    None when the SavedModel has none (exported before the signature existed)."""
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(model.path)
-    if SIGNATURE_EXPLAIN not in loaded.signatures:
-        return None
-    explain = loaded.signatures[SIGNATURE_EXPLAIN]
-    maps = [explain(pixels=tf.constant(pixels[i:i + _EXPLAIN_BATCH]))[OUTPUT_SALIENCY].numpy()
-            for i in range(0, len(pixels), _EXPLAIN_BATCH)]
-    return np.concatenate(maps) if maps else None
-
-
-def queue_for_review(queue_dir: str, flagged: Sequence[dict[str, Any]],
-                     models: Sequence[ModelVersion], explain: bool) -> dict[str, Any]:
-    """Queues the flagged faces for `fer-review`, each once, with the versions that answered
-    and (when the model can explain) their saliency maps."""
-    pixels = np.stack([np.frombuffer(base64.b64decode(r["pixels_b64"]), np.uint8)
-                       .reshape(IMAGE_SIZE, IMAGE_SIZE) for r in flagged]) if flagged else None
-    notes, saliency = [], {}
-    for model in models:
-        saliency[model.name] = explanations(model, pixels) if explain and flagged else None
-        if explain and flagged and saliency[model.name] is None:
-            notes.append(f"{model.name} v{model.version}: no {SIGNATURE_EXPLAIN} signature; "
-                         "queued without saliency")
-    queued = already = 0
-    with ReviewQueue(queue_dir) as queue:
-        for index, record in enumerate(flagged):
-            predictions = {m.name: ModelPrediction(
-                m.version, np.array(record["models"][m.name]["probabilities"]),
-                None if saliency[m.name] is None else saliency[m.name][index])
-                for m in models}
-            recorded = record_if_flagged(queue, pixels[index], _review_source(record),
-                                         predictions, record["decision"])
-            if recorded is not None and recorded.inserted:
-                queued += 1
-            else:
-                already += 1
-    return {"queue": queue_dir, "flagged": len(flagged), "queued": queued,
-            "already_queued": already, "notes": notes}
-
-
 def run_bulk_inferrer(data_uri: str, models: Sequence[ModelVersion], output_dir: str,
-                      config: InferenceConfig, tolerance: float, beam_args: list[str],
-                      review_queue: Optional[str] = None) -> BulkInferenceResult:
+                      review_queue: Optional[str], config: InferenceConfig,
+                      beam_args: list[str]) -> BulkInferenceResult:
     """Scores every face of `data_uri` (a FER-2013 CSV, or a directory of photos) with each
     of `models` and the ensemble rule; writes `predictions.csv`, `rejected.csv`, the
     PredictionLogs and `inference.json` (last) under `output_dir`. With `review_queue` (a
     local directory), the faces that need a person are queued for `fer-review`.
     """
     started = time.time()
+    # Unset only when the config was built by hand rather than loaded (load_config fills in
+    # evaluation's): the evaluation's default rule, then.
+    tolerance = (config.tie_tolerance if config.tie_tolerance is not None
+                 else EvalConfig().tie_tolerance)
     if not models:
         raise ValueError("bulk inference needs at least one model")
     fileio.configure_beam_filesystems(beam_args)
@@ -465,7 +332,7 @@ def run_bulk_inferrer(data_uri: str, models: Sequence[ModelVersion], output_dir:
         build_pipeline(pipeline, faces, models, output_dir, config, tolerance,
                        keep_flagged_pixels=review_queue is not None)
 
-    records = sorted(read_jsonl(fileio.join(tmp, "predictions*")), key=_sort_key)
+    records = sorted(read_jsonl(fileio.join(tmp, "predictions*")), key=prediction_order)
     rejected = sorted(read_jsonl(fileio.join(tmp, "rejected*")),
                       key=lambda r: (r["source"], r["line_number"] or 0))
     logs_dir = fileio.join(output_dir, PREDICTION_LOGS_DIR)
