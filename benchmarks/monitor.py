@@ -88,10 +88,9 @@ def main() -> None:
     setup_s = time.perf_counter() - started
     log_mib = sum(os.path.getsize(p) for p in logs) / 2 ** 20
 
-    config, tolerance = MonitorConfig(), load_config().evaluation.tie_tolerance
+    config = load_config().monitor
     begin = time.perf_counter()
-    result = monitor.run_monitor(logs, run.reference, SCHEMA, str(root / "out"), config,
-                                 tolerance)
+    result = monitor.run_monitor(logs, run.reference, SCHEMA, str(root / "out"), None, config)
     wall = time.perf_counter() - begin
     record = json.loads((root / "out" / "monitoring.json").read_text())
     figures = {

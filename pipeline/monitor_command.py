@@ -124,9 +124,8 @@ def run_monitor_job(run_root: str, logs: Sequence[str], output_dir: str,
         resolved["reference"] = lineage_reference(store, logged)
         return resolved["reference"]
 
-    result = run_monitor(files, reference_for, schema_path(config), output_dir,
-                         config.monitor, config.evaluation.tie_tolerance, since=since,
-                         until=until, review_queue=review_queue)
+    result = run_monitor(files, reference_for, schema_path(config), output_dir, review_queue,
+                         config.monitor, since=since, until=until)
     reference = resolved["reference"]
     inputs: dict[str, list[ArtifactRecord]] = {"request_logs": [
         ArtifactRecord("request_log", fileio.absolute(path), fingerprint(path))

@@ -94,7 +94,7 @@ def monitored(served, tmp_path_factory):
     fixtures.write_request_log(log, faces, run, seconds_per_request=60)
     config = MonitorConfig(window_minutes=30, review_lowest_confidence=5)
     result = run_monitor([str(root / "logs")], run.reference, SCHEMA, str(root / "out"),
-                         config, TOLERANCE, review_queue=str(root / "queue"))
+                         str(root / "queue"), config)
     return {"result": result, "faces": faces, "out": root / "out", "queue": root / "queue",
             "record": json.loads((root / "out" / "monitoring.json").read_text())}
 
@@ -222,8 +222,8 @@ def test_an_empty_window_is_one_clear_error(served, tmp_path):
     fixtures.write_request_log(log, run.test_faces[:16], run)
     from datetime import datetime, timezone
     with pytest.raises(MonitorError, match="no logged predictions in 1 request log file"):
-        run_monitor([log], run.reference, SCHEMA, str(tmp_path / "out"), MonitorConfig(),
-                    TOLERANCE, since=datetime(2030, 1, 1, tzinfo=timezone.utc))
+        run_monitor([log], run.reference, SCHEMA, str(tmp_path / "out"), None, MonitorConfig(),
+                    since=datetime(2030, 1, 1, tzinfo=timezone.utc))
 
 
 # ----------------------------------------------------------------------------- the CLI

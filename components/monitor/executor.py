@@ -51,7 +51,7 @@ from fer_pipeline.components.monitor.reference import (LoadedReference, MonitorE
 from fer_pipeline.components.monitor.review import least_confident_faces, queue_for_review
 from fer_pipeline.components.monitor.windows import window_checks
 from fer_pipeline.core import fileio
-from fer_pipeline.core.config import MonitorConfig
+from fer_pipeline.core.config import EvalConfig, MonitorConfig
 from fer_pipeline.core.contract import MONITORING_FILE, MONITORING_HTML
 
 __all__ = ["MonitorResult", "Assessment", "run_monitor", "assess", "logged_versions"]
@@ -196,10 +196,9 @@ def _monitoring_record(judged: Assessment, reference: MonitorReference,
 def run_monitor(log_paths: Sequence[str],
                 reference: Union[MonitorReference,
                                  Callable[[dict[str, int]], MonitorReference]],
-                schema_path: str, output_dir: str, config: MonitorConfig,
-                tie_tolerance: float, *, since: Optional[datetime] = None,
-                until: Optional[datetime] = None,
-                review_queue: Optional[str] = None) -> MonitorResult:
+                schema_path: str, output_dir: str, review_queue: Optional[str],
+                config: MonitorConfig, *, since: Optional[datetime] = None,
+                until: Optional[datetime] = None) -> MonitorResult:
     """Compares the logged traffic of [since, until) with the reference; see the module doc.
 
     `reference` is what the served versions came from, or a function that finds it given
@@ -208,6 +207,10 @@ def run_monitor(log_paths: Sequence[str],
     once the logs are read.
     """
     started = time.time()
+    # Unset only when the config was built by hand rather than loaded (load_config fills in
+    # evaluation's): the evaluation's default rule, then.
+    tie_tolerance = (config.tie_tolerance if config.tie_tolerance is not None
+                     else EvalConfig().tie_tolerance)
     timings: dict[str, float] = {}
     traffic = read_traffic(log_paths, since, until)
     timings["read_logs"] = time.time() - started
