@@ -34,7 +34,7 @@ from tensorflow_serving.apis import prediction_log_pb2  # noqa: E402
 
 from benchmarks.machine import cpu_description  # noqa: E402
 from fer_pipeline.components.monitor import executor as monitor  # noqa: E402
-from fer_pipeline.core.config import MonitorConfig, load_config  # noqa: E402
+from fer_pipeline.core.config import load_config  # noqa: E402
 from tests import monitor_fixtures as fixtures  # noqa: E402
 
 SCHEMA = "schemas/fer2013/schema.pbtxt"
