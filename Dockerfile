@@ -10,10 +10,12 @@ WORKDIR /opt/fer-pipeline
 COPY requirements.lock pyproject.toml ./
 RUN pip install --no-cache-dir -r requirements.lock
 
-COPY pipeline/ pipeline/
-COPY components/ components/
+COPY core/ core/
 COPY serving/ serving/
+COPY components/ components/
+COPY pipeline/ pipeline/
 COPY schemas/ schemas/
 COPY README.md ./
-RUN pip install --no-cache-dir --no-deps --no-build-isolation -e . \
+# A regular (not editable) install: the image holds the package as its wheel would.
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && fer-pipeline dag > /dev/null

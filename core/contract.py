@@ -89,7 +89,7 @@ OUTPUT_SALIENCY = "saliency"       # float32 [batch, 7, 48, 48], each map scaled
 # The human review queue (serving/review_queue.py): one SQLite file in a queue directory.
 REVIEW_QUEUE_FILE = "review_queue.sqlite3"
 
-# Bulk inference's output directory (components/bulk_inferrer.py, `fer-pipeline infer`).
+# Bulk inference's output directory (components/bulk_inferrer/, `fer-pipeline infer`).
 PREDICTIONS_FILE = "predictions.csv"
 PREDICTION_LOGS_DIR = "prediction_logs"       # <model>/prediction_logs-SSSSS-of-NNNNN.tfrecord
 INFERENCE_REJECTED_FILE = "rejected.csv"     # the columns of ingest's rejected_rows.csv

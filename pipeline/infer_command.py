@@ -3,7 +3,7 @@
 It is not a step of the training DAG: it scores data the pipeline never trained on, with
 whatever versions are in serving now. So it resolves which versions those are (from the
 serving root's models.config, as TF Serving does, or versions named by the caller), runs
-`components/bulk_inferrer.py` into its output directory, and records the execution in ML
+`components/bulk_inferrer/` into its output directory, and records the execution in ML
 Metadata the way the runner records a step: the data and each pushed model version it
 read (the same `pushed_model` artifacts the push step records, so lineage connects them
 when both use one store), and what it wrote.
