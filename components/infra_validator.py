@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from fer_pipeline.core.contract import (BLESSINGS_FILE, EXAMPLES_PATTERN, INFRA_
                                OUTPUT_PROBABILITIES, REPORT_HTML, SERVER_LOG_FILE,
                                SERVING_MODEL_DIR, SIGNATURE_UINT8)
 from fer_pipeline.core.errors import ConfigError, InputDataError, MissingInputError
+from fer_pipeline.core.net import free_port
 from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
 from fer_pipeline.serving.model_manager import STATE_CODES
 from fer_pipeline.serving.server import tfserving_binary
@@ -104,13 +104,6 @@ class InfraValidationResult:
 
 # ----------------------------------------------------------------------------- the sandbox
 
-def free_loopback_port() -> int:
-    """A port nothing listens on now (the OS picks it); the server binds it next."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def server_name(choice: str) -> str:
     binary = tfserving_binary(choice)
     return f"tensorflow_model_server ({binary})" if binary else "fer-serve (embedded)"
@@ -157,7 +150,7 @@ class Sandbox:
             config_path = write_model_server_config(
                 os.path.join(self.root, "models.config"),
                 [ModelSpec(name=model, base_path=base_path)])
-            self.grpc_port, self.rest_port = free_loopback_port(), free_loopback_port()
+            self.grpc_port, self.rest_port = free_port(), free_port()
             command = [sys.executable, "-m", "fer_pipeline.serving.server", "--model-config", config_path,
                        "--port", str(self.grpc_port), "--rest-port", str(self.rest_port),
                        "--server", server_choice]

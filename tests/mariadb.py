@@ -36,6 +36,7 @@ from typing import Iterator, Optional
 
 import pytest
 
+from fer_pipeline.core.net import free_port
 from tests.processes import stop_process, wait_until_ready
 
 SERVER_NAMES = ("mariadbd", "mysqld")
@@ -94,12 +95,6 @@ def _find(names: tuple[str, ...]) -> str:
 def installed() -> bool:
     return all(shutil.which(n, path=SEARCH_PATH) for n in (SERVER_NAMES[0],
                                                              INSTALL_DB_NAMES[0], "mariadb"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _init_sql(password: str) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -36,6 +35,7 @@ import pytest
 
 from fer_pipeline.core import fileio
 from fer_pipeline.core.errors import exit_process
+from fer_pipeline.core.net import free_port
 from tests.processes import stop_process, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,12 +88,6 @@ def beam_s3_args(endpoint: str) -> list[str]:
             f"--s3_secret_access_key={SECRET_KEY}", f"--s3_region_name={REGION}"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _answers(endpoint: str) -> bool:
     try:
         with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
@@ -119,7 +113,7 @@ def start_server(log_dir: Path) -> S3Server:
     """Starts moto's server on a free 127.0.0.1 port with one empty bucket."""
     log_path = log_dir / "s3_server.log"
     for attempt in range(3):  # the free port can be taken between probing and binding
-        port = _free_port()
+        port = free_port()
         endpoint = f"http://127.0.0.1:{port}"
         with open(log_path, "wb") as log:
             process = subprocess.Popen([str(SERVER_BIN), "-H", "127.0.0.1", "-p", str(port)],

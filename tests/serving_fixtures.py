@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from fer_pipeline.core.contract import CLASS_NAMES, FEATURE_PIXELS, NUM_CLASSES, NUM_PIXELS
+from fer_pipeline.core.net import free_port
 
 
 class TinyFerModel(tf.Module):
@@ -99,12 +99,6 @@ def example_bytes(image: np.ndarray) -> bytes:
         value=[np.asarray(image, np.uint8).tobytes()]))
     return tf.train.Example(features=tf.train.Features(
         feature={FEATURE_PIXELS: feature})).SerializeToString()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def random_images(count: int, seed: int = 0) -> np.ndarray:

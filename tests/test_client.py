@@ -17,7 +17,8 @@ from fer_pipeline.serving.client import FerClient, ServerUnavailable, classify
 from fer_pipeline.serving.faces import faces_in_file, find_faces
 from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
 from fer_pipeline.serving.server import FerServer, ServerConfig
-from tests.serving_fixtures import free_port, push_version, random_images, save_tiny_model
+from fer_pipeline.core.net import free_port
+from tests.serving_fixtures import push_version, random_images, save_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ import pytest
 from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES
 from fer_pipeline.pipeline.dag import STEP_NAMES
 from fer_pipeline.pipeline.runner import committed_output, run_pipeline
-from tests.serving_fixtures import free_port, start_server_process
+from fer_pipeline.core.net import free_port
+from tests.serving_fixtures import start_server_process
 
 BIN = os.path.dirname(sys.executable)
 

@@ -41,6 +41,7 @@ from fer_pipeline.components.transform import read_normalization
 from tools import local_cluster
 from fer_pipeline.core.artifacts import read_commit
 from fer_pipeline.core.beam_job import BeamJobNotRun, describe_failure
+from fer_pipeline.core.net import free_port
 from fer_pipeline.core.contract import (DUPLICATES_FILE, INFERENCE_REJECTED_FILE, PREDICTION_LOGS_DIR,
                                PREDICTIONS_FILE, REJECTED_DIR, REJECTED_FILE, SPLITS)
 from fer_pipeline.pipeline.dag import build_steps
@@ -287,7 +288,7 @@ def test_failure_lines_name_the_engine_and_the_reason():
         job_server.bind(("127.0.0.1", 0))
         job_server.listen()
         endpoint = f"127.0.0.1:{job_server.getsockname()[1]}"
-        nothing_there = f"localhost:{local_cluster.free_ports(1)[0]}"
+        nothing_there = f"localhost:{free_port()}"
         flink = PipelineOptions(["--runner=FlinkRunner", f"--job_endpoint={endpoint}",
                                  "--environment_type=EXTERNAL",
                                  f"--environment_config={nothing_there}"])

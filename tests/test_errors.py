@@ -10,6 +10,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from fer_pipeline.core import errors
+from fer_pipeline.core.net import free_port
 from fer_pipeline.core.beam_job import (BeamJobFailed, BeamJobNotRun, BeamWorkerError,
                                         engine_failure, step_template, translation_args)
 from fer_pipeline.core.config import ConfigError, load_config
@@ -80,12 +81,6 @@ def _endpoint_up():
     return server, f"127.0.0.1:{server.getsockname()[1]}"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 # Messages as the portable client receives them (shapes from tests/test_engines.py).
 REFUSED = ("Pipeline BeamApp-root-1130071846-2762c4b8_ca4e5590 failed in state FAILED: "
            "java.net.ConnectException: java.net.ConnectException: finishConnect(..) failed: "
@@ -137,7 +132,7 @@ def test_the_machines_or_users_problem_in_a_worker_is_an_engine_error(last_line)
 
 def test_engine_side_failures_are_engine_errors():
     server, endpoint = _endpoint_up()
-    nothing_there = f"localhost:{_free_port()}"
+    nothing_there = f"localhost:{free_port()}"
     with server:
         flink = PipelineOptions(["--runner=FlinkRunner", f"--job_endpoint={endpoint}",
                                  "--environment_type=EXTERNAL",

@@ -254,8 +254,8 @@ def test_a_broken_candidate_is_held_back_and_nothing_is_pushed(case, inputs, tmp
     if fault == "port":
         holder = _hold_port()
         taken = holder.getsockname()[1]
-        ports = iter([infra_validator.free_loopback_port(), taken])
-        monkeypatch.setattr(infra_validator, "free_loopback_port", lambda: next(ports))
+        ports = iter([infra_validator.free_port(), taken])
+        monkeypatch.setattr(infra_validator, "free_port", lambda: next(ports))
     if fault == "crash":
         # A tensorflow_model_server on PATH that dies at start: fer-serve --server auto
         # execs it, exactly as it would exec the real one.

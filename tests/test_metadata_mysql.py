@@ -34,7 +34,8 @@ from fer_pipeline.core.config import PipelineConfig, load_config
 from fer_pipeline.pipeline.metadata import (MetadataStore, MetadataStoreError, check_mysql_server,
                                mysql_location)
 from fer_pipeline.pipeline.runner import RunContext, committed_output, run_pipeline
-from tests.mariadb import PASSWORD_ENV, MariaDB, free_port, mariadb  # noqa: F401 (fixture)
+from fer_pipeline.core.net import free_port
+from tests.mariadb import PASSWORD_ENV, MariaDB, mariadb  # noqa: F401 (fixture)
 
 BIN = os.path.dirname(sys.executable)
 ROWS = 400                 # drawn, of which the "happy" quarter is kept

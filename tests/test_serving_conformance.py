@@ -19,7 +19,8 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2,
                                      prediction_service_pb2_grpc)
 
 from fer_pipeline.core.serving_root import ModelSpec, write_model_server_config
-from tests.serving_fixtures import (free_port, push_version, random_images, save_tiny_model,
+from fer_pipeline.core.net import free_port
+from tests.serving_fixtures import (push_version, random_images, save_tiny_model,
                                     start_server_process)
 
 SERVERS = [

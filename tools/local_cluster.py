@@ -52,6 +52,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fer_pipeline.core.net import free_ports
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENGINES_HOME = PROJECT_ROOT / ".engines"      # ignored by git; made by `make engines`
 ENGINES = ("flink", "spark")
@@ -586,17 +588,6 @@ def _listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _http_json(url: str) -> Optional[dict]:
