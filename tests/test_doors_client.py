@@ -25,7 +25,8 @@ import pytest
 from fer_pipeline.core import errors
 from fer_pipeline.serving import client_cli as fer_client
 from fer_pipeline.serving.review_queue import ReviewQueue
-from tests.serving_fixtures import free_port, random_images
+from fer_pipeline.core.net import free_port
+from tests.serving_fixtures import random_images
 
 
 def _self_signed(directory) -> tuple[str, str]:
