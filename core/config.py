@@ -357,9 +357,6 @@ class PipelineConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def _smoke_overrides() -> dict[str, Any]:
     """Small enough for tests and `make demo` on 2 CPU cores (per model: the registry)."""

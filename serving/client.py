@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from fer_pipeline.core.config import MODEL_NAMES, EvalConfig
+from fer_pipeline.core.config import MODEL_NAMES
 from fer_pipeline.core.contract import (CLASS_NAMES, IMAGE_SIZE, INPUT_PIXELS, OUTPUT_PROBABILITIES,
                                OUTPUT_SALIENCY, SIGNATURE_EXPLAIN)
 from fer_pipeline.serving.connection import diagnose
@@ -55,19 +55,6 @@ class Explanation:
     version: Optional[int]
     probabilities: np.ndarray        # float32 [n, 7]
     saliency: np.ndarray             # float32 [n, 7, 48, 48], each map scaled to [0, 1]
-
-
-@dataclass
-class ClientConfig:
-    host: str = "127.0.0.1"
-    protocol: str = "grpc"           # "grpc" (port 8500) or "rest" (port 8501)
-    grpc_port: int = 8500
-    rest_port: int = 8501
-    timeout: float = 10.0            # seconds per attempt
-    retries: int = 3                 # extra attempts when the server is unreachable
-    backoff_s: float = 0.2           # first wait; doubles each retry
-    models: tuple[str, ...] = DEFAULT_MODELS
-    tolerance: float = EvalConfig().tie_tolerance
 
 
 def with_retries(call: Callable[[], Any], is_unavailable: Callable[[BaseException], bool],

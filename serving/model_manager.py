@@ -378,17 +378,6 @@ class ModelManager:
             specs = [state.spec for state in self._models.values() if not state.served]
         return {spec.name: unservable_reason(spec) for spec in specs}
 
-    def wait_for(self, name: str, version: int, timeout: float = 30.0) -> LoadedVersion:
-        """Blocks until `version` of `name` is served (tests and startup scripts use it)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self.resolve(name, version)
-            except ServingError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
 
 class Predictor:
     """What REST and gRPC share: find the version, run the signature (through the batcher
