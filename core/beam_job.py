@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import re
 import socket
 import threading
@@ -42,6 +43,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOp
                                                   PortableOptions, S3Options,
                                                   StandardOptions, TestOptions)
 
+from fer_pipeline.core import fileio
 from fer_pipeline.core.errors import EngineError, UserError
 
 # The runners whose jobs run elsewhere, and the engine each names in an error.
@@ -138,6 +140,9 @@ def beam_pipeline(beam_args: Sequence[str], step: str) -> Iterator[beam.Pipeline
     options = PipelineOptions(list(beam_args))
     if translate_only(options):
         options = PipelineOptions(translation_args(beam_args, step))
+        staging = options.view_as(GoogleCloudOptions).staging_location
+        if staging and not fileio.is_uri(staging):
+            os.makedirs(staging, exist_ok=True)   # Beam copies into a local one, never makes it
         pipeline = beam.Pipeline(options=options)
         yield pipeline
         pipeline.run()   # translates, stages and writes the template; submits nothing

@@ -422,5 +422,5 @@ def test_a_translation_on_an_empty_run_root_translates_ingest_and_names_the_rest
     out = capsys.readouterr().out
     assert f"template {tmp_path / 'job-ingest.json'}" in out
     assert "1 Beam step(s) translated, nothing ran; not translated: augment" in out
-    assert "not Beam jobs, not run: train-cnn" in out
+    assert "not Beam jobs, not run: validate, train-cnn" in out
     assert (tmp_path / "job-ingest.json").exists() and not root.exists()
