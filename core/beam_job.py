@@ -46,6 +46,8 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOp
 from fer_pipeline.core import fileio
 from fer_pipeline.core.errors import EngineError, UserError
 
+# Imported by every SDK worker when it starts (core/beam_worker.py says why).
+WORKER_PLUGIN = "fer_pipeline.core.beam_worker"
 # The runners whose jobs run elsewhere, and the engine each names in an error.
 ENGINE_OF_RUNNER = {
     "FlinkRunner": "Flink",
@@ -137,7 +139,8 @@ def beam_pipeline(beam_args: Sequence[str], step: str) -> Iterator[beam.Pipeline
     a worker); a Dataflow translation without submission ends with BeamJobNotRun once the
     step's job spec is written (translation_args says where).
     """
-    options = PipelineOptions(list(beam_args))
+    beam_args = [*beam_args, f"--beam_plugins={WORKER_PLUGIN}"]
+    options = PipelineOptions(beam_args)
     if translate_only(options):
         options = PipelineOptions(translation_args(beam_args, step))
         staging = options.view_as(GoogleCloudOptions).staging_location

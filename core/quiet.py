@@ -22,6 +22,13 @@ anything not listed (our warnings, real errors, a library's other messages) stil
   on the "tensorflow" logger: a logging filter drops exactly that record.
 - apache_beam.io.tfrecordio's "Couldn't find python-snappy" (a speed hint about CRC
   computation): a logging filter drops exactly that record.
+- The multi-processing DirectRunner relays two warnings of each of its worker processes
+  through apache_beam.runners.portability.local_job_service: "No semi_persistent_directory
+  found: Functions defined in __main__ ... may fail" (we define none there: Beam pickles
+  only module-level functions of ours) and "Discarding unparseable args:
+  ['--direct_runner_use_stacked_bundle', '--pipeline_type_check']" (the DirectRunner's own
+  flags, which the worker does not declare): a logging filter drops exactly those records.
+  Beam workers install these filters themselves at start (core/beam_worker.py).
 - ml-metadata's C++ log line when it cannot log in to a MySQL server ("MySQL database was
   not initialized ... starting from MySQL 8.0, mysql_native_password ... is not
   supported", plus glog's "Logging before InitGoogleLogging" line before it): it blames an
@@ -58,6 +65,11 @@ LOG_NOISE: tuple[tuple[str, str], ...] = (
     ("apache_beam.io.tfrecordio",
      "Couldn't find python-snappy so the implementation of _TFRecordUtil._masked_crc32c "
      "is not as fast as it could be."),
+    ("apache_beam.runners.portability.local_job_service",
+     "No semi_persistent_directory found: Functions defined in __main__"),
+    ("apache_beam.runners.portability.local_job_service",
+     "Discarding unparseable args: [\\'--direct_runner_use_stacked_bundle\\', "
+     "\\'--pipeline_type_check\\']"),
 )
 # Written by ml-metadata's C++ code to stderr when a MySQL connection fails (see above).
 MLMD_CONNECT_NOISE: tuple[Pattern[str], ...] = (
@@ -79,11 +91,21 @@ def install() -> None:
         "ignore", message=r"You are using a Python version \S+ which Google will stop "
                           r"supporting in new releases of",
         category=FutureWarning, module=r"google\.api_core\._python_version_support")
+    # Beam's SDK worker processes import Google's client libraries before any module of
+    # ours (core/beam_worker.py) runs; the environment they inherit carries this one filter
+    # into them. -W syntax: the message is a literal prefix.
+    _pass_to_child_processes("ignore:You are using a Python version:FutureWarning")
     for name, phrase in LOG_NOISE:
         logging.getLogger(name).addFilter(_DropMessage(phrase))
     unimported = {name: p for name, p in IMPORT_NOISE.items() if name not in sys.modules}
     if unimported:
         sys.meta_path.insert(0, _QuietImport(unimported))
+
+
+def _pass_to_child_processes(warning_filter: str) -> None:
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if warning_filter not in current.split(","):
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (current, warning_filter)))
 
 
 class _DropMessage(logging.Filter):
