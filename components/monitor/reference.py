@@ -23,6 +23,7 @@ from fer_pipeline.core import fileio
 from fer_pipeline.core.config import MonitorConfig
 from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_PIXELS, IMAGE_SIZE,
     STATISTICS_FILE, TEST_PREDICTIONS_FILE)
+from fer_pipeline.core.errors import UserError
 
 __all__ = ["TRAIN_SPLIT", "SERVING_ENVIRONMENT", "MonitorError", "MonitorReference",
            "LoadedReference", "read_train_faces", "read_test_predictions", "face_schema",
@@ -32,7 +33,7 @@ TRAIN_SPLIT = "train"
 SERVING_ENVIRONMENT = "SERVING"
 
 
-class MonitorError(ValueError):
+class MonitorError(UserError, ValueError):
     """Nothing to compare (no logs in the window, no reference): one line for the user."""
 
 
