@@ -227,7 +227,7 @@ def compile_our_classes(engine: str, home: Path = ENGINES_HOME) -> Path:
     """Compiles our Java for `engine` (tools/engines/*.java, shared, and
     tools/engines/<engine>/*.java) against its jars into .engines/<engine>/fer-engines.jar:
     NothingToStage and the job server driver bound to --job-host (see their sources)."""
-    sources_dir = PROJECT_ROOT / "pipeline" / "engines"
+    sources_dir = PROJECT_ROOT / "tools" / "engines"
     sources = sorted(str(p) for p in [*sources_dir.glob("*.java"),
                                       *(sources_dir / engine).glob("*.java")])
     beam_jars = maven_classpath(engine, home)
