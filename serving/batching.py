@@ -41,7 +41,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from fer_pipeline.core.errors import ConfigError
-from fer_pipeline.serving.model_manager import LoadedVersion, ServingError
+from fer_pipeline.serving.model_manager import LoadedVersion, ServingError, check_deadline
 
 
 @dataclass
@@ -94,6 +94,7 @@ def read_batching_parameters(path: str) -> BatchingConfig:
 class _Pending:
     inputs: Mapping[str, np.ndarray]
     rows: int
+    deadline: Optional[float] = None   # time.monotonic(); None: the caller waits forever
     arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     outputs: Optional[dict[str, np.ndarray]] = None
@@ -226,7 +227,24 @@ class _Queue:
                     self._free_executors += 1
                     self._changed.notify()
 
+    @staticmethod
+    def _unexpired(batch: list[_Pending]) -> list[_Pending]:
+        """The requests whose callers still wait; the others are answered
+        DEADLINE_EXCEEDED here, their rows never computed."""
+        live = []
+        for item in batch:
+            try:
+                check_deadline(item.deadline)
+                live.append(item)
+            except ServingError as error:
+                item.error = error
+                item.done.set()
+        return live
+
     def _run(self, batch: list[_Pending]) -> None:
+        batch = self._unexpired(batch)
+        if not batch:
+            return
         self._on_batch(sum(item.rows for item in batch))
         try:
             if len(batch) == 1:
@@ -257,14 +275,16 @@ class Batcher:
         self._model_stats: dict[str, BatchingStats] = {}   # per model name
 
     def run(self, model: LoadedVersion, signature: str,
-            inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            inputs: Mapping[str, np.ndarray],
+            deadline: Optional[float] = None) -> dict[str, np.ndarray]:
         rows = _batch_rows(inputs)
         if rows is None or rows == 0 or rows >= self.config.max_batch_size:
+            check_deadline(deadline)
             return model.run(signature, inputs)  # cannot or need not be batched
         arrays = {key: np.asarray(value) for key, value in inputs.items()}
         key = (id(model), signature or "",
                tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in arrays.items())))
-        pending = _Pending(arrays, rows)
+        pending = _Pending(arrays, rows, deadline)
         with self._lock:
             work_queue = self._queues.get(key)
             if work_queue is None or work_queue.model is not model:

@@ -3,11 +3,19 @@
 Implements tensorflow.serving.PredictionService (Predict, Classify, GetModelMetadata) and
 tensorflow.serving.ModelService (GetModelStatus, HandleReloadConfigRequest) with the stubs
 from tensorflow-serving-api, so TF Serving's own clients work unchanged. Client mistakes become gRPC status codes with a
-message (NOT_FOUND, INVALID_ARGUMENT); the server keeps serving.
+message (NOT_FOUND, INVALID_ARGUMENT); the server keeps serving. A bug answers INTERNAL
+"internal error (id ...)", the id next to the traceback in the server's log.
+
+Overload: at most `max_concurrent_rpcs` calls are admitted at once, past that gRPC answers
+RESOURCE_EXHAUSTED at once. A call's deadline travels with it: a request whose client has
+given up (deadline passed while it waited for a thread or in the batch queue) is answered
+DEADLINE_EXCEEDED without running the model.
 """
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from concurrent import futures
 from typing import Optional
 
@@ -39,6 +47,17 @@ def _requested(model_spec) -> tuple[str, Optional[int], Optional[str]]:
     return model_spec.name, version, (model_spec.version_label or None)
 
 
+def deadline_of(context: grpc.ServicerContext) -> Optional[float]:
+    """The call's deadline on time.monotonic()'s clock (None without one); an expired one
+    ends the call here, before any work."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    if remaining <= 0:
+        raise ServingError("DEADLINE_EXCEEDED", "the call's deadline passed before it ran")
+    return time.monotonic() + remaining
+
+
 def _fill_spec(response_spec, model: LoadedVersion, signature_name: str) -> None:
     response_spec.name = model.name
     response_spec.version.value = model.version
@@ -52,9 +71,10 @@ def _guarded(method):
             return method(self, request, context)
         except ServingError as error:
             _abort(context, error)
-        except Exception as error:  # never leak a traceback to the client; log it here
-            log.exception("gRPC %s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+        except Exception:  # never leak a traceback (or its text) to the client; log it here
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("gRPC %s failed (error id %s)", method.__name__, error_id)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id})")
     wrapper.__name__ = method.__name__
     return wrapper
 
@@ -65,6 +85,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_guarded
     def Predict(self, request, context):
+        deadline = deadline_of(context)
         name, version, label = _requested(request.model_spec)
         inputs = {}
         for key, proto in request.inputs.items():
@@ -75,7 +96,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                                    f"input {key!r} is not a valid TensorProto: {error}")
         signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
         model, outputs = self.predictor.predict(name, inputs, version, label, signature,
-                                                list(request.output_filter))
+                                                list(request.output_filter), deadline)
         response = predict_pb2.PredictResponse()
         _fill_spec(response.model_spec, model, signature)
         for key, value in outputs.items():
@@ -87,6 +108,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_guarded
     def Classify(self, request, context):
         """Runs a tf.Example signature and reports each example's seven class scores."""
+        deadline = deadline_of(context)
         name, version, label = _requested(request.model_spec)
         examples = _serialized_examples(request.input)
         signature = request.model_spec.signature_name or EXAMPLES_SIGNATURE
@@ -99,7 +121,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         input_name = next(iter(specs))
         model, outputs = self.predictor.predict(
             name, {input_name: np.array(examples, dtype=object)}, model.version, None,
-            signature)
+            signature, deadline=deadline)
         response = classification_pb2.ClassificationResponse()
         _fill_spec(response.model_spec, model, signature)
         for row in outputs["probabilities"]:
@@ -182,10 +204,15 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
 
 def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_bytes: int,
-                      workers: int = 16) -> tuple[grpc.Server, int]:
-    """A started-later grpc.Server with both services; returns it and the bound port."""
+                      workers: int = 16, max_concurrent_rpcs: int = 0
+                      ) -> tuple[grpc.Server, int]:
+    """A started-later grpc.Server with both services; returns it and the bound port.
+    max_concurrent_rpcs: calls admitted at once (0: twice `workers`), RESOURCE_EXHAUSTED
+    past it; a few waiting for a thread keep the workers busy, a long queue would only
+    add latency."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        maximum_concurrent_rpcs=max_concurrent_rpcs or 2 * workers,
         options=[("grpc.max_receive_message_length", max_request_bytes),
                  ("grpc.max_send_message_length", max_request_bytes),
                  # gRPC sets SO_REUSEPORT by default: a second server on a busy port would

@@ -393,22 +393,27 @@ class Predictor:
     def predict(self, name: str, inputs: Mapping[str, np.ndarray],
                 version: Optional[int] = None, label: Optional[str] = None,
                 signature_name: str = "",
-                output_filter: Optional[list[str]] = None
+                output_filter: Optional[list[str]] = None,
+                deadline: Optional[float] = None
                 ) -> tuple[LoadedVersion, dict[str, np.ndarray]]:
         model = self.manager.resolve(name, version, label)
-        return model, self.run(model, inputs, signature_name, output_filter)
+        return model, self.run(model, inputs, signature_name, output_filter, deadline)
 
     def run(self, model: LoadedVersion, inputs: Mapping[str, np.ndarray],
             signature_name: str = "",
-            output_filter: Optional[list[str]] = None) -> dict[str, np.ndarray]:
-        """Runs an already resolved version (it stays usable even if unloaded meanwhile)."""
+            output_filter: Optional[list[str]] = None,
+            deadline: Optional[float] = None) -> dict[str, np.ndarray]:
+        """Runs an already resolved version (it stays usable even if unloaded meanwhile).
+        deadline (time.monotonic()): past it the model is not run (DEADLINE_EXCEEDED)."""
         signature = signature_name or DEFAULT_SIGNATURE
         if not inputs:
             raise ServingError("INVALID_ARGUMENT", "the request has no inputs")
         if self.batcher is not None:
             # Checked here, alone: a bad request must not fail the whole batch it would join.
-            outputs = self.batcher.run(model, signature, model.check_inputs(signature, inputs))
+            outputs = self.batcher.run(model, signature, model.check_inputs(signature, inputs),
+                                       deadline)
         else:
+            check_deadline(deadline)
             outputs = model.run(signature, inputs)
         if output_filter:
             unknown = sorted(set(output_filter) - set(outputs))
@@ -418,6 +423,14 @@ class Predictor:
                                    f"outputs are {sorted(outputs)}")
             outputs = {key: outputs[key] for key in output_filter}
         return outputs
+
+
+def check_deadline(deadline: Optional[float]) -> None:
+    """DEADLINE_EXCEEDED when the caller's deadline (time.monotonic()) has passed: its
+    client has stopped waiting, so the work would be wasted."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise ServingError("DEADLINE_EXCEEDED", "the call's deadline passed before its "
+                                                "model ran")
 
 
 def _version_for_label(state: "_ModelState", name: str, version: Optional[int],

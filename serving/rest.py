@@ -11,7 +11,10 @@
 
 Binary (string) values travel as {"b64": "..."}. JSON numbers are cast to the signature's
 dtype (an int32 input rejects 1.5; a uint8 input rejects 300). Errors are {"error": "..."}
-with 400 / 404 / 405 / 413; one bad request never stops the server.
+with 400 / 404 / 405 / 413; one bad request never stops the server. A bug answers 500
+"internal error (id ...)": the id finds the traceback in the server's log, and nothing of
+the exception reaches the caller. Connections, timeouts and overload (408, 503 with
+Retry-After) are serving/http_server.py's.
 """
 from __future__ import annotations
 
@@ -19,13 +22,16 @@ import base64
 import json
 import logging
 import re
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import uuid
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Optional
 
 import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format
 
+from fer_pipeline.serving.http_server import (DISCONNECTS, BoundedHTTPServer, HttpLimits,
+                                              PooledHandlerMixin)
 from fer_pipeline.serving.model_manager import (DEFAULT_SIGNATURE, Predictor, ServingError)
 
 log = logging.getLogger(__name__)
@@ -196,19 +202,22 @@ def prometheus_metrics(predictor: Predictor) -> str:
 
 # --- the HTTP server ------------------------------------------------------------------
 
-class RestServer(ThreadingHTTPServer):
-    daemon_threads = True
-    # Many concurrent clients: the default backlog of 5 makes connections fail under load.
-    request_queue_size = 128
-
+class RestServer(BoundedHTTPServer):
     def __init__(self, address: tuple[str, int], predictor: Predictor,
-                 max_request_bytes: int) -> None:
-        super().__init__(address, RestHandler)
+                 max_request_bytes: int, limits: Optional[HttpLimits] = None,
+                 **options) -> None:
+        super().__init__(address, RestHandler, limits or HttpLimits(), max_request_bytes,
+                         **options)
         self.predictor = predictor
         self.max_request_bytes = max_request_bytes
 
 
-class RestHandler(BaseHTTPRequestHandler):
+def internal_error_id() -> str:
+    """A short id that a 500's caller quotes and the server log carries with the traceback."""
+    return uuid.uuid4().hex[:12]
+
+
+class RestHandler(PooledHandlerMixin, BaseHTTPRequestHandler):
     server: RestServer
     protocol_version = "HTTP/1.1"   # keep-alive: clients reuse one connection
     # Headers and body go out in two writes; with Nagle on, the second waits for the
@@ -256,9 +265,12 @@ class RestHandler(BaseHTTPRequestHandler):
             action()
         except ServingError as error:
             self._error(_HTTP_STATUS.get(error.code, 500), error.message)
-        except Exception as error:  # a bug must cost one 500, not the server
-            log.exception("REST %s %s failed", self.command, self.path)
-            self._error(500, f"{type(error).__name__}: {error}")
+        except DISCONNECTS:
+            raise   # the client hung up: the server logs one line, there is no one to answer
+        except Exception:  # a bug must cost one 500, not the server
+            error_id = internal_error_id()
+            log.exception("REST %s %s failed (error id %s)", self.command, self.path, error_id)
+            self._error(500, f"internal error (id {error_id})")
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] == METRICS_PATH:
@@ -354,6 +366,8 @@ class RestHandler(BaseHTTPRequestHandler):
     do_DELETE = do_PATCH = do_PUT
 
 
-def build_rest_server(predictor: Predictor, host: str, port: int,
-                      max_request_bytes: int) -> RestServer:
-    return RestServer((host, port), predictor, max_request_bytes)
+def build_rest_server(predictor: Predictor, host: str, port: int, max_request_bytes: int,
+                      limits: Optional[HttpLimits] = None, **options) -> RestServer:
+    """A not yet started REST server; `options`: reuse_port, ssl_context
+    (serving/http_server.py)."""
+    return RestServer((host, port), predictor, max_request_bytes, limits, **options)

@@ -39,6 +39,7 @@ from fer_pipeline.core.serving_root import read_model_server_config, without_req
 # installs core/quiet.py's filters first, as console script and as `python -m`.
 if TYPE_CHECKING:
     from fer_pipeline.serving.batching import BatchingConfig
+    from fer_pipeline.serving.http_server import HttpLimits
     from fer_pipeline.serving.request_log import RequestLogConfig
 
 log = logging.getLogger("fer-serve")
@@ -48,6 +49,12 @@ def _default_batching_config() -> BatchingConfig:
     from fer_pipeline.serving.batching import BatchingConfig
 
     return BatchingConfig()
+
+
+def _default_rest_limits() -> HttpLimits:
+    from fer_pipeline.serving.http_server import HttpLimits
+
+    return HttpLimits()
 
 
 def _default_request_log_config() -> RequestLogConfig:
@@ -67,6 +74,11 @@ class ServerConfig:
     batching_config: BatchingConfig = field(default_factory=_default_batching_config)
     max_request_bytes: int = 16 * 1024 * 1024
     grpc_workers: int = 32
+    # RPCs admitted at once (running or waiting for a worker); past it RESOURCE_EXHAUSTED
+    # at once. 0: twice grpc_workers.
+    grpc_max_concurrent_rpcs: int = 0
+    # REST timeouts, worker threads and connection bounds (serving/http_server.py).
+    rest_limits: HttpLimits = field(default_factory=_default_rest_limits)
     # TF Serving's --tensorflow_{intra,inter}_op_parallelism; 0 leaves TF's default (one
     # thread per core for each). Only takes effect before this process first runs TF.
     intra_op_threads: int = 0
@@ -96,7 +108,6 @@ class FerServer:
         self.rest_server = None
         self.grpc_port = 0
         self.rest_port = 0
-        self._rest_thread: Optional[threading.Thread] = None
 
     def start(self) -> "FerServer":
         from fer_pipeline.serving.grpc_service import build_grpc_server
@@ -115,7 +126,7 @@ class FerServer:
         try:
             self.grpc_server, self.grpc_port = build_grpc_server(
                 self.predictor, host, self.config.port, self.config.max_request_bytes,
-                self.config.grpc_workers)
+                self.config.grpc_workers, self.config.grpc_max_concurrent_rpcs)
         except (OSError, RuntimeError) as error:
             self.stop()
             raise ResourceError(bind_failure("gRPC", host, self.config.port, "--port", error)) \
@@ -123,15 +134,14 @@ class FerServer:
         self.grpc_server.start()
         try:
             self.rest_server = build_rest_server(self.predictor, host, self.config.rest_port,
-                                                 self.config.max_request_bytes)
+                                                 self.config.max_request_bytes,
+                                                 self.config.rest_limits)
         except OSError as error:
             self.stop()
             raise ResourceError(bind_failure("REST", host, self.config.rest_port, "--rest-port",
                                        error)) from None
         self.rest_port = self.rest_server.server_address[1]
-        self._rest_thread = threading.Thread(target=self.rest_server.serve_forever,
-                                             name="rest", daemon=True)
-        self._rest_thread.start()
+        self.rest_server.start()
         return self
 
     def stop(self) -> None:
@@ -140,8 +150,7 @@ class FerServer:
             log.info("batching: %d requests in %d model calls, %.1f rows per call on average",
                      stats.requests, stats.batches, stats.mean_batch_rows)
         if self.rest_server is not None:
-            self.rest_server.shutdown()
-            self.rest_server.server_close()
+            self.rest_server.stop()
         if self.grpc_server is not None:
             self.grpc_server.stop(grace=1).wait()
         self.request_log.stop()   # after the last request: writes what is queued, closes files
@@ -191,6 +200,7 @@ def _set_tf_threads(intra_op: int, inter_op: int) -> None:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     from fer_pipeline.serving.batching import BatchingConfig
+    from fer_pipeline.serving.http_server import HttpLimits
     from fer_pipeline.serving.request_log import RequestLogConfig
 
     parser = argparse.ArgumentParser(prog="fer-serve", description=__doc__.split("\n\n")[0])
@@ -224,6 +234,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0,
                         help="TF ops run at once (0: TF's default, one per core)")
     parser.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024)
+    rest = _default_rest_limits()
+    parser.add_argument("--rest-read-timeout-s", type=float, default=rest.read_timeout_s,
+                        help="a REST request not received whole in this time gets a 408 "
+                             "and its connection closed")
+    parser.add_argument("--rest-idle-timeout-s", type=float, default=rest.idle_timeout_s,
+                        help="idle REST keep-alive connections are closed after this")
+    parser.add_argument("--rest-workers", type=int, default=rest.workers,
+                        help="threads answering REST requests (fixed; idle connections "
+                             "hold none)")
+    parser.add_argument("--rest-max-connections", type=int, default=rest.max_connections,
+                        help="open REST connections; past it new ones get a 503")
+    parser.add_argument("--rest-max-queued", type=int, default=rest.max_queued,
+                        help="REST requests that may wait for a worker; past it a 503 "
+                             "with Retry-After at once")
+    parser.add_argument("--grpc-max-concurrent-rpcs", type=int, default=0,
+                        help="gRPC calls admitted at once; past it RESOURCE_EXHAUSTED at "
+                             "once (0: twice the gRPC worker threads)")
     log_defaults = RequestLogConfig()
     parser.add_argument("--request-log-max-file-bytes", type=int,
                         default=log_defaults.max_file_bytes,
@@ -242,6 +269,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         args.batching_config = _batching_config(args)
+        args.rest_limits = HttpLimits(
+            args.rest_read_timeout_s, args.rest_idle_timeout_s, args.rest_workers,
+            args.rest_max_connections, args.rest_max_queued)
         args.request_log_config = RequestLogConfig(
             args.request_log_max_file_bytes, args.request_log_max_file_seconds,
             args.request_log_queue_records)
@@ -356,7 +386,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
         batching_config=args.batching_config, max_request_bytes=args.max_request_bytes,
         intra_op_threads=args.tensorflow_intra_op_parallelism,
         inter_op_threads=args.tensorflow_inter_op_parallelism,
-        request_log=args.request_log_config)
+        request_log=args.request_log_config, rest_limits=args.rest_limits,
+        grpc_max_concurrent_rpcs=args.grpc_max_concurrent_rpcs)
     try:
         server = FerServer(config).start()
     except (OSError, ValueError) as error:
