@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +23,7 @@ from fer_pipeline.core.config import MODEL_NAMES
 from fer_pipeline.core.contract import (CLASS_NAMES, IMAGE_SIZE, INPUT_PIXELS, OUTPUT_PROBABILITIES,
                                OUTPUT_SALIENCY, SIGNATURE_EXPLAIN)
 from fer_pipeline.serving.connection import diagnose
+from fer_pipeline.serving.tls import ClientTLS
 from fer_pipeline.core.ensemble import combine
 from fer_pipeline.core.errors import UserError, ConfigError, ServerUnreachable
 
@@ -92,13 +94,15 @@ class FerClient:
 
     def __init__(self, host: str = "127.0.0.1", grpc_port: int = 8500, rest_port: int = 8501,
                  protocol: str = "grpc", timeout: float = 10.0, retries: int = 3,
-                 backoff_s: float = 0.2) -> None:
+                 backoff_s: float = 0.2, tls: Optional[ClientTLS] = None) -> None:
         if protocol not in ("grpc", "rest"):
             raise ConfigError(f"protocol must be 'grpc' or 'rest', got {protocol!r}")
         self.host, self.protocol = host, protocol
         self.grpc_port, self.rest_port = grpc_port, rest_port
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+        self.tls = tls           # None: plaintext, as TF Serving's ports by default
         self._stub = None
+        self._ssl_context = tls.ssl_context() if tls is not None else None
 
     @property
     def port(self) -> int:
@@ -111,6 +115,10 @@ class FerClient:
     def _call(self, call: Callable[[], Any]) -> Any:
         """`call` with retries; a connection failure becomes one ServerUnavailable line."""
         def diagnosis() -> Optional[str]:
+            if self.tls is not None:
+                return (self.tls.diagnose(self.host, self.port, self.timeout)
+                        or diagnose(self.host, self.port, self.protocol, self.timeout,
+                                    tls=True))
             return diagnose(self.host, self.port, self.protocol, self.timeout)
 
         grpc_call = self.protocol == "grpc"
@@ -122,8 +130,10 @@ class FerClient:
         """Failures no retry fixes: the wrong protocol, TLS, or no answer in time."""
         if self.protocol == "grpc":
             return _grpc_hopeless(error)
-        return isinstance(error, (http.client.BadStatusLine, socket.timeout, TimeoutError)) \
-            or isinstance(getattr(error, "reason", None), (socket.timeout, TimeoutError))
+        return isinstance(error, (http.client.BadStatusLine, socket.timeout, TimeoutError,
+                                  ssl.SSLError)) \
+            or isinstance(getattr(error, "reason", None), (socket.timeout, TimeoutError,
+                                                           ssl.SSLError))
 
     def predict(self, model: str, images: np.ndarray) -> ModelAnswer:
         """Probabilities of `images` (uint8 [n, 48, 48]) from the newest version of `model`."""
@@ -138,7 +148,9 @@ class FerClient:
         if self._stub is None:
             import grpc
             from tensorflow_serving.apis import prediction_service_pb2_grpc
-            channel = grpc.insecure_channel(f"{self.host}:{self.grpc_port}")
+            target = f"{self.host}:{self.grpc_port}"
+            channel = (grpc.secure_channel(target, self.tls.grpc_credentials())
+                       if self.tls is not None else grpc.insecure_channel(target))
             self._stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         return self._stub
 
@@ -165,14 +177,16 @@ class FerClient:
     # --- REST: JSON ints on the serving_default signature -----------------------------
 
     def _rest_url(self, path: str) -> str:
-        return f"http://{self.host}:{self.rest_port}{path}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.rest_port}{path}"
 
     def _rest_call(self, path: str, body: Optional[dict] = None) -> tuple[dict, Any]:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self._rest_url(path), data=data,
                                          headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout,
+                                        context=self._ssl_context) as response:
                 return json.loads(response.read()), response.headers
         except urllib.error.HTTPError as error:
             try:
@@ -253,8 +267,10 @@ def _grpc_hopeless(error: BaseException) -> bool:
     import grpc
     if not isinstance(error, grpc.RpcError):
         return False
+    details = (error.details() or "").lower()
     return error.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (
-        error.code() == grpc.StatusCode.UNAVAILABLE and "HTTP/2" in (error.details() or ""))
+        error.code() == grpc.StatusCode.UNAVAILABLE
+        and any(sign in details for sign in ("http/2", "handshake", "ssl", "tls")))
 
 
 def _rest_unavailable(error: BaseException) -> bool:

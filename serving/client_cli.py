@@ -7,7 +7,7 @@ Works against our embedded server and the real TF Serving alike (same protocols)
     fer-client --npy faces.npy                              # uint8 [n, 48, 48]
       [--host 127.0.0.1] [--protocol grpc|rest] [--port N] [--models cnn,vgg16]
       [--config my.yaml | --tolerance 0.05] [--timeout 10] [--retries 3] [--table]
-      [--review-queue DIR] [--explain DIR]
+      [--review-queue DIR] [--explain DIR] [--tls-ca ca.pem [--tls-cert c.pem --tls-key c.key]]
 
 Prints JSON (or a table with --table): per face, each model's probabilities and the
 version that answered, and the ensemble decision from fer_pipeline.core.ensemble.combine with the
@@ -39,6 +39,7 @@ from fer_pipeline.serving.client import (DEFAULT_MODELS, FerClient, ServerError,
                             classify)
 from fer_pipeline.serving.review_intake import explain_face, queue_flagged
 from fer_pipeline.serving.review_queue import ReviewQueue
+from fer_pipeline.serving.tls import ClientTLS
 
 # Where flagged faces are queued when --review-queue is not given (unset: nowhere).
 REVIEW_QUEUE_ENV = "FER_REVIEW_QUEUE"
@@ -178,6 +179,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per attempt")
     parser.add_argument("--retries", type=int, default=3)
     parser.add_argument("--backoff", type=float, default=0.2, help="first retry wait, seconds")
+    parser.add_argument("--tls-ca", metavar="PEM",
+                        help="speak TLS, trusting the server certificate this CA signed "
+                             "(fer-serve --ssl-config-file)")
+    parser.add_argument("--tls-cert", metavar="PEM",
+                        help="with --tls-key: this client's certificate, for a server that "
+                             "verifies clients (client_verify)")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument("--table", action="store_true", help="readable table instead of JSON")
     parser.add_argument("--review-queue", metavar="DIR",
                         default=os.environ.get(REVIEW_QUEUE_ENV) or None,
@@ -232,6 +240,10 @@ def _main(argv: Optional[list[str]] = None) -> int:
         _check_numbers(args)
         args.tolerance = tolerance(args)
         inputs = _load_inputs(args)
+        tls = (ClientTLS(args.tls_ca, args.tls_cert, args.tls_key)
+               if args.tls_ca or args.tls_cert or args.tls_key else None)
+        if tls is not None:
+            tls.ssl_context()   # an unusable key or certificate: one line now
     except (OSError, ValueError) as error:
         if not is_user_error(error):
             raise
@@ -242,7 +254,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
                        grpc_port=port if port and args.protocol == "grpc" else 8500,
                        rest_port=port if port and args.protocol == "rest" else 8501,
                        protocol=args.protocol, timeout=args.timeout, retries=args.retries,
-                       backoff_s=args.backoff)
+                       backoff_s=args.backoff, tls=tls)
     faces = [item.pixels for item in inputs if item.pixels is not None]
     try:
         results = classify(client, np.stack(faces), models, args.tolerance) if faces else []

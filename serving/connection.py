@@ -22,9 +22,11 @@ GRPC_PORT, REST_PORT = 8500, 8501
 _HTTP2_SETTINGS_FRAME = 0x04   # the frame type at byte 3 of an HTTP/2 server's first frame
 
 
-def diagnose(host: str, port: int, protocol: str, timeout: float) -> Optional[str]:
+def diagnose(host: str, port: int, protocol: str, timeout: float,
+             tls: bool = False) -> Optional[str]:
     """What is wrong with talking `protocol` ("grpc" or "rest") to host:port, or None when
-    the address answers in that protocol (then the caller's own error says more)."""
+    the address answers in that protocol (then the caller's own error says more). With
+    `tls` only the TCP connect is asked (serving/tls.py's ClientTLS.diagnose asks the rest)."""
     timeout = max(0.5, min(timeout, 5.0))
     where = f"{host}:{port}"
     try:
@@ -40,9 +42,12 @@ def diagnose(host: str, port: int, protocol: str, timeout: float) -> Optional[st
                 "the wrong --host?")
     except OSError as error:
         return f"cannot connect to {where}: {error.strerror or error}"
+    if tls:
+        return None
     if _speaks_tls(host, port, timeout):
-        return (f"{where} expects TLS (https); fer-client speaks plaintext, as TF Serving's "
-                "ports do: connect to a plaintext port, or put a TLS-terminating proxy in front")
+        return (f"{where} expects TLS (https) and this client spoke plaintext: give "
+                "fer-client --tls-ca (the CA of the server's certificate), and --tls-cert "
+                "and --tls-key where the server verifies its clients")
     reply = _first_bytes(host, port, timeout)
     if reply is None:
         return (f"{where} accepts connections but does not answer within {timeout:g} s: "
@@ -72,7 +77,10 @@ def _speaks_tls(host: str, port: int, timeout: float) -> bool:
         with socket.create_connection((host, port), timeout=timeout) as raw:
             with context.wrap_socket(raw, server_hostname=host):
                 return True
-    except (OSError, ssl.SSLError):
+    except ssl.SSLError as error:
+        # An alert is a TLS answer: the server speaks TLS and refused us (no certificate).
+        return "ALERT" in (error.reason or "").upper()
+    except OSError:
         return False
 
 

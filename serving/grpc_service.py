@@ -30,6 +30,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
 from fer_pipeline.core.contract import CLASS_NAMES
 from fer_pipeline.core.errors import ResourceError
 from fer_pipeline.core.serving_root import specs_from_proto
+from fer_pipeline.serving.reload_policy import ReloadPolicy
 from fer_pipeline.serving.model_manager import (DEFAULT_SIGNATURE, STATE_CODES, LoadedVersion, Predictor,
                                    ServingError)
 
@@ -169,8 +170,11 @@ def _serialized_examples(model_input) -> list[bytes]:
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, predictor: Predictor,
+                 reload_policy: Optional[ReloadPolicy] = None) -> None:
         self.manager = predictor.manager
+        # Which reloads are allowed (serving/reload_policy.py); None: any.
+        self.reload_policy = reload_policy
 
     @_guarded
     def GetModelStatus(self, request, context):
@@ -189,10 +193,14 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     def HandleReloadConfigRequest(self, request, context):
         """Serves the given ModelServerConfig (TF Serving's runtime reconfiguration); returns
         once the new versions are loaded. Not written back to models.config."""
+        if self.reload_policy is not None:
+            self.reload_policy.check_enabled()
         try:
             specs = specs_from_proto(request.config)
         except ValueError as error:
             raise ServingError("INVALID_ARGUMENT", f"bad model server config: {error}")
+        if self.reload_policy is not None:
+            self.reload_policy.check(specs)   # before anything is loaded or created
         errors = self.manager.reload_config(specs)
         if errors:
             raise ServingError("UNKNOWN", "config applied, but loading failed: "
@@ -204,7 +212,9 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
 
 def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_bytes: int,
-                      workers: int = 16, max_concurrent_rpcs: int = 0
+                      workers: int = 16, max_concurrent_rpcs: int = 0,
+                      credentials: Optional[grpc.ServerCredentials] = None,
+                      reload_policy: Optional[ReloadPolicy] = None
                       ) -> tuple[grpc.Server, int]:
     """A started-later grpc.Server with both services; returns it and the bound port.
     max_concurrent_rpcs: calls admitted at once (0: twice `workers`), RESOURCE_EXHAUSTED
@@ -220,8 +230,11 @@ def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_by
                  ("grpc.so_reuseport", 0)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(predictor), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(predictor), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+        ModelService(predictor, reload_policy), server)
+    # credentials: TLS (serving/tls.py), else plaintext as TF Serving's default.
+    bound = (server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None
+             else server.add_insecure_port(f"{host}:{port}"))
     if bound == 0:
         raise ResourceError(f"cannot bind gRPC to {host}:{port}")
     return server, bound

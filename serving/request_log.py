@@ -7,8 +7,9 @@ models.config's `logging_config` (parsed in core/serving_root.py) names a
 request handler (gRPC Predict/Classify, REST :predict) hands this module the request and
 the response, and returns. Everything else happens on one writer thread:
 
-* The request path only draws the sample and puts one item on a bounded queue
-  (`put_nowait`). When the queue is full the record is dropped and counted
+* The request path only draws the sample and puts one item on a queue bounded in records
+  and in bytes (`put_nowait`; serving/request_log_bounds.py). When the queue is full the
+  record is dropped and counted
   (`fer_serve_request_log_dropped_total` in /monitoring/prometheus/metrics): logging never
   blocks or fails a request. REST requests are turned into PredictRequest/PredictResponse
   protos on the writer thread, not on the request path.
@@ -19,6 +20,8 @@ the response, and returns. Everything else happens on one writer thread:
 * Files rotate by size (`max_file_bytes`) and by age (`max_file_seconds`, also when no
   request comes). A file is written under `<name>.tfrecord.partial` and renamed to
   `<name>.tfrecord` when it is closed, so a `.tfrecord` file is always whole.
+* Each log directory stays within `max_total_bytes` and `max_age_s`: the oldest closed
+  files are deleted first, and counted (serving/request_log_bounds.py).
 
 File names: `<filename_prefix>-<UTC start, %Y%m%dT%H%M%S.%fZ>-<pid>-<sequence>.tfrecord`,
 e.g. `request_logs/cnn/requests-20261130T071502.123456Z-4242-00003.tfrecord`: sorting
@@ -52,6 +55,7 @@ from tensorflow_serving.apis import model_pb2, prediction_log_pb2
 
 from fer_pipeline.core.errors import ConfigError, InputDataError, MissingInputError
 from fer_pipeline.core.serving_root import RequestLogSpec
+from fer_pipeline.serving.request_log_bounds import LogRetention, QueueBytes, arrays_bytes
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +71,18 @@ class RequestLogConfig:
     max_file_bytes: int = 64 * 1024 * 1024
     max_file_seconds: float = 600.0
     queue_records: int = 4096          # records waiting for the writer; more are dropped
+    queue_bytes: int = 64 * 1024 * 1024     # ... and their bytes (serving/request_log_bounds.py)
+    max_total_bytes: int = 8 * 1024 ** 3    # per log directory; oldest files deleted (0: no limit)
+    max_age_s: float = 30 * 24 * 3600.0     # files older are deleted (0: kept however old)
 
     def __post_init__(self) -> None:
-        if self.max_file_bytes < 1 or self.max_file_seconds <= 0 or self.queue_records < 1:
-            raise ConfigError("request log: max_file_bytes, max_file_seconds and queue_records "
-                              "must be positive")
+        if (self.max_file_bytes < 1 or self.max_file_seconds <= 0 or self.queue_records < 1
+                or self.queue_bytes < 1):
+            raise ConfigError("request log: max_file_bytes, max_file_seconds, queue_records "
+                              "and queue_bytes must be positive")
+        if self.max_total_bytes < 0 or self.max_age_s < 0:
+            raise ConfigError("request log: max_total_bytes and max_age_s must be 0 (no "
+                              "limit) or positive")
 
 
 @dataclass
@@ -153,8 +164,9 @@ class _OpenFile:
         return self.final_path
 
 
-# One queued record: (model name, its logging spec, a function building the PredictionLog).
-_Item = tuple[str, RequestLogSpec, Callable[[], prediction_log_pb2.PredictionLog]]
+# One queued record: (model name, its logging spec, a function building the PredictionLog,
+# the bytes it holds in the queue).
+_Item = tuple[str, RequestLogSpec, Callable[[], prediction_log_pb2.PredictionLog], int]
 _STOP = None
 
 
@@ -171,6 +183,10 @@ class RequestLogger:
         self._spec_for = spec_for
         self._random = random.Random(seed)
         self._queue: "queue.Queue[Optional[_Item]]" = queue.Queue(self.config.queue_records)
+        self._queue_bytes = QueueBytes(self.config.queue_bytes)
+        self._retention = LogRetention(LOG_SUFFIX, OPEN_SUFFIX, self.config.max_total_bytes,
+                                       self.config.max_age_s)
+        self._directories: set[str] = set()          # every directory the writer wrote to
         self._counts: dict[str, RequestLogCounts] = {}
         self._counts_lock = threading.Lock()
         self._files: dict[str, _OpenFile] = {}       # filename_prefix -> open file
@@ -215,7 +231,8 @@ class RequestLogger:
             entry.request.CopyFrom(request)
             entry.response.CopyFrom(response)
             return record
-        self._offer(response.model_spec.name, spec, build)
+        self._offer(response.model_spec.name, spec, build,
+                    request.ByteSize() + response.ByteSize())
 
     def log_arrays(self, name: str, version: int, signature: str,
                    inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
@@ -238,7 +255,7 @@ class RequestLogger:
             for key, value in outputs.items():
                 response.outputs[key].CopyFrom(_tensor_proto(value))
             return record
-        self._offer(name, spec, build)
+        self._offer(name, spec, build, arrays_bytes(inputs, outputs))
 
     def _sampled(self, name: str) -> Optional[RequestLogSpec]:
         spec = self._spec_for(name)
@@ -247,13 +264,13 @@ class RequestLogger:
         return spec
 
     def _offer(self, name: str, spec: RequestLogSpec,
-               build: Callable[[], prediction_log_pb2.PredictionLog]) -> None:
-        if not self._stopping:
+               build: Callable[[], prediction_log_pb2.PredictionLog], size: int) -> None:
+        if not self._stopping and self._queue_bytes.take(size):
             try:
-                self._queue.put_nowait((name, spec, build))
+                self._queue.put_nowait((name, spec, build, size))
                 return
             except queue.Full:
-                pass
+                self._queue_bytes.give_back(size)
         self._count(name, "dropped")
 
     # --- counters --------------------------------------------------------------------
@@ -275,17 +292,21 @@ class RequestLogger:
         """The counters in Prometheus' text format (rest.py serves them)."""
         lines = ["# HELP fer_serve_request_log_queue_records Records waiting for the writer.",
                  "# TYPE fer_serve_request_log_queue_records gauge",
-                 f"fer_serve_request_log_queue_records {self.queued()}"]
+                 f"fer_serve_request_log_queue_records {self.queued()}",
+                 "# HELP fer_serve_request_log_queue_bytes Bytes of the records waiting.",
+                 "# TYPE fer_serve_request_log_queue_bytes gauge",
+                 f"fer_serve_request_log_queue_bytes {self._queue_bytes.queued}"]
         per_model = sorted(self.counts().items())
         for field, help_text in (
                 ("written", "Sampled requests written to the request log."),
-                ("dropped", "Sampled requests not logged because the log queue was full."),
+                ("dropped", "Sampled requests not logged because the log queue was full "
+                            "(in records or bytes)."),
                 ("failed", "Sampled requests whose log record could not be written.")):
             metric = f"fer_serve_request_log_{field}_total"
             lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
             lines += [f'{metric}{{model_name="{name}"}} {getattr(counts, field)}'
                       for name, counts in per_model]
-        return lines
+        return lines + self._retention.prometheus_lines()
 
     # --- the writer thread -----------------------------------------------------------
 
@@ -307,6 +328,7 @@ class RequestLogger:
             if prefix in self._files:
                 self._files[prefix].writer.flush()
         self._close_files(older_than=self.config.max_file_seconds)
+        self._retention.prune(self._directories)   # at most once a second
 
     def _take_batch(self) -> list[Optional[_Item]]:
         """Waits for one item (or until the oldest open file is due to rotate), then takes
@@ -330,7 +352,8 @@ class RequestLogger:
     def _write(self, item: _Item) -> Optional[str]:
         """Writes one record; returns its prefix, or None when it failed: counted, logged
         once per cause, never raised (a full disk must not stop the writer or a request)."""
-        name, spec, build = item
+        name, spec, build, size = item
+        self._queue_bytes.give_back(size)
         prefix = spec.filename_prefix
         try:
             record = build().SerializeToString()
@@ -342,6 +365,7 @@ class RequestLogger:
             if open_file is None:
                 self._sequence += 1
                 open_file = self._files[prefix] = _OpenFile(prefix, self._sequence)
+                self._directories.add(os.path.dirname(prefix) or ".")
             open_file.write(record)
         except Exception as error:
             self._failed(name, f"cannot write under {prefix}: {type(error).__name__}: {error}")
@@ -365,6 +389,7 @@ class RequestLogger:
             open_file.close()
         except Exception as error:
             log.error("request log: cannot close %s: %s", open_file.open_path, error)
+        self._retention.prune([os.path.dirname(prefix) or "."], force=True)
 
     def _close_files(self, older_than: float) -> None:
         now = time.monotonic()

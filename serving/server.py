@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from fer_pipeline.serving.batching import BatchingConfig
     from fer_pipeline.serving.http_server import HttpLimits
     from fer_pipeline.serving.request_log import RequestLogConfig
+    from fer_pipeline.serving.access import AccessConfig
 
 log = logging.getLogger("fer-serve")
 
@@ -55,6 +56,12 @@ def _default_rest_limits() -> HttpLimits:
     from fer_pipeline.serving.http_server import HttpLimits
 
     return HttpLimits()
+
+
+def _default_access_config() -> AccessConfig:
+    from fer_pipeline.serving.access import AccessConfig
+
+    return AccessConfig()
 
 
 def _default_request_log_config() -> RequestLogConfig:
@@ -86,6 +93,9 @@ class ServerConfig:
     # How request logs are written; which models log, and how much, is models.config's
     # logging_config (serving/request_log.py).
     request_log: RequestLogConfig = field(default_factory=_default_request_log_config)
+    # TLS and who may reload the config (serving/access.py); default plaintext, reloads
+    # under the directory of models.config.
+    access: AccessConfig = field(default_factory=_default_access_config)
 
 
 class FerServer:
@@ -126,7 +136,9 @@ class FerServer:
         try:
             self.grpc_server, self.grpc_port = build_grpc_server(
                 self.predictor, host, self.config.port, self.config.max_request_bytes,
-                self.config.grpc_workers, self.config.grpc_max_concurrent_rpcs)
+                self.config.grpc_workers, self.config.grpc_max_concurrent_rpcs,
+                self.config.access.grpc_credentials(),
+                self.config.access.reload_policy(self.config.model_config))
         except (OSError, RuntimeError) as error:
             self.stop()
             raise ResourceError(bind_failure("gRPC", host, self.config.port, "--port", error)) \
@@ -135,7 +147,8 @@ class FerServer:
         try:
             self.rest_server = build_rest_server(self.predictor, host, self.config.rest_port,
                                                  self.config.max_request_bytes,
-                                                 self.config.rest_limits)
+                                                 self.config.rest_limits,
+                                                 ssl_context=self.config.access.rest_context())
         except OSError as error:
             self.stop()
             raise ResourceError(bind_failure("REST", host, self.config.rest_port, "--rest-port",
@@ -200,6 +213,7 @@ def _set_tf_threads(intra_op: int, inter_op: int) -> None:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     from fer_pipeline.serving.batching import BatchingConfig
+    from fer_pipeline.serving.access import access_config, add_access_arguments
     from fer_pipeline.serving.http_server import HttpLimits
     from fer_pipeline.serving.request_log import RequestLogConfig
 
@@ -262,6 +276,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         default=log_defaults.queue_records,
                         help="sampled requests that may wait for the log writer; beyond "
                              "that they are dropped (and counted), never delayed")
+    parser.add_argument("--request-log-queue-bytes", type=int,
+                        default=log_defaults.queue_bytes,
+                        help="... and the bytes they may hold, at most")
+    parser.add_argument("--request-log-max-total-bytes", type=int,
+                        default=log_defaults.max_total_bytes,
+                        help="per log directory: past it the oldest closed files are "
+                             "deleted (0: no limit)")
+    parser.add_argument("--request-log-max-age-s", type=float,
+                        default=log_defaults.max_age_s,
+                        help="log files older than this are deleted (0: kept)")
+    add_access_arguments(parser)
     parser.add_argument("--server", choices=("auto", "embedded", "tfserving"), default="auto",
                         help="auto: the real tensorflow_model_server when it is on PATH, "
                         "else the embedded server")
@@ -274,7 +299,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             args.rest_max_connections, args.rest_max_queued)
         args.request_log_config = RequestLogConfig(
             args.request_log_max_file_bytes, args.request_log_max_file_seconds,
-            args.request_log_queue_records)
+            args.request_log_queue_records, args.request_log_queue_bytes,
+            args.request_log_max_total_bytes, args.request_log_max_age_s)
+        args.access = access_config(args)
     except (OSError, ValueError) as error:
         if not is_user_error(error):
             raise
@@ -313,6 +340,8 @@ def tfserving_command(binary: str, args: argparse.Namespace) -> list[str]:
                f"--enable_batching={'true' if args.batching else 'false'}",
                f"--tensorflow_intra_op_parallelism={args.tensorflow_intra_op_parallelism}",
                f"--tensorflow_inter_op_parallelism={args.tensorflow_inter_op_parallelism}"]
+    if args.ssl_config_file:   # the same file: TF Serving reads it for its gRPC port
+        command.append(f"--ssl_config_file={os.path.abspath(args.ssl_config_file)}")
     if args.batching:
         path = args.batching_parameters_file
         if not path:
@@ -387,7 +416,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
         intra_op_threads=args.tensorflow_intra_op_parallelism,
         inter_op_threads=args.tensorflow_inter_op_parallelism,
         request_log=args.request_log_config, rest_limits=args.rest_limits,
-        grpc_max_concurrent_rpcs=args.grpc_max_concurrent_rpcs)
+        grpc_max_concurrent_rpcs=args.grpc_max_concurrent_rpcs, access=args.access)
     try:
         server = FerServer(config).start()
     except (OSError, ValueError) as error:

@@ -26,6 +26,7 @@ from fer_pipeline.core.serving_root import (ModelSpec, read_model_server_config,
                                   write_model_server_config)
 from fer_pipeline.serving.model_manager import ModelManager
 from fer_pipeline.serving.batching import Batcher, BatchingConfig
+from fer_pipeline.serving.access import AccessConfig
 from fer_pipeline.serving.server import FerServer, ServerConfig
 from tests.serving_fixtures import (example_bytes, push_version, random_images,
                                     save_tiny_model, serve_in_subprocess)
@@ -588,7 +589,10 @@ def test_reload_config_request_changes_what_is_served(tmp_path, serving_root):
     base = read_model_server_config(serving_root)[0].base_path
     config = write_model_server_config(str(tmp_path / "models.config"),
                                        [ModelSpec("cnn", base, "all")])
-    running = _start(config, poll_seconds=0.2)
+    # The served base path lives outside models.config's directory: allowed explicitly
+    # (tests/test_serving_access.py checks the refusals).
+    running = _start(config, poll_seconds=0.2, access=AccessConfig(
+        allowed_roots=(str(tmp_path), os.path.dirname(base))))
     channel = grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}")
     models = model_service_pb2_grpc.ModelServiceStub(channel)
     predictions = prediction_service_pb2_grpc.PredictionServiceStub(channel)
