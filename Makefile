@@ -9,7 +9,8 @@ RUN_DIR ?= demo_run
 DEMO_ROWS ?= 4000
 BEAM_ARGS ?=
 
-.PHONY: setup s3-server demo system-deps lint test test-engines bench clean mysql-up mysql-down \
+.PHONY: setup s3-server demo system-deps lint test test-engines bench docs docs-images clean \
+	mysql-up mysql-down \
 	engines flink-up flink-down spark-up spark-down
 
 setup: $(STAMP)
@@ -150,5 +151,21 @@ spark-down:
 bench: setup
 	$(BIN)/python benchmarks/data_half.py
 
+# The documentation site (mkdocs.yml): docs/ and the reference pages generated from the code
+# (tools/docs_hooks.py), built strictly into site/; open site/index.html. A few seconds.
+# tests/test_docs.py builds it the same way in `make test` and checks its links.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	@echo "== site/index.html"
+
+# The screenshots the docs show (docs/images/), taken by the browser tests from a demo run
+# (tests/test_pages_browser.py and tests/test_review_app.py, cases named docs_image); the
+# demo runs first when $(RUN_DIR) holds none. Commit the PNGs it changes.
+docs-images: setup
+	@test -f $(RUN_DIR)/monitoring/demo/monitoring.html || $(MAKE) demo
+	FER_DOCS_RUN=$(abspath $(RUN_DIR)) FER_DOCS_IMAGES=$(CURDIR)/docs/images \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider -k docs_image \
+	  tests/test_pages_browser.py tests/test_review_app.py
+
 clean:
-	rm -rf $(RUN_DIR) .pytest_cache $(ENGINES_DIR)/run
+	rm -rf $(RUN_DIR) .pytest_cache $(ENGINES_DIR)/run site

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Optional
 import yaml  # PyYAML ships with apache-beam
 
 __all__ = ["Check", "YamlLoader", "at_least", "between", "check_order", "check_values",
-           "fractions", "local_directory", "merge", "one_of", "optional", "positive",
+           "described", "fractions", "local_directory", "merge", "one_of", "optional", "positive",
            "setting", "weights_file"]
 
 # A check takes a field's value and returns what is wrong with it, or None.
@@ -40,12 +40,21 @@ def setting(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
                              metadata={k: v for k, v in metadata.items() if v})
 
 
+def described(rule: str, check: Check) -> Check:
+    """`check` with its rule in words as `check.rule` (the generated config reference shows
+    it), so the rule is written once, beside the check."""
+    check.rule = rule  # type: ignore[attr-defined]
+    return check
+
+
 def between(low: float, high: float) -> Check:
-    return lambda v: None if low <= v <= high else f"must be between {low:g} and {high:g}"
+    return described(f"{low:g} to {high:g}", lambda v: None if low <= v <= high
+                     else f"must be between {low:g} and {high:g}")
 
 
 def at_least(low: float) -> Check:
-    return lambda v: None if v >= low else f"must be at least {low:g}"
+    return described(f">= {low:g}",
+                     lambda v: None if v >= low else f"must be at least {low:g}")
 
 
 def positive(v: float) -> Optional[str]:
@@ -53,11 +62,13 @@ def positive(v: float) -> Optional[str]:
 
 
 def one_of(*choices: str) -> Check:
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+    return described("one of " + ", ".join(choices), lambda v: None if v in choices
+                     else f"must be one of {', '.join(choices)}")
 
 
 def optional(check: Check) -> Check:
-    return lambda v: None if v is None else check(v)
+    return described(f"unset, or {getattr(check, 'rule', 'checked')}",
+                     lambda v: None if v is None else check(v))
 
 
 def fractions(v: tuple) -> Optional[str]:
@@ -77,6 +88,12 @@ def local_directory(v: str) -> Optional[str]:
     if "://" in v:
         return "must be a local directory of the serving machine, not a URI"
     return None
+
+
+described("> 0", positive)
+described("three shares that add up to 1", fractions)
+described('"none", "imagenet" or a path ending in .h5', weights_file)
+described("a local directory, not a URI", local_directory)
 
 
 # ----------------------------------------------------------------------------- merging

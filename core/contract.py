@@ -97,3 +97,25 @@ INFERENCE_RESULT_FILE = "inference.json"     # the result record, written last
 # The extra feature of the tf.Examples bulk inference sends to `serving_examples` (the
 # models read only `pixels`): where the face came from, so each PredictionLog names it.
 FEATURE_SOURCE = "source"          # bytes, "path:line" (CSV) or "path#face<i>" (photo)
+
+# The served signatures, declared as data: signature -> (what it is for, inputs, outputs),
+# each tensor (name, dtype, shape). The trainer's export builds these,
+# tests/test_export.py checks a real export against this table, and the documentation's
+# signature reference is generated from it.
+PIXELS_SHAPE = f"[batch, {IMAGE_SIZE}, {IMAGE_SIZE}] or [batch, {NUM_PIXELS}]"
+_ANSWERS = ((OUTPUT_PROBABILITIES, "float32", f"[batch, {NUM_CLASSES}]"),
+            (OUTPUT_CLASS_ID, "int64", "[batch]"),
+            (OUTPUT_CLASS_NAME, "string", "[batch]"))
+SERVED_SIGNATURES: dict[str, tuple[str, tuple, tuple]] = {
+    SIGNATURE_DEFAULT: ("raw pixels 0-255; the transform graph runs inside",
+                        ((INPUT_PIXELS, "int32", PIXELS_SHAPE),), _ANSWERS),
+    SIGNATURE_UINT8: ("the same with uint8 pixels: a quarter of the gRPC payload",
+                      ((INPUT_PIXELS, "uint8", PIXELS_SHAPE),), _ANSWERS),
+    SIGNATURE_EXAMPLES: ("serialized raw tf.Examples, the TFX convention (only `pixels` "
+                         "is read)", ((INPUT_EXAMPLES, "string", "[batch]"),), _ANSWERS),
+    SIGNATURE_EXPLAIN: ("the answers plus one integrated-gradients saliency map per class, "
+                        "each scaled to [0, 1]",
+                        ((INPUT_PIXELS, "uint8", PIXELS_SHAPE),),
+                        _ANSWERS + ((OUTPUT_SALIENCY, "float32",
+                                     f"[batch, {NUM_CLASSES}, {IMAGE_SIZE}, {IMAGE_SIZE}]"),)),
+}

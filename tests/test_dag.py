@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
-from pathlib import Path
 
 import pytest
 
@@ -11,8 +9,6 @@ import fer_pipeline.core.config as config_module
 from fer_pipeline.pipeline import dag
 from fer_pipeline.pipeline.cli_parser import build_parser, step_commands
 from fer_pipeline.core.config import MODEL_NAMES, RegisteredModel, load_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_input_is_a_declared_output_of_an_earlier_step():
@@ -74,10 +70,3 @@ def test_code_fingerprint_covers_the_modules_source(tmp_path, monkeypatch):
     assert dag.code_fingerprint(["mod_a"]) != before
     with pytest.raises(ValueError, match="no_such_module"):
         dag.code_fingerprint(["no_such_module"])
-
-
-def test_architecture_doc_shows_the_generated_diagram():
-    text = (REPO / "docs" / "architecture.md").read_text()
-    block = re.search(r"```mermaid\n(.*?)```", text, re.S).group(1)
-    assert block == dag.mermaid(dag.build_steps()), \
-        "docs/architecture.md is stale: paste `fer-pipeline dag --mermaid` into it"

@@ -18,7 +18,9 @@ from fer_pipeline.pipeline import cli, cli_parser
 from fer_pipeline.core.config import ConfigError, PipelineConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Every page written by hand: the README and docs/ at any depth (the site's reference pages
+# are generated at build time and are not files).
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SECTIONS = tuple(f.name for f in dataclasses.fields(PipelineConfig))
 
 # (file name, its text, words the one error message must hold)
@@ -162,7 +164,7 @@ def _default(parts: list[str]) -> object:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
-DOC_TEXT = {path.name: path.read_text() for path in DOCS}
+DOC_TEXT = {str(path.relative_to(ROOT)): path.read_text() for path in DOCS}
 YAML_EXAMPLES = [(name, block) for name, text in DOC_TEXT.items() for block in _yaml_blocks(text)]
 INLINE_EXAMPLES = [(name, span) for name, text in DOC_TEXT.items()
                    for span in _inline_config(text)]

@@ -121,6 +121,25 @@ def test_signatures_declare_the_contract(exported):
     assert explain["saliency"].shape.as_list() == [None, NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE]
 
 
+def test_the_export_is_what_the_contract_declares(exported):
+    """core/contract.SERVED_SIGNATURES (the documentation's signature reference is
+    generated from it) names every signature, tensor and dtype of a real export."""
+    from fer_pipeline.core.contract import SERVED_SIGNATURES
+
+    loaded = tf.saved_model.load(exported[0])
+    assert set(loaded.signatures) == set(SERVED_SIGNATURES)
+    for name, (_, inputs, outputs) in SERVED_SIGNATURES.items():
+        signature = loaded.signatures[name]
+        given = signature.structured_input_signature[1]
+        assert {k: v.dtype.name for k, v in given.items()} == {
+            tensor: dtype for tensor, dtype, _ in inputs}, name
+        answered = signature.structured_outputs
+        assert {k: v.dtype.name for k, v in answered.items()} == {
+            tensor: dtype for tensor, dtype, _ in outputs}, name
+        for tensor, _, shape in outputs:   # "[batch, 7]": the rank and the fixed dimensions
+            dims = [None if d == "batch" else int(d) for d in shape.strip("[]").split(", ")]
+            assert answered[tensor].shape.as_list() == dims, (name, tensor)
+
 @pytest.mark.parametrize("signature,dtype", [("serving_default", tf.int32),
                                              ("serving_uint8", tf.uint8)])
 @pytest.mark.parametrize("shape", ["grid", "flat"])
