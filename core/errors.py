@@ -32,7 +32,12 @@ second base, so `except ValueError` around a config check still works:
 
 A library exception the user can fix (a connection refused by the server the user named)
 is translated into one of these where it is caught. Everything else stays a plain
-exception: a bug.
+exception: a bug. One bug has a class of its own, so a job can name it and a test catch it:
+`RecordsLost(RuntimeError)`, a Beam job whose counts do not balance (a record read but
+neither scored nor rejected). Neither the input nor the flags nor the engine's health can
+cause that (an engine that loses a worker fails or retries the bundle; committed counters
+count each bundle once), so it is ours or Beam's to fix, not the user's: a bug, reported as
+one.
 
 `run_cli` wraps a tool's main function to do this; every console script of this project
 (`fer-pipeline`, `fer-serve`, `fer-client`, `fer-review`) goes through it, and ends its
@@ -62,7 +67,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 __all__ = [
     "UserError", "ConfigError", "InputDataError", "MissingInputError", "ResourceError",
-    "EngineError", "ServerUnreachable",
+    "EngineError", "ServerUnreachable", "RecordsLost",
     "is_user_error", "report_bug", "run_cli", "exit_process",
     "TRACEBACK_ENV", "EXIT_USAGE", "EXIT_BUG", "EXIT_INTERRUPTED",
 ]
@@ -97,6 +102,11 @@ class EngineError(UserError, RuntimeError):
 class ServerUnreachable(UserError, ConnectionError):
     """A server the user named (a model server, a MySQL database) is not running or refuses
     connections."""
+
+
+class RecordsLost(RuntimeError):
+    """A bug, not a UserError: a Beam job's counts show a record that was read but never
+    written (module docstring); the job's outputs are not committed."""
 
 
 # OSErrors about the user's files or machine, whoever raised them: the message names the path.

@@ -163,17 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(Beam)", epilog=BEAM_EPILOG,
         description="Bulk inference on Beam: every face of a FER-2013 CSV (any Usage, label "
         "optional) or of the photos in a directory (faces found with OpenCV) is scored by "
-        "each model and combined by the ensemble rule; writes predictions.csv, rejected.csv, "
-        "PredictionLog TFRecords and inference.json into --output.")
+        "each model and combined by the ensemble rule; writes predictions and rejected rows "
+        "as CSV shards, PredictionLog TFRecords and inference.json into a new directory "
+        "under --output, committed there by COMMIT.json once complete.")
     infer.add_argument("--data", required=True, help="FER-2013 format CSV, or a directory "
                        "of images (local, gs:// or s3://)")
     infer.add_argument("--output", required=True, help="directory the predictions go to")
     infer.add_argument("--serving-root", required=True,
                        help="the pushed models (e.g. RUN/serving_models): its models.config "
                             "says which versions are served")
-    infer.add_argument("--models", default=",".join(MODEL_NAMES),
+    infer.add_argument("--models", default="",
                        help="comma-separated; NAME runs the served version, NAME:VERSION "
-                            "that version (default: %(default)s)")
+                            "that version (default: every model the serving root's "
+                            "models.config serves)")
     infer.add_argument("--review-queue", metavar="DIR",
                        help="queue the faces that need a person for fer-review in DIR")
     infer.add_argument("--config", help="YAML or JSON file overriding core/config.py "

@@ -2,11 +2,12 @@
 
 It is not a step of the training DAG: it scores data the pipeline never trained on, with
 whatever versions are in serving now. So it resolves which versions those are (from the
-serving root's models.config, as TF Serving does, or versions named by the caller), runs
-`components/bulk_inferrer/` into its output directory, and records the execution in ML
-Metadata the way the runner records a step: the data and each pushed model version it
-read (the same `pushed_model` artifacts the push step records, so lineage connects them
-when both use one store), and what it wrote.
+serving root's models.config, as TF Serving does, or versions named by the caller; named
+none, every model models.config serves), runs `components/bulk_inferrer/` into its output
+directory (which commits it there as a step commits its output), and records the execution
+in ML Metadata the way the runner records a step: the data and each pushed model version
+it read (the same `pushed_model` artifacts the push step records, so lineage connects them
+when both use one store), and the predictions it committed.
 """
 from __future__ import annotations
 
@@ -17,20 +18,34 @@ from typing import Optional, Sequence
 from fer_pipeline.core import fileio
 from fer_pipeline.core.artifacts import fingerprint
 from fer_pipeline.core.config import MODEL_NAMES, MetadataConfig, PipelineConfig
-from fer_pipeline.core.contract import PREDICTIONS_FILE
 from fer_pipeline.pipeline.metadata import ArtifactRecord, MetadataStore
 
-from fer_pipeline.components.bulk_inferrer import BulkInferenceResult, ModelVersion, run_bulk_inferrer
+from fer_pipeline.components.bulk_inferrer import (BulkInferenceResult, ModelVersion,
+                                                   read_committed, run_bulk_inferrer)
 from fer_pipeline.core.errors import ConfigError
 from fer_pipeline.core.serving_root import latest_served_version, version_dirs
 
 INFER_STEP = "infer"   # the execution type in ML Metadata: fer.step.infer
 
 
+def served_models(serving_root: str) -> list[str]:
+    """The registered models that the serving root serves a version of (what its
+    models.config names; without one, as TF Serving would load the root), in registry
+    order. ConfigError when there is none."""
+    served = [name for name in MODEL_NAMES
+              if latest_served_version(serving_root, name) is not None]
+    if not served:
+        raise ConfigError(f"no model is served from {serving_root} (no version that its "
+                          "models.config names); name versions with --models NAME:VERSION")
+    return served
+
+
 def resolve_models(serving_root: str, wanted: Sequence[str]) -> list[ModelVersion]:
     """`cnn` -> the version of cnn in serving now; `cnn:3` -> version 3 of cnn under the
-    serving root. ValueError (one line) for an unknown model or a version that is not there.
+    serving root; nothing named -> every served model (served_models). ConfigError (one
+    line) for an unknown model or a version that is not there.
     """
+    wanted = list(wanted) or served_models(serving_root)
     resolved = []
     for item in wanted:
         name, _, version_text = item.strip().partition(":")
@@ -51,8 +66,6 @@ def resolve_models(serving_root: str, wanted: Sequence[str]) -> list[ModelVersio
             raise ConfigError(f"{name} is not served from {serving_root} (the gate may have "
                               "held it back); leave it out of --models or name a version")
         resolved.append(ModelVersion(name, served[0], served[1]))
-    if not resolved:
-        raise ConfigError("name at least one model (--models)")
     names = [version.name for version in resolved]
     if len(set(names)) != len(names):
         raise ConfigError(f"each model may be named once in --models, got {list(wanted)}")
@@ -91,6 +104,7 @@ def run_inference_job(data_uri: str, output_dir: str, serving_root: str,
             "pushed_model", version.path, fingerprint(version.path),
             {"model": version.name, "version": version.version,
              "serving_root": serving_root})]
-    store.record_job(INFER_STEP, inputs, "predictions",
-                     fileio.join(output_dir, PREDICTIONS_FILE), result, started, output_dir)
+    predictions = read_committed(output_dir).output_uri("predictions")
+    store.record_job(INFER_STEP, inputs, "predictions", predictions, result, started,
+                     result.execution_dir)
     return result

@@ -167,9 +167,10 @@ def build_inference_pipeline(config: PipelineConfig, beam_args: Sequence[str] = 
     """A KFP pipeline function that runs bulk inference (pipeline/infer_command.py).
 
     Parameters: `data` (a CSV or a directory of photos), `serving_root`, `models`
-    (`cnn,vgg16`, or `cnn:3` for a version), `config_json`, `beam_args_json`, `metadata_db`.
-    The review queue is a local SQLite file, so it is not offered here: the flagged faces
-    are in the output's predictions.csv (`needs_review`).
+    (`cnn,vgg16`, or `cnn:3` for a version; empty: what models.config serves),
+    `config_json`, `beam_args_json`, `metadata_db`. The review queue is a local SQLite
+    file, so it is not offered here: the flagged faces are in the output's predictions
+    shards (`needs_review`).
     """
     from kfp import dsl
 
@@ -183,7 +184,7 @@ def build_inference_pipeline(config: PipelineConfig, beam_args: Sequence[str] = 
 
     @dsl.pipeline(name=INFERENCE_PIPELINE_NAME,
                   description="Faces in a CSV or photos, scored by the served models on Beam")
-    def fer_bulk_inference(data: str, serving_root: str, models: str = ",".join(MODEL_NAMES),
+    def fer_bulk_inference(data: str, serving_root: str, models: str = "",
                            config_json: str = default_config,
                            beam_args_json: str = default_beam, metadata_db: str = ""):
         task = component(data=data, serving_root=serving_root, models=models,

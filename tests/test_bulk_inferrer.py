@@ -7,7 +7,6 @@ SavedModels called in this process, and every decision against core/ensemble.py.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -19,11 +18,13 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from fer_pipeline.components.bulk_inferrer import ModelVersion
+from fer_pipeline.components.bulk_inferrer import (ModelVersion, csv_rows, prediction_order,
+                                                   read_committed)
+from fer_pipeline.components.bulk_inferrer.outputs import shard_pattern
 from fer_pipeline.components.pusher import write_serving_config
 from fer_pipeline.pipeline.cli import main as fer_pipeline
 from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_PIXELS, FEATURE_SOURCE, INPUT_EXAMPLES,
-                               PREDICTION_LOGS_DIR, PREDICTIONS_FILE)
+                               PREDICTION_LOGS_DIR)
 from fer_pipeline.pipeline.infer_command import resolve_models
 from fer_pipeline.core.ensemble import combine_batch
 from fer_pipeline.serving.faces import faces_in_file
@@ -71,15 +72,30 @@ def in_process_probabilities(serving_root: str, pixels: np.ndarray,
     return found
 
 
-def read_csv(path: str) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+def committed_dir(output: str) -> str:
+    """The execution directory the output's COMMIT.json names."""
+    return read_committed(str(output)).uri
+
+
+def prediction_rows(output: str) -> list[dict[str, str]]:
+    """The committed predictions, every shard, in (source, row, face) order."""
+    return sorted(csv_rows(shard_pattern(committed_dir(output), "predictions")),
+                  key=prediction_order)
+
+
+def rejected_rows(output: str) -> list[dict[str, str]]:
+    return sorted(csv_rows(shard_pattern(committed_dir(output), "rejected")),
+                  key=lambda r: (r["source"], int(r["line_number"] or 0)))
+
+
+def inference_json(output: str) -> dict:
+    return json.loads(open(os.path.join(committed_dir(output), "inference.json")).read())
 
 
 def read_prediction_logs(output: str, model: str) -> dict[str, prediction_log_pb2.PredictionLog]:
     """The model's PredictionLogs, by the `source` feature of the example each one answered."""
     logs = {}
-    pattern = os.path.join(output, PREDICTION_LOGS_DIR, model, "*.tfrecord")
+    pattern = os.path.join(committed_dir(output), PREDICTION_LOGS_DIR, model, "*.tfrecord")
     for record in tf.data.TFRecordDataset(tf.io.gfile.glob(pattern)).as_numpy_iterator():
         log = prediction_log_pb2.PredictionLog.FromString(record)
         [serialized] = tf.make_ndarray(log.predict_log.request.inputs[INPUT_EXAMPLES])
@@ -96,7 +112,7 @@ def check_predictions(output: str, serving_root: str, keys: list[str], pixels: n
     and ensemble rule for the faces `pixels`, whose keys (`path:line` / `path#face<i>`)
     are `keys`."""
     expected = in_process_probabilities(serving_root, pixels, models)
-    rows = read_csv(os.path.join(output, PREDICTIONS_FILE))
+    rows = prediction_rows(output)
     assert len(rows) == len(keys)
     for model, version in models.items():
         logs = read_prediction_logs(output, model)
@@ -149,7 +165,7 @@ def test_csv_any_usage_label_optional_equals_the_in_process_models(
     assert [r["label"] for r in rows] == [CLASS_NAMES[int(x)] if x else "" for x in labels]
     assert [r["usage"] for r in rows] == usages
 
-    rejected = read_csv(os.path.join(output, "rejected.csv"))
+    rejected = rejected_rows(output)
     assert [(r["line_number"], r["reason"].split(":")[0]) for r in rejected] == [
         ("7", "wrong_pixel_count"), ("13", "label_out_of_range")]
     assert rejected[0]["raw_line"] == "4,1 2 3,Training"
@@ -164,8 +180,12 @@ def test_csv_any_usage_label_optional_equals_the_in_process_models(
         assert {m: p.version for m, p in item.models.items()} == VERSIONS
         assert item.decision["needs_human_review"] is True
 
-    result = json.loads((output / "inference.json").read_text())
+    result = inference_json(output)
     assert result["faces_scored"] == 24 and result["rejected"] == 2
+    assert result["inputs_read"] == 26 and result["needs_review"] == len(flagged)
+    assert result["rejected_by_reason"] == {"label_out_of_range": 1, "wrong_pixel_count": 1}
+    assert result["decisions"] == {name: [r["decision"] for r in rows].count(name)
+                                   for name in {r["decision"] for r in rows}}
     assert result["review_queue"]["queued"] == len(flagged)
 
     # Recorded in ML Metadata: the served versions it read, the predictions it wrote.
@@ -178,7 +198,7 @@ def test_csv_any_usage_label_optional_equals_the_in_process_models(
     events = store.get_events_by_execution_ids([execution.id])
     uris = {a.uri for a in store.get_artifacts_by_id([e.artifact_id for e in events])}
     assert os.path.join(serving_root, "cnn", "2") in uris
-    assert str(output / PREDICTIONS_FILE) in uris
+    assert read_committed(str(output)).output_uri("predictions") in uris
 
 
 def _photo(path: str, label: int, seed: int) -> None:
@@ -211,7 +231,7 @@ def test_directory_of_photos_faces_cut_as_the_client_cuts_them(serving_root, tmp
                              pixels, tolerance=0.05)
     assert [r["source"] for r in rows] == paths
     assert [r["box"] for r in rows] == [" ".join(map(str, f[0].box)) for f in faces]
-    rejected = {r["source"]: r["reason"] for r in read_csv(str(output / "rejected.csv"))}
+    rejected = {r["source"]: r["reason"] for r in rejected_rows(output)}
     assert rejected[str(photos / "blank.png")].startswith("no_face_found")
     assert rejected[str(photos / "notes.txt")].startswith("unreadable_image")
     assert len(rejected) == 2
@@ -293,3 +313,119 @@ def test_kubeflow_component_runs_bulk_inference(serving_root, tmp_path):
     check_predictions(str(artifact), serving_root, [f"{data}:{n}" for n in range(2, 5)],
                       images, tolerance=0.05, models={"cnn": VERSIONS["cnn"]})
     assert (tmp_path / "metadata.sqlite").exists()
+
+
+# ----------------------------------------------------------------------------- commits
+
+def _faces_csv(path, count: int, seed: int) -> np.ndarray:
+    images = random_images(count, seed=seed)
+    with open(path, "w") as handle:
+        handle.write("pixels\n")
+        handle.writelines(" ".join(map(str, image.ravel())) + "\n" for image in images)
+    return images
+
+
+def _executions(output) -> list[str]:
+    return sorted(name for name in os.listdir(output) if name.startswith("x-"))
+
+
+def _still_in_force(output, before) -> None:
+    """The commit record still names `before`'s execution, and its outputs are whole."""
+    from fer_pipeline.core.artifacts import fingerprint
+
+    now = read_committed(str(output))
+    assert (now.execution, now.outputs) == (before.execution, before.outputs)
+    for name, out in before.outputs.items():
+        assert fingerprint(out["uri"]) == out["fingerprint"], name
+
+
+def test_a_killed_job_leaves_the_previous_outputs_in_force(serving_root, tmp_path, capsys):
+    """`--models` left out runs what models.config serves: here the CNN only, as after a
+    demo whose gate held VGG16 back. A first run commits; a second, killed with SIGKILL
+    once its shards start to appear, leaves the first's outputs whole and committed; a
+    third succeeds and removes what the killed one left."""
+    import shutil
+    import signal
+    import time
+
+    root = tmp_path / "serving"
+    shutil.copytree(os.path.join(serving_root, "cnn"), root / "cnn")
+    write_serving_config(str(root))
+    data, output = tmp_path / "faces.csv", tmp_path / "out"
+    faces = 4000   # a job of a few seconds: time to see its first shard before it ends
+    _faces_csv(data, faces, seed=13)
+    argv = ["infer", "--data", str(data), "--output", str(output), "--serving-root", str(root)]
+
+    assert fer_pipeline(argv) == 0
+    assert f"{faces} face(s) scored by cnn v2 " in capsys.readouterr().out
+    first = read_committed(str(output))
+    assert _executions(output) == [first.execution]
+
+    killed = subprocess.Popen([f"{BIN}/fer-pipeline", *argv], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    deadline, started_writing = time.monotonic() + 300, False
+    while not started_writing and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        started_writing = any(files for name in _executions(output) if name != first.execution
+                              for _, _, files in os.walk(output / name))
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, killed.stderr.read()[-3000:]
+    assert started_writing
+    [left] = [name for name in _executions(output) if name != first.execution]
+    _still_in_force(output, first)
+    assert len(prediction_rows(output)) == faces
+
+    assert fer_pipeline(argv) == 0
+    third = read_committed(str(output))
+    assert _executions(output) == [third.execution] and third.execution != left
+    assert len(prediction_rows(output)) == faces
+
+
+def test_a_lost_record_fails_the_job_in_one_line_and_commits_nothing(
+        serving_root, tmp_path, capsys, monkeypatch):
+    """A face that vanishes between the models and the predictions' sink (a fault put into
+    the ensemble stage here) is caught by the job's Beam counters: the job fails as a bug,
+    in one line, and the previous outputs stay committed."""
+    from fer_pipeline.components.bulk_inferrer import scoring
+    from fer_pipeline.core.errors import EXIT_BUG, TRACEBACK_ENV
+
+    data, output = tmp_path / "faces.csv", tmp_path / "out"
+    _faces_csv(data, 6, seed=3)
+    argv = ["infer", "--data", str(data), "--output", str(output),
+            "--serving-root", serving_root, "--models", "cnn"]
+    assert fer_pipeline(argv) == 0
+    before = read_committed(str(output))
+    capsys.readouterr()
+
+    decide = scoring.decide
+
+    def loses_line_4(element, *args):
+        (face, _, _), _ = element
+        return iter(()) if face.row == 4 else decide(element, *args)
+
+    monkeypatch.setattr(scoring, "decide", loses_line_4)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    assert fer_pipeline(argv) == EXIT_BUG
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "RecordsLost: bulk inference lost records (6 faces found, but 5 predictions " \
+           "were written)" in err and "bug in fer-pipeline" in err
+    _still_in_force(output, before)
+    assert _executions(output) == [before.execution]
+    assert len(prediction_rows(output)) == 6
+
+
+def test_models_default_to_what_models_config_serves(serving_root, tmp_path, capsys):
+    """Without --models, a serving root that serves nothing is a one-line error."""
+    data = tmp_path / "faces.csv"
+    _faces_csv(data, 2, seed=1)
+    empty = tmp_path / "serving"
+    empty.mkdir()
+    write_serving_config(str(empty))   # a models.config that names no model
+    assert fer_pipeline(["infer", "--data", str(data), "--output", str(tmp_path / "out"),
+                         "--serving-root", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert f"no model is served from {empty}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert [m.name for m in resolve_models(serving_root, [])] == ["cnn", "vgg16"]

@@ -22,7 +22,7 @@ Select these with `pytest -m engines`; `make test` runs them (after `make engine
 """
 from __future__ import annotations
 
-import csv
+import glob
 import ipaddress
 import json
 import shutil
@@ -42,8 +42,10 @@ from tools import local_cluster
 from fer_pipeline.core.artifacts import read_commit
 from fer_pipeline.core.beam_job import BeamJobNotRun, describe_failure
 from fer_pipeline.core.net import free_port
-from fer_pipeline.core.contract import (DUPLICATES_FILE, INFERENCE_REJECTED_FILE, PREDICTION_LOGS_DIR,
-                               PREDICTIONS_FILE, REJECTED_DIR, REJECTED_FILE, SPLITS)
+from fer_pipeline.components.bulk_inferrer import csv_rows, prediction_order, read_committed
+from fer_pipeline.components.bulk_inferrer.outputs import shard_pattern
+from fer_pipeline.core.contract import (DUPLICATES_FILE, PREDICTION_LOGS_DIR, REJECTED_DIR,
+                                        REJECTED_FILE, SPLITS)
 from fer_pipeline.pipeline.dag import build_steps
 from fer_pipeline.pipeline.kfp_pipeline import run_component
 from tests import engine_fixtures
@@ -178,7 +180,10 @@ def test_bulk_inference_on_flink_equals_the_direct_runners(engine_run: EngineRun
         outputs[runner] = tmp_path / runner
         assert run_cli(["infer", "--data", engine_data.csv, "--output", str(outputs[runner]),
                         "--serving-root", serving_root, "--models", "cnn", *flags]) == 0, runner
-    flink, direct = (_csv_rows(outputs[r] / PREDICTIONS_FILE) for r in ("flink", "direct"))
+    committed = {r: read_committed(str(outputs[r])).uri for r in ("flink", "direct")}
+    flink, direct = (sorted(csv_rows(shard_pattern(committed[r], "predictions")),
+                            key=prediction_order) for r in ("flink", "direct"))
+    assert len(glob.glob(shard_pattern(committed["flink"], "predictions"))) >= 1
     assert len(flink) == len(direct) > ENGINE_ROWS // 2
     for ours, theirs in zip(flink, direct):
         numbers = [k for k in ours if k.endswith("confidence")]
@@ -186,15 +191,16 @@ def test_bulk_inference_on_flink_equals_the_direct_runners(engine_run: EngineRun
             {k: v for k, v in theirs.items() if k not in numbers}
         for key in numbers:   # batches differ between runners: float sums in another order
             assert float(ours[key]) == pytest.approx(float(theirs[key]), abs=1e-5), key
-    assert (outputs["flink"] / INFERENCE_REJECTED_FILE).read_text() == \
-        (outputs["direct"] / INFERENCE_REJECTED_FILE).read_text()
-    logs = Path(outputs["flink"], PREDICTION_LOGS_DIR, "cnn") / "prediction_logs-*.tfrecord"
+    rejected = {r: sorted(tuple(row.values()) for row in csv_rows(
+        shard_pattern(committed[r], "rejected"))) for r in ("flink", "direct")}
+    assert rejected["flink"] == rejected["direct"] and rejected["flink"]
+    logs = Path(committed["flink"], PREDICTION_LOGS_DIR, "cnn") / "prediction_logs-*.tfrecord"
     assert len(_records(logs)) == len(flink)
-
-
-def _csv_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    # The driver's summary: counts from each engine's Beam metrics.
+    summaries = [{k: v for k, v in json.loads(Path(committed[r], "inference.json").read_text())
+                  .items() if k in ("inputs_read", "faces_scored", "rejected", "decisions")}
+                 for r in ("flink", "direct")]
+    assert summaries[0] == summaries[1] and summaries[0]["faces_scored"] == len(flink)
 
 
 # ----------------------------------------------------------------------------- faults

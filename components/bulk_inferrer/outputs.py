@@ -1,30 +1,55 @@
-"""What the bulk inferrer's driver writes once the Beam job is done: `predictions.csv`
-(sorted by source, row and face) and, with a review queue, the faces that need a person,
-queued for `fer-review` with each model's saliency maps."""
+"""What the bulk inferrer writes, and how its outputs are found again.
+
+The Beam job writes every record through Beam sinks, as shards, under a fresh execution
+directory `<output>/x-<time>-<random>/` (core/artifacts.py):
+
+- `predictions/predictions-SSSSS-of-NNNNN.csv`: one row per face, each shard with the
+  header line (`prediction_columns`), rows in no particular order;
+- `rejected/rejected-SSSSS-of-NNNNN.csv`: the columns of ingest's rejected rows;
+- `prediction_logs/<model>/prediction_logs-SSSSS-of-NNNNN.tfrecord`: TF Serving
+  PredictionLogs;
+- `flagged/flagged-SSSSS-of-NNNNN.jsonl` (with a review queue): the faces that need a
+  person, with their pixels, which the driver queues for `fer-review` (review.py);
+- `inference.json`: the driver's summary (counts from Beam metrics), written after the job.
+
+`<output>/COMMIT.json`, written last, names the execution directory: `read_committed`
+trusts only it, so a job that fails or is killed leaves the previous outputs in force.
+"""
 from __future__ import annotations
 
-import base64
 import csv
 import io
-from typing import Any, Optional, Sequence
+import json
+import os
+from typing import Any, Iterator, Optional, Sequence
 
+import apache_beam as beam
 import numpy as np
 
-from fer_pipeline.components.bulk_inferrer.records import ModelVersion
+from fer_pipeline.components.bulk_inferrer.counts import (DECISION, FACES_SCORED, NEEDS_REVIEW,
+                                                          REJECTED, REJECTED_BY, count)
 from fer_pipeline.core import fileio
-from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE, OUTPUT_SALIENCY, SIGNATURE_EXPLAIN
-from fer_pipeline.serving.review_queue import ModelPrediction, ReviewQueue, record_if_flagged
+from fer_pipeline.core.artifacts import Commit, read_commit
+from fer_pipeline.core.contract import (CLASS_NAMES, INFERENCE_REJECTED_FILE,
+                                        PREDICTION_LOGS_DIR, PREDICTIONS_FILE)
+from fer_pipeline.core.errors import MissingInputError
+from fer_pipeline.core.fer_csv import JSONL_HEADER, reason_code
 
-__all__ = ["PREDICTION_COLUMNS_HEAD", "PREDICTION_COLUMNS_TAIL", "explanations",
-           "prediction_columns", "prediction_order", "queue_for_review", "write_predictions_csv"]
-
-# Explanations are integrated gradients (tens of model calls per face): small batches keep
-# the driver's memory flat.
-_EXPLAIN_BATCH = 8
-
+__all__ = ["FLAGGED_DIR", "OUTPUT_DIRS", "PREDICTION_COLUMNS_HEAD", "PREDICTION_COLUMNS_TAIL",
+           "REJECTED_COLUMNS", "csv_rows", "jsonl_records", "prediction_columns",
+           "prediction_line", "prediction_order", "read_committed", "rejected_line",
+           "shard_pattern", "write_records"]
 
 PREDICTION_COLUMNS_HEAD = ("source", "row", "face", "box", "label", "usage")
 PREDICTION_COLUMNS_TAIL = ("decision", "confidence", "winner", "needs_review", "reason")
+REJECTED_COLUMNS = ("line_number", "reason", "raw_line", "source")   # ingest's rejected rows
+FLAGGED_DIR = "flagged"
+_PREDICTIONS, _CSV = os.path.splitext(PREDICTIONS_FILE)    # predictions, .csv
+_REJECTED = os.path.splitext(INFERENCE_REJECTED_FILE)[0]    # rejected
+# Output name -> its directory in the execution directory (each a committed output).
+OUTPUT_DIRS = {"predictions": _PREDICTIONS, "rejected": _REJECTED,
+               "prediction_logs": PREDICTION_LOGS_DIR}
+_SHARDS = "-SSSSS-of-NNNNN"
 
 
 def prediction_columns(models: Sequence[str]) -> list[str]:
@@ -32,82 +57,108 @@ def prediction_columns(models: Sequence[str]) -> list[str]:
     return [*PREDICTION_COLUMNS_HEAD, *per_model, *PREDICTION_COLUMNS_TAIL]
 
 
-def prediction_order(record: dict[str, Any]) -> tuple:
-    return (record["source"], record["row"] or 0, record["face"] or 0)
+def prediction_order(row: dict[str, str]) -> tuple:
+    """A predictions.csv row's place in (source, row, face) order, for readers who sort."""
+    return (row["source"], int(row["row"] or 0), int(row["face"] or 0))
 
 
-def write_predictions_csv(path: str, records: Sequence[dict[str, Any]],
-                          models: Sequence[str]) -> None:
+def _csv_line(cells: Sequence[Any]) -> str:
     buffer = io.StringIO(newline="")
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(prediction_columns(models))
-    for record in records:
-        decision = record["decision"]
-        cells = [record["source"], _blank(record["row"]), _blank(record["face"]),
-                 " ".join(map(str, record["box"])) if record["box"] else "",
-                 "" if record["label"] is None else CLASS_NAMES[record["label"]],
-                 record["usage"]]
-        for model in models:
-            answer = record["models"][model]
-            probabilities = answer["probabilities"]
-            best = int(np.argmax(probabilities))
-            cells += [CLASS_NAMES[best], f"{probabilities[best]:.6f}", answer["version"]]
-        cells += [decision["class_name"], f"{decision['confidence']:.6f}",
-                  decision["winner"], "yes" if decision["needs_human_review"] else "no",
-                  decision["reason"]]
-        writer.writerow(cells)
-    fileio.write_text(path, buffer.getvalue())
+    csv.writer(buffer, lineterminator="").writerow(cells)
+    return buffer.getvalue()
+
+
+def prediction_line(record: dict[str, Any], models: Sequence[str]) -> str:
+    """One face's prediction record -> its CSV row (counted as it goes to the sink)."""
+    decision = record["decision"]
+    cells = [record["source"], _blank(record["row"]), _blank(record["face"]),
+             " ".join(map(str, record["box"])) if record["box"] else "",
+             "" if record["label"] is None else CLASS_NAMES[record["label"]],
+             record["usage"]]
+    for model in models:
+        answer = record["models"][model]
+        probabilities = answer["probabilities"]
+        best = int(np.argmax(probabilities))
+        cells += [CLASS_NAMES[best], f"{probabilities[best]:.6f}", answer["version"]]
+    cells += [decision["class_name"], f"{decision['confidence']:.6f}",
+              decision["winner"], "yes" if decision["needs_human_review"] else "no",
+              decision["reason"]]
+    count(FACES_SCORED)
+    count(DECISION + decision["class_name"])
+    if decision["needs_human_review"]:
+        count(NEEDS_REVIEW)
+    return _csv_line(cells)
+
+
+def rejected_line(record: dict[str, Any]) -> str:
+    """One rejected row or file -> its CSV row (counted, and by reason code)."""
+    count(REJECTED)
+    count(REJECTED_BY + reason_code(record["reason"]))
+    return _csv_line([record["line_number"], record["reason"], record["raw_line"],
+                      record.get("source", "")])
 
 
 def _blank(value: Optional[int]) -> Any:
     return "" if value is None else value
 
 
-def _review_source(record: dict[str, Any]) -> str:
-    """Where a queued face came from, in fer-client's notation."""
-    if record["row"] is not None:
-        return f"{record['source']}:{record['row']}"
-    return f"{record['source']}#face{record['face']}@{record['box']}"
+def shard_pattern(execution_dir: str, output: str) -> str:
+    """The glob of an output's shards: predictions/predictions-*-of-*.csv, ..."""
+    if output == "prediction_logs":
+        return fileio.join(execution_dir, PREDICTION_LOGS_DIR, "*",
+                           "prediction_logs-*-of-*.tfrecord")
+    suffix = ".jsonl" if output == FLAGGED_DIR else _CSV
+    name = OUTPUT_DIRS.get(output, output)
+    return fileio.join(execution_dir, name, f"{name}-*-of-*{suffix}")
 
 
-def explanations(model: ModelVersion, pixels: np.ndarray) -> Optional[np.ndarray]:
-    """Saliency maps [n, 7, 48, 48] of `pixels` from the model's `explain` signature, or
-    None when the SavedModel has none (exported before the signature existed)."""
-    import tensorflow as tf
+def write_records(predictions: Any, rejected: Any, flagged: Optional[Any],
+                  execution_dir: str, models: Sequence[str]) -> None:
+    """The sinks: predictions and rejected rows as CSV shards (each with its header, so
+    no shard is empty: Beam's S3 filesystem cannot write an empty object), the flagged
+    faces as JSON lines."""
+    (predictions
+     | "PredictionRows" >> beam.Map(prediction_line, list(models))
+     | "WritePredictions" >> beam.io.WriteToText(
+         fileio.join(execution_dir, _PREDICTIONS, _PREDICTIONS), _CSV,
+         shard_name_template=_SHARDS, header=",".join(prediction_columns(models))))
+    (rejected
+     | "RejectedRows" >> beam.Map(rejected_line)
+     | "WriteRejected" >> beam.io.WriteToText(
+         fileio.join(execution_dir, _REJECTED, _REJECTED), _CSV,
+         shard_name_template=_SHARDS, header=",".join(REJECTED_COLUMNS)))
+    if flagged is not None:
+        (flagged
+         | "FlaggedJson" >> beam.Map(json.dumps)
+         | "WriteFlagged" >> beam.io.WriteToText(
+             fileio.join(execution_dir, FLAGGED_DIR, FLAGGED_DIR), ".jsonl",
+             shard_name_template=_SHARDS, header=JSONL_HEADER))
 
-    loaded = tf.saved_model.load(model.path)
-    if SIGNATURE_EXPLAIN not in loaded.signatures:
-        return None
-    explain = loaded.signatures[SIGNATURE_EXPLAIN]
-    maps = [explain(pixels=tf.constant(pixels[i:i + _EXPLAIN_BATCH]))[OUTPUT_SALIENCY].numpy()
-            for i in range(0, len(pixels), _EXPLAIN_BATCH)]
-    return np.concatenate(maps) if maps else None
+
+# ---------------------------------------------------------------------------------------
+# Reading the outputs back (one record at a time)
+
+def read_committed(output_dir: str) -> Commit:
+    """The committed bulk-inference outputs in `output_dir` (what COMMIT.json names)."""
+    found = read_commit(output_dir)
+    if found is None:
+        raise MissingInputError(f"{output_dir}: no committed bulk-inference output "
+                                "(no COMMIT.json); run fer-pipeline infer into it")
+    return found
 
 
-def queue_for_review(queue_dir: str, flagged: Sequence[dict[str, Any]],
-                     models: Sequence[ModelVersion], explain: bool) -> dict[str, Any]:
-    """Queues the flagged faces for `fer-review`, each once, with the versions that answered
-    and (when the model can explain) their saliency maps."""
-    pixels = np.stack([np.frombuffer(base64.b64decode(r["pixels_b64"]), np.uint8)
-                       .reshape(IMAGE_SIZE, IMAGE_SIZE) for r in flagged]) if flagged else None
-    notes, saliency = [], {}
-    for model in models:
-        saliency[model.name] = explanations(model, pixels) if explain and flagged else None
-        if explain and flagged and saliency[model.name] is None:
-            notes.append(f"{model.name} v{model.version}: no {SIGNATURE_EXPLAIN} signature; "
-                         "queued without saliency")
-    queued = already = 0
-    with ReviewQueue(queue_dir) as queue:
-        for index, record in enumerate(flagged):
-            predictions = {m.name: ModelPrediction(
-                m.version, np.array(record["models"][m.name]["probabilities"]),
-                None if saliency[m.name] is None else saliency[m.name][index])
-                for m in models}
-            recorded = record_if_flagged(queue, pixels[index], _review_source(record),
-                                         predictions, record["decision"])
-            if recorded is not None and recorded.inserted:
-                queued += 1
-            else:
-                already += 1
-    return {"queue": queue_dir, "flagged": len(flagged), "queued": queued,
-            "already_queued": already, "notes": notes}
+def csv_rows(pattern: str) -> Iterator[dict[str, str]]:
+    """The rows of every CSV shard matching `pattern`, shard by shard (each has a header)."""
+    for path in fileio.glob(pattern):
+        with fileio.open_file(path) as handle:
+            yield from csv.DictReader(handle)
+
+
+def jsonl_records(pattern: str) -> Iterator[dict[str, Any]]:
+    """The records of every JSON-lines shard matching `pattern`, one at a time."""
+    for path in fileio.glob(pattern):
+        with fileio.open_file(path) as handle:
+            for line in handle:
+                line = line.strip()
+                if line and line != JSONL_HEADER:
+                    yield json.loads(line)

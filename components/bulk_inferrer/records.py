@@ -41,8 +41,9 @@ class BulkInferenceResult:
     models: dict[str, dict[str, Any]]      # name -> {"version", "path"}
     tolerance: float
     output_dir: str
-    predictions_path: str
-    rejected_path: str
+    predictions_path: str                  # the shards' pattern, predictions-*-of-*.csv
+    rejected_path: str                     # rejected-*-of-*.csv
     prediction_logs: dict[str, str]        # model -> its PredictionLog TFRecord pattern
     review_queue: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    execution_dir: str = ""                # what output_dir/COMMIT.json names
