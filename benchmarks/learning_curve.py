@@ -60,8 +60,8 @@ def main() -> int:
 
     x_train, y_train, x_val, y_val = demo_data(args.rows, args.seed, args.cap)
     keras.utils.set_random_seed(42)   # TrainConfig.seed
-    model = build_cnn(ModelConfig(batch_size=args.batch, epochs=1, learning_rate=args.lr),
-                      jit_compile=False)
+    model = build_cnn(ModelConfig(batch_size=args.batch, epochs=1, learning_rate=args.lr,
+                                  dropout=0.5), jit_compile=False)   # the notebook's
     for layer in model.layers:
         if args.init == "he" and hasattr(layer, "kernel"):
             layer.kernel.assign(keras.initializers.HeNormal()(layer.kernel.shape))

@@ -2,7 +2,7 @@
 
 Measures, on this machine's CPU:
 
-1. the trainer's input pipeline (fer_pipeline.components.trainer.dataset.make_dataset, imported, with the
+1. the trainer's input pipeline (fer_pipeline.core.training_data.make_dataset, imported, with the
    trainer's arguments: training=True, TrainConfig's seed and shuffle_buffer, the split's
    record count as cardinality) over the Transform step's train split, in images/s:
    the first epoch (read the TFRecords, parse, fill the in-memory cache; files are in the
@@ -103,7 +103,7 @@ def input_worker(args) -> dict:
 
     import numpy as np
 
-    from fer_pipeline.components.trainer.dataset import count_records, make_dataset
+    from fer_pipeline.core.training_data import count_records, make_dataset
 
     config = TrainConfig()
     pattern = _train_pattern(args.transform_dir)
@@ -165,7 +165,7 @@ def train_worker(args) -> dict:
     import keras
 
     from fer_pipeline.components.trainer.models import build_model, model_config, vgg16_base_is_trainable
-    from fer_pipeline.components.trainer.dataset import make_dataset
+    from fer_pipeline.core.training_data import make_dataset
 
     plan = json.loads(args.plan)
     base_config = TrainConfig()

@@ -25,10 +25,11 @@ from fer_pipeline.core.config_loading import (YamlLoader, at_least, between, che
                                               merge, one_of, optional, positive, setting,
                                               weights_file)
 from fer_pipeline.core.errors import ConfigError
+from fer_pipeline.core.search_space import Choice, Float, SearchSpace
 
 __all__ = ["IngestConfig", "ValidationConfig", "AugmentConfig", "TransformConfig",
            "ModelConfig", "RegisteredModel", "MODEL_REGISTRY", "MODEL_NAMES",
-           "registered_model", "TrainConfig", "EvalConfig", "InfraValidationConfig",
+           "registered_model", "TuneConfig", "TrainConfig", "EvalConfig", "InfraValidationConfig",
            "PushConfig", "InferenceConfig", "MonitorConfig", "MetadataConfig", "PipelineConfig",
            "PROFILES", "ConfigError", "read_config_file", "load_config", "DEFAULT_SCHEMA_PATH",
            "packaged_schema_path", "resolve_schema_path"]
@@ -129,6 +130,11 @@ class ModelConfig:
     train_base: str = setting(
         "auto", check=one_of("auto", "true", "false"),
         help='"auto": frozen with pretrained weights, trained without; "true"; "false"')
+    # Tunable (the registry's search_space): the notebook's architectures are width 1.0.
+    dropout: float = setting(0.0, check=between(0, 0.9),
+                             help="dropout after each hidden dense layer")
+    width: float = setting(1.0, check=between(0.05, 4),
+                           help="multiplier of the layers' widths (conv filters, dense units)")
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,8 @@ class RegisteredModel:
     smoke: dict = field(default_factory=dict)          # smoke-profile ModelConfig overrides
     smoke_min_accuracy: Optional[float] = None         # smoke-profile threshold
     description: str = ""
+    # What the tune step may try (core/search_space.py): ModelConfig field -> range.
+    search_space: SearchSpace = field(default_factory=dict)
 
 
 # The models the pipeline trains, evaluates and pushes. Adding a model is one entry here
@@ -153,14 +161,17 @@ MODEL_REGISTRY: dict[str, RegisteredModel] = {
     "cnn": RegisteredModel(
         builder="fer_pipeline.components.trainer.models:build_cnn",
         defaults=ModelConfig(batch_size=70, epochs=115, learning_rate=2e-4,
-                             early_stopping_patience=40),
+                             early_stopping_patience=40, dropout=0.5),
         min_accuracy=0.5,
         # The notebook CNN (no batch norm, dropout 0.5) sits at chance for ~150 steps
         # before it learns; small batches buy the most steps for the CPU time.
         smoke={"epochs": 5, "batch_size": 32, "learning_rate": 1e-3,
                "early_stopping_patience": 3, "max_train_examples": 3000},
         smoke_min_accuracy=0.3,
-        description="the notebook's CNN: 4 x (conv 3x3, max-pool), dense 256-128"),
+        description="the notebook's CNN: 4 x (conv 3x3, max-pool), dense 256-128",
+        search_space={"learning_rate": Float(1e-4, 3e-3, log=True),
+                      "dropout": Choice((0.2, 0.35, 0.5)), "width": Choice((0.5, 1.0)),
+                      "batch_size": Choice((32, 70))}),
     "vgg16": RegisteredModel(
         builder="fer_pipeline.components.trainer.models:build_vgg16",
         defaults=ModelConfig(batch_size=65, epochs=25, learning_rate=5e-4,
@@ -174,7 +185,11 @@ MODEL_REGISTRY: dict[str, RegisteredModel] = {
         smoke={"epochs": 1, "batch_size": 32, "max_train_examples": 32},
         smoke_min_accuracy=0.0,
         description="the notebook's VGG16 transfer model (1x1 conv to RGB, VGG16 base, "
-                    "dense 4096-4096)"),
+                    "dense 4096-4096)",
+        # width scales the dense head only: the VGG16 base is keras.applications'.
+        search_space={"learning_rate": Float(3e-5, 1e-3, log=True),
+                      "dropout": Choice((0.0, 0.3, 0.5)), "width": Choice((0.25, 0.5, 1.0)),
+                      "batch_size": Choice((32, 65))}),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_REGISTRY)
 
@@ -195,6 +210,29 @@ class TrainConfig:
     shuffle_buffer: int = setting(20000, check=at_least(1),
                                   help="faces in the training shuffle buffer")
     seed: int = setting(42, help="seed of the training")
+    warm_start: bool = setting(
+        False, help="start each model from the weights of its version in serving (when "
+        "its architecture and contract match)")
+
+
+@dataclass
+class TuneConfig:
+    """The tune step (components/tuner/): a KerasTuner search over each model's registered
+    search space, whose best values `train` then uses."""
+    enabled: bool = setting(False, help="`fer-pipeline run` tunes before training "
+                            "(also `run --tune`); `fer-pipeline tune` always does")
+    tuner: str = setting("random", check=one_of("hyperband", "bayesian", "random"),
+                         help="KerasTuner's search: hyperband | bayesian | random")
+    max_trials: int = setting(10, check=at_least(1),
+                              help="most trials (hyperband: ignored, its brackets decide)")
+    epochs_per_trial: int = setting(5, check=at_least(1),
+                                    help="epochs of each trial (hyperband: the most)")
+    hyperband_factor: int = setting(3, check=at_least(2), help="hyperband's reduction factor")
+    max_train_examples: int = setting(
+        0, check=at_least(0), help="faces per trial epoch; 0: the model's own cap")
+    workers: int = setting(0, check=at_least(0),
+                           help="0: trials in this process; N: a chief and N worker processes")
+    seed: int = setting(42, help="seed of the search and of every trial")
 
 
 @dataclass
@@ -349,6 +387,7 @@ class PipelineConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     infra_validation: InfraValidationConfig = field(default_factory=InfraValidationConfig)
@@ -363,6 +402,7 @@ def _smoke_overrides() -> dict[str, Any]:
     return {
         "train": {"models": {name: entry.smoke for name, entry in MODEL_REGISTRY.items()},
                   "shuffle_buffer": 4000},
+        "tune": {"max_trials": 3, "epochs_per_trial": 2},
         "evaluation": {"min_accuracy": {
             name: entry.smoke_min_accuracy for name, entry in MODEL_REGISTRY.items()
             if entry.smoke_min_accuracy is not None}},

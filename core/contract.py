@@ -55,6 +55,10 @@ CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"
 HISTORY_FILE = "history.json"
 TRAINING_INFO_FILE = "training_info.json"
+# Inside a tune step's output (components/tuner/): the values train uses, and KerasTuner's
+# own trial records (oracle.json, trial_*/trial.json) under trials/.
+BEST_HYPERPARAMETERS_FILE = "best_hyperparameters.json"
+TRIALS_DIR = "trials"
 # Evaluation and push outputs.
 EVALUATION_FILE = "evaluation.json"
 BLESSINGS_FILE = "blessings.json"

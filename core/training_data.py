@@ -1,7 +1,8 @@
-"""The Trainer's input: the Transform step's TFRecords as a tf.data pipeline (no Python
+"""The training input: the Transform step's TFRecords as a tf.data pipeline (no Python
 generator): a deterministic parallel interleave, vectorized parsing in batches, an
 in-memory cache after the first epoch, a seeded per-example shuffle, re-batching and
-prefetch. Under multi-worker training each worker reads its own shard of the data.
+prefetch. The trainer and the tuner both train on it (components never import each other,
+so the input they share lives here). Under multi-worker training each worker reads its own shard of the data.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import NoReturn, Optional
 from fer_pipeline.core import quiet, tf_cpu
 from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig, load_config
 from fer_pipeline.pipeline.cli_parser import (INFER_COMMAND, MONITOR_COMMAND, STEP_COMMANDS,
-                                             TRAIN_COMMAND, parse_command_line)
+                                             PER_MODEL_HELP, parse_command_line)
 from fer_pipeline.pipeline.dag import build_steps
 from fer_pipeline.core.errors import EXIT_USAGE, exit_process, is_user_error, run_cli, ConfigError, MissingInputError
 
@@ -43,6 +43,12 @@ def _config_from_args(args: argparse.Namespace) -> PipelineConfig:
             args.request_log_sampling_rate
     if getattr(args, "metadata_db", None):
         overrides.setdefault("metadata", {})["sqlite_path"] = args.metadata_db
+    if getattr(args, "warm_start", False):
+        overrides.setdefault("train", {})["warm_start"] = True
+    if getattr(args, "tune", False):
+        overrides.setdefault("tune", {})["enabled"] = True
+    if getattr(args, "workers", None) is not None:
+        overrides.setdefault("tune", {})["workers"] = args.workers
     return load_config(getattr(args, "config", None), profile=getattr(args, "profile", "default"),
                        overrides=overrides)
 
@@ -50,13 +56,13 @@ def _config_from_args(args: argparse.Namespace) -> PipelineConfig:
 def _steps_for(args: argparse.Namespace) -> Optional[list[str]]:
     if args.command == "run":
         return args.steps.split(",") if args.steps else None
-    if args.command == TRAIN_COMMAND:
-        return [f"train-{m}" for m in ([args.model] if args.model else MODEL_NAMES)]
+    if args.command in PER_MODEL_HELP:   # train, tune
+        return [f"{args.command}-{m}" for m in ([args.model] if args.model else MODEL_NAMES)]
     return next(steps for name, steps, _ in STEP_COMMANDS if name == args.command)
 
 
 def _models(args: argparse.Namespace) -> tuple[str, ...]:
-    if args.command == TRAIN_COMMAND and args.model:
+    if args.command in PER_MODEL_HELP and args.model:
         return (args.model,)
     return tuple(getattr(args, "models", ",".join(MODEL_NAMES)).split(","))
 
@@ -134,7 +140,8 @@ def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
         path = compile_inference_pipeline(args.kfp, beam_args=beam_args, image=args.image)
         print(f"[fer-pipeline] wrote the Kubeflow bulk-inference pipeline to {path}")
         return 0
-    path = compile_pipeline(args.kfp, models=tuple(args.models.split(",")),
+    config = load_config(overrides={"tune": {"enabled": True}} if args.tune else None)
+    path = compile_pipeline(args.kfp, config, models=tuple(args.models.split(",")),
                             beam_args=beam_args, image=args.image)
     print(f"[fer-pipeline] wrote the Kubeflow pipeline to {path}")
     return 0
@@ -206,8 +213,12 @@ def _dag(args: argparse.Namespace) -> int:
         print(mermaid(steps), end="")
         return 0
     for step in steps:
-        inputs = ", ".join(f"{k}<-{v}" for k, v in step.inputs.items())
-        print(f"{step.name:<12} {step.directory + '/':<14} in: {inputs}")
+        # `?`: used when present (train without a tune output); "off": run only when asked.
+        inputs = ", ".join(f"{k}<-{v}{'?' if k in step.optional_inputs else ''}"
+                           for k, v in step.inputs.items())
+        off = " (off unless asked)" if step.enabled is not None else ""
+        print(f"{step.name:<12} {step.directory + '/':<14} in: {inputs}{off}")
+
         print(f"{'':<12} {'':<14} out: {', '.join(step.outputs)}")
     return 0
 

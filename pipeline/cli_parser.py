@@ -12,10 +12,18 @@ from fer_pipeline.core.errors import ConfigError
 from fer_pipeline.pipeline.dag import DATA, SCHEMA, STEP_NAMES, Step, build_steps
 
 __all__ = ["BEAM_EPILOG", "INFER_COMMAND", "MONITOR_COMMAND", "STEP_COMMANDS", "TRAIN_COMMAND",
+           "TUNE_COMMAND",
            "build_parser", "parse_command_line", "step_commands", "takes_beam_options",
            "unknown_beam_options"]
 
 TRAIN_COMMAND = "train"
+TUNE_COMMAND = "tune"
+# The commands of per-model steps (tune-cnn, train-cnn... are `tune`/`train --model cnn`).
+PER_MODEL_HELP = {
+    TUNE_COMMAND: "search one model's hyperparameters (--model) or all's (tuning/<name>/); "
+                  "--workers N: a chief and N worker processes",
+    TRAIN_COMMAND: "train one model (--model) or all (models/<name>/)",
+}
 INFER_COMMAND = "infer"
 MONITOR_COMMAND = "monitor"
 
@@ -23,15 +31,16 @@ MONITOR_COMMAND = "monitor"
 def step_commands() -> list[tuple[str, list[str], str]]:
     """(command, the steps it runs, help) for every step of the declared pipeline.
 
-    Per-model steps share one command (`train --model NAME`).
+    Per-model steps share one command (`tune --model NAME`, `train --model NAME`).
     """
     commands: list[tuple[str, list[str], str]] = []
     for step in build_steps():
         if step.model is not None:
-            if not any(name == TRAIN_COMMAND for name, _, _ in commands):
-                commands.append((TRAIN_COMMAND, [], "train one model (--model) or all "
-                                 "(models/<name>/)"))
-            commands[-1][1].append(step.name)
+            entry = next((c for c in commands if c[0] == step.command), None)
+            if entry is None:
+                entry = (step.command, [], PER_MODEL_HELP.get(step.command, step.description))
+                commands.append(entry)
+            entry[1].append(step.name)
         else:
             commands.append((step.name, [step.name],
                              f"{step.description} ({step.directory}/)"))
@@ -79,6 +88,11 @@ def _add_step_flags(parser: argparse.ArgumentParser, steps: list[Step]) -> None:
     if any(SCHEMA in step.inputs.values() for step in steps):
         parser.add_argument("--allow-anomalies", action="store_true",
                             help="go on when data validation finds anomalies (still reported)")
+    if any(step.name.startswith(f"{TRAIN_COMMAND}-") for step in steps):
+        parser.add_argument("--warm-start", action="store_true",
+                            help="start each model from the weights of its version in "
+                                 "serving, when architecture and contract match "
+                                 "(train.warm_start)")
     if any(step.model is not None for step in steps):
         parser.add_argument("--vgg-weights",
                             help="'none' (random init, default), 'imagenet' (downloads), "
@@ -114,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the whole pipeline (or --steps)",
                               description="CSV to pushed models.", epilog=BEAM_EPILOG)
     _add_step_flags(run, _steps_of("run"))
+    run.add_argument("--tune", action="store_true",
+                     help="run the tune steps before training (tune.enabled; off by default)")
     run.add_argument("--steps", help=f"comma-separated subset of {','.join(STEP_NAMES)}")
     run.add_argument("--models", default=",".join(MODEL_NAMES),
                      help="which registered models to train/evaluate/push")
@@ -122,9 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         step = commands.add_parser(name, help=help_text, description=help_text,
                                    epilog=BEAM_EPILOG if takes_beam_options(name) else None)
         _add_step_flags(step, _steps_of(name))
-        if name == TRAIN_COMMAND:
+        if name in PER_MODEL_HELP:
             step.add_argument("--model", choices=MODEL_NAMES,
-                              help="train only this model (default: all)")
+                              help=f"{name} only this model (default: all)")
+        if name == TUNE_COMMAND:
+            step.add_argument("--workers", type=int, metavar="N",
+                              help="a chief and N worker processes search together "
+                                   "(KerasTuner's distributed mode; default tune.workers, 0)")
         if name in ("evaluate", "push"):
             step.add_argument("--models", default=",".join(MODEL_NAMES),
                               help=f"which registered models to {name} (comma-separated)")
@@ -149,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--kfp", required=True, metavar="PIPELINE_YAML")
     compile_.add_argument("--models", default=",".join(MODEL_NAMES),
                           help="which registered models the pipeline trains (comma-separated)")
+    compile_.add_argument("--tune", action="store_true",
+                          help="include the tune steps (tune.enabled) before training")
     compile_.add_argument("--image", default="fer-pipeline:latest",
                           help="container image the components run in (see Dockerfile)")
     compile_.add_argument("--bulk-inference", action="store_true",

@@ -61,6 +61,25 @@ class Step:
     # recorded in ML Metadata: derived(output_uri, result) -> [ArtifactRecord].
     derived: Optional[Callable[[str, dict], list[ArtifactRecord]]] = None
 
+    # Inputs the step runs without when their producer has no committed output (train
+    # without tune): the step gets no such key, and the cache key leaves it out.
+    optional_inputs: tuple[str, ...] = ()
+    # Whether `fer-pipeline run` runs the step without being asked for it by name (tune:
+    # tune.enabled or `run --tune`); None: always.
+    enabled: Optional[Callable[[PipelineConfig], bool]] = None
+    # Inputs the step's result names (train's warm-start base version), recorded with
+    # its declared ones in the manifest and ML Metadata: result_inputs(result) -> records.
+    result_inputs: Optional[Callable[[dict], dict[str, list[ArtifactRecord]]]] = None
+
+    @property
+    def command(self) -> str:
+        """The `fer-pipeline` command that runs it: per-model steps share one (tune-cnn and
+        tune-vgg16 are `tune --model NAME`)."""
+        return self.name[:-len(self.model) - 1] if self.model else self.name
+
+    def is_enabled(self, config: PipelineConfig) -> bool:
+        return self.enabled is None or self.enabled(config)
+
     def upstream(self) -> list[str]:
         return sorted({ref.split(".")[0] for ref in self.inputs.values()} - {PIPELINE_INPUT})
 
@@ -95,9 +114,33 @@ def _transform(inputs, out, env: StepEnv):
                          env.beam_args)
 
 
+def _tune(model: str, inputs, out, env: StepEnv):
+    from fer_pipeline.components.tuner import run_tuner
+    return run_tuner(inputs["transform"], out, env.config.tune, env.config.train, model,
+                     report=_say)
+
+
 def _train(model: str, inputs, out, env: StepEnv):
     from fer_pipeline.components.trainer.executor import run_trainer
-    return run_trainer(inputs["transform"], out, env.config.train, model)
+    return run_trainer(inputs["transform"], out, env.config.train, model,
+                       tuning_dir=inputs.get("tuning"), serving_root=env.serving_root,
+                       report=lambda line: _say(f"train-{model}: {line}"))
+
+
+def _say(line: str) -> None:
+    print(f"[fer-pipeline] {line}", flush=True)
+
+
+def _base_model(result: dict) -> dict[str, list[ArtifactRecord]]:
+    """The served version a warm-started training run began from: the same ML Metadata
+    artifact the push that published it recorded (type, URI, fingerprint, properties)."""
+    base = (result.get("warm_start") or {})
+    if not base.get("used"):
+        return {}
+    return {"base_model": [ArtifactRecord(
+        "pushed_model", base["base_path"], base["base_fingerprint"],
+        {"model": result["model_name"], "version": base["base_version"],
+         "serving_root": base["serving_root"]})]}
 
 
 def _model_runs(inputs: Mapping[str, Any]) -> dict[str, str]:
@@ -165,7 +208,25 @@ def _train_parameters(model: str) -> Callable[[PipelineConfig, StepEnv], Any]:
     def parameters(config: PipelineConfig, env: StepEnv) -> Any:
         shared = {f.name: getattr(config.train, f.name)
                   for f in dataclasses.fields(config.train) if f.name != "models"}
-        return {"model": model, "model_config": config.train.models[model], **shared}
+        found = {"model": model, "model_config": config.train.models[model], **shared}
+        if config.train.warm_start:
+            # A new version in serving is a new starting point: the step runs again.
+            from fer_pipeline.core.serving_root import latest_served_version
+            served = latest_served_version(env.serving_root, model) if env.serving_root else None
+            found["warm_start_from"] = served[1] if served else None
+        return found
+    return parameters
+
+
+def _tune_parameters(model: str) -> Callable[[PipelineConfig, StepEnv], Any]:
+    def parameters(config: PipelineConfig, env: StepEnv) -> Any:
+        from fer_pipeline.core.config import registered_model
+        from fer_pipeline.core.search_space import describe
+        return {"model": model, "model_config": config.train.models[model],
+                "tune": {f.name: getattr(config.tune, f.name)
+                         for f in dataclasses.fields(config.tune) if f.name != "enabled"},
+                "shuffle_buffer": config.train.shuffle_buffer,
+                "search_space": describe(registered_model(model).search_space)}
     return parameters
 
 
@@ -223,12 +284,24 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
     ]
     for model in models:
         steps.append(Step(
-            f"train-{model}", f"models/{model}", {"transform": "transform.transform"},
+            f"tune-{model}", f"tuning/{model}", {"transform": "transform.transform"},
+            {"tuning": ""}, functools.partial(_tune, model), _tune_parameters(model),
+            tuple(f"fer_pipeline.components.tuner.{module}" for module in
+                  ("executor", "search", "distributed", "worker"))
+            + ("fer_pipeline.components.trainer.models", "fer_pipeline.core.training_data",
+               "fer_pipeline.core.search_space"),
+            f"search the {model} model's hyperparameters (off unless asked: --tune)",
+            model=model, enabled=lambda config: config.tune.enabled))
+        steps.append(Step(
+            f"train-{model}", f"models/{model}",
+            {"transform": "transform.transform", "tuning": f"tune-{model}.tuning"},
             {"model_run": "", "serving_model": SERVING_MODEL_DIR},
             functools.partial(_train, model), _train_parameters(model),
             tuple(f"fer_pipeline.components.trainer.{module}" for module in
-                  ("executor", "dataset", "distribution", "models", "export")),
-            f"train the {model} model", resumable=True, model=model))
+                  ("executor", "distribution", "models", "export", "warm_start"))
+            + ("fer_pipeline.core.training_data", "fer_pipeline.core.search_space"),
+            f"train the {model} model", resumable=True, model=model,
+            optional_inputs=("tuning",), result_inputs=_base_model))
     steps += [
         Step("evaluate", "evaluation", {"examples": "ingest.examples", **model_inputs},
              {"evaluation": ""}, _evaluate, _evaluate_parameters,
@@ -297,11 +370,12 @@ def mermaid(steps: Sequence[Step]) -> str:
         lines.append(f'    {_node(step.name)}["{step.name}<br/><small>{step.directory}/ : '
                      f'{outputs}</small>"]')
     for step in steps:
-        for ref in step.inputs.values():
+        for name, ref in step.inputs.items():
             producer, output = ref.split(".", 1)
             source = output if producer == PIPELINE_INPUT else _node(producer)
             label = "" if producer == PIPELINE_INPUT else f"|{output}|"
-            lines.append(f"    {source} -->{label} {_node(step.name)}")
+            arrow = "-.->" if name in step.optional_inputs else "-->"   # used when present
+            lines.append(f"    {source} {arrow}{label} {_node(step.name)}")
     return "\n".join(lines) + "\n"
 
 

@@ -44,9 +44,14 @@ def _primary_output(step: Step) -> str:
     return next(name for name, sub in step.outputs.items() if sub == "")
 
 
-def _artifact_inputs(step: Step) -> list[str]:
+def _artifact_inputs(step: Step, present: Optional[Sequence[str]] = None) -> list[str]:
+    """The inputs that are other steps' artifacts; an optional one only when its producer
+    is among `present` (the compiled steps; None: all)."""
     return [name for name, ref in step.inputs.items()
-            if not ref.startswith(PIPELINE_INPUT + ".")]
+            if not ref.startswith(PIPELINE_INPUT + ".")
+            and (present is None or name not in step.optional_inputs
+                 or ref.split(".", 1)[0] in present)]
+
 
 
 # The first lines of every component function: a component runs in a process of its own,
@@ -55,14 +60,15 @@ _QUIET = ("    from fer_pipeline.core import quiet\n"
           "    quiet.install()\n")
 
 
-def component_source(step: Step) -> str:
-    """Python source of the lightweight component that runs `step`."""
-    artifact_params = [f"{name}: Input[Artifact]" for name in _artifact_inputs(step)]
+def component_source(step: Step, present: Optional[Sequence[str]] = None) -> str:
+    """Python source of the lightweight component that runs `step` (`present`: the steps
+    compiled with it, which decide its optional inputs)."""
+    artifact_params = [f"{name}: Input[Artifact]" for name in _artifact_inputs(step, present)]
     output = _primary_output(step)
     params = ", ".join(artifact_params + [
         "data: str", "serving_root: str", "config_json: str", "beam_args_json: str",
         "metadata_db: str", "models_json: str", f"{output}: Output[Artifact]"])
-    uris = ", ".join(f"{name!r}: {name}.uri" for name in _artifact_inputs(step))
+    uris = ", ".join(f"{name!r}: {name}.uri" for name in _artifact_inputs(step, present))
     return (
         f"def {_function_name(step)}({params}):\n"
         f"{_QUIET}"
@@ -90,7 +96,8 @@ def _components(steps: Sequence[Step], image: str) -> dict[str, Any]:
     """Imports the generated component functions and wraps them with dsl.component."""
     from kfp import dsl
 
-    module = _import_source("\n\n".join(component_source(step) for step in steps),
+    present = [step.name for step in steps]
+    module = _import_source("\n\n".join(component_source(step, present) for step in steps),
                             "fer_kfp_components")
     return {step.name: dsl.component(getattr(module, _function_name(step)),
                                      base_image=image, install_kfp_package=False)
@@ -104,7 +111,9 @@ def build_pipeline(config: PipelineConfig, models: Sequence[str] = MODEL_NAMES,
 
     from fer_pipeline.core.artifacts import to_jsonable
 
-    steps = build_steps(models)
+    # A step that is off (tune, unless tune.enabled) is left out of the compiled pipeline.
+    steps = [step for step in build_steps(models) if step.is_enabled(config)]
+    present = [step.name for step in steps]
     components = _components(steps, image)
     default_config = json.dumps(to_jsonable(config))
     default_beam = json.dumps(list(beam_args))
@@ -117,7 +126,7 @@ def build_pipeline(config: PipelineConfig, models: Sequence[str] = MODEL_NAMES,
         tasks: dict[str, Any] = {}
         for step in steps:
             kwargs: dict[str, Any] = {}
-            for name in _artifact_inputs(step):
+            for name in _artifact_inputs(step, present):
                 producer = step.inputs[name].split(".", 1)[0]
                 kwargs[name] = tasks[producer].outputs[_primary_output(
                     next(s for s in steps if s.name == producer))]
@@ -326,7 +335,8 @@ def run_component(step_name: str, input_uris: dict[str, str], output_uri: str, d
     from fer_pipeline.pipeline.dag import StepEnv, code_fingerprint, step_by_name
     from fer_pipeline.pipeline.metadata import ArtifactRecord, MetadataStore
     from fer_pipeline.pipeline.runner import (StepOutcome, cache_key, execute, pipeline_input,
-                                 record_metadata, stop_if_blocking, write_manifest)
+                                 record_metadata, stop_if_blocking, with_result_inputs,
+                                 write_manifest)
 
     models = tuple(json.loads(models_json))
     step = step_by_name(step_name, models)
@@ -339,6 +349,8 @@ def run_component(step_name: str, input_uris: dict[str, str], output_uri: str, d
         if ref.startswith(PIPELINE_INPUT + "."):
             inputs[name], records[name] = pipeline_input(ref, data_paths, config)
             continue
+        if name not in input_uris and name in step.optional_inputs:
+            continue   # its producer was not compiled into this pipeline (tune: off)
         producer, output = ref.split(".", 1)
         sub = step_by_name(producer, models).outputs[output]
         base = _local_path(input_uris[name])
@@ -350,6 +362,7 @@ def run_component(step_name: str, input_uris: dict[str, str], output_uri: str, d
     key = cache_key(step, records, parameters, code)
     started = time.time()
     result, outputs = execute(step, inputs, output_uri, env)
+    records = with_result_inputs(step, records, result)
     manifest = write_manifest(step, "kfp", key, records, parameters, code, result, outputs,
                               started, output_uri)
     record = Commit(step.name, "kfp", output_uri, key, outputs, manifest)

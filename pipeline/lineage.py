@@ -63,6 +63,9 @@ def version_lineage(store: MetadataStore, pushed: dict[str, Any]) -> dict[str, A
              if push["inputs"].get("infra_validation") else None)
     infra_blessing = next((a["properties"] for a in infra["outputs"].get(DERIVED, [])
                            if a["properties"].get("model") == model), None) if infra else None
+    # A warm-started run began from a served version; a tuned one took a tune step's values.
+    base = (train["inputs"].get("base_model") or [None])[0]
+    tuning = _upstream(store, train, "tuning") if train["inputs"].get("tuning") else None
     ingest_facts = _facts(ingest)
     evaluation = _facts(evaluate)
     result = evaluation["result"] or {}
@@ -80,6 +83,9 @@ def version_lineage(store: MetadataStore, pushed: dict[str, Any]) -> dict[str, A
         "augment": _facts(augment),
         "transform": _facts(transform),
         "training": _facts(train),
+        "warm_start": ({"uri": base["uri"], "version": base["properties"].get("version"),
+                        "fingerprint": base["fingerprint"]} if base else None),
+        "tuning": _facts(tuning) if tuning else None,
         "evaluation": evaluation,
         "metrics": {"accuracy": (result.get("accuracy") or {}).get(model),
                     "ensemble_accuracy": result.get("ensemble_accuracy"),
@@ -145,6 +151,8 @@ def format_lineage(lineages: list[dict[str, Any]]) -> str:
             f"{_num(training.get('best_val_accuracy'))}, {training.get('train_examples')} "
             f"train examples (code {item['training']['code_fingerprint'][:19]}) "
             f"[execution {item['training']['execution_id']}]",
+            f"  hyperparameters     {_tuning_line(item)}",
+            f"  started from        {_start_line(item)}",
             f"  evaluation          test accuracy {_num(metrics['accuracy'])} on "
             f"{metrics['test_examples']} faces; ensemble {_num(metrics['ensemble_accuracy'])} "
             f"[execution {item['evaluation']['execution_id']}]",
@@ -155,6 +163,23 @@ def format_lineage(lineages: list[dict[str, Any]]) -> str:
             "",
         ]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _tuning_line(item: dict[str, Any]) -> str:
+    tuning = item.get("tuning")
+    if not tuning:
+        return "the config's (no tune step)"
+    result = tuning["result"] or {}
+    return (f"{result.get('source', '?')} of a {result.get('tuner')} search, "
+            f"{result.get('trials')} trials: {_first_line(result.get('summary'))} "
+            f"[execution {tuning['execution_id']}]")
+
+
+def _start_line(item: dict[str, Any]) -> str:
+    base = item.get("warm_start")
+    if not base:
+        return "random initial weights"
+    return f"served version {base['version']} (warm start, {base['uri']})"
 
 
 def _infra_line(item: dict[str, Any]) -> str:

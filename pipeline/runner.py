@@ -104,6 +104,8 @@ def _resolve_inputs(step: Step, ctx: RunContext, committed: Mapping[str, Commit]
         producer, output = ref.split(".", 1)
         source = committed.get(producer) or read_commit(
             fileio.join(ctx.run_root, step_by_name(producer, ctx.models).directory))
+        if source is None and name in step.optional_inputs:
+            continue   # e.g. train without a tune step's output: the declared defaults
         if source is None:
             raise PipelineError(f"step {step.name!r} needs {ref!r}, but `{producer}` has "
                                 f"no committed output under {ctx.run_root}: run "
@@ -152,6 +154,8 @@ def _require(path: str, what: str) -> str:
 
 
 def _command(step_name: str) -> str:
+    if step_name.startswith("tune-"):
+        return "tune --model " + step_name.split("-", 1)[1]
     return "train --model " + step_name.split("-", 1)[1] if step_name.startswith("train-") \
         else step_name
 
@@ -229,6 +233,7 @@ def run_step(step: Step, ctx: RunContext, store: MetadataStore,
     started = time.time()
     try:
         result, outputs = execute(step, inputs, output_uri, env)
+        input_records = with_result_inputs(step, input_records, result)
     except BaseException as error:
         # A failed attempt leaves nothing behind (readers never trusted it anyway), unless
         # its error points the user at a report it wrote there (ingest's rejected rows);
@@ -244,6 +249,13 @@ def run_step(step: Step, ctx: RunContext, store: MetadataStore,
     record_metadata(step, store, input_records, record, result)
     remove_uncommitted(step_root)
     return StepOutcome(step.name, output_uri, False, manifest, record)
+
+
+def with_result_inputs(step: Step, records: Mapping[str, list[ArtifactRecord]],
+                       result: dict[str, Any]) -> dict[str, list[ArtifactRecord]]:
+    """The step's inputs plus those its result names (a warm start's base version)."""
+    extra = step.result_inputs(result) if step.result_inputs is not None else {}
+    return {**records, **extra}
 
 
 def record_metadata(step: Step, store: MetadataStore,
@@ -296,6 +308,12 @@ def run_pipeline(ctx: RunContext, steps: Optional[Sequence[str]] = None) -> list
     if unknown:
         raise PipelineError(f"unknown steps {sorted(unknown)}; steps are {list(STEP_NAMES)}")
     chosen = [step for step in declared if step.name in wanted]
+    off = [step for step in chosen if not step.is_enabled(ctx.config)]
+    if off and not steps:   # a step that is off (tune) runs only when asked for by name
+        print(f"[fer-pipeline] {', '.join(s.name for s in off)}: off (--tune, or "
+              f"{off[0].command}.enabled: true in --config, turns "
+              f"{'them' if len(off) > 1 else 'it'} on)", flush=True)
+        chosen = [step for step in chosen if step not in off]
     check_inputs_exist(chosen, ctx)   # before anything is created under the run root
     created = _not_yet_existing(ctx)
     store = open_store(ctx)
@@ -335,8 +353,9 @@ def translate_steps(steps: Sequence[Step], ctx: RunContext, store: MetadataStore
     for step in steps:
         if not step.beam:
             continue
-        missing = [ref for ref in step.inputs.values()
-                   if not ref.startswith(PIPELINE_INPUT + ".") and read_commit(fileio.join(
+        missing = [ref for name, ref in step.inputs.items()
+                   if not ref.startswith(PIPELINE_INPUT + ".")
+                   and name not in step.optional_inputs and read_commit(fileio.join(
                        ctx.run_root, step_by_name(ref.split(".")[0], ctx.models).directory))
                    is None]
         if missing:
@@ -369,7 +388,8 @@ def check_inputs_exist(steps: Sequence[Step], ctx: RunContext) -> None:
             producer = ref.split(".", 1)[0]
             if ref == DATA:
                 check_data_paths(ctx.data_paths)
-            elif producer != PIPELINE_INPUT and producer not in names:
+            elif producer != PIPELINE_INPUT and producer not in names and \
+                    ref not in (step.inputs[name] for name in step.optional_inputs):
                 directory = step_by_name(producer, ctx.models).directory
                 if read_commit(fileio.join(ctx.run_root, directory)) is None:
                     where = ("does not exist" if not fileio.exists(ctx.run_root) else

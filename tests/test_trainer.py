@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from fer_pipeline.components.trainer.models import build_vgg16_base
-from fer_pipeline.components.trainer.dataset import make_dataset
+from fer_pipeline.core.training_data import make_dataset
 from fer_pipeline.components.trainer.distribution import WORKERS_DIR
 from fer_pipeline.components.trainer.executor import (BEST_WEIGHTS_FILE, CHECKPOINTS_DIR,
                                                       HISTORY_FILE, SERVING_MODEL_DIR,

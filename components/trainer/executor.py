@@ -34,23 +34,25 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import keras
 import tensorflow as tf
 
-from fer_pipeline.components.trainer.dataset import (count_records, make_dataset, shard_by_data,
-                                                     split_pattern)
+from fer_pipeline.core.training_data import count_records, make_dataset, shard_by_data, split_pattern
 from fer_pipeline.components.trainer.distribution import (current_task, is_multi_worker,
                                                           precision_policy, select_strategy,
                                                           work_around_keras_multi_worker_build,
                                                           worker_dir)
 from fer_pipeline.components.trainer.export import export_serving_model
 from fer_pipeline.components.trainer.models import build_model, model_config
+from fer_pipeline.components.trainer.warm_start import warm_start
 from fer_pipeline.core import fileio
 from fer_pipeline.core.config import TrainConfig
-from fer_pipeline.core.contract import (TRANSFORM_GRAPH_DIR, SERVING_MODEL_DIR, CHECKPOINTS_DIR,
-                                        LOGS_DIR, HISTORY_FILE, TRAINING_INFO_FILE)
+from fer_pipeline.core.search_space import apply
+from fer_pipeline.core.contract import (BEST_HYPERPARAMETERS_FILE, TRANSFORM_GRAPH_DIR,
+                                        SERVING_MODEL_DIR, CHECKPOINTS_DIR, LOGS_DIR,
+                                        HISTORY_FILE, TRAINING_INFO_FILE)
 
 __all__ = ["run_trainer", "TrainerResult"]
 
@@ -81,17 +83,25 @@ class TrainerResult:
     num_replicas: int
     resumed_at_epoch: Optional[int] = None
     vgg_weights: Optional[str] = None
+    # Where the tunable values came from: {"source": "config" | "tune", "values", "tuning"}.
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    warm_start: Optional[dict[str, Any]] = None    # train.warm_start: what it started from
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_name: str,
-                extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainerResult:
+                extra_callbacks: Sequence[keras.callbacks.Callback] = (),
+                tuning_dir: Optional[str] = None, serving_root: str = "",
+                report: Callable[[str], None] = log.info) -> TrainerResult:
     """Trains registered model `model_name` (e.g. "cnn") and exports it to output_dir/serving_model.
 
     `transform_dir` and `output_dir` may be URIs. Keras writes checkpoints, logs and the
     SavedModel into a local directory (see `_local_work_dir`); outputs on a URI are uploaded.
     `extra_callbacks` run after the trainer's own, once each epoch is checkpointed (and
-    uploaded, for a URI).
+    uploaded, for a URI). `tuning_dir`: a tune step's output, whose
+    best_hyperparameters.json replaces the config's tunable values. With
+    `config.warm_start` the model starts from the version of it served under
+    `serving_root` when that fits (warm_start.py); `report` gets one line saying which.
     """
     # MultiWorkerMirroredStrategy must exist before any other TF op runs in the process.
     strategy = select_strategy()
@@ -100,6 +110,7 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
     # seeds from the global seed as it is when the dataset is built, so seed before that.
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)
+    config, hyperparameters = _with_tuned_values(config, model_name, tuning_dir)
     section = model_config(model_name, config)
     fileio.register_filesystem(transform_dir)
     target_dir = worker_dir(output_dir)
@@ -133,6 +144,10 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
                 model = build_model(model_name, config, jit_compile=config.xla)
             if is_multi_worker():
                 work_around_keras_multi_worker_build(model, strategy)
+            started_from = None
+            if config.warm_start:
+                started_from = warm_start(model, model_name, serving_root)
+                report(started_from["summary"])
             recorder = EpochRecorder(os.path.join(work_dir, CHECKPOINTS_DIR), train_count)
             upload = [UploadTrainingState(work_dir, target_dir)] if work_dir != target_dir else []
             callbacks = _callbacks(work_dir, section.early_stopping_patience, recorder,
@@ -167,6 +182,8 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
                          "python": sys.version.split()[0]},
             "transform_dir": transform_dir,
+            "hyperparameters": hyperparameters,
+            "warm_start": started_from,
         }
         fileio.write_json(os.path.join(work_dir, TRAINING_INFO_FILE), info)
         if work_dir != target_dir:
@@ -180,7 +197,24 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
         best_val_accuracy=history["best_val_accuracy"], images_per_s=history["images_per_s"],
         train_examples=train_count, validation_examples=val_count,
         strategy=info["strategy"], num_replicas=info["num_replicas"],
-        resumed_at_epoch=history["resumed_at_epoch"], vgg_weights=vgg_weights)
+        resumed_at_epoch=history["resumed_at_epoch"], vgg_weights=vgg_weights,
+        hyperparameters=hyperparameters, warm_start=started_from)
+
+
+def _with_tuned_values(config: TrainConfig, model_name: str, tuning_dir: Optional[str]
+                       ) -> tuple[TrainConfig, dict[str, Any]]:
+    """`config` with the tune step's chosen values for `model_name`, and where they came
+    from (the record training_info.json keeps)."""
+    section = model_config(model_name, config)
+    path = fileio.join(tuning_dir, BEST_HYPERPARAMETERS_FILE) if tuning_dir else ""
+    if not path or not fileio.exists(path):
+        return config, {"source": "config"}
+    chosen = fileio.read_json(path)
+    tuned = apply(section, chosen["hyperparameters"])
+    return (dataclasses.replace(config, models={**config.models, model_name: tuned}),
+            {"source": "tune", "values": chosen["hyperparameters"],
+             "tuning": tuning_dir, "found_by": chosen.get("source"),
+             "summary": chosen.get("summary")})
 
 
 # ----------------------------------------------------------------- outputs on a URI

@@ -29,24 +29,31 @@ from fer_pipeline.core.errors import ConfigError, MissingInputError
 VGG_WEIGHTS_NONE = "none"
 VGG_WEIGHTS_IMAGENET = "imagenet"
 
-# The notebook's CNN: one 3x3 conv + 2x2 max-pool per block, widening 64 -> 512.
+# The notebook's CNN: one 3x3 conv + 2x2 max-pool per block, widening 64 -> 512 (at
+# width 1.0; ModelConfig.width scales every layer, the tune step searches it).
 CNN_CONV_FILTERS: tuple[int, ...] = (64, 128, 256, 512)
 CNN_DENSE_UNITS: tuple[int, ...] = (256, 128)
-CNN_DROPOUT = 0.5
 VGG_DENSE_UNITS: tuple[int, ...] = (4096, 4096)
 
 
+def scaled(units: int, width: float) -> int:
+    """A layer's width at `width` times the notebook's."""
+    return max(1, round(units * width))
+
+
 def build_cnn(config: ModelConfig, jit_compile: bool | str = "auto") -> keras.Model:
-    """Input 2304 floats -> 4 x (Conv2D 3x3 relu, MaxPool 2x2) -> 256 -> 128 -> 7 softmax."""
+    """Input 2304 floats -> 4 x (Conv2D 3x3 relu, MaxPool 2x2) -> 256 -> 128 -> 7 softmax
+    (the widths times config.width; dropout config.dropout, the notebook's 0.5)."""
     inputs = keras.Input(shape=(NUM_PIXELS,), name="image")
     x = layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="to_grid")(inputs)
     for i, filters in enumerate(CNN_CONV_FILTERS, start=1):
-        x = layers.Conv2D(filters, (3, 3), activation="relu", name=f"conv{i}")(x)
+        x = layers.Conv2D(scaled(filters, config.width), (3, 3), activation="relu",
+                          name=f"conv{i}")(x)
         x = layers.MaxPooling2D((2, 2), name=f"pool{i}")(x)
     x = layers.Flatten(name="flatten")(x)
     for i, units in enumerate(CNN_DENSE_UNITS, start=1):
-        x = layers.Dense(units, activation="relu", name=f"dense{i}")(x)
-        x = layers.Dropout(CNN_DROPOUT, name=f"dropout{i}")(x)
+        x = layers.Dense(scaled(units, config.width), activation="relu", name=f"dense{i}")(x)
+        x = layers.Dropout(config.dropout, name=f"dropout{i}")(x)
     outputs = _classifier_head(x)
     model = keras.Model(inputs, outputs, name="cnn")
     _compile(model, config, jit_compile)
@@ -78,8 +85,11 @@ def build_vgg16(config: ModelConfig, weights: Optional[str] = None,
         config = dataclasses.replace(config, learning_rate=config.scratch_learning_rate)
     x = base(x, training=False)
     x = layers.Flatten(name="flatten")(x)
+    # The head's width and dropout are tunable (the notebook's: width 1.0, no dropout).
     for i, units in enumerate(VGG_DENSE_UNITS, start=1):
-        x = layers.Dense(units, activation="relu", name=f"dense{i}")(x)
+        x = layers.Dense(scaled(units, config.width), activation="relu", name=f"dense{i}")(x)
+        if config.dropout:
+            x = layers.Dropout(config.dropout, name=f"dropout{i}")(x)
     outputs = _classifier_head(x)
     model = keras.Model(inputs, outputs, name="vgg16")
     _compile(model, config, jit_compile)
