@@ -122,6 +122,36 @@ def screenshot(html_path: str, png_path: str, width: int = 1280) -> None:
     Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(png_path, optimize=True)
 
 
+# `make docs-images`: the run whose pages the docs show, and where their pictures go.
+DOCS_RUN_ENV, DOCS_IMAGES_ENV = "FER_DOCS_RUN", "FER_DOCS_IMAGES"
+DOCS_IMAGE_WIDTH = 960        # pixels of the saved picture (the site's text column)
+DOCS_IMAGE_MAX_BYTES = 160_000
+
+
+def docs_run_or_skip() -> tuple[Path, Path]:
+    """(the demo run, docs/images) when `make docs-images` runs the test, else a skip."""
+    import pytest
+
+    run, images = os.environ.get(DOCS_RUN_ENV), os.environ.get(DOCS_IMAGES_ENV)
+    if not (run and images):
+        pytest.skip(f"make docs-images sets {DOCS_RUN_ENV} and {DOCS_IMAGES_ENV}")
+    return Path(run), Path(images)
+
+
+def save_docs_image(png: bytes, out_path: str | os.PathLike, height: int = 1400) -> int:
+    """A screenshot as the docs show it: the top `height` pixels (the verdict and the first
+    charts: a page's full length is thousands of pixels of faces), scaled to the docs'
+    width, 128 colours. Returns the file's size."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image = image.crop((0, 0, image.width, min(image.height, height)))
+    scale = DOCS_IMAGE_WIDTH / image.width
+    image = image.resize((DOCS_IMAGE_WIDTH, round(image.height * scale)), Image.LANCZOS)
+    image.quantize(128).save(out_path, optimize=True)
+    return os.path.getsize(out_path)
+
+
 if __name__ == "__main__":
     if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)

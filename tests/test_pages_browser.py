@@ -267,3 +267,30 @@ def test_statistics_page_in_a_real_browser(statistics_run, tmp_path):
         assert "no anomalies, no label drift" in verdict
         rejected = page.inner_text("body")
         assert "wrong_pixel_count" in rejected and "duplicate_of_train_row" in rejected
+
+
+# ------------------------------------------------------------------ the docs' pictures
+
+def _committed(run: Path, step_dir: str) -> Path:
+    """The execution directory a step's COMMIT.json names (core/artifacts.py)."""
+    return Path(json.loads((run / step_dir / "COMMIT.json").read_text())["uri"])
+
+
+DOCS_PAGES = {   # picture name -> (the page under a demo run, images it shows at least)
+    "statistics": (lambda run: _committed(run, "statistics") / "statistics.html", 10),
+    "report": (lambda run: _committed(run, "infra_validation") / "report.html", 5),
+    "monitoring": (lambda run: run / "monitoring" / "demo" / "monitoring.html", 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOCS_PAGES))
+def test_docs_image_of_the_demo_run(name):
+    """`make docs-images`: the demo run's page, checked as above (nothing fetched, every
+    image decodes and is not blank), saved as docs/images/<name>.png."""
+    run, images = browser.docs_run_or_skip()
+    locate, min_images = DOCS_PAGES[name]
+    with browser.open_page(locate(run), {"width": 1280, "height": 900}) as opened:
+        check_page_basics(opened, min_images)
+        png = opened.page.screenshot(full_page=True)
+    size = browser.save_docs_image(png, images / f"{name}.png")
+    assert 0 < size <= browser.DOCS_IMAGE_MAX_BYTES, size
