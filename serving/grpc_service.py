@@ -33,6 +33,7 @@ from fer_pipeline.core.serving_root import specs_from_proto
 from fer_pipeline.serving.reload_policy import ReloadPolicy
 from fer_pipeline.serving.model_manager import (DEFAULT_SIGNATURE, STATE_CODES, LoadedVersion, Predictor,
                                    ServingError)
+from fer_pipeline.serving.tensors import tensor_proto
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response = predict_pb2.PredictResponse()
         _fill_spec(response.model_spec, model, signature)
         for key, value in outputs.items():
-            response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+            response.outputs[key].CopyFrom(tensor_proto(value))
         if self.predictor.request_log is not None:
             self.predictor.request_log.log_grpc("predict", request, response)
         return response

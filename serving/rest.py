@@ -67,6 +67,16 @@ def _decode_b64(value: Any) -> Any:
 
 def to_array(name: str, value: Any, dtype: tf.DType) -> np.ndarray:
     """A JSON value as a numpy array of the signature's dtype, with TF Serving's checks."""
+    if dtype != tf.string:
+        # Numbers only (the usual case): numpy reads the nested lists in C. Walking them
+        # for {"b64"} objects first cost ~0.6 ms a 48x48 face; only a value that is not
+        # all numbers needs that walk (and its messages).
+        try:
+            raw = np.array(value)
+        except ValueError:
+            raw = None
+        if raw is not None and raw.dtype.kind in "biuf":
+            return _cast(name, raw, dtype)
     value = _decode_b64(value)
     if dtype == tf.string:
         try:
@@ -87,6 +97,12 @@ def to_array(name: str, value: Any, dtype: tf.DType) -> np.ndarray:
     if raw.dtype.kind not in "biuf":
         raise ServingError("INVALID_ARGUMENT", f"input {name!r} must hold numbers for dtype "
                                                f"{dtype.name}; got {raw.dtype} values")
+    return _cast(name, raw, dtype)
+
+
+def _cast(name: str, raw: np.ndarray, dtype: tf.DType) -> np.ndarray:
+    """Numbers as the signature's dtype; an integer dtype refuses fractions and values out
+    of its range."""
     target = dtype.as_numpy_dtype
     if dtype.is_integer:
         if raw.dtype.kind == "f" and not np.all(np.mod(raw, 1) == 0):

@@ -1,0 +1,41 @@
+"""numpy -> TensorProto on the serving hot path, without tf.make_tensor_proto's per-call
+Python overhead (about 15 us an array; a Predict answer has three: 45 -> 24 us measured).
+
+Numbers travel as tensor_content (what tf.make_tensor_proto writes for them too), byte
+strings as string_val; anything else (bools, scalars, half floats) goes through TF's own
+function. Decoding needs no such help: tf.make_ndarray's copy of a 48x48 request costs
+nothing measurable (np.frombuffer without the copy measured the same 7-11 us).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+
+__all__ = ["tensor_proto"]
+
+_NUMERIC = "iuf"
+
+
+@functools.lru_cache(maxsize=None)
+def _datatype(dtype: np.dtype) -> int:
+    return tf.as_dtype(dtype).as_datatype_enum
+
+
+def tensor_proto(value: np.ndarray) -> tensor_pb2.TensorProto:
+    """What tf.make_tensor_proto(value) makes of an output array, faster."""
+    array = np.asarray(value)
+    numeric = array.dtype.kind in _NUMERIC and array.dtype != np.float16
+    strings = array.dtype.kind == "O" and all(isinstance(v, bytes) for v in array.flat)
+    if array.ndim == 0 or not (numeric or strings):
+        return tf.make_tensor_proto(array)
+    if numeric:
+        proto = tensor_pb2.TensorProto(dtype=_datatype(array.dtype),
+                                       tensor_content=np.ascontiguousarray(array).tobytes())
+    else:
+        proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=list(array.flat))
+    proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=size)
+                                  for size in array.shape)
+    return proto
