@@ -353,6 +353,11 @@ class MonitorConfig:
                                       help="share of faces the ensemble sends to a person")
     # Fewer faces than this in the window: distances are too noisy to alert on.
     min_requests: int = setting(500, check=at_least(1), help="fewest faces to alert on")
+    # Records that cannot be decoded or break the SERVING schema (not one 48x48 face in
+    # 0..255, answers that do not match the faces): above this share of the window's
+    # records, an alert of its own, however few faces the window has.
+    max_bad_share: float = setting(0.01, check=_share,
+                                   help="share of undecodable or off-schema records to alert on")
     # --review-queue: the lowest-confidence faces queued besides the ties.
     review_lowest_confidence: int = setting(20, help="lowest-confidence faces queued")
     # The page's per-window table splits the requested range into windows this long.

@@ -1,7 +1,7 @@
 """`fer-pipeline`: run the whole pipeline, or one step, from the command line.
 
-Commands that run Beam (`run`, `compile`, `infer` and the Beam steps: ingest, augment,
-statistics, transform) pass Beam pipeline options through untouched, e.g.
+Commands that run Beam (`run`, `compile`, `infer`, `monitor` and the Beam steps: ingest,
+augment, statistics, transform) pass Beam pipeline options through untouched, e.g.
 `--runner=DataflowRunner --project=...` or
 `--direct_running_mode=multi_processing --direct_num_workers=2`; a flag that neither this
 CLI nor Beam knows is refused, on every command. Each command's `--help` lists only the
@@ -177,7 +177,7 @@ def _infer(args: argparse.Namespace, beam_args: list[str]) -> int:
     return 0
 
 
-def _monitor(args: argparse.Namespace) -> int:
+def _monitor(args: argparse.Namespace, beam_args: list[str]) -> int:
     import dataclasses
 
     from fer_pipeline.core import fileio
@@ -196,7 +196,8 @@ def _monitor(args: argparse.Namespace) -> int:
         raise ConfigError(f"monitor: --since {args.since} is not before --until {args.until}")
     output = fileio.absolute(args.out or default_output(args.output))
     result = run_monitor_job(args.output, args.logs, output, config, since, until,
-                             args.review_queue, serving_root=args.serving_root or "")
+                             args.review_queue, serving_root=args.serving_root or "",
+                             beam_args=beam_args)
     print(f"[fer-pipeline] monitor: {result.summary}", flush=True)
     if args.review_queue:
         print(f"[fer-pipeline] review queue: {result.review_queued} face(s) queued in "
@@ -239,7 +240,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
         handlers = {"synth": lambda: _synth(args), "lineage": lambda: _lineage(args),
                     "compile": lambda: _compile(args, beam_args), "dag": lambda: _dag(args),
                     INFER_COMMAND: lambda: _infer(args, beam_args),
-                    MONITOR_COMMAND: lambda: _monitor(args),
+                    MONITOR_COMMAND: lambda: _monitor(args, beam_args),
                     "path": lambda: _path(args)}
         return handlers.get(args.command, lambda: _run(args, beam_args))()
     except Exception as error:  # noqa: BLE001 - only user errors are answered here

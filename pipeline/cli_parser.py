@@ -65,7 +65,7 @@ def _steps_of(command: str) -> list[Step]:
 
 def takes_beam_options(command: str) -> bool:
     """Whether `command` runs Beam, and so passes Beam's pipeline options on."""
-    if command in ("compile", INFER_COMMAND):
+    if command in ("compile", INFER_COMMAND, MONITOR_COMMAND):
         return True
     if command == "run" or any(name == command for name, _, _ in STEP_COMMANDS):
         return any(step.beam for step in _steps_of(command))
@@ -287,4 +287,4 @@ def parse_command_line(argv: Optional[list[str]]) -> tuple[argparse.Namespace, l
         return args, extra
     raise ConfigError(f"{args.command}: unrecognized argument(s) {' '.join(extra)} (see "
                     f"`fer-pipeline {args.command} --help`; Beam options are taken only by "
-                    f"run, compile, infer and the Beam steps)")
+                    f"run, compile, infer, monitor and the Beam steps)")

@@ -101,9 +101,10 @@ def run_monitor_job(run_root: str, logs: Sequence[str], output_dir: str,
                     config: PipelineConfig, since: Optional[datetime] = None,
                     until: Optional[datetime] = None, review_queue: Optional[str] = None,
                     metadata: Optional[MetadataConfig] = None,
-                    serving_root: str = "") -> MonitorResult:
-    """Finds the logs and the reference, judges the window into `output_dir`, and records
-    the execution in ML Metadata (the run root's store unless `metadata` says otherwise)."""
+                    serving_root: str = "", beam_args: Sequence[str] = ()) -> MonitorResult:
+    """Finds the logs and the reference, judges the window into `output_dir` (a Beam job
+    run with `beam_args`), and records the execution in ML Metadata (the run root's store
+    unless `metadata` says otherwise)."""
     started = time.time()
     serving_root = serving_root or config.push.serving_root or fileio.join(
         run_root, "serving_models")
@@ -125,7 +126,7 @@ def run_monitor_job(run_root: str, logs: Sequence[str], output_dir: str,
         return resolved["reference"]
 
     result = run_monitor(files, reference_for, schema_path(config), output_dir, review_queue,
-                         config.monitor, since=since, until=until)
+                         config.monitor, since=since, until=until, beam_args=beam_args)
     reference = resolved["reference"]
     inputs: dict[str, list[ArtifactRecord]] = {"request_logs": [
         ArtifactRecord("request_log", fileio.absolute(path), fingerprint(path))

@@ -16,7 +16,8 @@ models from the two halves of the train split disagree now and then, so the ense
 some faces to review, as the real pair does.
 
 Traffic is logged as TF Serving's PredictionLog TFRecords: one Predict per batch of faces
-and model, request and response as the server would log them.
+and model, request and response as the server would log them, each model's record of one
+request carrying the same request id (as the ensemble client's X-Request-Id makes it).
 """
 from __future__ import annotations
 
@@ -176,7 +177,8 @@ def write_request_log(path: str, faces: np.ndarray, run: ServedRun, start: int =
 def log_predictions(path: str, faces: np.ndarray, served: dict[str, tuple[int, str]],
                     start: int = START, seconds_per_request: float = 1.0) -> int:
     """`faces` sent in batches to each model of `served` ({name: (version, SavedModel
-    dir)}), logged as TF Serving PredictionLogs with the answers the models give."""
+    dir)}), logged as TF Serving PredictionLogs with the answers the models give; request
+    ids are unique to the file (its name and the batch)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     records = 0
     answers = {name: predict(model_dir, faces) for name, (_, model_dir) in served.items()}
@@ -190,6 +192,7 @@ def log_predictions(path: str, faces: np.ndarray, served: dict[str, tuple[int, s
                 entry.log_metadata.model_spec.signature_name = "serving_uint8"
                 entry.log_metadata.sampling_config.sampling_rate = 1.0
                 entry.log_metadata.timestamp_secs = int(start + i * seconds_per_request)
+                entry.log_metadata.request_origin = f"{os.path.basename(path)}-{i}"
                 request = entry.predict_log.request
                 request.model_spec.name = name
                 request.model_spec.signature_name = "serving_uint8"

@@ -19,9 +19,7 @@ import tensorflow_data_validation as tfdv
 from tensorflow_serving.apis import prediction_log_pb2
 
 from fer_pipeline.components.monitor import executor as monitor
-from fer_pipeline.components.monitor import features as monitor_features
-from fer_pipeline.components.monitor.executor import run_monitor
-from fer_pipeline.components.monitor.reading import read_traffic
+from fer_pipeline.components.monitor.executor import collect_traffic, run_monitor
 from fer_pipeline.components.monitor.reference import MonitorError, load_reference
 from fer_pipeline.core.config import MonitorConfig, load_config
 from fer_pipeline.core.contract import CLASS_NAMES
@@ -32,6 +30,7 @@ from tests.serving_fixtures import example_bytes
 SCHEMA = "schemas/fer2013/schema.pbtxt"
 TOLERANCE = load_config().evaluation.tie_tolerance
 STREAM = 600                           # faces per stream, above min_requests (500)
+MULTI_PROCESSING = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +41,14 @@ def served(tmp_path_factory):
     loaded = load_reference(run.reference, SCHEMA, config, TOLERANCE,
                             list(fixtures.MODELS))
     return run, loaded
+
+
+def judge(served, logs, scratch, config=None):
+    """The monitor's Beam job over `logs` (in-process DirectRunner), judged."""
+    run, loaded = served
+    config = config or MonitorConfig()
+    traffic = collect_traffic([str(p) for p in logs], str(scratch), config)
+    return monitor.assess(traffic, run.reference, loaded, config)
 
 
 def blur(faces: np.ndarray) -> np.ndarray:
@@ -71,8 +78,7 @@ def test_each_stream_raises_exactly_its_alerts(served, tmp_path, stream):
     make, expected = STREAMS[stream]
     log = str(tmp_path / "requests.tfrecord")
     records = fixtures.write_request_log(log, make(run), run)
-    judged = monitor.assess(read_traffic([log]), run.reference, loaded, MonitorConfig(),
-                            TOLERANCE)
+    judged = judge(served, [log], tmp_path / "job")
     distances = {c["name"]: round(c["distance"], 3) for c in judged.checks}
     assert sorted(judged.alerts) == sorted(expected), distances
     assert judged.verdict == ("drift" if expected else "ok")
@@ -81,12 +87,13 @@ def test_each_stream_raises_exactly_its_alerts(served, tmp_path, stream):
     assert all(c["distance"] is not None for c in judged.checks), distances
     assert {c["name"] for c in judged.checks} >= {
         "brightness", "contrast", "dark_share", "bright_share", "sharpness", "pixels",
-        "schema", "class_mix:cnn", "confidence:cnn", "review_rate"}
+        "schema", "class_mix:cnn", "confidence:cnn", "review_rate", "bad_records"}
 
 
 @pytest.fixture(scope="module")
 def monitored(served, tmp_path_factory):
-    """One full run_monitor over a brightness-shifted window, with a review queue."""
+    """One full run_monitor over a brightness-shifted window, with a review queue, and the
+    same logs judged again on the multi-processing DirectRunner (2 workers)."""
     run, _ = served
     root = tmp_path_factory.mktemp("monitored")
     log = str(root / "logs" / "requests.tfrecord")
@@ -95,8 +102,21 @@ def monitored(served, tmp_path_factory):
     config = MonitorConfig(window_minutes=30, review_lowest_confidence=5)
     result = run_monitor([str(root / "logs")], run.reference, SCHEMA, str(root / "out"),
                          str(root / "queue"), config)
+    run_monitor([str(root / "logs")], run.reference, SCHEMA, str(root / "out_mp"), None,
+                config, beam_args=MULTI_PROCESSING)
     return {"result": result, "faces": faces, "out": root / "out", "queue": root / "queue",
-            "record": json.loads((root / "out" / "monitoring.json").read_text())}
+            "record": json.loads((root / "out" / "monitoring.json").read_text()),
+            "multi_processing": json.loads((root / "out_mp" / "monitoring.json").read_text())}
+
+
+def test_the_multi_processing_runner_gives_the_same_verdict_and_distances(monitored):
+    """The same logs on the DirectRunner in-process and on 2 worker processes: the verdict,
+    every distance, every window's numbers and drift are equal (not approximately)."""
+    ours, theirs = monitored["record"], monitored["multi_processing"]
+    for key in ("verdict", "summary", "alerts", "checks", "windows", "traffic", "records",
+                "faces", "served", "skipped", "bad_records"):
+        assert ours[key] == theirs[key], key
+    assert not list(monitored["out"].glob(".job-*"))     # the job's scratch is removed
 
 
 def test_run_monitor_writes_the_record_the_anomalies_the_page_and_the_review_queue(
@@ -109,9 +129,15 @@ def test_run_monitor_writes_the_record_the_anomalies_the_page_and_the_review_que
     assert record["served"] == {"cnn": {"version": 2, "faces": STREAM, "other_versions": {}},
                                 "vgg16": {"version": 1, "faces": STREAM,
                                           "other_versions": {}}}
-    # 75 requests a minute apart: three 30-minute windows, every face in one of them.
+    # 75 requests a minute apart: three 30-minute windows, every face in one of them; each
+    # window after the first is compared with the one before (the same stream: no drift).
     assert len(record["windows"]) == 3
     assert sum(w["faces"] for w in record["windows"]) == STREAM
+    assert record["windows"][0]["drift"] == {}
+    for window in record["windows"][1:]:
+        assert set(window["drift"]) >= {"brightness", "contrast", "class_mix:cnn",
+                                        "review_rate"}
+    assert record["bad_records"] == {} and record["checks"][-1]["name"] == "bad_records"
     # The answers' numbers are those of the logged probabilities.
     cnn = fixtures.predict(run.models["cnn"], monitored["faces"])
     assert record["traffic"]["mean_confidence"]["cnn"] == pytest.approx(cnn.max(axis=1).mean(),
@@ -148,6 +174,10 @@ def test_monitoring_page_in_a_real_browser(monitored, tmp_path):
         assert {f"checks/{i}/distance" for i in range(len(record["checks"]))} <= paths
         assert {f"windows/{i}/faces" for i in range(len(record["windows"]))} <= paths
         assert {f"traffic/class_mix/cnn/{c}" for c in CLASS_NAMES} <= paths
+        # The drift section: every window after the first, every drift distance.
+        assert {f"windows/{i}/drift/{name}" for i, w in enumerate(record["windows"])
+                for name in w["drift"]} <= paths
+        assert "against the one before" in opened.page.locator("#drift").inner_text()
         banner = opened.page.locator("#verdict")
         assert banner.get_attribute("data-verdict") == "drift"
         assert record["summary"] in banner.inner_text()
@@ -177,7 +207,7 @@ def _log_entry(name: str, signature: str, inputs: dict, probabilities: np.ndarra
     return entry.SerializeToString()
 
 
-def test_read_traffic_takes_every_signature_and_counts_what_it_skips(tmp_path):
+def test_the_job_takes_every_signature_and_counts_what_it_skips_and_what_is_bad(tmp_path):
     faces = fixtures.fresh_stream(3, 9)
     probs = np.full((3, 7), 1 / 7, np.float32)
     path = str(tmp_path / "mixed.tfrecord")
@@ -189,27 +219,81 @@ def test_read_traffic_takes_every_signature_and_counts_what_it_skips(tmp_path):
         writer.write(_log_entry("cnn", "explain", {"pixels": faces}, probs, 300))
         writer.write(_log_entry("cnn", "serving_uint8", {"pixels": faces}, probs[:2], 400))
         writer.write(_log_entry("cnn", "", {}, probs, 500, kind="classify"))
-    traffic = read_traffic([path])
-    assert traffic.records == 5
-    assert len(traffic.pixels) == 6
-    np.testing.assert_array_equal(traffic.pixels[:3], faces)
-    np.testing.assert_array_equal(traffic.pixels[3:], faces)
-    assert traffic.timestamps.tolist() == [100] * 3 + [200] * 3
-    assert traffic.skipped == {"explain": 1, "not a Predict": 1,
-                               "malformed (faces and answers differ in number)": 1}
-    # The window: [since, until) on the records' timestamps.
+        writer.write(_log_entry("cnn", "serving_default", {"pixels": np.full(
+            (1, 48, 48), 300, np.int32)}, probs[:1], 600))
+        writer.write(_log_entry("cnn", "serving_uint8", {"pixels": faces[:, :47]},
+                                probs, 700))
+        writer.write(b"not a PredictionLog")
+    traffic = collect_traffic([path], str(tmp_path / "job"), MonitorConfig())
+    assert traffic.records == 8
+    assert traffic.counts[("faces", "")] == 6
+    assert traffic.served() == {("cnn", 2): 6}
+    assert traffic.stamps == (100, 200)
+    assert traffic.reasons("skipped") == {"explain": 1, "not a Predict": 1}
+    assert traffic.reasons("bad") == {"faces and answers differ in number": 1,
+                                      "pixel values outside 0..255": 1,
+                                      "faces are not 48x48": 1, "not a PredictionLog": 1}
+    # Every face, whichever signature carried it, reached the statistics.
+    assert traffic.stats.datasets[0].num_examples == 6
+    assert traffic.pixel_stats.datasets[0].num_examples == 6
+    # The window: [since, until) on the records' timestamps (an unreadable record has no
+    # time: it is counted whatever the window).
     from datetime import datetime, timezone
-    window = read_traffic([path], since=datetime.fromtimestamp(150, timezone.utc),
-                          until=datetime.fromtimestamp(450, timezone.utc))
-    assert window.records == 3 and window.timestamps.tolist() == [200] * 3
+    window = collect_traffic([path], str(tmp_path / "job"), MonitorConfig(),
+                             since=datetime.fromtimestamp(150, timezone.utc),
+                             until=datetime.fromtimestamp(450, timezone.utc))
+    assert window.records == 4 and window.stamps == (200, 200)
+    assert window.counts[("faces", "")] == 3
+
+
+def test_a_share_of_bad_records_above_max_bad_share_is_an_alert(served, tmp_path):
+    run, _ = served
+    log = str(tmp_path / "requests.tfrecord")
+    records = fixtures.write_request_log(log, fixtures.replay(run.test_faces, STREAM, 11), run)
+    bad = str(tmp_path / "bad.tfrecord")
+    with tf.io.TFRecordWriter(bad) as writer:
+        for stamp in range(4):      # 4 of 154 records: 2.6 % > 1 %
+            writer.write(_log_entry("cnn", "serving_uint8", {"pixels": np.zeros(
+                (1, 40, 40), np.uint8)}, np.full((1, 7), 1 / 7, np.float32),
+                fixtures.START + stamp))
+    judged = judge(served, [log, bad], tmp_path / "job")
+    assert judged.traffic.records == records + 4
+    assert judged.alerts == ["bad_records"] and judged.verdict == "drift"
+    check = next(c for c in judged.checks if c["name"] == "bad_records")
+    assert check["distance"] == pytest.approx(4 / (records + 4))
+    assert "faces are not 48x48: 4" in check["description"]
+    assert "bad_records 0.026 > 0.010" in judged.summary
+    # Few faces do not silence it: a broken client is news in any window.
+    from fer_pipeline.components.monitor.comparison import verdict
+    assert verdict(10, ["bad_records"], [check], MonitorConfig())[0] == "drift"
+
+
+def test_answers_are_joined_by_request_id_so_a_face_sent_twice_counts_twice(served,
+                                                                         tmp_path):
+    """The same faces in two requests each: joined by pixels they would collapse into one
+    face; by request id every request counts, and the review rate and the class mix are
+    shares of the same faces."""
+    run, _ = served
+    faces = fixtures.replay(run.test_faces, STREAM // 2, 12)
+    log = str(tmp_path / "requests.tfrecord")
+    fixtures.write_request_log(log, np.concatenate([faces, faces]), run)
+    judged = judge(served, [log], tmp_path / "job")
+    counts = judged.traffic.counts
+    assert judged.faces == STREAM
+    assert judged.traffic.served() == {("cnn", 2): STREAM, ("vgg16", 1): STREAM}
+    assert counts[("paired", "", "cnn=2,vgg16=1")] == STREAM
+    cnn = fixtures.predict(run.models["cnn"], faces)
+    vgg = fixtures.predict(run.models["vgg16"], faces)
+    from fer_pipeline.core.ensemble import combine_batch
+    ties = combine_batch({"cnn": cnn, "vgg16": vgg}, TOLERANCE)[2]
+    assert counts[("ties", "", "cnn=2,vgg16=1")] == 2 * int(ties.sum())
 
 
 def test_too_few_requests_measure_but_never_alert(served, tmp_path):
     run, loaded = served
     log = str(tmp_path / "few.tfrecord")
     fixtures.write_request_log(log, fixtures.brightness_shift(run.test_faces[:80], 60), run)
-    judged = monitor.assess(read_traffic([log]), run.reference, loaded, MonitorConfig(),
-                            TOLERANCE)
+    judged = judge(served, [log], tmp_path / "job")
     assert judged.verdict == "too few requests" and judged.alerts == []
     brightness = next(c for c in judged.checks if c["name"] == "brightness")
     assert brightness["distance"] > brightness["threshold"]
@@ -275,10 +359,22 @@ def test_cli_finds_the_reference_through_lineage_and_records_the_execution(
     assert record["reference"]["examples_dir"] == run.reference.examples_dir
     assert record["reference"]["versions"] == fixtures.MODELS
 
+    # Both files, with a Beam flag (the monitor takes the data steps'): the hour of contrast change
+    # drifts from the calm hour before it (TFDV's drift comparator), and only in contrast.
+    code = main(["monitor", "--output", str(run_root), "--logs", str(logs), "--out",
+                 str(tmp_path / "both"), "--direct_running_mode=in_memory"])
+    both = json.loads((tmp_path / "both" / "monitoring.json").read_text())
+    # Over the two hours together the contrast change is diluted below its threshold (per
+    # window alerts and drift are shown, not the verdict): exit 0.
+    assert code == 0 and both["alerts"] == [], capsys.readouterr().err
+    assert [w["faces"] for w in both["windows"]] == [STREAM, STREAM]
+    assert both["windows"][0]["drift"] == {}
+    assert both["windows"][1]["drift_alerts"] == ["contrast"], both["windows"][1]["drift"]
+
     store = MetadataStore(MetadataConfig(), str(run_root))
     executions = store._store.get_executions_by_type("fer.step.monitor")
-    assert len(executions) == 3
-    described = store._describe(executions[-1])
+    assert len(executions) == 4
+    described = store._describe(executions[2])
     pushed = {p["model"]: p["id"] for p in store.pushed_versions()}
     assert {a["id"] for a in described["inputs"]["model_cnn"]} == {pushed["cnn"]}
     assert {a["id"] for a in described["inputs"]["model_vgg16"]} == {pushed["vgg16"]}
@@ -435,12 +531,15 @@ def test_the_logs_default_to_the_directories_models_config_logs_to(tmp_path):
 
 def test_a_window_larger_than_the_pixel_sample_uses_every_face_for_the_features(
         served, tmp_path, monkeypatch):
-    run, loaded = served
-    monkeypatch.setattr(monitor_features, "MAX_PIXEL_FACES", 200)
+    from fer_pipeline.components.monitor import job as monitor_job
+
+    monkeypatch.setattr(monitor_job, "MAX_PIXEL_FACES", 200)
     log = str(tmp_path / "requests.tfrecord")
-    fixtures.write_request_log(log, fixtures.replay(run.test_faces, STREAM, 10), run)
-    judged = monitor.assess(read_traffic([log]), run.reference, loaded, MonitorConfig(),
-                            TOLERANCE)
+    fixtures.write_request_log(log, fixtures.replay(served[0].test_faces, STREAM, 10),
+                               served[0])
+    judged = judge(served, [log], tmp_path / "job")
     assert judged.verdict == "ok" and judged.faces == STREAM
+    assert judged.traffic.stats.datasets[0].num_examples == STREAM
+    assert 0 < judged.traffic.pixel_stats.datasets[0].num_examples < STREAM
     pixels = next(c for c in judged.checks if c["name"] == "pixels")
     assert pixels["distance"] is not None and pixels["distance"] < pixels["threshold"]

@@ -1,12 +1,13 @@
 """The models' answers: class and confidence per model, and the ensemble's review flags.
 
-The same form serves the window's traffic (served_answers) and the test split the served
-versions were evaluated on (answers_from_probabilities), so both are turned into TFDV
-statistics the same way.
+The test split the served versions were evaluated on is held in memory
+(answers_from_probabilities) and turned into TFDV statistics with the same feature names
+the served window's get in the Beam job (job.py); the window's class mix, mean confidence
+and review rate come from the job's sums (summary_from_counts), the test split's from its
+arrays (summary_numbers), in the same form.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -14,12 +15,11 @@ import numpy as np
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
 from fer_pipeline.components.monitor.features import statistics
-from fer_pipeline.components.monitor.reading import Traffic
 from fer_pipeline.core.contract import CLASS_NAMES, NUM_CLASSES
 from fer_pipeline.core.ensemble import combine_batch
 
 __all__ = ["REVIEW_FEATURE", "Answers", "answers_from_probabilities", "answer_columns",
-           "merged_statistics", "served_answers", "summary_numbers"]
+           "merged_statistics", "summary_numbers", "summary_from_counts"]
 
 REVIEW_FEATURE = "review"
 
@@ -68,44 +68,6 @@ def merged_statistics(groups: Mapping[str, Mapping[str, np.ndarray]]
     return merged
 
 
-def _pair_by_face(traffic: Traffic, rows: Mapping[str, np.ndarray]
-                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Per model the probabilities of the faces every model answered, and those faces'
-    traffic rows (first model's), matched by pixel content: the client sends the same face
-    to each model."""
-    by_hash: list[dict[bytes, int]] = []
-    for model, index in rows.items():
-        lookup: dict[bytes, int] = {}
-        for row in index:
-            lookup[hashlib.sha1(traffic.pixels[row].tobytes()).digest()] = int(row)
-        by_hash.append(lookup)
-    common = [key for key in by_hash[0] if all(key in other for other in by_hash[1:])]
-    paired = {model: traffic.probabilities[[lookup[k] for k in common]]
-              for model, lookup in zip(rows, by_hash)}
-    return paired, np.array([by_hash[0][k] for k in common], np.int64)
-
-
-def served_answers(traffic: Traffic, primary: Mapping[str, int], tolerance: float
-                   ) -> tuple[Answers, dict[str, np.ndarray], np.ndarray]:
-    """Answers of each model's primary version; the ensemble over faces every model
-    answered (paired by pixel content: the client sends the same face to each model).
-
-    Returns the answers, per model the traffic rows used, and the traffic rows of the
-    faces the ensemble judged (first model's rows), in the order of `answers.review`.
-    """
-    rows = {model: np.flatnonzero((traffic.models == model) & (traffic.versions == version))
-            for model, version in primary.items()}
-    probs = {model: traffic.probabilities[index] for model, index in rows.items()}
-    class_ids = {m: p.argmax(axis=1) for m, p in probs.items()}
-    confidences = {m: p.max(axis=1).astype(np.float64) for m, p in probs.items()}
-    review, paired_rows = None, np.zeros(0, np.int64)
-    if len(rows) > 1:
-        paired, paired_rows = _pair_by_face(traffic, rows)
-        review = (combine_batch(paired, tolerance)[2] if len(paired_rows)
-                  else np.zeros(0, bool))
-    return Answers(class_ids, confidences, review), rows, paired_rows
-
-
 def _class_mix(class_ids: np.ndarray) -> dict[str, float]:
     counts = np.bincount(class_ids, minlength=NUM_CLASSES)
     total = max(int(counts.sum()), 1)
@@ -121,3 +83,21 @@ def summary_numbers(answers: Answers) -> dict[str, Any]:
         "review_rate": (float(answers.review.mean()) if answers.review is not None
                         and len(answers.review) else None),
     }
+
+
+def summary_from_counts(counts: Mapping[tuple, int], label: str, primary: Mapping[str, int],
+                        combo: Optional[str], unit: float) -> dict[str, Any]:
+    """The same numbers as summary_numbers, from the job's sums for window `label`: each
+    model's primary version's answers, and the review rate of the faces every served
+    model answered (`combo`: their versions). Confidences were summed in `unit`s."""
+    mix, confidence = {}, {}
+    for model, version in primary.items():
+        answered = counts.get(("answers", label, model, version), 0)
+        classes = [counts.get(("class", label, model, version, k), 0)
+                   for k in range(NUM_CLASSES)]
+        mix[model] = {CLASS_NAMES[k]: classes[k] / max(answered, 1) for k in range(NUM_CLASSES)}
+        confidence[model] = (counts.get(("confidence", label, model, version), 0) * unit
+                             / answered if answered else None)
+    paired = counts.get(("paired", label, combo), 0) if combo else 0
+    return {"class_mix": mix, "mean_confidence": confidence,
+            "review_rate": counts.get(("ties", label, combo), 0) / paired if paired else None}

@@ -1,8 +1,9 @@
 """Image features of the served faces and the TFDV statistics they are compared by.
 
 Per face, features a person understands (brightness, contrast, clipped dark / bright,
-sharpness); and the statistics of any per-face columns, optionally with every pixel, in the
-in-memory form TFDV validates (no Beam: a window is at most a few hundred thousand faces).
+sharpness), measured in the Beam workers (`measure`, one record's faces at a time); and the
+statistics of per-face columns in the in-memory form TFDV validates, for the reference's
+train split (the served window's statistics are TFDV's Beam transform's, job.py).
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from tensorflow_metadata.proto.v0 import statistics_pb2
 from fer_pipeline.core.config import MonitorConfig
 from fer_pipeline.core.contract import FEATURE_PIXELS, NUM_PIXELS
 
-__all__ = ["IMAGE_FEATURES", "CATEGORICAL_FEATURES", "CLIPPED", "NOT_CLIPPED",
-           "MAX_PIXEL_FACES", "image_features", "statistics", "pixel_sample", "feature_stats"]
+__all__ = ["IMAGE_FEATURES", "CATEGORICAL_FEATURES", "NUMBERS", "CLIPPED", "NOT_CLIPPED",
+           "MAX_PIXEL_FACES", "measure", "image_features", "statistics", "feature_stats"]
 
-# Pixel statistics look at 2,304 values per face; above this many faces a deterministic
-# sample of them gives the same histogram (to three decimals) at a fraction of the time.
+# Pixel statistics look at 2,304 values per face; above about this many faces a
+# deterministic sample of them (job.py) gives the same histogram (to three decimals) at a
+# fraction of the time.
 MAX_PIXEL_FACES = 20_000
 
 # The image features, in the order the page shows them: name -> (what it is, config field
@@ -41,13 +43,20 @@ IMAGE_FEATURES: dict[str, tuple[str, str]] = {
 }
 CATEGORICAL_FEATURES = ("dark_share", "bright_share")
 CLIPPED, NOT_CLIPPED = b"clipped", b"not clipped"
+# The order of the numbers `measure` returns (an Answer carries them as a tuple).
+NUMBERS = tuple(IMAGE_FEATURES)
+
+
+def measure(pixels: np.ndarray, config: MonitorConfig) -> tuple[np.ndarray, ...]:
+    """Per face, every feature as a number (float64 [n], NUMBERS order)."""
+    numbers = _measure(pixels, config)
+    return tuple(numbers[name] for name in NUMBERS)
 
 
 def _measure(pixels: np.ndarray, config: MonitorConfig) -> dict[str, np.ndarray]:
     """Per face, every feature as a number (float64 [n]); the exposure ones as shares."""
     n = len(pixels)
-    numbers = {name: np.zeros(n) for name in ("brightness", "contrast", "sharpness",
-                                              "dark_share", "bright_share")}
+    numbers = {name: np.zeros(n) for name in NUMBERS}
     for start in range(0, n, 4096):   # bounded float copies for 100,000s of faces
         chunk = pixels[start:start + 4096].astype(np.float32)
         flat = chunk.reshape(len(chunk), -1)
@@ -99,14 +108,6 @@ def statistics(columns: Mapping[str, np.ndarray],
         names.append(FEATURE_PIXELS)
     batch = pa.RecordBatch.from_arrays(arrays, names)
     return stats_impl.generate_statistics_in_memory(batch, stats_options.StatsOptions())
-
-
-def pixel_sample(pixels: np.ndarray) -> np.ndarray:
-    """At most MAX_PIXEL_FACES of the faces, the same ones on every run (seeded)."""
-    if len(pixels) <= MAX_PIXEL_FACES:
-        return pixels
-    keep = np.random.default_rng(0).choice(len(pixels), MAX_PIXEL_FACES, replace=False)
-    return pixels[np.sort(keep)]
 
 
 def feature_stats(stats: statistics_pb2.DatasetFeatureStatisticsList,

@@ -10,8 +10,9 @@ bottom:
    class mix per model, mean confidence, the ensemble's review rate;
 4. per time window: request count, class mix, mean confidence, review rate and each
    distance against its threshold;
-5. the window's lowest-confidence faces, with every model's answer;
-6. where the reference came from (lineage) and the thresholds.
+5. each time window against the one before it (TFDV's drift comparator);
+6. the window's lowest-confidence faces, with every model's answer;
+7. where the reference came from (lineage), the records not used and the thresholds.
 
 Numbers shown as text carry `data-path` into monitoring.json; charts carry their points
 (core/html_page.py), so tests compare the page with the JSON.
@@ -39,6 +40,7 @@ def render_monitoring_page(record: Mapping[str, Any],
         checks_section(record),
         answers_section(record),
         windows_section(record),
+        drift_section(record),
         faces_section(faces),
         reference_section(record),
     ]
@@ -174,6 +176,28 @@ def windows_section(record: Mapping[str, Any]) -> str:
             "distances leave out the pixel histogram.</p>" + table(headers, rows, raw=True))
 
 
+def drift_section(record: Mapping[str, Any]) -> str:
+    """Each window's drift from the window before it, per check, against its threshold."""
+    windows = [(i, w) for i, w in enumerate(record["windows"]) if w.get("drift")]
+    intro = ("<h2 id=\"drift\">Drift: each window against the one before</h2><p>TFDV's drift "
+             "comparator, with the thresholds of the checks above; distances in bold red "
+             "crossed theirs (only between windows that both have at least "
+             f"{record['thresholds']['min_requests']} faces).</p>")
+    if not windows:
+        return intro + "<p>Fewer than two windows with faces: nothing to compare.</p>"
+    thresholds = {c["name"]: c["threshold"] for c in record["checks"]}
+    names = [n for n in thresholds if any(n in w["drift"] for _, w in windows)]
+    rows = []
+    for i, w in windows:
+        cells = [esc(f"{record['windows'][i - 1]['start']} -> {w['start']}")]
+        for n in names:
+            cell = number(w["drift"].get(n), f"windows/{i}/drift/{n}")
+            cells.append(f'<b class="bad">{cell}</b>' if n in w["drift_alerts"] else cell)
+        rows.append(cells)
+    return intro + table(["windows (UTC)", *[f"{n} (max {thresholds[n]:.2f})" for n in names]],
+                         rows, raw=True)
+
+
 def faces_section(faces: Sequence[Mapping[str, Any]]) -> str:
     if not faces:
         return ""
@@ -193,8 +217,11 @@ def reference_section(record: Mapping[str, Any]) -> str:
             ["train faces", count(reference["train_faces"], "reference/train_faces")],
             ["test faces", count(reference["test_faces"], "reference/test_faces")],
             ["request log files", esc(len(record["log_files"]))],
-            ["records not used", esc(", ".join(f"{k}: {v}" for k, v in
-                                               record["skipped"].items()) or "none")]]
+            ["records not monitored", esc(", ".join(f"{k}: {v}" for k, v in
+                                                    record["skipped"].items()) or "none")],
+            ["records that cannot be decoded or break the serving schema",
+             esc(", ".join(f"{k}: {v}" for k, v in
+                           record.get("bad_records", {}).items()) or "none")]]
     if record.get("ignored_models"):
         rows.append(["models without lineage (ignored)",
                      esc(", ".join(record["ignored_models"]))])

@@ -1,36 +1,60 @@
-"""Reading the request logs: every logged Predict of a window as faces and answers.
+"""Reading the request logs, one record at a time (this runs in the Beam workers).
 
-The logs are TF Serving `PredictionLog` TFRecords (serving/request_log.py writes them). A
-record becomes one row per face it carried, with the model, version, probabilities and
-time that answered it; anything else is counted, never guessed at.
+The logs are TF Serving `PredictionLog` TFRecords (serving/request_log.py writes them).
+`decode_record` turns one serialized record into one `Answer` per face it carried: the
+request's key, the model, version, time and probabilities that answered it, the face's
+image numbers (features.py) and its pixels. What it cannot use is counted, by reason,
+never guessed at:
+
+* `SKIPPED` reasons are records that are fine but not monitored: a Classify, a second look
+  at faces already answered (`explain`);
+* `BAD` reasons are records that cannot be decoded or break the SERVING schema (a face
+  that is not 48x48 values in 0..255, answers that do not match the faces): the monitor
+  alerts when their share crosses `monitor.max_bad_share`.
+
+A face's key joins the models' answers to one request: the request id the server logged
+(`log_metadata.request_origin`, serving/request_log.py says why there) and the face's
+position in the request. A record logged without one (an older server) gets a key of its
+own: its answers are counted per model, never paired with another model's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
-import tensorflow as tf
 
+from fer_pipeline.components.monitor.features import measure
+from fer_pipeline.core.config import MonitorConfig
 from fer_pipeline.core.contract import (FEATURE_PIXELS, IMAGE_SIZE, INPUT_EXAMPLES, INPUT_PIXELS,
     NUM_CLASSES, NUM_PIXELS, OUTPUT_PROBABILITIES, SIGNATURE_EXPLAIN)
-from fer_pipeline.serving.request_log import log_files, read_logs
 
-__all__ = ["Traffic", "read_traffic", "epoch_seconds", "iso_time"]
+__all__ = ["Answer", "Count", "SKIPPED", "BAD", "decode_record", "epoch_seconds", "iso_time"]
+
+SKIPPED = ("not a Predict", "explain")
+BAD_UNREADABLE = "not a PredictionLog"
+BAD_NO_FACES = "no pixels or examples input"
+BAD_SHAPE = "faces are not 48x48"
+BAD_RANGE = "pixel values outside 0..255"
+BAD_NO_ANSWERS = "no probabilities output"
+BAD_MISMATCH = "faces and answers differ in number"
+BAD = (BAD_UNREADABLE, BAD_NO_FACES, BAD_SHAPE, BAD_RANGE, BAD_NO_ANSWERS, BAD_MISMATCH)
 
 
-@dataclass
-class Traffic:
-    """Every face answered in the window, one row per (logged request, face)."""
-    pixels: np.ndarray                 # uint8 [n, 48, 48]
-    models: np.ndarray                 # str [n]
-    versions: np.ndarray               # int64 [n]
-    probabilities: np.ndarray          # float32 [n, 7]
-    timestamps: np.ndarray             # int64 [n], seconds since the epoch (0: unknown)
-    records: int                       # PredictionLogs in the window
-    skipped: dict[str, int]            # why records were not used -> how many
-    files: list[str]
+class Answer(NamedTuple):
+    """One model's answer for one face of one logged request."""
+    key: bytes                 # request id and the face's position in the request
+    model: str
+    version: int
+    stamp: int                 # seconds since the epoch (0: unknown)
+    probabilities: bytes       # float32 [7]
+    numbers: tuple             # the face's image numbers, features.NUMBERS order
+    pixels: bytes              # uint8 [48 * 48]
+
+
+# A counted event: ("records",), ("skipped", reason) or ("bad", reason), and how many.
+Count = tuple[tuple, int]
 
 
 def epoch_seconds(moment: Optional[datetime]) -> Optional[float]:
@@ -49,71 +73,98 @@ def iso_time(seconds: Optional[float]) -> Optional[str]:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _faces_from_request(inputs: Mapping[str, Any]) -> np.ndarray:
+class _Bad(Exception):
+    """A record that breaks the serving schema; the argument is the reason counted."""
+
+
+def _array(proto: Any) -> np.ndarray:
+    import tensorflow as tf
+    try:
+        return tf.make_ndarray(proto)
+    except Exception as error:   # a tensor that does not parse is the record's fault
+        raise _Bad(BAD_UNREADABLE) from error
+
+
+def _faces(inputs: Mapping[str, Any]) -> np.ndarray:
     """The faces of one PredictRequest, uint8 [n, 48, 48], whichever signature it used."""
     if INPUT_PIXELS in inputs:
-        values = tf.make_ndarray(inputs[INPUT_PIXELS])
-        if values.size % NUM_PIXELS or values.min(initial=0) < 0 or \
-                values.max(initial=0) > 255:
-            raise ValueError("pixels are not 48x48 values in 0..255")
+        values = _array(inputs[INPUT_PIXELS])
+        if values.dtype.kind not in "iuf" or values.size % NUM_PIXELS:
+            raise _Bad(BAD_SHAPE)
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise _Bad(BAD_RANGE)
         return values.reshape(-1, IMAGE_SIZE, IMAGE_SIZE).astype(np.uint8)
     if INPUT_EXAMPLES in inputs:
-        serialized = tf.make_ndarray(inputs[INPUT_EXAMPLES]).reshape(-1)
+        import tensorflow as tf
         faces = []
-        for raw in serialized:
-            example = tf.train.Example.FromString(raw)
-            [pixels] = example.features.feature[FEATURE_PIXELS].bytes_list.value
-            faces.append(np.frombuffer(pixels, np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE))
+        for raw in _array(inputs[INPUT_EXAMPLES]).reshape(-1):
+            try:
+                example = tf.train.Example.FromString(raw)
+            except Exception as error:
+                raise _Bad(BAD_UNREADABLE) from error
+            values = example.features.feature[FEATURE_PIXELS].bytes_list.value
+            if len(values) != 1 or len(values[0]) != NUM_PIXELS:
+                raise _Bad(BAD_SHAPE)
+            faces.append(np.frombuffer(values[0], np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE))
         return np.stack(faces) if faces else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    raise ValueError(f"no {INPUT_PIXELS!r} or {INPUT_EXAMPLES!r} input")
+    raise _Bad(BAD_NO_FACES)
 
 
-def read_traffic(paths: Iterable[str], since: Optional[datetime] = None,
-                 until: Optional[datetime] = None) -> Traffic:
-    """The faces and answers of every logged Predict in [since, until).
+def _probabilities(outputs: Mapping[str, Any], faces: int) -> np.ndarray:
+    if OUTPUT_PROBABILITIES not in outputs:
+        raise _Bad(BAD_NO_ANSWERS)
+    probs = _array(outputs[OUTPUT_PROBABILITIES])
+    if probs.size % NUM_CLASSES or probs.size // NUM_CLASSES != faces:
+        raise _Bad(BAD_MISMATCH)
+    return probs.reshape(-1, NUM_CLASSES).astype(np.float32)
 
-    Records that are not a Predict (Classify), `explain` calls (a second look at faces
-    already answered) and records that do not parse as faces and probabilities are counted
-    in `skipped`, never guessed at.
+
+def _request_key(record: Any, raw: bytes) -> bytes:
+    """The join key's request part: the logged request id, or the record's own digest."""
+    request_id = record.log_metadata.request_origin
+    if request_id:
+        return b"id:" + request_id.encode()
+    return b"record:" + hashlib.sha1(raw).digest()[:12]
+
+
+def decode_record(raw: bytes, start: Optional[float], end: Optional[float],
+                  config: MonitorConfig) -> Iterator[Union[Answer, Count]]:
+    """The answers of one logged record in [start, end), or what it counts as.
+
+    Yields `Answer`s, and `Count`s: ("records",) for every record in the window, then its
+    reason when it is skipped or bad. A record that does not parse has no time: it is
+    counted whatever the window.
     """
-    files = log_files(list(paths))
-    start, end = epoch_seconds(since), epoch_seconds(until)
-    pixels, models, versions, probabilities, timestamps = [], [], [], [], []
-    skipped: dict[str, int] = {}
-    records = 0
-    for record in read_logs(files):
-        stamp = record.log_metadata.timestamp_secs
-        if (start is not None and stamp < start) or (end is not None and stamp >= end):
-            continue
-        records += 1
-        if record.WhichOneof("log_type") != "predict_log":
-            skipped["not a Predict"] = skipped.get("not a Predict", 0) + 1
-            continue
-        spec = record.log_metadata.model_spec
-        request, response = record.predict_log.request, record.predict_log.response
-        if (spec.signature_name or request.model_spec.signature_name) == SIGNATURE_EXPLAIN:
-            skipped["explain"] = skipped.get("explain", 0) + 1
-            continue
-        try:
-            faces = _faces_from_request(request.inputs)
-            probs = tf.make_ndarray(response.outputs[OUTPUT_PROBABILITIES]).reshape(
-                -1, NUM_CLASSES).astype(np.float32)
-            if len(probs) != len(faces):
-                raise ValueError("faces and answers differ in number")
-        except (ValueError, KeyError, TypeError) as error:
-            reason = f"malformed ({error})"
-            skipped[reason] = skipped.get(reason, 0) + 1
-            continue
-        version = spec.version.value or response.model_spec.version.value
-        pixels.append(faces)
-        probabilities.append(probs)
-        models += [spec.name or response.model_spec.name] * len(faces)
-        versions.append(np.full(len(faces), version, np.int64))
-        timestamps.append(np.full(len(faces), stamp, np.int64))
-    if not pixels:
-        return Traffic(np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8), np.array([], str),
-                       np.zeros(0, np.int64), np.zeros((0, NUM_CLASSES), np.float32),
-                       np.zeros(0, np.int64), records, skipped, files)
-    return Traffic(np.concatenate(pixels), np.array(models), np.concatenate(versions),
-                   np.concatenate(probabilities), np.concatenate(timestamps), records,
-                   skipped, files)
+    from tensorflow_serving.apis import prediction_log_pb2
+    try:
+        record = prediction_log_pb2.PredictionLog.FromString(raw)
+    except Exception:   # protobuf's DecodeError, or worse: the bytes are not a record
+        yield ("records",), 1
+        yield ("bad", BAD_UNREADABLE), 1
+        return
+    stamp = record.log_metadata.timestamp_secs
+    if (start is not None and stamp < start) or (end is not None and stamp >= end):
+        return
+    yield ("records",), 1
+    if record.WhichOneof("log_type") != "predict_log":
+        yield ("skipped", "not a Predict"), 1
+        return
+    spec = record.log_metadata.model_spec
+    request, response = record.predict_log.request, record.predict_log.response
+    if (spec.signature_name or request.model_spec.signature_name) == SIGNATURE_EXPLAIN:
+        yield ("skipped", "explain"), 1
+        return
+    try:
+        faces = _faces(request.inputs)
+        probs = _probabilities(response.outputs, len(faces))
+    except _Bad as bad:
+        yield ("bad", str(bad)), 1
+        return
+    model = spec.name or response.model_spec.name
+    version = int(spec.version.value or response.model_spec.version.value)
+    request_key = _request_key(record, raw)
+    numbers = measure(faces, config)
+    for index in range(len(faces)):
+        yield Answer(request_key + b"#%d" % index, model, version, int(stamp),
+                     probs[index].tobytes(), tuple(float(n[index]) for n in numbers),
+                     faces[index].tobytes())

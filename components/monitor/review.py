@@ -1,18 +1,22 @@
 """The faces a person should look at: the window's ties and its least confident answers.
 
-They are shown on the page (least_confident_faces) and, with a review queue, queued for a
-person (serving/review_queue.py) with every model's answer and the ensemble's decision.
+The Beam job brings back bounded samples of them (job.py: the least confident faces, and
+at most MAX_TIES tied ones, least confident first); they are shown on the page
+(least_confident_faces) and, with a review queue, queued for a person
+(serving/review_queue.py) with every model's answer and the ensemble's decision. Only the
+answers of the served versions count: a face answered by another version (a push
+mid-window) is left out.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fer_pipeline.components.monitor.answers import Answers
-from fer_pipeline.components.monitor.reading import Traffic, iso_time
-from fer_pipeline.core.contract import CLASS_NAMES
+from fer_pipeline.components.monitor.join import Face
+from fer_pipeline.components.monitor.reading import iso_time
+from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE
 from fer_pipeline.core.ensemble import combine
 from fer_pipeline.serving.review_queue import ModelPrediction, ReviewQueue
 
@@ -21,77 +25,56 @@ __all__ = ["REVIEW_SOURCE", "least_confident_faces", "queue_for_review"]
 REVIEW_SOURCE = "request log"
 
 
-def _lowest_confidence_rows(traffic: Traffic, rows: Mapping[str, np.ndarray],
-                            limit: int) -> list[int]:
-    """Traffic rows of the `limit` distinct faces some model answered least confidently."""
-    every = np.concatenate(list(rows.values())) if rows else np.zeros(0, np.int64)
-    confidence = traffic.probabilities[every].max(axis=1) if len(every) else np.zeros(0)
-    chosen: dict[bytes, int] = {}
-    for row in every[np.argsort(confidence, kind="stable")]:
-        if len(chosen) >= limit:
-            break
-        chosen.setdefault(traffic.pixels[row].tobytes(), int(row))
-    return list(chosen.values())
+def _served(face: Face, primary: Mapping[str, int]) -> dict[str, tuple[int, np.ndarray]]:
+    """The face's answers by the served versions: model -> (version, probabilities)."""
+    return {m: (v, np.frombuffer(p, np.float32)) for m, v, p in face.answers
+            if primary.get(m) == v}
 
 
-def _answers_by_face(traffic: Traffic, rows: Mapping[str, np.ndarray],
-                     wanted: set[bytes]) -> dict[bytes, dict[str, int]]:
-    """For each wanted face (pixel bytes): model -> its traffic row."""
-    found: dict[bytes, dict[str, int]] = {}
-    for model, index in rows.items():
-        for row in index:
-            key = traffic.pixels[row].tobytes()
-            if key in wanted:
-                found.setdefault(key, {})[model] = int(row)
-    return found
+def _pixels(face: Face) -> np.ndarray:
+    return np.frombuffer(face.pixels, np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
 
 
-def least_confident_faces(traffic: Traffic, rows: Mapping[str, np.ndarray],
+def least_confident_faces(lowest: Sequence[Face], primary: Mapping[str, int],
                           limit: int) -> list[dict[str, Any]]:
-    """The page's gallery: pixels and every model's answer of the least confident faces."""
-    chosen = _lowest_confidence_rows(traffic, rows, limit)
-    answers = _answers_by_face(traffic, rows, {traffic.pixels[r].tobytes() for r in chosen})
+    """The page's gallery: pixels and every served model's answer of the least confident
+    faces."""
     faces = []
-    for row in chosen:
-        per_model = answers[traffic.pixels[row].tobytes()]
-        faces.append({"pixels": traffic.pixels[row], "row": row, "answers": {
-            m: {"class_name": CLASS_NAMES[int(traffic.probabilities[r].argmax())],
-                "confidence": float(traffic.probabilities[r].max())}
-            for m, r in per_model.items()}})
+    for face in lowest:
+        answers = _served(face, primary)
+        if not answers:
+            continue
+        faces.append({"pixels": _pixels(face), "row": face.key.decode(errors="replace"),
+                      "answers": {m: {"class_name": CLASS_NAMES[int(p.argmax())],
+                                      "confidence": float(p.max())}
+                                  for m, (_, p) in answers.items()}})
+        if len(faces) == limit:
+            break
     return faces
 
 
-def _faces_to_queue(traffic: Traffic, answers: Answers, rows: Mapping[str, np.ndarray],
-                    paired_rows: np.ndarray, lowest: int) -> dict[bytes, tuple[str, int]]:
-    """Face (pixel bytes) -> (why it is queued, its traffic row); a tie wins over low
-    confidence when a face is both."""
-    chosen: dict[bytes, tuple[str, int]] = {}
-    if answers.review is not None:
-        for row in paired_rows[answers.review]:
-            chosen.setdefault(traffic.pixels[row].tobytes(), ("tied", int(row)))
-    for row in _lowest_confidence_rows(traffic, rows, lowest):
-        chosen.setdefault(traffic.pixels[row].tobytes(), ("low confidence", row))
-    return chosen
-
-
-def queue_for_review(queue_dir: str, traffic: Traffic, answers: Answers,
-                     rows: Mapping[str, np.ndarray], paired_rows: np.ndarray,
-                     tolerance: float, lowest: int) -> dict[str, int]:
-    """Queues the window's tied faces and its `lowest` lowest-confidence ones."""
-    chosen = _faces_to_queue(traffic, answers, rows, paired_rows, lowest)
-    found = _answers_by_face(traffic, rows, set(chosen))
-    by_face = {key: {m: ModelPrediction(int(traffic.versions[r]), traffic.probabilities[r])
-                     for m, r in per_model.items()} for key, per_model in found.items()}
+def queue_for_review(queue_dir: str, ties: Sequence[Face], lowest: Sequence[Face],
+                     primary: Mapping[str, int], tolerance: float,
+                     lowest_count: int) -> dict[str, int]:
+    """Queues the window's tied faces (answered by every served version) and its
+    `lowest_count` lowest-confidence ones; a tie wins over low confidence."""
+    chosen: dict[bytes, tuple[str, Face]] = {}
+    for face in ties:
+        if len(_served(face, primary)) == len(primary) > 1:
+            chosen.setdefault(face.key, ("tied", face))
+    low = [f for f in lowest if _served(f, primary)][:lowest_count]
+    for face in low:
+        chosen.setdefault(face.key, ("low confidence", face))
     queued = already = 0
     with ReviewQueue(queue_dir) as queue:
-        for key, (why, row) in chosen.items():
-            predictions = by_face[key]
+        for why, face in chosen.values():
+            predictions = {m: ModelPrediction(v, p) for m, (v, p) in
+                           _served(face, primary).items()}
             decision = dataclasses.asdict(combine(
                 {m: p.probabilities for m, p in predictions.items()}, tolerance))
             decision["monitor_reason"] = why
-            stamp = int(traffic.timestamps[row])
-            result = queue.record(traffic.pixels[row],
-                                  f"{REVIEW_SOURCE} {iso_time(stamp) or ''}".strip(),
+            result = queue.record(_pixels(face),
+                                  f"{REVIEW_SOURCE} {iso_time(face.stamp or None) or ''}".strip(),
                                   predictions, decision)
             queued += int(result.inserted)
             already += int(not result.inserted)
