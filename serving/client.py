@@ -14,6 +14,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -135,12 +136,15 @@ class FerClient:
             or isinstance(getattr(error, "reason", None), (socket.timeout, TimeoutError,
                                                            ssl.SSLError))
 
-    def predict(self, model: str, images: np.ndarray) -> ModelAnswer:
-        """Probabilities of `images` (uint8 [n, 48, 48]) from the newest version of `model`."""
+    def predict(self, model: str, images: np.ndarray,
+                request_id: Optional[str] = None) -> ModelAnswer:
+        """Probabilities of `images` (uint8 [n, 48, 48]) from the newest version of `model`.
+        `request_id` goes with the request (x-request-id / X-Request-Id): the server logs
+        it, and the monitor joins the models' answers to the same faces by it."""
         images = np.asarray(images, dtype=np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
         if self.protocol == "grpc":
-            return self._call(lambda: self._predict_grpc(model, images))
-        return self._call(lambda: self._predict_rest(model, images))
+            return self._call(lambda: self._predict_grpc(model, images, request_id))
+        return self._call(lambda: self._predict_rest(model, images, request_id))
 
     # --- gRPC: uint8 tensors (2.3 KB per face) on the serving_uint8 signature ----------
 
@@ -154,7 +158,8 @@ class FerClient:
             self._stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         return self._stub
 
-    def _predict_grpc(self, model: str, images: np.ndarray) -> ModelAnswer:
+    def _predict_grpc(self, model: str, images: np.ndarray,
+                      request_id: Optional[str] = None) -> ModelAnswer:
         import grpc
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
@@ -163,8 +168,10 @@ class FerClient:
         request.model_spec.signature_name = "serving_uint8"
         request.inputs["pixels"].CopyFrom(tf.make_tensor_proto(images))
         request.output_filter.append("probabilities")
+        metadata = (("x-request-id", request_id),) if request_id else None
         try:
-            response = self._grpc_stub().Predict(request, timeout=self.timeout)
+            response = self._grpc_stub().Predict(request, timeout=self.timeout,
+                                                 metadata=metadata)
         except grpc.RpcError as error:
             if _grpc_unavailable(error) or _grpc_hopeless(error):
                 raise
@@ -180,10 +187,11 @@ class FerClient:
         scheme = "https" if self.tls is not None else "http"
         return f"{scheme}://{self.host}:{self.rest_port}{path}"
 
-    def _rest_call(self, path: str, body: Optional[dict] = None) -> tuple[dict, Any]:
+    def _rest_call(self, path: str, body: Optional[dict] = None,
+                   headers: Optional[dict] = None) -> tuple[dict, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self._rest_url(path), data=data,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(self._rest_url(path), data=data, headers={
+            "Content-Type": "application/json", **(headers or {})})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout,
                                         context=self._ssl_context) as response:
@@ -196,9 +204,11 @@ class FerClient:
             kind = ModelNotServed if error.code == 404 else ServerError
             raise kind(f"HTTP {error.code} on {path}: {message}") from None
 
-    def _predict_rest(self, model: str, images: np.ndarray) -> ModelAnswer:
+    def _predict_rest(self, model: str, images: np.ndarray,
+                      request_id: Optional[str] = None) -> ModelAnswer:
         body = {"signature_name": "serving_default", "instances": images.astype(int).tolist()}
-        payload, headers = self._rest_call(f"/v1/models/{model}:predict", body)
+        payload, headers = self._rest_call(f"/v1/models/{model}:predict", body,
+                                           {"X-Request-Id": request_id} if request_id else None)
         probabilities = np.array([row["probabilities"] for row in payload["predictions"]],
                                  dtype=np.float32)
         version = headers.get("X-Model-Version")
@@ -288,12 +298,14 @@ def classify(client: FerClient, images: np.ndarray, models: Sequence[str],
 
     A model the server does not serve is listed under "not_served" (model -> the server's
     message) and the decision is made with the models that are; ModelNotServed is raised
-    only when none of them is served.
+    only when none of them is served. Every model's request carries the same request id,
+    so the server's logs tie the answers to these images together (the monitor's join).
     """
     answers, not_served = [], {}
+    request_id = uuid.uuid4().hex
     for model in models:
         try:
-            answers.append(client.predict(model, images))
+            answers.append(client.predict(model, images, request_id))
         except ModelNotServed as error:
             not_served[model] = str(error)
     if not answers:

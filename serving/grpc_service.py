@@ -31,6 +31,7 @@ from fer_pipeline.core.contract import CLASS_NAMES
 from fer_pipeline.core.errors import ResourceError
 from fer_pipeline.core.serving_root import specs_from_proto
 from fer_pipeline.serving.reload_policy import ReloadPolicy
+from fer_pipeline.serving.request_log import request_id
 from fer_pipeline.serving.model_manager import (DEFAULT_SIGNATURE, STATE_CODES, LoadedVersion, Predictor,
                                    ServingError)
 from fer_pipeline.serving.tensors import tensor_proto
@@ -81,6 +82,12 @@ def _guarded(method):
     return wrapper
 
 
+def _request_id(context) -> str:
+    """The client's x-request-id metadata, or one the server assigns (request_log.py)."""
+    given = dict(context.invocation_metadata() or ()).get("x-request-id")
+    return request_id(given if isinstance(given, str) else None)
+
+
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
@@ -104,7 +111,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         for key, value in outputs.items():
             response.outputs[key].CopyFrom(tensor_proto(value))
         if self.predictor.request_log is not None:
-            self.predictor.request_log.log_grpc("predict", request, response)
+            self.predictor.request_log.log_grpc("predict", request, response,
+                                                _request_id(context))
         return response
 
     @_guarded
@@ -131,7 +139,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             for class_name, score in zip(CLASS_NAMES, row):
                 classifications.classes.add(label=class_name, score=float(score))
         if self.predictor.request_log is not None:
-            self.predictor.request_log.log_grpc("classify", request, response)
+            self.predictor.request_log.log_grpc("classify", request, response,
+                                                _request_id(context))
         return response
 
     @_guarded

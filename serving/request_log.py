@@ -34,6 +34,15 @@ version that answered and its signature, sampling_config, timestamp_secs) and
 `predict_log` {request, response} or `classify_log` {request, response}, the format TF
 Serving's own request logger writes. `read_logs` reads them back (with
 `tf.data.TFRecordDataset`).
+
+Each record also carries the request's id, in `log_metadata.request_origin`: the client's
+(gRPC metadata `x-request-id`, HTTP header `X-Request-Id`; the ensemble client sends one
+id with each model's request for the same faces) or, without one, a uuid4 the server
+assigns (`request_id`). The monitor joins the models' answers to one request by it
+(components/monitor/join.py). Why that field: TF Serving's LogMetadata has no request-id
+field, and `request_origin` is a plain string of the standard proto, so every TF Serving
+tool still reads the logs; the request itself stays exactly what the client sent (an id
+added as an input or an Example feature would change what a replay of the log sends).
 """
 from __future__ import annotations
 
@@ -44,6 +53,7 @@ import queue
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
@@ -63,6 +73,8 @@ LOG_SUFFIX = ".tfrecord"
 OPEN_SUFFIX = ".tfrecord.partial"      # the file a writer still appends to
 FLUSH_EVERY = 64                       # records written between two flushes, at most
 TFRECORD_FRAMING_BYTES = 16            # length, its CRC and the data's CRC around each record
+REQUEST_ID_HEADER = "X-Request-Id"     # the HTTP header; gRPC metadata: x-request-id
+MAX_REQUEST_ID_CHARS = 128             # a longer client id is cut (it is logged per record)
 
 
 @dataclass
@@ -217,7 +229,7 @@ class RequestLogger:
 
     # --- the request path ------------------------------------------------------------
 
-    def log_grpc(self, kind: str, request, response) -> None:
+    def log_grpc(self, kind: str, request, response, request_id: str = "") -> None:
         """A gRPC Predict ("predict") or Classify ("classify") that succeeded. The model
         spec (with the version that answered) comes from the response."""
         spec = self._sampled(response.model_spec.name)
@@ -226,7 +238,7 @@ class RequestLogger:
         timestamp = int(time.time())
 
         def build() -> prediction_log_pb2.PredictionLog:
-            record = _with_metadata(response.model_spec, spec, timestamp)
+            record = _with_metadata(response.model_spec, spec, timestamp, request_id)
             entry = record.predict_log if kind == "predict" else record.classify_log
             entry.request.CopyFrom(request)
             entry.response.CopyFrom(response)
@@ -235,7 +247,8 @@ class RequestLogger:
                     request.ByteSize() + response.ByteSize())
 
     def log_arrays(self, name: str, version: int, signature: str,
-                   inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+                   inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+                   request_id: str = "") -> None:
         """A predict that arrived as arrays (REST): logged as the PredictRequest and
         PredictResponse TF Serving would have made of it."""
         spec = self._sampled(name)
@@ -246,7 +259,7 @@ class RequestLogger:
         def build() -> prediction_log_pb2.PredictionLog:
             model_spec = model_pb2.ModelSpec(name=name, signature_name=signature)
             model_spec.version.value = version
-            record = _with_metadata(model_spec, spec, timestamp)
+            record = _with_metadata(model_spec, spec, timestamp, request_id)
             request, response = record.predict_log.request, record.predict_log.response
             request.model_spec.CopyFrom(model_spec)
             response.model_spec.CopyFrom(model_spec)
@@ -421,12 +434,20 @@ def _tensor_proto(value: np.ndarray) -> tensor_pb2.TensorProto:
     return proto
 
 
-def _with_metadata(model_spec, spec: RequestLogSpec,
-                   timestamp: int) -> prediction_log_pb2.PredictionLog:
+def request_id(given: Optional[str]) -> str:
+    """The id a request is logged under: the client's (cut to MAX_REQUEST_ID_CHARS), or a
+    new uuid4 when it sent none."""
+    given = (given or "").strip()
+    return given[:MAX_REQUEST_ID_CHARS] if given else uuid.uuid4().hex
+
+
+def _with_metadata(model_spec, spec: RequestLogSpec, timestamp: int,
+                   request_id: str = "") -> prediction_log_pb2.PredictionLog:
     record = prediction_log_pb2.PredictionLog()
     metadata = record.log_metadata
     metadata.model_spec.CopyFrom(model_spec)
     metadata.sampling_config.sampling_rate = spec.sampling_rate
     metadata.saved_model_tags.append("serve")
     metadata.timestamp_secs = timestamp
+    metadata.request_origin = request_id
     return record

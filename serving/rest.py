@@ -33,6 +33,7 @@ from google.protobuf import json_format
 from fer_pipeline.serving.http_server import (DISCONNECTS, BoundedHTTPServer, HttpLimits,
                                               PooledHandlerMixin)
 from fer_pipeline.serving.model_manager import (DEFAULT_SIGNATURE, Predictor, ServingError)
+from fer_pipeline.serving.request_log import REQUEST_ID_HEADER, request_id
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +375,8 @@ class RestHandler(PooledHandlerMixin, BaseHTTPRequestHandler):
         # After the answer went out: logging adds nothing to the client's latency.
         if predictor.request_log is not None:
             predictor.request_log.log_arrays(model.name, model.version, signature, inputs,
-                                             outputs)
+                                             outputs,
+                                             request_id(self.headers.get(REQUEST_ID_HEADER)))
 
     def do_PUT(self) -> None:
         self._error(405, "method not allowed")

@@ -103,7 +103,8 @@ def test_grpc_and_rest_requests_are_logged_as_prediction_logs(tmp_path, template
         channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         grpc_request = predict_request(images[0])
-        grpc_response = stub.Predict(grpc_request, timeout=10)
+        grpc_response = stub.Predict(grpc_request, timeout=10,
+                                     metadata=(("x-request-id", "client-7"),))
         classify = classification_pb2.ClassificationRequest()
         classify.model_spec.name = "cnn"
         example = classify.input.example_list.examples.add()
@@ -116,7 +117,14 @@ def test_grpc_and_rest_requests_are_logged_as_prediction_logs(tmp_path, template
             stub.Predict(bad, timeout=10)
         channel.close()
         connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=10)
-        status, rest_answer = rest_predict(connection, images[2])
+        connection.putrequest("POST", "/v1/models/cnn:predict")
+        body = json.dumps({"signature_name": "serving_uint8",
+                           "instances": images[2][None].astype(int).tolist()}).encode()
+        connection.putheader("X-Request-Id", "rest-9")
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        status, rest_answer = response.status, json.loads(response.read())
         assert status == 200
         connection.close()
         deadline = time.monotonic() + 10
@@ -145,6 +153,10 @@ def test_grpc_and_rest_requests_are_logged_as_prediction_logs(tmp_path, template
         assert started <= metadata.timestamp_secs <= finished
 
     by_grpc, by_classify, by_rest = records
+    # The request id: the client's (gRPC metadata, HTTP header), else one the server made.
+    assert by_grpc.log_metadata.request_origin == "client-7"
+    assert by_rest.log_metadata.request_origin == "rest-9"
+    assert re.fullmatch(r"[0-9a-f]{32}", by_classify.log_metadata.request_origin)
     assert by_grpc.predict_log.request == grpc_request
     assert by_grpc.predict_log.response == grpc_response
     assert by_grpc.log_metadata.model_spec.signature_name == "serving_uint8"
@@ -158,6 +170,31 @@ def test_grpc_and_rest_requests_are_logged_as_prediction_logs(tmp_path, template
                                   images[2][None])
     np.testing.assert_allclose(tf.make_ndarray(rest_log.response.outputs["probabilities"]),
                                [rest_answer["predictions"][0]["probabilities"]], atol=1e-6)
+
+
+def test_the_ensemble_client_sends_one_request_id_to_every_model(tmp_path, template):
+    """classify() asks each model with the same id, over gRPC and REST: the logs tie the
+    models' answers to one request (the monitor joins them by it), each call its own."""
+    from fer_pipeline.serving.client import FerClient, classify
+
+    logs = tmp_path / "logs"
+    specs = []
+    for name in ("cnn", "vgg16"):
+        push_version(str(tmp_path / name), 1, template)
+        specs.append(ModelSpec(name, str(tmp_path / name), request_log=RequestLogSpec(
+            str(logs / name / "requests"), 1.0)))
+    config = write_model_server_config(str(tmp_path / "models.config"), specs)
+    server = FerServer(ServerConfig(config, port=0, rest_port=0)).start()
+    try:
+        for protocol in ("grpc", "rest"):
+            client = FerClient(grpc_port=server.grpc_port, rest_port=server.rest_port,
+                               protocol=protocol)
+            classify(client, random_images(2, seed=3), ["cnn", "vgg16"], 0.05)
+    finally:
+        server.stop()
+    ids = {name: [r.log_metadata.request_origin for r in read_logs(str(logs / name))]
+           for name in ("cnn", "vgg16")}
+    assert ids["cnn"] == ids["vgg16"] and len(set(ids["cnn"])) == 2
 
 
 # --- config, sampling, rotation, a full queue ------------------------------------------------
