@@ -85,7 +85,7 @@ def serving_root_from_run(run: str, models: list[str], root: str, untrained: boo
     for model in models:
         paths[model] = os.path.join(root, model, "1")
         if untrained:
-            from fer_pipeline.components.trainer.export import export_serving_model
+            from fer_pipeline.core.serving_export import export_serving_model
             from fer_pipeline.components.trainer.models import build_model
             from fer_pipeline.core.config import TrainConfig
 

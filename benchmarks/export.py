@@ -1,10 +1,10 @@
 """Exporting a trained model as the serving SavedModel: ours against tft's Keras layer.
 
-Every Trainer run ends with `fer_pipeline.components.trainer.export.export_serving_model`: the Keras model and
+Every Trainer run ends with `fer_pipeline.core.serving_export.export_serving_model`: the Keras model and
 the Transform step's graph go into one tf.Module with four signatures. TFX's templates put
 the transform graph in with `tft.TFTransformOutput.transform_features_layer()`, a tf_keras
 Model; saving one makes tf_keras trace call signatures of its own for it. Ours tracks the
-same transform SavedModel through a plain tf.Module (fer_pipeline.components.trainer.export.TransformGraph).
+same transform SavedModel through a plain tf.Module (fer_pipeline.core.serving_export.TransformGraph).
 
 This times both ways on the same model (same seed) and transform graph, alternating
 (A B A B ...), each export in a fresh process as in a Trainer run (TF caches traced and
@@ -36,8 +36,8 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_transform as tft  # noqa: E402
 
 from benchmarks.serving import machine_facts  # noqa: E402
-from fer_pipeline.components.trainer.export import (ServingModule, export_serving_model,  # noqa: E402
-                               save_serving_module)
+from fer_pipeline.core.serving_export import (ServingModule, export_serving_model,  # noqa: E402
+                                              save_serving_module)
 from fer_pipeline.components.trainer.models import build_model  # noqa: E402
 from fer_pipeline.core.config import MODEL_REGISTRY, TrainConfig  # noqa: E402
 from fer_pipeline.core.contract import SIGNATURE_UINT8  # noqa: E402

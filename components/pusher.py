@@ -37,7 +37,15 @@ evaluator's reasons. Given the infra-validate step's output (the pipeline always
 a model must also be infra-blessed (`infra_blessings.json`), and what is published is the
 copy the sandboxed server loaded (`<infra_validation_dir>/<model>/serving_model/`: the
 candidate plus its warm-up requests). A blessed candidate byte-identical to the version already served
-(same content fingerprint) is not pushed again.
+(same content fingerprint, model cards aside) is not pushed again.
+
+Model cards: every version published gets `assets.extra/model_card.json` (Model Card
+Toolkit's schema) and `model_card.html` (core/model_card.py, core/model_card_page.py),
+written into the version before it becomes visible (local: into the hidden copy before the
+rename; object store: uploaded before models.config names the version), so a version and
+its card appear together. The card is read from the evaluation, infra validation and model
+step outputs this step is given; the push step's own report.html is the evaluation report
+with a section linking every card published.
 """
 from __future__ import annotations
 
@@ -47,14 +55,15 @@ import secrets
 import shlex
 import shutil
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from fer_pipeline.core import fileio
-from fer_pipeline.core.artifacts import fingerprint
 from fer_pipeline.core.config import PushConfig
 from fer_pipeline.core.contract import (MODELS_CONFIG, DOCKER_MODELS_CONFIG, SERVING_MODEL_DIR,
     BLESSINGS_FILE, INFRA_BLESSINGS_FILE, PUSH_FILE)
 from fer_pipeline.core.errors import ConfigError, MissingInputError, ResourceError
+from fer_pipeline.core.model_card import CARD_DIR, CARD_HTML, content_fingerprint
+from fer_pipeline.core.model_card_page import card_writer, write_report_with_cards
 from fer_pipeline.core.serving_root import (ModelSpec, RequestLogSpec, configured_models,
                                            container_config, docker_command,
                                            latest_served_version, model_names_on_disk,
@@ -79,6 +88,7 @@ class ModelPush:
     reasons: list[str] = field(default_factory=list)   # the evaluator's verdict either way
     removed_versions: list[int] = field(default_factory=list)  # pruned by keep_versions
     removed_leftovers: list[int] = field(default_factory=list)  # crashed uploads deleted
+    model_card: Optional[str] = None   # <path>/assets.extra/model_card.html, when pushed
 
 
 @dataclass
@@ -139,12 +149,27 @@ def _remove_stale_temps(model_root: str) -> list[str]:
     return removed
 
 
-def _publish_local(source: str, model_root: str, version: int) -> str:
-    """Copies `source` to `model_root/<version>` so that it appears complete or not at all."""
+# version, its final path -> {relative path: bytes} written into the version (model cards)
+Extras = Callable[[int, str], dict[str, bytes]]
+
+
+def _write_extras(extras: Optional[Extras], version: int, final: str, target: str) -> None:
+    for rel, data in (extras(version, final) if extras else {}).items():
+        path = fileio.join(target, *rel.split("/"))
+        fileio.write_bytes(path, data)
+        if not fileio.is_uri(path):
+            _fsync_path(path)
+
+
+def _publish_local(source: str, model_root: str, version: int,
+                   extras: Optional[Extras] = None) -> str:
+    """Copies `source` (and `extras`) to `model_root/<version>` so that it appears
+    complete or not at all."""
     target = os.path.join(model_root, str(version))
     temp = os.path.join(model_root, f"{TEMP_PREFIX}{version}-{secrets.token_hex(4)}")
     try:
         _copy_tree(source, temp)
+        _write_extras(extras, version, target, temp)
         _fsync_tree(temp)
         os.rename(temp, target)   # fails rather than merging if `target` appeared meanwhile
     except BaseException:
@@ -166,13 +191,14 @@ def _prune_local(model_root: str, keep: int) -> list[int]:
     return doomed
 
 
-def _push_local(name: str, source: str, root: str, keep: int) -> ModelPush:
+def _push_local(name: str, source: str, root: str, keep: int,
+                extras: Optional[Extras] = None) -> ModelPush:
     model_root = os.path.join(root, name)
     os.makedirs(model_root, exist_ok=True)
     _remove_stale_temps(model_root)
     existing = version_dirs(root, name)
     version = existing[-1] + 1 if existing else 1
-    target = _publish_local(source, model_root, version)
+    target = _publish_local(source, model_root, version, extras)
     removed = _prune_local(model_root, keep)
     log.info("pushed %s as version %d (%s); removed old versions %s", name, version, target,
              removed)
@@ -226,12 +252,14 @@ class _StorePlan:
         return sorted(self.complete.get(name, []))[-self.keep:]
 
 
-def _push_to_store(name: str, source: str, plan: _StorePlan) -> ModelPush:
+def _push_to_store(name: str, source: str, plan: _StorePlan,
+                   extras: Optional[Extras] = None) -> ModelPush:
     """Uploads `source` as a new version; models.config names it later (see the module doc)."""
     present = version_dirs(plan.root, name) + plan.complete.get(name, [])
     version = max(present, default=0) + 1    # above any leftover: numbers are never reused
     target = fileio.join(plan.root, name, str(version))
     _copy_tree(source, target)
+    _write_extras(extras, version, target, target)
     # The SavedModel must be there in full before the config may name it.
     if not fileio.exists(fileio.join(target, SAVED_MODEL_FILE)):
         raise ResourceError(f"upload of {source} to {target} is incomplete")
@@ -300,11 +328,13 @@ def _candidate(name: str, model_dir: str) -> str:
 
 
 def _identical_served_version(source: str, root: str, name: str) -> Optional[int]:
-    """The served version whose files equal `source`'s byte for byte, if the newest does."""
+    """The served version whose files equal `source`'s byte for byte (its model card
+    aside: the pusher wrote that), if the newest does."""
     latest = latest_served_version(root, name)
-    if latest is None or fingerprint(latest[1]) != fingerprint(source):
+    if latest is None or content_fingerprint(latest[1]) != content_fingerprint(source):
         return None
     return latest[0]
+
 
 
 def _infra_refusal(name: str, infra_validation_dir: str,
@@ -325,7 +355,7 @@ def _infra_refusal(name: str, infra_validation_dir: str,
 def _push_if_blessed(name: str, model_dir: str, verdict: Optional[dict], evaluation_dir: str,
                      root: str, keep: int, plan: Optional[_StorePlan],
                      infra_validation_dir: Optional[str] = None,
-                     infra_verdict: Optional[dict] = None) -> ModelPush:
+                     infra_verdict: Optional[dict] = None, output_dir: str = "") -> ModelPush:
     if verdict is None:
         return ModelPush(pushed=False, reasons=[
             f"no blessing recorded for {name!r} in {evaluation_dir}/{BLESSINGS_FILE}"])
@@ -334,6 +364,7 @@ def _push_if_blessed(name: str, model_dir: str, verdict: Optional[dict], evaluat
         # The gate's verdict, not a fault: the CLI prints it as one line already.
         log.info("not pushing %s: %s", name, "; ".join(reasons))
         return ModelPush(pushed=False, reasons=["not blessed"] + reasons)
+    card = card_writer(name, model_dir, evaluation_dir, infra_validation_dir, output_dir)
     if infra_validation_dir is not None:
         refusal = _infra_refusal(name, infra_validation_dir, infra_verdict)
         if refusal is not None:
@@ -346,9 +377,11 @@ def _push_if_blessed(name: str, model_dir: str, verdict: Optional[dict], evaluat
     if same is not None:
         log.info("not pushing %s: identical to served version %d", name, same)
         return ModelPush(pushed=False, reasons=[f"identical to served version {same}"] + reasons)
-    outcome = (_push_to_store(name, source, plan) if plan is not None
-               else _push_local(name, source, root, keep))
+    outcome = (_push_to_store(name, source, plan, card) if plan is not None
+               else _push_local(name, source, root, keep, card))
     outcome.reasons = reasons
+    if card is not None:
+        outcome.model_card = fileio.join(outcome.path, CARD_DIR, CARD_HTML)
     return outcome
 
 
@@ -380,7 +413,8 @@ def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str,
         for name, model_dir in sorted(model_dirs.items()):
             outcomes[name] = _push_if_blessed(name, model_dir, blessings.get(name),
                                               evaluation_dir, root, config.keep_versions, plan,
-                                              infra_validation_dir, infra_blessings.get(name))
+                                              infra_validation_dir, infra_blessings.get(name),
+                                              output_dir)
     finally:
         # Rewritten even when nothing was pushed or a later model failed, so the config
         # always names exactly the complete versions present.
@@ -388,6 +422,9 @@ def run_pusher(model_dirs: Mapping[str, str], evaluation_dir: str,
                        else write_store_config(plan, config))
     if plan is not None:
         _delete_unnamed_versions(plan, outcomes)
+    write_report_with_cards([d for d in (infra_validation_dir, evaluation_dir) if d], output_dir,
+                            {name: (o.version, o.model_card) for name, o in outcomes.items()
+                             if o.pushed and o.model_card})
     return _record(root, config_path, outcomes, output_dir, bool(config.request_log_dir))
 
 

@@ -29,6 +29,7 @@ from fer_pipeline.core.search_space import Choice, Float, SearchSpace
 
 __all__ = ["IngestConfig", "ValidationConfig", "AugmentConfig", "TransformConfig",
            "ModelConfig", "RegisteredModel", "MODEL_REGISTRY", "MODEL_NAMES",
+           "ImportedModel", "IMPORTED_MODELS", "IMPORTED_NAMES", "ImportConfig",
            "registered_model", "TuneConfig", "TrainConfig", "EvalConfig", "InfraValidationConfig",
            "PushConfig", "InferenceConfig", "MonitorConfig", "MetadataConfig", "PipelineConfig",
            "PROFILES", "ConfigError", "read_config_file", "load_config", "DEFAULT_SCHEMA_PATH",
@@ -36,7 +37,8 @@ __all__ = ["IngestConfig", "ValidationConfig", "AugmentConfig", "TransformConfig
 
 
 def _registered() -> list[str]:
-    return list(MODEL_REGISTRY)   # looked up when checked: tests register extra models
+    # Looked up when checked: tests register extra models.
+    return list(MODEL_REGISTRY) + list(IMPORTED_MODELS)
 
 
 _share = between(0, 1)   # a fraction, or a distance between distributions
@@ -194,6 +196,36 @@ MODEL_REGISTRY: dict[str, RegisteredModel] = {
 MODEL_NAMES: tuple[str, ...] = tuple(MODEL_REGISTRY)
 
 
+@dataclass(frozen=True)
+class ImportedModel:
+    """A name `fer-pipeline import-model` may give a Keras file trained outside the pipeline
+    (components/model_importer.py); from there it is evaluated, gated and pushed like a
+    trained model. Adding a name is one entry here."""
+    min_accuracy: float                # the evaluation gate's threshold
+    description: str = ""
+
+
+IMPORTED_MODELS: dict[str, ImportedModel] = {
+    "cnn_notebook": ImportedModel(
+        min_accuracy=0.5, description="the notebook's modelo_cnn.h5: the CNN on (48, 48, 1) "
+        "pixels scaled by 1/255"),
+    "vgg_notebook": ImportedModel(
+        min_accuracy=0.3, description="the notebook's modelo_vgg.h5: VGG16 on (48, 48, 3) "
+        "pixels scaled by 1/255"),
+}
+IMPORTED_NAMES: tuple[str, ...] = tuple(IMPORTED_MODELS)
+
+
+@dataclass
+class ImportConfig:
+    """One imported Keras file (`fer-pipeline import-model`; section imports.<name>)."""
+    keras_file: str = setting("", help="the .h5 or .keras file (import-model --keras)")
+    input_shape: Optional[tuple[int, int, int]] = setting(
+        None, help="height, width, channels, where the file leaves them open")
+    scale: float = setting(1 / 255, check=positive,
+                           help="what the model's training multiplied 0-255 pixels by")
+
+
 def registered_model(name: str) -> RegisteredModel:
     if name not in MODEL_REGISTRY:
         raise ConfigError(f"unknown model {name!r}; registered models: {list(MODEL_NAMES)}")
@@ -238,7 +270,8 @@ class TuneConfig:
 @dataclass
 class EvalConfig:
     min_accuracy: dict[str, float] = setting(factory=lambda: {
-        name: entry.min_accuracy for name, entry in MODEL_REGISTRY.items()},
+        name: entry.min_accuracy for name, entry in [*MODEL_REGISTRY.items(),
+                                                     *IMPORTED_MODELS.items()]},
         check=between(0, 1), keys=_registered,
         help="per registered model: the test accuracy the gate requires")
     min_class_recall: Optional[float] = setting(
@@ -394,6 +427,9 @@ class PipelineConfig:
     transform: TransformConfig = field(default_factory=TransformConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    imports: dict[str, ImportConfig] = setting(
+        factory=lambda: {name: ImportConfig() for name in IMPORTED_MODELS},
+        help="per imported model name: its Keras file and preprocessing")
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     infra_validation: InfraValidationConfig = field(default_factory=InfraValidationConfig)
     push: PushConfig = field(default_factory=PushConfig)

@@ -126,6 +126,22 @@ def with_infra_section(report_html: str, infra_blessings: Mapping[str, Mapping[s
             + report_html[banner_end:])
 
 
+def with_model_cards_section(report_html: str, cards: Mapping[str, tuple[int, str]]) -> str:
+    """The report with a section linking each pushed version's model card
+    (model -> (version, href)), after the verdicts; the push step writes this copy."""
+    items = "".join(f'<li><a class="model-card" data-model="{esc(name)}" href="{esc(link)}">'
+                    f"{esc(name)} version {version}</a></li>"
+                    for name, (version, link) in sorted(cards.items()))
+    section = ('<section class="banner info" id="model-cards"><h2>Model cards</h2>'
+               + (f"<p>Published with this push:</p><ul>{items}</ul>" if items else
+                  "<p>Nothing was pushed, so no model card was published.</p>")
+               + "</section>")
+    anchor = 'id="infra-validation"' if 'id="infra-validation"' in report_html else 'id="verdict"'
+    start = report_html.index(anchor)
+    end = report_html.index("</section>", start) + len("</section>")
+    return report_html[:end] + "\n" + section + report_html[end:]
+
+
 def _served_cell(name: str, model: Mapping[str, Any]) -> str:
     served = model.get("served")
     if not served:

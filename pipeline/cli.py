@@ -17,10 +17,11 @@ from typing import NoReturn, Optional
 
 from fer_pipeline.core import quiet, tf_cpu
 from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig, load_config
-from fer_pipeline.pipeline.cli_parser import (INFER_COMMAND, MONITOR_COMMAND, STEP_COMMANDS,
-                                             PER_MODEL_HELP, parse_command_line)
+from fer_pipeline.pipeline.cli_parser import (IMPORT_COMMAND, INFER_COMMAND, MONITOR_COMMAND,
+                                             PER_MODEL_HELP, STEP_COMMANDS, parse_command_line)
 from fer_pipeline.pipeline.dag import build_steps
-from fer_pipeline.core.errors import EXIT_USAGE, exit_process, is_user_error, run_cli, ConfigError, MissingInputError
+from fer_pipeline.core.errors import (EXIT_USAGE, exit_process, is_user_error, run_cli, ConfigError,
+                                      MissingInputError)
 
 EXIT_DRIFT = 1         # `monitor`: a drift threshold was crossed (a scheduler retrains)
 
@@ -49,6 +50,13 @@ def _config_from_args(args: argparse.Namespace) -> PipelineConfig:
         overrides.setdefault("tune", {})["enabled"] = True
     if getattr(args, "workers", None) is not None:
         overrides.setdefault("tune", {})["workers"] = args.workers
+    if args.command == IMPORT_COMMAND:
+        from fer_pipeline.core import fileio
+
+        given = {"keras_file": fileio.absolute(args.keras), "input_shape": args.input_shape}
+        if args.scale is not None:
+            given["scale"] = args.scale
+        overrides["imports"] = {args.name: given}
     return load_config(getattr(args, "config", None), profile=getattr(args, "profile", "default"),
                        overrides=overrides)
 
@@ -58,12 +66,16 @@ def _steps_for(args: argparse.Namespace) -> Optional[list[str]]:
         return args.steps.split(",") if args.steps else None
     if args.command in PER_MODEL_HELP:   # train, tune
         return [f"{args.command}-{m}" for m in ([args.model] if args.model else MODEL_NAMES)]
+    if args.command == IMPORT_COMMAND:
+        return [f"import-{args.name}"]
     return next(steps for name, steps, _ in STEP_COMMANDS if name == args.command)
 
 
 def _models(args: argparse.Namespace) -> tuple[str, ...]:
     if args.command in PER_MODEL_HELP and args.model:
         return (args.model,)
+    if args.command == IMPORT_COMMAND:
+        return (args.name,)
     return tuple(getattr(args, "models", ",".join(MODEL_NAMES)).split(","))
 
 
@@ -74,12 +86,26 @@ def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
                      config=_config_from_args(args), beam_args=beam_args, force=args.force,
                      models=_models(args))
     outcomes = {o.step: o for o in run_pipeline(ctx, _steps_for(args))}
+    if args.command == IMPORT_COMMAND:
+        print(f"[fer-pipeline] {_imported_line(args, outcomes[f'import-{args.name}'])}")
     if "push" in outcomes:
         gate, infra = _summaries(outcomes, "evaluate"), _summaries(outcomes, "infra-validate")
         for model, push in sorted(outcomes["push"].manifest["result"].get("models", {}).items()):
             for line in _closing_lines(model, push, gate.get(model), infra.get(model)):
                 print(f"[fer-pipeline] {line}", flush=True)
     return 0
+
+
+def _imported_line(args: argparse.Namespace, outcome) -> str:
+    result = outcome.manifest["result"]
+    adapted = [what for what, done in (("resized from 48x48", result["resized"]),
+                                       ("grey channel repeated", result["channels_repeated"]))
+               if done]
+    return (f"{args.name}: imported {result['keras_file']} (sha256 {result['sha256']}); "
+            f"input {'x'.join(map(str, result['input_shape']))}"
+            + (f" ({', '.join(adapted)})" if adapted else "")
+            + f", pixels x {result['scale']:.6g}; next: fer-pipeline evaluate --output "
+            f"{args.output} --models {args.name}")
 
 
 def _summaries(outcomes: dict, step: str) -> dict[str, str]:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from fer_pipeline.core.config import MODEL_NAMES
+from fer_pipeline.core.config import IMPORTED_MODELS, IMPORTED_NAMES, MODEL_NAMES
 from fer_pipeline.core.errors import ConfigError
 from fer_pipeline.pipeline.dag import DATA, SCHEMA, STEP_NAMES, Step, build_steps
 
-__all__ = ["BEAM_EPILOG", "INFER_COMMAND", "MONITOR_COMMAND", "STEP_COMMANDS", "TRAIN_COMMAND",
+__all__ = ["BEAM_EPILOG", "IMPORT_COMMAND", "INFER_COMMAND", "MONITOR_COMMAND", "STEP_COMMANDS", "TRAIN_COMMAND",
            "TUNE_COMMAND",
            "build_parser", "parse_command_line", "step_commands", "takes_beam_options",
            "unknown_beam_options"]
@@ -26,6 +26,7 @@ PER_MODEL_HELP = {
 }
 INFER_COMMAND = "infer"
 MONITOR_COMMAND = "monitor"
+IMPORT_COMMAND = "import-model"
 
 
 def step_commands() -> list[tuple[str, list[str], str]]:
@@ -145,9 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
             step.add_argument("--workers", type=int, metavar="N",
                               help="a chief and N worker processes search together "
                                    "(KerasTuner's distributed mode; default tune.workers, 0)")
-        if name in ("evaluate", "push"):
+        if name in ("evaluate", "infra-validate", "push"):
             step.add_argument("--models", default=",".join(MODEL_NAMES),
                               help=f"which registered models to {name} (comma-separated)")
+
+    _add_import_command(commands)
 
     lineage = commands.add_parser(
         "lineage", help="where a served model version came from (ML Metadata)",
@@ -155,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "rows, statistics and anomalies verdict, transform, training run, evaluation "
         "metrics and the blessing that let it through.")
     lineage.add_argument("--output", required=True, help="run root")
-    lineage.add_argument("--model", choices=MODEL_NAMES, help="default: every model")
+    lineage.add_argument("--model", choices=MODEL_NAMES + IMPORTED_NAMES,
+                         help="default: every model")
     lineage.add_argument("--version", type=int, help="default: the latest pushed version")
     lineage.add_argument("--metadata-db", help="ML Metadata SQLite file")
     lineage.add_argument("--config", help="YAML/JSON config (for a MySQL metadata store)")
@@ -248,6 +252,58 @@ def build_parser() -> argparse.ArgumentParser:
     path.add_argument("--output", required=True)
     path.add_argument("ref", help="STEP or STEP.OUTPUT, e.g. train-cnn.serving_model")
     return parser
+
+
+def _add_import_command(commands) -> None:
+    """`import-model`: a Keras file trained elsewhere as a candidate (imported/<name>/)."""
+    names = "; ".join(f"{name}: {entry.description}" for name, entry in IMPORTED_MODELS.items())
+    parser = commands.add_parser(
+        IMPORT_COMMAND, help="wrap a Keras .h5/.keras file (e.g. the notebook's) as a "
+        "candidate model (imported/<name>/)",
+        description="Wraps a Keras file trained outside the pipeline with the serving "
+        "signatures; `evaluate`, `infra-validate` and `push` with --models NAME then take it "
+        f"like a trained model. Names: {names}.")
+    parser.add_argument("--output", required=True, help="run root holding a committed "
+                        "transform step (local directory or gs:// / s3:// URI)")
+    parser.add_argument("--keras", required=True, metavar="FILE",
+                        help="the .h5 or .keras file")
+    parser.add_argument("--name", required=True, choices=IMPORTED_NAMES,
+                        help="the model's name in the pipeline")
+    parser.add_argument("--input-shape", type=_input_shape, metavar="H,W,C",
+                        help="the model's input size, where the file leaves it open")
+    parser.add_argument("--scale", type=_scale, metavar="S",
+                        help="what the model's training multiplied 0-255 pixels by, e.g. "
+                        "1/255 (the default)")
+    parser.add_argument("--config", help="YAML or JSON file overriding core/config.py")
+    parser.add_argument("--profile", default="default", choices=["default", "smoke"])
+    parser.add_argument("--force", action="store_true",
+                        help="re-import even when the file and settings are unchanged")
+    parser.add_argument("--metadata-db", help="ML Metadata SQLite file "
+                        "(default: <output>/metadata.sqlite)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def _input_shape(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHT,WIDTH,CHANNELS, e.g. 48,48,1; "
+                                         f"got {text!r}")
+    return values
+
+
+def _scale(text: str) -> float:
+    try:
+        numerator, _, denominator = text.partition("/")
+        value = float(numerator) / float(denominator or 1)
+    except (ValueError, ZeroDivisionError):
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or fraction, e.g. "
+                                         f"1/255; got {text!r}")
+    return value
 
 
 def unknown_beam_options(beam_args: list[str]) -> list[str]:

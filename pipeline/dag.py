@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from fer_pipeline.core import fileio
 from fer_pipeline.core.artifacts import fingerprint
-from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig
+from fer_pipeline.core.config import IMPORTED_NAMES, MODEL_NAMES, PipelineConfig
 from fer_pipeline.core.contract import (BLESSINGS_FILE, INFRA_BLESSINGS_FILE, SERVING_MODEL_DIR,
                                TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
 from fer_pipeline.core.errors import ConfigError
@@ -31,6 +31,7 @@ from fer_pipeline.pipeline.metadata import ArtifactRecord
 PIPELINE_INPUT = "pipeline"           # producer name of the pipeline's own inputs
 DATA = f"{PIPELINE_INPUT}.data"       # the FER-2013 CSV(s)
 SCHEMA = f"{PIPELINE_INPUT}.schema"   # the checked-in schema
+KERAS_FILE = f"{PIPELINE_INPUT}.keras_"  # + imported model name: its Keras file (import-model)
 
 
 @dataclass
@@ -60,7 +61,6 @@ class Step:
     # Artifacts the step's result describes beyond its outputs (blessings, pushed versions),
     # recorded in ML Metadata: derived(output_uri, result) -> [ArtifactRecord].
     derived: Optional[Callable[[str, dict], list[ArtifactRecord]]] = None
-
     # Inputs the step runs without when their producer has no committed output (train
     # without tune): the step gets no such key, and the cache key leaves it out.
     optional_inputs: tuple[str, ...] = ()
@@ -141,6 +141,12 @@ def _base_model(result: dict) -> dict[str, list[ArtifactRecord]]:
         "pushed_model", base["base_path"], base["base_fingerprint"],
         {"model": result["model_name"], "version": base["base_version"],
          "serving_root": base["serving_root"]})]}
+
+
+def _import(model: str, inputs, out, env: StepEnv):
+    from fer_pipeline.components.model_importer import run_model_importer
+    return run_model_importer(inputs["keras_file"], inputs["transform"], out,
+                              env.config.imports[model], model)
 
 
 def _model_runs(inputs: Mapping[str, Any]) -> dict[str, str]:
@@ -230,6 +236,10 @@ def _tune_parameters(model: str) -> Callable[[PipelineConfig, StepEnv], Any]:
     return parameters
 
 
+def _import_parameters(model: str) -> Callable[[PipelineConfig, StepEnv], Any]:
+    return lambda config, env: {"model": model, "import": config.imports[model]}
+
+
 def _push_parameters(config: PipelineConfig, env: StepEnv) -> Any:
     return {"push": config.push, "serving_root": env.serving_root}
 
@@ -253,10 +263,11 @@ def _evaluate_parameters(config: PipelineConfig, env: StepEnv) -> Any:
 
 def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
     """The pipeline's steps in a valid execution order, with one train step per model."""
-    unknown = [m for m in models if m not in MODEL_NAMES]
+    unknown = [m for m in models if m not in MODEL_NAMES and m not in IMPORTED_NAMES]
     if unknown:
-        raise ConfigError(f"unknown models {unknown}; registered models: {list(MODEL_NAMES)}")
-    model_inputs = {f"model_{m}": f"train-{m}.model_run" for m in models}
+        raise ConfigError(f"unknown models {unknown}; registered models: {list(MODEL_NAMES)}; "
+                          f"names for imported models: {list(IMPORTED_NAMES)}")
+    model_inputs = {f"model_{m}": f"{model_step(m)}.model_run" for m in models}
     steps = [
         Step("ingest", "examples", {"data": DATA}, {"examples": ""}, _ingest,
              _section("ingest"), ("fer_pipeline.components.example_gen",),
@@ -283,6 +294,16 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
              "tensorflow-transform normalization", beam=True),
     ]
     for model in models:
+        if model in IMPORTED_NAMES:
+            # A Keras file trained elsewhere, wrapped into the layout a train step writes.
+            steps.append(Step(
+                model_step(model), f"imported/{model}",
+                {"keras_file": KERAS_FILE + model, "transform": "transform.transform"},
+                {"model_run": "", "serving_model": SERVING_MODEL_DIR},
+                functools.partial(_import, model), _import_parameters(model),
+                ("fer_pipeline.components.model_importer", "fer_pipeline.core.serving_export"),
+                f"import the {model} model from a Keras file", model=model))
+            continue
         steps.append(Step(
             f"tune-{model}", f"tuning/{model}", {"transform": "transform.transform"},
             {"tuning": ""}, functools.partial(_tune, model), _tune_parameters(model),
@@ -299,7 +320,8 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
             functools.partial(_train, model), _train_parameters(model),
             tuple(f"fer_pipeline.components.trainer.{module}" for module in
                   ("executor", "distribution", "models", "export", "warm_start"))
-            + ("fer_pipeline.core.training_data", "fer_pipeline.core.search_space"),
+            + ("fer_pipeline.core.training_data", "fer_pipeline.core.serving_export",
+               "fer_pipeline.core.search_space"),
             f"train the {model} model", resumable=True, model=model,
             optional_inputs=("tuning",), result_inputs=_base_model))
     steps += [
@@ -324,6 +346,11 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
     ]
     _check_order(steps)
     return steps
+
+
+def model_step(model: str) -> str:
+    """The step that produces `model`'s candidate: train-<model>, or import-<model>."""
+    return f"import-{model}" if model in IMPORTED_NAMES else f"train-{model}"
 
 
 def _check_order(steps: list[Step]) -> None:

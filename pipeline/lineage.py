@@ -63,6 +63,8 @@ def version_lineage(store: MetadataStore, pushed: dict[str, Any]) -> dict[str, A
              if push["inputs"].get("infra_validation") else None)
     infra_blessing = next((a["properties"] for a in infra["outputs"].get(DERIVED, [])
                            if a["properties"].get("model") == model), None) if infra else None
+    # An imported model's step (import-<model>) read a Keras file: which one, and its sha256.
+    keras_file = (train["inputs"].get("keras_file") or [None])[0]
     # A warm-started run began from a served version; a tuned one took a tune step's values.
     base = (train["inputs"].get("base_model") or [None])[0]
     tuning = _upstream(store, train, "tuning") if train["inputs"].get("tuning") else None
@@ -86,6 +88,9 @@ def version_lineage(store: MetadataStore, pushed: dict[str, Any]) -> dict[str, A
         "warm_start": ({"uri": base["uri"], "version": base["properties"].get("version"),
                         "fingerprint": base["fingerprint"]} if base else None),
         "tuning": _facts(tuning) if tuning else None,
+        "imported": ({"uri": keras_file["uri"],
+                      "sha256": keras_file["properties"].get("sha256"),
+                      "fingerprint": keras_file["fingerprint"]} if keras_file else None),
         "evaluation": evaluation,
         "metrics": {"accuracy": (result.get("accuracy") or {}).get(model),
                     "ensemble_accuracy": result.get("ensemble_accuracy"),
@@ -147,10 +152,7 @@ def format_lineage(lineages: list[dict[str, Any]]) -> str:
             f"  transform           {item['transform']['execution_dir']} "
             f"(code {item['transform']['code_fingerprint'][:19]}) "
             f"[execution {item['transform']['execution_id']}]",
-            f"  training            {training.get('epochs_run')} epochs, best val accuracy "
-            f"{_num(training.get('best_val_accuracy'))}, {training.get('train_examples')} "
-            f"train examples (code {item['training']['code_fingerprint'][:19]}) "
-            f"[execution {item['training']['execution_id']}]",
+            _training_line(item, training),
             f"  hyperparameters     {_tuning_line(item)}",
             f"  started from        {_start_line(item)}",
             f"  evaluation          test accuracy {_num(metrics['accuracy'])} on "
@@ -163,6 +165,18 @@ def format_lineage(lineages: list[dict[str, Any]]) -> str:
             "",
         ]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _training_line(item: dict[str, Any], training: dict[str, Any]) -> str:
+    imported = item.get("imported")
+    if imported:
+        return (f"  imported            {imported['uri']}\n"
+                f"                      sha256 {imported['sha256']} "
+                f"[execution {item['training']['execution_id']}]")
+    return (f"  training            {training.get('epochs_run')} epochs, best val accuracy "
+            f"{_num(training.get('best_val_accuracy'))}, {training.get('train_examples')} "
+            f"train examples (code {item['training']['code_fingerprint'][:19]}) "
+            f"[execution {item['training']['execution_id']}]")
 
 
 def _tuning_line(item: dict[str, Any]) -> str:

@@ -30,8 +30,8 @@ from fer_pipeline.core.beam_job import BeamJobNotRun, translate_only
 from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig, resolve_schema_path
 from fer_pipeline.core.contract import MANIFEST_FILE
 from fer_pipeline.core.errors import UserError
-from fer_pipeline.pipeline.dag import (DATA, PIPELINE_INPUT, SCHEMA, STEP_NAMES, Step, StepEnv,
-                          build_steps, code_fingerprint, step_by_name)
+from fer_pipeline.pipeline.dag import (DATA, KERAS_FILE, PIPELINE_INPUT, SCHEMA, STEP_NAMES, Step,
+                                      StepEnv, build_steps, code_fingerprint, step_by_name)
 from fer_pipeline.pipeline.metadata import DERIVED, ArtifactRecord, MetadataStore, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -127,11 +127,27 @@ def pipeline_input(ref: str, data_paths: Sequence[str], config: PipelineConfig
     if ref == SCHEMA:
         path = _require(schema_path(config), "the checked-in schema")
         return path, [ArtifactRecord("schema", path, fingerprint(path))]
+    if ref.startswith(KERAS_FILE):
+        return keras_file_input(ref[len(KERAS_FILE):], config)
     if ref != DATA:
         raise ValueError(f"unknown pipeline input {ref!r}")
     paths = check_data_paths(data_paths)
     records = [ArtifactRecord("data", fileio.absolute(p), fingerprint(p)) for p in paths]
     return (paths[0] if len(paths) == 1 else list(paths)), records
+
+
+def keras_file_input(model: str, config: PipelineConfig) -> tuple[str, list[ArtifactRecord]]:
+    """The Keras file imported as `model` (imports.<model>.keras_file), recorded with the
+    sha256 of its bytes (what `sha256sum` prints), so lineage names the exact file."""
+    given = config.imports[model].keras_file
+    if not given:
+        raise PipelineError(f"import-{model} needs a Keras file: `fer-pipeline import-model "
+                            f"--name {model} --keras FILE --output RUN` (or "
+                            f"imports.{model}.keras_file in --config)")
+    path = _require(fileio.absolute(given), "--keras")
+    digest = hashlib.sha256(fileio.read_bytes(path)).hexdigest()
+    return path, [ArtifactRecord("keras_file", path, fingerprint(path),
+                                 {"model": model, "sha256": digest})]
 
 
 def check_data_paths(data_paths: Sequence[str]) -> list[str]:
@@ -156,6 +172,8 @@ def _require(path: str, what: str) -> str:
 def _command(step_name: str) -> str:
     if step_name.startswith("tune-"):
         return "tune --model " + step_name.split("-", 1)[1]
+    if step_name.startswith("import-"):
+        return f"import-model --name {step_name.split('-', 1)[1]} --keras FILE"
     return "train --model " + step_name.split("-", 1)[1] if step_name.startswith("train-") \
         else step_name
 
@@ -304,7 +322,7 @@ def run_pipeline(ctx: RunContext, steps: Optional[Sequence[str]] = None) -> list
     declared = build_steps(ctx.models)
     names = [s.name for s in declared]
     wanted = set(steps or names)
-    unknown = wanted - set(STEP_NAMES)
+    unknown = wanted - set(STEP_NAMES) - set(names)
     if unknown:
         raise PipelineError(f"unknown steps {sorted(unknown)}; steps are {list(STEP_NAMES)}")
     chosen = [step for step in declared if step.name in wanted]
@@ -424,7 +442,9 @@ def _remove_created(paths: Sequence[str]) -> None:
 def committed_output(run_root: str, ref: str, models: Sequence[str] = MODEL_NAMES) -> str:
     """The committed URI of `step.output` (or of a step's whole output) under `run_root`."""
     producer, _, output = ref.partition(".")
-    if producer not in STEP_NAMES:
+    if producer.startswith("import-"):    # imported models' steps exist when named
+        models = (*models, producer[len("import-"):])
+    if producer not in STEP_NAMES and producer not in {s.name for s in build_steps(models)}:
         raise PipelineError(f"unknown step {producer!r}; steps are {list(STEP_NAMES)}")
     step = step_by_name(producer, models)
     if output and output not in step.outputs:

@@ -53,7 +53,7 @@ class ModelAnswer:
 
 @dataclass
 class Explanation:
-    """A model's answer with why: its `explain` signature (components/trainer/export.py)."""
+    """A model's answer with why: its `explain` signature (core/serving_export.py)."""
     model: str
     version: Optional[int]
     probabilities: np.ndarray        # float32 [n, 7]

@@ -1,7 +1,7 @@
 """Pictures of faces and of why a model answered what it did, as PNG bytes.
 
 The maps themselves come from each model's `explain` signature (integrated gradients,
-components/trainer/export.py); this module only draws them: the 48x48 face enlarged with
+core/serving_export.py); this module only draws them: the 48x48 face enlarged with
 nearest-neighbour (so every original pixel stays a visible square) and, for an overlay,
 the map as a heat colour blended over the face in proportion to its value, so the parts of
 the face the model did not rely on stay visible. Used by `fer-client --explain` and by the

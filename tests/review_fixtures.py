@@ -1,12 +1,12 @@
 """Small real SavedModels for the review tests: the serving fixtures' tiny linear model
 plus the `explain` signature, computed by the same integrated-gradients code the exported
-models use (fer_pipeline.components.trainer.export.integrated_gradients)."""
+models use (fer_pipeline.core.serving_export.integrated_gradients)."""
 from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
 
-from fer_pipeline.components.trainer.export import integrated_gradients
+from fer_pipeline.core.serving_export import integrated_gradients
 from fer_pipeline.core.contract import NUM_CLASSES, NUM_PIXELS, OUTPUT_SALIENCY
 from tests.serving_fixtures import TinyFerModel
 

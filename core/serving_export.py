@@ -1,0 +1,230 @@
+"""Export: one SavedModel = the Transform graph + a Keras 3 model, for TF Serving.
+
+Shared by the trainer (components/trainer/) and the model importer
+(components/model_importer.py, whose Keras file brings its own preprocessing instead of
+the Transform graph: `ServingModule(preprocessing=...)`).
+
+The TFT layer is a tf_keras object and cannot live inside a Keras 3 functional model, so
+both go into a plain `tf.Module` whose `tf.function` signatures take raw pixels, run the
+transform graph (the same normalization the training data had) and then the Keras model.
+`tf.saved_model.save` copies the transform graph's assets into the export, so the served
+model does not need the transform directory any more.
+
+Signatures (docs/architecture.md, "Export signature"):
+  serving_default   pixels int32  [batch, 48, 48] or [batch, 2304]
+  serving_uint8     pixels uint8  (same shapes; 4x smaller gRPC payloads)
+  serving_examples  examples string [batch] of serialized raw tf.Examples (`pixels` only)
+  explain           pixels uint8 (same shapes): the same outputs plus saliency
+each returning probabilities float32 [batch, 7], class_id int64 [batch] and
+class_name string [batch]; `explain` adds saliency float32 [batch, 7, 48, 48].
+
+Saliency is integrated gradients (Sundararajan et al. 2017) of each class probability with
+respect to the normalized image the model sees, from an all-black face to the input, with
+INTEGRATION_STEPS midpoint steps; a map keeps the positive part (the pixels that pushed the
+model towards that class) and is divided by its own maximum, so every map spans [0, 1]
+(all zeros when nothing pushed towards the class). Grad-CAM was not used: the last
+convolutional maps are 2x2 (CNN) and 3x3 (VGG16) for a 48x48 face, too coarse to show
+which part of the face mattered.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import keras
+import tensorflow as tf
+import tensorflow_transform as tft
+from tensorflow_transform.saved import saved_transform_io_v2
+
+from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_PIXELS, IMAGE_SIZE,
+    NUM_CLASSES, NUM_PIXELS, SIGNATURE_DEFAULT, SIGNATURE_UINT8, SIGNATURE_EXAMPLES,
+    SIGNATURE_EXPLAIN, INPUT_EXAMPLES, OUTPUT_PROBABILITIES, OUTPUT_CLASS_ID,
+    OUTPUT_CLASS_NAME, OUTPUT_SALIENCY)
+
+__all__ = ["INTEGRATION_STEPS", "PIXEL_MAX", "ServingModule", "TransformGraph",
+           "export_serving_model", "integrated_gradients", "save_serving_module"]
+
+PIXEL_MAX = 255
+RAW_PIXELS_SPEC = tf.io.FixedLenFeature([], tf.string)
+# Points on the path from the black face to the input. The 7 backward passes per point
+# dominate the cost (measured through fer-serve on 2 busy CPU cores: VGG16 3.9 s per face,
+# the CNN 0.2 s).
+INTEGRATION_STEPS = 16
+
+
+def integrated_gradients(probabilities_fn: Callable[[tf.Tensor], tf.Tensor],
+                         images: tf.Tensor, baseline: tf.Tensor,
+                         steps: int = INTEGRATION_STEPS) -> tf.Tensor:
+    """Per-class saliency float32 [batch, 7, 48, 48], each map in [0, 1] (module docstring).
+
+    `probabilities_fn` maps normalized images [n, 2304] to probabilities [n, 7];
+    `images` is [batch, 2304] and `baseline` [2304], both normalized. Faces are explained
+    one at a time (tf.map_fn, no parallel iterations) so a large request costs time, not
+    `batch x steps` images' worth of activations in memory at once.
+    """
+    alphas = (tf.range(steps, dtype=tf.float32) + 0.5) / steps
+
+    def explain_one(image: tf.Tensor) -> tf.Tensor:
+        delta = image - baseline                                        # [2304]
+        path = baseline[None, :] + alphas[:, None] * delta[None, :]     # [steps, 2304]
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(path)
+            probabilities = probabilities_fn(path)                      # [steps, 7]
+            per_class = [probabilities[:, k] for k in range(NUM_CLASSES)]
+        # Rows are independent (inference mode), so the gradient of a column's sum is
+        # each row's own gradient.
+        gradients = tf.stack([tape.gradient(column, path) for column in per_class])
+        del tape
+        attributions = tf.nn.relu(delta[None, :] * tf.reduce_mean(gradients, axis=1))
+        peak = tf.reduce_max(attributions, axis=1, keepdims=True)
+        maps = tf.math.divide_no_nan(attributions, peak)                # [7, 2304]
+        return tf.reshape(maps, [NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE])
+
+    return tf.map_fn(explain_one, tf.cast(images, tf.float32), parallel_iterations=1,
+                     fn_output_signature=tf.TensorSpec([NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE],
+                                                       tf.float32))
+
+
+class TransformGraph(tf.Module):
+    """The Transform step's graph, applied inside our signatures and saved with them.
+
+    This is what tft's `transform_features_layer()` does (a loader of the transform
+    SavedModel whose attributes are tracked, so its functions, constants and assets are
+    saved) without being a tf_keras Model: saving a tf_keras Model makes tf_keras trace
+    signatures of its own for it with autograph, which took most of every export's time
+    (docs/benchmarks.md, "Export") and which nothing ever calls.
+    """
+
+    def __init__(self, transform_savedmodel_dir: str):
+        super().__init__(name="transform_graph")
+        self._loader = saved_transform_io_v2.SavedModelLoader(transform_savedmodel_dir)
+        self.loaded = self._loader.__dict__
+
+    def __call__(self, raw_features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return self._loader.apply_transform_model(raw_features)
+
+
+class ServingModule(tf.Module):
+    """Raw pixels -> transform graph -> Keras 3 model -> probabilities and class.
+
+    The signatures are traced without autograph: they hold no Python control flow on
+    tensors (tf.map_fn is explicit), and autograph's source rewriting of every function
+    they call cost a third of each export.
+    """
+
+    def __init__(self, keras_model: keras.Model, transform_graph_dir: str,
+                 preprocessing: Optional[tf.Module] = None):
+        super().__init__(name="fer_serving")
+        self.keras_model = keras_model
+        # Keras 3 variables wrap tf.Variables; list the underlying ones explicitly so the
+        # SavedModel tracks every weight whatever Keras' own tracking does.
+        self.model_variables = [_tf_variable(v) for v in keras_model.variables]
+        tft_output = tft.TFTransformOutput(transform_graph_dir)
+        # What turns raw pixels into the model's input: the Transform step's graph for the
+        # models trained here; an imported model brings its own (components/model_importer.py:
+        # it was trained on its notebook's scaling, not on our normalization). Either maps
+        # {pixels: raw bytes [b]} to {image: float [b, 2304]}.
+        self.transform_graph = preprocessing or TransformGraph(
+            tft_output.transform_savedmodel_dir)
+        # Only `pixels` is parsed: serving requests carry no label.
+        self._pixels_spec = _raw_pixels_spec(tft_output)
+        self.class_names = tf.constant(list(CLASS_NAMES))
+        # Byte i -> the 1-byte string chr(i): turns integer pixels into the raw bytes
+        # feature the transform graph was built on, without leaving the graph.
+        self._byte_strings = tf.constant([bytes([i]) for i in range(PIXEL_MAX + 1)])
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.int32, name=FEATURE_PIXELS)],
+                 autograph=False)
+    def serve_int32(self, pixels):
+        checks = [
+            tf.debugging.assert_greater_equal(pixels, 0, message="pixels must be >= 0"),
+            tf.debugging.assert_less_equal(pixels, PIXEL_MAX,
+                                           message=f"pixels must be <= {PIXEL_MAX}"),
+        ]
+        with tf.control_dependencies(checks):
+            return self._predict_pixels(tf.cast(pixels, tf.uint8))
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name=FEATURE_PIXELS)],
+                 autograph=False)
+    def serve_uint8(self, pixels):
+        return self._predict_pixels(pixels)
+
+    @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name=FEATURE_PIXELS)],
+                 autograph=False)
+    def explain(self, pixels):
+        image = self._normalize(self._raw_rows(pixels))
+        outputs = self._outputs(self._probabilities(image))
+        black = self._normalize(self._raw_rows(tf.zeros([1, NUM_PIXELS], tf.uint8)))[0]
+        outputs[OUTPUT_SALIENCY] = integrated_gradients(self._probabilities, image, black)
+        return outputs
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_EXAMPLES)],
+                 autograph=False)
+    def serve_examples(self, examples):
+        features = tf.io.parse_example(examples, {FEATURE_PIXELS: self._pixels_spec})
+        return self._predict_raw(features[FEATURE_PIXELS])
+
+    def _predict_pixels(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._predict_raw(self._raw_rows(pixels))
+
+    def _raw_rows(self, pixels: tf.Tensor) -> tf.Tensor:
+        # [b, 48, 48] and [b, 2304] both become [b] strings of 2304 bytes; anything else
+        # whose size is not a multiple of 2304 fails here with a clear message.
+        tf.debugging.assert_equal(tf.size(pixels) % NUM_PIXELS, 0,
+                                  message=f"pixels must hold a multiple of {NUM_PIXELS} values")
+        rows = tf.reshape(pixels, [-1, NUM_PIXELS])
+        return tf.strings.reduce_join(tf.gather(self._byte_strings, tf.cast(rows, tf.int32)),
+                                      axis=-1)
+
+    def _predict_raw(self, raw_pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._outputs(self._probabilities(self._normalize(raw_pixels)))
+
+    def _normalize(self, raw_pixels: tf.Tensor) -> tf.Tensor:
+        """Raw pixel strings -> the image feature the model was trained on (float [b, 2304])."""
+        raw_pixels = tf.reshape(raw_pixels, [-1] + list(self._pixels_spec.shape))
+        return tf.cast(self.transform_graph({FEATURE_PIXELS: raw_pixels})[FEATURE_IMAGE],
+                       tf.float32)
+
+    def _probabilities(self, image: tf.Tensor) -> tf.Tensor:
+        return tf.cast(self.keras_model(image, training=False), tf.float32)
+
+    def _outputs(self, probabilities: tf.Tensor) -> dict[str, tf.Tensor]:
+        class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+        return {
+            OUTPUT_PROBABILITIES: probabilities,
+            OUTPUT_CLASS_ID: class_id,
+            OUTPUT_CLASS_NAME: tf.gather(self.class_names, class_id),
+        }
+
+
+def export_serving_model(keras_model: keras.Model, transform_graph_dir: str,
+                         export_dir: str, preprocessing: Optional[tf.Module] = None) -> None:
+    """Writes the SavedModel with the serving and explain signatures to `export_dir`
+    (`preprocessing`: see ServingModule; default the Transform step's graph)."""
+    save_serving_module(ServingModule(keras_model, transform_graph_dir, preprocessing),
+                        export_dir)
+
+
+def save_serving_module(module: ServingModule, export_dir: str) -> None:
+    """Saves `module` with its four signatures under the contract's names."""
+    signatures = {
+        SIGNATURE_DEFAULT: module.serve_int32.get_concrete_function(),
+        SIGNATURE_UINT8: module.serve_uint8.get_concrete_function(),
+        SIGNATURE_EXAMPLES: module.serve_examples.get_concrete_function(),
+        SIGNATURE_EXPLAIN: module.explain.get_concrete_function(),
+    }
+    tf.saved_model.save(module, export_dir, signatures=signatures)
+
+
+def _raw_pixels_spec(tft_output: tft.TFTransformOutput) -> tf.io.FixedLenFeature:
+    # WriteTransformFn stores the raw schema only when the pipeline wrote raw metadata;
+    # otherwise fall back to the artifact contract: one bytes value of 2304 raw pixels.
+    try:
+        return tft_output.raw_feature_spec()[FEATURE_PIXELS]
+    except (OSError, KeyError):
+        return RAW_PIXELS_SPEC
+
+
+def _tf_variable(variable) -> tf.Variable:
+    # keras.Variable (TF backend) keeps its tf.Variable in `.value`.
+    value = getattr(variable, "value", variable)
+    return value if isinstance(value, tf.Variable) else variable
