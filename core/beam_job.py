@@ -44,6 +44,7 @@ from apache_beam.options.pipeline_options import (GoogleCloudOptions, PipelineOp
                                                   StandardOptions, TestOptions)
 
 from fer_pipeline.core import fileio
+from fer_pipeline.core.credentials import redact_text
 from fer_pipeline.core.errors import EngineError, UserError
 
 # Imported by every SDK worker when it starts (core/beam_worker.py says why).
@@ -168,7 +169,10 @@ def engine_failure(options: PipelineOptions, step: str, error: BaseException) ->
     """What a job that failed on a cluster engine ends the step with: BeamWorkerError when
     our own code raised in a worker (a bug), else BeamJobFailed (the engine's, the user's
     to fix); either way describe_failure's one line."""
-    line = describe_failure(options, step, error)
+    # The engine's message may quote the job's options: no credential leaves in it.
+    given = [f"--{name}={value}" for name, value in
+             options.get_all_options(drop_default=True).items() if isinstance(value, str)]
+    line = redact_text(describe_failure(options, step, error), given)
     if _our_exception_in_a_worker(str(error)) and " cannot reach the Beam job server " \
             not in line:
         return BeamWorkerError(line)

@@ -150,6 +150,7 @@ def _lineage(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from fer_pipeline.core.credentials import left_out_note, without_secrets
     from fer_pipeline.pipeline.kfp_pipeline import compile_inference_pipeline, compile_pipeline
 
     directory = os.path.dirname(os.path.abspath(args.kfp))
@@ -162,6 +163,9 @@ def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
         path = compile_monitor_pipeline(args.kfp, image=args.image)
         print(f"[fer-pipeline] wrote the Kubeflow monitoring pipeline to {path}")
         return 0
+    _, left_out = without_secrets(beam_args)
+    if left_out:   # never baked into the YAML (core/credentials.py); say how pods get them
+        print(f"[fer-pipeline] {left_out_note(left_out)}")
     if args.bulk_inference:
         path = compile_inference_pipeline(args.kfp, beam_args=beam_args, image=args.image)
         print(f"[fer-pipeline] wrote the Kubeflow bulk-inference pipeline to {path}")

@@ -8,6 +8,7 @@ import argparse
 from typing import Optional
 
 from fer_pipeline.core.config import IMPORTED_MODELS, IMPORTED_NAMES, MODEL_NAMES
+from fer_pipeline.core.credentials import redact_beam_args
 from fer_pipeline.core.errors import ConfigError
 from fer_pipeline.pipeline.dag import DATA, SCHEMA, STEP_NAMES, Step, build_steps
 
@@ -337,10 +338,12 @@ def parse_command_line(argv: Optional[list[str]]) -> tuple[argparse.Namespace, l
     if takes_beam_options(args.command):
         unknown = unknown_beam_options(extra)
         if unknown:
-            raise ConfigError(f"{args.command}: unrecognized argument(s) {' '.join(unknown)}: "
+            raise ConfigError(f"{args.command}: unrecognized argument(s) "
+                              f"{' '.join(redact_beam_args(unknown))}: "
                             f"neither `fer-pipeline {args.command}` nor Beam takes them "
                             f"(see `fer-pipeline {args.command} --help`)")
         return args, extra
-    raise ConfigError(f"{args.command}: unrecognized argument(s) {' '.join(extra)} (see "
+    raise ConfigError(f"{args.command}: unrecognized argument(s) "
+                      f"{' '.join(redact_beam_args(extra))} (see "
                     f"`fer-pipeline {args.command} --help`; Beam options are taken only by "
                     f"run, compile, infer, monitor and the Beam steps)")

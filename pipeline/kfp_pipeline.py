@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 
 from fer_pipeline.core import tf_cpu
 from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig
+from fer_pipeline.core.credentials import beam_args_from_environment, without_secrets
 from fer_pipeline.pipeline.dag import PIPELINE_INPUT, Step, build_steps
 
 # The components run steps in processes that import this module first (core/tf_cpu.py).
@@ -51,7 +52,6 @@ def _artifact_inputs(step: Step, present: Optional[Sequence[str]] = None) -> lis
             if not ref.startswith(PIPELINE_INPUT + ".")
             and (present is None or name not in step.optional_inputs
                  or ref.split(".", 1)[0] in present)]
-
 
 
 # The first lines of every component function: a component runs in a process of its own,
@@ -116,7 +116,9 @@ def build_pipeline(config: PipelineConfig, models: Sequence[str] = MODEL_NAMES,
     present = [step.name for step in steps]
     components = _components(steps, image)
     default_config = json.dumps(to_jsonable(config))
-    default_beam = json.dumps(list(beam_args))
+    # Credentials never go into the YAML (core/credentials.py): the pods get them from
+    # their environment.
+    default_beam = json.dumps(without_secrets(beam_args)[0])
     models_json = json.dumps(list(models))
 
     @dsl.pipeline(name=PIPELINE_NAME,
@@ -189,7 +191,9 @@ def build_inference_pipeline(config: PipelineConfig, beam_args: Sequence[str] = 
         _import_source(INFERENCE_COMPONENT_SOURCE, "fer_kfp_inference").bulk_inference,
         base_image=image, install_kfp_package=False)
     default_config = json.dumps(to_jsonable(config))
-    default_beam = json.dumps(list(beam_args))
+    # Credentials never go into the YAML (core/credentials.py): the pods get them from
+    # their environment.
+    default_beam = json.dumps(without_secrets(beam_args)[0])
 
     @dsl.pipeline(name=INFERENCE_PIPELINE_NAME,
                   description="Faces in a CSV or photos, scored by the served models on Beam")
@@ -290,7 +294,7 @@ def run_inference_component(data: str, serving_root: str, models: str, config_js
                 if metadata_db else None)   # none given: KFP's own metadata only
     run_inference_job(data, _local_path(output_uri), fileio.absolute(serving_root),
                       [m for m in models.split(",") if m], config,
-                      json.loads(beam_args_json), metadata=metadata)
+                      beam_args_from_environment(json.loads(beam_args_json)), metadata=metadata)
 
 
 def run_monitor_component(run_root: str, logs: str, since: str, until: str,
@@ -341,7 +345,7 @@ def run_component(step_name: str, input_uris: dict[str, str], output_uri: str, d
     models = tuple(json.loads(models_json))
     step = step_by_name(step_name, models)
     config = load_config(overrides=json.loads(config_json))
-    env = StepEnv(config, json.loads(beam_args_json), fileio.absolute(serving_root))
+    env = StepEnv(config, beam_args_from_environment(json.loads(beam_args_json)), fileio.absolute(serving_root))
     inputs: dict[str, Any] = {}
     records: dict[str, list[ArtifactRecord]] = {}
     data_paths = json.loads(data) if data.strip().startswith("[") else data.split(",")

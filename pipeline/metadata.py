@@ -28,6 +28,7 @@ from fer_pipeline.core import fileio
 from fer_pipeline.core import quiet
 from fer_pipeline.core.artifacts import fingerprint
 from fer_pipeline.core.config import MetadataConfig
+from fer_pipeline.core.credentials import redact_text
 from fer_pipeline.core.errors import UserError, ServerUnreachable
 
 PIPELINE_CONTEXT = "fer.pipeline"
@@ -118,8 +119,10 @@ def check_mysql_server(config: MetadataConfig,
 
 def _open_error(config: MetadataConfig, location: str, error: RuntimeError
                 ) -> MetadataStoreError:
-    """ml-metadata's RuntimeError on connecting, as one line of ours."""
-    text = str(error).strip()
+    """ml-metadata's RuntimeError on connecting, as one line of ours (never the password,
+    should the library quote its connection config)."""
+    password = os.environ.get(config.mysql_password_env, "")
+    text = redact_text(str(error).strip(), [f"--mysql_password={password}"] if password else [])
     if not config.mysql_host:
         return MetadataStoreError(f"cannot open the ML Metadata store {location}: {text}")
     if "mysql_real_connect failed" in text and uses_unix_socket(config):
