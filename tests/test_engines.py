@@ -243,6 +243,51 @@ def test_taskmanager_killed_mid_job_fails_the_step_in_one_line(engine_run: Engin
         local_cluster.restart_role(flink_cluster, "taskmanager")
 
 
+# ----------------------------------------------------------------------------- monitor
+
+MONITOR_KEYS = ("verdict", "summary", "alerts", "checks", "windows", "traffic", "records",
+                "faces", "served", "skipped", "bad_records")
+
+
+def _monitor_record(run, logs: Path, out: Path, flags: list[str]) -> dict:
+    from fer_pipeline.components.monitor import run_monitor
+    from fer_pipeline.core.config import MonitorConfig
+
+    config = MonitorConfig(min_requests=20, window_minutes=1)
+    run_monitor([str(logs)], run.reference, "schemas/fer2013/schema.pbtxt", str(out), None,
+                config, beam_args=flags)
+    return json.loads((out / "monitoring.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def monitor_logs(tmp_path_factory):
+    """Tiny request logs (48 faces to both models of tests/monitor_fixtures.py, one
+    unreadable record, 20 s apart: two 1-minute windows and more) and the in-process
+    DirectRunner's monitoring.json on them."""
+    from tests import monitor_fixtures
+
+    root = tmp_path_factory.mktemp("monitor")
+    run = monitor_fixtures.build_served_run(str(root / "run"))
+    faces = monitor_fixtures.replay(run.test_faces, 48, 1)
+    monitor_fixtures.write_request_log(str(root / "logs" / "requests.tfrecord"), faces, run,
+                                       seconds_per_request=20)
+    with tf.io.TFRecordWriter(str(root / "logs" / "garbage.tfrecord")) as writer:
+        writer.write(b"not a PredictionLog")
+    return run, root / "logs", _monitor_record(run, root / "logs", root / "direct", [])
+
+
+def test_monitor_on_the_engine_equals_the_direct_runners(cluster: local_cluster.Cluster,
+                                                         monitor_logs, tmp_path):
+    """`fer-pipeline monitor`'s Beam job on the cluster (parallelism 2): the same verdict,
+    distances, windows, drift and counts as the DirectRunner's on the same logs."""
+    run, logs, direct = monitor_logs
+    ours = _monitor_record(run, logs, tmp_path / "out", cluster.beam_args(parallelism=2))
+    assert direct["faces"] == 48 and direct["bad_records"] == {"not a PredictionLog": 1}
+    assert len(direct["windows"]) > 1 and direct["windows"][1]["drift"]
+    for key in MONITOR_KEYS:
+        assert ours[key] == direct[key], (cluster.engine, key)
+
+
 # ----------------------------------------------------------------------------- doors
 
 def test_the_job_server_listens_on_loopback_only(cluster: local_cluster.Cluster):

@@ -77,7 +77,18 @@ class _Bad(Exception):
     """A record that breaks the serving schema; the argument is the reason counted."""
 
 
+# TensorProto dtypes read straight from tensor_content (tf.make_ndarray costs ~20 us more a
+# tensor, a good part of a batch-1 record's decoding).
+_NUMPY_TYPES = {1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 9: np.int64}
+
+
 def _array(proto: Any) -> np.ndarray:
+    dtype = _NUMPY_TYPES.get(proto.dtype)
+    shape = [d.size for d in proto.tensor_shape.dim]
+    if dtype is not None and proto.tensor_content and all(d >= 0 for d in shape):
+        values = np.frombuffer(proto.tensor_content, dtype)
+        if values.size == int(np.prod(shape)):
+            return values.reshape(shape)
     import tensorflow as tf
     try:
         return tf.make_ndarray(proto)
