@@ -94,6 +94,8 @@ def _committed_outcomes(ctx: RunContext, skipped: dict[str, bool]) -> list[StepO
     """The outcome of each step as committed, the same in every worker."""
     outcomes = []
     for step in build_steps(ctx.models):
+        if step.name not in skipped:   # a step the run left off (tune, unless asked)
+            continue
         commit = read_commit(os.path.join(ctx.run_root, step.directory))
         assert commit is not None, f"the smoke run has no commit for {step.name}"
         outcomes.append(StepOutcome(step.name, commit.uri, skipped[step.name],
