@@ -243,7 +243,7 @@ def _build(pipeline: beam.Pipeline, files: Sequence[str], scratch: str, config: 
     joined = (decoded.answers
               | "Partition" >> beam.ParDo(WritePartitions(scratch, partitions))
               | "FilesOfPartition" >> beam.GroupByKey()
-              | "Join" >> beam.FlatMap(join_partition, tolerance).with_outputs(
+              | "Join" >> beam.FlatMap(join_partition, tolerance, config).with_outputs(
                   "counts", main="faces"))
     faces = joined.faces
     sums = ((decoded.counts, joined.counts,

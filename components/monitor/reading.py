@@ -2,9 +2,9 @@
 
 The logs are TF Serving `PredictionLog` TFRecords (serving/request_log.py writes them).
 `decode_record` turns one serialized record into one `Answer` per face it carried: the
-request's key, the model, version, time and probabilities that answered it, the face's
-image numbers (features.py) and its pixels. What it cannot use is counted, by reason,
-never guessed at:
+request's key, the model, version, time and probabilities that answered it, and the face's
+pixels (its image numbers are measured once per face, after the join: join.py). What it
+cannot use is counted, by reason, never guessed at:
 
 * `SKIPPED` reasons are records that are fine but not monitored: a Classify, a second look
   at faces already answered (`explain`);
@@ -25,7 +25,6 @@ from typing import Any, Iterator, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 
-from fer_pipeline.components.monitor.features import measure
 from fer_pipeline.core.config import MonitorConfig
 from fer_pipeline.core.contract import (FEATURE_PIXELS, IMAGE_SIZE, INPUT_EXAMPLES, INPUT_PIXELS,
     NUM_CLASSES, NUM_PIXELS, OUTPUT_PROBABILITIES, SIGNATURE_EXPLAIN)
@@ -49,7 +48,6 @@ class Answer(NamedTuple):
     version: int
     stamp: int                 # seconds since the epoch (0: unknown)
     probabilities: bytes       # float32 [7]
-    numbers: tuple             # the face's image numbers, features.NUMBERS order
     pixels: bytes              # uint8 [48 * 48]
 
 
@@ -174,8 +172,6 @@ def decode_record(raw: bytes, start: Optional[float], end: Optional[float],
     model = spec.name or response.model_spec.name
     version = int(spec.version.value or response.model_spec.version.value)
     request_key = _request_key(record, raw)
-    numbers = measure(faces, config)
     for index in range(len(faces)):
         yield Answer(request_key + b"#%d" % index, model, version, int(stamp),
-                     probs[index].tobytes(), tuple(float(n[index]) for n in numbers),
-                     faces[index].tobytes())
+                     probs[index].tobytes(), faces[index].tobytes())
