@@ -111,6 +111,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max-requests-per-client", type=int, default=20000,
                         help="bound on the requests one client sends in one window")
     parser.add_argument("--warmup-s", type=float, default=1.0)
+    parser.add_argument("--baseline-rev", default="",
+                        help="a git revision: its fer-serve (core/ and serving/ as of then) "
+                             "runs the unbatched and batching servers too, in the same run, "
+                             "labelled 'before <rev>'")
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: the first model only, a few requests, seconds")
     args = parser.parse_args(argv)
@@ -291,10 +295,14 @@ def _cpu_seconds_pid(pid: int) -> float:
 class ServerProcess:
     """fer-serve on 127.0.0.1, ports chosen by the server (--port 0), read from its banner."""
 
-    def __init__(self, config: str, log_path: str, extra: list[str]) -> None:
+    def __init__(self, config: str, log_path: str, extra: list[str],
+                 source: Optional[str] = None) -> None:
         fer_serve = Path(sys.executable).with_name("fer-serve")
         command = [str(fer_serve)] if fer_serve.exists() else \
             [sys.executable, "-m", "fer_pipeline.serving.server"]
+        if source is not None:   # another revision's fer_pipeline, found before ours
+            command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {source!r}); "
+                       "from fer_pipeline.serving.server import entry_point; entry_point()"]
         self.command = command + ["--model-config", config, "--host", HOST, "--port", "0",
                                   "--rest-port", "0", "--poll-seconds", "30",
                                   "--log-level", "INFO", *extra]
@@ -621,11 +629,23 @@ def log_label(rate: Optional[float]) -> str:
     return NO_LOGS if rate is None else f"{NO_LOGS}, request log {rate:g}"
 
 
+def baseline_source(rev: str, directory: str) -> str:
+    """core/ and serving/ of git revision `rev` as a fer_pipeline package under
+    `directory` (what ServerProcess's `source` runs)."""
+    package = os.path.join(directory, "fer_pipeline")
+    os.makedirs(package)
+    archive = subprocess.run(["git", "archive", rev, "core", "serving"], cwd=REPO,
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", package], input=archive, check=True)
+    return directory
+
+
 def server_configs(args: argparse.Namespace
                    ) -> list[tuple[str, list[str], Optional[float], int]]:
     """(label, flags, request-log sampling rate or None, round) per server, in run order:
     the unbatched servers (rotated each round so drift does not favour one), then the
-    batching ones."""
+    batching ones; with --baseline-rev, the unbatched and batching ones again from that
+    revision ("before <rev>" in their label)."""
     rates: list[Optional[float]] = [None, *args.log_rates]
     rounds = args.rounds if args.log_rates else 1
     configs = []
@@ -638,6 +658,9 @@ def server_configs(args: argparse.Namespace
                         ["--batching", "--max-batch-size", str(args.max_batch_size),
                          "--batch-timeout-ms", f"{timeout:g}", *args.server_flags.split()],
                         None, 0))
+    if args.baseline_rev:
+        configs += [(f"{label} (before {args.baseline_rev})", flags, None, 0)
+                    for label, flags, rate, _ in list(configs) if rate is None]
     return configs
 
 
@@ -705,7 +728,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             directory = os.path.join(tmp, f"server-{index}")
             os.makedirs(directory)
             config = logged_config(models, directory, rate)
-            server = ServerProcess(config, os.path.join(tmp, "server.log"), extra)
+            source = None
+            if "(before " in label:
+                source = os.path.join(tmp, "baseline")
+                if not os.path.isdir(source):
+                    baseline_source(args.baseline_rev, source)
+            server = ServerProcess(config, os.path.join(tmp, "server.log"), extra, source)
             entry = {"config": label, "flags": extra, "start_s": server.start_s,
                      "request_log_rate": rate, "round": round_, "models": {}}
             try:
@@ -808,7 +836,8 @@ def request_log_markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -
 def check_targets(report: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     targets = []
     plain = report["servers"][0]
-    batching = [server for server in report["servers"] if "--batching" in server["flags"]]
+    batching = [server for server in report["servers"] if "--batching" in server["flags"]
+                and "(before " not in server["config"]]
     batch_key = f"throughput_batch{args.max_batch_size}"
     for model in report["models"]:
         name = model["name"]
