@@ -329,7 +329,7 @@ def _found_by(info: dict[str, Any]) -> str:
                           if isinstance(v, (str, int, float, bool)))
         return "the tune step's search" + (f" ({facts})" if facts else "")
     profile = (info.get("config") or {}).get("profile", "default")
-    return (f"the values declared for this model in the model registry (core/config.py), "
+    return (f"the values declared for this model in the model registry (core/model_registry.py), "
             f"{profile} profile, with any config file overrides; no search was run")
 
 

@@ -1,4 +1,4 @@
-"""Hyperparameter search spaces, declared beside each model in the registry (core/config.py).
+"""Hyperparameter search spaces, declared beside each model in the registry (core/model_registry.py).
 
 A space maps fields of `ModelConfig` (learning_rate, dropout, width, batch_size...) to the
 values the tune step may try. It is plain data here, so reading the configuration never

@@ -146,7 +146,7 @@ def build_model(name: str, train_config: TrainConfig, jit_compile: bool | str = 
                 ) -> keras.Model:
     """Builds and compiles registered model `name` with its section of `train_config`.
 
-    The builder comes from the model registry (core/config.py, MODEL_REGISTRY).
+    The builder comes from the model registry (core/model_registry.py, MODEL_REGISTRY).
     `jit_compile` goes to `model.compile` ("auto": Keras decides, i.e. XLA on accelerators);
     the trainer passes `train_config.xla`.
     """

@@ -1,7 +1,7 @@
 """Tuner: searches a registered model's hyperparameters and writes the values `train` uses.
 
 The search (search.py) runs KerasTuner's random, Bayesian or Hyperband search over the
-model's search space (core/config.py MODEL_REGISTRY), each trial trained on the trainer's
+model's search space (core/model_registry.py MODEL_REGISTRY), each trial trained on the trainer's
 own input for `tune.epochs_per_trial` epochs and scored by its best validation accuracy.
 The declared defaults are then trained the same way: only a trial that beats them is
 kept. `best_hyperparameters.json` holds the chosen values either way (the defaults, saying

@@ -1,7 +1,7 @@
 """One KerasTuner search over a registered model's search space (what every tuning
 process runs: the only one, or the chief and each worker of a distributed search).
 
-The model comes from the registry's builder string (core/config.py), never by importing
+The model comes from the registry's builder string (core/model_registry.py), never by importing
 the trainer: components stand alone. Trials train on the trainer's own input
 (core/training_data.py make_dataset) at the batch size the trial drew.
 """
