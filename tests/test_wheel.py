@@ -148,3 +148,17 @@ def test_wheel_installs_and_runs_the_pipeline_outside_the_checkout(tmp_path):
         assert (versions[0] / "assets.extra" / "tf_serving_warmup_requests").is_file()
         assert f'name: "{model}"' in models_config
     assert str(REPO) not in models_config
+
+
+def test_every_package_folder_is_in_the_wheels_package_list():
+    """A package folder missing from [tool.setuptools] packages would be left out of the
+    wheel (the editable install finds it anyway, so nothing else would notice)."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    on_disk = set()
+    for name, folder in setuptools["package-dir"].items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(REPO / folder)
+            on_disk.add(".".join([name, *relative.parts]))
+    assert on_disk - listed == set(), "add these to pyproject.toml's [tool.setuptools] packages"
+    assert listed - on_disk == set(), "pyproject.toml lists packages that do not exist"
