@@ -115,6 +115,7 @@ def test_each_command_shows_its_own_flags(capsys, command):
 def test_beam_options_pass_only_where_beam_runs():
     assert cli_parser.takes_beam_options("ingest") and cli_parser.takes_beam_options("run")
     assert cli_parser.takes_beam_options("compile")
+    assert cli_parser.takes_beam_options("monitor")   # its Beam job (components/monitor/job.py)
     assert not cli_parser.takes_beam_options("train") and not cli_parser.takes_beam_options("lineage")
     assert cli_parser.unknown_beam_options(["--runner=DirectRunner", "--direct_num_workers=2",
                                      "--epochs", "3"]) == ["--epochs", "3"]
