@@ -56,7 +56,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -257,18 +257,34 @@ class RequestLogger:
         timestamp = int(time.time())
 
         def build() -> prediction_log_pb2.PredictionLog:
-            model_spec = model_pb2.ModelSpec(name=name, signature_name=signature)
-            model_spec.version.value = version
+            model_spec, request, response = predict_protos(name, version, signature, inputs,
+                                                           outputs)
             record = _with_metadata(model_spec, spec, timestamp, request_id)
-            request, response = record.predict_log.request, record.predict_log.response
-            request.model_spec.CopyFrom(model_spec)
-            response.model_spec.CopyFrom(model_spec)
-            for key, value in inputs.items():
-                request.inputs[key].CopyFrom(_tensor_proto(value))
-            for key, value in outputs.items():
-                response.outputs[key].CopyFrom(_tensor_proto(value))
+            record.predict_log.request.CopyFrom(request)
+            record.predict_log.response.CopyFrom(response)
             return record
         self._offer(name, spec, build, arrays_bytes(inputs, outputs))
+
+    def log_forwarded(self, name: str, kind: str,
+                      build: Callable[[], tuple[model_pb2.ModelSpec, Any, Any]], size: int,
+                      request_id: str = "") -> None:
+        """A request the logging proxy (serving/proxy.py) forwarded and its upstream
+        answered. `kind`: predict, classify, regress or multi_inference; `build` runs on
+        the writer thread (so parsing and converting cost the request nothing) and returns
+        the model spec that answered, the request and the response as protos."""
+        spec = self._sampled(name)
+        if spec is None:
+            return
+        timestamp = int(time.time())
+
+        def record() -> prediction_log_pb2.PredictionLog:
+            model_spec, request, response = build()
+            out = _with_metadata(model_spec, spec, timestamp, request_id)
+            entry = getattr(out, f"{kind}_log")
+            entry.request.CopyFrom(request)
+            entry.response.CopyFrom(response)
+            return out
+        self._offer(name, spec, record, size)
 
     def _sampled(self, name: str) -> Optional[RequestLogSpec]:
         spec = self._spec_for(name)
@@ -432,6 +448,24 @@ def _tensor_proto(value: np.ndarray) -> tensor_pb2.TensorProto:
     proto.tensor_shape.dim.extend(tensor_shape_pb2.TensorShapeProto.Dim(size=size)
                                   for size in array.shape)
     return proto
+
+
+def predict_protos(name: str, version: int, signature: str, inputs: Mapping[str, np.ndarray],
+                   outputs: Mapping[str, np.ndarray]
+                   ) -> tuple[model_pb2.ModelSpec, Any, Any]:
+    """The ModelSpec, PredictRequest and PredictResponse TF Serving makes of a REST predict
+    whose JSON became `inputs` and `outputs`."""
+    from tensorflow_serving.apis import predict_pb2
+
+    model_spec = model_pb2.ModelSpec(name=name, signature_name=signature)
+    model_spec.version.value = version
+    request = predict_pb2.PredictRequest(model_spec=model_spec)
+    response = predict_pb2.PredictResponse(model_spec=model_spec)
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(_tensor_proto(value))
+    for key, value in outputs.items():
+        response.outputs[key].CopyFrom(_tensor_proto(value))
+    return model_spec, request, response
 
 
 def request_id(given: Optional[str]) -> str:

@@ -11,6 +11,8 @@ When the binary is on PATH (or with --server tfserving) it execs the real server
               [--tensorflow-intra-op-parallelism 0] [--tensorflow-inter-op-parallelism 0]
               [--request-log-max-file-bytes 67108864] [--request-log-max-file-seconds 600]
               [--request-log-queue-records 4096] [--server auto|embedded|tfserving]
+    fer-serve --model-config models.config --upstream HOST | --upstream-grpc HOST:PORT
+              [--upstream-rest HOST:PORT]      (the logging proxy: serving/proxy.py)
 
 Request logs (serving/request_log.py) are configured per model by models.config's
 logging_config; the three --request-log flags say how the files are written.
@@ -215,6 +217,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     from fer_pipeline.serving.batching import BatchingConfig
     from fer_pipeline.serving.access import access_config, add_access_arguments
     from fer_pipeline.serving.http_server import HttpLimits
+    from fer_pipeline.serving.proxy import add_proxy_arguments
     from fer_pipeline.serving.request_log import RequestLogConfig
 
     parser = argparse.ArgumentParser(prog="fer-serve", description=__doc__.split("\n\n")[0])
@@ -287,6 +290,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         default=log_defaults.max_age_s,
                         help="log files older than this are deleted (0: kept)")
     add_access_arguments(parser)
+    add_proxy_arguments(parser)   # --upstream...: the logging proxy (serving/proxy.py)
     parser.add_argument("--server", choices=("auto", "embedded", "tfserving"), default="auto",
                         help="auto: the real tensorflow_model_server when it is on PATH, "
                         "else the embedded server")
@@ -407,6 +411,10 @@ def _main(argv: Optional[list[str]] = None) -> int:
         return 1
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fer_pipeline.serving.proxy import proxy_requested, run_proxy
+
+    if proxy_requested(args):   # forwards to an upstream server; loads no model
+        return run_proxy(args)
     if args.server != "embedded":
         _exec_tfserving(args)
     config = ServerConfig(
