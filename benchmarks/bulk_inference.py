@@ -8,9 +8,11 @@ or with --untrained the registered architectures exported untrained with the run
 transform graph, the same graph and cost per image without waiting for training):
 
 * `fer-pipeline infer` in its own process (Beam DirectRunner in-process, and with
-  --multi-processing also on 2 worker processes): the whole job, CSV to predictions.csv,
-  PredictionLogs and the ML Metadata record; "job s" is the job's own duration
-  (inference.json), "process s" adds interpreter start-up and imports;
+  --multi-processing also on 2 worker processes): the whole job, CSV to the committed
+  prediction shards, PredictionLogs and the ML Metadata record; "job s" is the job's own
+  duration (inference.json), "process s" adds interpreter start-up and imports; "driver
+  peak MiB" is the `fer-pipeline` process's peak resident memory (VmHWM, polled from
+  /proc until it exits; with the DirectRunner in-process the job runs in it too);
 * fer-client over gRPC: the CSV parsed by fer-client (`images_from_csv`), then
   `FerClient.predict` per model in batches of --client-batch faces against `fer-serve`
   (own process, 127.0.0.1, started before the clock; no server-side batching), then the
@@ -20,14 +22,17 @@ transform graph, the same graph and cost per image without waiting for training)
   `combine_batch`.
 
 Every path's decisions are compared with the floor's (class and review flag per face).
+`--paths` picks the paths (e.g. `infer` alone, to measure the driver's memory at another
+size).
 
     .venv/bin/python benchmarks/bulk_inference.py --run RUN [--faces 35887] [--multi-processing]
-        [--out bench_runs/bulk_inference/bulk_inference.json]
+        [--paths in-process,infer,client] [--out bench_runs/bulk_inference/bulk_inference.json]
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import os
 import resource
@@ -47,7 +52,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.serving import ServerProcess, machine_facts  # noqa: E402
 from fer_pipeline.core.config import MODEL_NAMES, EvalConfig  # noqa: E402
-from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE, PREDICTIONS_FILE  # noqa: E402
+from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -68,6 +73,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="faces per gRPC request of the fer-client path")
     parser.add_argument("--multi-processing", action="store_true",
                         help="also run infer on the DirectRunner's 2 worker processes")
+    parser.add_argument("--paths", default="in-process,infer,client",
+                        help="which paths to run: in-process, infer, client")
     parser.add_argument("--out", default="bench_runs/bulk_inference/bulk_inference.json")
     parser.add_argument("--work", help="scratch directory (default: a temporary one)")
     return parser.parse_args(argv)
@@ -100,10 +107,14 @@ def serving_root_from_run(run: str, models: list[str], root: str, untrained: boo
 
 
 def read_faces(path: str) -> np.ndarray:
+    """uint8 [n, 48, 48], parsed row by row into one array (no list of rows at 200,000)."""
     with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return np.stack([np.array(r["pixels"].split(), np.uint8) for r in rows]).reshape(
-        -1, IMAGE_SIZE, IMAGE_SIZE)
+        rows = sum(1 for _ in handle) - 1
+    faces = np.empty((rows, IMAGE_SIZE * IMAGE_SIZE), np.uint8)
+    with open(path, newline="") as handle:
+        for index, row in enumerate(csv.DictReader(handle)):
+            faces[index] = np.array(row["pixels"].split(), np.uint8)
+    return faces.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
 
 
 def in_process(data: str, paths: dict[str, str], batch: int, tolerance: float
@@ -156,27 +167,66 @@ def fer_client(data: str, config: str, faces: int, batch: int, models: list[str]
              "cpu_s": round(client_cpu + server_cpu, 1)}, class_ids, review)
 
 
+class PeakMemory:
+    """Polls a process's VmHWM (the kernel's record of its peak resident set) every 50 ms
+    until it exits; `peak_mib` is the last value read."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.peak_mib = 0.0
+        self._path = f"/proc/{pid}/status"
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while True:
+            try:
+                text = Path(self._path).read_text()
+            except OSError:
+                return   # it exited
+            for line in text.splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_mib = max(self.peak_mib, int(line.split()[1]) / 1024)
+            time.sleep(0.05)
+
+    def join(self) -> float:
+        self._thread.join()
+        return self.peak_mib
+
+
 def bulk_infer(data: str, root: str, output: str, models: list[str], beam_args: list[str],
                label: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """`fer-pipeline infer` in its own process; decisions read back from predictions.csv."""
+    """`fer-pipeline infer` in its own process; decisions read back from the committed
+    prediction shards, sorted into the CSV's order."""
+    from fer_pipeline.components.bulk_inferrer import csv_rows, prediction_order, read_committed
+    from fer_pipeline.components.bulk_inferrer.outputs import shard_pattern
+
     command = [str(BIN / "fer-pipeline"), "infer", "--data", data, "--output", output,
                "--serving-root", root, "--models", ",".join(models), *beam_args]
     started, children = time.perf_counter(), _children_cpu()
-    done = subprocess.run(command, capture_output=True, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    memory = PeakMemory(process.pid)
+    _, stderr = process.communicate()   # the driver's /proc entry stays until it is reaped
     seconds = time.perf_counter() - started
     cpu = _children_cpu() - children   # the process and its Beam workers, imports included
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(Path(output, "inference.json").read_text())
-    with open(os.path.join(output, PREDICTIONS_FILE), newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    peak_mib = memory.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
+    committed = read_committed(output)
+    result = committed.manifest["result"]
+    rows = sorted(csv_rows(shard_pattern(committed.uri, "predictions")), key=prediction_order)
     class_ids = np.array([CLASS_NAMES.index(r["decision"]) for r in rows])
     review = np.array([r["needs_review"] == "yes" for r in rows])
     faces = result["faces_scored"]
     return ({"path": label, "seconds": round(result["seconds"], 2),
              "images_per_s": round(faces / result["seconds"], 1),
              "process_s": round(seconds, 2), "cpu_s": round(cpu, 1),
-             "process_images_per_s": round(faces / seconds, 1)}, class_ids, review)
+             "process_images_per_s": round(faces / seconds, 1),
+             "driver_peak_mib": round(peak_mib),
+             "prediction_shards": len(glob.glob(shard_pattern(committed.uri, "predictions")))},
+            class_ids, review)
 
 
 def _children_cpu() -> float:
@@ -200,12 +250,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{args.faces} faces, models {models}, {facts['cpu']}, load {facts['loadavg_at_start']}",
           flush=True)
 
-    rows, decisions = [], {}
-    floor, class_ids, review = in_process(data, paths, args.batch, tolerance)
-    decisions["in-process"] = (class_ids, review)
-    rows.append(floor)
-    print(floor, flush=True)
-    runs = [("direct", [], "fer-pipeline infer, Beam DirectRunner in-process")]
+    wanted = set(args.paths.split(","))
+    rows, decisions, names = [], {}, []
+    floor = None
+    if "in-process" in wanted:
+        floor, class_ids, review = in_process(data, paths, args.batch, tolerance)
+        decisions["in-process"] = (class_ids, review)
+        rows.append(floor)
+        names.append("in-process")
+        print(floor, flush=True)
+    runs = ([("direct", [], "fer-pipeline infer, Beam DirectRunner in-process")]
+            if "infer" in wanted else [])
     if args.multi_processing:
         runs.append(("multi", ["--direct_running_mode=multi_processing",
                                "--direct_num_workers=2"],
@@ -215,32 +270,38 @@ def main(argv: Optional[list[str]] = None) -> int:
                                             models, beam_args, label)
         decisions[name] = (class_ids, review)
         rows.append(row)
+        names.append(name)
         print(row, flush=True)
-    client, class_ids, review = fer_client(data, os.path.join(root, "models.config"),
-                                           args.faces, args.client_batch, models, tolerance,
-                                           os.path.join(work, "fer-serve.log"))
-    decisions["client"] = (class_ids, review)
-    rows.append(client)
-    print(client, flush=True)
+    if "client" in wanted:
+        client, class_ids, review = fer_client(data, os.path.join(root, "models.config"),
+                                               args.faces, args.client_batch, models,
+                                               tolerance, os.path.join(work, "fer-serve.log"))
+        decisions["client"] = (class_ids, review)
+        rows.append(client)
+        names.append("client")
+        print(client, flush=True)
 
-    reference = decisions["in-process"]
-    for row, name in zip(rows, ["in-process", *[n for n, _, _ in runs], "client"]):
-        row["decisions_equal_floor"] = bool(
+    reference = decisions.get("in-process")
+    for row, name in zip(rows, names):
+        row["decisions_equal_floor"] = reference is not None and bool(
             np.array_equal(decisions[name][0], reference[0])
             and np.array_equal(decisions[name][1], reference[1]))
-        row["vs_floor"] = round(row["images_per_s"] / floor["images_per_s"], 2)
+        row["vs_floor"] = (round(row["images_per_s"] / floor["images_per_s"], 2)
+                           if floor else None)
         row["cpu_ms_per_image"] = round(1000 * row["cpu_s"] / args.faces, 1)
     report = {"faces": args.faces, "untrained": args.untrained,
               "models": {m: p for m, p in paths.items()},
               "machine": facts, "loadavg_at_end": list(os.getloadavg()), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print("\n| path | s | images/s | / in-process | CPU ms/image | decisions equal |")
-    print("|---|---|---|---|---|---|")
+    print("\n| path | s | images/s | / in-process | CPU ms/image | decisions equal | "
+          "driver peak MiB |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['path']} | {row['seconds']} | {row['images_per_s']:,} | "
               f"{row['vs_floor']} | {row['cpu_ms_per_image']} | "
-              f"{'yes' if row['decisions_equal_floor'] else 'NO'} |")
+              f"{'yes' if row['decisions_equal_floor'] else 'NO'} | "
+              f"{row.get('driver_peak_mib', '')} |")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0
