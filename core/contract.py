@@ -93,11 +93,13 @@ OUTPUT_SALIENCY = "saliency"       # float32 [batch, 7, 48, 48], each map scaled
 # The human review queue (serving/review_queue.py): one SQLite file in a queue directory.
 REVIEW_QUEUE_FILE = "review_queue.sqlite3"
 
-# Bulk inference's output directory (components/bulk_inferrer/, `fer-pipeline infer`).
+# Bulk inference's execution directory (components/bulk_inferrer/, `fer-pipeline infer`;
+# COMMIT.json beside it names it). The records are Beam shards: predictions.csv is written
+# as predictions/predictions-SSSSS-of-NNNNN.csv, rejected.csv as rejected/rejected-...csv.
 PREDICTIONS_FILE = "predictions.csv"
 PREDICTION_LOGS_DIR = "prediction_logs"       # <model>/prediction_logs-SSSSS-of-NNNNN.tfrecord
 INFERENCE_REJECTED_FILE = "rejected.csv"     # the columns of ingest's rejected_rows.csv
-INFERENCE_RESULT_FILE = "inference.json"     # the result record, written last
+INFERENCE_RESULT_FILE = "inference.json"     # the driver's summary, written after the job
 # The extra feature of the tf.Examples bulk inference sends to `serving_examples` (the
 # models read only `pixels`): where the face came from, so each PredictionLog names it.
 FEATURE_SOURCE = "source"          # bytes, "path:line" (CSV) or "path#face<i>" (photo)
