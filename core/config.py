@@ -23,6 +23,7 @@ import yaml  # PyYAML ships with apache-beam
 from fer_pipeline.core.config_loading import (YamlLoader, at_least, between, check_order,
                                               check_values, fractions, local_directory,
                                               merge, one_of, optional, positive, setting)
+from fer_pipeline.core.contract import CLASS_NAMES
 from fer_pipeline.core.errors import ConfigError
 from fer_pipeline.core.model_registry import (IMPORTED_MODELS, IMPORTED_NAMES, MODEL_NAMES,
                                              MODEL_REGISTRY, ImportedModel, ModelConfig,
@@ -57,6 +58,11 @@ class IngestConfig:
     remove_cross_split_duplicates: bool = setting(
         True, help="faces in two splits: drop from validation/test, keep in train")
     num_shards: int = setting(0, check=at_least(0), help="0: let the runner choose")
+    # Image folders given as --data: folder name -> class, over the built-in FER-2013 and
+    # RAF-DB names (components/example_gen/images.py); matched without regard to case.
+    class_map: dict[str, str] = setting(
+        factory=dict, check=one_of(*CLASS_NAMES),
+        help="image folder name -> class, added to the built-in FER-2013 and RAF-DB names")
 
 
 # The schema the pipeline validates against is package data of fer_pipeline.schemas, found

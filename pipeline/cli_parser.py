@@ -80,8 +80,10 @@ def _add_step_flags(parser: argparse.ArgumentParser, steps: list[Step]) -> None:
                         help="run root (local directory or gs:// / s3:// URI)")
     if any(DATA in step.inputs.values() for step in steps):
         parser.add_argument("--data", required=True, action="append",
-                            help="FER-2013 format CSV; repeat to train on several "
-                                 "(e.g. the original data plus reviewed faces)")
+                            help="FER-2013 format CSV, or a folder of labelled images "
+                                 "(one subfolder per class, optionally under train/ and "
+                                 "test/); repeat to train on several (e.g. the original "
+                                 "data plus reviewed faces)")
     parser.add_argument("--config", help="YAML or JSON file overriding core/config.py")
     parser.add_argument("--profile", default="default", choices=["default", "smoke"],
                         help="'smoke' shrinks training for tests and demos")

@@ -270,8 +270,9 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
     model_inputs = {f"model_{m}": f"{model_step(m)}.model_run" for m in models}
     steps = [
         Step("ingest", "examples", {"data": DATA}, {"examples": ""}, _ingest,
-             _section("ingest"), ("fer_pipeline.components.example_gen",),
-             "CSV -> split, quarantined, de-duplicated TFRecords", beam=True),
+             _section("ingest"), ("fer_pipeline.components.example_gen.executor",
+                                  "fer_pipeline.components.example_gen.images"),
+             "CSV or image folders -> split, quarantined, de-duplicated TFRecords", beam=True),
         Step("augment", "augmented", {"examples": "ingest.examples"}, {"augmented": ""},
              _augment, _section("augment"), ("fer_pipeline.components.augment",),
              "class-balancing augmentation of the training split", beam=True),

@@ -151,15 +151,14 @@ def keras_file_input(model: str, config: PipelineConfig) -> tuple[str, list[Arti
 
 
 def check_data_paths(data_paths: Sequence[str]) -> list[str]:
-    """The --data files, each checked to be an existing file; PipelineError naming it if not."""
+    """The --data paths, each checked to exist; PipelineError naming it if not. A directory
+    is a labelled image folder (ingest checks its layout)."""
     if not data_paths:
-        raise PipelineError("ingest needs --data PATH (a FER-2013 format CSV)")
+        raise PipelineError("ingest needs --data PATH (a FER-2013 format CSV or an image folder)")
     for path in data_paths:
         if not fileio.exists(path):
             raise PipelineError(f"--data {path}: no such file (for a synthetic FER-2013 CSV "
                                 "to try the pipeline with: `fer-pipeline synth --out PATH`)")
-        if fileio.isdir(path):
-            raise PipelineError(f"--data {path} is a directory; give a FER-2013 CSV file")
     return list(data_paths)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from fer_pipeline.components import example_gen
+from fer_pipeline.components.example_gen import executor as example_gen
 from fer_pipeline.components.example_gen import (
     ReadChunkLines, TooManyRejectedRows, plan_chunks, run_example_gen, shard_paths,
     split_boundaries)

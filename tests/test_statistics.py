@@ -16,10 +16,10 @@ from tensorflow_metadata.proto.v0 import statistics_pb2
 from fer_pipeline.components.statistics.executor import (STATISTICS_HTML, STATISTICS_FILE, pixels_as_int_lists,
                                    present_splits, run_statistics)
 from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
-    FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, NUM_PIXELS)
+    FEATURE_ROW, FEATURE_SOURCE, FEATURE_SOURCE_ROW, FEATURE_USAGE, NUM_PIXELS)
 
 ALL_FEATURES = (FEATURE_LABEL, FEATURE_PIXELS, FEATURE_USAGE, FEATURE_ROW, FEATURE_SOURCE_ROW,
-                FEATURE_AUGMENTATION)
+                FEATURE_AUGMENTATION, FEATURE_SOURCE)
 USAGE_OF = {"train": b"Training", "validation": b"PublicTest", "test": b"PrivateTest"}
 
 
@@ -34,6 +34,8 @@ def make_example(label: int, pixels: bytes, usage: bytes, row: int,
         FEATURE_SOURCE_ROW: tf.train.Feature(int64_list=tf.train.Int64List(value=[row])),
         FEATURE_AUGMENTATION: tf.train.Feature(
             bytes_list=tf.train.BytesList(value=[b"original"])),
+        FEATURE_SOURCE: tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[f"data.csv:{row}".encode()])),
     }
     for name in drop:
         del features[name]

@@ -198,7 +198,7 @@ def rejected_section(rejected: Mapping[str, Any]) -> str:
             "(<code>examples/rejected/rejected_rows.csv</code>). By reason:</p>"
             + table(["reason", "rows"], reasons, raw=True)
             + f"<p class=\"muted\">The first {len(shown)}:</p>"
-            + table(["CSV line", "reason", "raw line (shortened)"], shown))
+            + table(["CSV line or image file", "reason", "raw line (shortened)"], shown))
 
 
 def duplicates_section(duplicates: Optional[Mapping[str, Any]],

@@ -205,7 +205,9 @@ def rejected_summary(rejected: list[dict[str, str]]) -> dict[str, Any]:
         code = reason_code(row["reason"])
         by_reason[code] = by_reason.get(code, 0) + 1
     return {"total": len(rejected), "by_reason": dict(sorted(by_reason.items())),
-            "shown": [{"line_number": int(r["line_number"]), "reason": r["reason"],
+            # An image has no line number: its file (source) is shown instead.
+            "shown": [{"line_number": int(r["line_number"]) if r["line_number"] else
+                       r.get("source", ""), "reason": r["reason"],
                        "raw_line": _shorten(r.get("raw_line") or "", 90)}
                       for r in rejected[:MAX_REJECTED_SHOWN]]}
 

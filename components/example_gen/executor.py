@@ -1,4 +1,5 @@
-"""ExampleGen: a FER-2013-format CSV in, split and sharded TFRecords of tf.train.Example out.
+"""ExampleGen: FER-2013-format CSVs and labelled image folders (images.py) in, split and
+sharded TFRecords of tf.train.Example out.
 
 The Beam pipeline, top to bottom:
 
@@ -12,6 +13,8 @@ The Beam pipeline, top to bottom:
    hash of the line number (so the outcome does not depend on runner parallelism);
 4. group identical images (sha1 of the pixels) and, when copies landed in different splits,
    keep the copy in the earliest split (train, validation, test) and reject the others;
+   (image folders join here: images.py reads, decodes and crops them in the same job, as
+   records (row, label, pixels, usage, path) numbered after the CSV lines);
 5. write tf.train.Examples per split, plus small JSON-lines reports that the driver turns
    into `rejected/rejected_rows.csv`, `duplicates.json` and the result counts.
 
@@ -35,10 +38,13 @@ from fer_pipeline.core.fer_csv import (JSONL_HEADER, READ_CHUNK_BYTES, REJECTED_
                                        ParseRows, ReadChunkLines, plan_chunks, read_header,
                                        read_jsonl, reason_code, rejection, write_rejected_csv)
 from fer_pipeline.core.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
-    FEATURE_ROW, FEATURE_SOURCE_ROW, FEATURE_USAGE, EXAMPLES_PATTERN,
+    FEATURE_ROW, FEATURE_SOURCE, FEATURE_SOURCE_ROW, FEATURE_USAGE, EXAMPLES_PATTERN,
     SHARD_PREFIX, SHARD_SUFFIX, SPLITS, USAGE_TO_SPLIT, REJECTED_DIR, REJECTED_FILE,
     DUPLICATES_FILE)
 from fer_pipeline.core.errors import ConfigError, InputDataError
+from fer_pipeline.components.example_gen.images import (ImageTree, image_records, image_rejection,
+                                                       is_image_tree, resolve_class_map,
+                                                       scan_image_tree)
 
 __all__ = ["run_example_gen", "ExampleGenResult", "TooManyRejectedRows"]
 
@@ -74,6 +80,8 @@ class ExampleGenResult:
     duplicates_path: str = ""
     # With several input CSVs: per file, the line range it occupies in the combined input.
     sources: list[dict[str, Any]] = field(default_factory=list)
+    # Per image folder given as --data: its root and whether it had split folders.
+    image_trees: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -137,13 +145,19 @@ class ResolveDuplicates(beam.DoFn):
         for split, record in copies:
             if split != keeper_split and self._remove:
                 reason = f"{DUPLICATE_REASON_PREFIX}{keeper_split}_row:{keeper[0]}"
-                yield beam.pvalue.TaggedOutput(REJECTED_TAG, rejection(record[0], reason, None))
+                if image_path(keeper):
+                    reason += f" ({image_path(keeper)})"
+                yield beam.pvalue.TaggedOutput(REJECTED_TAG, image_rejection(
+                    image_path(record), reason) if image_path(record)
+                    else rejection(record[0], reason, None))
                 removed.append(record[0])
             else:
                 yield split, record
         yield beam.pvalue.TaggedOutput(_DUPLICATES, {
             "pixels_sha1": digest,
-            "rows": [{"line_number": r[0], "split": s} for s, r in copies],
+            "rows": [{"line_number": r[0], "split": s, **({"source": image_path(r)}
+                                                          if image_path(r) else {})}
+                     for s, r in copies],
             "kept_in": keeper_split if self._remove else "all",
             "removed_line_numbers": removed})
 
@@ -151,11 +165,18 @@ class ResolveDuplicates(beam.DoFn):
 # ---------------------------------------------------------------------------------------
 # Output
 
-def to_example(split_record: tuple[str, tuple]) -> bytes:
+def image_path(record: tuple) -> str:
+    """An image record's file (records from images carry it fifth; CSV rows have four)."""
+    return record[4] if len(record) > 4 else ""
+
+
+def to_example(split_record: tuple[str, tuple], csv_sources: list[dict[str, Any]]) -> bytes:
     """The raw tf.train.Example of docs/architecture.md, serialized."""
     import tensorflow as tf  # imported in the worker; the driver never needs TF here
 
-    _, (line, label, pixels, usage) = split_record
+    _, record = split_record
+    line, label, pixels, usage = record[:4]
+    source = image_path(record) or source_of(line, csv_sources)
     feature = tf.train.Feature
     return tf.train.Example(features=tf.train.Features(feature={
         FEATURE_LABEL: feature(int64_list=tf.train.Int64List(value=[label])),
@@ -164,6 +185,7 @@ def to_example(split_record: tuple[str, tuple]) -> bytes:
         FEATURE_ROW: feature(int64_list=tf.train.Int64List(value=[line])),
         FEATURE_SOURCE_ROW: feature(int64_list=tf.train.Int64List(value=[line])),
         FEATURE_AUGMENTATION: feature(bytes_list=tf.train.BytesList(value=[ORIGINAL.encode()])),
+        FEATURE_SOURCE: feature(bytes_list=tf.train.BytesList(value=[source.encode()])),
     })).SerializeToString()
 
 
@@ -183,23 +205,48 @@ def named_count(pair: tuple[str, int]) -> str:
     return count_entry(pair[0], pair[1])
 
 
-def build_pipeline(pipeline: beam.Pipeline, data_path: str, chunks: list[tuple[int, int, int]],
-                   output_dir: str, columns: CsvColumns, split_mode: str,
+@dataclass(frozen=True)
+class Inputs:
+    """What one ingest reads: a CSV (several are combined into one first) and image trees."""
+    data_path: str = ""                      # "" when only image folders were given
+    chunks: tuple[tuple[int, int, int], ...] = ()
+    columns: Any = None                      # CsvColumns of the CSV
+    csv_sources: tuple[dict[str, Any], ...] = ()
+    trees: tuple[ImageTree, ...] = ()
+    first_image_row: int = 2                 # images are numbered after the CSV's lines
+
+
+def build_pipeline(pipeline: beam.Pipeline, inputs: Inputs, output_dir: str, split_mode: str,
                    config: IngestConfig) -> None:
     tmp = fileio.join(output_dir, _BEAM_TMP)
-    # Only the small chunk descriptors are shuffled; reading fuses with parsing, so raw lines
-    # are never materialized as one collection.
-    lines = (pipeline
-             | "Chunks" >> beam.Create(chunks)
-             | "Spread" >> beam.Reshuffle()
-             | "ReadLines" >> beam.ParDo(ReadChunkLines(data_path)))
-    parsed = lines | "Parse" >> beam.ParDo(
-        ParseRows(columns, split_mode == "usage")).with_outputs(REJECTED_TAG, main="rows")
+    rows, rejections, read_counts = [], [], []
+    if inputs.data_path:
+        # Only the small chunk descriptors are shuffled; reading fuses with parsing, so raw
+        # lines are never materialized as one collection.
+        lines = (pipeline
+                 | "Chunks" >> beam.Create(list(inputs.chunks))
+                 | "Spread" >> beam.Reshuffle()
+                 | "ReadLines" >> beam.ParDo(ReadChunkLines(inputs.data_path)))
+        parsed = lines | "Parse" >> beam.ParDo(
+            ParseRows(inputs.columns, split_mode == "usage")).with_outputs(REJECTED_TAG,
+                                                                          main="rows")
+        rows.append(parsed.rows)
+        rejections.append(parsed[REJECTED_TAG])
+        read_counts.append(lines | "CountLines" >> beam.combiners.Count.Globally())
+    if inputs.trees:
+        images = image_records(pipeline, inputs.trees, inputs.first_image_row, config.seed)
+        rows.append(images.rows)
+        rejections.append(images[REJECTED_TAG])
+        read_counts.append(
+            (images.rows | "CountImages" >> beam.combiners.Count.Globally(),
+             images[REJECTED_TAG] | "CountBadImages" >> beam.combiners.Count.Globally())
+            | "ImageCounts" >> beam.Flatten() | "SumImages" >> beam.CombineGlobally(sum))
+    all_rows = rows[0] if len(rows) == 1 else tuple(rows) | "AllRows" >> beam.Flatten()
 
     if split_mode == "usage":
-        assigned = parsed.rows | "ByUsage" >> beam.Map(split_by_usage)
+        assigned = all_rows | "ByUsage" >> beam.Map(split_by_usage)
     else:
-        assigned = (parsed.rows
+        assigned = (all_rows
                     | "KeyByLabel" >> beam.Map(keyed_by_label, config.seed)
                     | "GroupByLabel" >> beam.GroupByKey()
                     | "Stratify" >> beam.FlatMap(assign_stratified, tuple(config.split_fractions)))
@@ -214,12 +261,12 @@ def build_pipeline(pipeline: beam.Pipeline, data_path: str, chunks: list[tuple[i
     per_split = resolved.kept | "BySplit" >> beam.Partition(split_index, len(SPLITS))
     for index, split in enumerate(SPLITS):
         (per_split[index]
-         | f"Serialize_{split}" >> beam.Map(to_example)
+         | f"Serialize_{split}" >> beam.Map(to_example, list(inputs.csv_sources))
          | f"Write_{split}" >> beam.io.WriteToTFRecord(
              fileio.join(output_dir, split, SHARD_PREFIX), file_name_suffix=SHARD_SUFFIX,
              num_shards=config.num_shards, shard_name_template="-SSSSS-of-NNNNN"))
 
-    rejected = (parsed[REJECTED_TAG], resolved[REJECTED_TAG]) | "AllRejected" >> beam.Flatten()
+    rejected = (*rejections, resolved[REJECTED_TAG]) | "AllRejected" >> beam.Flatten()
     (rejected | "RejectedJson" >> beam.Map(json.dumps)
      | "WriteRejected" >> beam.io.WriteToText(fileio.join(tmp, "rejected"), ".jsonl",
                                               header=JSONL_HEADER))
@@ -230,7 +277,7 @@ def build_pipeline(pipeline: beam.Pipeline, data_path: str, chunks: list[tuple[i
     # Counts are computed independently of each other so read == written + rejected is a
     # check, not an identity.
     counts = (
-        lines | "CountRead" >> beam.combiners.Count.Globally()
+        tuple(read_counts) | "AllRead" >> beam.Flatten() | "CountRead" >> beam.CombineGlobally(sum)
         | "ReadEntry" >> beam.Map(_read_entry),
         resolved.kept | "SplitNames" >> beam.Map(split_name)
         | "CountPerSplit" >> beam.combiners.Count.PerElement()
@@ -255,7 +302,8 @@ def _within_entry(count: int) -> str:
 
 def _fill_raw_lines(data_path: str, rejected: list[dict[str, Any]]) -> None:
     """Duplicates were rejected after parsing; fetch their raw text with one more pass."""
-    wanted = {r["line_number"]: r for r in rejected if r["raw_line"] is None}
+    wanted = {r["line_number"]: r for r in rejected
+              if r["raw_line"] is None and r["line_number"] is not None}
     if not wanted:
         return
     with FileSystems.open(data_path) as f:
@@ -265,11 +313,16 @@ def _fill_raw_lines(data_path: str, rejected: list[dict[str, Any]]) -> None:
                 wanted[number]["raw_line"] = raw.decode("utf-8", errors="backslashreplace")
 
 
-def _resolve_split_mode(columns: CsvColumns, config: IngestConfig) -> str:
+def _resolve_split_mode(columns: CsvColumns | None, trees: Sequence[ImageTree],
+                        config: IngestConfig) -> str:
+    """"usage" only when every input says its split: a CSV's Usage column, an image tree's
+    train/validation/test folders; otherwise the stratified random split for all."""
     if config.split_mode not in ("usage", "random"):
         raise ConfigError(f"IngestConfig.split_mode must be 'usage' or 'random', "
                           f"not {config.split_mode!r}")
-    return "usage" if config.split_mode == "usage" and columns.usage is not None else "random"
+    usage_known = ((columns is None or columns.usage is not None)
+                   and all(tree.has_splits for tree in trees))
+    return "usage" if config.split_mode == "usage" and usage_known else "random"
 
 
 def combine_csvs(data_paths: Sequence[str], combined_path: str) -> list[dict[str, Any]]:
@@ -316,7 +369,8 @@ def run_example_gen(data_path: str | Sequence[str], output_dir: str, config: Ing
     """Parses the CSV at `data_path` into split TFRecords under `output_dir` (see module doc).
 
     `data_path` may be a list of CSVs with the same header: they are ingested as one
-    (see `combine_csvs`), and each rejected row names its own file and line.
+    (see `combine_csvs`), and each rejected row names its own file and line. Any of them
+    may instead be a labelled image folder (images.py), read in the same job.
     Raises TooManyRejectedRows (after writing the rejected-rows file) when more than
     config.max_rejected_fraction of the rows could not be parsed.
     """
@@ -325,31 +379,44 @@ def run_example_gen(data_path: str | Sequence[str], output_dir: str, config: Ing
     # flags (e.g. --s3_endpoint_url) the way a pipeline would.
     fileio.configure_beam_filesystems(beam_args)
     sources: list[dict[str, Any]] = []
-    if not isinstance(data_path, str):
-        paths = list(data_path)
+    paths = [data_path] if isinstance(data_path, str) else list(data_path)
+    class_map = resolve_class_map(config.class_map)
+    trees = [scan_image_tree(p, class_map, config.split_fractions)
+             for p in paths if is_image_tree(p)]
+    csvs = [p for p in paths if not is_image_tree(p)]
+    data_path = csvs[0] if len(csvs) == 1 else ""
+    if len(csvs) > 1:
         data_path = fileio.join(output_dir, _COMBINED_DIR, "combined.csv")
-        sources = combine_csvs(paths, data_path)
-    columns = read_header(data_path)
-    split_mode = _resolve_split_mode(columns, config)
+        sources = combine_csvs(csvs, data_path)
+    columns = read_header(data_path) if data_path else None
+    split_mode = _resolve_split_mode(columns, trees, config)
     tmp = fileio.join(output_dir, _BEAM_TMP)
     fileio.rmtree(tmp)
     for split in SPLITS:
         # An empty split still gets its directory (locally; object stores need none).
         fileio.makedirs(fileio.join(output_dir, split))
 
-    chunks = plan_chunks(data_path, READ_CHUNK_BYTES)
+    chunks = plan_chunks(data_path, READ_CHUNK_BYTES) if data_path else []
+    csv_sources = sources or ([{"path": data_path, "first_line": 2, "last_line": 1 << 62}]
+                              if data_path else [])
+    inputs = Inputs(data_path, tuple(chunks), columns, tuple(csv_sources), tuple(trees),
+                    _last_line(data_path, chunks) + 1)
     with beam_pipeline(beam_args, "ingest") as pipeline:
-        build_pipeline(pipeline, data_path, chunks, output_dir, columns, split_mode, config)
+        build_pipeline(pipeline, inputs, output_dir, split_mode, config)
 
     counts = {c["name"]: c["count"] for c in read_jsonl(fileio.join(tmp, "counts*"))}
-    rejected = sorted(read_jsonl(fileio.join(tmp, "rejected*")), key=lambda r: r["line_number"])
+    # CSV rows by line, then images (no line number) by path.
+    rejected = sorted(read_jsonl(fileio.join(tmp, "rejected*")),
+                      key=lambda r: (r["line_number"] is None, r["line_number"] or 0,
+                                     r.get("source", "")))
     duplicates = sorted(read_jsonl(fileio.join(tmp, "duplicates*")),
                         key=lambda d: d["rows"][0]["line_number"])
     fileio.rmtree(tmp)
     _fill_raw_lines(data_path, rejected)
     if sources:
         for r in rejected:
-            r["source"] = source_of(r["line_number"], sources)
+            if r["line_number"] is not None:
+                r["source"] = source_of(r["line_number"], sources)
         fileio.rmtree(fileio.join(output_dir, _COMBINED_DIR))
 
     rejected_path = fileio.join(output_dir, REJECTED_DIR, REJECTED_FILE)
@@ -381,9 +448,23 @@ def run_example_gen(data_path: str | Sequence[str], output_dir: str, config: Ing
         rejected_path=rejected_path,
         duplicates_path=duplicates_path,
         sources=sources,
+        image_trees=[{"root": t.root, "split_folders": t.has_splits,
+                      "class_folders": len(t.folders)} for t in trees],
         seconds=round(time.time() - started, 3))
     _check_rejected_fraction(result, config.max_rejected_fraction)
     return result
+
+
+def _last_line(data_path: str, chunks: Sequence[tuple[int, int, int]]) -> int:
+    """The CSV's last line number (1: only a header, or no CSV): its last chunk's first line
+    plus the newlines inside that chunk."""
+    if not chunks:
+        return 1
+    offset, length, first = chunks[-1]
+    with FileSystems.open(data_path) as f:
+        f.seek(offset)
+        block = f.read(length)
+    return first + block.count(b"\n") - (1 if block.endswith(b"\n") else 0)
 
 
 def shard_paths(examples_dir: str, split: str) -> list[str]:
