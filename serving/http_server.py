@@ -447,10 +447,3 @@ class _HandlerRequest:
 
     def __getattr__(self, name: str):
         return getattr(self._server, name)
-
-
-def make_limits(**overrides) -> HttpLimits:
-    """HttpLimits with `overrides` (None values keep the defaults)."""
-    return HttpLimits(**{key: value for key, value in overrides.items() if value is not None})
-
-
