@@ -244,6 +244,20 @@ def test_the_job_takes_every_signature_and_counts_what_it_skips_and_what_is_bad(
                              until=datetime.fromtimestamp(450, timezone.utc))
     assert window.records == 4 and window.stamps == (200, 200)
     assert window.counts[("faces", "")] == 3
+    # A file a server still appends to ends at its last whole record, beside a closed one.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for name, stamps in (("requests.tfrecord", (100, 200)), ("open.tfrecord", (300, 400))):
+        with tf.io.TFRecordWriter(str(logs / name)) as writer:
+            for stamp in stamps:
+                writer.write(_log_entry("cnn", "serving_uint8", {"pixels": faces}, probs,
+                                        stamp))
+    data = (logs / "open.tfrecord").read_bytes()
+    (logs / "open.tfrecord").rename(logs / "open.tfrecord.partial")
+    (logs / "open.tfrecord.partial").write_bytes(data[:len(data) // 2 + 100])
+    both = collect_traffic([str(logs)], str(tmp_path / "job"), MonitorConfig())
+    assert both.records == 3 and both.counts[("faces", "")] == 9
+    assert both.stamps == (100, 300)
 
 
 def test_a_share_of_bad_records_above_max_bad_share_is_an_alert(served, tmp_path):

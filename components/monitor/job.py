@@ -4,8 +4,9 @@
          --WritePartitions / GroupByKey(file names) / join_partition--> faces (join.py)
     faces --> tfdv.GenerateStatistics, sliced by time window (image features, answers)
           --> hash sample --> tfdv.GenerateStatistics (every pixel value)
-          --> CombinePerKey(sum): records, bad / skipped reasons, class mix, confidence,
-              review rate, per window and model version
+    counts --> CombinePerKey(sum): records, bad / skipped reasons (summed as decoded),
+              class mix, confidence, review rate per window and model version (summed
+              per partition by the join)
           --> Top.Smallest: the least confident faces, the tied faces (bounded)
 
 Everything runs in the workers; the driver gets only the statistics, the sums and the two
@@ -25,6 +26,7 @@ to the same numbers.
 """
 from __future__ import annotations
 
+import functools
 import pickle
 import zlib
 from dataclasses import dataclass, field
@@ -230,25 +232,32 @@ def _build(pipeline: beam.Pipeline, files: Sequence[str], scratch: str, config: 
            partitions: int, pixel_rate: float, lowest: int) -> None:
     closed = [f for f in files if not f.endswith(".partial")]
     open_files = [f for f in files if f.endswith(".partial")]
-    reads = []
+    reads = {}
     if closed:
-        reads.append(pipeline | "LogFiles" >> beam.Create(closed)
-                     | "ReadLogs" >> beam.io.ReadAllFromTFRecord())
+        reads["Closed"] = (pipeline | "LogFiles" >> beam.Create(closed)
+                           | "ReadLogs" >> beam.io.ReadAllFromTFRecord())
     if open_files:
-        reads.append(pipeline | "OpenLogFiles" >> beam.Create(open_files)
-                     | "ReadOpenLogs" >> beam.FlatMap(_read_open_file))
-    records = reads | "Records" >> beam.Flatten()
-    decoded = records | "Decode" >> beam.ParDo(_Decode(start, end, config)).with_outputs(
-        "counts", main="answers")
-    joined = (decoded.answers
-              | "Partition" >> beam.ParDo(WritePartitions(scratch, partitions))
+        reads["Open"] = (pipeline | "OpenLogFiles" >> beam.Create(open_files)
+                         | "ReadOpenLogs" >> beam.FlatMap(_read_open_file))
+    # Each read decoded and partitioned on its own: only the partition files' names and
+    # the sums are flattened (a Flatten of records would be held by the DirectRunner).
+    paths, record_sums = [], []
+    for kind, records in reads.items():
+        decoded = records | f"Decode{kind}" >> beam.ParDo(
+            _Decode(start, end, config)).with_outputs("counts", main="answers")
+        paths.append(decoded.answers | f"Partition{kind}" >> beam.ParDo(
+            WritePartitions(scratch, partitions)))
+        record_sums.append(decoded.counts | f"SumRecords{kind}" >> beam.CombinePerKey(sum)
+                           | f"TagRecordCounts{kind}" >> beam.Map(_tagged("count")))
+    joined = (paths | "PartitionFiles" >> beam.Flatten()
               | "FilesOfPartition" >> beam.GroupByKey()
-              | "Join" >> beam.FlatMap(join_partition, tolerance, config).with_outputs(
-                  "counts", main="faces"))
+              | "Join" >> beam.FlatMap(join_partition, tolerance, config,
+                                       functools.partial(_face_counts, width=width)
+                                       ).with_outputs("counts", main="faces"))
     faces = joined.faces
-    sums = ((decoded.counts, joined.counts,
-             faces | "FaceCounts" >> beam.FlatMap(_face_counts, width))
-            | "AllCounts" >> beam.Flatten() | "Sum" >> beam.CombinePerKey(sum))
+    # Summed where they are produced (a Flatten first would be a stage of its own, and
+    # the DirectRunner would hold every count in between).
+    face_sums = joined.counts | "SumFaces" >> beam.CombinePerKey(sum)
     options = tfdv.StatsOptions(experimental_slice_functions=[
         slicing_util.get_feature_value_slicer({WINDOW_FEATURE: None})])
     stats = (_batched(faces, "Faces")
@@ -263,7 +272,7 @@ def _build(pipeline: beam.Pipeline, files: Sequence[str], scratch: str, config: 
     least = faces | "Lowest" >> beam.combiners.Top.Smallest(lowest, key=_sample_key)
     ties = (faces | "Tied" >> beam.Filter(lambda f: bool(f.review))
             | "Ties" >> beam.combiners.Top.Smallest(MAX_TIES, key=_sample_key))
-    results = [sums | "TagCounts" >> beam.Map(_tagged("count")),
+    results = [*record_sums, face_sums | "TagFaceCounts" >> beam.Map(_tagged("count")),
                stats | "TagStats" >> beam.Map(_tagged("stats")),
                pixel_stats | "TagPixels" >> beam.Map(_tagged("pixel_stats")),
                stamps | "TagStamps" >> beam.Map(_tagged("stamps")),
@@ -280,7 +289,7 @@ def _read_results(scratch: str) -> dict[str, Any]:
     for raw in tf.data.TFRecordDataset(fileio.join(scratch, _RESULTS)):
         name, value = pickle.loads(raw.numpy())
         if name == "count":
-            found["count"][value[0]] = value[1]
+            found["count"][value[0]] = found["count"].get(value[0], 0) + value[1]
         elif name in ("stats", "pixel_stats"):
             found[name] = statistics_pb2.DatasetFeatureStatisticsList.FromString(value)
         else:

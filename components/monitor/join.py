@@ -19,7 +19,7 @@ import pickle
 import struct
 import uuid
 import zlib
-from typing import Iterable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -136,23 +136,32 @@ def _measured(faces: list[Face], config: MonitorConfig) -> Iterator[Face]:
 
 
 def join_partition(partition: tuple[int, Iterable[str]], tolerance: float,
-                   config: MonitorConfig) -> Iterator[object]:
-    """The faces of one partition's files; ("duplicate answers", n) counts as well."""
+                   config: MonitorConfig,
+                   face_counts: Callable[[Face], Iterator[tuple[tuple, int]]]
+                   ) -> Iterator[object]:
+    """The faces of one partition's files, and (tagged "counts") the sums of
+    `face_counts` over them and the duplicate answers dropped, added up here: the runner
+    then shuffles one sum per key and partition, not one element per face (the
+    DirectRunner holds what crosses a stage in its own memory)."""
     _, paths = partition
     grouped: dict[bytes, list[Answer]] = {}
     for path in sorted(paths):
         for answer in _read_answers(path):
             grouped.setdefault(answer.key, []).append(answer)
+    sums: dict[tuple, int] = {}
     duplicates = 0
     batch: list[Face] = []
     for key in sorted(grouped):
         face, dropped = _face(key, grouped.pop(key), tolerance)
         duplicates += dropped
         batch.append(face)
-        if len(batch) == _MEASURE_BATCH:
-            yield from _measured(batch, config)
+        if len(batch) == _MEASURE_BATCH or not grouped:
+            for measured in _measured(batch, config):
+                for name, value in face_counts(measured):
+                    sums[name] = sums.get(name, 0) + value
+                yield measured
             batch = []
-    if batch:
-        yield from _measured(batch, config)
     if duplicates:
-        yield beam.pvalue.TaggedOutput("counts", (("skipped", "duplicate answer"), duplicates))
+        sums[("skipped", "duplicate answer")] = duplicates
+    for name, value in sorted(sums.items(), key=repr):
+        yield beam.pvalue.TaggedOutput("counts", (name, value))
