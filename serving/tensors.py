@@ -19,9 +19,14 @@ __all__ = ["tensor_proto"]
 _NUMERIC = "iuf"
 
 
-@functools.lru_cache(maxsize=None)
 def _datatype(dtype: np.dtype) -> int:
-    return tf.as_dtype(dtype).as_datatype_enum
+    # Cached by the dtype's code ('<f4'): a dtype itself may carry unhashable metadata.
+    return _datatype_of_code(dtype.str)
+
+
+@functools.lru_cache(maxsize=None)
+def _datatype_of_code(code: str) -> int:
+    return tf.as_dtype(np.dtype(code)).as_datatype_enum
 
 
 def tensor_proto(value: np.ndarray) -> tensor_pb2.TensorProto:
