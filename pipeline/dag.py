@@ -271,7 +271,8 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
     steps = [
         Step("ingest", "examples", {"data": DATA}, {"examples": ""}, _ingest,
              _section("ingest"), ("fer_pipeline.components.example_gen.executor",
-                                  "fer_pipeline.components.example_gen.images"),
+                                  "fer_pipeline.components.example_gen.images",
+                                  "fer_pipeline.components.example_gen.inputs"),
              "CSV or image folders -> split, quarantined, de-duplicated TFRecords", beam=True),
         Step("augment", "augmented", {"examples": "ingest.examples"}, {"augmented": ""},
              _augment, _section("augment"), ("fer_pipeline.components.augment",),
