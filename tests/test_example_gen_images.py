@@ -192,3 +192,19 @@ def test_a_folder_beside_the_splits_stops_the_run(tmp_path):
     _small(tmp_path / "tree/extra/happy/b.png", _face(3, 2))
     with pytest.raises(InputDataError, match="folder 'extra' is not a split"):
         run_example_gen(str(tmp_path / "tree"), str(tmp_path / "x"), IngestConfig(), [])
+
+
+def test_fer_pipeline_ingest_takes_a_folder_and_names_an_unmapped_one_in_one_line(tmp_path,
+                                                                                 capsys):
+    from fer_pipeline.pipeline.cli import main as fer_pipeline
+    tree = tmp_path / "faces"
+    for i in range(4):
+        _small(tree / "train" / "happy" / f"h{i}.png", _face(3, 400 + i))
+        _small(tree / "test" / "neutral" / f"n{i}.png", _face(6, 500 + i))
+    assert fer_pipeline(["ingest", "--data", str(tree), "--output", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    _small(tree / "test" / "Smiling" / "s.png", _face(3, 600))
+    assert fer_pipeline(["ingest", "--data", str(tree), "--output", str(tmp_path / "run2")]) == 2
+    err = capsys.readouterr().err
+    assert "'test/Smiling' is not mapped" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
