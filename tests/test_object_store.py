@@ -22,7 +22,7 @@ from fer_pipeline.core import fileio
 from fer_pipeline.core.config import (AugmentConfig, IngestConfig, PushConfig,
                              TransformConfig, ValidationConfig)
 from fer_pipeline.core.contract import (CHECKPOINTS_DIR, DUPLICATES_FILE, EXAMPLES_PATTERN,
-    HISTORY_FILE, LOGS_DIR, MODELS_CONFIG, REJECTED_DIR, REJECTED_FILE, SERVING_MODEL_DIR,
+    FEATURE_SOURCE, HISTORY_FILE, LOGS_DIR, MODELS_CONFIG, REJECTED_DIR, REJECTED_FILE, SERVING_MODEL_DIR,
     SPLITS, TRAINING_INFO_FILE, TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +31,20 @@ ROWS = 240
 
 def records(directory: str) -> list[bytes]:
     """Every serialized record of a split directory's shards, sorted (shard order and
-    boundaries depend on the runner, the records do not)."""
+    boundaries depend on the runner, the records do not), each `source` cut to its line."""
     files = fileio.glob(fileio.join(directory, EXAMPLES_PATTERN))
-    return sorted(tf.data.TFRecordDataset(files).as_numpy_iterator()) if files else []
+    return sorted(map(_source_line, tf.data.TFRecordDataset(files).as_numpy_iterator())
+                  ) if files else []
+
+
+def _source_line(record: bytes) -> bytes:
+    """A record whose `source` (`path:line`) keeps only the line: the local and the S3 run
+    read the same CSV under different paths."""
+    example = tf.train.Example.FromString(record)
+    source = example.features.feature[FEATURE_SOURCE].bytes_list.value
+    assert len(source) == 1 and b".csv:" in source[0], source
+    source[0] = source[0].rsplit(b":", 1)[1]
+    return example.SerializeToString(deterministic=True)
 
 
 def relative_files(root: str) -> list[str]:
