@@ -208,3 +208,23 @@ def test_fer_pipeline_ingest_takes_a_folder_and_names_an_unmapped_one_in_one_lin
     err = capsys.readouterr().err
     assert "'test/Smiling' is not mapped" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_multi_process_runner_writes_the_same_examples_and_rejects(mixed, tmp_path):
+    """The images are matched, read and decoded in Beam's workers: two worker processes
+    write exactly what the in-process run wrote."""
+    out = tmp_path / "examples"
+    result = run_example_gen(
+        [str(mixed["fer"]), str(mixed["kaggle"]), str(mixed["rafdb"])], str(out),
+        IngestConfig(max_rejected_fraction=1.0),
+        ["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    assert result.rows_written == mixed["result"].rows_written
+    for split in SPLITS:
+        assert _serialized(str(out), split) == _serialized(mixed["out"], split), split
+    assert (Path(result.rejected_path).read_text()
+            == Path(mixed["result"].rejected_path).read_text())
+
+
+def _serialized(examples_dir: str, split: str) -> list[bytes]:
+    return sorted(record for path in shard_paths(examples_dir, split)
+                  for record in tf.data.TFRecordDataset(path).as_numpy_iterator())
