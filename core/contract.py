@@ -100,9 +100,10 @@ PREDICTIONS_FILE = "predictions.csv"
 PREDICTION_LOGS_DIR = "prediction_logs"       # <model>/prediction_logs-SSSSS-of-NNNNN.tfrecord
 INFERENCE_REJECTED_FILE = "rejected.csv"     # the columns of ingest's rejected_rows.csv
 INFERENCE_RESULT_FILE = "inference.json"     # the driver's summary, written after the job
-# The extra feature of the tf.Examples bulk inference sends to `serving_examples` (the
-# models read only `pixels`): where the face came from, so each PredictionLog names it.
-FEATURE_SOURCE = "source"          # bytes, "path:line" (CSV) or "path#face<i>" (photo)
+# Where a face came from: a feature of ExampleGen's raw examples ("path:line" of a CSV
+# row, or an image file's path), and the extra feature of the tf.Examples bulk inference
+# sends to `serving_examples` (the models read only `pixels`), so each PredictionLog names it.
+FEATURE_SOURCE = "source"          # bytes, "path:line" (CSV), "path" (image), "path#face<i>" (photo)
 
 # The served signatures, declared as data: signature -> (what it is for, inputs, outputs),
 # each tensor (name, dtype, shape). The trainer's export builds these,
