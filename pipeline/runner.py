@@ -159,6 +159,11 @@ def check_data_paths(data_paths: Sequence[str]) -> list[str]:
         if not fileio.exists(path):
             raise PipelineError(f"--data {path}: no such file (for a synthetic FER-2013 CSV "
                                 "to try the pipeline with: `fer-pipeline synth --out PATH`)")
+        if fileio.isdir(path) and not any(fileio.isdir(fileio.join(path, name))
+                                          for name in fileio.listdir(path)):
+            raise PipelineError(f"--data {path} is a directory with no class folders in it; "
+                                "give a FER-2013 CSV or a folder of labelled images (one "
+                                "subfolder per class)")
     return list(data_paths)
 
 

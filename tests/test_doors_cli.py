@@ -45,7 +45,7 @@ MISTAKES = [
     (["lineage", "--output", "{run}", "--beam"], 2, ["unrecognized argument", "--beam"]),
     (["ingest", "--data", "{missing}", "--output", "{run}"], 2,
      ["--data", "typo.csv", "no such file"]),
-    (["ingest", "--data", "{tmp}", "--output", "{run}"], 2, ["is a directory"]),
+    (["ingest", "--data", "{tmp}", "--output", "{run}"], 2, ["no class folders"]),
     (["train", "--output", "{run}"], 2,
      ["train-cnn", "transform.transform", "does not exist", "fer-pipeline transform"]),
     (["lineage", "--output", "{run}"], 2,
