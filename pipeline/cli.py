@@ -249,7 +249,6 @@ def _dag(args: argparse.Namespace) -> int:
                            for k, v in step.inputs.items())
         off = " (off unless asked)" if step.enabled is not None else ""
         print(f"{step.name:<12} {step.directory + '/':<14} in: {inputs}{off}")
-
         print(f"{'':<12} {'':<14} out: {', '.join(step.outputs)}")
     return 0
 

@@ -80,7 +80,7 @@ def test_fileio_round_trips_files_and_trees(s3, tmp_path):
 
 
 def test_beams_s3_filesystem_shares_one_boto3_client_per_settings(s3):
-    """pipeline/beam_job.share_s3_clients: Beam builds a client per S3 operation; ours
+    """core/beam_job.share_s3_clients: Beam builds a client per S3 operation; ours
     reuse one boto3 client per S3 settings, each operation keeping its own Beam wrapper."""
     from apache_beam.io.aws.s3io import S3IO
     from apache_beam.io.filesystems import FileSystems
