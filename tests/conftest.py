@@ -64,6 +64,10 @@ SLOWEST_MODULES_FIRST = (
     "tests/test_trainer.py",          # reads the smoke run's CNN
     "tests/test_train_gpu_smoke.py",
     "tests/test_benchmark_training_smoke.py",
+    "tests/test_tuner.py",             # a distributed search and a warm-start pair
+    "tests/test_soak.py",              # a minute of traffic, by design
+    "tests/test_model_importer.py",    # two imports, then evaluate, validate and push
+    "tests/test_wheel.py",             # builds, installs and runs the smoke pipeline
     "tests/test_metadata_mysql.py",
     "tests/test_serving.py",
     "tests/test_statistics.py",
@@ -79,6 +83,8 @@ SLOWEST_MODULES_FIRST = (
     "tests/test_validation.py",
     "tests/test_review_app.py",
     "tests/test_monitor.py",
+    "tests/test_serving_proxy.py",
+    "tests/test_example_gen_images.py",
 )
 
 
