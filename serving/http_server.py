@@ -164,6 +164,36 @@ class PooledHandlerMixin:
     def finish(self) -> None:
         pass
 
+    def read_body(self) -> "bytes | None":
+        """The request's body, or None once a 400 (bad Content-Length) or a 413 (over
+        the server's max_request_bytes) has been answered through the handler's `_error`.
+        Both close the connection: what follows on it cannot be trusted."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length < 0:
+                raise ValueError(length)
+        except ValueError:
+            self.close_connection = True
+            self._error(400, "bad Content-Length header")
+            return None
+        if length > self.server.max_request_bytes:
+            self._discard_body(length)
+            self.close_connection = True
+            self._error(413, f"request of {length} bytes exceeds the limit of "
+                             f"{self.server.max_request_bytes} bytes")
+            return None
+        return self.rfile.read(length)
+
+    def _discard_body(self, length: int) -> None:
+        """Reads (and drops) a too-large body, up to a bound, so the client that is still
+        sending it sees our 413 instead of a broken pipe; beyond the bound we just close."""
+        remaining = min(length, 2 * self.server.max_request_bytes)
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 16))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+
 
 class BoundedHTTPServer:
     """Serves `handler_class` (PooledHandlerMixin + BaseHTTPRequestHandler) on `address`."""

@@ -98,20 +98,9 @@ class ProxyRestHandler(PooledHandlerMixin, BaseHTTPRequestHandler):
         self._forward(None)
 
     def do_POST(self) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length < 0:
-                raise ValueError(length)
-        except ValueError:
-            self.close_connection = True
-            self._error(400, "bad Content-Length header")
-            return
-        if length > self.server.max_request_bytes:
-            self.close_connection = True
-            self._error(413, f"request of {length} bytes exceeds the limit of "
-                             f"{self.server.max_request_bytes} bytes")
-            return
-        self._forward(self.rfile.read(length))
+        body = self.read_body()
+        if body is not None:
+            self._forward(body)
 
     do_PUT = do_DELETE = do_PATCH = do_POST
 

@@ -322,21 +322,9 @@ class RestHandler(PooledHandlerMixin, BaseHTTPRequestHandler):
             for s in statuses]})
 
     def do_POST(self) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length < 0:
-                raise ValueError(length)
-        except ValueError:
-            self.close_connection = True
-            self._error(400, "bad Content-Length header")
+        body = self.read_body()
+        if body is None:
             return
-        if length > self.server.max_request_bytes:
-            self._discard_body(length)
-            self.close_connection = True
-            self._error(413, f"request of {length} bytes exceeds the limit of "
-                             f"{self.server.max_request_bytes} bytes")
-            return
-        body = self.rfile.read(length)
         match = self._route()
         if match is None:
             return
@@ -348,16 +336,6 @@ class RestHandler(PooledHandlerMixin, BaseHTTPRequestHandler):
             self._error(400, f"unsupported verb :{verb}; this server implements :predict")
             return
         self._handle(lambda: self._predict(match, body))
-
-    def _discard_body(self, length: int) -> None:
-        """Reads (and drops) a too-large body, up to a bound, so the client that is still
-        sending it sees our 413 instead of a broken pipe; beyond the bound we just close."""
-        remaining = min(length, 2 * self.server.max_request_bytes)
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 1 << 16))
-            if not chunk:
-                break
-            remaining -= len(chunk)
 
     def _predict(self, match: re.Match, raw: bytes) -> None:
         try:
