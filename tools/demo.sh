@@ -124,7 +124,7 @@ echo "== client: the other held-out faces too, as live traffic for the monitor"
 $BIN/fer-client --port "$GRPC_PORT" --csv "$DATA" --usage PrivateTest --rows 100000 \
   --retries 8 > "$RUN_DIR/client_traffic.json"
 request_logs
-echo "   Real TF Serving over the same directory: see README (Serving)."
+echo "   Real TF Serving over the same directory: see docs/serving.md."
 echo "== human review: faces the two models could not decide"
 $BIN/fer-review status --queue "$RUN_DIR/review_queue"
 echo "   review them: $BIN/fer-review --queue $RUN_DIR/review_queue   (then open http://127.0.0.1:8502/)"
