@@ -321,7 +321,7 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
             {"model_run": "", "serving_model": SERVING_MODEL_DIR},
             functools.partial(_train, model), _train_parameters(model),
             tuple(f"fer_pipeline.components.trainer.{module}" for module in
-                  ("executor", "distribution", "models", "export", "warm_start"))
+                  ("executor", "distribution", "models", "warm_start"))
             + ("fer_pipeline.core.training_data", "fer_pipeline.core.serving_export",
                "fer_pipeline.core.search_space"),
             f"train the {model} model", resumable=True, model=model,

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from fer_pipeline.components.trainer.export import export_serving_model
+from fer_pipeline.core.serving_export import export_serving_model
 from fer_pipeline.components.trainer.models import build_cnn
 from fer_pipeline.pipeline.synthetic import draw_faces
 from fer_pipeline.components.transform import run_transform

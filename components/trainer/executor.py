@@ -29,9 +29,7 @@ import logging
 import os
 import statistics
 import contextlib
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -44,12 +42,12 @@ from fer_pipeline.components.trainer.distribution import (current_task, is_multi
                                                           precision_policy, select_strategy,
                                                           work_around_keras_multi_worker_build,
                                                           worker_dir)
-from fer_pipeline.components.trainer.export import export_serving_model
 from fer_pipeline.components.trainer.models import build_model, model_config
 from fer_pipeline.components.trainer.warm_start import warm_start
 from fer_pipeline.core import fileio
 from fer_pipeline.core.config import TrainConfig
 from fer_pipeline.core.search_space import apply
+from fer_pipeline.core.serving_export import export_serving_model
 from fer_pipeline.core.contract import (BEST_HYPERPARAMETERS_FILE, TRANSFORM_GRAPH_DIR,
                                         SERVING_MODEL_DIR, CHECKPOINTS_DIR, LOGS_DIR,
                                         HISTORY_FILE, TRAINING_INFO_FILE)
@@ -237,16 +235,10 @@ def _local_work_dir(target_dir: str) -> Iterator[str]:
     and some S3 servers return bad ranged reads of just-written checkpoints, so only
     finished files are uploaded.
     """
-    if not fileio.is_uri(target_dir):
-        os.makedirs(target_dir, exist_ok=True)
-        yield target_dir
-        return
-    scratch = tempfile.mkdtemp(prefix="fer-train-")
-    try:
-        download_resumable_state(target_dir, scratch)
-        yield scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with fileio.local_directory(target_dir, "fer-train-") as work_dir:
+        if work_dir != target_dir:
+            download_resumable_state(target_dir, work_dir)
+        yield work_dir
 
 
 def download_resumable_state(target_dir: str, work_dir: str) -> list[str]:
