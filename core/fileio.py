@@ -11,6 +11,7 @@ TensorFlow's S3 filesystem lives in tensorflow-io; it is registered on first use
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -221,6 +222,23 @@ def copytree(source: str, target: str, last: tuple[str, ...] = ()) -> list[str]:
     for rel, full in ordered:
         copy_file(full, join(target, *rel.split("/")))
     return [rel for rel, _ in ordered]
+
+
+@contextlib.contextmanager
+def local_directory(target: str, prefix: str) -> Iterator[str]:
+    """`target` itself when it is a local path (created if missing), else a scratch
+    directory, removed on exit. For libraries that write many small files and rewrite some
+    (Keras, KerasTuner): on an object store they write to the scratch directory and the
+    caller uploads what is finished."""
+    if not is_uri(target):
+        os.makedirs(target, exist_ok=True)
+        yield target
+        return
+    scratch = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def configure_beam_filesystems(beam_args: list[str]) -> None:

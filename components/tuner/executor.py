@@ -12,16 +12,13 @@ local scratch directory that is uploaded at the end.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from fer_pipeline.components.tuner.distributed import run_distributed
 from fer_pipeline.components.tuner.search import (OBJECTIVE, PROJECT, SearchSettings, fit_once,
@@ -70,7 +67,7 @@ def run_tuner(transform_dir: str, output_dir: str, tune: TuneConfig, train: Trai
     workers = tune.workers if workers is None else workers
     base = train.models[model_name]
     fileio.register_filesystem(transform_dir)
-    with _local_dir(output_dir) as work_dir:
+    with fileio.local_directory(output_dir, "fer-tune-") as work_dir:
         settings = SearchSettings(transform_dir=transform_dir, output_dir=work_dir,
                                   model_name=model_name, model_config=dataclasses.asdict(base),
                                   tune=dataclasses.asdict(tune),
@@ -148,17 +145,3 @@ def _drop_checkpoints(work_dir: str) -> None:
 def _format(values: dict[str, Any]) -> str:
     return ", ".join(f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}"
                      for name, value in values.items())
-
-
-@contextlib.contextmanager
-def _local_dir(output_dir: str) -> Iterator[str]:
-    """`output_dir` itself when local, else a scratch directory uploaded by the caller."""
-    if not fileio.is_uri(output_dir):
-        os.makedirs(output_dir, exist_ok=True)
-        yield output_dir
-        return
-    scratch = tempfile.mkdtemp(prefix="fer-tune-")
-    try:
-        yield scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
