@@ -302,18 +302,14 @@ class LoggingProxy:
 
     def start(self) -> "LoggingProxy":
         from fer_pipeline.serving.proxy_rest import build_proxy_rest_server
-        from fer_pipeline.serving.server import bind_failure, check_port_free
+        from fer_pipeline.serving.server import bind_failure, check_ports_free
 
         config, host = self.config, self.config.host
         access = config.access
         ports = [("REST", config.rest_port, "--rest-port")]
         if config.upstream_grpc is not None:
             ports.insert(0, ("gRPC", config.port, "--port"))
-        for what, port, flag in ports:
-            try:
-                check_port_free(host, port)
-            except OSError as error:
-                raise ResourceError(bind_failure(what, host, port, flag, error)) from None
+        check_ports_free(host, ports)
         self.watcher.start()
         self.request_log.start()
         if config.upstream_grpc is not None:

@@ -127,12 +127,8 @@ class FerServer:
 
         host = self.config.host
         # Busy ports are found before minutes of model loading, not after.
-        for what, port, flag in (("gRPC", self.config.port, "--port"),
-                                 ("REST", self.config.rest_port, "--rest-port")):
-            try:
-                check_port_free(host, port)
-            except OSError as error:
-                raise ResourceError(bind_failure(what, host, port, flag, error)) from None
+        check_ports_free(host, [("gRPC", self.config.port, "--port"),
+                                ("REST", self.config.rest_port, "--rest-port")])
         self.manager.start()
         self.request_log.start()
         try:
@@ -180,6 +176,15 @@ def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as both servers do
         probe.bind((host, port))
+
+
+def check_ports_free(host: str, ports: list[tuple[str, int, str]]) -> None:
+    """ResourceError naming the first of `ports` ((what, port, flag)) that cannot be bound."""
+    for what, port, flag in ports:
+        try:
+            check_port_free(host, port)
+        except OSError as error:
+            raise ResourceError(bind_failure(what, host, port, flag, error)) from None
 
 
 def bind_failure(what: str, host: str, port: int, flag: str, error: BaseException) -> str:
