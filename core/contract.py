@@ -12,8 +12,26 @@ CLASS_NAMES: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "sur
 CLASS_NAMES_ES: tuple[str, ...] = (
     "Enfado", "Asco", "Miedo", "Felicidad", "Tristeza", "Sorpresa", "Neutral")
 NUM_CLASSES = len(CLASS_NAMES)
+# FER+ (Microsoft's crowd relabelling of the same faces, ten votes each) adds an eighth class;
+# a run with `ingest.ferplus_classes: 8` trains, serves and reviews these eight, in this order.
+CLASS_NAMES_FERPLUS: tuple[str, ...] = CLASS_NAMES + ("contempt",)
+CLASS_NAMES_FERPLUS_ES: tuple[str, ...] = CLASS_NAMES_ES + ("Desprecio",)
 IMAGE_SIZE = 48
 NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+
+
+
+def class_names_for(num_classes: int) -> tuple[str, ...]:
+    """The class names of a model with `num_classes` outputs: the width of the probabilities
+    is the one fact every consumer (server, client, review app, pages) can read off a served
+    model, so it alone decides between FER-2013's seven classes and FER+'s eight."""
+    if num_classes == len(CLASS_NAMES):
+        return CLASS_NAMES
+    if num_classes == len(CLASS_NAMES_FERPLUS):
+        return CLASS_NAMES_FERPLUS
+    raise ValueError(f"a FER model has {len(CLASS_NAMES)} or {len(CLASS_NAMES_FERPLUS)} "
+                     f"classes, not {num_classes}")
+
 
 # FER-2013's Usage values and the split each maps to.
 USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "validation", "PrivateTest": "test"}
@@ -26,6 +44,15 @@ FEATURE_USAGE = "usage"            # bytes, the CSV's Usage value ("" when the C
 FEATURE_ROW = "row_number"         # int64, 1-based line number in the CSV (header is line 1)
 FEATURE_SOURCE_ROW = "source_row"  # int64, row_number of the original an example derives from
 FEATURE_AUGMENTATION = "augmentation"  # bytes, "original" or the augmentation applied
+# FER+ votes joined to FER-2013 rows by ExampleGen (`--ferplus-labels fer2013new.csv`). The
+# vote file's own columns, in its order; the votes are stored in OUR order: the eight classes
+# of CLASS_NAMES_FERPLUS, then FER+'s `unknown` and `NF` (not a face).
+FERPLUS_COLUMNS: tuple[str, ...] = ("neutral", "happiness", "surprise", "sadness", "anger",
+                                    "disgust", "fear", "contempt", "unknown", "NF")
+FERPLUS_VOTE_ORDER: tuple[str, ...] = CLASS_NAMES_FERPLUS + ("unknown", "not_face")
+FEATURE_FERPLUS_VOTES = "ferplus_votes"        # int64 [10], FERPLUS_VOTE_ORDER
+FEATURE_FERPLUS_MAJORITY = "ferplus_majority"  # int64, index into CLASS_NAMES_FERPLUS
+FEATURE_FERPLUS_CLEAR = "ferplus_clear"        # int64, 1 when the majority holds > half the votes
 # Feature names of the transformed examples written by Transform.
 FEATURE_IMAGE = "image"            # float32, 2304 normalized values
 
@@ -88,6 +115,7 @@ INPUT_EXAMPLES = "examples"
 OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_CLASS_ID = "class_id"
 OUTPUT_CLASS_NAME = "class_name"
+OUTPUT_LOGITS = "logits"           # float32 [batch, classes], before temperature scaling
 OUTPUT_SALIENCY = "saliency"       # float32 [batch, 7, 48, 48], each map scaled to [0, 1]
 
 # The human review queue (serving/review_queue.py): one SQLite file in a queue directory.
