@@ -10,6 +10,11 @@ The rule, per image:
    *different* class is within `tolerance` of it: then the models disagree and neither is
    clearly surer, so the image is flagged for human review. The most confident model's
    class is still reported, so a caller that cannot ask a human still gets an answer.
+
+Every model must answer the same classes: FER-2013's seven, or FER+'s eight (with
+`contempt`), told apart by the width of the probabilities (core/contract.class_names_for).
+Combining a 7- and an 8-class model would compare class 7 of one with nothing of the other,
+so it is refused (ClassSetMismatch) instead of answering something wrong.
 """
 from __future__ import annotations
 
@@ -18,11 +23,46 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES, NUM_CLASSES
+from fer_pipeline.core.contract import (CLASS_NAMES, CLASS_NAMES_ES, CLASS_NAMES_FERPLUS,
+                                        CLASS_NAMES_FERPLUS_ES, class_names_for)
+from fer_pipeline.core.errors import InputDataError
+
+__all__ = ["ClassSetMismatch", "EnsembleDecision", "class_names_es_for", "combine",
+           "combine_batch", "shared_class_count"]
 
 # Confidences are float32 probabilities; 0.55 - 0.50 is 0.05000000000000004 in floats, and a
 # user who sets tolerance=0.05 means that gap to count as "within". This slack absorbs that.
 _FLOAT_SLACK = 1e-6
+
+
+class ClassSetMismatch(InputDataError):
+    """The models answer different class sets (a FER-2013 and a FER+ model): no rule can
+    combine them. A ValueError and a UserError: callers print its one line."""
+
+
+def class_names_es_for(num_classes: int) -> tuple[str, ...]:
+    """The Spanish names beside core/contract.class_names_for's English ones."""
+    return CLASS_NAMES_FERPLUS_ES if class_names_for(num_classes) == CLASS_NAMES_FERPLUS \
+        else CLASS_NAMES_ES
+
+
+def shared_class_count(widths: Mapping[str, int]) -> int:
+    """The one class count of every model (model name -> width of its probabilities);
+    ClassSetMismatch when they differ, ValueError when a width is no FER model's."""
+    for model, width in widths.items():
+        try:
+            class_names_for(width)
+        except ValueError:
+            raise ValueError(f"model {model!r}: expected {len(CLASS_NAMES)} or "
+                             f"{len(CLASS_NAMES_FERPLUS)} probabilities, got {width}") from None
+    counts = sorted(set(widths.values()))
+    if len(counts) > 1:
+        named = ", ".join(f"{model} has {width}" for model, width in widths.items())
+        raise ClassSetMismatch(
+            f"the models answer different class sets ({named} classes: "
+            f"{len(CLASS_NAMES)} = FER-2013's, {len(CLASS_NAMES_FERPLUS)} = FER+ with contempt); "
+            "an ensemble needs models trained on the same classes (ingest.ferplus_classes)")
+    return counts[0]
 
 
 @dataclass
@@ -37,12 +77,8 @@ class EnsembleDecision:
     per_model: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _top_vote(probabilities: Sequence[float], model: str) -> tuple[int, float]:
-    """A model's top class and its probability; rejects vectors of the wrong length."""
-    probs = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    if probs.shape[0] != NUM_CLASSES:
-        raise ValueError(f"model {model!r}: expected {NUM_CLASSES} probabilities, "
-                         f"got {probs.shape[0]}")
+def _top_vote(probs: np.ndarray) -> tuple[int, float]:
+    """A model's top class and its probability."""
     class_id = int(np.argmax(probs))
     return class_id, float(probs[class_id])
 
@@ -50,12 +86,17 @@ def _top_vote(probabilities: Sequence[float], model: str) -> tuple[int, float]:
 def combine(probabilities: Mapping[str, Sequence[float]], tolerance: float) -> EnsembleDecision:
     """Combines one image's class probabilities from each model into one decision.
 
-    `probabilities` maps model name to its 7 class probabilities. Ties in confidence go
-    to the model listed first (dict order), which keeps the answer deterministic.
+    `probabilities` maps model name to its 7 (or, FER+, 8) class probabilities; every
+    model must have the same number (shared_class_count). Ties in confidence go to the
+    model listed first (dict order), which keeps the answer deterministic.
     """
     if not probabilities:
         raise ValueError("combine() needs at least one model's probabilities")
-    votes = {name: _top_vote(probs, name) for name, probs in probabilities.items()}
+    vectors = {name: np.asarray(probs, dtype=np.float64).reshape(-1)
+               for name, probs in probabilities.items()}
+    num_classes = shared_class_count({name: v.shape[0] for name, v in vectors.items()})
+    names, names_es = class_names_for(num_classes), class_names_es_for(num_classes)
+    votes = {name: _top_vote(probs) for name, probs in vectors.items()}
     per_model = {name: {"class_id": cid, "confidence": conf} for name, (cid, conf) in votes.items()}
 
     # max() keeps the first of equal keys, so the first-listed model wins exact ties.
@@ -65,15 +106,15 @@ def combine(probabilities: Mapping[str, Sequence[float]], tolerance: float) -> E
 
     if not dissent:
         needs_review = False
-        reason = (f"all {len(votes)} models agree on {CLASS_NAMES[class_id]}"
+        reason = (f"all {len(votes)} models agree on {names[class_id]}"
                   if len(votes) > 1 else f"single model {winner}")
     else:
         rival = max(dissent, key=dissent.get)
         gap = confidence - dissent[rival]
         needs_review = gap <= tolerance + _FLOAT_SLACK
-        rival_class = CLASS_NAMES[votes[rival][0]]
+        rival_class = names[votes[rival][0]]
         if needs_review:
-            reason = (f"models disagree ({winner}: {CLASS_NAMES[class_id]} {confidence:.3f}, "
+            reason = (f"models disagree ({winner}: {names[class_id]} {confidence:.3f}, "
                       f"{rival}: {rival_class} {dissent[rival]:.3f}); gap {gap:.3f} <= "
                       f"tolerance {tolerance:.3f}: human review")
         else:
@@ -82,8 +123,8 @@ def combine(probabilities: Mapping[str, Sequence[float]], tolerance: float) -> E
 
     return EnsembleDecision(
         class_id=class_id,
-        class_name=CLASS_NAMES[class_id],
-        class_name_es=CLASS_NAMES_ES[class_id],
+        class_name=names[class_id],
+        class_name_es=names_es[class_id],
         confidence=confidence,
         winner=winner,
         needs_human_review=needs_review,
@@ -96,15 +137,21 @@ def combine_batch(probs_by_model: Mapping[str, np.ndarray],
                   tolerance: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The same rule as `combine`, vectorized over a batch.
 
-    `probs_by_model` maps model name to a `[n, 7]` probability array (same n for all).
+    `probs_by_model` maps model name to a `[n, 7]` (or `[n, 8]`) probability array, the
+    same shape for all (a 7- and an 8-class model: ClassSetMismatch).
     Returns `(class_ids int64 [n], confidences float64 [n], needs_review bool [n])`.
     """
     if not probs_by_model:
         raise ValueError("combine_batch() needs at least one model's probabilities")
-    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in probs_by_model.values()])
-    if stacked.ndim != 3 or stacked.shape[2] != NUM_CLASSES:
-        raise ValueError(f"expected [n, {NUM_CLASSES}] arrays of equal n, got shape "
-                         f"{stacked.shape[1:]} across {stacked.shape[0]} models")
+    arrays = {name: np.asarray(p, dtype=np.float64) for name, p in probs_by_model.items()}
+    if any(a.ndim != 2 for a in arrays.values()):
+        raise ValueError("expected [n, classes] arrays, got shapes "
+                         f"{[a.shape for a in arrays.values()]}")
+    shared_class_count({name: a.shape[1] for name, a in arrays.items()})
+    if len({a.shape[0] for a in arrays.values()}) > 1:
+        raise ValueError("expected arrays of equal n, got shapes "
+                         f"{[a.shape for a in arrays.values()]}")
+    stacked = np.stack(list(arrays.values()))
     votes = stacked.argmax(axis=2)                       # [models, n]
     confs = stacked.max(axis=2)                          # [models, n]
     winner = confs.argmax(axis=0)                        # first model wins exact ties

@@ -83,3 +83,37 @@ def test_batch_matches_single_image_rule_on_random_inputs():
 def test_batch_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         combine_batch({"a": np.zeros((3, NUM_CLASSES)), "b": np.zeros((4, NUM_CLASSES))}, 0.05)
+
+
+def fer_plus(class_id: int, confidence: float) -> list[float]:
+    """An 8-class (FER+, with contempt) vector whose top class is `class_id`."""
+    probs = [(1.0 - confidence) / 7] * 8
+    probs[class_id] = confidence
+    return probs
+
+
+def test_eight_class_models_combine_with_fer_plus_names():
+    # Class 7 exists only in FER+: the decision names it, in both languages.
+    decision = combine({"cnn": fer_plus(7, 0.7), "vgg16": fer_plus(7, 0.6)}, 0.05)
+    assert (decision.class_id, decision.class_name, decision.class_name_es) == (
+        7, "contempt", "Desprecio")
+    assert "agree on contempt" in decision.reason
+    tie = combine({"cnn": fer_plus(7, 0.52), "vgg16": fer_plus(0, 0.55)}, 0.05)
+    assert tie.needs_human_review and "cnn: contempt 0.520" in tie.reason
+    ids, _, review = combine_batch({"cnn": np.array([fer_plus(7, 0.52)]),
+                                    "vgg16": np.array([fer_plus(0, 0.55)])}, 0.05)
+    assert ids.tolist() == [0] and review.tolist() == [True]
+
+
+def test_a_seven_and_an_eight_class_model_are_refused_in_one_line():
+    from fer_pipeline.core.ensemble import ClassSetMismatch
+    from fer_pipeline.core.errors import UserError
+    for call in (lambda: combine({"cnn": one_hot_ish(3, 0.9), "vgg16": fer_plus(3, 0.9)}, 0.05),
+                 lambda: combine_batch({"cnn": np.array([one_hot_ish(3, 0.9)]),
+                                        "vgg16": np.array([fer_plus(3, 0.9)])}, 0.05)):
+        with pytest.raises(ClassSetMismatch) as caught:
+            call()
+        message = str(caught.value)
+        assert isinstance(caught.value, UserError) and "\n" not in message
+        assert "cnn has 7, vgg16 has 8 classes" in message
+        assert "ingest.ferplus_classes" in message
