@@ -9,6 +9,7 @@ class-mix shift. The thresholds are the config's defaults (MonitorConfig).
 """
 from __future__ import annotations
 
+import html
 import json
 import os
 
@@ -280,6 +281,42 @@ def test_a_share_of_bad_records_above_max_bad_share_is_an_alert(served, tmp_path
     # Few faces do not silence it: a broken client is news in any window.
     from fer_pipeline.components.monitor.comparison import verdict
     assert verdict(10, ["bad_records"], [check], MonitorConfig())[0] == "drift"
+
+
+def test_served_faces_that_break_the_serving_schema_are_an_alert_on_the_page(served,
+                                                                            tmp_path):
+    """The window's pixel statistics are validated against the schema's SERVING
+    environment: a schema that allows only video-range pixels (16..235) turns full-range
+    faces into an anomaly, shown in monitoring.json, the anomalies file and the page, and
+    news even in a window too small to judge the distances."""
+    run, _ = served
+    faces = fixtures.replay(run.test_faces, 100, 13)
+    assert faces.min() < 16 and faces.max() > 235
+    schema = tmp_path / "schema.pbtxt"
+    full_range = 'int_domain { name: "pixel" min: 0 max: 255 }'
+    text = open(SCHEMA).read()
+    assert text.count(full_range) == 1
+    schema.write_text(text.replace(full_range, 'int_domain { name: "pixel" min: 16 max: 235 }'))
+    fixtures.write_request_log(str(tmp_path / "logs" / "requests.tfrecord"), faces, run)
+    out = tmp_path / "out"
+    result = run_monitor([str(tmp_path / "logs")], run.reference, str(schema), str(out),
+                         None, MonitorConfig())
+    record = json.loads((out / "monitoring.json").read_text())
+    assert result.alerts == record["alerts"] == ["schema"]
+    assert record["verdict"] == "drift" and record["summary"].startswith(
+        "drift in 100 faces: schema: pixels: ")
+    check = next(c for c in record["checks"] if c["name"] == "schema")
+    serving = tfdv.load_anomalies_text(str(out / "serving.anomalies.pbtxt"))
+    assert list(serving.anomaly_info) == ["pixels"]
+    assert check["alert"] and check["distance"] == 1.0
+    assert check["description"] == f"pixels: {serving.anomaly_info['pixels'].description}"
+    page = (out / "monitoring.html").read_text()
+    assert 'data-check="schema" data-alert="true"' in page
+    assert html.escape(check["description"]) in page
+    # The checked-in schema's full range: the same faces are in the schema.
+    judged = judge(served, [tmp_path / "logs" / "requests.tfrecord"], tmp_path / "job")
+    schema_check = next(c for c in judged.checks if c["name"] == "schema")
+    assert not schema_check["alert"] and judged.verdict == "too few requests"
 
 
 def test_answers_are_joined_by_request_id_so_a_face_sent_twice_counts_twice(served,

@@ -231,8 +231,9 @@ def bad_records_check(records: int, bad: Mapping[str, int],
 def verdict(faces: int, alerts: list[str], checks: Checks,
             config: MonitorConfig) -> tuple[str, str]:
     """The window's verdict ("ok", "drift" or "too few requests") and one line saying why.
-    Too many bad records is news however few faces the window has."""
-    bad = any(c["alert"] and c["kind"] == "records" for c in checks)
+    Too many bad records, or served faces that break the schema's SERVING environment, are
+    news however few faces the window has (neither is a distance that needs many faces)."""
+    bad = any(c["alert"] and c["kind"] in ("records", "schema") for c in checks)
     if faces < config.min_requests and not bad:
         return ("too few requests",
                 f"{faces} faces in the window, fewer than monitor.min_requests "
