@@ -140,7 +140,9 @@ FEATURE_SOURCE = "source"          # bytes, "path:line" (CSV), "path" (image), "
 PIXELS_SHAPE = f"[batch, {IMAGE_SIZE}, {IMAGE_SIZE}] or [batch, {NUM_PIXELS}]"
 _ANSWERS = ((OUTPUT_PROBABILITIES, "float32", f"[batch, {NUM_CLASSES}]"),
             (OUTPUT_CLASS_ID, "int64", "[batch]"),
-            (OUTPUT_CLASS_NAME, "string", "[batch]"))
+            (OUTPUT_CLASS_NAME, "string", "[batch]"),
+            # The calibrated probabilities above are softmax(logits / T) (core/calibration.py).
+            (OUTPUT_LOGITS, "float32", f"[batch, {NUM_CLASSES}]"))
 SERVED_SIGNATURES: dict[str, tuple[str, tuple, tuple]] = {
     SIGNATURE_DEFAULT: ("raw pixels 0-255; the transform graph runs inside",
                         ((INPUT_PIXELS, "int32", PIXELS_SHAPE),), _ANSWERS),

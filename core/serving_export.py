@@ -25,23 +25,34 @@ model towards that class) and is divided by its own maximum, so every map spans 
 (all zeros when nothing pushed towards the class). Grad-CAM was not used: the last
 convolutional maps are 2x2 (CNN) and 3x3 (VGG16) for a 48x48 face, too coarse to show
 which part of the face mattered.
+
+Calibration: every signature also returns `logits` float32 [batch, classes], the values
+before the softmax, and its probabilities are softmax(logits / T) with the module's
+`temperature` T fitted on the validation split (core/calibration.py; T = 1 when nothing
+was fitted). Dividing by T keeps the top class, so class_id and class_name are those of the
+uncalibrated model too. A model whose last layer is not a softmax Dense serves log p as its
+logits: equal to them up to a constant per face, which the softmax ignores.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 from tensorflow_transform.saved import saved_transform_io_v2
 
+from fer_pipeline.core.calibration import calibration_record
+
 from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_PIXELS, IMAGE_SIZE,
     NUM_CLASSES, NUM_PIXELS, SIGNATURE_DEFAULT, SIGNATURE_UINT8, SIGNATURE_EXAMPLES,
     SIGNATURE_EXPLAIN, INPUT_EXAMPLES, OUTPUT_PROBABILITIES, OUTPUT_CLASS_ID,
-    OUTPUT_CLASS_NAME, OUTPUT_SALIENCY)
+    OUTPUT_CLASS_NAME, OUTPUT_LOGITS, OUTPUT_SALIENCY)
 
 __all__ = ["INTEGRATION_STEPS", "PIXEL_MAX", "ServingModule", "TransformGraph",
-           "export_serving_model", "integrated_gradients", "save_serving_module"]
+           "export_serving_model", "fit_module_temperature", "integrated_gradients",
+           "save_serving_module", "softmax_head"]
 
 PIXEL_MAX = 255
 RAW_PIXELS_SPEC = tf.io.FixedLenFeature([], tf.string)
@@ -112,9 +123,18 @@ class ServingModule(tf.Module):
     """
 
     def __init__(self, keras_model: keras.Model, transform_graph_dir: str,
-                 preprocessing: Optional[tf.Module] = None):
+                 preprocessing: Optional[tf.Module] = None, temperature: float = 1.0):
         super().__init__(name="fer_serving")
         self.keras_model = keras_model
+        # Temperature scaling (core/calibration.py): the served probabilities are
+        # softmax(logits / T). A variable, so the trainer fits T on this very module's logits
+        # and assigns it before saving; the SavedModel keeps it as `temperature`.
+        self.temperature = tf.Variable(float(temperature), trainable=False, dtype=tf.float32,
+                                       name="temperature")
+        # The logits: the input of the model's final softmax Dense times its kernel, plus
+        # its bias; None when the model ends otherwise (then log p, see logits()).
+        head = softmax_head(keras_model)
+        self.features_model, self._head = head if head else (None, None)
         # Keras 3 variables wrap tf.Variables; list the underlying ones explicitly so the
         # SavedModel tracks every weight whatever Keras' own tracking does.
         self.model_variables = [_tf_variable(v) for v in keras_model.variables]
@@ -152,7 +172,7 @@ class ServingModule(tf.Module):
                  autograph=False)
     def explain(self, pixels):
         image = self._normalize(self._raw_rows(pixels))
-        outputs = self._outputs(self._probabilities(image))
+        outputs = self._answers(image)
         black = self._normalize(self._raw_rows(tf.zeros([1, NUM_PIXELS], tf.uint8)))[0]
         outputs[OUTPUT_SALIENCY] = integrated_gradients(self._probabilities, image, black)
         return outputs
@@ -176,7 +196,7 @@ class ServingModule(tf.Module):
                                       axis=-1)
 
     def _predict_raw(self, raw_pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        return self._outputs(self._probabilities(self._normalize(raw_pixels)))
+        return self._answers(self._normalize(raw_pixels))
 
     def _normalize(self, raw_pixels: tf.Tensor) -> tf.Tensor:
         """Raw pixel strings -> the image feature the model was trained on (float [b, 2304])."""
@@ -184,8 +204,29 @@ class ServingModule(tf.Module):
         return tf.cast(self.transform_graph({FEATURE_PIXELS: raw_pixels})[FEATURE_IMAGE],
                        tf.float32)
 
+    def logits(self, image: tf.Tensor) -> tf.Tensor:
+        """The model's pre-softmax values float32 [b, classes] for normalized images."""
+        if self._head is None:
+            # A model whose last layer is not a softmax Dense: log p. It equals the logits up
+            # to a constant per face, which softmax(. / T) ignores for every T.
+            probabilities = tf.cast(self.keras_model(image, training=False), tf.float32)
+            return tf.math.log(tf.maximum(probabilities, 1e-12))
+        features = tf.cast(self.features_model(image, training=False), tf.float32)
+        logits = tf.matmul(features, tf.cast(_tf_variable(self._head.kernel), tf.float32))
+        if self._head.use_bias:
+            logits += tf.cast(_tf_variable(self._head.bias), tf.float32)
+        return logits
+
     def _probabilities(self, image: tf.Tensor) -> tf.Tensor:
-        return tf.cast(self.keras_model(image, training=False), tf.float32)
+        """The calibrated probabilities softmax(logits / T) (what saliency explains too)."""
+        return tf.nn.softmax(self.logits(image) / self.temperature)
+
+    def _answers(self, image: tf.Tensor) -> dict[str, tf.Tensor]:
+        logits = self.logits(image)
+        outputs = self._outputs(tf.nn.softmax(logits / self.temperature))
+        outputs[OUTPUT_LOGITS] = logits
+        return outputs
+
 
     def _outputs(self, probabilities: tf.Tensor) -> dict[str, tf.Tensor]:
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
@@ -197,11 +238,58 @@ class ServingModule(tf.Module):
 
 
 def export_serving_model(keras_model: keras.Model, transform_graph_dir: str,
-                         export_dir: str, preprocessing: Optional[tf.Module] = None) -> None:
+                         export_dir: str, preprocessing: Optional[tf.Module] = None,
+                         calibration_batches: Optional[Iterable[tuple[Any, Any]]] = None
+                         ) -> dict[str, Any]:
     """Writes the SavedModel with the serving and explain signatures to `export_dir`
-    (`preprocessing`: see ServingModule; default the Transform step's graph)."""
-    save_serving_module(ServingModule(keras_model, transform_graph_dir, preprocessing),
-                        export_dir)
+    (`preprocessing`: see ServingModule; default the Transform step's graph).
+
+    `calibration_batches`: (normalized image [b, 2304], label [b]) batches of the
+    validation split; the temperature is fitted on them (fit_module_temperature) before
+    saving. Returns the calibration record (T = 1, "not calibrated", without them).
+    """
+    module = ServingModule(keras_model, transform_graph_dir, preprocessing)
+    record = fit_module_temperature(module, calibration_batches)
+    save_serving_module(module, export_dir)
+    return record
+
+
+def fit_module_temperature(module: ServingModule,
+                           batches: Optional[Iterable[tuple[Any, Any]]]) -> dict[str, Any]:
+    """Fits `module`'s temperature on (normalized image, label) batches and assigns it;
+    the record training_info.json keeps (core/calibration.calibration_record)."""
+    logits, labels = [], []
+    for images, batch_labels in batches or ():
+        logits.append(module.logits(tf.convert_to_tensor(images, tf.float32)).numpy())
+        batch_labels = np.asarray(batch_labels)
+        # Soft targets (a vote distribution per face): calibrate against their top class.
+        labels.append(batch_labels.argmax(axis=-1) if batch_labels.ndim == 2 else batch_labels)
+    kind = "logits" if module.features_model is not None else "log_probabilities"
+    record = calibration_record(np.concatenate(logits) if logits else None,
+                                np.concatenate(labels) if labels else np.zeros(0, np.int64),
+                                logits_kind=kind)
+    module.temperature.assign(record["temperature"])
+    return record
+
+
+def softmax_head(keras_model: keras.Model) -> Optional[tuple[keras.Model, keras.layers.Dense]]:
+    """(a model from the inputs to what the final layer receives, that layer) when the
+    model's output is a Dense with softmax activation; None otherwise.
+
+    Read from the output tensor's own history, not `layers[-1].input`: a head called in
+    more than one graph (an imported file's model wrapped by an adapter) has one input per
+    call, and the output names the call that made it.
+    """
+    try:
+        layer, node_index, _ = keras_model.outputs[0]._keras_history
+        if not (isinstance(layer, keras.layers.Dense)
+                and getattr(layer.activation, "__name__", "") == "softmax"):
+            return None
+        features = layer._inbound_nodes[node_index].input_tensors[0]
+        return keras.Model(keras_model.inputs, features, name="features"), layer
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None  # not a functional model: log p stands in for the logits
+
 
 
 def save_serving_module(module: ServingModule, export_dir: str) -> None:

@@ -303,7 +303,8 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
                 {"keras_file": KERAS_FILE + model, "transform": "transform.transform"},
                 {"model_run": "", "serving_model": SERVING_MODEL_DIR},
                 functools.partial(_import, model), _import_parameters(model),
-                ("fer_pipeline.components.model_importer", "fer_pipeline.core.serving_export"),
+                ("fer_pipeline.components.model_importer", "fer_pipeline.core.serving_export",
+                 "fer_pipeline.core.calibration"),
                 f"import the {model} model from a Keras file", model=model))
             continue
         steps.append(Step(
@@ -323,13 +324,14 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
             tuple(f"fer_pipeline.components.trainer.{module}" for module in
                   ("executor", "distribution", "models", "warm_start"))
             + ("fer_pipeline.core.training_data", "fer_pipeline.core.serving_export",
-               "fer_pipeline.core.search_space"),
+               "fer_pipeline.core.search_space", "fer_pipeline.core.calibration"),
             f"train the {model} model", resumable=True, model=model,
             optional_inputs=("tuning",), result_inputs=_base_model))
     steps += [
         Step("evaluate", "evaluation", {"examples": "ingest.examples", **model_inputs},
              {"evaluation": ""}, _evaluate, _evaluate_parameters,
-             ("fer_pipeline.components.evaluator", "fer_pipeline.core.ensemble"),
+             ("fer_pipeline.components.evaluator", "fer_pipeline.core.ensemble",
+              "fer_pipeline.core.calibration"),
              "test-split evaluation and the blessing gate", derived=_blessings),
         Step("infra-validate", "infra_validation",
              {"examples": "ingest.examples", "evaluation": "evaluate.evaluation",

@@ -15,6 +15,7 @@ from fer_pipeline.components.trainer.models import build_cnn
 from fer_pipeline.pipeline.synthetic import draw_faces
 from fer_pipeline.components.transform import run_transform
 from fer_pipeline.core.config import ModelConfig, TransformConfig
+from fer_pipeline.core.training_data import make_dataset, split_pattern
 from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
     IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS)
 
@@ -53,8 +54,8 @@ def make_transform_dir(root: str, counts: dict[str, int], seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(export dir, in-memory model, copy of the transform graph for reference)."""
+def built(tmp_path_factory):
+    """One model exported twice: as trained (T = 1) and calibrated on the validation split."""
     root = tmp_path_factory.mktemp("export")
     transform_dir = make_transform_dir(str(root), {"train": 140, "validation": 14,
                                                    "test": 14})
@@ -69,10 +70,20 @@ def exported(tmp_path_factory):
     model.fit(rng.normal(size=(32, NUM_PIXELS)), rng.integers(0, NUM_CLASSES, 32),
               epochs=2, verbose=0)
     export_dir = str(root / "serving_model")
-    export_serving_model(model, graph_dir, export_dir)
+    uncalibrated = export_serving_model(model, graph_dir, export_dir)
+    # What the trainer passes: the transformed validation split, (image, label) batches.
+    calibrated_dir = str(root / "calibrated_model")
+    record = export_serving_model(model, graph_dir, calibrated_dir, calibration_batches=(
+        make_dataset(split_pattern(transform_dir, "validation"), 8, training=False, seed=0)))
     # The export must not need the transform directory any more.
     shutil.rmtree(transform_dir)
-    return export_dir, model, reference_graph
+    return export_dir, model, reference_graph, uncalibrated, calibrated_dir, record
+
+
+@pytest.fixture(scope="module")
+def exported(built):
+    """(export dir, in-memory model, copy of the transform graph for reference)."""
+    return built[:3]
 
 
 def _faces(n: int = 5) -> np.ndarray:
@@ -117,7 +128,7 @@ def test_signatures_declare_the_contract(exported):
     assert outputs["class_id"].dtype == tf.int64
     assert outputs["class_name"].dtype == tf.string
     explain = loaded.signatures["explain"].structured_outputs
-    assert set(explain) == {"probabilities", "class_id", "class_name", "saliency"}
+    assert set(explain) == {"probabilities", "class_id", "class_name", "logits", "saliency"}
     assert explain["saliency"].shape.as_list() == [None, NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE]
 
 
@@ -257,3 +268,36 @@ def test_fer_serve_serves_explanations_over_grpc_and_rest(exported, tmp_path):
             np.testing.assert_allclose(answer.saliency, direct["saliency"].numpy(), atol=1e-5)
     finally:
         server.stop()
+
+
+def test_an_export_without_validation_batches_is_recorded_as_not_calibrated(built):
+    export_dir, model, graph_dir, uncalibrated = built[:4]
+    assert uncalibrated["calibrated"] is False and uncalibrated["temperature"] == 1.0
+    assert "not calibrated" in uncalibrated["reason"]
+    assert float(tf.saved_model.load(export_dir).temperature.numpy()) == 1.0
+
+
+def test_a_calibrated_export_serves_logits_and_softmax_of_logits_over_t(built):
+    """probabilities = softmax(logits / T) with the T fitted on the validation split;
+    logits are the in-memory model's pre-softmax values; the class is the same argmax."""
+    _, model, graph_dir, _, calibrated_dir, record = built
+    loaded = tf.saved_model.load(calibrated_dir)
+    temperature = float(loaded.temperature.numpy())
+    assert record["calibrated"] and record["examples"] == 14 and record["logits"] == "logits"
+    assert temperature == pytest.approx(record["temperature"], rel=1e-6)
+    assert temperature != pytest.approx(1.0, abs=1e-3)   # a fit, not the default
+    # T minimises the validation NLL, so the NLL cannot have grown.
+    assert record["after"]["nll"] <= record["before"]["nll"] + 1e-9
+    faces = _faces(6)
+    for signature in ("serving_default", "serving_uint8", "explain"):
+        outputs = loaded.signatures[signature](pixels=tf.constant(
+            faces, tf.int32 if signature == "serving_default" else tf.uint8))
+        logits = outputs["logits"].numpy()
+        assert outputs["logits"].dtype == tf.float32 and logits.shape == (6, NUM_CLASSES)
+        shifted = np.exp((logits - logits.max(axis=1, keepdims=True)) / temperature)
+        np.testing.assert_allclose(outputs["probabilities"].numpy(),
+                                   shifted / shifted.sum(axis=1, keepdims=True), atol=1e-6)
+        raw = np.exp(logits - logits.max(axis=1, keepdims=True))
+        np.testing.assert_allclose(raw / raw.sum(axis=1, keepdims=True),
+                                   _expected(model, graph_dir, faces), atol=TOLERANCE)
+        np.testing.assert_array_equal(outputs["class_id"].numpy(), logits.argmax(axis=1))

@@ -84,6 +84,9 @@ class TrainerResult:
     # Where the tunable values came from: {"source": "config" | "tune", "values", "tuning"}.
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     warm_start: Optional[dict[str, Any]] = None    # train.warm_start: what it started from
+    # Temperature scaling on the validation split: T, NLL and ECE before/after (the
+    # "calibration" of training_info.json; core/calibration.calibration_record).
+    calibration: Optional[dict[str, Any]] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,8 +155,11 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
                                    [*upload, *extra_callbacks])
             model.fit(train_ds, validation_data=val_ds, epochs=section.epochs,
                       callbacks=callbacks, verbose=2, shuffle=False)  # tf.data shuffles
-            export_serving_model(model, fileio.join(transform_dir, TRANSFORM_GRAPH_DIR),
-                                 os.path.join(work_dir, SERVING_MODEL_DIR))
+            # Temperature scaling on the validation split (core/calibration.py): the
+            # export serves softmax(logits / T) and the fitted T with its before/after.
+            calibration = export_serving_model(
+                model, fileio.join(transform_dir, TRANSFORM_GRAPH_DIR),
+                os.path.join(work_dir, SERVING_MODEL_DIR), calibration_batches=val_ds)
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -182,8 +188,13 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
             "transform_dir": transform_dir,
             "hyperparameters": hyperparameters,
             "warm_start": started_from,
+            "calibration": calibration,
         }
         fileio.write_json(os.path.join(work_dir, TRAINING_INFO_FILE), info)
+        if calibration.get("calibrated"):
+            log.info("%s: temperature %.3f fitted on %d validation faces (ECE %.3f -> %.3f)",
+                     model_name, calibration["temperature"], calibration["examples"],
+                     calibration["before"]["ece"], calibration["after"]["ece"])
         if work_dir != target_dir:
             upload_outputs(work_dir, target_dir)
     return TrainerResult(
@@ -196,7 +207,7 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
         train_examples=train_count, validation_examples=val_count,
         strategy=info["strategy"], num_replicas=info["num_replicas"],
         resumed_at_epoch=history["resumed_at_epoch"], vgg_weights=vgg_weights,
-        hyperparameters=hyperparameters, warm_start=started_from)
+        hyperparameters=hyperparameters, warm_start=started_from, calibration=calibration)
 
 
 def _with_tuned_values(config: TrainConfig, model_name: str, tuning_dir: Optional[str]
