@@ -11,6 +11,9 @@ serving on the same data, then applies the gates from `EvalConfig`:
   test split's most frequent class for every face scores the baseline, so a threshold
   below it would bless a constant answer)
 - every class's recall >= min_class_recall (when set)
+- the expected calibration error of the served (calibrated) probabilities <= max_ece (when
+  set; core/calibration.py: 15 bins, with NLL and ECE before and after temperature scaling
+  per model and for the ensemble in evaluation.json's "calibration" entries)
 - accuracy >= served accuracy - max_regression (when a version is in serving)
 
 evaluation.json's "ensemble" combines every candidate; "ensemble_blessed" (when some but not
@@ -39,7 +42,9 @@ from fer_pipeline.core.config import EvalConfig
 from fer_pipeline.core.contract import (BLESSINGS_FILE, CLASS_NAMES, CLASS_NAMES_ES, EVALUATION_FILE,
     EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, HISTORY_FILE, IMAGE_SIZE,
     NUM_CLASSES, OUTPUT_PROBABILITIES, REPORT_HTML, SERVING_MODEL_DIR, SIGNATURE_EXAMPLES,
-    TEST_PREDICTIONS_FILE, TRAINING_INFO_FILE, INPUT_EXAMPLES)
+    TEST_PREDICTIONS_FILE, TRAINING_INFO_FILE, INPUT_EXAMPLES, OUTPUT_LOGITS)
+from fer_pipeline.core.calibration import (ensemble_calibration, fitted_temperature,
+                                           logits_from_probabilities, model_calibration)
 from fer_pipeline.core.ensemble import combine_batch
 from fer_pipeline.core.errors import InputDataError, MissingInputError
 
@@ -123,6 +128,13 @@ def load_test_split(examples_dir: str) -> TestSplit:
 
 def predict_probabilities(saved_model_dir: str, serialized: list[bytes]) -> np.ndarray:
     """Runs a SavedModel's `serving_examples` signature in batches; returns [n, 7] floats."""
+    return predict_outputs(saved_model_dir, serialized)[0]
+
+
+def predict_outputs(saved_model_dir: str, serialized: list[bytes]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(the served, calibrated probabilities, the logits) of `serving_examples`; a model
+    exported before calibration has no logits output: log p stands in (core/calibration.py)."""
     import tensorflow as tf
 
     fileio.register_filesystem(saved_model_dir)
@@ -131,13 +143,15 @@ def predict_probabilities(saved_model_dir: str, serialized: list[bytes]) -> np.n
         raise ValueError(f"{saved_model_dir} has no {SIGNATURE_EXAMPLES!r} signature "
                          f"(has {sorted(loaded.signatures)})")
     signature = loaded.signatures[SIGNATURE_EXAMPLES]
-    batches = [signature(**{INPUT_EXAMPLES: tf.constant(serialized[i:i + BATCH_SIZE])})
-               [OUTPUT_PROBABILITIES].numpy() for i in range(0, len(serialized), BATCH_SIZE)]
-    probs = np.concatenate(batches).astype(np.float64)
+    answers = [signature(**{INPUT_EXAMPLES: tf.constant(serialized[i:i + BATCH_SIZE])})
+               for i in range(0, len(serialized), BATCH_SIZE)]
+    probs = np.concatenate([a[OUTPUT_PROBABILITIES].numpy() for a in answers]).astype(np.float64)
     if probs.shape != (len(serialized), NUM_CLASSES):
         raise ValueError(f"{saved_model_dir}: probabilities have shape {probs.shape}, "
                          f"expected ({len(serialized)}, {NUM_CLASSES})")
-    return probs
+    logits = (np.concatenate([a[OUTPUT_LOGITS].numpy() for a in answers]).astype(np.float64)
+              if answers and OUTPUT_LOGITS in answers[0] else logits_from_probabilities(probs))
+    return probs, logits
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -325,6 +339,15 @@ def _regression_check(accuracy: float, served: Optional[Mapping[str, Any]],
                  f"{max_regression:.2f}")
 
 
+def _ece_check(calibration: Mapping[str, Any], max_ece: float) -> Check:
+    """The served (calibrated) probabilities' expected calibration error on the test split."""
+    ece = calibration["after"]["ece"]
+    ok = ece <= max_ece
+    return Check(ok, f"expected calibration error {ece:.3f} {'<=' if ok else '>'} max_ece "
+                     f"{max_ece:.3f} (calibrated probabilities, {calibration['bins_count']} bins)",
+                 f"calibration error (ECE) {ece:.3f} is above max_ece {max_ece:.3f}")
+
+
 def gate(name: str, metrics: Mapping[str, Any], served: Optional[Mapping[str, Any]],
          config: EvalConfig, baseline: Optional[Mapping[str, Any]] = None
          ) -> tuple[bool, list[str], str]:
@@ -339,6 +362,8 @@ def gate(name: str, metrics: Mapping[str, Any], served: Optional[Mapping[str, An
         checks.append(_baseline_check(accuracy, baseline, config.baseline_margin))
     if config.min_class_recall is not None:
         checks += _recall_checks(metrics, config.min_class_recall)
+    if config.max_ece is not None and "calibration" in metrics:
+        checks.append(_ece_check(metrics["calibration"], config.max_ece))
     checks.append(_regression_check(accuracy, served, config.max_regression))
     blessed = all(c.passed for c in checks)
     return blessed, [c.reason for c in checks], _summary(name, accuracy, checks, blessed)
@@ -378,13 +403,18 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
     baseline = majority_baseline(labels)
     log.info("evaluating %d models on %d test examples", len(model_dirs), len(labels))
 
-    probs_by_model = {name: predict_probabilities(
-        fileio.join(model_dir, SERVING_MODEL_DIR), split.serialized)
-        for name, model_dir in model_dirs.items()}
+    answers = {name: predict_outputs(fileio.join(model_dir, SERVING_MODEL_DIR), split.serialized)
+               for name, model_dir in model_dirs.items()}
+    # The served probabilities are the calibrated ones: everything below (metrics, the
+    # ensemble rule, the monitor's test predictions) uses them; the logits give "before".
+    probs_by_model = {name: probs for name, (probs, _) in answers.items()}
     models: dict[str, dict[str, Any]] = {}
     blessings: dict[str, dict[str, Any]] = {}
     for name, model_dir in model_dirs.items():
         metrics = classification_metrics(labels, probs_by_model[name])
+        metrics["calibration"] = model_calibration(
+            labels, answers[name][1], probs_by_model[name], fitted_temperature(
+                _read_json_if_present(fileio.join(model_dir, TRAINING_INFO_FILE))))
         served = _evaluate_served(serving_root, name, split.serialized, labels)
         blessed, reasons, summary = gate(name, metrics, served, config, baseline)
         blessings[name] = {"blessed": blessed, "reasons": reasons, "summary": summary}
@@ -396,6 +426,9 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
                  "; ".join(reasons))
 
     ensemble = ensemble_metrics(labels, probs_by_model, config.tie_tolerance, split.rows)
+    ensemble["calibration"] = ensemble_calibration(
+        labels, {name: logits for name, (_, logits) in answers.items()}, probs_by_model,
+        config.tie_tolerance)
     # What the client will combine once held-back models are left out of serving.
     blessed_names = [name for name in model_dirs if blessings[name]["blessed"]]
     ensemble_blessed = (ensemble_metrics(

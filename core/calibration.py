@@ -24,7 +24,8 @@ import numpy as np
 from fer_pipeline.core.ensemble import combine_batch
 
 __all__ = ["ECE_BINS", "calibration_record", "ensemble_calibration",
-           "expected_calibration_error", "fit_temperature", "logits_from_probabilities",
+           "expected_calibration_error", "fit_temperature", "fitted_temperature",
+           "logits_from_probabilities",
            "model_calibration", "negative_log_likelihood", "reliability_bins", "softmax"]
 
 ECE_BINS = 15
@@ -149,11 +150,19 @@ def calibration_record(logits: Optional[np.ndarray], labels: np.ndarray,
             "before": before, "after": after}
 
 
-def model_calibration(labels: np.ndarray, logits: np.ndarray,
-                      probabilities: np.ndarray) -> dict[str, Any]:
+def fitted_temperature(training_info: Optional[Mapping[str, Any]]) -> Optional[float]:
+    """The T a model was exported with (its training_info.json); None when none was fitted
+    (an imported file without validation data, a model trained before calibration)."""
+    fitted = (training_info or {}).get("calibration") or {}
+    return float(fitted["temperature"]) if fitted.get("calibrated") else None
+
+
+def model_calibration(labels: np.ndarray, logits: np.ndarray, probabilities: np.ndarray,
+                      temperature: Optional[float] = None) -> dict[str, Any]:
     """The evaluation's numbers for one model: NLL, ECE and reliability bins of the raw
-    softmax(logits) ("before", T = 1) and of the served, calibrated probabilities ("after")."""
-    return {"bins_count": ECE_BINS,
+    softmax(logits) ("before", T = 1) and of the served, calibrated probabilities ("after"),
+    with the `temperature` the model was exported with (None: not fitted)."""
+    return {"bins_count": ECE_BINS, "temperature": temperature,
             "before": _scores(softmax(logits), labels),
             "after": _scores(probabilities, labels)}
 

@@ -176,6 +176,12 @@ class EvalConfig:
         None, check=optional(between(0, 1)), help="set: every class's recall must reach it")
     max_regression: float = setting(
         0.01, check=between(0, 1), help="allowed accuracy drop vs the version now in serving")
+    # Expected calibration error (15 bins) of the served, temperature-scaled probabilities on
+    # the test split (core/calibration.py). Off by default: a smoke run's test split is too
+    # small for a stable ECE.
+    max_ece: Optional[float] = setting(
+        None, check=optional(between(0, 1)),
+        help="set: a model whose calibrated test ECE is above it is not blessed")
     tie_tolerance: float = setting(
         0.05, check=between(0, 1),
         help="|conf_a - conf_b| <= this with disagreement: human review")

@@ -378,3 +378,40 @@ def test_confidence_gaps_and_closest_calls_by_hand():
     assert [r["row_number"] for r in ensemble["review_examples"]] == [12]   # gap 0.02
     assert [c["row_number"] for c in ensemble["closest_calls"]] == [11, 13]  # by gap
     assert ensemble["agreement_rate"] == 0.25
+
+
+def test_calibration_numbers_and_the_max_ece_gate(setup, tmp_path):
+    """Every "good" face has confidence e^3/(e^3+6) and GOOD_FRACTION of them are right, so
+    its ECE is |GOOD_FRACTION - that| with all faces in one bin (likewise "bad" with e^2).
+    The tiny models serve no logits: "before" is computed from log p and equals "after"."""
+    config = EvalConfig(min_accuracy={"good": 0.7, "bad": 0.1}, max_ece=0.1)
+    result = run(setup, tmp_path / "serving", config, name="calibration")
+    evaluation = json.loads(Path(result.evaluation_path).read_text())
+    confidence = {"good": np.exp(3) / (np.exp(3) + 6), "bad": np.exp(2) / (np.exp(2) + 6)}
+    accuracy = {"good": GOOD_FRACTION, "bad": 1 - GOOD_FRACTION}
+    for name in ("good", "bad"):
+        calibration = evaluation["models"][name]["calibration"]
+        ece = abs(accuracy[name] - confidence[name])
+        assert calibration["temperature"] is None              # not fitted: no record
+        for when in ("before", "after"):
+            assert calibration[when]["ece"] == pytest.approx(ece, rel=1e-5)
+            filled = [b for b in calibration[when]["bins"] if b["count"]]
+            assert len(filled) == 1 and filled[0]["count"] == 280
+            assert filled[0]["lower"] < confidence[name] <= filled[0]["upper"]
+        assert calibration["after"]["nll"] == pytest.approx(evaluation["models"][name]["loss"],
+                                                            rel=1e-5)
+    ensemble = evaluation["ensemble"]["calibration"]
+    # The ensemble always follows "good" here (test_metrics_match_...): the same numbers.
+    assert ensemble["after"]["ece"] == pytest.approx(abs(GOOD_FRACTION - confidence["good"]),
+                                                     rel=1e-5)
+    blessings = json.loads(Path(result.blessings_path).read_text())
+    assert f"expected calibration error {abs(GOOD_FRACTION - confidence['good']):.3f} <= " \
+        "max_ece 0.100" in " ".join(blessings["good"]["reasons"])
+    assert blessings["bad"]["blessed"] is False
+    assert f"calibration error (ECE) {abs(1 - GOOD_FRACTION - confidence['bad']):.3f} is " \
+        "above max_ece 0.100" in blessings["bad"]["summary"]
+    # A stricter bound holds back the better model too.
+    strict = EvalConfig(min_accuracy={"good": 0.7}, max_ece=0.01)
+    result = run(setup, tmp_path / "serving", strict, name="strict_ece", model_names=("good",))
+    assert result.blessed == {"good": False}
+    assert "is above max_ece 0.010" in result.summaries["good"]
