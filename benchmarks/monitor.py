@@ -19,6 +19,13 @@ memory (VmRSS, sampled every 0.25 s from /proc) of the driver and of every proce
 started (the Beam workers), and the ratio of those peaks between the largest and the
 smallest size (flat: within 20 %). CPU model and the load average are printed beside the
 figures: the machine is shared.
+
+With `--engine flink` (or spark) the runs go to a local cluster (tools/local_cluster.py,
+started by this script on free ports, parallelism 2, stopped at the end; `make engines`
+must have fetched its jars): its daemons, job server, worker pool and the pool's Python
+workers are this process's children, so their peaks are measured the same way, each
+named (`processes`: the largest ones per size). `--logs DIR` keeps the logs in DIR (written
+there when DIR has too few), so a second run or another engine reads the same ones.
 """
 from __future__ import annotations
 
@@ -104,12 +111,34 @@ def _descendants(root: int) -> set[int]:
     return found
 
 
+def _process_name(pid: int) -> str:
+    """A short name for a process: a JVM's main class, or python and its module/command."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    argv = [a for a in argv if a]
+    if not argv:
+        return "?"
+    if os.path.basename(argv[0]) == "java":
+        # The main class is the first word after the classpath that is not a flag.
+        after = argv[argv.index("-cp") + 2:] if "-cp" in argv else argv[1:]
+        mains = [a for a in after if not a.startswith("-")]
+        return "java " + (mains[0].rsplit(".", 1)[-1] if mains else "?")
+    if "-m" in argv[:-1]:
+        return "python -m " + argv[argv.index("-m") + 1]
+    if any("sdk_worker" in a for a in argv):
+        return "python SDK worker"
+    return " ".join(os.path.basename(a) for a in argv[:2])[:60]
+
+
 class PeakMemory:
     """Peak VmRSS of this process and of each process it started, sampled in a thread."""
 
     def __init__(self) -> None:
         self.driver = 0.0
         self.others: dict[int, float] = {}
+        self.names: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -119,6 +148,8 @@ class PeakMemory:
             self.driver = max(self.driver, _rss_mib(me))
             for pid in _descendants(me):
                 self.others[pid] = max(self.others.get(pid, 0.0), _rss_mib(pid))
+                if pid not in self.names:
+                    self.names[pid] = _process_name(pid)
             self._stop.wait(0.25)
 
     def __enter__(self) -> "PeakMemory":
@@ -140,11 +171,28 @@ def main() -> None:
     parser.add_argument("--beam", default="--direct_running_mode=multi_processing "
                         "--direct_num_workers=2", help="the Beam flags of the runs")
     parser.add_argument("--json", help="also write the figures here")
-    parser.add_argument("--logs", help="reuse the logs an earlier run left in this directory "
-                        "(the same --requests, --pool and --rate)")
+    parser.add_argument("--logs", help="keep the logs in this directory: reused when an "
+                        "earlier run left enough there (the same --pool and --rate), else "
+                        "written there")
+    parser.add_argument("--engine", choices=["flink", "spark"],
+                        help="run on a local cluster of this engine instead (--beam ignored)")
     args = parser.parse_args()
     sizes = sorted(int(n) for n in args.requests.split(","))
+    cluster = None
+    if args.engine:
+        from tools import local_cluster
+        cluster = local_cluster.start(args.engine, Path(tempfile.mkdtemp(
+            prefix=f"fer_{args.engine}_")), local_cluster.Ports.free(args.engine))
+        args.beam = " ".join(cluster.beam_args(parallelism=2))
+    try:
+        measure(args, sizes)
+    finally:
+        if cluster is not None:
+            local_cluster.stop(cluster)
 
+
+def measure(args: argparse.Namespace, sizes: list[int]) -> None:
+    """Every size's run_monitor with args.beam, printed (and written to args.json)."""
     root = Path(tempfile.mkdtemp(prefix="fer_monitor_bench_"))
     started = time.perf_counter()
     run = fixtures.build_served_run(str(root / "run"))
@@ -154,7 +202,8 @@ def main() -> None:
     else:
         faces = fixtures.fresh_stream(args.pool, 303)
         answers = {name: fixtures.predict(path, faces) for name, path in run.models.items()}
-        logs = write_logs(root / "logs", faces, answers, sizes[-1], len(answers) / args.rate)
+        logs = write_logs(Path(args.logs) if args.logs else root / "logs", faces, answers,
+                          sizes[-1], len(answers) / args.rate)
     print(f"logs: {Path(logs[0]).parent}", flush=True)
     setup_s = time.perf_counter() - started
     config = load_config().monitor
@@ -181,6 +230,9 @@ def main() -> None:
             "driver_peak_mib": round(memory.driver), "largest_child_peak_mib":
                 round(workers[0]) if workers else None,
             "children": len(workers), "join_partitions": record["job"]["partitions"],
+            "processes": [{"name": memory.names.get(pid, "?"), "peak_mib": round(peak)}
+                          for pid, peak in sorted(memory.others.items(),
+                                                  key=lambda item: -item[1])[:8]],
             "load_average_1min_before": load})
         print(json.dumps(figures["sizes"][-1]), flush=True)
     first, last = figures["sizes"][0], figures["sizes"][-1]
