@@ -63,6 +63,15 @@ class IngestConfig:
     class_map: dict[str, str] = setting(
         factory=dict, check=one_of(*CLASS_NAMES),
         help="image folder name -> class, added to the built-in FER-2013 and RAF-DB names")
+    # FER+ (Microsoft's ten crowd votes per FER-2013 face, fer2013new.csv): joined by row.
+    ferplus_labels: str = setting("", help="FER+ vote file (fer2013new.csv) for the CSV; "
+                                  "empty: FER-2013's labels")
+    ferplus_mode: str = setting("majority", check=one_of("majority", "probability",
+                                                         "crossentropy"),
+                                help="train on FER+'s majority, a label drawn from the votes "
+                                     "each epoch, or the vote distribution as soft target")
+    ferplus_classes: int = setting(8, check=one_of(7, 8),
+                                   help="8 keeps contempt as a class; 7 drops its votes")
 
 
 # The schema the pipeline validates against is package data of fer_pipeline.schemas, found

@@ -61,9 +61,10 @@ def positive(v: float) -> Optional[str]:
     return None if v > 0 else "must be greater than 0"
 
 
-def one_of(*choices: str) -> Check:
-    return described("one of " + ", ".join(choices), lambda v: None if v in choices
-                     else f"must be one of {', '.join(choices)}")
+def one_of(*choices: Any) -> Check:
+    named = ", ".join(map(str, choices))   # choices may be numbers (ingest.ferplus_classes)
+    return described("one of " + named, lambda v: None if v in choices
+                     else f"must be one of {named}")
 
 
 def optional(check: Check) -> Check:

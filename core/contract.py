@@ -53,6 +53,12 @@ FERPLUS_VOTE_ORDER: tuple[str, ...] = CLASS_NAMES_FERPLUS + ("unknown", "not_fac
 FEATURE_FERPLUS_VOTES = "ferplus_votes"        # int64 [10], FERPLUS_VOTE_ORDER
 FEATURE_FERPLUS_MAJORITY = "ferplus_majority"  # int64, index into CLASS_NAMES_FERPLUS
 FEATURE_FERPLUS_CLEAR = "ferplus_clear"        # int64, 1 when the majority holds > half the votes
+# What training uses of the votes, written by ExampleGen into its output ({mode, classes,
+# ...}) and by Transform into its own: the trainer reads the class count and mode there.
+FERPLUS_FILE = "ferplus.json"
+# Transformed feature with FER+ votes: float32 [classes], the vote distribution over the
+# classes kept (soft target); the transformed `emotion` is then FER+'s majority.
+FEATURE_FERPLUS_TARGET = "ferplus_target"
 # Feature names of the transformed examples written by Transform.
 FEATURE_IMAGE = "image"            # float32, 2304 normalized values
 

@@ -44,6 +44,10 @@ def _config_from_args(args: argparse.Namespace) -> PipelineConfig:
             args.request_log_sampling_rate
     if getattr(args, "metadata_db", None):
         overrides.setdefault("metadata", {})["sqlite_path"] = args.metadata_db
+    if getattr(args, "ferplus_labels", None):
+        from fer_pipeline.core import fileio
+
+        overrides.setdefault("ingest", {})["ferplus_labels"] = fileio.absolute(args.ferplus_labels)
     if getattr(args, "warm_start", False):
         overrides.setdefault("train", {})["warm_start"] = True
     if getattr(args, "tune", False):

@@ -84,6 +84,9 @@ def _add_step_flags(parser: argparse.ArgumentParser, steps: list[Step]) -> None:
                                  "(one subfolder per class, optionally under train/ and "
                                  "test/); repeat to train on several (e.g. the original "
                                  "data plus reviewed faces)")
+        parser.add_argument("--ferplus-labels", metavar="CSV",
+                            help="FER+ votes (Microsoft's fer2013new.csv) for the FER-2013 "
+                                 "CSV, joined row by row (ingest.ferplus_labels)")
     parser.add_argument("--config", help="YAML or JSON file overriding core/config.py")
     parser.add_argument("--profile", default="default", choices=["default", "smoke"],
                         help="'smoke' shrinks training for tests and demos")

@@ -210,6 +210,15 @@ def _section(name: str) -> Callable[[PipelineConfig, StepEnv], Any]:
     return lambda config, env: getattr(config, name)
 
 
+def _ingest_parameters(config: PipelineConfig, env: StepEnv) -> Any:
+    """The ingest section, plus the FER+ vote file's fingerprint: new votes under the same
+    path are new labels, so ingest runs again."""
+    if not config.ingest.ferplus_labels or not fileio.exists(config.ingest.ferplus_labels):
+        return config.ingest
+    return {"ingest": config.ingest,
+            "ferplus_labels_fingerprint": fingerprint(config.ingest.ferplus_labels)}
+
+
 def _train_parameters(model: str) -> Callable[[PipelineConfig, StepEnv], Any]:
     def parameters(config: PipelineConfig, env: StepEnv) -> Any:
         shared = {f.name: getattr(config.train, f.name)
@@ -270,9 +279,11 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
     model_inputs = {f"model_{m}": f"{model_step(m)}.model_run" for m in models}
     steps = [
         Step("ingest", "examples", {"data": DATA}, {"examples": ""}, _ingest,
-             _section("ingest"), ("fer_pipeline.components.example_gen.executor",
+             _ingest_parameters, ("fer_pipeline.components.example_gen.executor",
                                   "fer_pipeline.components.example_gen.images",
-                                  "fer_pipeline.components.example_gen.inputs"),
+                                  "fer_pipeline.components.example_gen.inputs",
+                                  "fer_pipeline.components.example_gen.ferplus",
+                                  "fer_pipeline.core.ferplus_votes"),
              "CSV or image folders -> split, quarantined, de-duplicated TFRecords", beam=True),
         Step("augment", "augmented", {"examples": "ingest.examples"}, {"augmented": ""},
              _augment, _section("augment"), ("fer_pipeline.components.augment",),
@@ -281,7 +292,8 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
              {"examples": "ingest.examples", "augmented": "augment.augmented",
               "schema": SCHEMA},
              {"statistics": ""}, _statistics, _section("validation"),
-             ("fer_pipeline.components.statistics.executor", "fer_pipeline.components.statistics.page_data"),
+             ("fer_pipeline.components.statistics.executor", "fer_pipeline.components.statistics.page_data",
+              "fer_pipeline.components.statistics.ferplus"),
              "TFDV statistics per split + statistics.html", beam=True),
         Step("validate", "anomalies", {"statistics": "statistics.statistics", "schema": SCHEMA},
              {"anomalies": ""}, _validate, _section("validation"), ("fer_pipeline.components.validation",),

@@ -40,13 +40,16 @@ from fer_pipeline.core.fer_csv import (JSONL_HEADER, READ_CHUNK_BYTES, REJECTED_
 from fer_pipeline.core.contract import (FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS,
     FEATURE_ROW, FEATURE_SOURCE, FEATURE_SOURCE_ROW, FEATURE_USAGE, EXAMPLES_PATTERN,
     SHARD_PREFIX, SHARD_SUFFIX, SPLITS, USAGE_TO_SPLIT, REJECTED_DIR, REJECTED_FILE,
-    DUPLICATES_FILE)
+    DUPLICATES_FILE, FEATURE_FERPLUS_CLEAR, FEATURE_FERPLUS_MAJORITY, FEATURE_FERPLUS_VOTES)
+from fer_pipeline.core.ferplus_votes import QUARANTINE_CODES
 from fer_pipeline.core.errors import ConfigError, InputDataError
 from fer_pipeline.components.example_gen.images import (ImageTree, image_records, image_rejection,
                                                        is_image_tree, resolve_class_map,
                                                        scan_image_tree)
 from fer_pipeline.components.example_gen.inputs import (Inputs, combine_csvs, last_line,
                                                        source_of)
+from fer_pipeline.components.example_gen.ferplus import (AttachVotes, ferplus_summary,
+                                                        load_verdicts)
 
 __all__ = ["run_example_gen", "ExampleGenResult", "TooManyRejectedRows"]
 
@@ -84,6 +87,8 @@ class ExampleGenResult:
     sources: list[dict[str, Any]] = field(default_factory=list)
     # Per image folder given as --data: its root and whether it had split folders.
     image_trees: list[dict[str, Any]] = field(default_factory=list)
+    # With FER+ votes (ingest.ferplus_labels): the file, mode, classes and quarantines.
+    ferplus: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -180,6 +185,14 @@ def to_example(split_record: tuple[str, tuple], csv_sources: list[dict[str, Any]
     line, label, pixels, usage = record[:4]
     source = image_path(record) or source_of(line, csv_sources)
     feature = tf.train.Feature
+    votes = {}
+    if len(record) > 5:   # FER+ votes joined (components/example_gen/ferplus.py)
+        counts, majority, clear = record[5]
+        votes = {FEATURE_FERPLUS_VOTES: feature(int64_list=tf.train.Int64List(value=counts)),
+                 FEATURE_FERPLUS_MAJORITY: feature(int64_list=tf.train.Int64List(
+                     value=[majority])),
+                 FEATURE_FERPLUS_CLEAR: feature(int64_list=tf.train.Int64List(
+                     value=[int(clear)]))}
     return tf.train.Example(features=tf.train.Features(feature={
         FEATURE_LABEL: feature(int64_list=tf.train.Int64List(value=[label])),
         FEATURE_PIXELS: feature(bytes_list=tf.train.BytesList(value=[pixels])),
@@ -188,6 +201,7 @@ def to_example(split_record: tuple[str, tuple], csv_sources: list[dict[str, Any]
         FEATURE_SOURCE_ROW: feature(int64_list=tf.train.Int64List(value=[line])),
         FEATURE_AUGMENTATION: feature(bytes_list=tf.train.BytesList(value=[ORIGINAL.encode()])),
         FEATURE_SOURCE: feature(bytes_list=tf.train.BytesList(value=[source.encode()])),
+        **votes,
     })).SerializeToString()
 
 
@@ -223,6 +237,13 @@ def build_pipeline(pipeline: beam.Pipeline, inputs: Inputs, output_dir: str, spl
                                                                           main="rows")
         rows.append(parsed.rows)
         rejections.append(parsed[REJECTED_TAG])
+        if inputs.verdicts:
+            voted = rows.pop() | "AttachVotes" >> beam.ParDo(
+                AttachVotes(), beam.pvalue.AsDict(
+                    pipeline | "Verdicts" >> beam.Create(sorted(inputs.verdicts.items())))
+            ).with_outputs(REJECTED_TAG, main="rows")
+            rows.append(voted.rows)
+            rejections.append(voted[REJECTED_TAG])
         read_counts.append(lines | "CountLines" >> beam.combiners.Count.Globally())
     if inputs.trees:
         images = image_records(pipeline, inputs.trees, inputs.first_image_row, config.seed)
@@ -351,8 +372,9 @@ def run_example_gen(data_path: str | Sequence[str], output_dir: str, config: Ing
     chunks = plan_chunks(data_path, READ_CHUNK_BYTES) if data_path else []
     csv_sources = sources or ([{"path": data_path, "first_line": 2, "last_line": 1 << 62}]
                               if data_path else [])
+    verdicts = load_verdicts(config, csvs, trees, data_path, columns)
     inputs = Inputs(data_path, tuple(chunks), columns, tuple(csv_sources), tuple(trees),
-                    last_line(data_path, chunks) + 1)
+                    last_line(data_path, chunks) + 1, verdicts)
     with beam_pipeline(beam_args, "ingest") as pipeline:
         build_pipeline(pipeline, inputs, output_dir, split_mode, config)
 
@@ -402,6 +424,7 @@ def run_example_gen(data_path: str | Sequence[str], output_dir: str, config: Ing
         sources=sources,
         image_trees=[{"root": t.root, "split_folders": t.has_splits,
                       "class_folders": len(t.folders)} for t in trees],
+        ferplus=ferplus_summary(config, verdicts, by_reason, output_dir),
         seconds=round(time.time() - started, 3))
     _check_rejected_fraction(result, config.max_rejected_fraction)
     return result
@@ -414,7 +437,7 @@ def shard_paths(examples_dir: str, split: str) -> list[str]:
 
 def _check_rejected_fraction(result: ExampleGenResult, limit: float) -> None:
     bad = sum(n for code, n in result.rejected_by_reason.items()
-              if not code.startswith(DUPLICATE_REASON_PREFIX))
+              if not code.startswith(DUPLICATE_REASON_PREFIX) and code not in QUARANTINE_CODES)
     if result.rows_read == 0:
         raise TooManyRejectedRows(f"no data rows in the input; see {result.output_dir}")
     if bad / result.rows_read > limit:

@@ -23,6 +23,8 @@ class Inputs:
     csv_sources: tuple[dict[str, Any], ...] = ()
     trees: tuple[ImageTree, ...] = ()
     first_image_row: int = 2                 # images are numbered after the CSV's lines
+    # FER+ verdicts by CSV line (components/example_gen/ferplus.py); empty without FER+.
+    verdicts: Any = None
 
 
 def combine_csvs(data_paths: Sequence[str], combined_path: str) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ import numpy as np
 from fer_pipeline.core.html_page import (bilingual, chart, count, document, esc, face, number,
     pyplot, table)
 from fer_pipeline.core.contract import CLASS_NAMES, NUM_CLASSES
+from fer_pipeline.components.statistics.ferplus import ferplus_section
 
 SPLIT_COLORS = {"train": "#1e63b5", "validation": "#f28e2b", "test": "#59a14f"}
 
@@ -31,6 +32,7 @@ def render_statistics_page(data: Mapping[str, Any], faces: Mapping[str, np.ndarr
                 *(split_section(split, split_data, faces, data["limits"])
                   for split, split_data in data["splits"].items()),
                 rejected_section(data["rejected"]),
+                ferplus_section(data.get("ferplus")),
                 duplicates_section(data.get("duplicates"), faces),
                 augmented_section(data.get("augmented"), faces)]
     return document("FER-2013 data statistics", sections, source_json=data)

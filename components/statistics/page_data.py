@@ -19,6 +19,7 @@ from fer_pipeline.core.contract import (CLASS_NAMES, DUPLICATES_FILE, EXAMPLES_P
     FEATURE_AUGMENTATION, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW,
     IMAGE_SIZE, MANIFEST_FILE, NUM_CLASSES, NUM_PIXELS, REJECTED_DIR, REJECTED_FILE)
 from fer_pipeline.core.fer_csv import reason_code
+from fer_pipeline.components.statistics.ferplus import ferplus_agreement
 
 ORIGINAL = b"original"
 # The augmented split, as the statistics step names it under output_dir/augmented/.
@@ -259,6 +260,7 @@ def build_page(examples_dir: str,
         rows_seen[split] = scanned.by_row
         data["splits"][split] = _split_data(split, split_stats, scanned, faces)
     data["duplicates"] = _duplicates_data(duplicates, rows_seen, faces)
+    data["ferplus"] = ferplus_agreement(examples_dir, list(stats))
     data["augmented"] = (_augmented_data(augmented_dir, augmented_stats, stats.get("train"),
                                          faces) if augmented_stats is not None else None)
     return render_statistics_page(data, faces)
