@@ -8,7 +8,8 @@ the page shows. Sections, top to bottom:
    now and what the push step will publish;
 2. the test data and the majority-class baseline every model must beat;
 3. per model: training curves from its history.json, per-class precision/recall/F1, the
-   confusion matrix, and per true class the most confident mistakes as faces with every
+   confusion matrix, calibration (core/calibration_page.py: temperature, ECE and NLL before
+   and after, reliability diagrams), and per true class the most confident mistakes as faces with every
    model's answer;
 4. the ensemble: agreement rate, human-review rate, accuracy on the faces it decides alone,
    its confusion matrix and the faces it sends to a person;
@@ -24,6 +25,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from fer_pipeline.core.calibration_page import calibration_block
 from fer_pipeline.core.html_page import (bilingual, chart, count, document, esc, face, number,
     pyplot, table)
 from fer_pipeline.core.contract import CLASS_NAMES, NUM_CLASSES
@@ -202,6 +204,8 @@ def model_section(name: str, model: Mapping[str, Any], evaluation: Mapping[str, 
              confusion_chart(f"confusion-{name}", model["confusion_matrix"],
                              f"{name}: confusion matrix"), "</div>",
              per_class_table(name, model),
+             "<h3>Calibration</h3>",
+             calibration_block(name, model.get("calibration"), f"{path}/calibration"),
              "<h3>Most confident mistakes, per true class</h3>",
              mistakes_gallery(name, model.get("mistakes", {}), faces)]
     return "\n".join(parts)
@@ -356,6 +360,8 @@ def ensemble_section(ensemble: Mapping[str, Any], faces: Mapping[int, np.ndarray
             f"{number(ensemble['accuracy'], 'ensemble/accuracy')}</b></span></div>"
             + confusion_chart("confusion-ensemble", ensemble["confusion_matrix"],
                               "ensemble: confusion matrix")
+            + "<h3>Calibration of the ensemble's answer</h3>"
+            + calibration_block("ensemble", ensemble.get("calibration"), "ensemble/calibration")
             + "<h3>Faces sent to human review</h3>" + shown)
 
 

@@ -310,10 +310,14 @@ def test_report_is_self_contained_with_images_and_both_languages(setup, tmp_path
     assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
     charts = dict(re.findall(
         r'<script type="application/json" data-chart-data="([\w-]+)">(.*?)</script>', page))
-    # distribution; per model history (bad has none), per-class, confusion; ensemble confusion
+    # distribution; per model history (bad has none), per-class, confusion, reliability
+    # before and after (inline SVG); ensemble confusion and reliability
     assert sorted(charts) == sorted(["test-distribution", "history-good", "per-class-good",
                                      "confusion-good", "per-class-bad", "confusion-bad",
-                                     "confusion-ensemble"])
+                                     "confusion-ensemble"] + [
+        f"reliability-{name}-{when}" for name in ("good", "bad", "ensemble")
+        for when in ("before", "after")])
+    assert page.count("<svg") == 6 and "http://www.w3.org/2000/svg" in page
     history = json.loads(charts["history-good"])
     assert history["epoch"] == [1, 2, 3]
     assert history["val_loss"] == [r["val_loss"] for r in HISTORY["epochs"]]

@@ -188,6 +188,34 @@ def test_report_in_a_real_browser(report_run, tmp_path):
                                               "els => els.map(e => Number(e.dataset.index))")
             assert shown == [item["index"] for item in evaluation["ensemble"][key]]
         assert evaluation["ensemble"]["closest_calls"]
+        check_reliability_diagrams(page, evaluation, charts)
+
+
+def check_reliability_diagrams(page, evaluation: dict, charts: dict) -> None:
+    """Per model and for the ensemble, before and after temperature scaling: an inline SVG
+    whose bars are the non-empty bins of evaluation.json (count, accuracy, confidence),
+    drawn (a real box on the page) and as tall as the bin's accuracy."""
+    blocks = {**{name: model["calibration"] for name, model in evaluation["models"].items()},
+              "ensemble": evaluation["ensemble"]["calibration"]}
+    for name, calibration in blocks.items():
+        for when in ("before", "after"):
+            chart = f"reliability-{name}-{when}"
+            bins = calibration[when]["bins"]
+            assert charts[chart] == bins
+            bars = page.eval_on_selector_all(
+                f'svg[data-reliability="{chart}"] rect.bar',
+                "els => els.map(e => ({bin: Number(e.dataset.bin), count: Number(e.dataset.count),"
+                " accuracy: Number(e.dataset.accuracy), confidence: Number(e.dataset.confidence),"
+                " height: e.getBBox().height}))")
+            filled = [(i, b) for i, b in enumerate(bins) if b["count"]]
+            assert [bar["bin"] for bar in bars] == [i for i, _ in filled] != []
+            for bar, (_, b) in zip(bars, filled):
+                assert (bar["count"], bar["accuracy"], bar["confidence"]) == (
+                    b["count"], pytest.approx(b["accuracy"]), pytest.approx(b["confidence"]))
+                assert bar["height"] == pytest.approx(b["accuracy"] * 220, abs=0.02)
+            box = page.eval_on_selector(f'svg[data-reliability="{chart}"]',
+                                        "e => e.getBoundingClientRect().width")
+            assert box > 100
 
 
 def test_report_checks_catch_a_changed_number_and_an_empty_plot(report_run, tmp_path):
