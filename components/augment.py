@@ -37,9 +37,9 @@ import tensorflow as tf
 from fer_pipeline.core import fileio
 from fer_pipeline.core.beam_job import beam_pipeline
 from fer_pipeline.core.config import AugmentConfig
-from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_AUGMENTATION, FEATURE_LABEL,
-    FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW, IMAGE_SIZE, EXAMPLES_PATTERN, NUM_CLASSES,
-    SHARD_PREFIX, SHARD_SUFFIX)
+from fer_pipeline.core.contract import (CLASS_NAMES, CLASS_NAMES_FERPLUS, FEATURE_AUGMENTATION,
+    FEATURE_FERPLUS_MAJORITY, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, FEATURE_SOURCE_ROW,
+    IMAGE_SIZE, EXAMPLES_PATTERN, SHARD_PREFIX, SHARD_SUFFIX)
 from fer_pipeline.core.errors import MissingInputError
 
 __all__ = ["run_augment", "AugmentResult"]
@@ -144,8 +144,11 @@ def run_augment(examples_dir: str, output_dir: str, config: AugmentConfig,
 # --- Pipeline functions (module level, so worker processes can unpickle them) -------------
 
 def _key_by_class(serialized: bytes) -> tuple[int, tuple[int, bytes]]:
+    """Keyed by the label training uses: FER+'s majority when ingest joined votes (every
+    FER+ mode trains towards it), else FER-2013's label."""
     features = tf.train.Example.FromString(serialized).features.feature
-    label = features[FEATURE_LABEL].int64_list.value[0]
+    label = (features[FEATURE_FERPLUS_MAJORITY] if FEATURE_FERPLUS_MAJORITY in features
+             else features[FEATURE_LABEL]).int64_list.value[0]
     row = features[FEATURE_ROW].int64_list.value[0]
     return label, (row, serialized)
 
@@ -213,7 +216,9 @@ def _result(config: AugmentConfig, summary: list[dict], train_dir: str) -> Augme
     by_label = {row["label"]: row for row in summary}
     target = summary[0]["target"] if summary else 0
     before, after, warnings = {}, {}, []
-    for label, name in enumerate(CLASS_NAMES):
+    # FER+'s contempt (label 7) appears only when its eighth class is kept.
+    names = CLASS_NAMES_FERPLUS if max(by_label, default=0) >= len(CLASS_NAMES) else CLASS_NAMES
+    for label, name in enumerate(names):
         row: Optional[dict] = by_label.get(label)
         count = row["count"] if row else 0
         copies = row["copies"] if (row and config.enabled) else 0
@@ -221,9 +226,9 @@ def _result(config: AugmentConfig, summary: list[dict], train_dir: str) -> Augme
         if count == 0 and config.enabled and target > 0:
             warnings.append(f"class {label} ({name}) has no training examples; "
                             f"it cannot be topped up to {target}")
-    unknown = sorted(set(by_label) - set(range(NUM_CLASSES)))
+    unknown = sorted(set(by_label) - set(range(len(names))))
     if unknown:
-        warnings.append(f"labels outside 0..{NUM_CLASSES - 1} were topped up too: {unknown}")
+        warnings.append(f"labels outside 0..{len(names) - 1} were topped up too: {unknown}")
     return AugmentResult(enabled=config.enabled, target_per_class=target,
                          counts_before=before, counts_after=after,
                          augmented=sum(row["copies"] for row in summary) if config.enabled else 0,

@@ -39,10 +39,13 @@ from fer_pipeline.core.serving_root import latest_served_version
 from fer_pipeline.core import fileio
 from fer_pipeline.core.artifacts import to_jsonable
 from fer_pipeline.core.config import EvalConfig
-from fer_pipeline.core.contract import (BLESSINGS_FILE, CLASS_NAMES, CLASS_NAMES_ES, EVALUATION_FILE,
+from fer_pipeline.core.contract import (BLESSINGS_FILE, CLASS_NAMES, EVALUATION_FILE,
     EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS, FEATURE_ROW, HISTORY_FILE, IMAGE_SIZE,
     NUM_CLASSES, OUTPUT_PROBABILITIES, REPORT_HTML, SERVING_MODEL_DIR, SIGNATURE_EXAMPLES,
-    TEST_PREDICTIONS_FILE, TRAINING_INFO_FILE, INPUT_EXAMPLES, OUTPUT_LOGITS)
+    TEST_PREDICTIONS_FILE, TRAINING_INFO_FILE, INPUT_EXAMPLES, OUTPUT_LOGITS,
+    CLASS_NAMES_FERPLUS, CLASS_NAMES_FERPLUS_ES)
+from fer_pipeline.core.ferplus_votes import (FERPLUS_CLASS_COUNTS, ferplus_metrics,
+                                             votes_by_class, votes_of)
 from fer_pipeline.core.calibration import (ensemble_calibration, fitted_temperature,
                                            logits_from_probabilities, model_calibration)
 from fer_pipeline.core.ensemble import combine_batch
@@ -86,6 +89,7 @@ class TestSplit:
     rows: np.ndarray         # int64 [n], the CSV line numbers
     pixels: np.ndarray       # uint8 [n, 48, 48]
     files: list[str]
+    votes: Optional[np.ndarray] = None   # int64 [n, 10] FER+ votes, when ingest joined them
 
 
 # ----------------------------------------------------------------------------- data
@@ -123,7 +127,8 @@ def load_test_split(examples_dir: str) -> TestSplit:
     if label_array.min() < 0 or label_array.max() >= NUM_CLASSES:
         raise InputDataError(f"test labels outside 0..{NUM_CLASSES - 1} in {examples_dir}/test")
     return TestSplit(serialized, label_array, np.concatenate(rows).astype(np.int64),
-                     np.concatenate(pixels).reshape(-1, IMAGE_SIZE, IMAGE_SIZE), files)
+                     np.concatenate(pixels).reshape(-1, IMAGE_SIZE, IMAGE_SIZE), files,
+                     votes_of(serialized))
 
 
 def predict_probabilities(saved_model_dir: str, serialized: list[bytes]) -> np.ndarray:
@@ -146,9 +151,10 @@ def predict_outputs(saved_model_dir: str, serialized: list[bytes]
     answers = [signature(**{INPUT_EXAMPLES: tf.constant(serialized[i:i + BATCH_SIZE])})
                for i in range(0, len(serialized), BATCH_SIZE)]
     probs = np.concatenate([a[OUTPUT_PROBABILITIES].numpy() for a in answers]).astype(np.float64)
-    if probs.shape != (len(serialized), NUM_CLASSES):
+    # 7 classes (FER-2013) or 8 (FER+ with contempt): the width says which.
+    if probs.shape[0] != len(serialized) or probs.shape[1] not in FERPLUS_CLASS_COUNTS:
         raise ValueError(f"{saved_model_dir}: probabilities have shape {probs.shape}, "
-                         f"expected ({len(serialized)}, {NUM_CLASSES})")
+                         f"expected ({len(serialized)}, {NUM_CLASSES} or 8)")
     logits = (np.concatenate([a[OUTPUT_LOGITS].numpy() for a in answers]).astype(np.float64)
               if answers and OUTPUT_LOGITS in answers[0] else logits_from_probabilities(probs))
     return probs, logits
@@ -156,9 +162,10 @@ def predict_outputs(saved_model_dir: str, serialized: list[bytes]
 
 # ----------------------------------------------------------------------------- metrics
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray,
+                     num_classes: int = NUM_CLASSES) -> np.ndarray:
     """[true class, predicted class] counts."""
-    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(matrix, (labels, predictions), 1)
     return matrix
 
@@ -172,7 +179,8 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """Loss, accuracy, per-class precision/recall/F1/support and the confusion matrix."""
     predictions = probs.argmax(axis=1)
-    matrix = confusion_matrix(labels, predictions)
+    width = probs.shape[1]     # 8 for a FER+ model with contempt, which FER-2013 never labels
+    matrix = confusion_matrix(labels, predictions, width)
     true_positives = np.diag(matrix).astype(np.float64)
     support = matrix.sum(axis=1)
     precision = _safe_divide(true_positives, matrix.sum(axis=0).astype(np.float64))
@@ -180,10 +188,11 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, A
     f1 = _safe_divide(2 * precision * recall, precision + recall)
     picked = np.clip(probs[np.arange(len(labels)), labels], _LOSS_EPSILON, 1.0)
     per_class = [
-        {"class_id": k, "class_name": CLASS_NAMES[k], "class_name_es": CLASS_NAMES_ES[k],
+        {"class_id": k, "class_name": CLASS_NAMES_FERPLUS[k],
+         "class_name_es": CLASS_NAMES_FERPLUS_ES[k],
          "precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
          "support": int(support[k])}
-        for k in range(NUM_CLASSES)]
+        for k in range(width)]
     weights = support / support.sum()
     return {
         "loss": float(-np.log(picked).mean()),
@@ -207,7 +216,7 @@ def majority_baseline(labels: np.ndarray) -> dict[str, Any]:
 
 def _answers(index: int, probs_by_model: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return {name: {"class_id": int(probs[index].argmax()),
-                   "class_name": CLASS_NAMES[int(probs[index].argmax())],
+                   "class_name": CLASS_NAMES_FERPLUS[int(probs[index].argmax())],
                    "confidence": float(probs[index].max())}
             for name, probs in probs_by_model.items()}
 
@@ -248,7 +257,7 @@ def _ensemble_face(i: int, labels: np.ndarray, rows: Optional[np.ndarray],
                    probs_by_model: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return {"index": int(i), "row_number": int(rows[i]) if rows is not None else None,
             "true_class": CLASS_NAMES[int(labels[i])],
-            "decision": CLASS_NAMES[int(class_ids[i])],
+            "decision": CLASS_NAMES_FERPLUS[int(class_ids[i])],
             "gap": float(gaps[i]), "answers": _answers(int(i), probs_by_model)}
 
 
@@ -276,7 +285,8 @@ def ensemble_metrics(labels: np.ndarray, probs_by_model: Mapping[str, np.ndarray
         "human_review_rate": float(review.mean()),
         "reviewed": int(review.sum()),
         "accuracy_non_reviewed": float(correct[automatic].mean()) if automatic.any() else None,
-        "confusion_matrix": confusion_matrix(labels, class_ids).tolist(),
+        "confusion_matrix": confusion_matrix(
+            labels, class_ids, next(iter(probs_by_model.values())).shape[1]).tolist(),
         "review_examples": [_ensemble_face(i, labels, rows, class_ids, gaps, probs_by_model)
                             for i in reviewed[:review_faces]],
         "closest_calls": [_ensemble_face(i, labels, rows, class_ids, gaps, probs_by_model)
@@ -317,6 +327,8 @@ def _baseline_check(accuracy: float, baseline: Mapping[str, Any], margin: float)
 def _recall_checks(metrics: Mapping[str, Any], floor: float) -> list[Check]:
     checks = []
     for row in metrics["per_class"]:
+        if row["class_id"] >= NUM_CLASSES and not row["support"]:
+            continue   # FER+'s contempt: FER-2013's test labels never name it
         ok = row["recall"] >= floor
         checks.append(Check(ok, f"recall of {row['class_name']} ({row['class_name_es']}) "
                                 f"{row['recall']:.3f} {'>=' if ok else '<'} {floor:.3f}",
@@ -421,11 +433,16 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
         models[name] = {**metrics, **_model_metadata(model_dir), "served": served,
                         "min_accuracy": config.min_accuracy.get(name),
                         "blessed": blessed, "reasons": reasons, "summary": summary,
-                        "mistakes": confident_mistakes(name, split, probs_by_model)}
+                        "mistakes": with_votes(confident_mistakes(name, split, probs_by_model),
+                                               split.votes)}
+        if split.votes is not None:
+            models[name]["ferplus"] = ferplus_metrics(split.votes, probs_by_model[name])
         log.info("%s: accuracy %.4f, blessed=%s (%s)", name, metrics["accuracy"], blessed,
                  "; ".join(reasons))
 
     ensemble = ensemble_metrics(labels, probs_by_model, config.tie_tolerance, split.rows)
+    if split.votes is not None:
+        ensemble["ferplus"] = ensemble_ferplus(split.votes, probs_by_model, config.tie_tolerance)
     ensemble["calibration"] = ensemble_calibration(
         labels, {name: logits for name, (_, logits) in answers.items()}, probs_by_model,
         config.tie_tolerance)
@@ -459,6 +476,27 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
         ensemble_accuracy=ensemble["accuracy"],
         summaries={name: b["summary"] for name, b in blessings.items()},
     )
+
+
+def with_votes(mistakes: dict[str, list[dict[str, Any]]], votes: Optional[np.ndarray]
+               ) -> dict[str, list[dict[str, Any]]]:
+    """The gallery's faces with their FER+ votes (what the crowd saw), when there are any."""
+    if votes is not None:
+        for faces in mistakes.values():
+            for face in faces:
+                face["votes"] = votes_by_class(votes[face["index"]])
+    return mistakes
+
+
+def ensemble_ferplus(votes: np.ndarray, probs_by_model: Mapping[str, np.ndarray],
+                     tolerance: float) -> dict[str, Any]:
+    """The ensemble's decisions against FER+'s majority (cross-entropy: not defined for a
+    rule that picks one model's answer per face)."""
+    class_ids, _, _ = combine_batch(probs_by_model, tolerance)
+    width = next(iter(probs_by_model.values())).shape[1]
+    majority = votes[:, :width].argmax(axis=1)
+    return {"examples": int(len(votes)),
+            "accuracy_majority": float((class_ids == majority).mean())}
 
 
 def write_test_predictions(path: str, probs_by_model: Mapping[str, np.ndarray]) -> None:

@@ -30,7 +30,9 @@ from fer_pipeline.core import fileio
 from fer_pipeline.core.beam_job import beam_pipeline
 from fer_pipeline.core.config import TransformConfig
 from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, FEATURE_PIXELS,
-    NUM_PIXELS, SHARD_PREFIX, SHARD_SUFFIX, SPLITS, TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR)
+    NUM_PIXELS, SHARD_PREFIX, SHARD_SUFFIX, SPLITS, TRANSFORM_GRAPH_DIR, TRANSFORMED_DIR,
+    FEATURE_FERPLUS_MAJORITY, FEATURE_FERPLUS_TARGET, FEATURE_FERPLUS_VOTES, FERPLUS_FILE,
+    FERPLUS_VOTE_ORDER)
 from fer_pipeline.core.errors import ConfigError, MissingInputError
 
 __all__ = ["run_transform", "TransformResult"]
@@ -42,6 +44,13 @@ NORMALIZATIONS = ("zscore", "minmax", "scale255")
 RAW_FEATURE_SPEC = {
     FEATURE_PIXELS: tf.io.FixedLenFeature([], tf.string),
     FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
+}
+# With FER+ votes (ingest's ferplus.json) transform also reads the votes and the majority:
+# the transformed `emotion` is then FER+'s majority, and `ferplus_target` the vote
+# distribution over the classes kept, what the trainer's FER+ modes train on.
+FERPLUS_FEATURE_SPEC = {
+    FEATURE_FERPLUS_VOTES: tf.io.FixedLenFeature([len(FERPLUS_VOTE_ORDER)], tf.int64),
+    FEATURE_FERPLUS_MAJORITY: tf.io.FixedLenFeature([], tf.int64),
 }
 
 
@@ -56,20 +65,32 @@ class TransformResult:
     counts: dict[str, int] = field(default_factory=dict)   # examples written per split
     transform_graph_dir: str = ""
     transformed_dirs: dict[str, str] = field(default_factory=dict)
+    # FER+ (ingest's ferplus.json, copied to the output): mode and classes training uses.
+    ferplus: dict = field(default_factory=dict)
 
 
-def preprocessing_fn(inputs: dict[str, tf.Tensor], normalization: str = "zscore"
-                     ) -> dict[str, tf.Tensor]:
+def preprocessing_fn(inputs: dict[str, tf.Tensor], normalization: str = "zscore",
+                     ferplus_classes: int = 0) -> dict[str, tf.Tensor]:
     """Raw {pixels, emotion} -> {image: float32 [batch, 2304], emotion}.
 
-    At serving time the batch holds `pixels` only; TFT prunes the `emotion` output then,
-    because nothing asks for it (tests/test_transform.py checks this).
+    With `ferplus_classes` (7 or 8) the label is FER+'s majority and `ferplus_target`
+    float32 [batch, classes] the share of the emotion votes each class got.
+    At serving time the batch holds `pixels` only; TFT prunes the label outputs then,
+    because nothing asks for them (tests/test_transform.py checks this).
     """
     pixels = tf.io.decode_raw(inputs[FEATURE_PIXELS], tf.uint8)
     image = tf.cast(tf.reshape(pixels, [-1, NUM_PIXELS]), tf.float32)
+    if not ferplus_classes:
+        return {
+            FEATURE_IMAGE: _normalize(image, normalization),
+            FEATURE_LABEL: inputs[FEATURE_LABEL],
+        }
+    kept = tf.cast(inputs[FEATURE_FERPLUS_VOTES][:, :ferplus_classes], tf.float32)
+    # Ingest quarantined every face with no vote for a kept class, so the sum is > 0.
     return {
         FEATURE_IMAGE: _normalize(image, normalization),
-        FEATURE_LABEL: inputs[FEATURE_LABEL],
+        FEATURE_LABEL: inputs[FEATURE_FERPLUS_MAJORITY],
+        FEATURE_FERPLUS_TARGET: kept / tf.reduce_sum(kept, axis=1, keepdims=True),
     }
 
 
@@ -116,8 +137,12 @@ def run_transform(augmented_dir: str, examples_dir: str, output_dir: str,
     graph_dir = fileio.join(output_dir, TRANSFORM_GRAPH_DIR)
     out_dirs = {split: fileio.join(output_dir, TRANSFORMED_DIR, split) for split in inputs}
     temp_dir = fileio.join(output_dir, ".tft_tmp")
-    schema = schema_utils.schema_from_feature_spec(RAW_FEATURE_SPEC)
-    fn = functools.partial(preprocessing_fn, normalization=config.normalization)
+    ferplus_path = fileio.join(examples_dir, FERPLUS_FILE)
+    ferplus = fileio.read_json(ferplus_path) if fileio.exists(ferplus_path) else {}
+    spec = {**RAW_FEATURE_SPEC, **(FERPLUS_FEATURE_SPEC if ferplus else {})}
+    schema = schema_utils.schema_from_feature_spec(spec)
+    fn = functools.partial(preprocessing_fn, normalization=config.normalization,
+                           ferplus_classes=int(ferplus.get("classes", 0)))
 
     with beam_pipeline(beam_args, "transform") as pipeline:
         with tft_beam.Context(temp_dir=temp_dir):
@@ -144,10 +169,13 @@ def run_transform(augmented_dir: str, examples_dir: str, output_dir: str,
 
     fileio.rmtree(temp_dir)
     offset, scale = read_normalization(graph_dir)
+    if ferplus:
+        # The trainer reads the mode and class count here, from its own input.
+        fileio.write_json(fileio.join(output_dir, FERPLUS_FILE), ferplus)
     return TransformResult(
         normalization=config.normalization, offset=offset, scale=scale,
         counts={split: count_examples(d) for split, d in out_dirs.items()},
-        transform_graph_dir=graph_dir, transformed_dirs=out_dirs)
+        transform_graph_dir=graph_dir, transformed_dirs=out_dirs, ferplus=ferplus)
 
 
 class _WriteTransformed(beam.PTransform):

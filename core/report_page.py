@@ -198,6 +198,7 @@ def model_section(name: str, model: Mapping[str, Any], evaluation: Mapping[str, 
              f'{number(model["macro_avg"]["f1"], path + "/macro_avg/f1")}</b></span>'
              f'<span class="stat">initial weights <b>{esc(model.get("vgg_weights") or "-")}</b>'
              "</span></div>",
+             ferplus_stats(model.get("ferplus"), path),
              "<h3>Training curves</h3>", history_charts(name, model.get("history")),
              "<h3>Per class</h3>",
              '<div class="row">', per_class_chart(name, model),
@@ -294,6 +295,23 @@ def per_class_table(name: str, model: Mapping[str, Any]) -> str:
     return table(["class", "clase", "precision", "recall", "F1", "support"], rows, raw=True)
 
 
+def ferplus_stats(ferplus: Optional[Mapping[str, Any]], path: str) -> str:
+    """With FER+ votes: accuracy against the crowd's majority and cross-entropy against
+    its vote distribution, beside FER-2013's numbers above."""
+    if not ferplus:
+        return ""
+    return (f'<div><span class="stat">accuracy against FER+ majority <b>'
+            f'{number(ferplus["accuracy_majority"], path + "/ferplus/accuracy_majority")}'
+            f'</b></span><span class="stat">cross-entropy against FER+ votes <b>'
+            f'{number(ferplus["cross_entropy"], path + "/ferplus/cross_entropy")}</b></span>'
+            "</div>")
+
+
+def _vote_lines(item: Mapping[str, Any]) -> list[str]:
+    votes = item.get("votes")
+    return [f"FER+: {', '.join(f'{c} {n}' for c, n in votes.items())}"] if votes else []
+
+
 def _answer_lines(answers: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [f"{m}: {a['class_name']} {a['confidence']:.2f}" for m, a in answers.items()]
 
@@ -307,7 +325,8 @@ def mistakes_gallery(name: str, mistakes: Mapping[str, list[Mapping[str, Any]]],
             parts.append(f"<div><p><b>{esc(bilingual(k))}</b>: no mistakes.</p></div>")
             continue
         tiles = "".join(face(faces[item["index"]],
-                             [f"row {item['row_number']}", *_answer_lines(item["answers"])],
+                             [f"row {item['row_number']}", *_answer_lines(item["answers"]),
+                              *_vote_lines(item)],
                              index=item["index"], true_class=class_name)
                         for item in items)
         parts.append(f"<div><p><b>truly {esc(bilingual(k))}</b>, {esc(name)} said "

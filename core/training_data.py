@@ -6,16 +6,20 @@ so the input they share lives here). Under multi-worker training each worker rea
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass, field
+
 import numpy as np
 import tensorflow as tf
 
 from fer_pipeline.core import fileio
-from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS,
+from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_FERPLUS_TARGET, FEATURE_IMAGE,
+                                        FEATURE_LABEL, FERPLUS_FILE, NUM_CLASSES, NUM_PIXELS,
                                         TRANSFORMED_DIR)
 from fer_pipeline.core.errors import MissingInputError
 
-__all__ = ["PARSE_BATCH", "TRANSFORMED_FEATURE_SPEC", "count_records", "make_dataset",
-           "shard_by_data", "split_pattern"]
+__all__ = ["PARSE_BATCH", "TARGETS", "TRANSFORMED_FEATURE_SPEC", "Targets", "count_records",
+           "make_dataset", "read_targets", "shard_by_data", "split_pattern"]
 
 # Records are parsed this many at a time (one vectorized parse_example per batch).
 PARSE_BATCH = 1024
@@ -25,13 +29,46 @@ TRANSFORMED_FEATURE_SPEC = {
 }
 
 
+# What a model is trained against (TARGETS): "label" the transformed `emotion` (FER-2013's
+# label, or FER+'s majority), "draw" a label drawn from the FER+ vote distribution afresh
+# every epoch (Barsoum et al.'s probabilistic label drawing), "distribution" the vote
+# distribution itself as a soft target (categorical cross-entropy).
+TARGETS = ("label", "draw", "distribution")
+_TARGET_OF_MODE = {"majority": "label", "probability": "draw", "crossentropy": "distribution"}
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a transform output trains: the class count and the target (TARGETS)."""
+    num_classes: int = NUM_CLASSES
+    target: str = "label"
+    ferplus: dict = field(default_factory=dict)   # the transform's ferplus.json, if any
+
+    @property
+    def soft(self) -> bool:
+        return self.target == "distribution"
+
+
+def read_targets(transform_dir: str) -> Targets:
+    """From the transform output: FER+'s mode and classes when ingest joined votes, else
+    FER-2013's seven labels."""
+    path = fileio.join(transform_dir, FERPLUS_FILE)
+    if not fileio.exists(path):
+        return Targets()
+    ferplus = fileio.read_json(path)
+    return Targets(int(ferplus["classes"]), _TARGET_OF_MODE[ferplus["mode"]], ferplus)
+
+
 def make_dataset(file_pattern: str, batch_size: int, *, training: bool, seed: int,
                  shuffle_buffer: int = 0, max_examples: int = 0,
-                 drop_remainder: bool = False, num_examples: int = 0) -> tf.data.Dataset:
-    """(image float32 [b, 2304], label int64 [b]) batches straight from TFRecords.
+                 drop_remainder: bool = False, num_examples: int = 0,
+                 targets: Targets = Targets()) -> tf.data.Dataset:
+    """(image float32 [b, 2304], label int64 [b]) batches straight from TFRecords; with
+    `targets.soft` the second element is float32 [b, classes] instead.
 
     `num_examples` (after the `max_examples` cap), when known, is declared as the
     dataset's cardinality so Keras knows the steps per epoch from the first epoch on.
+    "draw" draws only while `training`; validation keeps FER+'s majority as the label.
     """
     files = tf.data.Dataset.list_files(file_pattern, shuffle=False)  # sorted: reproducible
     ds = files.interleave(tf.data.TFRecordDataset, cycle_length=tf.data.AUTOTUNE,
@@ -41,12 +78,16 @@ def make_dataset(file_pattern: str, batch_size: int, *, training: bool, seed: in
         # augmentation, so the first N records would not be representative.
         ds = ds.shuffle(max(shuffle_buffer, 1), seed=seed, reshuffle_each_iteration=False)
         ds = ds.take(max_examples)
-    ds = ds.batch(PARSE_BATCH).map(_parse_batch, num_parallel_calls=tf.data.AUTOTUNE,
+    parse = functools.partial(_parse_batch, targets=targets,
+                              with_distribution=targets.target != "label")
+    ds = ds.batch(PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                                    deterministic=True)
     # Parsed float tensors are cached, so only the first epoch reads and parses files.
     ds = ds.cache().unbatch()
     if training and shuffle_buffer:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if targets.target == "draw":
+        ds = _draw_labels(ds, seed, training)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if num_examples:
         batches = (num_examples // batch_size if drop_remainder
@@ -55,9 +96,36 @@ def make_dataset(file_pattern: str, batch_size: int, *, training: bool, seed: in
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _parse_batch(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    features = tf.io.parse_example(serialized, TRANSFORMED_FEATURE_SPEC)
+def _parse_batch(serialized: tf.Tensor, targets: Targets, with_distribution: bool
+                 ) -> tuple[tf.Tensor, tf.Tensor] | tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
+    spec = dict(TRANSFORMED_FEATURE_SPEC)
+    if with_distribution:
+        spec[FEATURE_FERPLUS_TARGET] = tf.io.FixedLenFeature([targets.num_classes], tf.float32)
+    features = tf.io.parse_example(serialized, spec)
+    if targets.soft:
+        return features[FEATURE_IMAGE], features[FEATURE_FERPLUS_TARGET]
+    if with_distribution:   # "draw": both, until the label is drawn
+        return features[FEATURE_IMAGE], (features[FEATURE_LABEL],
+                                         features[FEATURE_FERPLUS_TARGET])
     return features[FEATURE_IMAGE], features[FEATURE_LABEL]
+
+
+def _draw_labels(ds: tf.data.Dataset, seed: int, training: bool) -> tf.data.Dataset:
+    """(image, (majority, distribution)) -> (image, label): while training, a label drawn
+    from the distribution, differently every epoch (the random stream is re-seeded each
+    iteration) yet reproducibly (its seed is `seed`); otherwise the majority."""
+    if not training:
+        return ds.map(lambda image, both: (image, both[0]))
+    randomness = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+
+    def draw(example, stream):
+        image, (_, distribution) = example
+        logits = tf.math.log(distribution[tf.newaxis, :])
+        label = tf.random.stateless_categorical(logits, 1, seed=[stream, seed], dtype=tf.int64)
+        return image, label[0, 0]
+
+    return tf.data.Dataset.zip((ds, randomness)).map(draw, num_parallel_calls=tf.data.AUTOTUNE,
+                                                     deterministic=True)
 
 
 def shard_by_data(ds: tf.data.Dataset) -> tf.data.Dataset:

@@ -343,7 +343,7 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
         Step("evaluate", "evaluation", {"examples": "ingest.examples", **model_inputs},
              {"evaluation": ""}, _evaluate, _evaluate_parameters,
              ("fer_pipeline.components.evaluator", "fer_pipeline.core.ensemble",
-              "fer_pipeline.core.calibration"),
+              "fer_pipeline.core.calibration", "fer_pipeline.core.ferplus_votes"),
              "test-split evaluation and the blessing gate", derived=_blessings),
         Step("infra-validate", "infra_validation",
              {"examples": "ingest.examples", "evaluation": "evaluate.evaluation",

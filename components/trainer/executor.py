@@ -37,7 +37,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import keras
 import tensorflow as tf
 
-from fer_pipeline.core.training_data import count_records, make_dataset, shard_by_data, split_pattern
+from fer_pipeline.core.training_data import (count_records, make_dataset, read_targets,
+                                             shard_by_data, split_pattern)
 from fer_pipeline.components.trainer.distribution import (current_task, is_multi_worker,
                                                           precision_policy, select_strategy,
                                                           work_around_keras_multi_worker_build,
@@ -122,15 +123,22 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
     if section.max_train_examples:
         train_count = min(train_count, section.max_train_examples)
     val_count = count_records(val_pattern)
+    # FER-2013's 7 labels, or what ingest's FER+ votes ask for (classes, mode).
+    targets = read_targets(transform_dir)
 
     # Replicas must all step together: drop a ragged last batch when there are several.
     drop_remainder = strategy.num_replicas_in_sync > 1
     train_ds = make_dataset(train_pattern, section.batch_size, training=True,
                             seed=config.seed, shuffle_buffer=config.shuffle_buffer,
                             max_examples=section.max_train_examples,
-                            drop_remainder=drop_remainder, num_examples=train_count)
+                            drop_remainder=drop_remainder, num_examples=train_count,
+                            targets=targets)
     val_ds = make_dataset(val_pattern, section.batch_size, training=False, seed=config.seed,
-                          num_examples=val_count)
+                          num_examples=val_count, targets=targets)
+    # Temperature scaling fits on labels: soft targets' validation split by its majority.
+    calibration_ds = val_ds if not targets.soft else make_dataset(
+        val_pattern, section.batch_size, training=False, seed=config.seed,
+        num_examples=val_count)
     if is_multi_worker():
         train_ds, val_ds = (shard_by_data(ds) for ds in (train_ds, val_ds))
 
@@ -142,7 +150,9 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
             # Re-seeded so initial weights do not depend on what building the datasets drew.
             keras.utils.set_random_seed(config.seed)
             with strategy.scope():
-                model = build_model(model_name, config, jit_compile=config.xla)
+                model = build_model(model_name, config, jit_compile=config.xla,
+                                    num_classes=targets.num_classes,
+                                    soft_targets=targets.soft)
             if is_multi_worker():
                 work_around_keras_multi_worker_build(model, strategy)
             started_from = None
@@ -159,7 +169,7 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
             # export serves softmax(logits / T) and the fitted T with its before/after.
             calibration = export_serving_model(
                 model, fileio.join(transform_dir, TRANSFORM_GRAPH_DIR),
-                os.path.join(work_dir, SERVING_MODEL_DIR), calibration_batches=val_ds)
+                os.path.join(work_dir, SERVING_MODEL_DIR), calibration_batches=calibration_ds)
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -189,6 +199,8 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
             "hyperparameters": hyperparameters,
             "warm_start": started_from,
             "calibration": calibration,
+            "targets": {"num_classes": targets.num_classes, "target": targets.target,
+                        "ferplus": targets.ferplus},
         }
         fileio.write_json(os.path.join(work_dir, TRAINING_INFO_FILE), info)
         if calibration.get("calibrated"):

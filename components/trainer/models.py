@@ -41,9 +41,11 @@ def scaled(units: int, width: float) -> int:
     return max(1, round(units * width))
 
 
-def build_cnn(config: ModelConfig, jit_compile: bool | str = "auto") -> keras.Model:
+def build_cnn(config: ModelConfig, jit_compile: bool | str = "auto",
+              num_classes: int = NUM_CLASSES, soft_targets: bool = False) -> keras.Model:
     """Input 2304 floats -> 4 x (Conv2D 3x3 relu, MaxPool 2x2) -> 256 -> 128 -> 7 softmax
-    (the widths times config.width; dropout config.dropout, the notebook's 0.5)."""
+    (the widths times config.width; dropout config.dropout, the notebook's 0.5).
+    `num_classes` 8 for FER+ with contempt; `soft_targets`: trained on vote distributions."""
     inputs = keras.Input(shape=(NUM_PIXELS,), name="image")
     x = layers.Reshape((IMAGE_SIZE, IMAGE_SIZE, 1), name="to_grid")(inputs)
     for i, filters in enumerate(CNN_CONV_FILTERS, start=1):
@@ -54,15 +56,15 @@ def build_cnn(config: ModelConfig, jit_compile: bool | str = "auto") -> keras.Mo
     for i, units in enumerate(CNN_DENSE_UNITS, start=1):
         x = layers.Dense(scaled(units, config.width), activation="relu", name=f"dense{i}")(x)
         x = layers.Dropout(config.dropout, name=f"dropout{i}")(x)
-    outputs = _classifier_head(x)
+    outputs = _classifier_head(x, num_classes)
     model = keras.Model(inputs, outputs, name="cnn")
-    _compile(model, config, jit_compile)
+    _compile(model, config, jit_compile, soft_targets)
     return model
 
 
 def build_vgg16(config: ModelConfig, weights: Optional[str] = None,
-                jit_compile: bool | str = "auto", train_base: Optional[str] = None
-                ) -> keras.Model:
+                jit_compile: bool | str = "auto", train_base: Optional[str] = None,
+                num_classes: int = NUM_CLASSES, soft_targets: bool = False) -> keras.Model:
     """Grey 48x48 -> 1x1 conv to 3 channels -> VGG16 base -> 4096 -> 4096 -> 7.
 
     `weights` (default: config.weights): "none" (random init, the offline default), "imagenet" (Keras downloads the
@@ -90,9 +92,9 @@ def build_vgg16(config: ModelConfig, weights: Optional[str] = None,
         x = layers.Dense(scaled(units, config.width), activation="relu", name=f"dense{i}")(x)
         if config.dropout:
             x = layers.Dropout(config.dropout, name=f"dropout{i}")(x)
-    outputs = _classifier_head(x)
+    outputs = _classifier_head(x, num_classes)
     model = keras.Model(inputs, outputs, name="vgg16")
-    _compile(model, config, jit_compile)
+    _compile(model, config, jit_compile, soft_targets)
     return model
 
 
@@ -142,17 +144,23 @@ def _he_initialize(base: keras.Model) -> None:
             layer.kernel.assign(initializer(layer.kernel.shape))
 
 
-def build_model(name: str, train_config: TrainConfig, jit_compile: bool | str = "auto"
-                ) -> keras.Model:
+def build_model(name: str, train_config: TrainConfig, jit_compile: bool | str = "auto",
+                num_classes: int = NUM_CLASSES, soft_targets: bool = False) -> keras.Model:
     """Builds and compiles registered model `name` with its section of `train_config`.
 
     The builder comes from the model registry (core/model_registry.py, MODEL_REGISTRY).
     `jit_compile` goes to `model.compile` ("auto": Keras decides, i.e. XLA on accelerators);
-    the trainer passes `train_config.xla`.
+    the trainer passes `train_config.xla`. `num_classes` and `soft_targets` come from the
+    data (core/training_data.read_targets: FER+'s 8 classes, its vote distributions); they
+    are passed only when they differ from FER-2013's, so a registered builder that knows
+    only seven classes keeps working on FER-2013.
     """
     module_name, function_name = registered_model(name).builder.split(":")
     builder = getattr(importlib.import_module(module_name), function_name)
-    return builder(model_config(name, train_config), jit_compile=jit_compile)
+    head = {}
+    if num_classes != NUM_CLASSES or soft_targets:
+        head = {"num_classes": num_classes, "soft_targets": soft_targets}
+    return builder(model_config(name, train_config), jit_compile=jit_compile, **head)
 
 
 def model_config(name: str, train_config: TrainConfig) -> ModelConfig:
@@ -163,18 +171,20 @@ def model_config(name: str, train_config: TrainConfig) -> ModelConfig:
     return train_config.models[name]
 
 
-def _classifier_head(x):
+def _classifier_head(x, num_classes: int = NUM_CLASSES):
     # float32 even under a mixed policy: softmax and cross-entropy in half precision lose
     # small probabilities, and serving promises float32 probabilities.
-    return layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32",
+    return layers.Dense(num_classes, activation="softmax", dtype="float32",
                         name="probabilities")(x)
 
 
-def _compile(model: keras.Model, config: ModelConfig, jit_compile: bool | str = "auto"
-             ) -> None:
+def _compile(model: keras.Model, config: ModelConfig, jit_compile: bool | str = "auto",
+             soft_targets: bool = False) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
-        loss="sparse_categorical_crossentropy",
+        # Soft targets (FER+ vote distributions) need the dense form; "accuracy" then
+        # compares arg-maxes, i.e. accuracy against the majority.
+        loss="categorical_crossentropy" if soft_targets else "sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=jit_compile,
     )
