@@ -93,7 +93,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="B: the batching server's --max-batch-size and the in-process "
                              "batch it is compared with")
     parser.add_argument("--batch-timeout-ms", default="2",
-                        help="comma-separated: one batching server per value")
+                        help="comma-separated: one batching server per value; 'fill': one "
+                             "with --batch-policy fill (no timeout; not run for the baseline)")
     parser.add_argument("--server-flags", default="",
                         help="extra fer-serve flags for the batching servers, space-separated")
     parser.add_argument("--request-log-rates", default="",
@@ -123,7 +124,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.throughput_windows, args.throughput_window_s = 1, 0.5
         args.warmup_s = 0.2
         args.max_requests_per_client = 200
-    args.batch_timeouts = [float(v) for v in str(args.batch_timeout_ms).split(",") if v]
+    args.batch_timeouts = [v if v == "fill" else float(v)
+                           for v in str(args.batch_timeout_ms).split(",") if v]
     try:
         args.log_rates = [float(v) for v in str(args.request_log_rates).split(",") if v]
     except ValueError:
@@ -654,13 +656,16 @@ def server_configs(args: argparse.Namespace
         for rate in rates[shift:] + rates[:shift]:
             configs.append((log_label(rate), [], rate, round_))
     for timeout in args.batch_timeouts:
-        configs.append((f"batching B={args.max_batch_size}, {timeout:g} ms",
+        policy = (["--batch-policy", "fill"] if timeout == "fill"
+                  else ["--batch-timeout-ms", f"{timeout:g}"])
+        configs.append((f"batching B={args.max_batch_size}, "
+                        f"{timeout if timeout == 'fill' else f'{timeout:g} ms'}",
                         ["--batching", "--max-batch-size", str(args.max_batch_size),
-                         "--batch-timeout-ms", f"{timeout:g}", *args.server_flags.split()],
-                        None, 0))
-    if args.baseline_rev:
+                         *policy, *args.server_flags.split()], None, 0))
+    if args.baseline_rev:   # the fill policy is newer than any baseline
         configs += [(f"{label} (before {args.baseline_rev})", flags, None, 0)
-                    for label, flags, rate, _ in list(configs) if rate is None]
+                    for label, flags, rate, _ in list(configs)
+                    if rate is None and "fill" not in flags]
     return configs
 
 

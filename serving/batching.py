@@ -11,6 +11,13 @@ has one collector and `num_batch_threads` executors:
   no latency and buys a fuller batch. There is one collector, not one per executor: when
   each executor collected its own batch, idle executors split the waiting requests between
   them, and under 16 concurrent clients batches averaged ~5 rows of 16 (docs/benchmarks.md).
+* with `policy="fill"` the timeout is not used: a batch that is not full runs as soon as
+  no other batch of its queue is running, and otherwise waits for the running one to end or
+  for itself to fill. A lone request runs at once (no timeout added to its latency); under
+  load, batches hold what arrived while the previous one ran, and only full batches run
+  side by side. On a CPU-bound server the model's cost per image falls with the batch
+  (docs/benchmarks.md), so batches that fill are throughput, and idle executors that split
+  the waiting requests between them were the reason batches stayed small.
 * an executor concatenates the batch's inputs along axis 0, runs the signature once and
   hands each request back its own slice of every output. Several executors let one batch's
   compute overlap the next one's transport.
@@ -51,6 +58,7 @@ class BatchingConfig:
     idle_exit_s: float = 5.0
     num_batch_threads: int = max(2, os.cpu_count() or 1)
     max_enqueued_batches: int = 10   # TF Serving's default
+    policy: str = "timeout"          # or "fill": see the module docstring
 
 
 # BatchingParameters fields this server understands, each an Int64Value: {"value": N}.
@@ -189,6 +197,7 @@ class _Queue:
     def _next_batch(self) -> Optional[list[_Pending]]:
         """Blocks until a batch may run (see the module docstring); None when idle too long."""
         limit, timeout = self.config.max_batch_size, self.config.batch_timeout_s
+        fill, executors = self.config.policy == "fill", len(self.threads) - 1
         with self._changed:
             while not self._waiting:
                 if not self._changed.wait(self.config.idle_exit_s) and not self._waiting:
@@ -203,12 +212,16 @@ class _Queue:
                     rows += item.rows
                 full = rows >= limit or bool(self._waiting)  # the next one does not fit
                 now = time.monotonic()
-                if self._free_executors and (full or now >= deadline):
+                if fill:   # no batch running: waiting would only idle the model
+                    ready = full or self._free_executors == executors
+                else:
+                    ready = full or now >= deadline
+                if self._free_executors and ready:
                     self._free_executors -= 1
                     return batch
                 # Wake on a new request or a freed executor; else at the deadline.
                 self._changed.wait(deadline - now if self._free_executors and not full
-                                   else None)
+                                   and not fill else None)
 
     # --- executors -----------------------------------------------------------------------
 

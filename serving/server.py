@@ -251,6 +251,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batching-parameters-file",
                         help="TF Serving's batching parameters file (text BatchingParameters) "
                              "instead of the four flags above; implies --batching")
+    parser.add_argument("--batch-policy", choices=("timeout", "fill"), default=defaults.policy,
+                        help="timeout: a batch waits up to --batch-timeout-ms for others "
+                             "to join; fill: no timeout, a batch runs at once unless another "
+                             "one is running, then when that ends or once it is full "
+                             "(embedded server only)")
     parser.add_argument("--tensorflow-intra-op-parallelism", type=int, default=0,
                         help="threads one TF op may use (0: TF's default, one per core)")
     parser.add_argument("--tensorflow-inter-op-parallelism", type=int, default=0,
@@ -333,8 +338,9 @@ def _batching_config(args: argparse.Namespace) -> BatchingConfig:
         if given:
             raise ConfigError(f"{', '.join(given)} and --batching-parameters-file: give the "
                               "batching settings one way, not both")
-        return read_batching_parameters(args.batching_parameters_file)
-    return replace(BatchingConfig(), **dict(given.values()))
+        return replace(read_batching_parameters(args.batching_parameters_file),
+                       policy=args.batch_policy)
+    return replace(BatchingConfig(), policy=args.batch_policy, **dict(given.values()))
 
 
 def tfserving_command(binary: str, args: argparse.Namespace) -> list[str]:

@@ -449,6 +449,44 @@ def test_batcher_fills_one_batch_at_a_time():
     assert batcher.snapshot()["recording"].mean_batch_rows == 8.0
 
 
+def test_fill_policy_runs_a_lone_request_at_once_and_fills_behind_a_running_batch():
+    """--batch-policy fill: no timeout. The first request runs alone at once (an hour's
+    timeout is not waited); the ones arriving while it runs wait for it, although a second
+    executor is free, and then run as one batch."""
+
+    class SlowModel:
+        name = "slow"
+
+        def __init__(self):
+            self.rows_seen = []
+
+        def run(self, signature, inputs):
+            self.rows_seen.append(len(inputs["x"]))
+            time.sleep(0.5)
+            return {"y": inputs["x"] * 2}
+
+    model = SlowModel()
+    batcher = Batcher(BatchingConfig(max_batch_size=8, batch_timeout_s=3600.0,
+                                     num_batch_threads=2, policy="fill"))
+    results = {}
+
+    def call(i):
+        results[i] = int(batcher.run(model, "sig", {"x": np.array([[i]])})["y"][0][0])
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    while not model.rows_seen:   # the lone request is running
+        time.sleep(0.005)
+    others = [threading.Thread(target=call, args=(i,)) for i in range(1, 6)]
+    for caller in others:
+        caller.start()
+    for caller in [first, *others]:
+        caller.join()
+    assert results == {i: 2 * i for i in range(6)}
+    assert model.rows_seen == [1, 5]
+    assert batcher.stats.mean_batch_rows == 3.0
+
+
 def test_batcher_runs_batches_on_several_threads_at_once():
     """With num_batch_threads=2 a batch is collected while another one runs."""
 
