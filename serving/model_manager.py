@@ -27,6 +27,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from fer_pipeline.serving.input_contract import input_problem
+from fer_pipeline.serving.tensors import eager_tensor
 from fer_pipeline.core.serving_root import ModelSpec, RequestLogSpec, read_model_server_config
 from fer_pipeline.serving.warmup import replay_warmup
 
@@ -95,7 +96,7 @@ class LoadedVersion:
         """Calls one signature on numpy inputs; checks names, dtypes and shapes first."""
         function = self.signature(signature_name)
         specs = self.input_specs(signature_name)
-        tensors = {key: tf.constant(array, dtype=specs[key].dtype)
+        tensors = {key: eager_tensor(array, specs[key].dtype)   # tf.constant leaks
                    for key, array in self.check_inputs(signature_name, inputs).items()}
         try:
             outputs = function(**tensors)

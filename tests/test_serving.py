@@ -487,6 +487,26 @@ def test_fill_policy_runs_a_lone_request_at_once_and_fills_behind_a_running_batc
     assert batcher.stats.mean_batch_rows == 3.0
 
 
+def test_eager_tensor_equals_tf_constant_on_any_buffer():
+    """serving/tensors.eager_tensor (DLPack, no leak) makes what tf.constant makes, from an
+    unaligned or strided buffer, with a cast, and for strings and empty arrays."""
+    import tensorflow as tf
+
+    from fer_pipeline.serving.tensors import eager_tensor
+
+    unaligned = np.zeros(2 * 5 * 4 + 4, np.uint8)[4:].view(np.int32).reshape(2, 5)
+    unaligned[...] = np.arange(10).reshape(2, 5)
+    cases = [(unaligned, tf.int32), (np.arange(12).reshape(3, 4)[:, ::2], tf.float32),
+             (np.array([b"a", b"bc"]), tf.string), (np.zeros((0, 3), np.float32), tf.float32)]
+    for array, dtype in cases:
+        made, wanted = eager_tensor(array, dtype), tf.constant(array, dtype=dtype)
+        assert (made.dtype, made.shape) == (wanted.dtype, wanted.shape)
+        assert np.array_equal(made.numpy(), wanted.numpy())
+        assert np.array_equal((made + made).numpy() if dtype != tf.string else made.numpy(),
+                              (wanted + wanted).numpy() if dtype != tf.string
+                              else wanted.numpy())   # an op can use it
+
+
 def test_batcher_runs_batches_on_several_threads_at_once():
     """With num_batch_threads=2 a batch is collected while another one runs."""
 
