@@ -50,7 +50,8 @@ from fer_pipeline.core.report_page import with_infra_section
 from fer_pipeline.core import fileio
 from fer_pipeline.core.artifacts import to_jsonable
 from fer_pipeline.core.config import InfraValidationConfig
-from fer_pipeline.core.contract import (BLESSINGS_FILE, EXAMPLES_PATTERN, INFRA_BLESSINGS_FILE,
+from fer_pipeline.core.contract import (BLESSINGS_FILE, CLASS_NAMES, CLASS_NAMES_FERPLUS,
+                               EXAMPLES_PATTERN, INFRA_BLESSINGS_FILE, NUM_CLASSES,
                                OUTPUT_PROBABILITIES, REPORT_HTML, SERVER_LOG_FILE,
                                SERVING_MODEL_DIR, SIGNATURE_UINT8)
 from fer_pipeline.core.errors import ConfigError, InputDataError, MissingInputError
@@ -256,7 +257,11 @@ def _answer_problems(request: predict_pb2.PredictRequest, outputs: Mapping[str, 
     signature = request.model_spec.signature_name
     batch = len(next(iter(request_inputs(request).values())))
     problems = []
-    for name, spec in contract_outputs(signature).items():
+    # A FER+ model answers 8 classes: the contract's shapes follow the model's own width.
+    width = np.shape(outputs.get(OUTPUT_PROBABILITIES, ()))[-1:]
+    fer_widths = (len(CLASS_NAMES), len(CLASS_NAMES_FERPLUS))
+    num_classes = width[0] if width and width[0] in fer_widths else NUM_CLASSES
+    for name, spec in contract_outputs(signature, num_classes).items():
         if name not in outputs:
             problems.append(f"{signature} returned no {name!r} output")
             continue

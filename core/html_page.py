@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES, IMAGE_SIZE
+from fer_pipeline.core.contract import CLASS_NAMES_FERPLUS, CLASS_NAMES_FERPLUS_ES, IMAGE_SIZE
 
 # Faces are 48x48; shown at 2x (96 px), nearest neighbour, so pixels stay pixels.
 FACE_SCALE = 2
@@ -64,7 +64,8 @@ def esc(value: Any) -> str:
 
 
 def bilingual(k: int) -> str:
-    return f"{CLASS_NAMES[k]} / {CLASS_NAMES_ES[k]}"
+    # FER+'s names extend FER-2013's (class 7 is contempt), so one table serves both.
+    return f"{CLASS_NAMES_FERPLUS[k]} / {CLASS_NAMES_FERPLUS_ES[k]}"
 
 
 def _png_data_uri(png: bytes) -> str:

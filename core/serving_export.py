@@ -16,7 +16,9 @@ Signatures (docs/architecture.md, "Export signature"):
   serving_examples  examples string [batch] of serialized raw tf.Examples (`pixels` only)
   explain           pixels uint8 (same shapes): the same outputs plus saliency
 each returning probabilities float32 [batch, 7], class_id int64 [batch] and
-class_name string [batch]; `explain` adds saliency float32 [batch, 7, 48, 48].
+class_name string [batch]; `explain` adds saliency float32 [batch, 7, 48, 48]. A FER+
+model with `contempt` has 8 outputs: [batch, 8] and [batch, 8, 48, 48], class names from
+core/contract.class_names_for(8).
 
 Saliency is integrated gradients (Sundararajan et al. 2017) of each class probability with
 respect to the normalized image the model sees, from an all-black face to the input, with
@@ -45,10 +47,10 @@ from tensorflow_transform.saved import saved_transform_io_v2
 
 from fer_pipeline.core.calibration import calibration_record
 
-from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_PIXELS, IMAGE_SIZE,
+from fer_pipeline.core.contract import (FEATURE_IMAGE, FEATURE_PIXELS, IMAGE_SIZE,
     NUM_CLASSES, NUM_PIXELS, SIGNATURE_DEFAULT, SIGNATURE_UINT8, SIGNATURE_EXAMPLES,
     SIGNATURE_EXPLAIN, INPUT_EXAMPLES, OUTPUT_PROBABILITIES, OUTPUT_CLASS_ID,
-    OUTPUT_CLASS_NAME, OUTPUT_LOGITS, OUTPUT_SALIENCY)
+    OUTPUT_CLASS_NAME, OUTPUT_LOGITS, OUTPUT_SALIENCY, class_names_for)
 
 __all__ = ["INTEGRATION_STEPS", "PIXEL_MAX", "ServingModule", "TransformGraph",
            "export_serving_model", "fit_module_temperature", "integrated_gradients",
@@ -64,8 +66,10 @@ INTEGRATION_STEPS = 16
 
 def integrated_gradients(probabilities_fn: Callable[[tf.Tensor], tf.Tensor],
                          images: tf.Tensor, baseline: tf.Tensor,
-                         steps: int = INTEGRATION_STEPS) -> tf.Tensor:
-    """Per-class saliency float32 [batch, 7, 48, 48], each map in [0, 1] (module docstring).
+                         steps: int = INTEGRATION_STEPS,
+                         num_classes: int = NUM_CLASSES) -> tf.Tensor:
+    """Per-class saliency float32 [batch, 7, 48, 48], each map in [0, 1] (module docstring);
+    [batch, 8, 48, 48] for a FER+ model (`num_classes`: the width of its probabilities).
 
     `probabilities_fn` maps normalized images [n, 2304] to probabilities [n, 7];
     `images` is [batch, 2304] and `baseline` [2304], both normalized. Faces are explained
@@ -80,7 +84,7 @@ def integrated_gradients(probabilities_fn: Callable[[tf.Tensor], tf.Tensor],
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(path)
             probabilities = probabilities_fn(path)                      # [steps, 7]
-            per_class = [probabilities[:, k] for k in range(NUM_CLASSES)]
+            per_class = [probabilities[:, k] for k in range(num_classes)]
         # Rows are independent (inference mode), so the gradient of a column's sum is
         # each row's own gradient.
         gradients = tf.stack([tape.gradient(column, path) for column in per_class])
@@ -88,10 +92,10 @@ def integrated_gradients(probabilities_fn: Callable[[tf.Tensor], tf.Tensor],
         attributions = tf.nn.relu(delta[None, :] * tf.reduce_mean(gradients, axis=1))
         peak = tf.reduce_max(attributions, axis=1, keepdims=True)
         maps = tf.math.divide_no_nan(attributions, peak)                # [7, 2304]
-        return tf.reshape(maps, [NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE])
+        return tf.reshape(maps, [num_classes, IMAGE_SIZE, IMAGE_SIZE])
 
     return tf.map_fn(explain_one, tf.cast(images, tf.float32), parallel_iterations=1,
-                     fn_output_signature=tf.TensorSpec([NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE],
+                     fn_output_signature=tf.TensorSpec([num_classes, IMAGE_SIZE, IMAGE_SIZE],
                                                        tf.float32))
 
 
@@ -147,7 +151,9 @@ class ServingModule(tf.Module):
             tft_output.transform_savedmodel_dir)
         # Only `pixels` is parsed: serving requests carry no label.
         self._pixels_spec = _raw_pixels_spec(tft_output)
-        self.class_names = tf.constant(list(CLASS_NAMES))
+        # The model's own classes, read off its output width: FER-2013's 7 or FER+'s 8.
+        self.num_classes = int(keras_model.output_shape[-1])
+        self.class_names = tf.constant(list(class_names_for(self.num_classes)))
         # Byte i -> the 1-byte string chr(i): turns integer pixels into the raw bytes
         # feature the transform graph was built on, without leaving the graph.
         self._byte_strings = tf.constant([bytes([i]) for i in range(PIXEL_MAX + 1)])
@@ -174,7 +180,8 @@ class ServingModule(tf.Module):
         image = self._normalize(self._raw_rows(pixels))
         outputs = self._answers(image)
         black = self._normalize(self._raw_rows(tf.zeros([1, NUM_PIXELS], tf.uint8)))[0]
-        outputs[OUTPUT_SALIENCY] = integrated_gradients(self._probabilities, image, black)
+        outputs[OUTPUT_SALIENCY] = integrated_gradients(self._probabilities, image, black,
+                                                        num_classes=self.num_classes)
         return outputs
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_EXAMPLES)],
@@ -226,7 +233,6 @@ class ServingModule(tf.Module):
         outputs = self._outputs(tf.nn.softmax(logits / self.temperature))
         outputs[OUTPUT_LOGITS] = logits
         return outputs
-
 
     def _outputs(self, probabilities: tf.Tensor) -> dict[str, tf.Tensor]:
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
@@ -286,10 +292,12 @@ def softmax_head(keras_model: keras.Model) -> Optional[tuple[keras.Model, keras.
                 and getattr(layer.activation, "__name__", "") == "softmax"):
             return None
         features = layer._inbound_nodes[node_index].input_tensors[0]
-        return keras.Model(keras_model.inputs, features, name="features"), layer
+        # One input is passed bare, as the model itself is called (a list would make Keras
+        # warn about the structure on every trace).
+        inputs = keras_model.inputs[0] if len(keras_model.inputs) == 1 else keras_model.inputs
+        return keras.Model(inputs, features, name="features"), layer
     except (AttributeError, IndexError, TypeError, ValueError):
         return None  # not a functional model: log p stands in for the logits
-
 
 
 def save_serving_module(module: ServingModule, export_dir: str) -> None:

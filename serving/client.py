@@ -21,11 +21,11 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from fer_pipeline.core.config import MODEL_NAMES
-from fer_pipeline.core.contract import (CLASS_NAMES, IMAGE_SIZE, INPUT_PIXELS, OUTPUT_PROBABILITIES,
-                               OUTPUT_SALIENCY, SIGNATURE_EXPLAIN)
+from fer_pipeline.core.contract import (IMAGE_SIZE, INPUT_PIXELS, OUTPUT_PROBABILITIES,
+                               OUTPUT_SALIENCY, SIGNATURE_EXPLAIN, class_names_for)
 from fer_pipeline.serving.connection import diagnose
 from fer_pipeline.serving.tls import ClientTLS
-from fer_pipeline.core.ensemble import combine
+from fer_pipeline.core.ensemble import combine, shared_class_count
 from fer_pipeline.core.errors import UserError, ConfigError, ServerUnreachable
 
 DEFAULT_MODELS = MODEL_NAMES   # every registered model (core/config.py)
@@ -48,7 +48,7 @@ class ModelNotServed(ServerError, UserError):
 class ModelAnswer:
     model: str
     version: Optional[int]
-    probabilities: np.ndarray        # float32 [n, 7]
+    probabilities: np.ndarray        # float32 [n, 7] (a FER+ model: [n, 8])
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Explanation:
     """A model's answer with why: its `explain` signature (core/serving_export.py)."""
     model: str
     version: Optional[int]
-    probabilities: np.ndarray        # float32 [n, 7]
+    probabilities: np.ndarray        # float32 [n, 7] (a FER+ model: [n, 8])
     saliency: np.ndarray             # float32 [n, 7, 48, 48], each map scaled to [0, 1]
 
 
@@ -311,14 +311,18 @@ def classify(client: FerClient, images: np.ndarray, models: Sequence[str],
     if not answers:
         raise ModelNotServed(f"none of {', '.join(models)} is served: "
                              + "; ".join(not_served.values()))
+    # The models' classes, from the width of their answers: FER-2013's 7 or FER+'s 8; a
+    # 7- and an 8-class model cannot be combined (one line, before any decision).
+    names = class_names_for(shared_class_count(
+        {a.model: int(np.shape(a.probabilities)[-1]) for a in answers}))
     results = []
     for row in range(len(images)):
         probabilities = {a.model: a.probabilities[row].tolist() for a in answers}
         decision = combine(probabilities, tolerance)
         results.append({
             "models": {a.model: {"version": a.version,
-                                 "probabilities": dict(zip(CLASS_NAMES, probabilities[a.model])),
-                                 "class_name": CLASS_NAMES[int(np.argmax(a.probabilities[row]))]}
+                                 "probabilities": dict(zip(names, probabilities[a.model])),
+                                 "class_name": names[int(np.argmax(a.probabilities[row]))]}
                        for a in answers},
             "decision": asdict(decision),
             "not_served": not_served,

@@ -13,7 +13,8 @@ Prints JSON (or a table with --table): per face, each model's probabilities and 
 version that answered, and the ensemble decision from fer_pipeline.core.ensemble.combine with the
 English and Spanish class names. If the server cannot be reached it says why in one line
 (nothing listening, the wrong protocol or port, TLS, no answer in time: serving/connection.py)
-and exits 2; a bad input (a missing file, a --usage no row has) exits 3.
+and exits 2; a bad input (a missing file, a --usage no row has) exits 3; a server error, or
+models answering different class sets (FER-2013's 7 and FER+'s 8), exits 4.
 With --review-queue the faces that need a person are queued for `fer-review` (with each
 model's saliency); --explain writes each model's saliency overlay per face as PNGs.
 """
@@ -33,6 +34,7 @@ import numpy as np
 from fer_pipeline.core import quiet
 from fer_pipeline.core.config import EvalConfig, load_config
 from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE, NUM_PIXELS
+from fer_pipeline.core.ensemble import ClassSetMismatch
 from fer_pipeline.core.errors import (exit_process, is_user_error, run_cli, ConfigError, InputDataError,
                                       MissingInputError)
 from fer_pipeline.serving.client import (DEFAULT_MODELS, FerClient, ServerError, ServerUnavailable,
@@ -263,6 +265,9 @@ def _main(argv: Optional[list[str]] = None) -> int:
         return EXIT_UNAVAILABLE
     except ServerError as error:
         print(f"fer-client: server error: {error}", file=sys.stderr)
+        return EXIT_SERVER_ERROR
+    except ClassSetMismatch as error:    # the server's models cannot be combined
+        print(f"fer-client: {error}", file=sys.stderr)
         return EXIT_SERVER_ERROR
     entries = report(inputs, results)
     print(format_table(entries, models) if args.table else json.dumps(entries, indent=2))

@@ -27,7 +27,7 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from fer_pipeline.core.contract import CLASS_NAMES
+from fer_pipeline.core.contract import class_names_for
 from fer_pipeline.core.errors import ResourceError
 from fer_pipeline.core.serving_root import specs_from_proto
 from fer_pipeline.serving.reload_policy import ReloadPolicy
@@ -117,7 +117,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_guarded
     def Classify(self, request, context):
-        """Runs a tf.Example signature and reports each example's seven class scores."""
+        """Runs a tf.Example signature and reports each example's class scores (seven, or
+        FER+'s eight)."""
         deadline = deadline_of(context)
         name, version, label = _requested(request.model_spec)
         examples = _serialized_examples(request.input)
@@ -134,9 +135,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             signature, deadline=deadline)
         response = classification_pb2.ClassificationResponse()
         _fill_spec(response.model_spec, model, signature)
+        # The model's own classes: FER-2013's seven, or FER+'s eight with contempt.
+        names = class_names_for(np.shape(outputs["probabilities"])[-1])
         for row in outputs["probabilities"]:
             classifications = response.result.classifications.add()
-            for class_name, score in zip(CLASS_NAMES, row):
+            for class_name, score in zip(names, row):
                 classifications.classes.add(label=class_name, score=float(score))
         if self.predictor.request_log is not None:
             self.predictor.request_log.log_grpc("classify", request, response,

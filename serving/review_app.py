@@ -2,14 +2,16 @@
 
     fer-review [serve] --queue DIR [--host 127.0.0.1] [--port 8502]
     fer-review status  --queue DIR
-    fer-review export  --queue DIR --out reviewed.csv
+    fer-review export  --queue DIR --out reviewed.csv [--ferplus-votes votes.csv]
 
 `serve` shows the oldest pending face of the review queue (serving/review_queue.py) large,
 each model's saliency overlay for its own top class, both models' top-3 answers as bars
 (English and Spanish names) and the ensemble's reason; the reviewer picks a class (click
-or keys 0-6), "not a face" (n) or "skip" (s), and can undo their last decision (u or
-Backspace). `export` writes the labelled faces as FER-2013 training rows for the next
-`fer-pipeline run --data original.csv --data reviewed.csv`. DIR defaults to
+or keys 0-6; 0-7 when the face's models are FER+'s, with contempt), "not a face" (n) or
+"skip" (s), and can undo their last decision (u or Backspace). `export` writes the
+labelled faces as FER-2013 training rows for the next
+`fer-pipeline run --data original.csv --data reviewed.csv`; answers `contempt` need
+`--ferplus-votes votes.csv` too (serving/review_export.py). DIR defaults to
 $FER_REVIEW_QUEUE.
 
 Safe by default: binds 127.0.0.1 and, on a loopback address, answers only requests whose
@@ -38,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn, Optional
 
 from fer_pipeline.core import quiet
-from fer_pipeline.core.contract import CLASS_NAMES, REVIEW_QUEUE_FILE
+from fer_pipeline.core.contract import REVIEW_QUEUE_FILE
 from fer_pipeline.core.errors import exit_process, run_cli, MissingInputError
 from fer_pipeline.serving.review_queue import (STATUS_LABELED, STATUS_NOT_FACE, STATUS_PENDING,
                                                STATUS_SKIPPED, ReviewError, ReviewItem,
@@ -271,7 +273,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
         if prediction.saliency is None:
             raise HttpError(404, f"model {model!r} gave no saliency for item {item.id}")
         class_index = int(class_id)
-        if class_index >= len(CLASS_NAMES):
+        if class_index >= len(prediction.saliency):     # 7 maps, or a FER+ model's 8
             raise HttpError(404, f"no class {class_index}")
         self._send(200, overlay_png(item.pixels, prediction.saliency[class_index],
                                     OVERLAY_SCALE), "image/png")
@@ -317,6 +319,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("status", "print how many faces wait for review")
     export = add("export", "write the labelled faces as a FER-2013 CSV (Usage=Training)")
     export.add_argument("--out", required=True, help="CSV file to write")
+    export.add_argument("--ferplus-votes", metavar="FILE",
+                        help="also write FER+ votes (fer2013new.csv's columns), row for row "
+                             "with --out: needed when a face was answered contempt; train "
+                             "with --ferplus-labels FILE and ingest.ferplus_classes 8")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("serve", "status", "export", "-h", "--help"):
         argv.insert(0, "serve")
@@ -362,12 +368,16 @@ def _main(argv: Optional[list[str]] = None) -> int:
             return 0
         if args.command == "export":
             try:
-                count = queue.export_csv(args.out)
+                count = queue.export_csv(args.out, args.ferplus_votes)
             except OSError as error:
                 print(f"fer-review: cannot write {args.out}: {error}", file=sys.stderr)
                 return 2
+            except ReviewError as error:
+                print(f"fer-review: {error}", file=sys.stderr)
+                return 2
+            votes = f" and their FER+ votes to {args.ferplus_votes}" if args.ferplus_votes else ""
             print(f"fer-review: {count} reviewed face(s) written to {args.out} "
-                  "(emotion,pixels,Usage; Usage=Training)")
+                  f"(emotion,pixels,Usage; Usage=Training){votes}")
             return 0
         try:
             server = serve(queue, args.host, args.port)

@@ -14,7 +14,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from fer_pipeline.core.contract import CLASS_NAMES
 from fer_pipeline.serving.client import Explanation, FerClient, ServerError
 from fer_pipeline.serving.review_queue import ModelPrediction, ReviewQueue, record_if_flagged
 
@@ -44,7 +43,8 @@ def explain_face(client: FerClient, models: Sequence[str], pixels: np.ndarray,
 
 def _prediction(answer: dict[str, Any], explanation: Optional[Explanation],
                 model: str, notes: list[str]) -> ModelPrediction:
-    probabilities = np.array([answer["probabilities"][name] for name in CLASS_NAMES])
+    # In the model's class order (classify's dicts keep it): 7 classes, or FER+'s 8.
+    probabilities = np.array(list(answer["probabilities"].values()))
     saliency = None
     if explanation is not None:
         if explanation.version == answer["version"]:

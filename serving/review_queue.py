@@ -10,15 +10,21 @@ it was at the last commit, and `synchronous=FULL` keeps commits across a power c
 A person then labels the pending faces (`fer-review`): a class 0-6, "not a face", or skip.
 Every decision is appended to a log, so the last one of a reviewer's session can be
 undone; `export_csv` writes the labelled faces as FER-2013 training rows.
+
+A face's classes are its models' (the width of their probabilities, all equal): FER-2013's
+seven, or FER+'s eight when the models were trained with `contempt` (class 7). FER-2013's
+CSV has no contempt, so an answer `contempt` goes back as FER+ votes: `export_csv` with
+`votes_path` also writes a fer2013new.csv-style vote file, row for row with the CSV, that
+`fer-pipeline run --data reviewed.csv --ferplus-labels votes.csv` (ingest.ferplus_classes 8)
+trains on; the CSV's emotion column of such a row holds neutral (6) only because that
+column must hold one of FER-2013's classes.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
 import sqlite3
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,10 +32,14 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
-from fer_pipeline.core.contract import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS, REVIEW_QUEUE_FILE
+from fer_pipeline.core.contract import (CLASS_NAMES, CLASS_NAMES_FERPLUS, IMAGE_SIZE,
+                                        NUM_CLASSES, NUM_PIXELS, REVIEW_QUEUE_FILE,
+                                        class_names_for)
 from fer_pipeline.core.errors import UserError
+from fer_pipeline.serving.review_export import vote_rows, write_csv_atomically
 
-SCHEMA_VERSION = 1
+# 2: labels 0-7 (FER+'s contempt); a version-1 queue (labels 0-6) is rebuilt on opening.
+SCHEMA_VERSION = 2
 
 STATUS_PENDING = "pending"
 STATUS_LABELED = "labeled"
@@ -41,6 +51,8 @@ ACTIONS = {"label": STATUS_LABELED, "not_face": STATUS_NOT_FACE, "skip": STATUS_
 
 EXPORT_USAGE = "Training"
 EXPORT_HEADER = ("emotion", "pixels", "Usage")
+# The CSV's emotion for a face answered `contempt`, which FER-2013 lacks (module docstring).
+CONTEMPT_STAND_IN = CLASS_NAMES.index("neutral")
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS items (
@@ -52,7 +64,7 @@ CREATE TABLE IF NOT EXISTS items (
     decision TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT '{STATUS_PENDING}'
         CHECK (status IN ({", ".join(repr(s) for s in STATUSES)})),
-    label INTEGER CHECK (label IS NULL OR label BETWEEN 0 AND {NUM_CLASSES - 1}),
+    label INTEGER CHECK (label IS NULL OR label BETWEEN 0 AND {len(CLASS_NAMES_FERPLUS) - 1}),
     decided_at TEXT
 );
 CREATE INDEX IF NOT EXISTS items_by_status ON items (status, id);
@@ -89,7 +101,7 @@ class ReviewError(UserError):
 class ModelPrediction:
     """One model's answer about one face, as the queue stores it."""
     version: Optional[int]
-    probabilities: np.ndarray                 # float [7]
+    probabilities: np.ndarray                 # float [7] (FER+: [8])
     saliency: Optional[np.ndarray] = None     # float [7, 48, 48] in [0, 1]; None if unknown
 
 
@@ -105,6 +117,13 @@ class ReviewItem:
     label: Optional[int]
     decided_at: Optional[str]
     models: dict[str, ModelPrediction] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """The classes a person chooses from: the models' (7, or FER+'s 8)."""
+        for prediction in self.models.values():
+            return int(np.asarray(prediction.probabilities).size)
+        return NUM_CLASSES
 
 
 @dataclass
@@ -133,23 +152,34 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _saliency_bytes(saliency: Optional[np.ndarray]) -> Optional[bytes]:
+def _saliency_bytes(saliency: Optional[np.ndarray], num_classes: int) -> Optional[bytes]:
     # Stored as uint8 (map * 255): 16 KB per model and face instead of 64 KB of float32;
     # a display needs no more than 256 levels.
     if saliency is None:
         return None
     maps = np.asarray(saliency, dtype=np.float32)
-    if maps.shape != (NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"saliency must be [{NUM_CLASSES}, {IMAGE_SIZE}, {IMAGE_SIZE}], "
+    if maps.shape != (num_classes, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"saliency must be [{num_classes}, {IMAGE_SIZE}, {IMAGE_SIZE}], "
                          f"got {list(maps.shape)}")
     return np.round(np.clip(maps, 0.0, 1.0) * 255).astype(np.uint8).tobytes()
 
 
 def _probabilities_json(probabilities: np.ndarray) -> str:
-    probs = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    if probs.shape != (NUM_CLASSES,):
-        raise ValueError(f"expected {NUM_CLASSES} probabilities, got {probs.size}")
-    return json.dumps([round(float(p), 6) for p in probs])
+    return json.dumps([round(float(p), 6) for p in np.asarray(probabilities).reshape(-1)])
+
+
+def _class_count(models: Mapping[str, ModelPrediction]) -> int:
+    """The one class count of a face's models: 7 or 8, the same for all of them."""
+    widths = {name: int(np.asarray(p.probabilities).size) for name, p in models.items()}
+    for width in set(widths.values()):
+        try:
+            class_names_for(width)
+        except ValueError:
+            raise ValueError(f"expected {NUM_CLASSES} or {len(CLASS_NAMES_FERPLUS)} "
+                             f"probabilities, got {width}") from None
+    if len(set(widths.values())) > 1:
+        raise ValueError(f"the models of one face answer different class sets: {widths}")
+    return next(iter(widths.values()), NUM_CLASSES)
 
 
 class ReviewQueue:
@@ -170,17 +200,39 @@ class ReviewQueue:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
+            # Foreign keys are switched on after the (rare) rebuild of a version-1 table,
+            # which SQLite allows only with them off (and cannot switch inside a
+            # transaction).
             with self._transaction():
                 version = self._db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
                     raise RuntimeError(f"{self.path} has schema version {version}; this "
                                        f"program knows up to {SCHEMA_VERSION}")
+                if version == 1:
+                    self._widen_labels()
                 # One statement at a time: executescript() would COMMIT our transaction.
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db.execute("PRAGMA foreign_keys=ON")
+
+    def _widen_labels(self) -> None:
+        """Version 1 -> 2: the items table's CHECK allowed labels 0-6; SQLite cannot alter a
+        CHECK, so the table is rebuilt under the new one (SQLite's documented procedure:
+        new table, copy, drop, rename; the other tables keep referring to `items`)."""
+        create = _SCHEMA.split(";")[0].replace("CREATE TABLE IF NOT EXISTS items",
+                                               "CREATE TABLE items_v2")
+        self._db.execute(create)
+        self._db.execute("INSERT INTO items_v2 SELECT * FROM items")
+        self._db.execute("DROP TABLE items")
+        self._db.execute("ALTER TABLE items_v2 RENAME TO items")
+
+    @staticmethod
+    def _classes_of(db: sqlite3.Connection, item_id: int) -> int:
+        row = db.execute("SELECT probabilities FROM predictions WHERE item_id = ? "
+                         "ORDER BY rowid LIMIT 1", (item_id,)).fetchone()
+        return len(json.loads(row[0])) if row else NUM_CLASSES
 
     def close(self) -> None:
         with self._lock:
@@ -217,8 +269,9 @@ class ReviewQueue:
         """Queues one face (once: a face already queued keeps its first record)."""
         raw = _pixel_bytes(pixels)
         digest = hashlib.sha256(raw).hexdigest()
+        num_classes = _class_count(models)
         rows = [(name, None if p.version is None else int(p.version),
-                 _probabilities_json(p.probabilities), _saliency_bytes(p.saliency))
+                 _probabilities_json(p.probabilities), _saliency_bytes(p.saliency, num_classes))
                 for name, p in models.items()]
         decision_json = json.dumps(dict(decision), default=_json_default)
         with self._lock, self._transaction() as db:
@@ -272,7 +325,7 @@ class ReviewQueue:
             maps = None
             if saliency is not None:
                 maps = np.frombuffer(saliency, np.uint8).reshape(
-                    NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE).astype(np.float32) / 255.0
+                    -1, IMAGE_SIZE, IMAGE_SIZE).astype(np.float32) / 255.0
             item.models[model] = ModelPrediction(version, np.array(json.loads(probabilities)),
                                                  maps)
         return item
@@ -281,17 +334,16 @@ class ReviewQueue:
 
     def decide(self, item_id: int, action: str, label: Optional[int] = None,
                session: str = "") -> ReviewItem:
-        """A reviewer's decision on a pending face: action "label" (with label 0-6),
-        "not_face" or "skip". Deciding a face that is no longer pending is a conflict
-        (someone else got there first, or the page was stale)."""
+        """A reviewer's decision on a pending face: action "label" (with label 0-6, or 0-7
+        when the face's models are FER+'s), "not_face" or "skip". Deciding a face that is
+        no longer pending is a conflict (someone else got there first, or the page was
+        stale)."""
         if action not in ACTIONS:
             raise ReviewError("invalid", f"action must be one of {sorted(ACTIONS)}, "
                                          f"got {action!r}")
         if action == "label":
-            if not isinstance(label, int) or isinstance(label, bool) or not \
-                    0 <= label < NUM_CLASSES:
-                raise ReviewError("invalid", f"label must be an integer 0-{NUM_CLASSES - 1}, "
-                                             f"got {label!r}")
+            if not isinstance(label, int) or isinstance(label, bool):
+                raise ReviewError("invalid", f"label must be an integer, got {label!r}")
         else:
             label = None
         status, now = ACTIONS[action], _now()
@@ -301,6 +353,11 @@ class ReviewQueue:
                 raise ReviewError("not_found", f"no review item {item_id}")
             if row[0] != STATUS_PENDING:
                 raise ReviewError("conflict", f"review item {item_id} is already {row[0]}")
+            classes = self._classes_of(db, int(item_id))
+            if label is not None and not 0 <= label < classes:
+                raise ReviewError("invalid", f"label must be an integer 0-{classes - 1} "
+                                             f"(this face's models have {classes} classes), "
+                                             f"got {label!r}")
             db.execute("UPDATE items SET status = ?, label = ?, decided_at = ? WHERE id = ?",
                        (status, label, now, int(item_id)))
             db.execute("INSERT INTO decisions (item_id, session, status, label, decided_at) "
@@ -330,42 +387,34 @@ class ReviewQueue:
     # --- export ----------------------------------------------------------------------
 
     def labeled(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(label, uint8 [48, 48] pixels) of every face a person gave a class, oldest first."""
+        """(label, uint8 [48, 48] pixels) of every face a person gave a class, oldest first
+        (label 7 is FER+'s contempt)."""
         with self._lock:
             rows = self._db.execute("SELECT label, pixels FROM items WHERE status = ? "
                                     "ORDER BY id", (STATUS_LABELED,)).fetchall()
         for label, raw in rows:
             yield int(label), np.frombuffer(raw, np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
 
-    def export_csv(self, out_path: str) -> int:
+    def export_csv(self, out_path: str, votes_path: Optional[str] = None) -> int:
         """Writes the labelled faces as a FER-2013 CSV (emotion,pixels,Usage with
-        Usage=Training); returns how many. The file appears whole or not at all."""
-        directory = os.path.dirname(os.path.abspath(out_path))
-        handle = tempfile.NamedTemporaryFile("w", newline="", dir=directory, delete=False,
-                                             prefix=".reviewed.", suffix=".csv.partial")
-        count = 0
-        try:
-            with handle:
-                writer = csv.writer(handle, lineterminator="\n")
-                writer.writerow(EXPORT_HEADER)
-                for label, pixels in self.labeled():
-                    writer.writerow((label, " ".join(map(str, pixels.reshape(-1))),
-                                     EXPORT_USAGE))
-                    count += 1
-            # NamedTemporaryFile creates 0600; the export is an ordinary file for the next
-            # pipeline run (perhaps another user's), so it gets the umask's usual mode.
-            os.chmod(handle.name, 0o666 & ~_current_umask())
-            os.replace(handle.name, out_path)
-        except BaseException:
-            os.unlink(handle.name)
-            raise
-        return count
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)   # the only way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
+        Usage=Training); returns how many. With `votes_path`, also a FER+ vote file row for
+        row with it (module docstring); without one, a face answered `contempt` stops the
+        export (ReviewError), since FER-2013's CSV alone cannot say contempt. Each file
+        appears whole or not at all."""
+        answers = list(self.labeled())
+        contempt = sum(label >= NUM_CLASSES for label, _ in answers)
+        if contempt and votes_path is None:
+            raise ReviewError("invalid", f"{contempt} face(s) were answered contempt, which "
+                                         "FER-2013's CSV cannot hold: export FER+ votes too "
+                                         "(fer-review export --ferplus-votes FILE)")
+        write_csv_atomically(out_path, [EXPORT_HEADER] + [
+            (CONTEMPT_STAND_IN if label >= NUM_CLASSES else label,
+             " ".join(map(str, pixels.reshape(-1))), EXPORT_USAGE)
+            for label, pixels in answers])
+        if votes_path is not None:
+            write_csv_atomically(votes_path, vote_rows([label for label, _ in answers],
+                                                       EXPORT_USAGE))
+        return len(answers)
 
 
 def _json_default(value: Any) -> Any:

@@ -3,7 +3,9 @@
 The page's HTML, CSS and JS are package data in serving/review_page/ (index.html, review.css,
 review.js; pyproject.toml's package-data), read once with importlib.resources. The page's
 {{TOKEN}} (the session's CSRF token) and {{QUEUE}} (the queue directory, HTML-escaped) are
-filled per request by page_html; the script's %CLASSES% (the class names) once, here.
+filled per request by page_html; the script's %CLASSES% (FER-2013's class names, the buttons
+before any face is shown) once, here. Each face brings its own `classes`, its models'
+(FER+'s eight with contempt when they were trained so): the page's buttons follow them.
 serving/review_app.py serves them.
 """
 from __future__ import annotations
@@ -12,7 +14,8 @@ import json
 from importlib import resources
 from typing import Any, Optional
 
-from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES
+from fer_pipeline.core.contract import NUM_CLASSES, class_names_for
+from fer_pipeline.core.ensemble import class_names_es_for
 from fer_pipeline.serving.review_queue import STATUS_PENDING, ReviewItem, ReviewQueue
 from fer_pipeline.serving.saliency import top_classes
 
@@ -21,20 +24,22 @@ __all__ = ["STATIC", "classes_json", "item_json", "page_html", "state_json"]
 
 # --- what the page shows -----------------------------------------------------------------
 
-def classes_json() -> list[dict[str, Any]]:
-    return [{"id": i, "en": en, "es": es}
-            for i, (en, es) in enumerate(zip(CLASS_NAMES, CLASS_NAMES_ES))]
+def classes_json(num_classes: int = NUM_CLASSES) -> list[dict[str, Any]]:
+    """The buttons of a face whose models have `num_classes` classes (7, or FER+'s 8)."""
+    return [{"id": i, "en": en, "es": es} for i, (en, es) in
+            enumerate(zip(class_names_for(num_classes), class_names_es_for(num_classes)))]
 
 
 def item_json(item: ReviewItem) -> dict[str, Any]:
     """One face as the page needs it: image URLs, each model's top 3, the ensemble's view."""
     models = []
+    classes = classes_json(item.num_classes)
     for name, prediction in item.models.items():
         top3 = top_classes(prediction.probabilities, 3)
         models.append({
             "name": name,
             "version": prediction.version,
-            "top3": [{"class_id": c, "en": CLASS_NAMES[c], "es": CLASS_NAMES_ES[c],
+            "top3": [{"class_id": c, "en": classes[c]["en"], "es": classes[c]["es"],
                       "probability": round(p, 4)} for c, p in top3],
             "saliency_url": (f"/api/items/{item.id}/saliency/{name}/{top3[0][0]}.png"
                              if prediction.saliency is not None else None),
@@ -46,6 +51,7 @@ def item_json(item: ReviewItem) -> dict[str, Any]:
         "created_at": item.created_at,
         "status": item.status,
         "face_url": f"/api/items/{item.id}/face.png",
+        "classes": classes,
         "models": models,
         "ensemble": {key: decision.get(key) for key in
                      ("class_name", "class_name_es", "confidence", "winner", "reason")},

@@ -16,7 +16,7 @@ from typing import Mapping
 import cv2
 import numpy as np
 
-from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE
+from fer_pipeline.core.contract import IMAGE_SIZE, class_names_for
 
 DEFAULT_SCALE = 6                 # 48 px -> 288 px
 # Integrated-gradients maps are speckled pixel by pixel and a few pixels take the peak; for
@@ -83,7 +83,8 @@ def write_overlays(out_dir: str, index: int, pixels: np.ndarray,
                    scale: int = DEFAULT_SCALE) -> list[str]:
     """For face number `index`: one PNG per model showing that model's top class map.
 
-    `explained` maps model name to (probabilities [7], saliency [7, 48, 48]). Files are
+    `explained` maps model name to (probabilities [7], saliency [7, 48, 48]); a FER+ model
+    has 8 of each and names its class 7 `contempt`. Files are
     named face<index>_<model>_<class>.png; names are reduced to safe characters.
     Returns the paths written.
     """
@@ -91,7 +92,7 @@ def write_overlays(out_dir: str, index: int, pixels: np.ndarray,
     written = []
     for model, (probabilities, saliency) in explained.items():
         top = int(np.argmax(probabilities))
-        name = f"face{index:03d}_{_safe(model)}_{CLASS_NAMES[top]}.png"
+        name = f"face{index:03d}_{_safe(model)}_{class_names_for(np.size(probabilities))[top]}.png"
         path = os.path.join(out_dir, name)
         with open(path, "wb") as handle:
             handle.write(overlay_png(pixels, saliency[top], scale))

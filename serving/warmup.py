@@ -48,12 +48,14 @@ _OUTPUTS = {OUTPUT_PROBABILITIES: OutputSpec(tf.float32, (NUM_CLASSES,)),
             OUTPUT_CLASS_NAME: OutputSpec(tf.string, ())}
 
 
-def contract_outputs(signature: str) -> dict[str, OutputSpec]:
-    """The outputs (name -> spec) the export contract declares for `signature`."""
+def contract_outputs(signature: str, num_classes: int = NUM_CLASSES) -> dict[str, OutputSpec]:
+    """The outputs (name -> spec) the export contract declares for `signature`, for a model
+    of `num_classes` classes (FER-2013's 7; 8 for FER+ with contempt)."""
+    outputs = {**_OUTPUTS, OUTPUT_PROBABILITIES: OutputSpec(tf.float32, (num_classes,))}
     if signature == SIGNATURE_EXPLAIN:
-        return {**_OUTPUTS, OUTPUT_SALIENCY: OutputSpec(tf.float32,
-                                                        (NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE))}
-    return dict(_OUTPUTS)
+        return {**outputs, OUTPUT_SALIENCY: OutputSpec(tf.float32,
+                                                       (num_classes, IMAGE_SIZE, IMAGE_SIZE))}
+    return outputs
 
 
 def pixels_of(serialized_examples: Sequence[bytes]) -> np.ndarray:

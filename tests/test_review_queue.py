@@ -82,7 +82,7 @@ def test_bad_records_are_refused_before_anything_is_written(tmp_path):
     with ReviewQueue(str(tmp_path)) as queue:
         with pytest.raises(ValueError, match="2304"):
             queue.record(np.zeros(100, np.uint8), "x", predictions(0), DECISION)
-        with pytest.raises(ValueError, match="7 probabilities"):
+        with pytest.raises(ValueError, match="7 or 8 probabilities"):
             queue.record(face(0), "x", {"cnn": ModelPrediction(1, np.ones(3) / 3)}, DECISION)
         with pytest.raises(ValueError, match="saliency"):
             queue.record(face(0), "x", {"cnn": ModelPrediction(1, np.ones(7) / 7,

@@ -8,14 +8,14 @@ arrays (summary_numbers), in the same form.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import numpy as np
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
 from fer_pipeline.components.monitor.features import statistics
-from fer_pipeline.core.contract import CLASS_NAMES, NUM_CLASSES
+from fer_pipeline.core.contract import NUM_CLASSES, class_names_for
 from fer_pipeline.core.ensemble import combine_batch
 
 __all__ = ["REVIEW_FEATURE", "Answers", "answers_from_probabilities", "answer_columns",
@@ -30,6 +30,8 @@ class Answers:
     class_ids: dict[str, np.ndarray]
     confidences: dict[str, np.ndarray]
     review: Optional[np.ndarray]       # bool [faces answered by every model]; None: 1 model
+    # Per model its class count: FER-2013's 7 (the default), or FER+'s 8 with contempt.
+    num_classes: dict[str, int] = field(default_factory=dict)
 
 
 def answers_from_probabilities(probs_by_model: Mapping[str, np.ndarray],
@@ -39,12 +41,14 @@ def answers_from_probabilities(probs_by_model: Mapping[str, np.ndarray],
               and len(next(iter(probs_by_model.values()))) else None)
     return Answers({m: p.argmax(axis=1) for m, p in probs_by_model.items()},
                    {m: p.max(axis=1).astype(np.float64) for m, p in probs_by_model.items()},
-                   review)
+                   review, {m: int(p.shape[1]) for m, p in probs_by_model.items()})
 
 
 def answer_columns(answers: Answers) -> dict[str, dict[str, np.ndarray]]:
     """Separate column groups (their lengths differ): one per model, one for review."""
-    groups = {model: {f"class_{model}": np.array(CLASS_NAMES, dtype=object)[ids].astype(bytes),
+    groups = {model: {f"class_{model}": np.array(
+                          class_names_for(answers.num_classes.get(model, NUM_CLASSES)),
+                          dtype=object)[ids].astype(bytes),
                       f"confidence_{model}": answers.confidences[model]}
               for model, ids in answers.class_ids.items()}
     if answers.review is not None:
@@ -68,16 +72,17 @@ def merged_statistics(groups: Mapping[str, Mapping[str, np.ndarray]]
     return merged
 
 
-def _class_mix(class_ids: np.ndarray) -> dict[str, float]:
-    counts = np.bincount(class_ids, minlength=NUM_CLASSES)
+def _class_mix(class_ids: np.ndarray, num_classes: int = NUM_CLASSES) -> dict[str, float]:
+    counts = np.bincount(class_ids, minlength=num_classes)
     total = max(int(counts.sum()), 1)
-    return {CLASS_NAMES[k]: float(counts[k] / total) for k in range(NUM_CLASSES)}
+    return {name: float(counts[k] / total) for k, name in enumerate(class_names_for(num_classes))}
 
 
 def summary_numbers(answers: Answers) -> dict[str, Any]:
     """What a person reads of the answers: class mix, mean confidence, review rate."""
     return {
-        "class_mix": {m: _class_mix(ids) for m, ids in answers.class_ids.items()},
+        "class_mix": {m: _class_mix(ids, answers.num_classes.get(m, NUM_CLASSES))
+                      for m, ids in answers.class_ids.items()},
         "mean_confidence": {m: (float(c.mean()) if len(c) else None)
                             for m, c in answers.confidences.items()},
         "review_rate": (float(answers.review.mean()) if answers.review is not None
@@ -93,9 +98,12 @@ def summary_from_counts(counts: Mapping[tuple, int], label: str, primary: Mappin
     mix, confidence = {}, {}
     for model, version in primary.items():
         answered = counts.get(("answers", label, model, version), 0)
-        classes = [counts.get(("class", label, model, version, k), 0)
-                   for k in range(NUM_CLASSES)]
-        mix[model] = {CLASS_NAMES[k]: classes[k] / max(answered, 1) for k in range(NUM_CLASSES)}
+        # Each answer added its class count (7, or FER+'s 8) to "width".
+        width = counts.get(("width", label, model, version), 0) // answered if answered \
+            else NUM_CLASSES
+        names = class_names_for(width or NUM_CLASSES)
+        mix[model] = {name: counts.get(("class", label, model, version, k), 0) / max(answered, 1)
+                      for k, name in enumerate(names)}
         confidence[model] = (counts.get(("confidence", label, model, version), 0) * unit
                              / answered if answered else None)
     paired = counts.get(("paired", label, combo), 0) if combo else 0

@@ -47,7 +47,7 @@ from fer_pipeline.components.monitor.reading import decode_record
 from fer_pipeline.core import fileio
 from fer_pipeline.core.beam_job import beam_pipeline
 from fer_pipeline.core.config import MonitorConfig
-from fer_pipeline.core.contract import CLASS_NAMES, FEATURE_PIXELS, NUM_PIXELS
+from fer_pipeline.core.contract import FEATURE_PIXELS, NUM_PIXELS, class_names_for
 
 __all__ = ["WINDOW_FEATURE", "ALL", "CONFIDENCE_UNIT", "MAX_TIES", "Collected", "collect",
            "answer_feature", "review_feature", "combination", "window_slice"]
@@ -149,6 +149,7 @@ def _face_counts(face: Face, width: int) -> Iterator[tuple[tuple, int]]:
             probs = np.frombuffer(raw, np.float32)
             yield ("answers", label, model, version), 1
             yield ("class", label, model, version, int(probs.argmax())), 1
+            yield ("width", label, model, version), probs.size    # 7 classes, FER+'s 8
             yield ("confidence", label, model, version), int(round(
                 float(probs.max()) / CONFIDENCE_UNIT))
         if face.review is not None:
@@ -173,7 +174,8 @@ def _faces_to_arrow(faces: list[Face], config: MonitorConfig, width: int) -> pa.
     for row, face in enumerate(faces):
         for model, version, raw in face.answers:
             probs = np.frombuffer(raw, np.float32)
-            for kind, value in (("class", CLASS_NAMES[int(probs.argmax())].encode()),
+            names = class_names_for(probs.size)     # 7 classes, or FER+'s 8
+            for kind, value in (("class", names[int(probs.argmax())].encode()),
                                 ("confidence", float(probs.max()))):
                 columns.setdefault(answer_feature(kind, model, version), [None] * n)[row] = value
         if face.review is not None:

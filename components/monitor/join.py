@@ -29,7 +29,7 @@ from apache_beam.transforms.window import GlobalWindows
 from fer_pipeline.components.monitor.features import measure
 from fer_pipeline.components.monitor.reading import Answer
 from fer_pipeline.core.config import MonitorConfig
-from fer_pipeline.core.contract import IMAGE_SIZE, NUM_CLASSES
+from fer_pipeline.core.contract import IMAGE_SIZE
 from fer_pipeline.core.ensemble import combine_batch
 
 __all__ = ["Face", "PARTITION_BYTES", "partition_count", "WritePartitions", "join_partition"]
@@ -115,9 +115,12 @@ def _face(key: bytes, answers: list[Answer], tolerance: float) -> tuple[Face, in
     for answer in sorted(answers, key=lambda a: (a.stamp, a.version, a.probabilities)):
         by_model.setdefault(answer.model, answer)
     chosen = [by_model[m] for m in sorted(by_model)]
-    probs = {a.model: np.frombuffer(a.probabilities, np.float32).reshape(1, NUM_CLASSES)
+    probs = {a.model: np.frombuffer(a.probabilities, np.float32).reshape(1, -1)
              for a in chosen}
-    review = bool(combine_batch(probs, tolerance)[2][0]) if len(chosen) > 1 else None
+    # A 7- and an 8-class model (FER-2013 and FER+) have no ensemble: no tie to count.
+    same_classes = len({p.shape[1] for p in probs.values()}) == 1
+    review = (bool(combine_batch(probs, tolerance)[2][0]) if len(chosen) > 1 and same_classes
+              else None)
     stamps = [a.stamp for a in chosen if a.stamp > 0]
     first = chosen[0]
     face = Face(key, min(stamps) if stamps else 0, (), first.pixels,

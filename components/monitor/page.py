@@ -25,7 +25,6 @@ import numpy as np
 
 from fer_pipeline.core.html_page import (bilingual, chart, count, document, esc, face, number,
     pyplot, table)
-from fer_pipeline.core.contract import CLASS_NAMES, NUM_CLASSES
 
 TITLE = "FER served traffic: monitoring"
 
@@ -105,20 +104,19 @@ def answers_section(record: Mapping[str, Any]) -> str:
     for model in served["class_mix"]:
         if model not in expected["class_mix"]:
             continue
+        names = list(served["class_mix"][model])      # the model's: 7, or FER+'s 8
+        window = [served["class_mix"][model][c] for c in names]
+        test = [expected["class_mix"][model].get(c) for c in names]
         rows = [[esc(bilingual(k)),
-                 number(served["class_mix"][model][name],
-                        f"traffic/class_mix/{model}/{name}", 1, percent=True),
-                 number(expected["class_mix"][model][name],
-                        f"expected/class_mix/{model}/{name}", 1, percent=True)]
-                for k, name in enumerate(CLASS_NAMES)]
+                 number(window[k], f"traffic/class_mix/{model}/{name}", 1, percent=True),
+                 number(test[k], f"expected/class_mix/{model}/{name}", 1, percent=True)]
+                for k, name in enumerate(names)]
         plt = pyplot()
         figure, axes = plt.subplots(figsize=(7, 2.8))
-        positions = np.arange(NUM_CLASSES)
-        window = [served["class_mix"][model][c] for c in CLASS_NAMES]
-        test = [expected["class_mix"][model][c] for c in CLASS_NAMES]
+        positions = np.arange(len(names))
         axes.bar(positions - 0.2, window, 0.4, label="this window")
         axes.bar(positions + 0.2, test, 0.4, label="test split")
-        axes.set_xticks(positions, [bilingual(k) for k in range(NUM_CLASSES)], rotation=25,
+        axes.set_xticks(positions, [bilingual(k) for k in range(len(names))], rotation=25,
                         ha="right", fontsize=8)
         axes.set_ylabel("share of answers")
         axes.set_title(f"{model}: predicted classes")
@@ -132,7 +130,7 @@ def answers_section(record: Mapping[str, Any]) -> str:
                   '<div class="row">',
                   table(["class", "this window", "test split"], rows, raw=True),
                   chart(f"class-mix-{model}", figure,
-                        {"classes": list(CLASS_NAMES), "window": window, "test": test}),
+                        {"classes": names, "window": window, "test": test}),
                   "</div>"]
     parts.append(
         f'<p><span class="stat">human-review rate <b>'

@@ -26,12 +26,13 @@ from typing import Any, Iterator, Mapping, NamedTuple, Optional, Union
 import numpy as np
 
 from fer_pipeline.core.config import MonitorConfig
-from fer_pipeline.core.contract import (FEATURE_PIXELS, IMAGE_SIZE, INPUT_EXAMPLES, INPUT_PIXELS,
-    NUM_CLASSES, NUM_PIXELS, OUTPUT_PROBABILITIES, SIGNATURE_EXPLAIN)
+from fer_pipeline.core.contract import (CLASS_NAMES_FERPLUS, FEATURE_PIXELS, IMAGE_SIZE,
+    INPUT_EXAMPLES, INPUT_PIXELS, NUM_CLASSES, NUM_PIXELS, OUTPUT_PROBABILITIES, SIGNATURE_EXPLAIN)
 
 __all__ = ["Answer", "Count", "SKIPPED", "BAD", "decode_record", "epoch_seconds", "iso_time"]
 
 SKIPPED = ("not a Predict", "explain")
+FER_WIDTHS = (NUM_CLASSES, len(CLASS_NAMES_FERPLUS))     # FER-2013's classes, FER+'s
 BAD_UNREADABLE = "not a PredictionLog"
 BAD_NO_FACES = "no pixels or examples input"
 BAD_SHAPE = "faces are not 48x48"
@@ -123,9 +124,11 @@ def _probabilities(outputs: Mapping[str, Any], faces: int) -> np.ndarray:
     if OUTPUT_PROBABILITIES not in outputs:
         raise _Bad(BAD_NO_ANSWERS)
     probs = _array(outputs[OUTPUT_PROBABILITIES])
-    if probs.size % NUM_CLASSES or probs.size // NUM_CLASSES != faces:
+    # A FER+ model answers 8 classes (with contempt), FER-2013's 7: the tensor's own width.
+    width = probs.shape[-1] if probs.ndim == 2 else NUM_CLASSES
+    if width not in FER_WIDTHS or probs.size != faces * width:
         raise _Bad(BAD_MISMATCH)
-    return probs.reshape(-1, NUM_CLASSES).astype(np.float32)
+    return probs.reshape(-1, width).astype(np.float32)
 
 
 def _request_key(record: Any, raw: bytes) -> bytes:

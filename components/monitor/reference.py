@@ -145,7 +145,7 @@ def _test_answers(reference: MonitorReference, models: Sequence[str],
         # Versions evaluated on different test splits: no common ensemble to compare with.
         answers = Answers({m: p.argmax(axis=1) for m, p in probs.items()},
                           {m: p.max(axis=1).astype(np.float64) for m, p in probs.items()},
-                          None)
+                          None, {m: int(p.shape[1]) for m, p in probs.items()})
     else:
         answers = answers_from_probabilities(probs, tolerance)
     return answers, lengths.pop() if len(lengths) == 1 else 0

@@ -16,7 +16,7 @@ import numpy as np
 
 from fer_pipeline.components.monitor.join import Face
 from fer_pipeline.components.monitor.reading import iso_time
-from fer_pipeline.core.contract import CLASS_NAMES, IMAGE_SIZE
+from fer_pipeline.core.contract import IMAGE_SIZE, class_names_for
 from fer_pipeline.core.ensemble import combine
 from fer_pipeline.serving.review_queue import ModelPrediction, ReviewQueue
 
@@ -45,7 +45,7 @@ def least_confident_faces(lowest: Sequence[Face], primary: Mapping[str, int],
         if not answers:
             continue
         faces.append({"pixels": _pixels(face), "row": face.key.decode(errors="replace"),
-                      "answers": {m: {"class_name": CLASS_NAMES[int(p.argmax())],
+                      "answers": {m: {"class_name": class_names_for(p.size)[int(p.argmax())],
                                       "confidence": float(p.max())}
                                   for m, (_, p) in answers.items()}})
         if len(faces) == limit:
@@ -70,6 +70,8 @@ def queue_for_review(queue_dir: str, ties: Sequence[Face], lowest: Sequence[Face
         for why, face in chosen.values():
             predictions = {m: ModelPrediction(v, p) for m, (v, p) in
                            _served(face, primary).items()}
+            if len({p.probabilities.size for p in predictions.values()}) > 1:
+                continue     # a FER-2013 and a FER+ model: no decision to review
             decision = dataclasses.asdict(combine(
                 {m: p.probabilities for m, p in predictions.items()}, tolerance))
             decision["monitor_reason"] = why

@@ -1,6 +1,7 @@
 
 "use strict";
 const CLASSES = %CLASSES%;
+let shownClasses = [];   // the buttons now on the page: the current face's models' classes
 const token = document.querySelector('meta[name="csrf-token"]').content;
 let current = null;
 let busy = false;
@@ -57,6 +58,10 @@ function render(state) {
       b => { b.disabled = !current; });
   document.getElementById("undo").disabled = !state.can_undo;
   if (!current) return;
+  // FER-2013 models answer 7 classes, FER+ ones 8 (with contempt): the buttons follow.
+  if (JSON.stringify(current.classes) !== JSON.stringify(shownClasses)) {
+    buildClassButtons(current.classes);
+  }
   document.getElementById("face").src = current.face_url;
   document.getElementById("face").dataset.item = current.id;
   document.getElementById("source").textContent = "#" + current.id + " \u00b7 " +
@@ -103,14 +108,20 @@ function decide(action, classId) {
 
 function undo() { call("POST", "/api/undo", {}); }
 
-function buildButtons() {
+function buildClassButtons(classes) {
   const box = document.getElementById("classes");
-  for (const c of CLASSES) {
+  box.replaceChildren();
+  for (const c of classes) {
     const button = el("button", {"data-class": c.id, title: "key " + c.id},
                       el("span", {}, el("kbd", {}, c.id), c.en), el("span", {class: "es"}, c.es));
     button.addEventListener("click", () => decide("label", c.id));
     box.append(button);
   }
+  shownClasses = classes;
+}
+
+function buildButtons() {
+  buildClassButtons(CLASSES);
   document.getElementById("not_face").addEventListener("click", () => decide("not_face"));
   document.getElementById("skip").addEventListener("click", () => decide("skip"));
   document.getElementById("undo").addEventListener("click", undo);
@@ -118,7 +129,10 @@ function buildButtons() {
 
 document.addEventListener("keydown", event => {
   if (event.ctrlKey || event.metaKey || event.altKey) return;
-  if (/^[0-6]$/.test(event.key)) { decide("label", Number(event.key)); }
+  if (/^[0-9]$/.test(event.key)) {
+    if (Number(event.key) >= shownClasses.length) return;
+    decide("label", Number(event.key));
+  }
   else if (event.key === "n") { decide("not_face"); }
   else if (event.key === "s") { decide("skip"); }
   else if (event.key === "u" || event.key === "Backspace") { undo(); }
