@@ -300,6 +300,13 @@ def _synth(args: argparse.Namespace) -> int:
     splits = ", ".join(f"{usage} {count}" for usage, count in result.usage_counts.items())
     print(f"[fer-pipeline] wrote {result.rows} synthetic faces (seed {result.seed}) to "
           f"{result.path} in {result.seconds:.1f} s: {classes}" + (f"; {splits}" if splits else ""))
+    if args.ferplus_votes:
+        from fer_pipeline.pipeline.synthetic_ferplus import generate_ferplus_votes
+
+        votes = generate_ferplus_votes(args.out, args.ferplus_votes, seed=args.seed)
+        print(f"[fer-pipeline] wrote synthetic FER+ votes for its {votes['rows']} rows to "
+              f"{args.ferplus_votes} ({votes['contempt']} faces leaning to contempt, "
+              f"{votes['not_face']} mostly not a face)")
     return 0
 
 

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--no-usage", action="store_true", help="omit the Usage column")
+    synth.add_argument("--ferplus-votes", metavar="CSV",
+                       help="also write synthetic FER+ votes for it (fer2013new.csv's columns)")
 
     run = commands.add_parser("run", help="run the whole pipeline (or --steps)",
                               description="CSV to pushed models.", epilog=BEAM_EPILOG)

@@ -12,6 +12,7 @@ from fer_pipeline.components.evaluator import with_votes
 from fer_pipeline.components.example_gen import run_example_gen, shard_paths
 from fer_pipeline.components.trainer.models import build_model
 from fer_pipeline.components.transform import run_transform
+from fer_pipeline.components.tuner.search import head_of
 from fer_pipeline.core.config import IngestConfig, load_config
 from fer_pipeline.core.contract import (FEATURE_FERPLUS_MAJORITY, FEATURE_FERPLUS_TARGET,
                                         FEATURE_IMAGE, FEATURE_LABEL, NUM_PIXELS)
@@ -113,6 +114,9 @@ def test_the_head_has_eight_outputs_and_learns_soft_targets():
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert "accuracy" in history.history
     assert build_model("cnn", config, jit_compile=False).output_shape == (None, 7)
+    # The tuner builds its trials with the same head.
+    assert head_of(Targets()) == {}
+    assert head_of(Targets(8, "distribution")) == {"num_classes": 8, "soft_targets": True}
 
 
 def test_evaluation_against_the_votes():

@@ -19,7 +19,8 @@ import keras_tuner as kt
 from fer_pipeline.core.config import ModelConfig, TuneConfig, registered_model
 from fer_pipeline.core.contract import TRIALS_DIR
 from fer_pipeline.core.search_space import Choice, Float, SearchSpace, apply
-from fer_pipeline.core.training_data import count_records, make_dataset, split_pattern
+from fer_pipeline.core.training_data import (Targets, count_records, make_dataset, read_targets,
+                                             split_pattern)
 
 __all__ = ["OBJECTIVE", "SearchSettings", "builder_of", "fit_once", "make_tuner",
            "run_search"]
@@ -63,6 +64,14 @@ def builder_of(model_name: str) -> Callable[..., keras.Model]:
     return getattr(importlib.import_module(module_name), function_name)
 
 
+def head_of(targets: Targets) -> dict[str, Any]:
+    """The builder's head arguments for FER+ data (8 classes, soft targets); none for
+    FER-2013's seven labels, so a registered builder that knows only those keeps working."""
+    if targets == Targets():
+        return {}
+    return {"num_classes": targets.num_classes, "soft_targets": targets.soft}
+
+
 def _declare(hp: kt.HyperParameters, name: str, spec: Any) -> Any:
     if isinstance(spec, Float):
         return hp.Float(name, spec.low, spec.high, sampling="log" if spec.log else "linear")
@@ -79,13 +88,15 @@ class RegisteredHyperModel(kt.HyperModel):
         self.settings = settings
         self._builder = builder_of(settings.model_name)
         self._counts: Optional[tuple[int, int]] = None
+        self.targets = read_targets(settings.transform_dir)   # FER+'s classes and mode
 
     def build(self, hp: kt.HyperParameters) -> keras.Model:
         values = {name: _declare(hp, name, spec)
                   for name, spec in self.settings.space.items()}
         # The same initial weights for the same values, whatever ran before in the process.
         keras.utils.set_random_seed(self.settings.seed)
-        return self._builder(apply(self.settings.base, values), jit_compile=False)
+        return self._builder(apply(self.settings.base, values), jit_compile=False,
+                             **head_of(self.targets))
 
     def fit(self, hp: kt.HyperParameters, model: keras.Model, *args: Any, **kwargs: Any):
         batch_size = int(hp.values.get("batch_size", self.settings.base.batch_size))
@@ -104,9 +115,9 @@ class RegisteredHyperModel(kt.HyperModel):
         train_count, val_count = self._counts
         train_ds = make_dataset(train_pattern, batch_size, training=True, seed=s.seed,
                                 shuffle_buffer=s.shuffle_buffer, max_examples=s.max_examples,
-                                num_examples=train_count)
+                                num_examples=train_count, targets=self.targets)
         val_ds = make_dataset(val_pattern, batch_size, training=False, seed=s.seed,
-                              num_examples=val_count)
+                              num_examples=val_count, targets=self.targets)
         return train_ds, val_ds
 
 
@@ -142,7 +153,8 @@ def fit_once(settings: SearchSettings) -> list[float]:
     keras.backend.clear_session()
     keras.utils.set_random_seed(settings.seed)
     hypermodel = RegisteredHyperModel(settings)
-    model = builder_of(settings.model_name)(settings.base, jit_compile=False)
+    model = builder_of(settings.model_name)(settings.base, jit_compile=False,
+                                            **head_of(hypermodel.targets))
     train_ds, val_ds = hypermodel.datasets(settings.base.batch_size)
     history = model.fit(train_ds, validation_data=val_ds, epochs=settings.tune_config.epochs_per_trial,
                         shuffle=False, verbose=0)
