@@ -67,6 +67,8 @@ SLOWEST_MODULES_FIRST = (
     "tests/test_tuner.py",             # a distributed search and a warm-start pair
     "tests/test_soak.py",              # a minute of traffic, by design
     "tests/test_model_importer.py",    # two imports, then evaluate, validate and push
+    "tests/test_ferplus_end_to_end.py",  # a CNN-only smoke run with FER+ votes
+    "tests/test_ferplus_training.py",  # a transform with votes
     "tests/test_wheel.py",             # builds, installs and runs the smoke pipeline
     "tests/test_metadata_mysql.py",
     "tests/test_serving.py",
