@@ -34,7 +34,7 @@ from typing import Any, Optional
 from fer_pipeline.core import fileio
 from fer_pipeline.core.contract import (BLESSINGS_FILE, CLASS_NAMES, EVALUATION_FILE,
                                         IMAGE_SIZE, INFRA_BLESSINGS_FILE, MANIFEST_FILE,
-                                        NUM_CLASSES, TRAINING_INFO_FILE)
+                                        NUM_CLASSES, TRAINING_INFO_FILE, class_names_for)
 from fer_pipeline.core.errors import InputDataError
 
 __all__ = ["CardFacts", "SCHEMA_VERSION", "CARD_DIR", "CARD_JSON", "CARD_HTML", "build_card",
@@ -216,8 +216,9 @@ def build_card(facts: CardFacts) -> dict[str, Any]:
                              f"[batch, {IMAGE_SIZE * IMAGE_SIZE}] (serving_default int32, "
                              "serving_uint8), or serialized tf.Examples with a `pixels` "
                              "bytes feature (serving_examples)"),
-            "output_format": (f"probabilities float32 [batch, {NUM_CLASSES}] in the order "
-                              f"{', '.join(CLASS_NAMES)}; class_id int64; class_name string; "
+            "output_format": (f"probabilities float32 [batch, {len(_classes(facts))}] in the "
+                              f"order {', '.join(_classes(facts))}; class_id int64; "
+                              "class_name string; "
                               "`explain` adds per-class saliency maps"),
         },
         "quantitative_analysis": {"performance_metrics": _metrics(facts)},
@@ -241,14 +242,25 @@ def _imported(facts: CardFacts) -> Optional[dict[str, Any]]:
     return (facts.training_info or {}).get("imported")
 
 
+def _classes(facts: CardFacts) -> tuple[str, ...]:
+    """The model's classes, as its evaluation scored them: FER-2013's 7 or FER+'s 8."""
+    return class_names_for(len(facts.evaluation.get("per_class") or CLASS_NAMES))
+
+
 def _overview(facts: CardFacts) -> str:
     accuracy = facts.evaluation.get("accuracy")
     made = ("imported from a Keras file trained outside the pipeline" if _imported(facts)
             else "trained by the pipeline")
     return (f"{facts.model} version {facts.version}: classifies a {IMAGE_SIZE}x{IMAGE_SIZE} "
-            f"grey face into the {NUM_CLASSES} FER-2013 expressions; {made}; test accuracy "
+            f"grey face into the {_expressions(facts)}; {made}; test accuracy "
             f"{accuracy:.3f} on {facts.test_data.get('test_examples')} faces; "
             f"served from {facts.served_path}.")
+
+
+def _expressions(facts: CardFacts) -> str:
+    count = len(_classes(facts))
+    return (f"{count} FER-2013 expressions" if count == NUM_CLASSES else
+            f"{count} FER+ expressions (FER-2013's seven and contempt)")
 
 
 def _diff(facts: CardFacts) -> str:
@@ -427,10 +439,11 @@ def _numbers(facts: CardFacts) -> list[dict[str, Any]]:
         for key in ("precision", "recall", "f1", "support"):
             metrics.append({"type": key, "value": row[key],
                             "slice": f"class={row['class_name']}"})
+    names = _classes(facts)
     for i, row in enumerate(model["confusion_matrix"]):
         for j, value in enumerate(row):
             metrics.append({"type": "confusion count", "value": value,
-                            "slice": f"true={CLASS_NAMES[i]},predicted={CLASS_NAMES[j]}"})
+                            "slice": f"true={names[i]},predicted={names[j]}"})
     gate = {"min_accuracy": (thresholds.get("min_accuracy") or {}).get(facts.model),
             "baseline_margin": thresholds.get("baseline_margin"),
             "max_regression": thresholds.get("max_regression"),

@@ -20,7 +20,7 @@ from fer_pipeline.core.model_card import (CARD_DIR, CARD_HTML, CARD_JSON, CardFa
                                           metric_index, read_facts)
 from fer_pipeline.core.report_page import confusion_chart, with_model_cards_section
 
-__all__ = ["card_files", "card_writer", "confusion_matrix", "href", "render_card",
+__all__ = ["card_classes", "card_files", "card_writer", "confusion_matrix", "href", "render_card",
            "write_report_with_cards"]
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,19 @@ def href(from_dir: str, target: str) -> str:
     return os.path.relpath(target, from_dir)
 
 
+def card_classes(card: Mapping[str, Any]) -> list[str]:
+    """The model's classes in order, as its per-class metrics name them (FER-2013's 7, or
+    FER+'s 8 with contempt)."""
+    slices = [m.get("slice", "") for m in card["quantitative_analysis"]["performance_metrics"]
+              if m["type"] == "precision"]
+    return [s.split("=", 1)[1] for s in slices if s.startswith("class=")] or list(CLASS_NAMES)
+
+
 def confusion_matrix(card: Mapping[str, Any]) -> list[list[int]]:
     """The confusion matrix the card's `confusion count` metrics hold (rows: true class)."""
+    names = card_classes(card)
     return [[int(_metric(card, "confusion count", f"true={a},predicted={b}")["value"])
-             for b in CLASS_NAMES] for a in CLASS_NAMES]
+             for b in names] for a in names]
 
 
 def render_card(card: Mapping[str, Any], report_href: str = "") -> str:
@@ -164,7 +173,7 @@ def _data(parameters: Mapping[str, Any]) -> str:
 def _performance(card: Mapping[str, Any]) -> str:
     rows = [[esc(name), *(_shown(card, key, f"class={name}", 0 if key == "support" else 3)
                           for key in ("precision", "recall", "f1", "support"))]
-            for name in CLASS_NAMES]
+            for name in card_classes(card)]
     body = (f"<p>accuracy {_shown(card, 'accuracy', 'test')}, loss "
             f"{_shown(card, 'loss', 'test')}, macro F1 {_shown(card, 'macro F1', 'test')}</p>"
             + table(["class", "precision", "recall", "F1", "support"], rows, raw=True)

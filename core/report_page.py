@@ -28,7 +28,7 @@ import numpy as np
 from fer_pipeline.core.calibration_page import calibration_block
 from fer_pipeline.core.html_page import (bilingual, chart, count, document, esc, face, number,
     pyplot, table)
-from fer_pipeline.core.contract import CLASS_NAMES, NUM_CLASSES
+from fer_pipeline.core.contract import NUM_CLASSES, class_names_for
 
 HISTORY_METRICS = ("loss", "accuracy")
 
@@ -166,11 +166,12 @@ def data_section(evaluation: Mapping[str, Any]) -> str:
     data = evaluation["data"]
     baseline = data["majority_baseline"]
     plt = pyplot()
-    counts = [data["class_distribution"][c] for c in CLASS_NAMES]
+    classes = list(data["class_distribution"])      # FER-2013's 7, or FER+'s 8 classes
+    counts = [data["class_distribution"][c] for c in classes]
     figure, axes = plt.subplots(figsize=(7, 2.8))
-    bars = axes.bar(range(NUM_CLASSES), counts, color="#1e63b5")
+    bars = axes.bar(range(len(classes)), counts, color="#1e63b5")
     axes.bar_label(bars, fontsize=8)
-    axes.set_xticks(range(NUM_CLASSES), [bilingual(k) for k in range(NUM_CLASSES)],
+    axes.set_xticks(range(len(classes)), [bilingual(k) for k in range(len(classes))],
                     rotation=25, ha="right", fontsize=8)
     axes.set_ylabel("faces")
     axes.set_title("test faces per class")
@@ -179,7 +180,7 @@ def data_section(evaluation: Mapping[str, Any]) -> str:
             f"(split <code>{esc(data['split'])}</code>). Majority-class baseline: answering "
             f"<b>{esc(baseline['class_name'])}</b> for every face scores "
             f"{number(baseline['accuracy'], 'data/majority_baseline/accuracy')}.</p>"
-            + chart("test-distribution", figure, {"classes": list(CLASS_NAMES),
+            + chart("test-distribution", figure, {"classes": classes,
                                                   "counts": counts},
                     "test faces per class"))
 
@@ -252,16 +253,17 @@ def per_class_chart(name: str, model: Mapping[str, Any]) -> str:
     data = {metric: [r[metric] for r in rows] for metric in ("precision", "recall", "f1")}
     figure, axes = plt.subplots(figsize=(6, 3.6))
     width = 0.27
-    positions = np.arange(NUM_CLASSES)
+    positions = np.arange(len(rows))                # the model's classes: 7, or FER+'s 8
     for offset, (metric, values) in zip((-width, 0, width), data.items()):
         axes.bar(positions + offset, values, width, label=metric)
-    axes.set_xticks(positions, [bilingual(k) for k in range(NUM_CLASSES)], rotation=30,
+    axes.set_xticks(positions, [bilingual(k) for k in range(len(rows))], rotation=30,
                     ha="right", fontsize=8)
     axes.set_ylim(0, 1)
     axes.set_title(f"{name}: precision / recall / F1 per class")
     axes.legend(fontsize=8, ncols=3, loc="upper right")
     axes.grid(axis="y", alpha=0.3)
-    return chart(f"per-class-{name}", figure, {"classes": list(CLASS_NAMES), **data})
+    return chart(f"per-class-{name}", figure,
+                 {"classes": [r["class_name"] for r in rows], **data})
 
 
 def confusion_chart(chart_name: str, matrix: list[list[int]], title: str) -> str:
@@ -269,15 +271,15 @@ def confusion_chart(chart_name: str, matrix: list[list[int]], title: str) -> str
     counts = np.asarray(matrix)
     figure, axes = plt.subplots(figsize=(5.6, 4.8))
     image = axes.imshow(counts, cmap="Blues")
-    labels = [bilingual(k) for k in range(NUM_CLASSES)]
-    axes.set_xticks(range(NUM_CLASSES), labels, rotation=40, ha="right", fontsize=8)
-    axes.set_yticks(range(NUM_CLASSES), labels, fontsize=8)
+    labels = [bilingual(k) for k in range(len(counts))]    # 7 classes, or FER+'s 8
+    axes.set_xticks(range(len(counts)), labels, rotation=40, ha="right", fontsize=8)
+    axes.set_yticks(range(len(counts)), labels, fontsize=8)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     axes.set_title(title)
     threshold = counts.max() / 2 if counts.size else 0
-    for i in range(NUM_CLASSES):
-        for j in range(NUM_CLASSES):
+    for i in range(len(counts)):
+        for j in range(len(counts)):
             axes.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
                       color="white" if counts[i, j] > threshold else "black")
     figure.colorbar(image, ax=axes, fraction=0.046)
@@ -319,7 +321,8 @@ def _answer_lines(answers: Mapping[str, Mapping[str, Any]]) -> list[str]:
 def mistakes_gallery(name: str, mistakes: Mapping[str, list[Mapping[str, Any]]],
                      faces: Mapping[int, np.ndarray]) -> str:
     parts = []
-    for k, class_name in enumerate(CLASS_NAMES):
+    # One entry per true class: FER-2013's 7, or FER+'s 8 (the evaluator lists them all).
+    for k, class_name in enumerate(class_names_for(max(len(mistakes), NUM_CLASSES))):
         items = mistakes.get(class_name, [])
         if not items:
             parts.append(f"<div><p><b>{esc(bilingual(k))}</b>: no mistakes.</p></div>")

@@ -324,3 +324,51 @@ def test_the_monitor_reads_eight_class_answers(served, tmp_path):
     assert expected["class_mix"]["cnn"]["contempt"] == 1.0
     page = answers_section({"traffic": served_mix, "expected": expected, "tie_tolerance": TOLERANCE})
     assert "contempt / Desprecio" in page and 'data-path="traffic/class_mix/cnn/contempt"' in page
+
+
+# --- the evaluation report and the model card ---------------------------------------------
+
+def test_the_report_and_the_model_card_show_eight_classes():
+    from fer_pipeline.core.model_card import CardFacts, build_card
+    from fer_pipeline.core.model_card_page import card_classes, confusion_matrix, render_card
+    from fer_pipeline.core.report_page import data_section, mistakes_gallery, per_class_table
+    matrix = np.arange(64).reshape(8, 8)
+    per_class = [{"class_id": k, "class_name": name, "class_name_es": es, "precision": 0.5,
+                  "recall": 0.25, "f1": 0.3, "support": int(matrix[k].sum())}
+                 for k, (name, es) in enumerate(zip(CLASS_NAMES_FERPLUS, CLASS_NAMES_FERPLUS_ES))]
+    model = {"accuracy": 0.5, "loss": 1.0, "macro_avg": {"precision": 0.5, "recall": 0.25,
+                                                         "f1": 0.3},
+             "per_class": per_class, "confusion_matrix": matrix.tolist()}
+    card = build_card(CardFacts("cnn", 1, "/served/cnn/1", "2026-12-06", model, {},
+                                {"test_examples": int(matrix.sum()),
+                                 "majority_baseline": {"accuracy": 0.2}},
+                                {"blessed": True, "reasons": []}))
+    assert "8 FER+ expressions" in card["model_details"]["overview"]
+    assert "[batch, 8]" in card["model_parameters"]["output_format"]
+    assert card_classes(card) == list(CLASS_NAMES_FERPLUS)
+    assert confusion_matrix(card) == matrix.tolist()
+    assert "contempt" in render_card(card)
+    table = per_class_table("cnn", model)
+    assert "Desprecio" in table and 'data-path="models/cnn/per_class/7/recall"' in table
+    distribution = dict(zip(CLASS_NAMES_FERPLUS, range(1, 9)))
+    page = data_section({"data": {"class_distribution": distribution, "test_examples": 36,
+                                  "split": "test", "majority_baseline": {
+                                      "class_name": "happy", "accuracy": 4 / 36}}})
+    assert '"contempt"' in page and "[1, 2, 3, 4, 5, 6, 7, 8]" in page   # the chart's data
+    gallery = mistakes_gallery("cnn", {name: [] for name in CLASS_NAMES_FERPLUS}, {})
+    assert "contempt / Desprecio" in gallery
+
+
+def test_bulk_inference_names_an_eight_class_answer():
+    from fer_pipeline.components.bulk_inferrer.outputs import prediction_line
+    from fer_pipeline.core.ensemble import combine
+    probabilities = [0.3 / 7] * 7 + [0.7]
+    decision = combine({"cnn": probabilities}, TOLERANCE)
+    line = prediction_line({"source": "faces.csv", "row": 2, "face": None, "box": None,
+                            "label": 3, "usage": "PrivateTest",
+                            "models": {"cnn": {"version": 1, "probabilities": probabilities}},
+                            "decision": {**decision.__dict__}}, ["cnn"])
+    cells = next(csv.reader([line]))
+    assert cells[4] == "happy"                         # the CSV's own FER-2013 label
+    assert cells[6:9] == ["contempt", "0.700000", "1"]
+    assert cells[9] == "contempt"

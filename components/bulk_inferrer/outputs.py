@@ -31,7 +31,7 @@ from fer_pipeline.components.bulk_inferrer.counts import (DECISION, FACES_SCORED
 from fer_pipeline.core import fileio
 from fer_pipeline.core.artifacts import Commit, read_commit
 from fer_pipeline.core.contract import (CLASS_NAMES, INFERENCE_REJECTED_FILE,
-                                        PREDICTION_LOGS_DIR, PREDICTIONS_FILE)
+                                        PREDICTION_LOGS_DIR, PREDICTIONS_FILE, class_names_for)
 from fer_pipeline.core.errors import MissingInputError
 from fer_pipeline.core.fer_csv import JSONL_HEADER, reason_code
 
@@ -79,7 +79,8 @@ def prediction_line(record: dict[str, Any], models: Sequence[str]) -> str:
         answer = record["models"][model]
         probabilities = answer["probabilities"]
         best = int(np.argmax(probabilities))
-        cells += [CLASS_NAMES[best], f"{probabilities[best]:.6f}", answer["version"]]
+        cells += [class_names_for(len(probabilities))[best],     # 7 classes, or FER+'s 8
+                  f"{probabilities[best]:.6f}", answer["version"]]
     cells += [decision["class_name"], f"{decision['confidence']:.6f}",
               decision["winner"], "yes" if decision["needs_human_review"] else "no",
               decision["reason"]]
