@@ -98,6 +98,12 @@ def _data_lines(path: str) -> Iterator[tuple[int, str]]:
                 yield number, text
 
 
+def _fields(text: str) -> list[str]:
+    # A FER-2013 line is ~7 KB of pixels: a plain split when nothing is quoted is several
+    # times faster than the csv module, and gives the same fields.
+    return text.split(",") if '"' not in text else next(csv.reader([text]), [])
+
+
 def _vote_header(votes_path: str) -> tuple[int, list[int], int]:
     """(Usage position, vote column positions in FERPLUS_COLUMNS order, field count)."""
     with FileSystems.open(votes_path) as f:
@@ -139,9 +145,9 @@ def read_votes(votes_path: str, csv_path: str, usage_column: Optional[int],
         face, vote = next(faces, None), next(votes, None)
         if face is None or vote is None:
             break
-        fields = next(csv.reader([vote[1]]), [])
+        fields = _fields(vote[1])
         if usage_column is not None:
-            face_fields = next(csv.reader([face[1]]), [])
+            face_fields = _fields(face[1])
             usage = face_fields[usage_column].strip() if usage_column < len(face_fields) else ""
             theirs = fields[usage_at].strip() if usage_at < len(fields) else ""
             if usage != theirs:
