@@ -372,3 +372,19 @@ def test_bulk_inference_names_an_eight_class_answer():
     assert cells[4] == "happy"                         # the CSV's own FER-2013 label
     assert cells[6:9] == ["contempt", "0.700000", "1"]
     assert cells[9] == "contempt"
+
+
+def test_bulk_inference_refuses_a_seven_and_an_eight_class_model_before_its_job(served,
+                                                                                 tmp_path):
+    from fer_pipeline.components.bulk_inferrer.executor import _class_count, run_bulk_inferrer
+    from fer_pipeline.components.bulk_inferrer.records import ModelVersion
+    from fer_pipeline.core.config import InferenceConfig
+    _, exports = served
+    assert (_class_count(exports["cnn"]), _class_count(exports["seven"])) == (8, 7)
+    data = tmp_path / "faces.csv"
+    data.write_text("emotion,pixels,Usage\n3," + " ".join(["128"] * NUM_PIXELS) + ",Training\n")
+    models = [ModelVersion("cnn", 1, exports["cnn"]), ModelVersion("seven", 1, exports["seven"])]
+    with pytest.raises(ClassSetMismatch, match="cnn has 8, seven has 7 classes"):
+        run_bulk_inferrer(str(data), models, str(tmp_path / "scores"), None,
+                          InferenceConfig(tie_tolerance=TOLERANCE), [])
+    assert not (tmp_path / "scores").exists()

@@ -39,7 +39,9 @@ from fer_pipeline.core.artifacts import (EXECUTION_PREFIX, Commit, commit, finge
                                          remove_uncommitted)
 from fer_pipeline.core.beam_job import beam_pipeline
 from fer_pipeline.core.config import EvalConfig, InferenceConfig
-from fer_pipeline.core.contract import INFERENCE_RESULT_FILE, PREDICTION_LOGS_DIR
+from fer_pipeline.core.contract import (INFERENCE_RESULT_FILE, NUM_CLASSES, OUTPUT_PROBABILITIES,
+                                        PREDICTION_LOGS_DIR, SIGNATURE_EXAMPLES)
+from fer_pipeline.core.ensemble import shared_class_count
 from fer_pipeline.core.errors import InputDataError, MissingInputError, RecordsLost
 from fer_pipeline.core.fer_csv import read_header
 
@@ -57,6 +59,23 @@ def build_pipeline(faces_and_rejected: Any, models: Sequence[ModelVersion],
     write_records(scored.predictions, faces_and_rejected[REJECTED],
                   scored[FLAGGED] if keep_flagged_pixels else None, execution_dir,
                   [m.name for m in models])
+
+
+def _class_count(saved_model_dir: str) -> int:
+    """The width of a SavedModel's served probabilities, read from its signature (no
+    loading of the model); FER-2013's 7 when the signature does not say."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    path = fileio.join(saved_model_dir, "saved_model.pb")
+    if not fileio.exists(path):
+        return NUM_CLASSES       # the job's own loading says what is wrong
+    saved = saved_model_pb2.SavedModel.FromString(fileio.read_bytes(path))
+    for meta_graph in saved.meta_graphs:
+        signature = meta_graph.signature_def.get(SIGNATURE_EXAMPLES)
+        output = signature.outputs.get(OUTPUT_PROBABILITIES) if signature else None
+        if output is not None and output.tensor_shape.dim:
+            width = int(output.tensor_shape.dim[-1].size)
+            return width if width > 0 else NUM_CLASSES
+    return NUM_CLASSES
 
 
 def _new_execution_dir(output_dir: str) -> str:
@@ -98,6 +117,10 @@ def run_bulk_inferrer(data_uri: str, models: Sequence[ModelVersion], output_dir:
     if not models:
         raise ValueError("bulk inference needs at least one model")
     fileio.configure_beam_filesystems(beam_args)
+    if len(models) > 1:
+        # A FER-2013 (7-class) and a FER+ (8-class) model have no ensemble: say so before
+        # the job, in one line, rather than from inside a worker (core/ensemble.py).
+        shared_class_count({m.name: _class_count(m.path) for m in models})
     if not fileio.exists(data_uri):
         raise MissingInputError(f"{data_uri} does not exist")
     is_directory = fileio.isdir(data_uri)
