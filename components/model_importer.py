@@ -15,6 +15,14 @@ What the wrapper does between the raw pixels of a request and the file's model:
 - the face (48x48, one channel) is resized inside the graph to the file's input size when
   that differs, and its channel repeated when the file takes 3 channels (VGG16-style).
 
+Calibration (core/calibration.py): the file's softmax Dense is wired into the wrapper as
+its last layer, so the export serves its real logits, and the temperature is fitted on the
+Transform step's validation split when it has one. That split holds normalized images, not
+raw pixels; every normalization Transform offers is one affine map of the pixel value
+(z-score, min-max, /255), so the raw pixels are recovered exactly (rounded) by inverting the
+map probed through the transform graph, and scaled as the file expects. No validation split,
+or a transform that is not affine: T = 1, recorded in training_info.json as not calibrated.
+
 Refused with one line (InputDataError): a file that does not load as a Keras model, one
 whose output is not a softmax over the 7 FER-2013 classes, one whose input is not an image
 of 1 or 3 channels, or whose size the file leaves open and --input-shape does not give.
@@ -28,9 +36,10 @@ import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from fer_pipeline.core import fileio
@@ -39,7 +48,8 @@ from fer_pipeline.core.contract import (CLASS_NAMES, FEATURE_IMAGE, FEATURE_PIXE
                                         NUM_CLASSES, NUM_PIXELS, SERVING_MODEL_DIR,
                                         TRAINING_INFO_FILE, TRANSFORM_GRAPH_DIR)
 from fer_pipeline.core.errors import InputDataError, MissingInputError
-from fer_pipeline.core.serving_export import export_serving_model
+from fer_pipeline.core.serving_export import TransformGraph, export_serving_model, softmax_head
+from fer_pipeline.core.training_data import make_dataset, split_pattern
 
 __all__ = ["run_model_importer", "ImportResult", "ScaledPixels", "sha256_of"]
 
@@ -61,6 +71,7 @@ class ImportResult:
     resized: bool
     channels_repeated: bool
     parameters: int
+    calibration: Optional[dict[str, Any]] = None   # core/calibration.calibration_record
 
 
 class ScaledPixels(tf.Module):
@@ -158,8 +169,41 @@ def adapter(model: keras.Model, shape: tuple[int, int, int]) -> keras.Model:
         x = keras.layers.Resizing(height, width, interpolation="bilinear", name="resize")(x)
     if channels == 3:
         x = keras.layers.Concatenate(name="grey_to_rgb")([x, x, x])
-    outputs = model(x)
+    head = softmax_head(model)
+    if head:
+        # The file's layers up to its softmax Dense, then that Dense, called in this graph:
+        # the export reads the logits off the Dense (core/serving_export.softmax_head).
+        features, dense = head
+        outputs = dense(features(x))
+    else:
+        outputs = model(x)
     return keras.Model(inputs, outputs, name=f"imported_{model.name}")
+
+
+def validation_batches(transform_dir: str, scale: float
+                       ) -> tuple[Optional[Iterator[tuple[np.ndarray, np.ndarray]]], str]:
+    """(the validation split as the file's input: (raw pixels x scale, label) batches, "")
+    or (None, why not); see the module docstring."""
+    pattern = split_pattern(transform_dir, "validation")
+    if not fileio.glob(pattern):
+        return None, f"no validation split under {transform_dir}: not calibrated"
+    import tensorflow_transform as tft
+
+    graph = TransformGraph(tft.TFTransformOutput(
+        fileio.join(transform_dir, TRANSFORM_GRAPH_DIR)).transform_savedmodel_dir)
+    probes = np.array([0, 85, 170, 255])
+    images = graph({FEATURE_PIXELS: tf.constant([bytes([int(v)]) * NUM_PIXELS
+                                                 for v in probes])})[FEATURE_IMAGE].numpy()
+    low, slope = float(images[0, 0]), float(images[-1, 0] - images[0, 0]) / 255.0
+    if slope <= 0 or not np.allclose(images, low + slope * probes[:, None], rtol=0,
+                                     atol=1e-3 * slope):
+        return None, "the Transform step's normalization is not affine: not calibrated"
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for image, label in make_dataset(pattern, 256, training=False, seed=0):
+            raw = np.clip(np.rint((image.numpy() - low) / slope), 0, 255)
+            yield (raw * scale).astype(np.float32), label.numpy()
+    return batches(), ""
 
 
 def run_model_importer(keras_file: str, transform_dir: str, output_dir: str,
@@ -186,8 +230,12 @@ def run_model_importer(keras_file: str, transform_dir: str, output_dir: str,
         wrapped = adapter(model, used)
         export_dir = (fileio.join(output_dir, SERVING_MODEL_DIR) if not fileio.is_uri(output_dir)
                       else os.path.join(scratch, SERVING_MODEL_DIR))
-        export_serving_model(wrapped, fileio.join(transform_dir, TRANSFORM_GRAPH_DIR),
-                             export_dir, preprocessing=ScaledPixels(config.scale))
+        batches, why_not = validation_batches(transform_dir, config.scale)
+        calibration = export_serving_model(
+            wrapped, fileio.join(transform_dir, TRANSFORM_GRAPH_DIR), export_dir,
+            preprocessing=ScaledPixels(config.scale), calibration_batches=batches)
+        if why_not:
+            calibration["reason"] = why_not
         if export_dir != fileio.join(output_dir, SERVING_MODEL_DIR):
             fileio.copytree(export_dir, fileio.join(output_dir, SERVING_MODEL_DIR))
     finally:
@@ -198,8 +246,10 @@ def run_model_importer(keras_file: str, transform_dir: str, output_dir: str,
         keras_file=keras_file, sha256=digest, file_input_shape=declared,
         input_shape=list(used), scale=config.scale,
         resized=tuple(used[:2]) != (IMAGE_SIZE, IMAGE_SIZE),
-        channels_repeated=used[2] == 3, parameters=int(model.count_params()))
-    fileio.write_json(result.training_info_path, _training_info(result, model, transform_dir))
+        channels_repeated=used[2] == 3, parameters=int(model.count_params()),
+        calibration=calibration)
+    fileio.write_json(result.training_info_path,
+                      {**_training_info(result, model, transform_dir), "calibration": calibration})
     log.info("imported %s as %s (sha256 %s)", keras_file, model_name, digest)
     return result
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fer_pipeline.core.artifacts import COMMIT_FILE
+from fer_pipeline.core.artifacts import COMMIT_FILE, read_commit
+from fer_pipeline.core.calibration import softmax
 from fer_pipeline.core.config import ImportConfig, MetadataConfig
 from fer_pipeline.core.contract import (MODELS_CONFIG, SERVING_MODEL_DIR, SIGNATURE_DEFAULT,
                                         TRANSFORM_GRAPH_DIR)
@@ -86,9 +87,18 @@ def test_imported_models_are_pushed_and_answer_as_the_notebook_computed(imported
         channels = model.input_shape[-1]
         # The notebook's preprocessing: pixels / 255 at (48, 48, channels).
         inputs = np.repeat(faces[..., None].astype("float32") / 255.0, channels, axis=-1)
-        expected = np.asarray(model(inputs))
-        served = np.asarray(answers[name]["probabilities"])
-        np.testing.assert_allclose(served, expected, atol=1e-5, err_msg=name)
+        expected = np.asarray(model(inputs), np.float64)
+        # Served: the file's logits and softmax(logits / T), T fitted on the smoke run's
+        # validation split (its pixels recovered from the transformed split) at import.
+        info = json.loads(Path(read_commit(os.path.join(imported_run["run"], "imported", name)).uri,
+                               "training_info.json").read_text())
+        calibration = info["calibration"]
+        assert calibration["calibrated"] and calibration["logits"] == "logits", name
+        assert calibration["examples"] > 100 and calibration["temperature"] > 0
+        logits = np.asarray(answers[name]["logits"], np.float64)
+        np.testing.assert_allclose(softmax(logits), expected, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(np.asarray(answers[name]["probabilities"]),
+                                   softmax(logits, calibration["temperature"]), atol=1e-5)
         assert answers[name]["class_id"] == expected.argmax(axis=1).tolist()
 
 
@@ -147,12 +157,13 @@ def test_other_input_sizes_are_resized_and_grey_repeated_inside_the_graph(smoke_
     assert (result.resized, result.channels_repeated) == (True, True)
     assert result.input_shape == [64, 64, 3]
     faces = random_images(2, seed=9)
+    # The served logits are the file's (the calibrated probabilities: softmax(logits / T)).
     served = tf.saved_model.load(result.serving_model_dir).signatures[SIGNATURE_DEFAULT](
-        pixels=tf.constant(faces.astype(np.int32)))["probabilities"].numpy()
+        pixels=tf.constant(faces.astype(np.int32)))["logits"].numpy()
     grey = tf.image.resize(faces[..., None].astype("float32") / 255.0, (64, 64))
     expected = np.asarray(keras.saving.load_model(path, compile=False)(
         tf.repeat(grey, 3, axis=-1)))
-    np.testing.assert_allclose(served, expected, atol=1e-5)
+    np.testing.assert_allclose(softmax(served), expected, atol=1e-5)
     assert Path(transform_dir, TRANSFORM_GRAPH_DIR).is_dir()
     assert Path(result.serving_model_dir).name == SERVING_MODEL_DIR
 

@@ -107,6 +107,14 @@ def test_cnn_learns_well_above_chance_and_exports(smoke_run):
     assert list(Path(output, "logs").rglob("events.out.tfevents.*"))
     # A finished run leaves no checkpoint to resume from.
     assert not Path(output, CHECKPOINTS_DIR).exists()
+    # Temperature scaling on the validation split, recorded and baked into the export.
+    calibration = info["calibration"]
+    assert calibration["calibrated"] and calibration["logits"] == "logits"
+    assert calibration["examples"] == info["validation_examples"]
+    assert result["calibration"] == calibration
+    assert calibration["after"]["nll"] <= calibration["before"]["nll"]
+    served = tf.saved_model.load(os.path.join(output, SERVING_MODEL_DIR))
+    assert float(served.temperature.numpy()) == pytest.approx(calibration["temperature"])
 
     # The exported model, restored to the best epoch, scores that epoch's accuracy.
     validation = os.path.join(committed_output(smoke_run.run_root, "ingest.examples"),
@@ -148,6 +156,12 @@ def test_vgg16_from_a_local_weights_file_with_mixed_precision_and_xla(transform_
     out = serve(pixels=tf.zeros([2, 48, 48], tf.uint8))
     assert out["probabilities"].dtype == tf.float32
     np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-3)
+    # The logits under a mixed policy: float32, read off the float32 softmax head.
+    assert out["logits"].dtype == tf.float32 and info["calibration"]["calibrated"]
+    logits = out["logits"].numpy() / info["calibration"]["temperature"]
+    scaled = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(out["probabilities"].numpy(),
+                               scaled / scaled.sum(axis=1, keepdims=True), atol=1e-5)
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(transform_dir, tmp_path):

@@ -360,6 +360,10 @@ def signatures_page() -> str:
         cells = ["<br>".join(_code(f"{t} {d} {s}") for t, d, s in tensors)
                  for tensors in (inputs, outputs)]
         lines.append(f"| {_code(name)} | {cells[0]} | {cells[1]} | {_text(purpose)} |")
+    lines += ["", "`probabilities` are calibrated: softmax(`logits` / T), with the model's "
+              "temperature T fitted on the validation split at export; `logits` are the "
+              "values before the softmax, and `class_id` is the top class of either "
+              "([calibrated confidences](../concepts/calibration.md))."]
     lines += ["", "`class_id` indexes these classes (`class_name` is the English name; the "
               "review page shows both):", "", "| class_id | class_name | Spanish |",
               "|---|---|---|"]
