@@ -224,6 +224,22 @@ def _tagged(name: str):
     return tag
 
 
+def _in_keys(face: Face, keys: frozenset) -> bool:
+    return face.key in keys
+
+
+def _smallest(faces, count: int, label: str):
+    """The `count` faces of least confidence, one element each. The Top combiner ranks
+    only (confidence, key) pairs: its accumulator, a list that engines shuffle as one
+    record, would otherwise carry every chosen face's pixels (2,000 tied faces: ~5 MB,
+    more than a Flink sort buffer takes: "Record too large"). The faces are then picked
+    by key."""
+    keys = (faces | f"{label}Keys" >> beam.Map(_sample_key)
+            | f"{label}Top" >> beam.combiners.Top.Smallest(count)
+            | f"{label}KeySet" >> beam.Map(lambda top: frozenset(key for _, key in top)))
+    return faces | f"{label}Faces" >> beam.Filter(_in_keys, beam.pvalue.AsSingleton(keys))
+
+
 def _batched(faces, label: str):
     return faces | f"Batch{label}" >> beam.BatchElements(min_batch_size=_BATCH,
                                                          max_batch_size=_BATCH)
@@ -271,9 +287,8 @@ def _build(pipeline: beam.Pipeline, files: Sequence[str], scratch: str, config: 
     stamps = (faces | "Stamps" >> beam.Map(lambda f: f.stamp)
               | "Known" >> beam.Filter(lambda s: s > 0)
               | "StampRange" >> beam.CombineGlobally(_StampRange()))
-    least = faces | "Lowest" >> beam.combiners.Top.Smallest(lowest, key=_sample_key)
-    ties = (faces | "Tied" >> beam.Filter(lambda f: bool(f.review))
-            | "Ties" >> beam.combiners.Top.Smallest(MAX_TIES, key=_sample_key))
+    least = _smallest(faces, lowest, "Lowest")
+    ties = _smallest(faces | "Tied" >> beam.Filter(lambda f: bool(f.review)), MAX_TIES, "Ties")
     results = [*record_sums, face_sums | "TagFaceCounts" >> beam.Map(_tagged("count")),
                stats | "TagStats" >> beam.Map(_tagged("stats")),
                pixel_stats | "TagPixels" >> beam.Map(_tagged("pixel_stats")),
@@ -285,17 +300,24 @@ def _build(pipeline: beam.Pipeline, files: Sequence[str], scratch: str, config: 
                                                  num_shards=1, shard_name_template=""))
 
 
-def _read_results(scratch: str) -> dict[str, Any]:
+def _read_results(scratch: str, bounds: dict[str, int]) -> dict[str, Any]:
+    """The job's results; the sampled faces (`bounds`: sample -> at most how many) in
+    order of confidence, then key."""
     import tensorflow as tf
-    found: dict[str, Any] = {"count": {}}
+    found: dict[str, Any] = {"count": {}, **{name: [] for name in bounds}}
     for raw in tf.data.TFRecordDataset(fileio.join(scratch, _RESULTS)):
         name, value = pickle.loads(raw.numpy())
         if name == "count":
             found["count"][value[0]] = found["count"].get(value[0], 0) + value[1]
         elif name in ("stats", "pixel_stats"):
             found[name] = statistics_pb2.DatasetFeatureStatisticsList.FromString(value)
+        elif name in bounds:
+            found[name].append(value)
         else:
             found[name] = value
+    for name, bound in bounds.items():
+        # A key logged twice (a record written twice) is picked twice: the bound holds.
+        found[name] = sorted(found[name], key=_sample_key)[:bound]
     return found
 
 
@@ -319,7 +341,7 @@ def collect(files: Sequence[str], scratch: str, config: MonitorConfig, tolerance
     with beam_pipeline(list(beam_args), "monitor") as pipeline:
         _build(pipeline, list(files), scratch, config, tolerance, start, end, width,
                partitions, pixel_rate, max(lowest, 1))
-    found = _read_results(scratch)
+    found = _read_results(scratch, {"lowest": max(lowest, 1), "ties": MAX_TIES})
     empty = statistics_pb2.DatasetFeatureStatisticsList()
     return Collected(list(files), found.get("stats", empty), found.get("pixel_stats", empty),
                      found["count"], tuple(found.get("stamps", (None, None))),
