@@ -227,3 +227,14 @@ def test_the_statistics_page_shows_agreement_per_class(data, eight):
     assert "FER+ agrees" in html and 'data-path="ferplus/per_class/happy/agree"' in html
     assert ferplus_agreement(str(data["dir"]), list(SPLITS)) is None   # no FER+: no section
     assert io.StringIO(html).read().count("<tr>") >= 8
+
+
+def test_two_worker_processes_join_the_same_votes(data, eight, tmp_path):
+    """The votes reach the Beam job as a side input: on DirectRunner's worker processes
+    (pickled, as on Flink or Spark) every example gets the same votes as in-process."""
+    _, out = eight
+    result = run_example_gen(data["csv"], str(tmp_path / "mp"), IngestConfig(
+        ferplus_labels=data["votes"], ferplus_classes=8, max_rejected_fraction=0.0),
+        ["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    assert _examples(str(tmp_path / "mp")) == _examples(out)
+    assert result.ferplus["quarantined"] == {"ferplus_not_a_face": len(_doubtful(data["votes"]))}
