@@ -144,7 +144,10 @@ def calibration_record(logits: Optional[np.ndarray], labels: np.ndarray,
     fitted = fit_temperature(logits, labels) if temperature is None else float(temperature)
     before = {k: v for k, v in _scores(softmax(logits), labels).items() if k != "bins"}
     after = {k: v for k, v in _scores(softmax(logits, fitted), labels).items() if k != "bins"}
-    return {"calibrated": True, "temperature": fitted, "split": split,
+    # T at the top of its range: the model does no better than answering near-uniformly
+    # on these faces (an untrained or broken model), which is what the fit makes it do.
+    at_bound = not T_MIN * 1.01 < fitted < T_MAX / 1.01
+    return {"calibrated": True, "temperature": fitted, "split": split, "at_bound": at_bound,
             "examples": int(len(labels)), "logits": logits_kind,
             "method": "temperature scaling (NLL, golden-section search on log T)",
             "before": before, "after": after}

@@ -36,6 +36,10 @@ def test_scaling_keeps_the_top_class_and_calibrates():
     logits, labels = _sampled(2.5)
     record = calibration_record(logits, labels)
     assert record["calibrated"] and record["examples"] == len(labels)
+    assert record["at_bound"] is False
+    # Labels unrelated to the logits: no temperature beats the uniform answer, T hits the top.
+    noise = calibration_record(logits, np.random.default_rng(5).permutation(labels))
+    assert noise["at_bound"] is True and noise["temperature"] == pytest.approx(50.0, rel=1e-3)
     assert record["after"]["nll"] < record["before"]["nll"]
     assert record["after"]["ece"] < 0.02 < 0.1 < record["before"]["ece"]
     np.testing.assert_array_equal(softmax(logits, record["temperature"]).argmax(axis=1),
