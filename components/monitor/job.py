@@ -58,7 +58,7 @@ CONFIDENCE_UNIT = 1e-9          # confidences are summed as integers of this uni
 MAX_TIES = 2000                 # tied faces brought back for the review queue, at most
 BYTES_PER_FACE = 2400           # a batch-1 uint8 record's size: the pixel sample's rate
 _BATCH = 512
-_RESULTS = "results.tfrecord"
+_RESULTS = "results"                 # results-<shard>-of-<n>.tfrecord in the scratch
 
 
 def answer_feature(kind: str, model: str, version: int) -> str:
@@ -296,8 +296,11 @@ def _build(pipeline: beam.Pipeline, files: Sequence[str], scratch: str, config: 
                least | "TagLowest" >> beam.Map(_tagged("lowest")),
                ties | "TagTies" >> beam.Map(_tagged("ties"))]
     (results | "Results" >> beam.Flatten()
+     # Shards as the runner's bundles go: a fixed shard count would group the results by
+     # shard, and engines sort each grouped record in a buffer of about 1 MiB on Flink,
+     # less than a window's sliced statistics ("record exceeds the maximum size").
      | "WriteResults" >> beam.io.WriteToTFRecord(fileio.join(scratch, _RESULTS),
-                                                 num_shards=1, shard_name_template=""))
+                                                 file_name_suffix=".tfrecord"))
 
 
 def _read_results(scratch: str, bounds: dict[str, int]) -> dict[str, Any]:
@@ -305,7 +308,8 @@ def _read_results(scratch: str, bounds: dict[str, int]) -> dict[str, Any]:
     order of confidence, then key."""
     import tensorflow as tf
     found: dict[str, Any] = {"count": {}, **{name: [] for name in bounds}}
-    for raw in tf.data.TFRecordDataset(fileio.join(scratch, _RESULTS)):
+    shards = tf.io.gfile.glob(fileio.join(scratch, f"{_RESULTS}-*-of-*.tfrecord"))
+    for raw in tf.data.TFRecordDataset(sorted(shards)):
         name, value = pickle.loads(raw.numpy())
         if name == "count":
             found["count"][value[0]] = found["count"].get(value[0], 0) + value[1]
