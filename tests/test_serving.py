@@ -368,9 +368,11 @@ def test_new_version_under_load_loses_no_request(tmp_path, templates, server_fla
 
 # --- batching ----------------------------------------------------------------------------
 
-def test_batching_gives_identical_results(serving_root, templates):
+@pytest.mark.parametrize("policy", ["timeout", "fill"])
+def test_batching_gives_identical_results(serving_root, templates, policy):
     batching = _start(serving_root, batching=True,
-                      batching_config=BatchingConfig(max_batch_size=8, batch_timeout_s=0.02))
+                      batching_config=BatchingConfig(max_batch_size=8, batch_timeout_s=0.02,
+                                                     policy=policy))
     try:
         images = random_images(32, seed=5)
         expected = in_process(templates["b"], images)
@@ -391,9 +393,12 @@ def test_batching_gives_identical_results(serving_root, templates):
         np.testing.assert_allclose(got, expected["probabilities"], atol=1e-6)
         assert [int(results[i]["class_id"][0]) for i in range(len(images))] == \
             expected["class_id"].tolist()
-        # The 32 concurrent requests really were merged (max 8 rows per model call).
+        # The 32 concurrent requests really were merged (max 8 rows per model call); with
+        # fill, how many merged depends on how fast they came, so only the bound is certain.
         batcher = batching.predictor.batcher
-        assert batcher.stats.requests == 32 and 4 <= batcher.stats.batches < 32
+        assert batcher.stats.requests == 32 and 4 <= batcher.stats.batches
+        if policy == "timeout":
+            assert batcher.stats.batches < 32
         # The same counters, as Prometheus text on TF Serving's metrics path.
         metrics = urllib.request.urlopen(
             f"http://127.0.0.1:{batching.rest_port}/monitoring/prometheus/metrics").read().decode()
