@@ -7,10 +7,11 @@
     counts --> CombinePerKey(sum): records, bad / skipped reasons (summed as decoded),
               class mix, confidence, review rate per window and model version (summed
               per partition by the join)
-          --> Top.Smallest: the least confident faces, the tied faces (bounded)
+          --> Top.Smallest of (confidence, key), then those faces by key: the least
+              confident faces, the tied faces (bounded)
 
 Everything runs in the workers; the driver gets only the statistics, the sums and the two
-bounded samples, written by the job as one small TFRecord file (`collect` reads it back),
+bounded samples, written by the job as a few small TFRecord shards (`collect` reads them),
 so its memory does not grow with the window. The job runs wherever the Beam flags say
 (core/beam_job.py): the DirectRunner in-process or multi-processing, Flink, Spark.
 
