@@ -1,0 +1,33 @@
+"""Evaluation against FER+ votes beyond core/ferplus_votes.py's per-model metrics: the
+gallery's faces with their votes, and the ensemble's decisions against the FER+ majority."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from fer_pipeline.core.ensemble import combine_batch
+from fer_pipeline.core.ferplus_votes import votes_by_class
+
+__all__ = ["with_votes", "ensemble_ferplus"]
+
+
+def with_votes(mistakes: dict[str, list[dict[str, Any]]], votes: Optional[np.ndarray]
+               ) -> dict[str, list[dict[str, Any]]]:
+    """The gallery's faces with their FER+ votes (what the crowd saw), when there are any."""
+    if votes is not None:
+        for faces in mistakes.values():
+            for face in faces:
+                face["votes"] = votes_by_class(votes[face["index"]])
+    return mistakes
+
+
+def ensemble_ferplus(votes: np.ndarray, probs_by_model: Mapping[str, np.ndarray],
+                     tolerance: float) -> dict[str, Any]:
+    """The ensemble's decisions against FER+'s majority (cross-entropy: not defined for a
+    rule that picks one model's answer per face)."""
+    class_ids, _, _ = combine_batch(probs_by_model, tolerance)
+    width = next(iter(probs_by_model.values())).shape[1]
+    majority = votes[:, :width].argmax(axis=1)
+    return {"examples": int(len(votes)),
+            "accuracy_majority": float((class_ids == majority).mean())}
