@@ -167,7 +167,7 @@ def read_votes(votes_path: str, csv_path: str, usage_column: Optional[int],
 
 
 # ---------------------------------------------------------------------------------------
-# Evaluation against the votes (components/evaluator.py)
+# Evaluation against the votes (components/evaluator/)
 
 def votes_of(serialized: list[bytes]) -> Optional[np.ndarray]:
     """int64 [n, 10] votes of serialized raw examples (FERPLUS_VOTE_ORDER), or None when

@@ -1,6 +1,6 @@
 """The evaluation report (evaluation/report.html): what a person reads before a push.
 
-Rendering only: components/evaluator.py computes every number and the gate, and hands this
+Rendering only: components/evaluator/ computes every number and the gate, and hands this
 module the evaluation record (the content of evaluation.json) plus the pixels of the faces
 the page shows. Sections, top to bottom:
 

@@ -342,8 +342,10 @@ def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:
     steps += [
         Step("evaluate", "evaluation", {"examples": "ingest.examples", **model_inputs},
              {"evaluation": ""}, _evaluate, _evaluate_parameters,
-             ("fer_pipeline.components.evaluator", "fer_pipeline.core.ensemble",
-              "fer_pipeline.core.calibration", "fer_pipeline.core.ferplus_votes"),
+             tuple(f"fer_pipeline.components.evaluator.{module}" for module in
+                   ("executor", "split", "predictions", "metrics", "ensemble", "ferplus", "gate"))
+             + ("fer_pipeline.core.ensemble", "fer_pipeline.core.calibration",
+                "fer_pipeline.core.ferplus_votes"),
              "test-split evaluation and the blessing gate", derived=_blessings),
         Step("infra-validate", "infra_validation",
              {"examples": "ingest.examples", "evaluation": "evaluate.evaluation",
