@@ -12,7 +12,8 @@ from fer_pipeline.components.statistics.executor import run_statistics
 from fer_pipeline.components.validation import (DRIFT_FILE, VALIDATION_REPORT, DataValidationError,
                                    raise_if_blocking, run_validation)
 from fer_pipeline.core.config import ValidationConfig
-from fer_pipeline.core.contract import FEATURE_LABEL, FEATURE_PIXELS, FEATURE_USAGE, NUM_PIXELS
+from fer_pipeline.core.contract import (FEATURE_FERPLUS_CLEAR, FEATURE_FERPLUS_MAJORITY, FEATURE_FERPLUS_VOTES,
+    FEATURE_LABEL, FEATURE_PIXELS, FEATURE_USAGE, NUM_PIXELS)
 from tests.test_statistics import balanced_labels, write_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,12 @@ def test_schema_file_parses_and_says_what_we_check():
     assert pixels.type == schema_pb2.INT
     assert (pixels.value_count.min, pixels.value_count.max) == (NUM_PIXELS, NUM_PIXELS)
     assert (pixels.int_domain.min, pixels.int_domain.max) == (0, 255)
-    assert all(f.presence.min_fraction == 1.0 for f in schema.feature)
+    # Every feature is required except FER+'s votes, which only a run with a vote file has.
+    optional = {FEATURE_FERPLUS_VOTES, FEATURE_FERPLUS_MAJORITY, FEATURE_FERPLUS_CLEAR}
+    assert {f.name for f in schema.feature} >= optional
+    assert all(f.presence.min_fraction == 1.0 for f in schema.feature if f.name not in optional)
+    assert all(f.presence.min_count == 0 and f.presence.min_fraction == 0.0
+               for f in schema.feature if f.name in optional)
 
 
 def test_clean_data_passes(clean_stats, tmp_path):
