@@ -7,8 +7,8 @@
     counts --> CombinePerKey(sum): records, bad / skipped reasons (summed as decoded),
               class mix, confidence, review rate per window and model version (summed
               per partition by the join)
-          --> Top.Smallest of (confidence, key), then those faces by key: the least
-              confident faces, the tied faces (bounded)
+          --> Top.SmallestPerKey over groups by key hash: the least confident faces,
+              the tied faces (bounded; the driver sorts the union and keeps the bound)
 
 Everything runs in the workers; the driver gets only the statistics, the sums and the two
 bounded samples, written by the job as a few small TFRecord shards (`collect` reads them),
