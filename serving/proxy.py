@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import threading
 import time
 from concurrent import futures
@@ -417,9 +416,5 @@ def run_proxy(args: argparse.Namespace) -> int:
     sides.append(f"REST on http://{config.host}:{proxy.rest_port} -> {rest_target}")
     print(f"fer-serve: logging proxy: {', '.join(sides)}; request logs for "
           f"{proxy.watcher.models() or 'no model (no logging_config)'}", flush=True)
-    stopped = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopped.set())
-    stopped.wait()
-    proxy.stop()
-    return 0
+    from fer_pipeline.serving.server import serve_until_signalled
+    return serve_until_signalled(proxy.stop)

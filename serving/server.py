@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, NoReturn, Optional
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional
 
 from fer_pipeline.core import fileio, quiet
 from fer_pipeline.core.errors import exit_process, is_user_error, run_cli, ConfigError, ResourceError
@@ -449,11 +449,16 @@ def _main(argv: Optional[list[str]] = None) -> int:
     for name, reason in sorted(server.manager.unservable().items()):
         print(f"fer-serve: warning: model {name} has no version to serve: {reason}; it "
               "answers NOT_FOUND until one appears", file=sys.stderr, flush=True)
+    return serve_until_signalled(server.stop)
+
+
+def serve_until_signalled(stop: Callable[[], None]) -> int:
+    """Wait for SIGINT or SIGTERM, then `stop()`: how fer-serve ends, in either mode."""
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopped.set())
     stopped.wait()
-    server.stop()
+    stop()
     return 0
 
 
