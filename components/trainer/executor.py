@@ -135,10 +135,10 @@ def run_trainer(transform_dir: str, output_dir: str, config: TrainConfig, model_
                             targets=targets)
     val_ds = make_dataset(val_pattern, section.batch_size, training=False, seed=config.seed,
                           num_examples=val_count, targets=targets)
-    # Temperature scaling fits on labels: soft targets' validation split by its majority.
-    calibration_ds = val_ds if not targets.soft else make_dataset(
-        val_pattern, section.batch_size, training=False, seed=config.seed,
-        num_examples=val_count)
+    # Temperature scaling fits on labels; with soft targets it takes each validation face's
+    # most-voted class (serving_export.fit_module_temperature), which is the stored majority.
+    # Kept unsharded: every worker fits on the whole split.
+    calibration_ds = val_ds
     if is_multi_worker():
         train_ds, val_ds = (shard_by_data(ds) for ds in (train_ds, val_ds))
 
