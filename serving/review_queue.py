@@ -33,8 +33,8 @@ from typing import Any, Iterator, Mapping, Optional
 import numpy as np
 
 from fer_pipeline.core.contract import (CLASS_NAMES, CLASS_NAMES_FERPLUS, IMAGE_SIZE,
-                                        NUM_CLASSES, NUM_PIXELS, REVIEW_QUEUE_FILE,
-                                        class_names_for)
+                                        NUM_CLASSES, NUM_PIXELS, REVIEW_QUEUE_FILE)
+from fer_pipeline.core.ensemble import shared_class_count
 from fer_pipeline.core.errors import UserError
 from fer_pipeline.serving.review_export import vote_rows, write_csv_atomically
 
@@ -171,15 +171,7 @@ def _probabilities_json(probabilities: np.ndarray) -> str:
 def _class_count(models: Mapping[str, ModelPrediction]) -> int:
     """The one class count of a face's models: 7 or 8, the same for all of them."""
     widths = {name: int(np.asarray(p.probabilities).size) for name, p in models.items()}
-    for width in set(widths.values()):
-        try:
-            class_names_for(width)
-        except ValueError:
-            raise ValueError(f"expected {NUM_CLASSES} or {len(CLASS_NAMES_FERPLUS)} "
-                             f"probabilities, got {width}") from None
-    if len(set(widths.values())) > 1:
-        raise ValueError(f"the models of one face answer different class sets: {widths}")
-    return next(iter(widths.values()), NUM_CLASSES)
+    return shared_class_count(widths) if widths else NUM_CLASSES
 
 
 class ReviewQueue:
