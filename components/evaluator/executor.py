@@ -110,14 +110,15 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
     models: dict[str, dict[str, Any]] = {}
     blessings: dict[str, dict[str, Any]] = {}
     for name, model_dir in model_dirs.items():
+        metadata = _model_metadata(model_dir)
         metrics = classification_metrics(labels, probs_by_model[name])
         metrics["calibration"] = model_calibration(
-            labels, answers[name][1], probs_by_model[name], fitted_temperature(
-                _read_json_if_present(fileio.join(model_dir, TRAINING_INFO_FILE))))
+            labels, answers[name][1], probs_by_model[name],
+            fitted_temperature(metadata["training_info"]))
         served = _evaluate_served(serving_root, name, split.serialized, labels)
         blessed, reasons, summary = gate(name, metrics, served, config, baseline)
         blessings[name] = {"blessed": blessed, "reasons": reasons, "summary": summary}
-        models[name] = {**metrics, **_model_metadata(model_dir), "served": served,
+        models[name] = {**metrics, **metadata, "served": served,
                         "min_accuracy": config.min_accuracy.get(name),
                         "blessed": blessed, "reasons": reasons, "summary": summary,
                         "mistakes": with_votes(confident_mistakes(name, split, probs_by_model),
