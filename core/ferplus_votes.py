@@ -27,7 +27,7 @@ from fer_pipeline.core.errors import InputDataError
 
 __all__ = ["FERPLUS_MODES", "FERPLUS_CLASS_COUNTS", "QUARANTINE_CODES", "BAD_VOTES",
            "Judged", "ferplus_metrics", "judge", "read_votes", "to_our_order",
-           "vote_distribution", "votes_by_class", "votes_of"]
+           "vote_distribution", "vote_majority", "votes_by_class"]
 
 FERPLUS_MODES = ("majority", "probability", "crossentropy")
 FERPLUS_CLASS_COUNTS = (len(CLASS_NAMES), len(CLASS_NAMES_FERPLUS))
@@ -169,33 +169,23 @@ def read_votes(votes_path: str, csv_path: str, usage_column: Optional[int],
 # ---------------------------------------------------------------------------------------
 # Evaluation against the votes (components/evaluator/)
 
-def votes_of(serialized: list[bytes]) -> Optional[np.ndarray]:
-    """int64 [n, 10] votes of serialized raw examples (FERPLUS_VOTE_ORDER), or None when
-    they carry none (a run without FER+)."""
-    import tensorflow as tf   # only the evaluator calls this; ingest's driver never needs TF
-
-    from fer_pipeline.core.contract import FEATURE_FERPLUS_VOTES
-
-    width = len(FERPLUS_VOTE_ORDER)
-    spec = {FEATURE_FERPLUS_VOTES: tf.io.FixedLenFeature([width], tf.int64,
-                                                         default_value=[-1] * width)}
-    parts = [tf.io.parse_example(serialized[i:i + 4096], spec)[FEATURE_FERPLUS_VOTES].numpy()
-             for i in range(0, len(serialized), 4096)]
-    votes = np.concatenate(parts) if parts else np.zeros((0, width), np.int64)
-    return None if len(votes) == 0 or (votes < 0).any() else votes
-
-
 def ferplus_metrics(votes: np.ndarray, probs: np.ndarray) -> dict[str, float | int]:
     """A model's answers against the crowd: accuracy against FER+'s majority (over the
     model's classes, the first in our order on a tie, as ingest chose it) and the mean
     cross-entropy of its probabilities against the vote distribution."""
     width = probs.shape[1]
     distribution = vote_distribution(votes, width)
-    majority = votes[:, :width].argmax(axis=1)
+    majority = vote_majority(votes, width)
     picked = np.clip(probs, 1e-7, 1.0)
     return {"examples": int(len(votes)), "classes": int(width),
             "accuracy_majority": float((probs.argmax(axis=1) == majority).mean()),
             "cross_entropy": float(-(distribution * np.log(picked)).sum(axis=1).mean())}
+
+
+def vote_majority(votes: np.ndarray, width: int) -> np.ndarray:
+    """FER+'s majority of [n, 10] votes over the first `width` classes (the first in our
+    order on a tie, as ingest chose it)."""
+    return votes[:, :width].argmax(axis=1)
 
 
 def votes_by_class(votes: np.ndarray) -> dict[str, int]:

@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from fer_pipeline.core.ensemble import combine_batch
-from fer_pipeline.core.ferplus_votes import votes_by_class
+from fer_pipeline.core.ferplus_votes import vote_majority, votes_by_class
 
 __all__ = ["with_votes", "ensemble_ferplus"]
 
@@ -28,6 +28,6 @@ def ensemble_ferplus(votes: np.ndarray, probs_by_model: Mapping[str, np.ndarray]
     rule that picks one model's answer per face)."""
     class_ids, _, _ = combine_batch(probs_by_model, tolerance)
     width = next(iter(probs_by_model.values())).shape[1]
-    majority = votes[:, :width].argmax(axis=1)
+    majority = vote_majority(votes, width)
     return {"examples": int(len(votes)),
             "accuracy_majority": float((class_ids == majority).mean())}

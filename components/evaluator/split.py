@@ -8,10 +8,9 @@ from typing import Optional
 import numpy as np
 
 from fer_pipeline.core import fileio
-from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_LABEL, FEATURE_PIXELS,
-    FEATURE_ROW, IMAGE_SIZE, NUM_CLASSES)
+from fer_pipeline.core.contract import (EXAMPLES_PATTERN, FEATURE_FERPLUS_VOTES, FEATURE_LABEL,
+    FEATURE_PIXELS, FEATURE_ROW, FERPLUS_VOTE_ORDER, IMAGE_SIZE, NUM_CLASSES)
 from fer_pipeline.core.errors import InputDataError, MissingInputError
-from fer_pipeline.core.ferplus_votes import votes_of
 
 __all__ = ["TEST_SPLIT", "TestSplit", "load_test_split"]
 
@@ -50,17 +49,22 @@ def load_test_split(examples_dir: str) -> TestSplit:
         raise InputDataError(f"the test split under {examples_dir}/{TEST_SPLIT} is empty")
     spec = {FEATURE_LABEL: tf.io.FixedLenFeature([], tf.int64),
             FEATURE_ROW: tf.io.FixedLenFeature([], tf.int64, default_value=0),
-            FEATURE_PIXELS: tf.io.FixedLenFeature([], tf.string)}
-    labels, rows, pixels = [], [], []
+            FEATURE_PIXELS: tf.io.FixedLenFeature([], tf.string),
+            # -1s where an example has no FER+ votes (a run without them).
+            FEATURE_FERPLUS_VOTES: tf.io.FixedLenFeature(
+                [len(FERPLUS_VOTE_ORDER)], tf.int64, default_value=[-1] * len(FERPLUS_VOTE_ORDER))}
+    labels, rows, pixels, votes = [], [], [], []
     for start in range(0, len(serialized), 4096):
         parsed = tf.io.parse_example(serialized[start:start + 4096], spec)
         labels.append(parsed[FEATURE_LABEL].numpy())
         rows.append(parsed[FEATURE_ROW].numpy())
         pixels.append(np.stack([np.frombuffer(raw, np.uint8) for raw in
                                 parsed[FEATURE_PIXELS].numpy()]))
+        votes.append(parsed[FEATURE_FERPLUS_VOTES].numpy())
     label_array = np.concatenate(labels).astype(np.int64)
     if label_array.min() < 0 or label_array.max() >= NUM_CLASSES:
         raise InputDataError(f"test labels outside 0..{NUM_CLASSES - 1} in {examples_dir}/test")
+    vote_array = np.concatenate(votes)
     return TestSplit(serialized, label_array, np.concatenate(rows).astype(np.int64),
                      np.concatenate(pixels).reshape(-1, IMAGE_SIZE, IMAGE_SIZE), files,
-                     votes_of(serialized))
+                     None if (vote_array < 0).any() else vote_array)
