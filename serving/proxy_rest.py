@@ -50,7 +50,6 @@ class ProxyRestServer(BoundedHTTPServer):
                          config.max_request_bytes, **options)
         self.proxy = proxy
         self.upstream = config.upstream_rest
-        self.max_request_bytes = config.max_request_bytes
         self.timeout_s = config.timeout_s
         self.health = UpstreamHealth("REST", self.upstream) if self.upstream else None
         self.records = RestRecords(self.upstream, config.timeout_s) if self.upstream else None
@@ -78,22 +77,14 @@ class ProxyRestHandler(PooledHandlerMixin, BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib's signature
         log.debug("%s " + format, self.address_string(), *args)
 
-    def _send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self._headers_buffer.extend((b"\r\n", body))   # one write, as serving/rest.py
-        self.flush_headers()
-
     def _error(self, status: int, message: str) -> None:
-        self._send(status, json.dumps({"error": message}).encode(),
+        self.send_whole(status, json.dumps({"error": message}).encode(),
                    {"Content-Type": "application/json"})
 
     def do_GET(self) -> None:
         if self.path.split("?", 1)[0] == METRICS_PATH:
             text = "\n".join(self.server.proxy.prometheus_lines()) + "\n"
-            self._send(200, text.encode(), {"Content-Type": "text/plain; version=0.0.4"})
+            self.send_whole(200, text.encode(), {"Content-Type": "text/plain; version=0.0.4"})
             return
         self._forward(None)
 
@@ -121,7 +112,7 @@ class ProxyRestHandler(PooledHandlerMixin, BaseHTTPRequestHandler):
             return
         server.health.up()
         passed[REQUEST_ID_HEADER] = rid
-        self._send(status, reply, passed)
+        self.send_whole(status, reply, passed)
         # After the answer went out, as fer-serve: logging adds nothing to the latency.
         if status == 200 and self.command == "POST" and body is not None:
             match = _PREDICT.match(self.path.split("?", 1)[0])

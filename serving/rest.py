@@ -226,7 +226,6 @@ class RestServer(BoundedHTTPServer):
         super().__init__(address, RestHandler, limits or HttpLimits(), max_request_bytes,
                          **options)
         self.predictor = predictor
-        self.max_request_bytes = max_request_bytes
 
 
 def internal_error_id() -> str:
@@ -252,15 +251,7 @@ class RestHandler(PooledHandlerMixin, BaseHTTPRequestHandler):
 
     def _send_body(self, status: int, body: bytes, content_type: str,
                    headers: Optional[dict] = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        # Headers and body in one write: one system call instead of two, and the answer
-        # leaves whole (a client that hung up after the headers broke the second write).
-        self._headers_buffer.extend((b"\r\n", body))
-        self.flush_headers()
+        self.send_whole(status, body, {"Content-Type": content_type, **(headers or {})})
 
     def _error(self, status: int, message: str) -> None:
         self._send(status, {"error": message})
