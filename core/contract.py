@@ -50,6 +50,10 @@ FEATURE_AUGMENTATION = "augmentation"  # bytes, "original" or the augmentation a
 FERPLUS_COLUMNS: tuple[str, ...] = ("neutral", "happiness", "surprise", "sadness", "anger",
                                     "disgust", "fear", "contempt", "unknown", "NF")
 FERPLUS_VOTE_ORDER: tuple[str, ...] = CLASS_NAMES_FERPLUS + ("unknown", "not_face")
+# The vote file's column of each of our vote slots (FER+ spells four of them differently).
+FERPLUS_FILE_COLUMN: dict[str, str] = dict(zip(FERPLUS_VOTE_ORDER, (
+    "anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral", "contempt",
+    "unknown", "NF")))
 FEATURE_FERPLUS_VOTES = "ferplus_votes"        # int64 [10], FERPLUS_VOTE_ORDER
 FEATURE_FERPLUS_MAJORITY = "ferplus_majority"  # int64, index into CLASS_NAMES_FERPLUS
 FEATURE_FERPLUS_CLEAR = "ferplus_clear"        # int64, 1 when the majority holds > half the votes

@@ -22,7 +22,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from fer_pipeline.core.contract import (CLASS_NAMES, CLASS_NAMES_FERPLUS, FERPLUS_COLUMNS,
-                                        FERPLUS_VOTE_ORDER)
+                                        FERPLUS_FILE_COLUMN, FERPLUS_VOTE_ORDER)
 from fer_pipeline.core.errors import InputDataError
 
 __all__ = ["FERPLUS_MODES", "FERPLUS_CLASS_COUNTS", "QUARANTINE_CODES", "BAD_VOTES",
@@ -40,9 +40,7 @@ BAD_VOTES = "ferplus_bad_votes"
 QUARANTINE_CODES = (NOT_A_FACE, NO_VOTES)
 
 # Position of each of our vote slots in the file's vote columns.
-_FROM_FILE = [FERPLUS_COLUMNS.index(name) for name in
-              ("anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral",
-               "contempt", "unknown", "NF")]
+_FROM_FILE = [FERPLUS_COLUMNS.index(FERPLUS_FILE_COLUMN[slot]) for slot in FERPLUS_VOTE_ORDER]
 assert len(_FROM_FILE) == len(FERPLUS_VOTE_ORDER)
 _UNKNOWN, _NOT_FACE = FERPLUS_VOTE_ORDER.index("unknown"), FERPLUS_VOTE_ORDER.index("not_face")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fer_pipeline.core.contract import CLASS_NAMES, FERPLUS_COLUMNS
+from fer_pipeline.core.contract import CLASS_NAMES, FERPLUS_COLUMNS, FERPLUS_FILE_COLUMN
 
 __all__ = ["FERPLUS_HEADER", "generate_ferplus_votes"]
 
@@ -24,9 +24,6 @@ VOTES_PER_FACE = 10
 # The class a face of each class is most often mistaken for (FER+'s confusion pattern).
 _NEIGHBOUR = {"angry": "disgust", "disgust": "angry", "fear": "surprise", "happy": "neutral",
               "sad": "neutral", "surprise": "fear", "neutral": "sad"}
-# FER+'s column of each of our classes.
-_COLUMN = {"angry": "anger", "disgust": "disgust", "fear": "fear", "happy": "happiness",
-           "sad": "sadness", "surprise": "surprise", "neutral": "neutral"}
 
 
 def _probabilities(label: int, rng: np.random.Generator, contempt: bool,
@@ -39,8 +36,8 @@ def _probabilities(label: int, rng: np.random.Generator, contempt: bool,
         return p / p.sum()
     name = CLASS_NAMES[label]
     agree = rng.uniform(0.55, 0.95)    # how readable the face is to the crowd
-    p[FERPLUS_COLUMNS.index(_COLUMN[name])] += agree
-    p[FERPLUS_COLUMNS.index(_COLUMN[_NEIGHBOUR[name]])] += (1 - agree) * 0.7
+    p[FERPLUS_COLUMNS.index(FERPLUS_FILE_COLUMN[name])] += agree
+    p[FERPLUS_COLUMNS.index(FERPLUS_FILE_COLUMN[_NEIGHBOUR[name]])] += (1 - agree) * 0.7
     p[FERPLUS_COLUMNS.index("unknown")] += 0.02
     if contempt:
         p[FERPLUS_COLUMNS.index("contempt")] += agree + 0.2

@@ -14,23 +14,21 @@ import os
 import tempfile
 from typing import Sequence
 
-from fer_pipeline.core.contract import CLASS_NAMES_FERPLUS, FERPLUS_COLUMNS
+from fer_pipeline.core.contract import CLASS_NAMES_FERPLUS, FERPLUS_COLUMNS, FERPLUS_FILE_COLUMN
 
 __all__ = ["VOTES_HEADER", "VOTES_PER_ANSWER", "vote_rows", "write_csv_atomically"]
 
 VOTES_HEADER: tuple[str, ...] = ("Usage", "Image name") + FERPLUS_COLUMNS
 VOTES_PER_ANSWER = 10            # FER+ asked ten people about every face
-# Our class names -> the vote file's column names (FER+ spells four of them differently).
-_FERPLUS_NAME = {"angry": "anger", "happy": "happiness", "sad": "sadness"}
 
 
 def vote_rows(labels: Sequence[int], usage: str) -> list[tuple]:
     """The vote file's rows (header first) for faces answered `labels` (0-7, our order)."""
     rows: list[tuple] = [VOTES_HEADER]
     for index, label in enumerate(labels):
-        name = CLASS_NAMES_FERPLUS[label]
         votes = [0] * len(FERPLUS_COLUMNS)
-        votes[FERPLUS_COLUMNS.index(_FERPLUS_NAME.get(name, name))] = VOTES_PER_ANSWER
+        column = FERPLUS_FILE_COLUMN[CLASS_NAMES_FERPLUS[label]]
+        votes[FERPLUS_COLUMNS.index(column)] = VOTES_PER_ANSWER
         rows.append((usage, f"reviewed{index + 1:07d}.png", *votes))
     return rows
 
