@@ -78,8 +78,7 @@ def make_dataset(file_pattern: str, batch_size: int, *, training: bool, seed: in
         # augmentation, so the first N records would not be representative.
         ds = ds.shuffle(max(shuffle_buffer, 1), seed=seed, reshuffle_each_iteration=False)
         ds = ds.take(max_examples)
-    parse = functools.partial(_parse_batch, targets=targets,
-                              with_distribution=targets.target != "label")
+    parse = functools.partial(_parse_batch, targets=targets)
     ds = ds.batch(PARSE_BATCH).map(parse, num_parallel_calls=tf.data.AUTOTUNE,
                                    deterministic=True)
     # Parsed float tensors are cached, so only the first epoch reads and parses files.
@@ -96,8 +95,9 @@ def make_dataset(file_pattern: str, batch_size: int, *, training: bool, seed: in
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _parse_batch(serialized: tf.Tensor, targets: Targets, with_distribution: bool
+def _parse_batch(serialized: tf.Tensor, targets: Targets
                  ) -> tuple[tf.Tensor, tf.Tensor] | tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
+    with_distribution = targets.target != "label"
     spec = dict(TRANSFORMED_FEATURE_SPEC)
     if with_distribution:
         spec[FEATURE_FERPLUS_TARGET] = tf.io.FixedLenFeature([targets.num_classes], tf.float32)
