@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import time
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
@@ -175,6 +176,45 @@ def read_model_server_config(path: str) -> list[ModelSpec]:
     except text_format.ParseError as error:
         raise ConfigError(f"{path}: not a text-format ModelServerConfig: {error}") from error
     return _from_proto(config)
+
+
+class ConfigFileWatcher:
+    """models.config as a polling reader sees it: parsed again only when the file changed,
+    and a bad edit keeps the last good specs (a server must not drop its models because
+    someone saved a half-written file).
+
+    `specs` is the last good parse. The first read has nothing to keep, so its OSError or
+    ValueError propagates.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.specs: Optional[list[ModelSpec]] = None
+        self._stamp: object = None
+        self._error = ""
+
+    def _current_stamp(self) -> object:
+        # fileio offers no mtime on an object store: there every poll reads the file again.
+        return (time.monotonic_ns() if fileio.is_uri(self.path)
+                else os.stat(self.path).st_mtime_ns)
+
+    def read(self) -> tuple[Optional[list[ModelSpec]], str]:
+        """(the new specs, "") when the file changed and parses; (None, a one-line error)
+        the first time a read fails that way (a poller logs each problem once, not every
+        poll); (None, "") otherwise."""
+        try:
+            stamp = self._current_stamp()
+            if stamp == self._stamp:
+                return None, ""
+            specs = read_model_server_config(self.path)
+        except (OSError, ValueError) as error:
+            if self.specs is None:
+                raise
+            line = " ".join(str(error).split())
+            new, self._error = line != self._error, line
+            return None, line if new else ""
+        self._stamp, self.specs, self._error = stamp, specs, ""
+        return specs, ""
 
 
 def container_config(specs: Iterable[ModelSpec], serving_root: str) -> list[ModelSpec]:

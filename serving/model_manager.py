@@ -28,7 +28,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from fer_pipeline.serving.input_contract import input_problem
 from fer_pipeline.serving.tensors import eager_tensor
-from fer_pipeline.core.serving_root import ModelSpec, RequestLogSpec, read_model_server_config
+from fer_pipeline.core.serving_root import ConfigFileWatcher, ModelSpec, RequestLogSpec
 from fer_pipeline.serving.warmup import replay_warmup
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,8 @@ class ModelManager:
         self._sync_lock = threading.Lock()     # one sync at a time
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._config_mtime: Optional[float] = None
-        self._specs: list[ModelSpec] = []
+        self._config = ConfigFileWatcher(config_path)
+        self._specs: list[ModelSpec] = []     # the file's, or a ReloadConfig's until it changes
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -225,15 +225,11 @@ class ModelManager:
 
     def _read_config(self) -> list[ModelSpec]:
         """Re-reads models.config when it changed; a broken file keeps the last good one."""
-        try:
-            mtime = os.stat(self.config_path).st_mtime_ns
-            if mtime != self._config_mtime:
-                self._specs = read_model_server_config(self.config_path)
-                self._config_mtime = mtime
-        except (OSError, ValueError) as error:
-            if self._config_mtime is None:
-                raise
+        specs, error = self._config.read()
+        if error:
             log.error("keeping the previous model config: %s", error)
+        if specs is not None:
+            self._specs = specs
         return self._specs
 
     def sync(self) -> None:

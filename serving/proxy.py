@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -42,10 +40,9 @@ import grpc
 from tensorflow_serving.apis import (classification_pb2, inference_pb2, predict_pb2,
                                      regression_pb2)
 
-from fer_pipeline.core import fileio
 from fer_pipeline.core.errors import ConfigError, ResourceError
-from fer_pipeline.core.serving_root import GRPC_PORT, REST_PORT, RequestLogSpec, \
-    read_model_server_config
+from fer_pipeline.core.serving_root import GRPC_PORT, REST_PORT, ConfigFileWatcher, \
+    RequestLogSpec
 from fer_pipeline.serving.request_log import RequestLogConfig, RequestLogger, request_id
 
 __all__ = ["ProxyConfig", "LoggingProxy", "add_proxy_arguments", "proxy_requested",
@@ -116,12 +113,14 @@ class LoggingConfigWatcher:
     def __init__(self, path: str, poll_seconds: float) -> None:
         self.path = path
         self.poll_seconds = poll_seconds
+        self._config = ConfigFileWatcher(path)
         self._specs: dict[str, RequestLogSpec] = {}
-        self._stamp: Any = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._reported = ""
-        self._read(initial=True)
+        try:
+            self._read()
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--model-config {self.path}: {error}") from None
 
     def spec_for(self, name: str) -> Optional[RequestLogSpec]:
         return self._specs.get(name)
@@ -129,24 +128,13 @@ class LoggingConfigWatcher:
     def models(self) -> list[str]:
         return sorted(self._specs)
 
-    def _read(self, initial: bool = False) -> None:
-        try:
-            stamp = (os.stat(self.path).st_mtime_ns if not fileio.is_uri(self.path)
-                     else time.monotonic())
-            if stamp == self._stamp:
-                return
-            specs = read_model_server_config(self.path)
-        except (OSError, ValueError) as error:
-            if initial:
-                raise ConfigError(f"--model-config {self.path}: {error}") from None
-            if str(error) != self._reported:
-                self._reported = str(error)
-                log.error("cannot re-read %s, keeping its last logging_config: %s",
-                          self.path, error)
-            return
-        self._stamp = stamp
-        self._specs = {spec.name: spec.request_log for spec in specs if spec.request_log}
-        self._reported = ""
+    def _read(self) -> None:
+        specs, error = self._config.read()
+        if error:
+            log.error("cannot re-read %s, keeping its last logging_config: %s", self.path,
+                      error)
+        if specs is not None:
+            self._specs = {spec.name: spec.request_log for spec in specs if spec.request_log}
 
     def start(self) -> None:
         def loop() -> None:

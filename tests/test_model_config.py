@@ -7,8 +7,9 @@ import pytest
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from fer_pipeline.core.serving_root import (ModelSpec, container_config, docker_command,
-                                  read_model_server_config, write_model_server_config)
+from fer_pipeline.core.serving_root import (ConfigFileWatcher, ModelSpec, container_config,
+                                  docker_command, read_model_server_config,
+                                  write_model_server_config)
 
 
 def test_round_trip_all_policies(tmp_path):
@@ -51,6 +52,38 @@ def test_bad_file_and_bad_spec_are_rejected(tmp_path):
         ModelSpec("m", "/x", "newest")
     with pytest.raises(ValueError, match="needs versions"):
         ModelSpec("m", "/x", "specific")
+
+
+def test_config_watcher_rereads_on_change_and_keeps_the_last_good_specs(tmp_path):
+    path = str(tmp_path / "models.config")
+    with pytest.raises(OSError):                       # nothing to keep yet: the error stands
+        ConfigFileWatcher(path).read()
+    good = [ModelSpec("cnn", "/m/cnn")]
+    write_model_server_config(path, good)
+    watcher = ConfigFileWatcher(path)
+    assert watcher.read() == (good, "")
+    assert watcher.read() == (None, "")                # unchanged: not parsed again
+
+    def edit(text: str, mtime_ns: int) -> None:        # a distinct mtime without sleeping
+        with open(path, "w") as out:
+            out.write(text)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+    edit("model_config_list {\n  config { name: ", 10**18)
+    specs, error = watcher.read()
+    assert specs is None and "models.config" in error and "\n" not in error
+    assert watcher.specs == good
+    assert watcher.read() == (None, "")                # the same problem is reported once
+    newer = [ModelSpec("cnn", "/m/cnn"), ModelSpec("mlp", "/m/mlp", "all")]
+    write_model_server_config(path, newer)
+    os.utime(path, ns=(2 * 10**18, 2 * 10**18))
+    assert watcher.read() == (newer, "") and watcher.specs == newer
+    edit("garbage", 3 * 10**18)
+    assert watcher.read()[1]                           # a new failure is reported again
+
+    broken = ConfigFileWatcher(path)
+    with pytest.raises(ValueError, match="models.config"):
+        broken.read()
 
 
 def test_docker_command_mounts_the_serving_root(tmp_path, monkeypatch):
