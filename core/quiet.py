@@ -7,6 +7,19 @@ anything not listed (our warnings, real errors, a library's other messages) stil
 - TensorFlow's C++ INFO and WARNING lines (oneDNN notice, CUDA probing, CPU features,
   TF-TRT): `TF_CPP_MIN_LOG_LEVEL=2`, as a default a user's own setting overrides. C++
   errors still show.
+- The gRPC C core's INFO line for every connection whose TLS handshake fails ("Handshake
+  failed with error SSL_ERROR_SSL: ... WRONG_VERSION_NUMBER" for a plaintext client of
+  `fer-serve --ssl-config-file`, "... PEER_DID_NOT_RETURN_A_CERTIFICATE" for one without a
+  client certificate under client_verify): one line per refused connection, on the server,
+  from whoever knocks. The C core's log cannot be filtered per message, so
+  `GRPC_VERBOSITY=ERROR` (a default a user's own setting overrides, as for TensorFlow):
+  the C core's INFO and WARNING lines go, its ERROR lines (a certificate it cannot load, a
+  port it cannot create) still show. The refused client is the one told why (fer-client
+  says the server expects TLS or a client certificate); the server writes no line per
+  refusal at its default log level, as its REST port logs a failed handshake only at
+  `--log-level DEBUG`. `GRPC_VERBOSITY=INFO fer-serve ...` shows gRPC's lines again.
+  gRPC reads the variable once, at `import grpc`, so install() must run before that
+  (every entry point calls it first; none of our modules imported before it imports grpc).
 - "Unable to register cuFFT/cuDNN/cuBLAS factory: Attempting to register factory for
   plugin ... when one has already been registered": printed at ERROR level by XLA while
   `import tensorflow` runs, on every machine, GPU or not (TensorFlow 2.16 registers the
@@ -87,6 +100,9 @@ def install() -> None:
         return
     _installed = True
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The C core's per-connection TLS handshake failures are INFO lines (see above); read at
+    # `import grpc`, and inherited by Beam workers and our other child processes.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     warnings.filterwarnings(
         "ignore", message=r"You are using a Python version \S+ which Google will stop "
                           r"supporting in new releases of",

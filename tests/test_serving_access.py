@@ -3,14 +3,16 @@
 TLS from TF Serving's SSLConfig on both ports with a CA made at test time
 (tests/tls_fixtures.py): a TLS client is served, a plaintext one fails with a line that says
 why, and with client_verify a client without a certificate of the server's CA is refused
-on gRPC and REST. HandleReloadConfigRequest: only under the allowed roots, nothing created
-when refused, and switched off with --no-reload-config. Real servers on 127.0.0.1.
+on gRPC and REST, leaving no line of gRPC's in fer-serve's output. HandleReloadConfigRequest:
+only under the allowed roots, nothing created when refused, and switched off with
+--no-reload-config. Real servers on 127.0.0.1.
 """
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import re
 import ssl
 
 import grpc
@@ -28,7 +30,8 @@ from fer_pipeline.serving.client_cli import main as client_main
 from fer_pipeline.serving.reload_policy import ReloadPolicy
 from fer_pipeline.serving.server import FerServer, ServerConfig, parse_args
 from fer_pipeline.serving.tls import ClientTLS, parse_ssl_config
-from tests.serving_fixtures import push_version, random_images, save_tiny_model
+from tests.serving_fixtures import (push_version, random_images, save_tiny_model,
+                                    serve_in_subprocess)
 from tests.tls_fixtures import make_pki, ssl_config_text
 
 
@@ -149,6 +152,43 @@ def test_tls_without_client_verify_serves_any_tls_client(serving_root, pki):
         assert _rest_status(server.rest_port, tls.ssl_context()) == 200
     finally:
         server.stop()
+
+
+def test_refused_handshakes_leave_no_grpc_lines_in_fer_serve_output(serving_root, pki,
+                                                                     tmp_path, monkeypatch):
+    """fer-serve as its own process (its entry point, core/quiet.py's settings), with
+    client_verify: a plaintext client and one without a client certificate are refused, the
+    server's stderr holds none of the gRPC C core's per-connection handshake lines, and a
+    certified client is served afterwards. (tests/test_quiet.py shows gRPC prints them
+    without our setting.)"""
+    # conftest's quiet.install() set it in this process: the child must set it itself.
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+    ssl_config = tmp_path / "ssl.config"
+    ssl_config.write_text(ssl_config_text(pki, True))
+    with open(tmp_path / "server.log", "w+") as log:
+        process, grpc_port, rest_port = serve_in_subprocess(
+            serving_root, log, "--ssl-config-file", str(ssl_config))
+        try:
+            for credentials in (None, ClientTLS(str(pki.ca)).grpc_credentials()):
+                with pytest.raises(grpc.RpcError) as refused:
+                    _grpc_predict(grpc_port, credentials)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises((ConnectionError, http.client.HTTPException)):
+                _rest_status(rest_port)
+            certified = ClientTLS(str(pki.ca), str(pki.client_cert), str(pki.client_key))
+            assert _grpc_predict(grpc_port, certified.grpc_credentials()).model_spec.name \
+                == "cnn"
+            assert _rest_status(rest_port, certified.ssl_context()) == 200
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        log.seek(0)
+        err = log.read()
+    assert process.returncode == 0, err
+    assert "Handshake failed" not in err, err
+    # No line of the C core at all (absl's "I1206 18:20:44.677832 ... file.cc:123]" form).
+    assert not re.search(r"^[IWE]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]", err,
+                         re.MULTILINE), err
 
 
 def test_unusable_ssl_configs_are_one_line_errors(pki, tmp_path):
