@@ -101,8 +101,9 @@ EVALUATION_FILE = "evaluation.json"
 BLESSINGS_FILE = "blessings.json"
 REPORT_HTML = "report.html"
 PUSH_FILE = "push.json"
-# The model's probabilities on the test split (npz, one [n, 7] array per model), what
-# `fer-pipeline monitor` compares the served answers with.
+# The model's probabilities on the test split (npz, one [n, classes] array per model: 7
+# columns for FER-2013, 8 for FER+), what `fer-pipeline monitor` compares the served
+# answers with.
 TEST_PREDICTIONS_FILE = "test_predictions.npz"
 # `fer-pipeline monitor`'s outputs.
 MONITORING_FILE = "monitoring.json"
@@ -126,7 +127,7 @@ OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_CLASS_ID = "class_id"
 OUTPUT_CLASS_NAME = "class_name"
 OUTPUT_LOGITS = "logits"           # float32 [batch, classes], before temperature scaling
-OUTPUT_SALIENCY = "saliency"       # float32 [batch, 7, 48, 48], each map scaled to [0, 1]
+OUTPUT_SALIENCY = "saliency"       # float32 [batch, classes, 48, 48], each map scaled to [0, 1]
 
 # The human review queue (serving/review_queue.py): one SQLite file in a queue directory.
 REVIEW_QUEUE_FILE = "review_queue.sqlite3"
@@ -146,15 +147,19 @@ FEATURE_SOURCE = "source"          # bytes, "path:line" (CSV), "path" (image), "
 # The served signatures, declared as data: signature -> (what it is for, inputs, outputs),
 # each tensor (name, dtype, shape). The trainer's export builds these,
 # tests/test_export.py checks a real export against this table, and the documentation's
-# signature reference is generated from it.
+# signature reference is generated from it. CLASSES_DIM stands for the model's class count,
+# which the export reads off the model's width (class_names_for): 7 for FER-2013, 8 for FER+.
 PIXELS_SHAPE = f"[batch, {IMAGE_SIZE}, {IMAGE_SIZE}] or [batch, {NUM_PIXELS}]"
-_ANSWERS = ((OUTPUT_PROBABILITIES, "float32", f"[batch, {NUM_CLASSES}]"),
+CLASSES_DIM = "classes"
+_ANSWERS = ((OUTPUT_PROBABILITIES, "float32", f"[batch, {CLASSES_DIM}]"),
             (OUTPUT_CLASS_ID, "int64", "[batch]"),
             (OUTPUT_CLASS_NAME, "string", "[batch]"),
             # The calibrated probabilities above are softmax(logits / T) (core/calibration.py).
-            (OUTPUT_LOGITS, "float32", f"[batch, {NUM_CLASSES}]"))
+            (OUTPUT_LOGITS, "float32", f"[batch, {CLASSES_DIM}]"))
 SERVED_SIGNATURES: dict[str, tuple[str, tuple, tuple]] = {
-    SIGNATURE_DEFAULT: ("raw pixels 0-255; the transform graph runs inside",
+    SIGNATURE_DEFAULT: ("raw pixels 0-255; the transform graph runs inside. `classes` is the "
+                        "model's class count: 7 (FER-2013), or 8 for a FER+ model (contempt "
+                        "added)",
                         ((INPUT_PIXELS, "int32", PIXELS_SHAPE),), _ANSWERS),
     SIGNATURE_UINT8: ("the same with uint8 pixels: a quarter of the gRPC payload",
                       ((INPUT_PIXELS, "uint8", PIXELS_SHAPE),), _ANSWERS),
@@ -164,5 +169,5 @@ SERVED_SIGNATURES: dict[str, tuple[str, tuple, tuple]] = {
                         "each scaled to [0, 1]",
                         ((INPUT_PIXELS, "uint8", PIXELS_SHAPE),),
                         _ANSWERS + ((OUTPUT_SALIENCY, "float32",
-                                     f"[batch, {NUM_CLASSES}, {IMAGE_SIZE}, {IMAGE_SIZE}]"),)),
+                                     f"[batch, {CLASSES_DIM}, {IMAGE_SIZE}, {IMAGE_SIZE}]"),)),
 }

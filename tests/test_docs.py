@@ -136,6 +136,9 @@ def test_the_steps_and_signatures_references_show_the_declarations(site):
     assert [s.name for s in build_steps() if s.name not in steps] == []
     signatures = _text(site / "reference" / "signatures.html")
     assert [name for name in SERVED_SIGNATURES if name not in signatures] == []
+    # The class dimension is the model's: 7 classes for FER-2013, 8 (contempt) for FER+.
+    assert "probabilities float32 [batch, classes]" in signatures
+    assert "or 8 for a FER+ model" in signatures and "Desprecio" in signatures
 
 
 def test_the_readme_shows_no_flag_or_config_key_the_code_lacks():

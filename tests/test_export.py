@@ -135,7 +135,7 @@ def test_signatures_declare_the_contract(exported):
 def test_the_export_is_what_the_contract_declares(exported):
     """core/contract.SERVED_SIGNATURES (the documentation's signature reference is
     generated from it) names every signature, tensor and dtype of a real export."""
-    from fer_pipeline.core.contract import SERVED_SIGNATURES
+    from fer_pipeline.core.contract import CLASSES_DIM, SERVED_SIGNATURES
 
     loaded = tf.saved_model.load(exported[0])
     assert set(loaded.signatures) == set(SERVED_SIGNATURES)
@@ -147,8 +147,9 @@ def test_the_export_is_what_the_contract_declares(exported):
         answered = signature.structured_outputs
         assert {k: v.dtype.name for k, v in answered.items()} == {
             tensor: dtype for tensor, dtype, _ in outputs}, name
-        for tensor, _, shape in outputs:   # "[batch, 7]": the rank and the fixed dimensions
-            dims = [None if d == "batch" else int(d) for d in shape.strip("[]").split(", ")]
+        for tensor, _, shape in outputs:   # "[batch, classes]": rank and fixed dimensions
+            fixed = {"batch": None, CLASSES_DIM: NUM_CLASSES}   # this export's 7 classes
+            dims = [fixed[d] if d in fixed else int(d) for d in shape.strip("[]").split(", ")]
             assert answered[tensor].shape.as_list() == dims, (name, tensor)
 
 @pytest.mark.parametrize("signature,dtype", [("serving_default", tf.int32),

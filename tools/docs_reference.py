@@ -347,7 +347,8 @@ def dag_page() -> str:
 # --------------------------------------------------------------------------- signatures
 
 def signatures_page() -> str:
-    from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_ES, SERVED_SIGNATURES
+    from fer_pipeline.core.contract import (CLASS_NAMES, CLASS_NAMES_FERPLUS,
+                                            CLASS_NAMES_FERPLUS_ES, SERVED_SIGNATURES)
 
     lines = ["# Served signatures reference", "",
              "Generated at build time from `core/contract.py` (`SERVED_SIGNATURES`), the "
@@ -365,10 +366,12 @@ def signatures_page() -> str:
               "values before the softmax, and `class_id` is the top class of either "
               "([calibrated confidences](../concepts/calibration.md))."]
     lines += ["", "`class_id` indexes these classes (`class_name` is the English name; the "
-              "review page shows both):", "", "| class_id | class_name | Spanish |",
-              "|---|---|---|"]
+              "review page shows both). A FER-2013 model has the first "
+              f"{len(CLASS_NAMES)} (`classes` = {len(CLASS_NAMES)} above); a FER+ model has "
+              f"all {len(CLASS_NAMES_FERPLUS)} (`classes` = {len(CLASS_NAMES_FERPLUS)}):", "",
+              "| class_id | class_name | Spanish |", "|---|---|---|"]
     lines += [f"| {i} | {en} | {es} |" for i, (en, es) in
-              enumerate(zip(CLASS_NAMES, CLASS_NAMES_ES))]
+              enumerate(zip(CLASS_NAMES_FERPLUS, CLASS_NAMES_FERPLUS_ES))]
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,8 @@ BATCH_SIZE = 256
 
 
 def predict_probabilities(saved_model_dir: str, serialized: list[bytes]) -> np.ndarray:
-    """Runs a SavedModel's `serving_examples` signature in batches; returns [n, 7] floats."""
+    """Runs a SavedModel's `serving_examples` signature in batches; returns [n, classes]
+    floats (7 columns for FER-2013, 8 for FER+)."""
     return predict_outputs(saved_model_dir, serialized)[0]
 
 
@@ -48,7 +49,7 @@ def predict_outputs(saved_model_dir: str, serialized: list[bytes]
 
 
 def write_test_predictions(path: str, probs_by_model: Mapping[str, np.ndarray]) -> None:
-    """Every model's test-split probabilities, [n, 7] float32 per model in file order:
+    """Every model's test-split probabilities, [n, classes] float32 per model in file order:
     what `fer-pipeline monitor` compares the served answers (class mix, confidence, review
     rate) with, so it never re-runs a model to know what the evaluation saw."""
     buffer = io.BytesIO()
