@@ -382,6 +382,14 @@ def test_confidence_gaps_and_closest_calls_by_hand():
     assert [r["row_number"] for r in ensemble["review_examples"]] == [12]   # gap 0.02
     assert [c["row_number"] for c in ensemble["closest_calls"]] == [11, 13]  # by gap
     assert ensemble["agreement_rate"] == 0.25
+    assert "ferplus" not in ensemble
+    # FER+ votes whose majority is 0, 1, 5, 3: the ensemble's 0, 1, 2, 3 gets three of four.
+    votes = np.zeros((4, 10), np.int64)
+    votes[np.arange(4), [0, 1, 5, 3]] = 6
+    votes[:, 9] = 4
+    with_votes = ensemble_metrics(labels, {"a": a, "b": b}, tolerance=0.05,
+                                  ferplus_votes=votes)
+    assert with_votes["ferplus"] == {"examples": 4, "accuracy_majority": 0.75}
 
 
 def test_calibration_numbers_and_the_max_ece_gate(setup, tmp_path):

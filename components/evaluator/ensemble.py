@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from fer_pipeline.components.evaluator.ferplus import ensemble_ferplus
 from fer_pipeline.components.evaluator.metrics import confusion_matrix
 from fer_pipeline.components.evaluator.split import TestSplit
 from fer_pipeline.core.contract import CLASS_NAMES, CLASS_NAMES_FERPLUS, NUM_CLASSES
@@ -74,10 +75,12 @@ def _ensemble_face(i: int, labels: np.ndarray, rows: Optional[np.ndarray],
 def ensemble_metrics(labels: np.ndarray, probs_by_model: Mapping[str, np.ndarray],
                      tolerance: float, rows: Optional[np.ndarray] = None,
                      review_faces: int = REVIEW_FACES,
-                     closest_calls: int = CLOSEST_CALLS) -> dict[str, Any]:
+                     closest_calls: int = CLOSEST_CALLS,
+                     ferplus_votes: Optional[np.ndarray] = None) -> dict[str, Any]:
     """The ensemble as the product will run it: accuracy, agreement, review rate, accuracy
     when automatic, the first `review_faces` faces it sends to a person and the
-    `closest_calls` disagreements it decided alone with the smallest confidence gaps."""
+    `closest_calls` disagreements it decided alone with the smallest confidence gaps; with
+    the test split's `ferplus_votes`, its accuracy against their majority under "ferplus"."""
     class_ids, _, review = combine_batch(probs_by_model, tolerance)
     correct = class_ids == labels
     automatic = ~review
@@ -87,7 +90,8 @@ def ensemble_metrics(labels: np.ndarray, probs_by_model: Mapping[str, np.ndarray
     gaps = confidence_gaps(probs_by_model, class_ids)
     decided = np.flatnonzero(automatic & np.isfinite(gaps))
     closest = decided[np.argsort(gaps[decided], kind="stable")][:closest_calls]
-    return {
+    width = next(iter(probs_by_model.values())).shape[1]
+    metrics = {
         "models": list(probs_by_model),
         "tie_tolerance": tolerance,
         "accuracy": float(correct.mean()),
@@ -95,10 +99,12 @@ def ensemble_metrics(labels: np.ndarray, probs_by_model: Mapping[str, np.ndarray
         "human_review_rate": float(review.mean()),
         "reviewed": int(review.sum()),
         "accuracy_non_reviewed": float(correct[automatic].mean()) if automatic.any() else None,
-        "confusion_matrix": confusion_matrix(
-            labels, class_ids, next(iter(probs_by_model.values())).shape[1]).tolist(),
+        "confusion_matrix": confusion_matrix(labels, class_ids, width).tolist(),
         "review_examples": [_ensemble_face(i, labels, rows, class_ids, gaps, probs_by_model)
                             for i in reviewed[:review_faces]],
         "closest_calls": [_ensemble_face(i, labels, rows, class_ids, gaps, probs_by_model)
                           for i in closest],
     }
+    if ferplus_votes is not None:
+        metrics["ferplus"] = ensemble_ferplus(ferplus_votes, class_ids, width)
+    return metrics

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from fer_pipeline.components.evaluator.ensemble import confident_mistakes, ensemble_metrics
-from fer_pipeline.components.evaluator.ferplus import ensemble_ferplus, with_votes
+from fer_pipeline.components.evaluator.ferplus import with_votes
 from fer_pipeline.components.evaluator.gate import gate
 from fer_pipeline.components.evaluator.metrics import classification_metrics, majority_baseline
 from fer_pipeline.components.evaluator.predictions import (predict_outputs,
@@ -128,9 +128,8 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
         log.info("%s: accuracy %.4f, blessed=%s (%s)", name, metrics["accuracy"], blessed,
                  "; ".join(reasons))
 
-    ensemble = ensemble_metrics(labels, probs_by_model, config.tie_tolerance, split.rows)
-    if split.votes is not None:
-        ensemble["ferplus"] = ensemble_ferplus(split.votes, probs_by_model, config.tie_tolerance)
+    ensemble = ensemble_metrics(labels, probs_by_model, config.tie_tolerance, split.rows,
+                                ferplus_votes=split.votes)
     ensemble["calibration"] = ensemble_calibration(
         labels, {name: logits for name, (_, logits) in answers.items()}, probs_by_model,
         config.tie_tolerance)

@@ -2,11 +2,10 @@
 gallery's faces with their votes, and the ensemble's decisions against the FER+ majority."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from fer_pipeline.core.ensemble import combine_batch
 from fer_pipeline.core.ferplus_votes import vote_majority, votes_by_class
 
 __all__ = ["with_votes", "ensemble_ferplus"]
@@ -22,12 +21,9 @@ def with_votes(mistakes: dict[str, list[dict[str, Any]]], votes: Optional[np.nda
     return mistakes
 
 
-def ensemble_ferplus(votes: np.ndarray, probs_by_model: Mapping[str, np.ndarray],
-                     tolerance: float) -> dict[str, Any]:
-    """The ensemble's decisions against FER+'s majority (cross-entropy: not defined for a
-    rule that picks one model's answer per face)."""
-    class_ids, _, _ = combine_batch(probs_by_model, tolerance)
-    width = next(iter(probs_by_model.values())).shape[1]
+def ensemble_ferplus(votes: np.ndarray, class_ids: np.ndarray, width: int) -> dict[str, Any]:
+    """The ensemble's decisions (`class_ids`, of a `width`-class ensemble) against FER+'s
+    majority (cross-entropy: not defined for a rule that picks one model's answer per face)."""
     majority = vote_majority(votes, width)
     return {"examples": int(len(votes)),
             "accuracy_majority": float((class_ids == majority).mean())}
