@@ -17,6 +17,10 @@ measures, in one run:
   grpc.server, returning a fixed pre-serialized PredictResponse), whose server and client
   CPU per request, added to the in-process CPU per image at batch B, give the "transport
   ceiling": the most any server on this stack could reach with every core busy;
+* the bare Python batching server (benchmarks/bare_batching_server.py: Predict alone,
+  fill batching in one asyncio loop, no checks, logs or metrics) with the same clients:
+  about the most any request path written in Python reaches here, so fer-serve's own
+  per-request work is the gap between its row and this one;
 * the batching servers' mean rows per model call in each throughput window, read from
   fer-serve's GET /monitoring/prometheus/metrics.
 
@@ -316,9 +320,9 @@ class ServerProcess:
         line = self.process.stdout.readline()  # printed once models are loaded, ports bound
         match = re.search(r"gRPC on [^:]+:(\d+), REST on http://[^:]+:(\d+)", line)
         if match is None:
-            self.stop()
-            self.log.seek(0)
-            raise RuntimeError(f"fer-serve did not start: {line!r}\n{self.log.read()[-3000:]}")
+            self.stop()   # closes the log: read it back by name
+            raise RuntimeError(f"fer-serve did not start: {line!r}\n"
+                               f"{Path(log_path).read_text()[-3000:]}")
         self.grpc_port, self.rest_port = int(match.group(1)), int(match.group(2))
         self.start_s = time.perf_counter() - started
 
@@ -613,6 +617,31 @@ class EchoServer:
             self.process.terminate()
 
 
+class BareServer:
+    """benchmarks/bare_batching_server.py in a subprocess (gRPC only)."""
+
+    def __init__(self, model: dict[str, Any], max_batch_size: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "benchmarks" / "bare_batching_server.py"),
+             model["path"], "--max-batch-size", str(max_batch_size)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        line = self.process.stdout.readline()
+        match = re.search(r"gRPC on [^:]+:(\d+)", line)
+        if match is None:
+            self.process.kill()
+            raise RuntimeError(f"the bare server did not start: {line!r}\n"
+                               f"{self.process.stderr.read()[-3000:]}")
+        self.grpc_port = int(match.group(1))
+
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds_pid(self.process.pid)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
 def transport_ceiling(report: dict[str, Any], name: str, batch_key: str) -> dict[str, float]:
     """The most a server could reach if the model's compute (in-process CPU per image at
     batch B) and the bare transport (echo server + its clients, CPU per request) were the
@@ -709,7 +738,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "log_rates", "rounds",
             "latency_calls", "latency_windows", "throughput_windows", "throughput_window_s",
             "max_requests_per_client", "warmup_s")},
-        "models": models, "in_process": {}, "transport": {}, "servers": []}
+        "models": models, "in_process": {}, "transport": {}, "bare": {}, "servers": []}
     references = {}
     for model in models:
         print(f"in-process: {model['name']} v{model['version']}", flush=True)
@@ -724,6 +753,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["transport"][model["name"]] = concurrent_throughput(echo, model, "grpc", args)
         finally:
             echo.stop()
+        print(f"bare Python batching server: {model['name']}", flush=True)
+        bare = BareServer(model, args.max_batch_size)
+        try:
+            report["bare"][model["name"]] = concurrent_throughput(bare, model, "grpc", args)
+        finally:
+            bare.stop()
 
     with tempfile.TemporaryDirectory(prefix="serving-bench-") as tmp:
         for index, (label, extra, rate, round_) in enumerate(server_configs(args)):
@@ -901,6 +936,12 @@ def markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
                      f"{echo['images_per_s']:,.0f} | - | - | {echo['server_cores']:.2f} "
                      f"({echo['server_cpu_ms_per_image']:.2f}) + {echo['client_cores']:.2f} "
                      f"({echo['client_cpu_ms_per_image']:.2f}) | - |")
+        bare = report["bare"][name]
+        lines.append(f"| {title} | gRPC | bare Python batching server (no checks, logs or "
+                     f"metrics) | - | - | - | {bare['images_per_s']:,.0f} | "
+                     f"{bare['images_per_s'] / b1:.2f} | {bare['images_per_s'] / bb:.2f} | "
+                     f"{bare['server_cores']:.2f} ({bare['server_cpu_ms_per_image']:.2f}) + "
+                     f"{bare['client_cores']:.2f} | - |")
         for server in report["servers"]:
             for protocol in ("grpc", "rest"):
                 measured = server["models"][name][protocol]
