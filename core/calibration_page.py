@@ -3,8 +3,10 @@
 One block per model (and one for the ensemble rule): the temperature the model was exported
 with, the test split's ECE and NLL before (T = 1) and after temperature scaling, and two
 reliability diagrams drawn as inline SVG (no matplotlib, nothing fetched): per confidence
-bin a bar up to the bin's accuracy, a red band from there to the bin's mean confidence (the
-gap ECE weighs by the bin's share of faces) and the diagonal a calibrated model would follow.
+bin a bar up to the bin's accuracy, the gap between the bin's accuracy and its mean
+confidence in red (the gap ECE weighs by the bin's share of faces: a hatched band standing
+on the bar where the model is over-confident, the bar's own top boxed in red where it is
+under-confident, never a colour laid over the bar) and the diagonal a calibrated model would follow.
 Each bar carries its bin's numbers as data-* attributes and each diagram the bins it draws
 as inline JSON, so tests compare the picture with evaluation.json.
 """
@@ -28,12 +30,41 @@ def _y(value: float) -> float:
     return MARGIN / 2 + (1.0 - value) * SIZE
 
 
+BAR, GAP = "#1e63b5", "#c62828"
+GAP_TINT = "#f6d4d2"  # the pale red between an over-confident band's stripes
+
+
+def _hatch(pattern_id: str) -> str:
+    """Red diagonal hatching on pale red, opaque: it never lies over the bar."""
+    return (f'<pattern id="{esc(pattern_id)}" patternUnits="userSpaceOnUse" width="6" '
+            f'height="6" patternTransform="rotate(45)"><rect width="6" height="6" '
+            f'fill="{GAP_TINT}"/><rect width="2" height="6" fill="{GAP}"/></pattern>')
+
+
+def _gap_band(name: str, left: float, width: float, accuracy: float,
+              confidence: float) -> str:
+    """The gap between a bin's accuracy and its mean confidence, drawn so that no colour
+    is laid over the bar's blue (a semi-transparent red over it reads as purple).
+    Over-confident (accuracy < confidence): a hatched band standing on the bar, from the
+    accuracy up to the confidence. Under-confident (accuracy > confidence): the gap is the
+    bar's own top, from the confidence up to the accuracy, boxed by a red outline and left
+    blue inside, since hatching a band a few pixels tall over blue blurs into purple."""
+    over = accuracy < confidence
+    top, bottom = max(accuracy, confidence), min(accuracy, confidence)
+    look = (f'fill="url(#{esc(name)}-hatch)" stroke-width="1"' if over
+            else 'fill="none" stroke-width="2"')
+    # crispEdges: an anti-aliased red edge on the blue bar would blend into purple.
+    return (f'<rect class="gap" data-direction="{"over" if over else "under"}" '
+            f'x="{left:.2f}" y="{_y(top):.2f}" width="{width:.2f}" '
+            f'height="{(top - bottom) * SIZE:.2f}" {look} stroke="{GAP}" '
+            'shape-rendering="crispEdges"/>')
+
+
 def reliability_svg(name: str, title: str, bins: Sequence[Mapping[str, Any]]) -> str:
     """One reliability diagram: x = confidence, y = accuracy, one bar per non-empty bin."""
-    parts = [f'<rect x="{_x(0)}" y="{_y(1)}" width="{SIZE}" height="{SIZE}" fill="#fafafa" '
-             'stroke="#999"/>',
-             f'<line x1="{_x(0)}" y1="{_y(0)}" x2="{_x(1)}" y2="{_y(1)}" stroke="#555" '
-             'stroke-dasharray="4 3"/>']
+    parts = [f"<defs>{_hatch(f'{name}-hatch')}</defs>",
+             f'<rect x="{_x(0)}" y="{_y(1)}" width="{SIZE}" height="{SIZE}" fill="#fafafa" '
+             'stroke="#999"/>']
     for index, b in enumerate(bins):
         if not b["count"]:
             continue
@@ -43,13 +74,13 @@ def reliability_svg(name: str, title: str, bins: Sequence[Mapping[str, Any]]) ->
             f'<rect class="bar" data-bin="{index}" data-count="{b["count"]}" '
             f'data-accuracy="{accuracy!r}" data-confidence="{confidence!r}" '
             f'x="{left:.2f}" y="{_y(accuracy):.2f}" width="{width:.2f}" '
-            f'height="{accuracy * SIZE:.2f}" fill="#1e63b5" stroke="#fff">'
+            f'height="{accuracy * SIZE:.2f}" fill="{BAR}" stroke="#fff">'
             f'<title>{b["lower"]:.2f}-{b["upper"]:.2f}: {b["count"]} faces, accuracy '
             f'{accuracy:.3f}, mean confidence {confidence:.3f}</title></rect>')
-        top, bottom = max(accuracy, confidence), min(accuracy, confidence)
-        parts.append(f'<rect class="gap" x="{left:.2f}" y="{_y(top):.2f}" width="{width:.2f}" '
-                     f'height="{(top - bottom) * SIZE:.2f}" fill="#c62828" '
-                     'fill-opacity="0.35"/>')
+        parts.append(_gap_band(name, left, width, accuracy, confidence))
+    # The diagonal last, so neither bars nor bands hide it.
+    parts.append(f'<line x1="{_x(0)}" y1="{_y(0)}" x2="{_x(1)}" y2="{_y(1)}" stroke="#555" '
+                 'stroke-dasharray="4 3"/>')
     for tick in (0.0, 0.5, 1.0):
         parts.append(f'<text x="{_x(tick)}" y="{_y(0) + 14}" font-size="10" '
                      f'text-anchor="middle">{tick:g}</text>')
@@ -88,8 +119,9 @@ def calibration_block(name: str, calibration: Optional[Mapping[str, Any]], path:
     bins = calibration.get("bins_count", len(calibration["after"]["bins"]))
     return (f"<div>{temperature}{stats}</div>"
             f'<p class="muted">Expected calibration error over {bins} equal-width confidence '
-            "bins of the test split: bars are each bin's accuracy, red bands the gap to its "
-            "mean confidence, the dashed diagonal a perfectly calibrated model.</p>"
+            "bins of the test split: bars are each bin's accuracy, red the gap to its mean "
+            "confidence (a hatched band above the bar: over-confident; the bar's top boxed "
+            "in red: under-confident), the dashed diagonal a perfectly calibrated model.</p>"
             '<div class="row">'
             + reliability_svg(f"reliability-{name}-before",
                               f"{name}: before temperature scaling (T = 1)",

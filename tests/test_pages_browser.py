@@ -194,9 +194,11 @@ def test_report_in_a_real_browser(report_run, tmp_path):
 def check_reliability_diagrams(page, evaluation: dict, charts: dict) -> None:
     """Per model and for the ensemble, before and after temperature scaling: an inline SVG
     whose bars are the non-empty bins of evaluation.json (count, accuracy, confidence),
-    drawn (a real box on the page) and as tall as the bin's accuracy."""
+    drawn (a real box on the page) and as tall as the bin's accuracy, each with its gap band
+    (check_gap_bands)."""
     blocks = {**{name: model["calibration"] for name, model in evaluation["models"].items()},
               "ensemble": evaluation["ensemble"]["calibration"]}
+    seen: set[str] = set()
     for name, calibration in blocks.items():
         for when in ("before", "after"):
             chart = f"reliability-{name}-{when}"
@@ -216,6 +218,87 @@ def check_reliability_diagrams(page, evaluation: dict, charts: dict) -> None:
             box = page.eval_on_selector(f'svg[data-reliability="{chart}"]',
                                         "e => e.getBoundingClientRect().width")
             assert box > 100
+            seen.update(check_gap_bands(page, chart, [b for _, b in filled]))
+    # The fixture's models are over-confident in some bins and under-confident in others.
+    assert seen == {"over", "under"}
+
+
+BAR_BLUE, GAP_RED = (30, 99, 181), (198, 40, 40)
+# What the old 35 %-opaque red band over the blue bar looked like: the colour mix to avoid.
+MIXED = tuple(round(0.65 * b + 0.35 * r) for b, r in zip(BAR_BLUE, GAP_RED))
+
+
+def check_gap_bands(page, chart: str, bins: list[dict],
+                    sampled: set[str] | None = None) -> set[str]:
+    """Each bin's gap band spans its accuracy and mean confidence (220 px = 1.0), as wide
+    as its bar; an over-confident band stands on the bar without covering any of it, an
+    under-confident one is the bar's top. On the screen: an over-confident band is red
+    hatching with no blue in it; an under-confident one a red box around the bar's top,
+    blue inside; never the blend a semi-transparent red over blue makes. Returns the
+    directions seen; adds to `sampled` those whose pixels were checked."""
+    sampled = set() if sampled is None else sampled
+    geometry = ("els => els.map(e => { const b = e.getBBox(); return {x: b.x, y: b.y, "
+                "width: b.width, height: b.height, direction: e.dataset.direction}; })")
+    svg = f'svg[data-reliability="{chart}"]'
+    bars = page.eval_on_selector_all(f"{svg} rect.bar", geometry)
+    gaps = page.eval_on_selector_all(f"{svg} rect.gap", geometry)
+    assert len(gaps) == len(bars) == len(bins)
+    from PIL import Image
+    import io
+
+    pixels = np.asarray(Image.open(io.BytesIO(page.locator(svg).screenshot())).convert("RGB"))
+    directions = set()
+    for bar, gap, b in zip(bars, gaps, bins):
+        accuracy, confidence = b["accuracy"], b["confidence"]
+        assert (gap["x"], gap["width"]) == (pytest.approx(bar["x"], abs=0.01),
+                                            pytest.approx(bar["width"], abs=0.01))
+        assert gap["height"] == pytest.approx(abs(accuracy - confidence) * 220, abs=0.02)
+        bar_bottom = bar["y"] + bar["height"]
+        if accuracy < confidence:       # over-confident: on top of the bar, not over it
+            assert gap["direction"] == "over"
+            assert gap["y"] + gap["height"] == pytest.approx(bar["y"], abs=0.02)
+        else:                           # under-confident: the bar's own top
+            assert gap["direction"] == "under"
+            assert gap["y"] == pytest.approx(bar["y"], abs=0.02)
+            assert gap["y"] + gap["height"] <= bar_bottom + 0.02
+        directions.add(gap["direction"])
+        # What a person sees inside the band (its 1 px border and the bars' white edges
+        # left out); bands under 12 px tall have too small an inside to sample.
+        if gap["height"] < 12:
+            continue
+        sampled.add(gap["direction"])
+        top, bottom = int(gap["y"]), int(gap["y"] + gap["height"])
+        columns = slice(int(gap["x"]) + 3, int(gap["x"] + gap["width"]) - 2)
+        share = {name: colour_pixels(pixels[top + 3:bottom - 2, columns], rgb, tolerance=30)
+                 / pixels[top + 3:bottom - 2, columns, 0].size
+                 for name, rgb in (("blue", BAR_BLUE), ("red", GAP_RED), ("mixed", MIXED))}
+        assert share["mixed"] == 0, (chart, b, share)
+        if gap["direction"] == "over":
+            assert share["red"] > 0.1 and share["blue"] == 0, (chart, b, share)
+        else:
+            assert share["blue"] > 0.9, (chart, b, share)
+            for edge in (pixels[top:top + 1, columns], pixels[bottom - 1:bottom + 1, columns]):
+                assert colour_pixels(edge, GAP_RED, tolerance=30) >= edge[..., 0].size / 2
+    return directions
+
+
+def test_reliability_gap_bands_read_without_mixing(tmp_path):
+    """The report's fixture models are confident (their gaps are a few px), so the diagram
+    is also drawn from bins with large gaps both ways and checked pixel by pixel."""
+    from fer_pipeline.core.calibration_page import reliability_svg
+
+    rows = [(5, 0.40, 0.15), (8, 0.10, 0.26), (10, 0.60, 0.35), (12, 0.30, 0.45),
+            (20, 0.70, 0.55), (30, 0.50, 0.65), (40, 0.90, 0.75), (50, 0.70, 0.85)]
+    bins = [{"lower": i / 10, "upper": (i + 1) / 10, "count": n, "accuracy": accuracy,
+             "confidence": confidence} for i, (n, accuracy, confidence) in enumerate(rows, 1)]
+    page_path = tmp_path / "reliability.html"
+    page_path.write_text("<!doctype html><body>" + reliability_svg("wide", "wide gaps", bins)
+                         + "</body>")
+    with browser.open_page(page_path) as opened:
+        assert opened.console_errors == []
+        sampled: set[str] = set()
+        assert check_gap_bands(opened.page, "wide", bins, sampled) == {"over", "under"}
+    assert sampled == {"over", "under"}
 
 
 def test_report_checks_catch_a_changed_number_and_an_empty_plot(report_run, tmp_path):
