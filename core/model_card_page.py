@@ -143,11 +143,30 @@ def _verdicts(card: Mapping[str, Any], report_href: str) -> str:
             + link + "</section>")
 
 
+# Infra measurements the card keeps in raw units that a person reads better scaled:
+# key -> (label on the page, divisor, unit). The JSON keeps the raw number.
+SCALED_INFRA = {"server_rss_bytes": ("server memory (resident, RSS)", 2**20, "MiB")}
+
+
 def _infra_table(card: Mapping[str, Any]) -> str:
-    rows = [[esc(m["type"][len("infra: "):]), _shown(card, m["type"])]
+    rows = [_infra_row(card, m["type"])
             for m in card["quantitative_analysis"]["performance_metrics"]
             if m["type"].startswith("infra: ")]
     return table(["measured in the sandboxed server", "value"], rows, raw=True) if rows else ""
+
+
+def _infra_row(card: Mapping[str, Any], type_: str) -> list[str]:
+    key = type_[len("infra: "):]
+    if key not in SCALED_INFRA:
+        return [esc(key), _shown(card, type_)]
+    label, divisor, unit = SCALED_INFRA[key]
+    index = metric_index(dict(card), type_, None)
+    value = float(card["quantitative_analysis"]["performance_metrics"][index]["value"])
+    # data-divisor and data-unit let a test read the raw number back from what is shown.
+    return [esc(label),
+            f'<span data-path="{METRICS_PATH}/{index}/value" data-digits="0" '
+            f'data-divisor="{divisor}" data-unit="{unit}">'
+            f"{value / divisor:,.0f} {unit}</span>"]
 
 
 def _uses(considerations: Mapping[str, Any]) -> str:

@@ -96,6 +96,7 @@ def shown_numbers(page) -> list[dict]:
     return page.eval_on_selector_all(
         "[data-path]", "els => els.map(e => ({path: e.dataset.path, text: e.textContent,"
                        " digits: e.dataset.digits, scale: e.dataset.scale,"
+                       " divisor: e.dataset.divisor || null, unit: e.dataset.unit || null,"
                        " missing: e.dataset.missing || null,"
                        " visible: !!(e.offsetWidth || e.offsetHeight)}))")
 

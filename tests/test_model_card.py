@@ -98,12 +98,24 @@ def test_the_card_page_shows_the_card_in_a_real_browser(cards, tmp_path):
             value = card
             for key in shown["path"].split("/"):
                 value = value[int(key)] if isinstance(value, list) else value[key]
+            if shown["unit"]:       # a raw measurement shown scaled (bytes as MiB)
+                assert shown["text"] == (f"{float(value) / float(shown['divisor']):,.0f} "
+                                         f"{shown['unit']}"), shown
+                continue
             assert shown["text"] == f"{float(value):.{int(shown['digits'])}f}", shown
         assert browser.chart_data(page)["confusion"] == {"matrix": confusion_matrix(card)}
         for section in ("verdict", "intended-use", "out-of-scope", "data", "performance",
                         "provenance", "hyperparameters", "lineage", "limitations"):
             assert page.inner_text(f"#{section}").strip(), section
         assert page.inner_text("#performance").count("\n") >= len(CLASS_NAMES)
+        # The server's resident memory reads in MiB; the card keeps the raw bytes.
+        rss = _metric(card, "infra: server_rss_bytes")
+        assert rss > 2**20 and rss == int(rss)
+        [memory] = [n for n in numbers if n["unit"]]
+        assert memory["text"] == f"{rss / 2**20:,.0f} MiB" and memory["visible"]
+        verdict = page.inner_text("#verdict")
+        assert "server memory (resident, RSS)" in verdict
+        assert str(int(rss)) not in verdict and f"{int(rss):,}" not in verdict
         report = page.get_attribute("#report-link", "href")
     assert (cards["cnn"]["html"].parent / report).resolve().name == REPORT_HTML
     assert (cards["cnn"]["html"].parent / report).exists()
