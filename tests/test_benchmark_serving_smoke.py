@@ -52,6 +52,9 @@ def test_serving_benchmark_quick(tmp_path):
     echo = report["transport"]["cnn"]
     assert echo["images_per_s"] > 0 and echo["errors"] == 0
     assert echo["server_cpu_ms_per_image"] > 0 and echo["client_cpu_ms_per_image"] > 0
+    bare = report["bare"]["cnn"]   # benchmarks/bare_batching_server.py, same clients
+    assert bare["images_per_s"] > 0 and bare["errors"] == 0 and bare["server_cores"] > 0
+    assert "| cnn (v3) | gRPC | bare Python batching server" in report["markdown"]
     assert {t["model"] for t in report["targets"]} == {"cnn"}
     ceiling = [t["transport_ceiling"] for t in report["targets"] if "transport_ceiling" in t]
     assert len(ceiling) == 1 and ceiling[0]["images_per_s"] > 0
