@@ -46,13 +46,9 @@ def fingerprint(path: str | os.PathLike) -> str:
         files = [(os.path.basename(path.rstrip("/")), path)]
     for name, file_path in files:
         digest.update(name.encode() + b"\0")
-        if fileio.is_uri(file_path):
-            # One GET per object: object stores make every ranged read a request.
-            digest.update(fileio.read_bytes(file_path))
-            continue
-        with open(file_path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        # In chunks (memory stays bounded on multi-GB shards); one GET per s3:// object.
+        for chunk in fileio.iter_chunks(file_path):
+            digest.update(chunk)
     return "sha256:" + digest.hexdigest()
 
 

@@ -17,7 +17,7 @@ use the fixture skip with one line saying how to get it.
 Use: the session fixture `s3` (registered in tests/conftest.py) yields an `S3Server`:
 `s3.uri("run")` -> "s3://<bucket>/<unique>/run", `s3.beam_args` for Beam's S3 filesystem,
 `s3.env` for TensorFlow's (already set in this process while the fixture lives; pass it
-to subprocesses).
+to subprocesses), `s3.log_path` to count the requests the server answered.
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ class S3Server:
     env: dict[str, str] = field(default_factory=dict)       # TensorFlow's S3 settings
     beam_args: list[str] = field(default_factory=list)      # Beam's S3 settings
     process: subprocess.Popen | None = None
+    log_path: Path | None = None       # the server's log: one line per request
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
 
     def uri(self, *parts: str) -> str:
@@ -127,7 +128,8 @@ def start_server(log_dir: Path) -> S3Server:
             continue
         _create_bucket(endpoint, BUCKET)
         return S3Server(endpoint=endpoint, bucket=BUCKET, env=tensorflow_env(endpoint),
-                        beam_args=beam_s3_args(endpoint), process=process)
+                        beam_args=beam_s3_args(endpoint), process=process,
+                        log_path=log_path)
     raise AssertionError("unreachable")
 
 
