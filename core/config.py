@@ -201,6 +201,11 @@ class EvalConfig:
     # (the cluster tests push untrained models to compare where they ran).
     baseline_margin: float = setting(0.05, check=between(-1, 1),
                                      help="margin over the majority-class baseline")
+    # The labels every check above compares with: FER-2013's, or (for a run trained on FER+
+    # votes, ingest.ferplus_labels) FER+'s crowd majority, the labels that run learned.
+    gate_labels: str = setting(
+        "fer2013", check=one_of("fer2013", "ferplus"),
+        help='or "ferplus": the gate judges against FER+\'s majority (needs the votes)')
 
 
 @dataclass

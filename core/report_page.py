@@ -67,9 +67,14 @@ def verdict_banner(evaluation: Mapping[str, Any]) -> str:
     css = "ok" if not held else ("warn" if blessed else "bad")
     headline = (f"Blessed: {', '.join(blessed) or 'none'}. "
                 f"Held back: {', '.join(held) or 'none'}.")
+    # With gate_labels ferplus the column shows the accuracy the gate compared.
+    ferplus = evaluation.get("gate_labels") == "ferplus"
+    judged = "FER+ majority accuracy" if ferplus else "test accuracy"
     rows = [[f'<span class="verdict" data-model="{esc(name)}" data-blessed="'
              f'{str(m["blessed"]).lower()}">{"BLESSED" if m["blessed"] else "HELD BACK"}'
-             f"</span>", esc(name), number(m["accuracy"], f"models/{name}/accuracy"),
+             f"</span>", esc(name),
+             number(m["gate"]["accuracy"], f"models/{name}/gate/accuracy") if ferplus
+             else number(m["accuracy"], f"models/{name}/accuracy"),
              esc(m["summary"]), _served_cell(name, m), _push_cell(m)]
             for name, m in models.items()]
     reasons = "".join(
@@ -77,10 +82,20 @@ def verdict_banner(evaluation: Mapping[str, Any]) -> str:
         + "".join(f"<li>{esc(r)}</li>" for r in m["reasons"]) + "</ul></details>"
         for name, m in models.items())
     return (f'<section class="banner {css}" id="verdict"><h2>Verdict</h2>'
-            f"<p class=\"verdict\">{esc(headline)}</p>"
-            + table(["verdict", "model", "test accuracy", "why", "in serving now",
+            f"<p class=\"verdict\">{esc(headline)}</p>" + _gate_labels_line(ferplus)
+            + table(["verdict", "model", judged, "why", "in serving now",
                      "push step"], rows, raw=True)
             + reasons + "</section>")
+
+
+def _gate_labels_line(ferplus: bool) -> str:
+    """Which labels every check compared with (evaluation.gate_labels)."""
+    labels, text = (("ferplus", "FER+'s crowd majority: accuracy, the baseline, per-class "
+                     "recall, calibration and the served version's accuracy are all "
+                     "measured against it") if ferplus else
+                    ("fer2013", "FER-2013's test labels"))
+    return (f'<p class="gate-labels" data-gate-labels="{labels}">The gate judged against '
+            f"{esc(text)} (evaluation.gate_labels: {labels}).</p>")
 
 
 def infra_section(infra_blessings: Mapping[str, Mapping[str, Any]]) -> str:

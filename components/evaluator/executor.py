@@ -16,6 +16,13 @@ serving on the same data, then applies the gates from `EvalConfig`:
   per model and for the ensemble in evaluation.json's "calibration" entries)
 - accuracy >= served accuracy - max_regression (when a version is in serving)
 
+Every check compares with FER-2013's test labels unless evaluation.gate_labels is ferplus:
+then accuracy, per-class recall, ECE, the majority-class baseline and the served version's
+accuracy are all computed against FER+'s crowd majority (ferplus.ferplus_gate_metrics),
+the labels a run trained on FER+ votes learned, and evaluation.json's "gate_labels" (and
+each model's "gate" entry with those figures) says so. A run whose test examples carry no
+votes then stops with a ConfigError before any model is run.
+
 evaluation.json's "ensemble" combines every candidate; "ensemble_blessed" (when some but not
 all are blessed) combines the blessed ones only, as the client will once the held-back ones
 are not served.
@@ -40,7 +47,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from fer_pipeline.components.evaluator.ensemble import confident_mistakes, ensemble_metrics
-from fer_pipeline.components.evaluator.ferplus import with_votes
+from fer_pipeline.components.evaluator.ferplus import ferplus_gate_metrics, with_votes
 from fer_pipeline.components.evaluator.gate import gate
 from fer_pipeline.components.evaluator.metrics import classification_metrics, majority_baseline
 from fer_pipeline.components.evaluator.predictions import (predict_outputs,
@@ -50,6 +57,7 @@ from fer_pipeline.core.serving_root import latest_served_version
 from fer_pipeline.core import fileio
 from fer_pipeline.core.artifacts import to_jsonable
 from fer_pipeline.core.config import EvalConfig
+from fer_pipeline.core.errors import ConfigError
 from fer_pipeline.core.contract import (BLESSINGS_FILE, CLASS_NAMES, EVALUATION_FILE,
     HISTORY_FILE, NUM_CLASSES, REPORT_HTML, SERVING_MODEL_DIR, TEST_PREDICTIONS_FILE,
     TRAINING_INFO_FILE)
@@ -98,6 +106,12 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
     if not model_dirs:
         raise ValueError("run_evaluator needs at least one model")
     split = load_test_split(examples_dir)
+    if config.gate_labels == "ferplus" and split.votes is None:
+        raise ConfigError(
+            f"evaluation.gate_labels is ferplus but the test examples under {examples_dir} "
+            "carry no FER+ votes: ingest them with ingest.ferplus_labels (FER+'s "
+            "fer2013new.csv) or set evaluation.gate_labels: fer2013")
+    gate_votes = split.votes if config.gate_labels == "ferplus" else None
     labels = split.labels
     baseline = majority_baseline(labels)
     log.info("evaluating %d models on %d test examples", len(model_dirs), len(labels))
@@ -115,8 +129,14 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
         metrics["calibration"] = model_calibration(
             labels, answers[name][1], probs_by_model[name],
             fitted_temperature(metadata["training_info"]))
-        served = _evaluate_served(serving_root, name, split.serialized, labels)
-        blessed, reasons, summary = gate(name, metrics, served, config, baseline)
+        served = _evaluate_served(serving_root, name, split.serialized, labels, gate_votes)
+        judged = (metrics, served, baseline)
+        if gate_votes is not None:
+            against = ferplus_gate_metrics(gate_votes, probs_by_model[name], answers[name][1],
+                                           fitted_temperature(metadata["training_info"]))
+            judged = (against, served and {**served, "accuracy": served["ferplus_accuracy"]},
+                      against["majority_baseline"])
+        blessed, reasons, summary = gate(name, judged[0], judged[1], config, judged[2])
         blessings[name] = {"blessed": blessed, "reasons": reasons, "summary": summary}
         models[name] = {**metrics, **metadata, "served": served,
                         "min_accuracy": config.min_accuracy.get(name),
@@ -125,6 +145,8 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
                                                split.votes)}
         if split.votes is not None:
             models[name]["ferplus"] = ferplus_metrics(split.votes, probs_by_model[name])
+        if gate_votes is not None:
+            models[name]["gate"] = _gate_record(*judged)
         log.info("%s: accuracy %.4f, blessed=%s (%s)", name, metrics["accuracy"], blessed,
                  "; ".join(reasons))
 
@@ -145,6 +167,7 @@ def run_evaluator(examples_dir: str, model_dirs: Mapping[str, str], serving_root
                  "class_distribution": {CLASS_NAMES[k]: int((labels == k).sum())
                                         for k in range(NUM_CLASSES)},
                  "majority_baseline": baseline},
+        "gate_labels": config.gate_labels,
         "thresholds": asdict(config),
         "serving_root": serving_root,
         "models": models,
@@ -181,12 +204,27 @@ def _write_outputs(output_dir: str, evaluation: dict[str, Any],
 
 
 def _evaluate_served(serving_root: str, name: str, serialized: list[bytes],
-                     labels: np.ndarray) -> Optional[dict[str, Any]]:
-    """Accuracy and loss of the version now in serving, on the same examples; None if none."""
+                     labels: np.ndarray, votes: Optional[np.ndarray] = None
+                     ) -> Optional[dict[str, Any]]:
+    """Accuracy and loss of the version now in serving, on the same examples (with `votes`,
+    its accuracy against FER+'s majority too); None if none."""
     latest = latest_served_version(serving_root, name) if serving_root else None
     if latest is None:
         return None
     version, path = latest
-    metrics = classification_metrics(labels, predict_probabilities(path, serialized))
-    return {"version": version, "path": path, "accuracy": metrics["accuracy"],
-            "loss": metrics["loss"]}
+    probs = predict_probabilities(path, serialized)
+    metrics = classification_metrics(labels, probs)
+    served = {"version": version, "path": path, "accuracy": metrics["accuracy"],
+              "loss": metrics["loss"]}
+    if votes is not None:
+        served["ferplus_accuracy"] = ferplus_metrics(votes, probs)["accuracy_majority"]
+    return served
+
+
+def _gate_record(metrics: Mapping[str, Any], served: Optional[Mapping[str, Any]],
+                 baseline: Mapping[str, Any]) -> dict[str, Any]:
+    """The figures the gate compared when it judged against FER+'s majority."""
+    return {"labels": "ferplus", "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+            "per_class": metrics["per_class"], "confusion_matrix": metrics["confusion_matrix"],
+            "ece": metrics["calibration"]["after"]["ece"], "majority_baseline": baseline,
+            "served_accuracy": served["accuracy"] if served else None}

@@ -1,12 +1,12 @@
-"""Classification metrics of one model's probabilities against the FER-2013 labels."""
+"""Classification metrics of one model's probabilities against a set of labels: FER-2013's,
+or FER+'s majority when the gate judges against it (ferplus.py)."""
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
 
-from fer_pipeline.core.contract import (CLASS_NAMES, CLASS_NAMES_FERPLUS, CLASS_NAMES_FERPLUS_ES,
-    NUM_CLASSES)
+from fer_pipeline.core.contract import CLASS_NAMES_FERPLUS, CLASS_NAMES_FERPLUS_ES, NUM_CLASSES
 
 __all__ = ["confusion_matrix", "classification_metrics", "majority_baseline"]
 
@@ -59,9 +59,10 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, A
     }
 
 
-def majority_baseline(labels: np.ndarray) -> dict[str, Any]:
-    """Accuracy of answering the test split's most frequent class for every face."""
-    counts = np.bincount(labels, minlength=NUM_CLASSES)
+def majority_baseline(labels: np.ndarray, width: int = NUM_CLASSES) -> dict[str, Any]:
+    """Accuracy of answering the test split's most frequent class for every face (`width`
+    8: FER+'s majority labels, which may name contempt)."""
+    counts = np.bincount(labels, minlength=width)
     majority = int(counts.argmax())
-    return {"class_id": majority, "class_name": CLASS_NAMES[majority],
+    return {"class_id": majority, "class_name": CLASS_NAMES_FERPLUS[majority],
             "accuracy": float(counts[majority] / counts.sum())}
