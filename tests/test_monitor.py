@@ -189,6 +189,20 @@ def test_monitoring_page_in_a_real_browser(monitored, tmp_path):
         assert charts["class-mix-cnn"]["window"] == [
             record["traffic"]["class_mix"]["cnn"][c] for c in CLASS_NAMES]
         check_screenshot(opened, tmp_path / "monitoring.png")
+        # In a 1200 px window the page does not scroll sideways: the per-window table (a
+        # column per model and per check) scrolls inside its own box, and all of it can
+        # be reached there.
+        opened.page.set_viewport_size({"width": 1200, "height": 900})
+        widths = opened.page.evaluate(
+            "() => ({page: document.documentElement.scrollWidth, window: window.innerWidth,"
+            " boxes: [...document.querySelectorAll('.table-box')].map(b => ({"
+            " scroll: b.scrollWidth, client: b.clientWidth,"
+            " table: b.querySelector('table').getBoundingClientRect().width,"
+            " overflow: getComputedStyle(b).overflowX}))})")
+        assert widths["page"] <= widths["window"] == 1200, widths
+        assert widths["boxes"] and all(b["overflow"] == "auto" for b in widths["boxes"])
+        wide = [b for b in widths["boxes"] if b["scroll"] > b["client"]]
+        assert wide and all(b["scroll"] + 1 >= b["table"] for b in wide), widths
 
 
 def _log_entry(name: str, signature: str, inputs: dict, probabilities: np.ndarray,

@@ -29,6 +29,13 @@ from fer_pipeline.core.html_page import (bilingual, chart, count, document, esc,
 TITLE = "FER served traffic: monitoring"
 
 
+def _scrolling(table_html: str) -> str:
+    """A table in a box that scrolls sideways by itself when the table is wider than the
+    page, so the page never does: the per-window table has a column per model and per
+    check (17 with two models, about 1,760 px wide), wider than a 1,200 px window."""
+    return f'<div class="table-box" style="overflow-x:auto">{table_html}</div>'
+
+
 def render_monitoring_page(record: Mapping[str, Any],
                            faces: Sequence[Mapping[str, Any]] = ()) -> str:
     """The self-contained page. `faces`: dicts with `pixels` (uint8 48x48) and `answers`
@@ -92,8 +99,8 @@ def checks_section(record: Mapping[str, Any]) -> str:
     return ("<h2>Checks</h2><p>Each distance is TFDV's: the served faces against the training "
             "split (image features, every pixel's histogram), the answers against the same "
             "models' answers on the test split.</p>"
-            + table(["status", "check", "what", "measure", "distance", "threshold"], rows,
-                    raw=True)
+            + _scrolling(table(["status", "check", "what", "measure", "distance", "threshold"],
+                              rows, raw=True))
             + chart("checks", figure, {"checks": names, "ratio": ratios},
                     "each check's distance as a multiple of its threshold"))
 
@@ -171,7 +178,8 @@ def windows_section(record: Mapping[str, Any]) -> str:
     return (f"<h2>Per window</h2><p>Windows of {record['thresholds']['window_minutes']:g} "
             "minutes; distances in bold red crossed their threshold (windows with fewer than "
             f"{record['thresholds']['min_requests']} faces never alert). The per-window "
-            "distances leave out the pixel histogram.</p>" + table(headers, rows, raw=True))
+            "distances leave out the pixel histogram.</p>"
+            + _scrolling(table(headers, rows, raw=True)))
 
 
 def drift_section(record: Mapping[str, Any]) -> str:
@@ -192,8 +200,8 @@ def drift_section(record: Mapping[str, Any]) -> str:
             cell = number(w["drift"].get(n), f"windows/{i}/drift/{n}")
             cells.append(f'<b class="bad">{cell}</b>' if n in w["drift_alerts"] else cell)
         rows.append(cells)
-    return intro + table(["windows (UTC)", *[f"{n} (max {thresholds[n]:.2f})" for n in names]],
-                         rows, raw=True)
+    return intro + _scrolling(table(
+        ["windows (UTC)", *[f"{n} (max {thresholds[n]:.2f})" for n in names]], rows, raw=True))
 
 
 def faces_section(faces: Sequence[Mapping[str, Any]]) -> str:
@@ -229,4 +237,4 @@ def reference_section(record: Mapping[str, Any]) -> str:
                      f"queued in {esc(queue['dir'])}, {esc(queue['already_queued'])} "
                      "already there"])
     return ("<h2>Reference (found through lineage)</h2>"
-            + table(["what", "where"], rows, raw=True))
+            + _scrolling(table(["what", "where"], rows, raw=True)))
