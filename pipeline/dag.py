@@ -268,6 +268,18 @@ def _evaluate_parameters(config: PipelineConfig, env: StepEnv) -> Any:
     return {"evaluation": config.evaluation, "serving_root": env.serving_root}
 
 
+def check_gate_labels(config: PipelineConfig, step_names: Sequence[str]) -> None:
+    """ConfigError before any step runs when the evaluation would judge against FER+ votes
+    that this run's ingest cannot produce (no ingest.ferplus_labels): better than finding
+    out after training. When ingest ran earlier the evaluator checks its examples."""
+    if (config.evaluation.gate_labels == "ferplus" and not config.ingest.ferplus_labels
+            and {"ingest", "evaluate"} <= set(step_names)):
+        raise ConfigError(
+            "evaluation.gate_labels is ferplus but ingest.ferplus_labels is not set, so the "
+            "test examples would carry no FER+ votes to judge against: give FER+'s "
+            "fer2013new.csv (--ferplus-labels) or set evaluation.gate_labels: fer2013")
+
+
 # ----------------------------------------------------------------------------- the DAG
 
 def build_steps(models: Sequence[str] = MODEL_NAMES) -> list[Step]:

@@ -31,7 +31,8 @@ from fer_pipeline.core.config import MODEL_NAMES, PipelineConfig, resolve_schema
 from fer_pipeline.core.contract import MANIFEST_FILE
 from fer_pipeline.core.errors import UserError
 from fer_pipeline.pipeline.dag import (DATA, KERAS_FILE, PIPELINE_INPUT, SCHEMA, STEP_NAMES, Step,
-                                      StepEnv, build_steps, code_fingerprint, step_by_name)
+                                      StepEnv, build_steps, check_gate_labels, code_fingerprint,
+                                      step_by_name)
 from fer_pipeline.pipeline.metadata import DERIVED, ArtifactRecord, MetadataStore, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -336,6 +337,7 @@ def run_pipeline(ctx: RunContext, steps: Optional[Sequence[str]] = None) -> list
               f"{off[0].command}.enabled: true in --config, turns "
               f"{'them' if len(off) > 1 else 'it'} on)", flush=True)
         chosen = [step for step in chosen if step not in off]
+    check_gate_labels(ctx.config, [step.name for step in chosen])
     check_inputs_exist(chosen, ctx)   # before anything is created under the run root
     created = _not_yet_existing(ctx)
     store = open_store(ctx)

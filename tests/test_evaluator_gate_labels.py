@@ -171,3 +171,19 @@ def test_ferplus_labels_without_votes_is_a_one_line_config_error(tmp_path):
         load_config(overrides={"evaluation": {"gate_labels": "fer+"}})
     assert load_config(overrides={"evaluation": {"gate_labels": "ferplus"}}
                        ).evaluation.gate_labels == "ferplus"
+
+
+def test_a_run_that_ingests_without_votes_stops_before_any_step(tmp_path):
+    from fer_pipeline.pipeline.runner import PipelineError, RunContext, run_pipeline
+
+    config = load_config(overrides={"evaluation": {"gate_labels": "ferplus"}})
+    ctx = RunContext(data_paths=[str(tmp_path / "fer.csv")], run_root=str(tmp_path / "run"),
+                     config=config)
+    with pytest.raises(ConfigError) as error:
+        run_pipeline(ctx)
+    assert "\n" not in str(error.value) and "ingest.ferplus_labels is not set" in str(error.value)
+    assert not (tmp_path / "run").exists()
+    # Evaluating an earlier run's examples: the evaluator judges those (the test above), so
+    # this check stays out of the way and the missing input is what stops it here.
+    with pytest.raises(PipelineError, match="needs 'ingest.examples'"):
+        run_pipeline(ctx, steps=["evaluate"])
