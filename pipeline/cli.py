@@ -174,11 +174,45 @@ def _compile(args: argparse.Namespace, beam_args: list[str]) -> int:
         path = compile_inference_pipeline(args.kfp, beam_args=beam_args, image=args.image)
         print(f"[fer-pipeline] wrote the Kubeflow bulk-inference pipeline to {path}")
         return 0
-    config = load_config(overrides={"tune": {"enabled": True}} if args.tune else None)
-    path = compile_pipeline(args.kfp, config, models=tuple(args.models.split(",")),
+    models, overrides = _compiled_models(args)
+    if args.tune:
+        overrides["tune"] = {"enabled": True}
+    path = compile_pipeline(args.kfp, load_config(overrides=overrides or None), models=models,
                             beam_args=beam_args, image=args.image)
-    print(f"[fer-pipeline] wrote the Kubeflow pipeline to {path}")
+    print(f"[fer-pipeline] wrote the Kubeflow pipeline to {path}"
+          + (f" (importing {args.import_model} as {args.import_model_name})"
+             if args.import_model else ""))
     return 0
+
+
+def _compiled_models(args: argparse.Namespace) -> tuple[tuple[str, ...], dict]:
+    """The models `compile` puts in the pipeline, and the config overrides naming an
+    imported Keras file: with --import-model the pipeline runs import-<NAME> (the file read
+    from where the pods see it, hashed, wrapped), then evaluate, infra-validate and push for
+    it, as `import-model` and those commands do locally; the DAG is the declared one."""
+    from fer_pipeline.core import fileio
+    from fer_pipeline.core.config import IMPORTED_NAMES
+
+    models = tuple(args.models.split(",")) if args.models else ()
+    if not args.import_model:
+        if any(m in IMPORTED_NAMES for m in models):
+            raise ConfigError(f"compile --models {args.models}: an imported model needs its "
+                              "file: --import-model KERAS_FILE --import-model-name NAME")
+        return models or MODEL_NAMES, {}
+    name = args.import_model_name
+    if not name:
+        raise ConfigError(f"compile --import-model needs --import-model-name, one of "
+                          f"{', '.join(IMPORTED_NAMES)}")
+    keras_file = fileio.absolute(args.import_model)
+    if not keras_file.lower().endswith((".h5", ".hdf5", ".keras")):
+        raise ConfigError(f"--import-model {args.import_model}: expected a Keras .h5 or "
+                          ".keras file")
+    if not fileio.is_uri(keras_file) and not os.path.exists(keras_file):
+        raise MissingInputError(f"--import-model {args.import_model}: no such file")
+    given = {"keras_file": keras_file, "input_shape": args.import_input_shape}
+    if args.import_scale is not None:
+        given["scale"] = args.import_scale
+    return tuple(m for m in models if m != name) + (name,), {"imports": {name: given}}
 
 
 def _infer(args: argparse.Namespace, beam_args: list[str]) -> int:

@@ -179,12 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
         "are baked into the data steps (e.g. --runner=DataflowRunner ...).",
         epilog=BEAM_EPILOG)
     compile_.add_argument("--kfp", required=True, metavar="PIPELINE_YAML")
-    compile_.add_argument("--models", default=",".join(MODEL_NAMES),
-                          help="which registered models the pipeline trains (comma-separated)")
+    compile_.add_argument("--models",
+                          help="which registered models the pipeline trains (comma-separated; "
+                          f"default: {','.join(MODEL_NAMES)}, or none beside --import-model)")
     compile_.add_argument("--tune", action="store_true",
                           help="include the tune steps (tune.enabled) before training")
     compile_.add_argument("--image", default="fer-pipeline:latest",
                           help="container image the components run in (see Dockerfile)")
+    compile_.add_argument("--import-model", metavar="KERAS_FILE",
+                          help="a Keras .h5/.keras file (gs:// or s3:// URI, or a path the "
+                          "pods see) the pipeline imports, evaluates, infra-validates and "
+                          "pushes as `import-model` does")
+    compile_.add_argument("--import-model-name", choices=IMPORTED_NAMES, metavar="NAME",
+                          help="its name in the pipeline (import-model --name): "
+                          + ", ".join(IMPORTED_NAMES))
+    compile_.add_argument("--import-input-shape", type=_input_shape, metavar="H,W,C",
+                          help="its input size, where the file leaves it open "
+                          "(import-model --input-shape)")
+    compile_.add_argument("--import-scale", type=_scale, metavar="S",
+                          help="what its training multiplied 0-255 pixels by "
+                          "(import-model --scale; default 1/255)")
     compile_.add_argument("--bulk-inference", action="store_true",
                           help="write the bulk-inference pipeline (`fer-pipeline infer` as "
                                "one component) instead of the training pipeline")
