@@ -73,6 +73,10 @@ if str(REPO) not in sys.path:
 from benchmarks.machine import cpu_description  # noqa: E402
 
 HOST = "127.0.0.1"
+# TF Serving's flags for one thread per op and per graph: each batch then runs on one core,
+# and two batch threads keep both cores busy (--single-tf-thread-too).
+SINGLE_TF_THREAD = ["--tensorflow-intra-op-parallelism", "1",
+                    "--tensorflow-inter-op-parallelism", "1"]
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
 SIGNATURE = "serving_default"
 GRPC_P50_TARGET_MS = 2.0          # gRPC p50 at most this much above the in-process p50
@@ -99,6 +103,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-timeout-ms", default="2",
                         help="comma-separated: one batching server per value; 'fill': one "
                              "with --batch-policy fill (no timeout; not run for the baseline)")
+    parser.add_argument("--single-tf-thread-too", action="store_true",
+                        help="beside each batching server, one more with "
+                             "--tensorflow-intra-op-parallelism 1 "
+                             "--tensorflow-inter-op-parallelism 1 (each batch on one core)")
     parser.add_argument("--server-flags", default="",
                         help="extra fer-serve flags for the batching servers, space-separated")
     parser.add_argument("--request-log-rates", default="",
@@ -684,17 +692,22 @@ def server_configs(args: argparse.Namespace
         shift = round_ % len(rates)
         for rate in rates[shift:] + rates[:shift]:
             configs.append((log_label(rate), [], rate, round_))
+    threads = [("", [])]
+    if args.single_tf_thread_too:
+        threads.append((", 1 TF thread", SINGLE_TF_THREAD))
     for timeout in args.batch_timeouts:
         policy = (["--batch-policy", "fill"] if timeout == "fill"
                   else ["--batch-timeout-ms", f"{timeout:g}"])
-        configs.append((f"batching B={args.max_batch_size}, "
-                        f"{timeout if timeout == 'fill' else f'{timeout:g} ms'}",
-                        ["--batching", "--max-batch-size", str(args.max_batch_size),
-                         *policy, *args.server_flags.split()], None, 0))
+        for suffix, thread_flags in threads:
+            configs.append((f"batching B={args.max_batch_size}, "
+                            f"{timeout if timeout == 'fill' else f'{timeout:g} ms'}{suffix}",
+                            ["--batching", "--max-batch-size", str(args.max_batch_size),
+                             *policy, *thread_flags, *args.server_flags.split()], None, 0))
     if args.baseline_rev:   # the fill policy is newer than any baseline
         configs += [(f"{label} (before {args.baseline_rev})", flags, None, 0)
                     for label, flags, rate, _ in list(configs)
-                    if rate is None and "fill" not in flags]
+                    if rate is None and "fill" not in flags
+                    and not set(SINGLE_TF_THREAD) & set(flags)]
     return configs
 
 
