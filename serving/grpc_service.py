@@ -14,6 +14,7 @@ DEADLINE_EXCEEDED without running the model.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from concurrent import futures
@@ -224,17 +225,31 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
+def _start_every_thread(pool: futures.ThreadPoolExecutor, workers: int) -> None:
+    """Starts all of the pool's threads now. A ThreadPoolExecutor starts a thread only when
+    a call finds none idle, so under load the count crept up for minutes (61 -> 68 in a
+    30-minute soak, docs/benchmarks.md); started up front, as TF Serving starts its own, it
+    stays what it was at start-up, whatever the load."""
+    everyone_started = threading.Barrier(workers + 1)
+    for _ in range(workers):   # each call blocks its thread, so the next one needs a new one
+        pool.submit(everyone_started.wait)
+    everyone_started.wait()
+
+
 def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_bytes: int,
                       workers: int = 16, max_concurrent_rpcs: int = 0,
                       credentials: Optional[grpc.ServerCredentials] = None,
                       reload_policy: Optional[ReloadPolicy] = None
-                      ) -> tuple[grpc.Server, int]:
-    """A started-later grpc.Server with both services; returns it and the bound port.
+                      ) -> tuple[grpc.Server, int, futures.ThreadPoolExecutor]:
+    """A started-later grpc.Server with both services; returns it, the bound port and its
+    thread pool (grpc.Server.stop leaves the pool's threads running: shut it down after).
     max_concurrent_rpcs: calls admitted at once (0: twice `workers`), RESOURCE_EXHAUSTED
     past it; a few waiting for a thread keep the workers busy, a long queue would only
     add latency."""
+    pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc")
+    _start_every_thread(pool, workers)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        pool,
         maximum_concurrent_rpcs=max_concurrent_rpcs or 2 * workers,
         options=[("grpc.max_receive_message_length", max_request_bytes),
                  ("grpc.max_send_message_length", max_request_bytes),
@@ -249,5 +264,6 @@ def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_by
     bound = (server.add_secure_port(f"{host}:{port}", credentials) if credentials is not None
              else server.add_insecure_port(f"{host}:{port}"))
     if bound == 0:
+        pool.shutdown(wait=False)
         raise ResourceError(f"cannot bind gRPC to {host}:{port}")
-    return server, bound
+    return server, bound, pool

@@ -117,6 +117,7 @@ class FerServer:
         self.request_log = RequestLogger(self.manager.request_log_spec, config.request_log)
         self.predictor = Predictor(self.manager, batcher, self.request_log)
         self.grpc_server = None
+        self._grpc_pool = None
         self.rest_server = None
         self.grpc_port = 0
         self.rest_port = 0
@@ -132,7 +133,7 @@ class FerServer:
         self.manager.start()
         self.request_log.start()
         try:
-            self.grpc_server, self.grpc_port = build_grpc_server(
+            self.grpc_server, self.grpc_port, self._grpc_pool = build_grpc_server(
                 self.predictor, host, self.config.port, self.config.max_request_bytes,
                 self.config.grpc_workers, self.config.grpc_max_concurrent_rpcs,
                 self.config.access.grpc_credentials(),
@@ -164,6 +165,7 @@ class FerServer:
             self.rest_server.stop()
         if self.grpc_server is not None:
             self.grpc_server.stop(grace=1).wait()
+            self._grpc_pool.shutdown(wait=True)
         self.request_log.stop()   # after the last request: writes what is queued, closes files
         self.manager.stop()
 

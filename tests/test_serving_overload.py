@@ -188,6 +188,25 @@ def test_grpc_overload_is_resource_exhausted_at_once(config):
         server.stop()
 
 
+def test_grpc_threads_are_all_started_up_front_so_load_does_not_add_any(config):
+    def grpc_threads() -> int:
+        return sum(t.name.startswith("grpc") for t in threading.enumerate())
+
+    server = start(config, grpc_workers=6)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    try:
+        assert grpc_threads() == 6   # before any call
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        calls = [stub.Predict.future(grpc_request(), timeout=10) for _ in range(12)]
+        assert all(call.result().outputs["probabilities"].tensor_shape.dim[0].size == 1
+                   for call in calls)
+        assert grpc_threads() == 6
+    finally:
+        channel.close()
+        server.stop()
+    assert grpc_threads() == 0   # stopped with the server, not left running
+
+
 def test_an_expired_grpc_deadline_runs_no_model(config):
     server = start(config, batching=True,
                    batching_config=BatchingConfig(max_batch_size=32, batch_timeout_s=1.0))
