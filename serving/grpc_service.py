@@ -14,7 +14,6 @@ DEADLINE_EXCEEDED without running the model.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from concurrent import futures
@@ -36,6 +35,7 @@ from fer_pipeline.serving.request_log import request_id
 from fer_pipeline.serving.model_manager import (DEFAULT_SIGNATURE, STATE_CODES, LoadedVersion, Predictor,
                                    ServingError)
 from fer_pipeline.serving.tensors import tensor_proto
+from fer_pipeline.serving.thread_pool import started_thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -225,17 +225,6 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-def _start_every_thread(pool: futures.ThreadPoolExecutor, workers: int) -> None:
-    """Starts all of the pool's threads now. A ThreadPoolExecutor starts a thread only when
-    a call finds none idle, so under load the count crept up for minutes (61 -> 68 in a
-    30-minute soak, docs/benchmarks.md); started up front, as TF Serving starts its own, it
-    stays what it was at start-up, whatever the load."""
-    everyone_started = threading.Barrier(workers + 1)
-    for _ in range(workers):   # each call blocks its thread, so the next one needs a new one
-        pool.submit(everyone_started.wait)
-    everyone_started.wait()
-
-
 def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_bytes: int,
                       workers: int = 16, max_concurrent_rpcs: int = 0,
                       credentials: Optional[grpc.ServerCredentials] = None,
@@ -246,8 +235,7 @@ def build_grpc_server(predictor: Predictor, host: str, port: int, max_request_by
     max_concurrent_rpcs: calls admitted at once (0: twice `workers`), RESOURCE_EXHAUSTED
     past it; a few waiting for a thread keep the workers busy, a long queue would only
     add latency."""
-    pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc")
-    _start_every_thread(pool, workers)
+    pool = started_thread_pool(workers, "grpc")
     server = grpc.server(
         pool,
         maximum_concurrent_rpcs=max_concurrent_rpcs or 2 * workers,

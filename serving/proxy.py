@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
-from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -44,6 +43,7 @@ from fer_pipeline.core.errors import ConfigError, ResourceError
 from fer_pipeline.core.serving_root import GRPC_PORT, REST_PORT, ConfigFileWatcher, \
     RequestLogSpec
 from fer_pipeline.serving.request_log import RequestLogConfig, RequestLogger, request_id
+from fer_pipeline.serving.thread_pool import started_thread_pool
 
 __all__ = ["ProxyConfig", "LoggingProxy", "add_proxy_arguments", "proxy_requested",
            "proxy_config", "run_proxy", "Upstream"]
@@ -283,6 +283,7 @@ class LoggingProxy:
         self.request_log = RequestLogger(self.watcher.spec_for, config.request_log)
         self.grpc = None
         self.grpc_server = None
+        self._grpc_pool = None
         self.rest_server = None
         self.grpc_port = 0
         self.rest_port = 0
@@ -302,8 +303,9 @@ class LoggingProxy:
         if config.upstream_grpc is not None:
             self.grpc = GrpcForwarder(config.upstream_grpc, self.request_log, config.timeout_s,
                                       config.max_request_bytes)
+            self._grpc_pool = started_thread_pool(config.grpc_workers, "proxy")
             self.grpc_server = grpc.server(
-                futures.ThreadPoolExecutor(config.grpc_workers, thread_name_prefix="proxy"),
+                self._grpc_pool,
                 handlers=self.grpc.handlers(), maximum_concurrent_rpcs=2 * config.grpc_workers,
                 options=[("grpc.max_receive_message_length", config.max_request_bytes),
                          ("grpc.max_send_message_length", config.max_request_bytes),
@@ -334,6 +336,7 @@ class LoggingProxy:
             self.rest_server.stop()
         if self.grpc_server is not None:
             self.grpc_server.stop(grace=1).wait()
+            self._grpc_pool.shutdown(wait=True)
         if self.grpc is not None:
             self.grpc.close()
         self.watcher.stop()
